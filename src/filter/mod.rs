@@ -1,0 +1,13 @@
+//! The proxy-wasm shell: moves data between Envoy and the core, decides nothing itself.
+
+mod host;
+mod http;
+mod metrics;
+mod root;
+
+use proxy_wasm::types::LogLevel;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| Box::new(root::Root::default()));
+}}

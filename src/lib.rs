@@ -1,0 +1,15 @@
+//! llm-token-ratelimit: a Proxy-Wasm filter that limits the LLM tokens each client may spend.
+//!
+//! The crate is a functional core (matching, keys, protocol codecs, decisions: plain Rust,
+//! tested natively) and a thin proxy-wasm shell in [`filter`] that only moves data between
+//! Envoy and that core.
+
+pub mod client_ip;
+pub mod config;
+pub mod limits;
+pub mod matcher;
+pub mod request;
+pub mod template;
+pub mod protocol;
+pub mod reply;
+pub mod filter;

@@ -1,0 +1,188 @@
+//! Limits and the descriptors a request produces for the rate-limit service.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use regex::Regex;
+use serde::Serialize;
+
+use crate::client_ip::parse_address;
+use crate::template::{AttributeSource, Template};
+
+/// One budget: `tokens` per `window_s` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Rate {
+    pub tokens: u64,
+    pub window_s: u64,
+}
+
+/// How a value rule recognises a key value.
+#[derive(Debug, Clone)]
+pub enum ValueMatch {
+    Exact(String),
+    Regex(Regex),
+    Any,
+    Ip(IpNet),
+}
+
+impl ValueMatch {
+    fn matches(&self, value: &str, as_ip: &mut Option<Option<IpAddr>>) -> bool {
+        match self {
+            ValueMatch::Exact(s) => s == value,
+            ValueMatch::Regex(re) => re.is_match(value),
+            ValueMatch::Any => true,
+            ValueMatch::Ip(net) => as_ip
+                .get_or_insert_with(|| parse_address(value))
+                .is_some_and(|ip| net.contains(&ip)),
+        }
+    }
+}
+
+/// A `values` entry: the first one whose `match` fits the key value decides the rates.
+#[derive(Debug, Clone)]
+pub struct ValueRule {
+    pub matcher: ValueMatch,
+    /// The `match` text as configured; the counter's value when `shared`.
+    pub pattern: String,
+    pub rates: Vec<Rate>,
+    pub shared: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum LimitRates {
+    /// The same rates for every distinct key value.
+    Fixed(Vec<Rate>),
+    /// Rates chosen per value; a value no rule matches is not limited.
+    PerValue(Vec<ValueRule>),
+    /// No rates here: the service's own rules decide (ASM style).
+    ServiceOwned,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limit {
+    pub name: String,
+    pub key: Template,
+    pub rates: LimitRates,
+}
+
+/// What one limit asks of the service for one request (DESIGN section 3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Descriptor {
+    pub limit: String,
+    pub value: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rates: Vec<Rate>,
+    /// Every value matching one `shared` rule spends one counter. Sent so the service keys it
+    /// apart from a client whose own key happens to equal the rule's pattern.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+}
+
+impl Limit {
+    /// The descriptor for this request, or `None` when the limit does not apply to it.
+    pub fn descriptor(&self, source: &impl AttributeSource) -> Option<Descriptor> {
+        let value = self.key.render(source)?;
+        let (value, rates, shared) = match &self.rates {
+            LimitRates::Fixed(rates) => (value, rates.clone(), false),
+            LimitRates::ServiceOwned => (value, Vec::new(), false),
+            LimitRates::PerValue(rules) => {
+                let mut as_ip = None;
+                let rule = rules.iter().find(|r| r.matcher.matches(&value, &mut as_ip))?;
+                let value = if rule.shared { rule.pattern.clone() } else { value };
+                (value, rule.rates.clone(), rule.shared)
+            }
+        };
+        Some(Descriptor { limit: self.name.clone(), value, rates, shared })
+    }
+}
+
+pub fn descriptors(limits: &[Limit], source: &impl AttributeSource) -> Vec<Descriptor> {
+    limits.iter().filter_map(|l| l.descriptor(source)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::template::Attribute;
+    use std::borrow::Cow;
+
+    struct Key(Option<&'static str>);
+    impl AttributeSource for Key {
+        fn attribute(&self, _: &Attribute) -> Option<Cow<'_, str>> {
+            self.0.map(Cow::Borrowed)
+        }
+    }
+
+    fn rate(tokens: u64, window_s: u64) -> Rate {
+        Rate { tokens, window_s }
+    }
+
+    fn per_value() -> Limit {
+        let rule = |matcher, pattern: &str, tokens, shared| ValueRule {
+            matcher,
+            pattern: pattern.into(),
+            rates: vec![rate(tokens, 60)],
+            shared,
+        };
+        Limit {
+            name: "k".into(),
+            key: Template::parse("{{request.headers.k}}").unwrap(),
+            rates: LimitRates::PerValue(vec![
+                rule(ValueMatch::Exact("vip".into()), "vip", 1, false),
+                rule(ValueMatch::Ip("10.0.0.0/8".parse().unwrap()), "10.0.0.0/8", 2, true),
+                rule(ValueMatch::Ip("2001:db8::/32".parse().unwrap()), "2001:db8::/32", 3, false),
+                rule(ValueMatch::Regex(Regex::new("^a").unwrap()), "regexp:^a", 4, false),
+                rule(ValueMatch::Any, "*", 5, false),
+            ]),
+        }
+    }
+
+    #[test]
+    fn first_matching_value_rule_wins() {
+        let l = per_value();
+        let d = |v| l.descriptor(&Key(Some(v))).unwrap();
+        assert_eq!(d("vip").rates, vec![rate(1, 60)]);
+        assert_eq!(d("10.2.3.4").rates, vec![rate(2, 60)]);
+        assert_eq!(d("2001:db8::7").rates, vec![rate(3, 60)]);
+        assert_eq!(d("abc").rates, vec![rate(4, 60)]);
+        assert_eq!(d("zzz").rates, vec![rate(5, 60)]);
+    }
+
+    #[test]
+    fn shared_rules_use_one_counter() {
+        let l = per_value();
+        let a = l.descriptor(&Key(Some("10.2.3.4"))).unwrap();
+        let b = l.descriptor(&Key(Some("10.9.9.9"))).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.value, "10.0.0.0/8");
+        assert!(a.shared);
+        let json = serde_json::to_string(&a).unwrap();
+        assert!(json.contains("\"shared\":true"), "{json}");
+        let not_shared = serde_json::to_string(&l.descriptor(&Key(Some("zzz"))).unwrap()).unwrap();
+        assert!(!not_shared.contains("shared"), "{not_shared}");
+    }
+
+    #[test]
+    fn unmatched_or_absent_values_skip_the_limit() {
+        let mut l = per_value();
+        if let LimitRates::PerValue(rules) = &mut l.rates {
+            rules.pop();
+        }
+        assert_eq!(l.descriptor(&Key(Some("zzz"))), None);
+        assert_eq!(l.descriptor(&Key(None)), None);
+    }
+
+    #[test]
+    fn service_owned_limits_send_no_rates() {
+        let l = Limit {
+            name: "user-type".into(),
+            key: Template::parse("{{request.headers.user-type}}").unwrap(),
+            rates: LimitRates::ServiceOwned,
+        };
+        let d = l.descriptor(&Key(Some("regular-user"))).unwrap();
+        assert_eq!(
+            serde_json::to_string(&d).unwrap(),
+            r#"{"limit":"user-type","value":"regular-user"}"#
+        );
+    }
+}

@@ -1,0 +1,162 @@
+//! Which requests are limited: `matches` entries over host, path, method and headers.
+
+use regex::Regex;
+
+/// How one string is compared; the configuration names exactly one of these per matcher.
+#[derive(Debug, Clone)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    Regex(Regex),
+}
+
+impl StringMatch {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Exact(s) => value == s,
+            StringMatch::Prefix(s) => value.starts_with(s.as_str()),
+            StringMatch::Suffix(s) => value.ends_with(s.as_str()),
+            StringMatch::Contains(s) => value.contains(s.as_str()),
+            StringMatch::Regex(re) => re.is_match(value),
+        }
+    }
+}
+
+/// One entry of `matches`: every condition it names must hold.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMatch {
+    /// Compared with the lower-cased `:authority` without its port.
+    pub host: Option<StringMatch>,
+    /// Compared with `:path` without its query string.
+    pub path: Option<StringMatch>,
+    /// Upper-case method names; empty means any method.
+    pub methods: Vec<String>,
+    /// Lower-case header names; an absent header never matches.
+    pub headers: Vec<(String, StringMatch)>,
+}
+
+/// The parts of a request the matchers look at.
+pub trait RequestHeaders {
+    fn header(&self, name: &str) -> Option<&str>;
+}
+
+impl RequestMatch {
+    pub fn matches(&self, req: &impl RequestHeaders) -> bool {
+        if let Some(host) = &self.host {
+            let authority = req.header(":authority").unwrap_or_default();
+            if !host.matches(&normalize_host(authority)) {
+                return false;
+            }
+        }
+        if let Some(path) = &self.path {
+            let full = req.header(":path").unwrap_or_default();
+            if !path.matches(strip_query(full)) {
+                return false;
+            }
+        }
+        if !self.methods.is_empty() {
+            let method = req.header(":method").unwrap_or_default();
+            if !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)) {
+                return false;
+            }
+        }
+        self.headers
+            .iter()
+            .all(|(name, m)| req.header(name).is_some_and(|v| m.matches(v)))
+    }
+}
+
+/// `matches` as a whole: empty admits every request, otherwise any one entry must hold.
+pub fn any_matches(matches: &[RequestMatch], req: &impl RequestHeaders) -> bool {
+    matches.is_empty() || matches.iter().any(|m| m.matches(req))
+}
+
+/// Host names compare case-insensitively and without the port (`API.openai.com:443`).
+pub fn normalize_host(authority: &str) -> String {
+    let without_port = if let Some(rest) = authority.strip_prefix('[') {
+        // IPv6 literal: keep the brackets' content.
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                authority
+            }
+        })
+    };
+    without_port.to_ascii_lowercase()
+}
+
+pub fn strip_query(path: &str) -> &str {
+    path.split_once('?').map_or(path, |(p, _)| p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct H(Vec<(&'static str, &'static str)>);
+    impl RequestHeaders for H {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+        }
+    }
+
+    fn req() -> H {
+        H(vec![
+            (":authority", "API.OpenAI.com:443"),
+            (":path", "/v1/chat/completions?x=1"),
+            (":method", "POST"),
+            ("x-tier", "free"),
+        ])
+    }
+
+    #[test]
+    fn string_matchers() {
+        assert!(StringMatch::Exact("a".into()).matches("a"));
+        assert!(!StringMatch::Exact("a".into()).matches("ab"));
+        assert!(StringMatch::Prefix("/v1/".into()).matches("/v1/x"));
+        assert!(StringMatch::Suffix(".com".into()).matches("x.com"));
+        assert!(StringMatch::Contains("chat".into()).matches("/v1/chat/x"));
+        let re = Regex::new("^(free|trial)$").unwrap();
+        assert!(StringMatch::Regex(re.clone()).matches("trial"));
+        assert!(!StringMatch::Regex(re).matches("paid"));
+    }
+
+    #[test]
+    fn host_path_method_headers() {
+        let m = RequestMatch {
+            host: Some(StringMatch::Exact("api.openai.com".into())),
+            path: Some(StringMatch::Exact("/v1/chat/completions".into())),
+            methods: vec!["POST".into()],
+            headers: vec![("x-tier".into(), StringMatch::Prefix("fr".into()))],
+        };
+        assert!(m.matches(&req()));
+        let mut wrong_method = m.clone();
+        wrong_method.methods = vec!["GET".into()];
+        assert!(!wrong_method.matches(&req()));
+        let mut missing_header = m.clone();
+        missing_header.headers = vec![("x-absent".into(), StringMatch::Prefix("".into()))];
+        assert!(!missing_header.matches(&req()));
+    }
+
+    #[test]
+    fn empty_matches_admit_everything() {
+        assert!(any_matches(&[], &req()));
+        let no = RequestMatch { methods: vec!["GET".into()], ..Default::default() };
+        let yes = RequestMatch::default();
+        assert!(!any_matches(&[no.clone()], &req()));
+        assert!(any_matches(&[no, yes], &req()));
+    }
+
+    #[test]
+    fn hosts_are_normalised() {
+        assert_eq!(normalize_host("Example.COM:8080"), "example.com");
+        assert_eq!(normalize_host("example.com"), "example.com");
+        assert_eq!(normalize_host("[::1]:80"), "::1");
+        assert_eq!(strip_query("/a?b=c"), "/a");
+    }
+}

@@ -1,0 +1,261 @@
+//! The wire protocols between the plugin and the rate-limit service: what a check sends and
+//! how its answer is read (DESIGN sections 3 and 4).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Protocol;
+use crate::limits::Descriptor;
+
+/// An HTTP call for the adapter to dispatch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub method: &'static str,
+    pub path: String,
+    pub body: Option<Vec<u8>>,
+}
+
+#[derive(Serialize)]
+struct CheckBody<'a> {
+    descriptors: &'a [Descriptor],
+    reserve: u64,
+}
+
+/// The check for `descriptors`, reserving `reserve` tokens from each on admission.
+pub fn check_call(protocol: Protocol, descriptors: &[Descriptor], reserve: u64) -> Call {
+    match protocol {
+        Protocol::V1 => Call {
+            method: "POST",
+            path: "/v1/check".into(),
+            // Serialising plain structs of strings and integers cannot fail.
+            body: serde_json::to_vec(&CheckBody { descriptors, reserve }).ok(),
+        },
+        Protocol::Asm => {
+            let keys: Vec<&str> = descriptors.iter().map(|d| d.value.as_str()).collect();
+            let json = serde_json::to_string(&keys).unwrap_or_default();
+            Call {
+                method: "GET",
+                path: format!("/ratelimit?ratelimit_keys={}", url_encode(&json)),
+                body: None,
+            }
+        }
+    }
+}
+
+/// The budget figures of the most constrained rate, for the quota headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_ms: u64,
+}
+
+/// The service's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// `None` when the protocol carries no figures (ASM) or no rate applied.
+    pub quota: Option<Quota>,
+    pub retry_after_ms: u64,
+    /// The limit that denied, when the service says.
+    pub denied_by: Option<String>,
+    /// The ASM service's text, used as the deny body for that protocol.
+    pub description: Option<String>,
+}
+
+/// Why a check produced no decision; each kind has its own metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckFailure {
+    /// `dispatch_http_call` refused (unknown cluster, bad arguments).
+    Dispatch,
+    /// Envoy's 504: the service did not answer within `timeout_ms`.
+    Timeout,
+    /// Envoy's 503: no healthy host, connection refused.
+    Unavailable,
+    /// The call ended without response headers (reset).
+    Reset,
+    /// Any other status than 200.
+    Status,
+    /// A 200 whose body is not a decision.
+    Body,
+}
+
+impl CheckFailure {
+    pub const ALL: [CheckFailure; 6] = [
+        CheckFailure::Dispatch,
+        CheckFailure::Timeout,
+        CheckFailure::Unavailable,
+        CheckFailure::Reset,
+        CheckFailure::Status,
+        CheckFailure::Body,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckFailure::Dispatch => "dispatch",
+            CheckFailure::Timeout => "timeout",
+            CheckFailure::Unavailable => "unavailable",
+            CheckFailure::Reset => "reset",
+            CheckFailure::Status => "status",
+            CheckFailure::Body => "body",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct V1Answer {
+    allowed: bool,
+    #[serde(default)]
+    limits: Vec<V1Limit>,
+    #[serde(default)]
+    retry_after_ms: Option<u64>,
+    #[serde(default)]
+    denied_by: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct V1Limit {
+    #[serde(default)]
+    tokens: u64,
+    #[serde(default)]
+    remaining: i64,
+    #[serde(default)]
+    reset_ms: u64,
+}
+
+#[derive(Deserialize)]
+struct AsmAnswer {
+    allow: bool,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// Reads the service's answer. `status` is `None` when the call ended without headers.
+pub fn read_check(protocol: Protocol, status: Option<u32>, body: &[u8]) -> Result<Verdict, CheckFailure> {
+    match status {
+        None => return Err(CheckFailure::Reset),
+        Some(200) => {}
+        Some(504) => return Err(CheckFailure::Timeout),
+        Some(503) => return Err(CheckFailure::Unavailable),
+        Some(_) => return Err(CheckFailure::Status),
+    }
+    match protocol {
+        Protocol::V1 => {
+            let a: V1Answer = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
+            let quota = a
+                .limits
+                .iter()
+                .map(|l| Quota {
+                    limit: l.tokens,
+                    remaining: l.remaining.clamp(0, l.tokens.min(i64::MAX as u64) as i64) as u64,
+                    reset_ms: l.reset_ms,
+                })
+                .min_by_key(|q| (q.remaining, std::cmp::Reverse(q.reset_ms)));
+            Ok(Verdict {
+                allowed: a.allowed,
+                quota,
+                retry_after_ms: a.retry_after_ms.unwrap_or(0),
+                denied_by: a.denied_by,
+                description: None,
+            })
+        }
+        Protocol::Asm => {
+            let a: AsmAnswer = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
+            Ok(Verdict {
+                allowed: a.allow,
+                quota: None,
+                retry_after_ms: 0,
+                denied_by: None,
+                description: a.description,
+            })
+        }
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(char::from(b"0123456789ABCDEF"[(b >> 4) as usize]));
+            out.push(char::from(b"0123456789ABCDEF"[(b & 15) as usize]));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::Rate;
+
+    fn descriptors() -> Vec<Descriptor> {
+        vec![
+            Descriptor {
+                limit: "apikey".into(),
+                value: "k\"1".into(),
+                rates: vec![Rate { tokens: 10, window_s: 60 }],
+                shared: false,
+            },
+            Descriptor { limit: "user-type".into(), value: "regular-user".into(), rates: vec![], shared: false },
+        ]
+    }
+
+    #[test]
+    fn v1_check_body() {
+        let call = check_call(Protocol::V1, &descriptors(), 5);
+        assert_eq!((call.method, call.path.as_str()), ("POST", "/v1/check"));
+        assert_eq!(
+            String::from_utf8(call.body.unwrap()).unwrap(),
+            r#"{"descriptors":[{"limit":"apikey","value":"k\"1","rates":[{"tokens":10,"window_s":60}]},{"limit":"user-type","value":"regular-user"}],"reserve":5}"#
+        );
+    }
+
+    #[test]
+    fn asm_check_query() {
+        let call = check_call(Protocol::Asm, &descriptors(), 0);
+        assert_eq!(call.method, "GET");
+        assert_eq!(call.body, None);
+        assert_eq!(
+            call.path,
+            "/ratelimit?ratelimit_keys=%5B%22k%5C%221%22%2C%22regular-user%22%5D"
+        );
+    }
+
+    #[test]
+    fn v1_answer_picks_most_constrained_rate() {
+        let body = br#"{"allowed":false,"limits":[
+            {"limit":"a","value":"x","tokens":100,"window_s":60,"remaining":40,"reset_ms":1000},
+            {"limit":"b","value":"y","tokens":10,"window_s":60,"remaining":-5,"reset_ms":42000}],
+            "retry_after_ms":41500,"denied_by":"b"}"#;
+        let v = read_check(Protocol::V1, Some(200), body).unwrap();
+        assert!(!v.allowed);
+        assert_eq!(v.quota, Some(Quota { limit: 10, remaining: 0, reset_ms: 42000 }));
+        assert_eq!(v.retry_after_ms, 41500);
+        assert_eq!(v.denied_by.as_deref(), Some("b"));
+        let ok = read_check(Protocol::V1, Some(200), br#"{"allowed":true}"#).unwrap();
+        assert!(ok.allowed && ok.quota.is_none());
+    }
+
+    #[test]
+    fn asm_answer() {
+        let v = read_check(Protocol::Asm, Some(200), br#"{"allow":false,"description":"regular-user is being rate-limited"}"#)
+            .unwrap();
+        assert!(!v.allowed);
+        assert_eq!(v.description.as_deref(), Some("regular-user is being rate-limited"));
+    }
+
+    #[test]
+    fn failures_are_classified() {
+        assert_eq!(read_check(Protocol::V1, None, b""), Err(CheckFailure::Reset));
+        assert_eq!(read_check(Protocol::V1, Some(504), b""), Err(CheckFailure::Timeout));
+        assert_eq!(read_check(Protocol::V1, Some(503), b""), Err(CheckFailure::Unavailable));
+        assert_eq!(read_check(Protocol::V1, Some(500), b"{}"), Err(CheckFailure::Status));
+        assert_eq!(read_check(Protocol::V1, Some(429), b"{}"), Err(CheckFailure::Status));
+        assert_eq!(read_check(Protocol::V1, Some(200), b"<html>"), Err(CheckFailure::Body));
+        assert_eq!(read_check(Protocol::V1, Some(200), br#"{"allowed":"yes"}"#), Err(CheckFailure::Body));
+        assert_eq!(read_check(Protocol::Asm, Some(200), br#"{"allowed":true}"#), Err(CheckFailure::Body));
+    }
+}

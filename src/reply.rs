@@ -1,0 +1,187 @@
+//! What the client sees when the plugin answers itself: the 429, the fail-closed reply, and the
+//! quota headers on admitted responses. OpenAI SDKs read these headers and this error shape.
+
+use crate::config::{Config, Protocol};
+use crate::protocol::{Quota, Verdict};
+
+/// A local reply for the adapter to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// `x-ratelimit-*-tokens` headers describing the most constrained rate.
+pub fn quota_headers(q: &Quota) -> [(&'static str, String); 3] {
+    [
+        ("x-ratelimit-limit-tokens", q.limit.to_string()),
+        ("x-ratelimit-remaining-tokens", q.remaining.to_string()),
+        ("x-ratelimit-reset-tokens", openai_duration(q.reset_ms)),
+    ]
+}
+
+/// The reply to a request the service denied.
+pub fn denied(config: &Config, verdict: &Verdict) -> Reply {
+    let retry_ms = retry_after_ms(verdict);
+    let mut headers = vec![
+        ("retry-after".to_string(), retry_ms.div_ceil(1000).max(1).to_string()),
+        ("retry-after-ms".to_string(), retry_ms.to_string()),
+    ];
+    if let Some(q) = &verdict.quota {
+        headers.extend(quota_headers(q).map(|(k, v)| (k.to_string(), v)));
+    }
+    let body = match (&config.deny.body, config.service.protocol, &verdict.description) {
+        (Some(body), _, _) => body.clone().into_bytes(),
+        (None, Protocol::Asm, Some(description)) => {
+            headers.push(("content-type".into(), "text/plain; charset=utf-8".into()));
+            description.clone().into_bytes()
+        }
+        (None, _, _) => {
+            headers.push(("content-type".into(), "application/json".into()));
+            openai_error(&deny_message(verdict, retry_ms), "tokens", "rate_limit_exceeded")
+        }
+    };
+    headers.extend(config.deny.headers.iter().cloned());
+    Reply { status: config.deny.status, headers, body }
+}
+
+/// The reply when the check failed and `failure_mode` is `deny`.
+pub fn unavailable(config: &Config) -> Reply {
+    Reply {
+        status: config.service.failure_status,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("retry-after".into(), "1".into()),
+        ],
+        body: openai_error(
+            "The token rate-limit service is unavailable; the request was not admitted. Please retry.",
+            "server_error",
+            "rate_limit_service_unavailable",
+        ),
+    }
+}
+
+fn retry_after_ms(v: &Verdict) -> u64 {
+    match v.retry_after_ms {
+        0 => v.quota.map_or(1000, |q| q.reset_ms.max(1)),
+        ms => ms,
+    }
+}
+
+fn deny_message(v: &Verdict, retry_ms: u64) -> String {
+    let what = v.denied_by.as_deref().map_or(String::new(), |l| format!(" ({l})"));
+    let figures = v.quota.map_or(String::new(), |q| {
+        format!(": limit {}, remaining {}", q.limit, q.remaining)
+    });
+    format!(
+        "Rate limit reached for tokens{what}{figures}. Please try again in {}.",
+        openai_duration(retry_ms)
+    )
+}
+
+/// `{"error": {...}}` as the OpenAI API returns it.
+fn openai_error(message: &str, kind: &str, code: &str) -> Vec<u8> {
+    serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+        .to_string()
+        .into_bytes()
+}
+
+/// OpenAI's duration style for reset headers: `250ms`, `1s`, `6m0s`, `1h2m3s`.
+pub fn openai_duration(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (h, m, s, frac) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
+    let secs = if frac == 0 {
+        format!("{s}s")
+    } else {
+        format!("{s}.{}s", format!("{frac:03}").trim_end_matches('0'))
+    };
+    match (h, m) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        let json = format!(
+            r#"{{"service": {{"cluster": "rl"}}, "limits": [{{"name": "g", "key": ""}}] {extra}}}"#
+        );
+        Config::parse(json.as_bytes()).unwrap()
+    }
+
+    fn verdict() -> Verdict {
+        Verdict {
+            allowed: false,
+            quota: Some(Quota { limit: 10, remaining: 0, reset_ms: 42_000 }),
+            retry_after_ms: 41_500,
+            denied_by: Some("per-key".into()),
+            description: None,
+        }
+    }
+
+    fn header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
+        r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn default_deny_is_openai_shaped() {
+        let r = denied(&config(""), &verdict());
+        assert_eq!(r.status, 429);
+        assert_eq!(header(&r, "retry-after"), Some("42"));
+        assert_eq!(header(&r, "retry-after-ms"), Some("41500"));
+        assert_eq!(header(&r, "x-ratelimit-limit-tokens"), Some("10"));
+        assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), Some("0"));
+        assert_eq!(header(&r, "x-ratelimit-reset-tokens"), Some("42s"));
+        assert_eq!(header(&r, "content-type"), Some("application/json"));
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(body["error"]["type"], "tokens");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("per-key") && msg.contains("limit 10"), "{msg}");
+    }
+
+    #[test]
+    fn configured_deny_reply_wins() {
+        let c = config(r#", "deny": {"status": 403, "body": "no", "headers": {"X-Why": "budget"}}"#);
+        let r = denied(&c, &verdict());
+        assert_eq!((r.status, r.body.as_slice()), (403, b"no".as_slice()));
+        assert_eq!(header(&r, "x-why"), Some("budget"));
+        assert_eq!(header(&r, "retry-after"), Some("42"));
+    }
+
+    #[test]
+    fn asm_denial_shows_the_description() {
+        let c = Config::parse(br#"{"service": {"cluster": "rl", "protocol": "asm"}, "limits": [{"name": "g", "key": ""}]}"#).unwrap();
+        let v = Verdict { quota: None, retry_after_ms: 0, description: Some("u is being rate-limited".into()), ..verdict() };
+        let r = denied(&c, &v);
+        assert_eq!(r.body, b"u is being rate-limited");
+        assert_eq!(header(&r, "retry-after"), Some("1"));
+        assert_eq!(header(&r, "x-ratelimit-limit-tokens"), None);
+    }
+
+    #[test]
+    fn fail_closed_reply() {
+        let c = Config::parse(br#"{"service": {"cluster": "rl", "failure_status": 500}, "limits": [{"name": "g", "key": ""}]}"#).unwrap();
+        let r = unavailable(&c);
+        assert_eq!(r.status, 500);
+        assert_eq!(header(&r, "retry-after"), Some("1"));
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["code"], "rate_limit_service_unavailable");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(openai_duration(250), "250ms");
+        assert_eq!(openai_duration(1000), "1s");
+        assert_eq!(openai_duration(1500), "1.5s");
+        assert_eq!(openai_duration(360_000), "6m0s");
+        assert_eq!(openai_duration(3_723_000), "1h2m3s");
+    }
+}

@@ -1,0 +1,253 @@
+//! One request as the core sees it: headers, a few facts from the JSON body, Envoy properties.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use crate::client_ip::{client_ip, ClientIpSource};
+use crate::matcher::{strip_query, RequestHeaders};
+use crate::template::{Attribute, AttributeSource};
+
+/// What the JSON request body says that matters for limiting. Unknown or ill-typed fields are
+/// ignored: a body the plugin cannot read must never fail the request.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+pub struct BodyFacts {
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub model: Option<String>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub max_tokens: Option<u64>,
+    /// OpenAI's newer name for `max_tokens`.
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub max_completion_tokens: Option<u64>,
+    /// OpenAI Responses API.
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub max_output_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_bool")]
+    pub stream: Option<bool>,
+}
+
+impl BodyFacts {
+    /// Parses a JSON request body; a body that is not JSON yields `None`.
+    pub fn parse(body: &[u8]) -> Option<BodyFacts> {
+        serde_json::from_slice(body).ok()
+    }
+
+    /// The most output tokens the request may produce, under whichever name the API uses.
+    pub fn output_token_cap(&self) -> Option<u64> {
+        self.max_tokens.or(self.max_completion_tokens).or(self.max_output_tokens)
+    }
+}
+
+fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(Value::deserialize(d)?.as_u64())
+}
+
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    Ok(Value::deserialize(d)?.as_bool())
+}
+
+/// Reads Envoy attributes by path (`["source", "address"]`); the adapter supplies it.
+pub trait Properties {
+    fn property(&self, path: &[&str]) -> Option<String>;
+}
+
+/// A request's attributes, looked up on demand so that unused ones cost nothing.
+pub struct RequestView<'a, P: Properties> {
+    /// Request headers with lower-case names, pseudo-headers included.
+    pub headers: &'a [(String, String)],
+    pub body: Option<&'a BodyFacts>,
+    pub client_ip: &'a ClientIpSource,
+    pub consumer_header: &'a str,
+    pub properties: &'a P,
+}
+
+impl<P: Properties> RequestHeaders for RequestView<'_, P> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl<P: Properties> AttributeSource for RequestView<'_, P> {
+    fn attribute(&self, attr: &Attribute) -> Option<Cow<'_, str>> {
+        match attr {
+            Attribute::Header(name) => self.header(name).map(Cow::Borrowed),
+            Attribute::Query(name) => query_param(self.header(":path")?, name),
+            Attribute::Cookie(name) => cookie(self.header("cookie")?, name).map(Cow::Borrowed),
+            Attribute::Host => self.header(":authority").map(Cow::Borrowed),
+            Attribute::Path => self.header(":path").map(|p| Cow::Borrowed(strip_query(p))),
+            Attribute::Method => self.header(":method").map(Cow::Borrowed),
+            Attribute::SourceIp => {
+                let peer = self.properties.property(&["source", "address"]);
+                let forwarded = match self.client_ip {
+                    ClientIpSource::Remote => None,
+                    ClientIpSource::Header { name, .. } => self.header(name),
+                };
+                client_ip(self.client_ip, peer.as_deref(), forwarded)
+                    .map(|ip| Cow::Owned(ip.to_string()))
+            }
+            Attribute::SourceAddress => {
+                self.properties.property(&["source", "address"]).map(Cow::Owned)
+            }
+            Attribute::Consumer => self.header(self.consumer_header).map(Cow::Borrowed),
+            Attribute::Model => self.body?.model.as_deref().map(Cow::Borrowed),
+            Attribute::Route => self.properties.property(&["route_name"]).map(Cow::Owned),
+            Attribute::Property(path) => {
+                let path: Vec<&str> = path.iter().map(String::as_str).collect();
+                self.properties.property(&path).map(Cow::Owned)
+            }
+        }
+    }
+}
+
+/// The first value of query parameter `name` in `path`, percent-decoded (`+` is a space).
+pub fn query_param<'p>(path: &'p str, name: &str) -> Option<Cow<'p, str>> {
+    let (_, query) = path.split_once('?')?;
+    let query = query.split_once('#').map_or(query, |(q, _)| q);
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k) == name).then(|| percent_decode(v))
+    })
+}
+
+/// The value of cookie `name` in a `Cookie` header.
+pub fn cookie<'h>(header: &'h str, name: &str) -> Option<&'h str> {
+    header.split(';').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k.trim() == name).then(|| v.trim().trim_matches('"'))
+    })
+}
+
+fn percent_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains(['%', '+']) {
+        return Cow::Borrowed(s);
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push(h << 4 | l);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Props;
+    impl Properties for Props {
+        fn property(&self, path: &[&str]) -> Option<String> {
+            match path {
+                ["source", "address"] => Some("[2001:db8::5]:40000".into()),
+                ["route_name"] => Some("chat".into()),
+                ["xds", "cluster_name"] => Some("openai".into()),
+                _ => None,
+            }
+        }
+    }
+
+    fn headers() -> Vec<(String, String)> {
+        [
+            (":authority", "api.example.com"),
+            (":path", "/v1/chat?apikey=a%2Bb+c&x=1"),
+            (":method", "POST"),
+            ("cookie", "sid=abc; uid=\"u-1\""),
+            ("x-mse-consumer", "team-a"),
+            ("x-forwarded-for", "6.6.6.6, 7.7.7.7"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    fn get(view: &RequestView<'_, Props>, attr: &str) -> Option<String> {
+        view.attribute(&Attribute::parse(attr).unwrap()).map(Cow::into_owned)
+    }
+
+    #[test]
+    fn every_attribute_resolves() {
+        let h = headers();
+        let body = BodyFacts { model: Some("gpt-4o".into()), ..Default::default() };
+        let remote = ClientIpSource::Remote;
+        let view = RequestView {
+            headers: &h,
+            body: Some(&body),
+            client_ip: &remote,
+            consumer_header: "x-mse-consumer",
+            properties: &Props,
+        };
+        assert_eq!(get(&view, "request.query.apikey").as_deref(), Some("a+b c"));
+        assert_eq!(get(&view, "request.query.x").as_deref(), Some("1"));
+        assert_eq!(get(&view, "request.query.nope"), None);
+        assert_eq!(get(&view, "request.cookies.uid").as_deref(), Some("u-1"));
+        assert_eq!(get(&view, "request.host").as_deref(), Some("api.example.com"));
+        assert_eq!(get(&view, "request.path").as_deref(), Some("/v1/chat"));
+        assert_eq!(get(&view, "request.method").as_deref(), Some("POST"));
+        assert_eq!(get(&view, "source.ip").as_deref(), Some("2001:db8::5"));
+        assert_eq!(get(&view, "source.address").as_deref(), Some("[2001:db8::5]:40000"));
+        assert_eq!(get(&view, "consumer").as_deref(), Some("team-a"));
+        assert_eq!(get(&view, "llm.model").as_deref(), Some("gpt-4o"));
+        assert_eq!(get(&view, "route").as_deref(), Some("chat"));
+        assert_eq!(get(&view, "xds.cluster_name").as_deref(), Some("openai"));
+        assert_eq!(get(&view, "request.headers.X-Forwarded-For").as_deref(), Some("6.6.6.6, 7.7.7.7"));
+
+        let xff = ClientIpSource::Header { name: "x-forwarded-for".into(), trusted_hops: 1 };
+        let view = RequestView { client_ip: &xff, body: None, ..view };
+        assert_eq!(get(&view, "source.ip").as_deref(), Some("7.7.7.7"));
+        assert_eq!(get(&view, "llm.model"), None);
+    }
+
+    #[test]
+    fn body_facts_are_lenient() {
+        let f = BodyFacts::parse(br#"{"model":"m","max_tokens":50,"stream":true,"messages":[{"a":[1,2]}]}"#)
+            .unwrap();
+        assert_eq!(f.model.as_deref(), Some("m"));
+        assert_eq!(f.output_token_cap(), Some(50));
+        assert_eq!(f.stream, Some(true));
+        let odd = BodyFacts::parse(br#"{"model":7,"max_tokens":-3,"stream":"yes"}"#).unwrap();
+        assert_eq!(odd, BodyFacts::default());
+        let newer = BodyFacts::parse(br#"{"max_completion_tokens":9}"#).unwrap();
+        assert_eq!(newer.output_token_cap(), Some(9));
+        assert_eq!(BodyFacts::parse(b"not json"), None);
+        assert_eq!(BodyFacts::parse(b"[1]").unwrap_or_default(), BodyFacts::default());
+        // Deep nesting must neither overflow the stack nor produce facts.
+        let deep = format!(r#"{{"x":{}{}, "model": {}"m"{}}}"#, "[".repeat(100_000), "]".repeat(100_000), "[".repeat(200), "]".repeat(200));
+        assert_eq!(BodyFacts::parse(deep.as_bytes()).unwrap_or_default().model, None);
+    }
+
+    #[test]
+    fn percent_decoding_is_safe() {
+        assert_eq!(percent_decode("%41%zz%4"), "A%zz%4");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%e4%b8%ad"), "中");
+        assert_eq!(percent_decode("%ff"), "\u{fffd}");
+    }
+}
