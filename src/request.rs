@@ -101,7 +101,11 @@ impl<P: Properties> AttributeSource for RequestView<'_, P> {
             }
             Attribute::Consumer => self.header(self.consumer_header).map(Cow::Borrowed),
             Attribute::Model => self.body?.model.as_deref().map(Cow::Borrowed),
-            Attribute::Route => self.properties.property(&["route_name"]).map(Cow::Owned),
+            Attribute::Route => self
+                .properties
+                .property(&["xds", "route_name"])
+                .or_else(|| self.properties.property(&["route_name"]))
+                .map(Cow::Owned),
             Attribute::Property(path) => {
                 let path: Vec<&str> = path.iter().map(String::as_str).collect();
                 self.properties.property(&path).map(Cow::Owned)
@@ -167,7 +171,7 @@ mod tests {
         fn property(&self, path: &[&str]) -> Option<String> {
             match path {
                 ["source", "address"] => Some("[2001:db8::5]:40000".into()),
-                ["route_name"] => Some("chat".into()),
+                ["xds", "route_name"] => Some("chat".into()),
                 ["xds", "cluster_name"] => Some("openai".into()),
                 _ => None,
             }

