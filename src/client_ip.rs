@@ -33,7 +33,11 @@ pub fn parse_address(text: &str) -> Option<IpAddr> {
 ///
 /// A header that is missing, too short or holds garbage at the trusted position falls back to
 /// the peer address: a client must never escape its limit by sending a malformed header.
-pub fn client_ip(source: &ClientIpSource, peer: Option<&str>, header: Option<&str>) -> Option<IpAddr> {
+pub fn client_ip(
+    source: &ClientIpSource,
+    peer: Option<&str>,
+    header: Option<&str>,
+) -> Option<IpAddr> {
     let from_peer = || peer.and_then(parse_address);
     match source {
         ClientIpSource::Remote => from_peer(),
@@ -66,20 +70,47 @@ mod tests {
 
     #[test]
     fn xff_is_counted_from_the_right() {
-        let src = |hops| ClientIpSource::Header { name: "x-forwarded-for".into(), trusted_hops: hops };
+        let src = |hops| ClientIpSource::Header {
+            name: "x-forwarded-for".into(),
+            trusted_hops: hops,
+        };
         let xff = Some("6.6.6.6, 1.1.1.1, 2.2.2.2");
-        assert_eq!(client_ip(&src(1), Some("9.9.9.9:1"), xff), Some(ip("2.2.2.2")));
-        assert_eq!(client_ip(&src(2), Some("9.9.9.9:1"), xff), Some(ip("1.1.1.1")));
-        assert_eq!(client_ip(&src(3), Some("9.9.9.9:1"), xff), Some(ip("6.6.6.6")));
+        assert_eq!(
+            client_ip(&src(1), Some("9.9.9.9:1"), xff),
+            Some(ip("2.2.2.2"))
+        );
+        assert_eq!(
+            client_ip(&src(2), Some("9.9.9.9:1"), xff),
+            Some(ip("1.1.1.1"))
+        );
+        assert_eq!(
+            client_ip(&src(3), Some("9.9.9.9:1"), xff),
+            Some(ip("6.6.6.6"))
+        );
     }
 
     #[test]
     fn short_or_bad_header_falls_back_to_peer() {
-        let src = ClientIpSource::Header { name: "x-forwarded-for".into(), trusted_hops: 2 };
-        assert_eq!(client_ip(&src, Some("9.9.9.9:1"), Some("1.1.1.1")), Some(ip("9.9.9.9")));
-        assert_eq!(client_ip(&src, Some("9.9.9.9:1"), Some("x, y")), Some(ip("9.9.9.9")));
-        assert_eq!(client_ip(&src, Some("9.9.9.9:1"), None), Some(ip("9.9.9.9")));
-        assert_eq!(client_ip(&ClientIpSource::Remote, Some("[::1]:5"), None), Some(ip("::1")));
+        let src = ClientIpSource::Header {
+            name: "x-forwarded-for".into(),
+            trusted_hops: 2,
+        };
+        assert_eq!(
+            client_ip(&src, Some("9.9.9.9:1"), Some("1.1.1.1")),
+            Some(ip("9.9.9.9"))
+        );
+        assert_eq!(
+            client_ip(&src, Some("9.9.9.9:1"), Some("x, y")),
+            Some(ip("9.9.9.9"))
+        );
+        assert_eq!(
+            client_ip(&src, Some("9.9.9.9:1"), None),
+            Some(ip("9.9.9.9"))
+        );
+        assert_eq!(
+            client_ip(&ClientIpSource::Remote, Some("[::1]:5"), None),
+            Some(ip("::1"))
+        );
         assert_eq!(client_ip(&ClientIpSource::Remote, None, None), None);
     }
 }

@@ -6,10 +6,10 @@
 
 pub mod client_ip;
 pub mod config;
+pub mod filter;
 pub mod limits;
 pub mod matcher;
-pub mod request;
-pub mod template;
 pub mod protocol;
 pub mod reply;
-pub mod filter;
+pub mod request;
+pub mod template;

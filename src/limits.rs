@@ -87,12 +87,23 @@ impl Limit {
             LimitRates::ServiceOwned => (value, Vec::new(), false),
             LimitRates::PerValue(rules) => {
                 let mut as_ip = None;
-                let rule = rules.iter().find(|r| r.matcher.matches(&value, &mut as_ip))?;
-                let value = if rule.shared { rule.pattern.clone() } else { value };
+                let rule = rules
+                    .iter()
+                    .find(|r| r.matcher.matches(&value, &mut as_ip))?;
+                let value = if rule.shared {
+                    rule.pattern.clone()
+                } else {
+                    value
+                };
                 (value, rule.rates.clone(), rule.shared)
             }
         };
-        Some(Descriptor { limit: self.name.clone(), value, rates, shared })
+        Some(Descriptor {
+            limit: self.name.clone(),
+            value,
+            rates,
+            shared,
+        })
     }
 }
 
@@ -129,9 +140,24 @@ mod tests {
             key: Template::parse("{{request.headers.k}}").unwrap(),
             rates: LimitRates::PerValue(vec![
                 rule(ValueMatch::Exact("vip".into()), "vip", 1, false),
-                rule(ValueMatch::Ip("10.0.0.0/8".parse().unwrap()), "10.0.0.0/8", 2, true),
-                rule(ValueMatch::Ip("2001:db8::/32".parse().unwrap()), "2001:db8::/32", 3, false),
-                rule(ValueMatch::Regex(Regex::new("^a").unwrap()), "regexp:^a", 4, false),
+                rule(
+                    ValueMatch::Ip("10.0.0.0/8".parse().unwrap()),
+                    "10.0.0.0/8",
+                    2,
+                    true,
+                ),
+                rule(
+                    ValueMatch::Ip("2001:db8::/32".parse().unwrap()),
+                    "2001:db8::/32",
+                    3,
+                    false,
+                ),
+                rule(
+                    ValueMatch::Regex(Regex::new("^a").unwrap()),
+                    "regexp:^a",
+                    4,
+                    false,
+                ),
                 rule(ValueMatch::Any, "*", 5, false),
             ]),
         }

@@ -146,9 +146,12 @@ mod tests {
     #[test]
     fn empty_matches_admit_everything() {
         assert!(any_matches(&[], &req()));
-        let no = RequestMatch { methods: vec!["GET".into()], ..Default::default() };
+        let no = RequestMatch {
+            methods: vec!["GET".into()],
+            ..Default::default()
+        };
         let yes = RequestMatch::default();
-        assert!(!any_matches(&[no.clone()], &req()));
+        assert!(!any_matches(std::slice::from_ref(&no), &req()));
         assert!(any_matches(&[no, yes], &req()));
     }
 

@@ -27,7 +27,11 @@ pub fn check_call(protocol: Protocol, descriptors: &[Descriptor], reserve: u64) 
             method: "POST",
             path: "/v1/check".into(),
             // Serialising plain structs of strings and integers cannot fail.
-            body: serde_json::to_vec(&CheckBody { descriptors, reserve }).ok(),
+            body: serde_json::to_vec(&CheckBody {
+                descriptors,
+                reserve,
+            })
+            .ok(),
         },
         Protocol::Asm => {
             let keys: Vec<&str> = descriptors.iter().map(|d| d.value.as_str()).collect();
@@ -130,7 +134,11 @@ struct AsmAnswer {
 }
 
 /// Reads the service's answer. `status` is `None` when the call ended without headers.
-pub fn read_check(protocol: Protocol, status: Option<u32>, body: &[u8]) -> Result<Verdict, CheckFailure> {
+pub fn read_check(
+    protocol: Protocol,
+    status: Option<u32>,
+    body: &[u8],
+) -> Result<Verdict, CheckFailure> {
     match status {
         None => return Err(CheckFailure::Reset),
         Some(200) => {}
@@ -196,10 +204,18 @@ mod tests {
             Descriptor {
                 limit: "apikey".into(),
                 value: "k\"1".into(),
-                rates: vec![Rate { tokens: 10, window_s: 60 }],
+                rates: vec![Rate {
+                    tokens: 10,
+                    window_s: 60,
+                }],
                 shared: false,
             },
-            Descriptor { limit: "user-type".into(), value: "regular-user".into(), rates: vec![], shared: false },
+            Descriptor {
+                limit: "user-type".into(),
+                value: "regular-user".into(),
+                rates: vec![],
+                shared: false,
+            },
         ]
     }
 
@@ -232,7 +248,14 @@ mod tests {
             "retry_after_ms":41500,"denied_by":"b"}"#;
         let v = read_check(Protocol::V1, Some(200), body).unwrap();
         assert!(!v.allowed);
-        assert_eq!(v.quota, Some(Quota { limit: 10, remaining: 0, reset_ms: 42000 }));
+        assert_eq!(
+            v.quota,
+            Some(Quota {
+                limit: 10,
+                remaining: 0,
+                reset_ms: 42000
+            })
+        );
         assert_eq!(v.retry_after_ms, 41500);
         assert_eq!(v.denied_by.as_deref(), Some("b"));
         let ok = read_check(Protocol::V1, Some(200), br#"{"allowed":true}"#).unwrap();
@@ -241,21 +264,52 @@ mod tests {
 
     #[test]
     fn asm_answer() {
-        let v = read_check(Protocol::Asm, Some(200), br#"{"allow":false,"description":"regular-user is being rate-limited"}"#)
-            .unwrap();
+        let v = read_check(
+            Protocol::Asm,
+            Some(200),
+            br#"{"allow":false,"description":"regular-user is being rate-limited"}"#,
+        )
+        .unwrap();
         assert!(!v.allowed);
-        assert_eq!(v.description.as_deref(), Some("regular-user is being rate-limited"));
+        assert_eq!(
+            v.description.as_deref(),
+            Some("regular-user is being rate-limited")
+        );
     }
 
     #[test]
     fn failures_are_classified() {
-        assert_eq!(read_check(Protocol::V1, None, b""), Err(CheckFailure::Reset));
-        assert_eq!(read_check(Protocol::V1, Some(504), b""), Err(CheckFailure::Timeout));
-        assert_eq!(read_check(Protocol::V1, Some(503), b""), Err(CheckFailure::Unavailable));
-        assert_eq!(read_check(Protocol::V1, Some(500), b"{}"), Err(CheckFailure::Status));
-        assert_eq!(read_check(Protocol::V1, Some(429), b"{}"), Err(CheckFailure::Status));
-        assert_eq!(read_check(Protocol::V1, Some(200), b"<html>"), Err(CheckFailure::Body));
-        assert_eq!(read_check(Protocol::V1, Some(200), br#"{"allowed":"yes"}"#), Err(CheckFailure::Body));
-        assert_eq!(read_check(Protocol::Asm, Some(200), br#"{"allowed":true}"#), Err(CheckFailure::Body));
+        assert_eq!(
+            read_check(Protocol::V1, None, b""),
+            Err(CheckFailure::Reset)
+        );
+        assert_eq!(
+            read_check(Protocol::V1, Some(504), b""),
+            Err(CheckFailure::Timeout)
+        );
+        assert_eq!(
+            read_check(Protocol::V1, Some(503), b""),
+            Err(CheckFailure::Unavailable)
+        );
+        assert_eq!(
+            read_check(Protocol::V1, Some(500), b"{}"),
+            Err(CheckFailure::Status)
+        );
+        assert_eq!(
+            read_check(Protocol::V1, Some(429), b"{}"),
+            Err(CheckFailure::Status)
+        );
+        assert_eq!(
+            read_check(Protocol::V1, Some(200), b"<html>"),
+            Err(CheckFailure::Body)
+        );
+        assert_eq!(
+            read_check(Protocol::V1, Some(200), br#"{"allowed":"yes"}"#),
+            Err(CheckFailure::Body)
+        );
+        assert_eq!(
+            read_check(Protocol::Asm, Some(200), br#"{"allowed":true}"#),
+            Err(CheckFailure::Body)
+        );
     }
 }

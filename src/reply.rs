@@ -25,13 +25,20 @@ pub fn quota_headers(q: &Quota) -> [(&'static str, String); 3] {
 pub fn denied(config: &Config, verdict: &Verdict) -> Reply {
     let retry_ms = retry_after_ms(verdict);
     let mut headers = vec![
-        ("retry-after".to_string(), retry_ms.div_ceil(1000).max(1).to_string()),
+        (
+            "retry-after".to_string(),
+            retry_ms.div_ceil(1000).max(1).to_string(),
+        ),
         ("retry-after-ms".to_string(), retry_ms.to_string()),
     ];
     if let Some(q) = &verdict.quota {
         headers.extend(quota_headers(q).map(|(k, v)| (k.to_string(), v)));
     }
-    let body = match (&config.deny.body, config.service.protocol, &verdict.description) {
+    let body = match (
+        &config.deny.body,
+        config.service.protocol,
+        &verdict.description,
+    ) {
         (Some(body), _, _) => body.clone().into_bytes(),
         (None, Protocol::Asm, Some(description)) => {
             headers.push(("content-type".into(), "text/plain; charset=utf-8".into()));
@@ -39,11 +46,19 @@ pub fn denied(config: &Config, verdict: &Verdict) -> Reply {
         }
         (None, _, _) => {
             headers.push(("content-type".into(), "application/json".into()));
-            openai_error(&deny_message(verdict, retry_ms), "tokens", "rate_limit_exceeded")
+            openai_error(
+                &deny_message(verdict, retry_ms),
+                "tokens",
+                "rate_limit_exceeded",
+            )
         }
     };
     headers.extend(config.deny.headers.iter().cloned());
-    Reply { status: config.deny.status, headers, body }
+    Reply {
+        status: config.deny.status,
+        headers,
+        body,
+    }
 }
 
 /// The reply when the check failed and `failure_mode` is `deny`.
@@ -70,7 +85,10 @@ fn retry_after_ms(v: &Verdict) -> u64 {
 }
 
 fn deny_message(v: &Verdict, retry_ms: u64) -> String {
-    let what = v.denied_by.as_deref().map_or(String::new(), |l| format!(" ({l})"));
+    let what = v
+        .denied_by
+        .as_deref()
+        .map_or(String::new(), |l| format!(" ({l})"));
     let figures = v.quota.map_or(String::new(), |q| {
         format!(": limit {}, remaining {}", q.limit, q.remaining)
     });
@@ -119,7 +137,11 @@ mod tests {
     fn verdict() -> Verdict {
         Verdict {
             allowed: false,
-            quota: Some(Quota { limit: 10, remaining: 0, reset_ms: 42_000 }),
+            quota: Some(Quota {
+                limit: 10,
+                remaining: 0,
+                reset_ms: 42_000,
+            }),
             retry_after_ms: 41_500,
             denied_by: Some("per-key".into()),
             description: None,
@@ -127,7 +149,10 @@ mod tests {
     }
 
     fn header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
-        r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        r.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     #[test]
@@ -149,7 +174,8 @@ mod tests {
 
     #[test]
     fn configured_deny_reply_wins() {
-        let c = config(r#", "deny": {"status": 403, "body": "no", "headers": {"X-Why": "budget"}}"#);
+        let c =
+            config(r#", "deny": {"status": 403, "body": "no", "headers": {"X-Why": "budget"}}"#);
         let r = denied(&c, &verdict());
         assert_eq!((r.status, r.body.as_slice()), (403, b"no".as_slice()));
         assert_eq!(header(&r, "x-why"), Some("budget"));
@@ -159,7 +185,12 @@ mod tests {
     #[test]
     fn asm_denial_shows_the_description() {
         let c = Config::parse(br#"{"service": {"cluster": "rl", "protocol": "asm"}, "limits": [{"name": "g", "key": ""}]}"#).unwrap();
-        let v = Verdict { quota: None, retry_after_ms: 0, description: Some("u is being rate-limited".into()), ..verdict() };
+        let v = Verdict {
+            quota: None,
+            retry_after_ms: 0,
+            description: Some("u is being rate-limited".into()),
+            ..verdict()
+        };
         let r = denied(&c, &v);
         assert_eq!(r.body, b"u is being rate-limited");
         assert_eq!(header(&r, "retry-after"), Some("1"));

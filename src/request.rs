@@ -35,7 +35,9 @@ impl BodyFacts {
 
     /// The most output tokens the request may produce, under whichever name the API uses.
     pub fn output_token_cap(&self) -> Option<u64> {
-        self.max_tokens.or(self.max_completion_tokens).or(self.max_output_tokens)
+        self.max_tokens
+            .or(self.max_completion_tokens)
+            .or(self.max_output_tokens)
     }
 }
 
@@ -96,9 +98,10 @@ impl<P: Properties> AttributeSource for RequestView<'_, P> {
                 client_ip(self.client_ip, peer.as_deref(), forwarded)
                     .map(|ip| Cow::Owned(ip.to_string()))
             }
-            Attribute::SourceAddress => {
-                self.properties.property(&["source", "address"]).map(Cow::Owned)
-            }
+            Attribute::SourceAddress => self
+                .properties
+                .property(&["source", "address"])
+                .map(Cow::Owned),
             Attribute::Consumer => self.header(self.consumer_header).map(Cow::Borrowed),
             Attribute::Model => self.body?.model.as_deref().map(Cow::Borrowed),
             Attribute::Route => self
@@ -142,15 +145,13 @@ fn percent_decode(s: &str) -> Cow<'_, str> {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -193,13 +194,17 @@ mod tests {
     }
 
     fn get(view: &RequestView<'_, Props>, attr: &str) -> Option<String> {
-        view.attribute(&Attribute::parse(attr).unwrap()).map(Cow::into_owned)
+        view.attribute(&Attribute::parse(attr).unwrap())
+            .map(Cow::into_owned)
     }
 
     #[test]
     fn every_attribute_resolves() {
         let h = headers();
-        let body = BodyFacts { model: Some("gpt-4o".into()), ..Default::default() };
+        let body = BodyFacts {
+            model: Some("gpt-4o".into()),
+            ..Default::default()
+        };
         let remote = ClientIpSource::Remote;
         let view = RequestView {
             headers: &h,
@@ -212,27 +217,45 @@ mod tests {
         assert_eq!(get(&view, "request.query.x").as_deref(), Some("1"));
         assert_eq!(get(&view, "request.query.nope"), None);
         assert_eq!(get(&view, "request.cookies.uid").as_deref(), Some("u-1"));
-        assert_eq!(get(&view, "request.host").as_deref(), Some("api.example.com"));
+        assert_eq!(
+            get(&view, "request.host").as_deref(),
+            Some("api.example.com")
+        );
         assert_eq!(get(&view, "request.path").as_deref(), Some("/v1/chat"));
         assert_eq!(get(&view, "request.method").as_deref(), Some("POST"));
         assert_eq!(get(&view, "source.ip").as_deref(), Some("2001:db8::5"));
-        assert_eq!(get(&view, "source.address").as_deref(), Some("[2001:db8::5]:40000"));
+        assert_eq!(
+            get(&view, "source.address").as_deref(),
+            Some("[2001:db8::5]:40000")
+        );
         assert_eq!(get(&view, "consumer").as_deref(), Some("team-a"));
         assert_eq!(get(&view, "llm.model").as_deref(), Some("gpt-4o"));
         assert_eq!(get(&view, "route").as_deref(), Some("chat"));
         assert_eq!(get(&view, "xds.cluster_name").as_deref(), Some("openai"));
-        assert_eq!(get(&view, "request.headers.X-Forwarded-For").as_deref(), Some("6.6.6.6, 7.7.7.7"));
+        assert_eq!(
+            get(&view, "request.headers.X-Forwarded-For").as_deref(),
+            Some("6.6.6.6, 7.7.7.7")
+        );
 
-        let xff = ClientIpSource::Header { name: "x-forwarded-for".into(), trusted_hops: 1 };
-        let view = RequestView { client_ip: &xff, body: None, ..view };
+        let xff = ClientIpSource::Header {
+            name: "x-forwarded-for".into(),
+            trusted_hops: 1,
+        };
+        let view = RequestView {
+            client_ip: &xff,
+            body: None,
+            ..view
+        };
         assert_eq!(get(&view, "source.ip").as_deref(), Some("7.7.7.7"));
         assert_eq!(get(&view, "llm.model"), None);
     }
 
     #[test]
     fn body_facts_are_lenient() {
-        let f = BodyFacts::parse(br#"{"model":"m","max_tokens":50,"stream":true,"messages":[{"a":[1,2]}]}"#)
-            .unwrap();
+        let f = BodyFacts::parse(
+            br#"{"model":"m","max_tokens":50,"stream":true,"messages":[{"a":[1,2]}]}"#,
+        )
+        .unwrap();
         assert_eq!(f.model.as_deref(), Some("m"));
         assert_eq!(f.output_token_cap(), Some(50));
         assert_eq!(f.stream, Some(true));
@@ -241,10 +264,22 @@ mod tests {
         let newer = BodyFacts::parse(br#"{"max_completion_tokens":9}"#).unwrap();
         assert_eq!(newer.output_token_cap(), Some(9));
         assert_eq!(BodyFacts::parse(b"not json"), None);
-        assert_eq!(BodyFacts::parse(b"[1]").unwrap_or_default(), BodyFacts::default());
+        assert_eq!(
+            BodyFacts::parse(b"[1]").unwrap_or_default(),
+            BodyFacts::default()
+        );
         // Deep nesting must neither overflow the stack nor produce facts.
-        let deep = format!(r#"{{"x":{}{}, "model": {}"m"{}}}"#, "[".repeat(100_000), "]".repeat(100_000), "[".repeat(200), "]".repeat(200));
-        assert_eq!(BodyFacts::parse(deep.as_bytes()).unwrap_or_default().model, None);
+        let deep = format!(
+            r#"{{"x":{}{}, "model": {}"m"{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000),
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(
+            BodyFacts::parse(deep.as_bytes()).unwrap_or_default().model,
+            None
+        );
     }
 
     #[test]

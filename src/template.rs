@@ -157,9 +157,21 @@ mod tests {
     fn parses_and_renders() {
         let t = Template::parse("user:{{ request.headers.X-User }}/{{llm.model}}").unwrap();
         assert_eq!(t.render(&Src).as_deref(), Some("user:alice/gpt-4o"));
-        assert_eq!(Template::parse("{{node.id}}").unwrap().render(&Src).as_deref(), Some("n1"));
-        assert_eq!(Template::parse("").unwrap().render(&Src).as_deref(), Some(""));
-        assert_eq!(Template::parse("fixed").unwrap().render(&Src).as_deref(), Some("fixed"));
+        assert_eq!(
+            Template::parse("{{node.id}}")
+                .unwrap()
+                .render(&Src)
+                .as_deref(),
+            Some("n1")
+        );
+        assert_eq!(
+            Template::parse("").unwrap().render(&Src).as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            Template::parse("fixed").unwrap().render(&Src).as_deref(),
+            Some("fixed")
+        );
     }
 
     #[test]
@@ -188,7 +200,14 @@ mod tests {
 
     #[test]
     fn rejects_malformed_templates() {
-        for bad in ["{{", "{{request.headers.}}", "a}}", "{{}}", "{{a b}}", "{{a..b}}"] {
+        for bad in [
+            "{{",
+            "{{request.headers.}}",
+            "a}}",
+            "{{}}",
+            "{{a b}}",
+            "{{a..b}}",
+        ] {
             assert!(Template::parse(bad).is_err(), "{bad}");
         }
     }

@@ -1,13 +1,20 @@
 //! The plugin's request phase in a real Envoy: allow, deny, keys, failure modes, metrics.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
 mod support;
 
 use serde_json::{json, Value};
 use support::envoy::{cluster, Envoy};
-use support::http::{self, json_reply, Behaviour, Server};
+use support::http::{self, json_reply, Server};
 
 fn upstream() -> Server {
-    Server::start(|_| json_reply(200, json!({"id": "chatcmpl-1", "usage": {"total_tokens": 3}})))
+    Server::start(|_| {
+        json_reply(
+            200,
+            json!({"id": "chatcmpl-1", "usage": {"total_tokens": 3}}),
+        )
+    })
 }
 
 fn allow_all() -> Server {
@@ -19,7 +26,10 @@ fn allow_all() -> Server {
             .iter()
             .map(|d| json!({"limit": d["limit"], "value": d["value"], "tokens": 100, "window_s": 60, "remaining": 90, "reset_ms": 30000}))
             .collect();
-        json_reply(200, json!({"allowed": true, "limits": limits, "retry_after_ms": 0, "denied_by": null}))
+        json_reply(
+            200,
+            json!({"allowed": true, "limits": limits, "retry_after_ms": 0, "denied_by": null}),
+        )
     })
 }
 
@@ -28,14 +38,31 @@ fn plugin(limits: Value) -> Value {
 }
 
 fn envoy(config: &Value, service: &Server, upstream: &Server) -> Envoy {
-    Envoy::start(config, &[cluster("ratelimit", service.port), cluster("upstream", upstream.port)])
+    Envoy::start(
+        config,
+        &[
+            cluster("ratelimit", service.port),
+            cluster("upstream", upstream.port),
+        ],
+    )
 }
 
 #[test]
 fn allowed_request_reaches_upstream_with_quota_headers() {
     let (svc, up) = (allow_all(), upstream());
-    let e = envoy(&plugin(json!([{"name": "per-user", "key": "{{request.headers.x-user}}", "tokens": 100, "window": "1m"}])), &svc, &up);
-    let r = http::post_json(e.port, "/v1/chat/completions", &[("x-user", "alice")], &json!({"model": "m"}));
+    let e = envoy(
+        &plugin(
+            json!([{"name": "per-user", "key": "{{request.headers.x-user}}", "tokens": 100, "window": "1m"}]),
+        ),
+        &svc,
+        &up,
+    );
+    let r = http::post_json(
+        e.port,
+        "/v1/chat/completions",
+        &[("x-user", "alice")],
+        &json!({"model": "m"}),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("100"));
     assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("90"));
@@ -56,20 +83,34 @@ fn allowed_request_reaches_upstream_with_quota_headers() {
 fn deny_all() -> Server {
     Server::start(|req| {
         let d = &req.json()["descriptors"][0];
-        json_reply(200, json!({
-            "allowed": false,
-            "limits": [{"limit": d["limit"], "value": d["value"], "tokens": 10, "window_s": 60, "remaining": 0, "reset_ms": 42000}],
-            "retry_after_ms": 41500,
-            "denied_by": d["limit"]
-        }))
+        json_reply(
+            200,
+            json!({
+                "allowed": false,
+                "limits": [{"limit": d["limit"], "value": d["value"], "tokens": 10, "window_s": 60, "remaining": 0, "reset_ms": 42000}],
+                "retry_after_ms": 41500,
+                "denied_by": d["limit"]
+            }),
+        )
     })
 }
 
 #[test]
 fn denied_request_gets_an_openai_429() {
     let (svc, up) = (deny_all(), upstream());
-    let e = envoy(&plugin(json!([{"name": "per-key", "key": "{{request.headers.authorization}}", "tokens": 10, "window": "1m"}])), &svc, &up);
-    let r = http::post_json(e.port, "/v1/chat/completions", &[("authorization", "Bearer k1")], &json!({"model": "m"}));
+    let e = envoy(
+        &plugin(
+            json!([{"name": "per-key", "key": "{{request.headers.authorization}}", "tokens": 10, "window": "1m"}]),
+        ),
+        &svc,
+        &up,
+    );
+    let r = http::post_json(
+        e.port,
+        "/v1/chat/completions",
+        &[("authorization", "Bearer k1")],
+        &json!({"model": "m"}),
+    );
     assert_eq!(r.status, 429);
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.header("retry-after"), Some("42"));
@@ -80,8 +121,17 @@ fn denied_request_gets_an_openai_429() {
     let body = r.json();
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
     assert_eq!(body["error"]["type"], "tokens");
-    assert!(body["error"]["message"].as_str().unwrap().contains("per-key"), "{body}");
-    assert!(up.requests().is_empty(), "a denied request must not reach the upstream");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("per-key"),
+        "{body}"
+    );
+    assert!(
+        up.requests().is_empty(),
+        "a denied request must not reach the upstream"
+    );
     assert_eq!(e.metric("checks_denied"), 1);
     assert_eq!(e.metric("checks_allowed"), 0);
 }
@@ -130,38 +180,63 @@ fn every_key_source_reaches_the_service() {
     let r = http::post_json(
         e.port,
         "/v1/chat/completions?apikey=k%201",
-        &[("x-user", "alice"), ("cookie", "a=b; session=s-9"), ("x-consumer", "team-a"), ("user-type", "regular-user")],
+        &[
+            ("x-user", "alice"),
+            ("cookie", "a=b; session=s-9"),
+            ("x-consumer", "team-a"),
+            ("user-type", "regular-user"),
+        ],
         &json!({}),
     );
     assert_eq!(r.status, 200);
     let got = svc.requests()[0].json();
     let rate = |t: u64, w: u64| json!([{"tokens": t, "window_s": w}]);
-    assert_eq!(got["descriptors"], json!([
-        {"limit": "header", "value": "alice", "rates": rate(1, 1)},
-        {"limit": "query", "value": "k 1", "rates": rate(2, 60)},
-        {"limit": "cookie", "value": "s-9", "rates": rate(3, 3600)},
-        {"limit": "consumer", "value": "team-a", "rates": rate(4, 86400)},
-        {"limit": "ip", "value": "127.0.0.1", "rates": rate(5, 30)},
-        {"limit": "composite", "value": "POST llm.test/v1/chat/completions @llm-route", "rates": rate(6, 120)},
-        {"limit": "property", "value": "llm-route", "rates": rate(7, 60)},
-        {"limit": "global", "value": "", "rates": [{"tokens": 8, "window_s": 60}, {"tokens": 80, "window_s": 86400}]},
-        {"limit": "service-owned", "value": "regular-user"}
-    ]));
+    assert_eq!(
+        got["descriptors"],
+        json!([
+            {"limit": "header", "value": "alice", "rates": rate(1, 1)},
+            {"limit": "query", "value": "k 1", "rates": rate(2, 60)},
+            {"limit": "cookie", "value": "s-9", "rates": rate(3, 3600)},
+            {"limit": "consumer", "value": "team-a", "rates": rate(4, 86400)},
+            {"limit": "ip", "value": "127.0.0.1", "rates": rate(5, 30)},
+            {"limit": "composite", "value": "POST llm.test/v1/chat/completions @llm-route", "rates": rate(6, 120)},
+            {"limit": "property", "value": "llm-route", "rates": rate(7, 60)},
+            {"limit": "global", "value": "", "rates": [{"tokens": 8, "window_s": 60}, {"tokens": 80, "window_s": 86400}]},
+            {"limit": "service-owned", "value": "regular-user"}
+        ])
+    );
 }
 
 #[test]
 fn forwarded_for_is_counted_from_the_right() {
     let (svc, up) = (allow_all(), upstream());
-    let mut config = plugin(json!([{"name": "ip", "key": "{{source.ip}}", "tokens": 5, "window": 30}]));
+    let mut config =
+        plugin(json!([{"name": "ip", "key": "{{source.ip}}", "tokens": 5, "window": 30}]));
     // Envoy (use_remote_address) appends the peer: 3 hops from the right is the entry the
     // proxy in front of it wrote.
     config["client_ip"] = json!({"header": "x-forwarded-for", "trusted_hops": 3});
     let e = envoy(&config, &svc, &up);
     let spoofed = [("x-forwarded-for", "6.6.6.6, 203.0.113.7, 10.0.0.1")];
-    assert_eq!(http::post_json(e.port, "/v1/x", &spoofed, &json!({})).status, 200);
+    assert_eq!(
+        http::post_json(e.port, "/v1/x", &spoofed, &json!({})).status,
+        200
+    );
     // Too few entries: the peer address, never nothing.
-    assert_eq!(http::post_json(e.port, "/v1/x", &[("x-forwarded-for", "10.0.0.1")], &json!({})).status, 200);
-    let values: Vec<Value> = svc.requests().iter().map(|r| r.json()["descriptors"][0]["value"].clone()).collect();
+    assert_eq!(
+        http::post_json(
+            e.port,
+            "/v1/x",
+            &[("x-forwarded-for", "10.0.0.1")],
+            &json!({})
+        )
+        .status,
+        200
+    );
+    let values: Vec<Value> = svc
+        .requests()
+        .iter()
+        .map(|r| r.json()["descriptors"][0]["value"].clone())
+        .collect();
     assert_eq!(values, vec![json!("203.0.113.7"), json!("127.0.0.1")]);
 }
 
@@ -173,8 +248,12 @@ fn ipv6_peer_and_cidr_value_rules() {
         {"match": "::1/128", "tokens": 2, "window": "1m", "shared": true},
         {"match": "*", "tokens": 3, "window": "1m"}
     ]}]));
-    let e = Envoy::try_start(&config.to_string(), &[cluster("ratelimit", svc.port), cluster("upstream", up.port)], "::1")
-        .unwrap_or_else(|log| panic!("{log}"));
+    let e = Envoy::try_start(
+        &config.to_string(),
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+        "::1",
+    )
+    .unwrap_or_else(|log| panic!("{log}"));
     let r = http::send_to(&format!("[::1]:{}", e.port), "POST", "/v1/x", &[], b"{}");
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -186,17 +265,36 @@ fn ipv6_peer_and_cidr_value_rules() {
 #[test]
 fn value_rules_pick_rates_per_value() {
     let (svc, up) = (allow_all(), upstream());
-    let e = envoy(&plugin(json!([{"name": "apikey", "key": "{{request.query.apikey}}", "values": [
-        {"match": "9a342114-ba8a-11ec-b1bf-00163e1250b5", "tokens": 10, "window": "1m"},
-        {"match": "regexp:^a.*", "rates": [{"tokens": 10, "window": "1s"}, {"tokens": 5000, "window": "1d"}]}
-    ]}])), &svc, &up);
+    let e = envoy(
+        &plugin(
+            json!([{"name": "apikey", "key": "{{request.query.apikey}}", "values": [
+                {"match": "9a342114-ba8a-11ec-b1bf-00163e1250b5", "tokens": 10, "window": "1m"},
+                {"match": "regexp:^a.*", "rates": [{"tokens": 10, "window": "1s"}, {"tokens": 5000, "window": "1d"}]}
+            ]}]),
+        ),
+        &svc,
+        &up,
+    );
     for key in ["9a342114-ba8a-11ec-b1bf-00163e1250b5", "abc", "zzz"] {
-        assert_eq!(http::post_json(e.port, &format!("/v1/x?apikey={key}"), &[], &json!({})).status, 200);
+        assert_eq!(
+            http::post_json(e.port, &format!("/v1/x?apikey={key}"), &[], &json!({})).status,
+            200
+        );
     }
     let checks = svc.requests();
-    assert_eq!(checks.len(), 2, "a value no rule matches is not limited and costs no check");
-    assert_eq!(checks[0].json()["descriptors"][0]["rates"], json!([{"tokens": 10, "window_s": 60}]));
-    assert_eq!(checks[1].json()["descriptors"][0]["rates"], json!([{"tokens": 10, "window_s": 1}, {"tokens": 5000, "window_s": 86400}]));
+    assert_eq!(
+        checks.len(),
+        2,
+        "a value no rule matches is not limited and costs no check"
+    );
+    assert_eq!(
+        checks[0].json()["descriptors"][0]["rates"],
+        json!([{"tokens": 10, "window_s": 60}])
+    );
+    assert_eq!(
+        checks[1].json()["descriptors"][0]["rates"],
+        json!([{"tokens": 10, "window_s": 1}, {"tokens": 5000, "window_s": 86400}])
+    );
     assert_eq!(e.metric("requests_unlimited"), 1);
     assert_eq!(up.requests().len(), 3);
 }
@@ -210,9 +308,15 @@ fn only_matching_requests_are_checked() {
         {"path": {"exact": "/other"}, "method": ["GET", "PUT"]}
     ]);
     let e = envoy(&config, &svc, &up);
-    let cases: [(&str, &str, &[(&str, &str)], bool); 7] = [
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], bool);
+    let cases: [Case; 7] = [
         ("POST", "/v1/chat?x=1", &[("x-tier", "free")], true),
-        ("POST", "/v1/chat", &[("x-tier", "trial"), ("host", "llm.test:8080")], true),
+        (
+            "POST",
+            "/v1/chat",
+            &[("x-tier", "trial"), ("host", "llm.test:8080")],
+            true,
+        ),
         ("POST", "/v1/chat", &[("x-tier", "paid")], false),
         ("POST", "/v1/chat", &[], false),
         ("GET", "/v1/chat", &[("x-tier", "free")], false),
@@ -224,7 +328,11 @@ fn only_matching_requests_are_checked() {
         let r = http::send(e.port, method, path, headers, b"{}");
         assert_eq!(r.status, 200);
         expected += limited as usize;
-        assert_eq!(svc.requests().len(), expected, "{method} {path} {headers:?}");
+        assert_eq!(
+            svc.requests().len(),
+            expected,
+            "{method} {path} {headers:?}"
+        );
     }
     assert_eq!(up.requests().len(), cases.len());
     assert_eq!(e.metric("requests_matched"), expected as u64);
@@ -233,21 +341,35 @@ fn only_matching_requests_are_checked() {
 #[test]
 fn model_and_reserve_come_from_the_request_body() {
     let (svc, up) = (allow_all(), upstream());
-    let mut config = plugin(json!([{"name": "model", "key": "{{llm.model}}", "tokens": 50000, "window": "1m"}]));
+    let mut config =
+        plugin(json!([{"name": "model", "key": "{{llm.model}}", "tokens": 50000, "window": "1m"}]));
     config["reserve"] = json!({"tokens": "max_tokens"});
     config["max_request_body_bytes"] = json!(2000);
     let e = envoy(&config, &svc, &up);
     let body = json!({"model": "gpt-4o", "max_tokens": 256, "messages": [{"role": "user", "content": "hi"}]});
-    assert_eq!(http::post_json(e.port, "/v1/chat/completions", &[], &body).status, 200);
+    assert_eq!(
+        http::post_json(e.port, "/v1/chat/completions", &[], &body).status,
+        200
+    );
     let check = svc.requests()[0].json();
     assert_eq!(check["descriptors"][0]["value"], "gpt-4o");
     assert_eq!(check["reserve"], 256);
-    assert_eq!(up.requests()[0].json(), body, "the upstream gets the body unchanged");
+    assert_eq!(
+        up.requests()[0].json(),
+        body,
+        "the upstream gets the body unchanged"
+    );
 
     // Over the bound or not JSON: the attribute is absent, the request still passes.
     let big = json!({"model": "gpt-4o", "messages": [{"content": "x".repeat(5000)}]});
-    assert_eq!(http::post_json(e.port, "/v1/chat/completions", &[], &big).status, 200);
-    assert_eq!(http::send(e.port, "POST", "/v1/chat/completions", &[], b"not json").status, 200);
+    assert_eq!(
+        http::post_json(e.port, "/v1/chat/completions", &[], &big).status,
+        200
+    );
+    assert_eq!(
+        http::send(e.port, "POST", "/v1/chat/completions", &[], b"not json").status,
+        200
+    );
     assert_eq!(svc.requests().len(), 1);
     assert_eq!(up.requests().len(), 3);
     assert_eq!(up.requests()[1].json(), big);
@@ -257,9 +379,16 @@ fn model_and_reserve_come_from_the_request_body() {
 #[test]
 fn asm_protocol_check_and_denial() {
     let svc = Server::start(|req| {
-        let keys = req.path.split_once("ratelimit_keys=").map(|(_, k)| k.to_string()).unwrap_or_default();
+        let keys = req
+            .path
+            .split_once("ratelimit_keys=")
+            .map(|(_, k)| k.to_string())
+            .unwrap_or_default();
         if keys.contains("regular-user") {
-            json_reply(200, json!({"allow": false, "description": "regular-user is being rate-limited"}))
+            json_reply(
+                200,
+                json!({"allow": false, "description": "regular-user is being rate-limited"}),
+            )
         } else {
             json_reply(200, json!({"allow": true, "description": ""}))
         }
@@ -268,23 +397,49 @@ fn asm_protocol_check_and_denial() {
     let mut config = plugin(json!([{"name": "user-type", "key": "{{request.headers.user-type}}"}]));
     config["service"]["protocol"] = json!("asm");
     let e = envoy(&config, &svc, &up);
-    let denied = http::post_json(e.port, "/v1/chat", &[("user-type", "regular-user")], &json!({}));
+    let denied = http::post_json(
+        e.port,
+        "/v1/chat",
+        &[("user-type", "regular-user")],
+        &json!({}),
+    );
     assert_eq!(denied.status, 429);
     assert_eq!(denied.text(), "regular-user is being rate-limited");
-    let allowed = http::post_json(e.port, "/v1/chat", &[("user-type", "subscriber")], &json!({}));
+    let allowed = http::post_json(
+        e.port,
+        "/v1/chat",
+        &[("user-type", "subscriber")],
+        &json!({}),
+    );
     assert_eq!(allowed.status, 200);
-    assert_eq!(allowed.header("x-ratelimit-remaining-tokens"), None, "ASM has no figures");
+    assert_eq!(
+        allowed.header("x-ratelimit-remaining-tokens"),
+        None,
+        "ASM has no figures"
+    );
     let checks = svc.requests();
     assert_eq!(checks[0].method, "GET");
-    assert_eq!(checks[0].path, "/ratelimit?ratelimit_keys=%5B%22regular-user%22%5D");
+    assert_eq!(
+        checks[0].path,
+        "/ratelimit?ratelimit_keys=%5B%22regular-user%22%5D"
+    );
 }
 
 #[test]
 fn istio_cluster_naming_from_host_and_port() {
     let (svc, up) = (allow_all(), upstream());
     let config = json!({"service": {"host": "ratelimit.test", "port": 8080}, "limits": [{"name": "g", "key": "", "tokens": 1, "window": 1}]});
-    let e = Envoy::start(&config, &[cluster("outbound|8080||ratelimit.test", svc.port), cluster("upstream", up.port)]);
-    assert_eq!(http::post_json(e.port, "/v1/x", &[], &json!({})).status, 200);
+    let e = Envoy::start(
+        &config,
+        &[
+            cluster("outbound|8080||ratelimit.test", svc.port),
+            cluster("upstream", up.port),
+        ],
+    );
+    assert_eq!(
+        http::post_json(e.port, "/v1/x", &[], &json!({})).status,
+        200
+    );
     let checks = svc.requests();
     assert_eq!(checks.len(), 1);
     assert_eq!(checks[0].header("host"), Some("ratelimit.test"));

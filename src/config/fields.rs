@@ -28,7 +28,11 @@ impl Path {
 
     pub fn error(&self, message: impl Into<String>) -> ConfigError {
         ConfigError {
-            field: if self.0.is_empty() { "(root)".into() } else { self.0.clone() },
+            field: if self.0.is_empty() {
+                "(root)".into()
+            } else {
+                self.0.clone()
+            },
             message: message.into(),
         }
     }
@@ -55,7 +59,11 @@ pub fn kind(v: &Value) -> &'static str {
 impl<'a> Object<'a> {
     pub fn new(path: Path, value: &'a Value) -> Result<Self, ConfigError> {
         match value {
-            Value::Object(map) => Ok(Object { path, map, known: Vec::new() }),
+            Value::Object(map) => Ok(Object {
+                path,
+                map,
+                known: Vec::new(),
+            }),
             other => Err(path.error(format!("expected an object, found {}", kind(other)))),
         }
     }
@@ -110,7 +118,9 @@ impl<'a> Object<'a> {
     /// A non-negative whole number no larger than `max`.
     pub fn u64_max(&mut self, name: &'static str, max: u64) -> Result<Option<u64>, ConfigError> {
         let path = self.path.field(name);
-        self.value(name).map(|v| whole_number(&path, v, max)).transpose()
+        self.value(name)
+            .map(|v| whole_number(&path, v, max))
+            .transpose()
     }
 
     pub fn array(&mut self, name: &'static str) -> Result<Option<&'a Vec<Value>>, ConfigError> {

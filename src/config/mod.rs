@@ -123,3 +123,280 @@ impl Config {
                 .any(|l| l.key.attributes().any(|a| *a == Attribute::Model))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::LimitRates;
+
+    fn parse(json: &str) -> Result<Config, ConfigError> {
+        Config::parse(json.as_bytes())
+    }
+
+    fn with_limits(limits: &str) -> String {
+        format!(r#"{{"service": {{"cluster": "rl"}}, "limits": {limits}}}"#)
+    }
+
+    /// A valid minimal configuration plus `fields` at the top level.
+    fn extra(fields: &str) -> String {
+        format!(
+            r#"{{"service": {{"cluster": "a"}}, "limits": [{{"name": "g", "key": ""}}], {fields}}}"#
+        )
+    }
+
+    fn error(json: &str) -> String {
+        parse(json)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| panic!("accepted: {json}"))
+    }
+
+    #[test]
+    fn design_example_parses() {
+        let c = parse(
+            r#"{
+            "service": {"host": "ratelimit.default.svc.cluster.local", "port": 80, "protocol": "v1",
+                        "timeout_ms": 500, "failure_mode": "allow", "failure_status": 503},
+            "matches": [{"host": {"exact": "api.openai.com"}, "path": {"prefix": "/v1/"}, "method": "POST",
+                         "headers": {"x-tier": {"regex": "free|trial"}}}],
+            "limits": [
+              {"name": "per-key", "key": "{{request.headers.authorization}}", "tokens": 10000, "window": "1m"},
+              {"name": "apikey", "key": "{{request.query.apikey}}", "values": [
+                 {"match": "9a342114-ba8a-11ec-b1bf-00163e1250b5", "tokens": 10, "window": "1m"},
+                 {"match": "regexp:^a.*", "rates": [{"tokens": 10, "window": "1s"}, {"tokens": 5000, "window": "1d"}]},
+                 {"match": "*", "tokens": 1000, "window": "1h"}]},
+              {"name": "ip", "key": "{{source.ip}}", "values": [{"match": "10.0.0.0/8", "tokens": 100000, "window": "1d", "shared": true}]},
+              {"name": "model", "key": "{{llm.model}}", "tokens": 50000, "window": "1m"},
+              {"name": "global", "key": "", "tokens": 1000000, "window": "1m"},
+              {"name": "user-type", "key": "{{request.headers.user-type}}"}
+            ],
+            "usage": {"count": {"prompt": 1, "completion": 4}, "on_missing": "zero"},
+            "reserve": {"tokens": "max_tokens"},
+            "inject_stream_usage": true,
+            "deny": {"status": 429, "body": null, "headers": {}},
+            "quota_headers": true,
+            "client_ip": {"header": "x-forwarded-for", "trusted_hops": 1},
+            "consumer_header": "x-mse-consumer",
+            "max_request_body_bytes": 1048576
+        }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.service.cluster,
+            "outbound|80||ratelimit.default.svc.cluster.local"
+        );
+        assert_eq!(c.service.authority, "ratelimit.default.svc.cluster.local");
+        assert_eq!(c.limits.len(), 6);
+        assert!(matches!(c.limits[5].rates, LimitRates::ServiceOwned));
+        assert_eq!(
+            c.count,
+            Count::Weighted {
+                prompt: 1.0,
+                completion: 4.0
+            }
+        );
+        assert_eq!(c.on_missing, OnMissing::Zero);
+        assert_eq!(c.reserve, Reserve::MaxTokens);
+        assert!(c.needs_request_body());
+        assert_eq!(
+            c.client_ip,
+            ClientIpSource::Header {
+                name: "x-forwarded-for".into(),
+                trusted_hops: 1
+            }
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&with_limits(r#"[{"name": "g", "key": ""}]"#)).unwrap();
+        assert_eq!(c.service.protocol, Protocol::V1);
+        assert_eq!(c.service.timeout_ms, 500);
+        assert_eq!(c.service.failure_mode, FailureMode::Allow);
+        assert_eq!(c.service.failure_status, 503);
+        assert_eq!(
+            c.deny,
+            DenyConfig {
+                status: 429,
+                body: None,
+                headers: vec![]
+            }
+        );
+        assert_eq!(c.reserve, Reserve::Tokens(0));
+        assert!(c.quota_headers && c.inject_stream_usage && !c.needs_request_body());
+        assert_eq!(c.consumer_header, "x-mse-consumer");
+        assert_eq!(c.max_request_body_bytes, 1 << 20);
+        assert_eq!(c.client_ip, ClientIpSource::Remote);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("", "`(root)`: the plugin configuration is empty"),
+            ("{", "`(root)`: not valid JSON"),
+            ("[]", "`(root)`: expected an object, found an array"),
+            (r#"{"limits": []}"#, "`service`: is required"),
+            (
+                r#"{"service": {}, "limits": []}"#,
+                "`service`: needs `cluster`",
+            ),
+            (
+                r#"{"service": {"cluster": "a", "host": "b"}, "limits": []}"#,
+                "`service.host`: give either",
+            ),
+            (
+                r#"{"service": {"cluster": "a", "protocol": "grpc"}, "limits": []}"#,
+                "`service.protocol`: \"grpc\" is not one of",
+            ),
+            (
+                r#"{"service": {"cluster": "a", "timeout_ms": 0}, "limits": []}"#,
+                "`service.timeout_ms`: must be at least 1",
+            ),
+            (
+                r#"{"service": {"cluster": "a", "failure_mode": "open"}, "limits": []}"#,
+                "`service.failure_mode`",
+            ),
+            (
+                r#"{"service": {"cluster": "a", "failure_status": 42}, "limits": []}"#,
+                "`service.failure_status`: 42 is not an HTTP status",
+            ),
+            (r#"{"service": {"cluster": "a"}}"#, "`limits`: is required"),
+            (&with_limits("[]"), "`limits`: is empty"),
+            (
+                &with_limits(r#"[{"key": ""}]"#),
+                "`limits[0].name`: is required",
+            ),
+            (
+                &with_limits(r#"[{"name": "a"}]"#),
+                "`limits[0].key`: is required",
+            ),
+            (
+                &with_limits(r#"[{"name": "a", "key": "{{x"}]"#),
+                "`limits[0].key`: unclosed",
+            ),
+            (
+                &with_limits(r#"[{"name": "a", "key": ""}, {"name": "a", "key": ""}]"#),
+                "`limits[1].name`: `a` is used by another limit",
+            ),
+            (
+                &with_limits(r#"[{"name": "a", "key": "", "tokens": 0, "window": "1m"}]"#),
+                "`limits[0].tokens`: must be at least 1",
+            ),
+            (
+                &with_limits(r#"[{"name": "a", "key": "", "tokens": -1, "window": "1m"}]"#),
+                "`limits[0].tokens`: expected a non-negative whole number, found -1",
+            ),
+            (
+                &with_limits(r#"[{"name": "a", "key": "", "tokens": 1.5, "window": "1m"}]"#),
+                "`limits[0].tokens`: expected a non-negative whole number, found 1.5",
+            ),
+            (
+                &with_limits(r#"[{"name": "a", "key": "", "tokens": 5}]"#),
+                "`limits[0].window`: is required",
+            ),
+            (
+                &with_limits(r#"[{"name": "a", "key": "", "tokens": 5, "window": "1w"}]"#),
+                "`limits[0].window`: \"1w\" is not a window",
+            ),
+            (
+                &with_limits(r#"[{"name": "a", "key": "", "tokens": 5, "window": 0}]"#),
+                "`limits[0].window`: must be at least one second",
+            ),
+            (
+                &with_limits(
+                    r#"[{"name": "a", "key": "", "tokens": 5, "window": "1m", "rates": []}]"#,
+                ),
+                "`limits[0].rates`: give either",
+            ),
+            (
+                &with_limits(
+                    r#"[{"name": "a", "key": "", "rates": [{"tokens": 1, "window": "1m", "burst": 2}]}]"#,
+                ),
+                "`limits[0].rates[0].burst`: unknown field",
+            ),
+            (
+                &with_limits(r#"[{"name": "a", "key": "", "values": [{"match": "x"}]}]"#),
+                "`limits[0].values[0]`: needs `tokens`",
+            ),
+            (
+                &with_limits(
+                    r#"[{"name": "a", "key": "", "values": [{"match": "regexp:(", "tokens": 1, "window": 1}]}]"#,
+                ),
+                "`limits[0].values[0].match`: invalid regular expression",
+            ),
+            (
+                &with_limits(
+                    r#"[{"name": "a", "key": "", "tokens": 1, "window": 1, "values": [{"match": "*", "tokens": 1, "window": 1}]}]"#,
+                ),
+                "`limits[0].values`: give either",
+            ),
+            (
+                &extra(r#""matches": [{"path": {"prefix": "/", "exact": "/"}}]"#),
+                "`matches[0].path`: names exact and prefix at once",
+            ),
+            (
+                &extra(r#""matches": [{"headers": {"x": {"regex": "["}}}]"#),
+                "`matches[0].headers.x.regex`: invalid regular expression",
+            ),
+            (
+                &extra(r#""usage": {"count": "all"}"#),
+                "`usage.count`: \"all\" is not one of",
+            ),
+            (
+                &extra(r#""reserve": {"tokens": "lots"}"#),
+                "`reserve.tokens`: expected a number of tokens or \"max_tokens\"",
+            ),
+            (&extra(r#""deny": {"status": 99}"#), "`deny.status`"),
+            (
+                &extra(r#""deny": {"headers": {"x": "a\nb"}}"#),
+                "`deny.headers.x`: must not contain CR, LF or NUL",
+            ),
+            (
+                &extra(r#""client_ip": {"header": "x-forwarded-for", "trusted_hops": 0}"#),
+                "`client_ip.trusted_hops`: must be at least 1",
+            ),
+            (
+                &extra(r#""consumer_header": "bad header""#),
+                "`consumer_header`: \"bad header\" is not a valid header name",
+            ),
+            (
+                &extra(r#""max_request_body_bytes": 0"#),
+                "`max_request_body_bytes`: must be at least 1",
+            ),
+            (
+                &extra(r#""quota_headers": "yes""#),
+                "`quota_headers`: expected true or false",
+            ),
+            (&extra(r#""limts": []"#), "`limts`: unknown field"),
+        ];
+        for (json, want) in cases {
+            let got = error(json);
+            assert!(
+                got.contains(want),
+                "for {json}\n  got:  {got}\n  want: {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn windows() {
+        for (text, seconds) in [
+            ("\"1s\"", 1),
+            ("\"1m\"", 60),
+            ("\"1h\"", 3600),
+            ("\"1d\"", 86400),
+            ("\"90\"", 90),
+            ("15", 15),
+            ("\"5m\"", 300),
+        ] {
+            let c = parse(&with_limits(&format!(
+                r#"[{{"name": "a", "key": "", "tokens": 1, "window": {text}}}]"#
+            )))
+            .unwrap();
+            match &c.limits[0].rates {
+                LimitRates::Fixed(r) => assert_eq!(r[0].window_s, seconds, "{text}"),
+                _ => panic!("{text}"),
+            }
+        }
+    }
+}

@@ -51,10 +51,10 @@ pub fn parse(value: &Value) -> Result<Config, ConfigError> {
     };
     for (i, l) in limits.iter().enumerate() {
         if limits[..i].iter().any(|o| o.name == l.name) {
-            return Err(limits_path
-                .index(i)
-                .field("name")
-                .error(format!("`{}` is used by another limit; names must be unique", l.name)));
+            return Err(limits_path.index(i).field("name").error(format!(
+                "`{}` is used by another limit; names must be unique",
+                l.name
+            )));
         }
     }
 
@@ -86,7 +86,11 @@ pub fn parse(value: &Value) -> Result<Config, ConfigError> {
     let inject_stream_usage = root.bool("inject_stream_usage")?.unwrap_or(true);
 
     let deny = match root.object("deny")? {
-        None => DenyConfig { status: 429, body: None, headers: Vec::new() },
+        None => DenyConfig {
+            status: 429,
+            body: None,
+            headers: Vec::new(),
+        },
         Some(d) => deny(d)?,
     };
 
@@ -97,10 +101,16 @@ pub fn parse(value: &Value) -> Result<Config, ConfigError> {
         Some(c) => client_ip(c)?,
     };
 
-    let consumer_header = header_name(&mut root, "consumer_header")?.unwrap_or("x-mse-consumer".into());
+    let consumer_header =
+        header_name(&mut root, "consumer_header")?.unwrap_or("x-mse-consumer".into());
 
     let max_request_body_bytes = match root.u64_max("max_request_body_bytes", MAX_BODY_BYTES)? {
-        Some(0) => return Err(root.path.field("max_request_body_bytes").error("must be at least 1")),
+        Some(0) => {
+            return Err(root
+                .path
+                .field("max_request_body_bytes")
+                .error("must be at least 1"))
+        }
         Some(n) => n as usize,
         None => 1024 * 1024,
     };
@@ -135,9 +145,16 @@ fn service(mut s: Object<'_>) -> Result<ServiceConfig, ConfigError> {
     let port = s.u64_max("port", 65_535)?;
     let (cluster, authority) = match (cluster, host) {
         (Some(_), Some(_)) => {
-            return Err(s.path.field("host").error("give either `cluster` or `host`, not both"))
+            return Err(s
+                .path
+                .field("host")
+                .error("give either `cluster` or `host`, not both"))
         }
-        (None, None) => return Err(s.path.error("needs `cluster` (an Envoy cluster name) or `host` (+ `port`)")),
+        (None, None) => {
+            return Err(s
+                .path
+                .error("needs `cluster` (an Envoy cluster name) or `host` (+ `port`)"))
+        }
         (Some(""), _) => return Err(s.path.field("cluster").error("must not be empty")),
         (Some(c), None) => {
             if port.is_some() {
@@ -160,7 +177,10 @@ fn service(mut s: Object<'_>) -> Result<ServiceConfig, ConfigError> {
         None | Some("v1") => Protocol::V1,
         Some("asm") => Protocol::Asm,
         Some(other) => {
-            return Err(s.path.field("protocol").error(format!("\"{other}\" is not one of \"v1\", \"asm\"")))
+            return Err(s
+                .path
+                .field("protocol")
+                .error(format!("\"{other}\" is not one of \"v1\", \"asm\"")))
         }
     };
     let timeout_ms = match s.u64_max("timeout_ms", MAX_TIMEOUT_MS)? {
@@ -180,12 +200,22 @@ fn service(mut s: Object<'_>) -> Result<ServiceConfig, ConfigError> {
     };
     let failure_status = status(&mut s, "failure_status")?.unwrap_or(503);
     s.finish()?;
-    Ok(ServiceConfig { cluster, authority, protocol, timeout_ms, failure_mode, failure_status })
+    Ok(ServiceConfig {
+        cluster,
+        authority,
+        protocol,
+        timeout_ms,
+        failure_mode,
+        failure_status,
+    })
 }
 
 fn status(o: &mut Object<'_>, name: &'static str) -> Result<Option<u32>, ConfigError> {
     match o.u64_max(name, 599)? {
-        Some(n) if n < 200 => Err(o.path.field(name).error(format!("{n} is not an HTTP status between 200 and 599"))),
+        Some(n) if n < 200 => Err(o
+            .path
+            .field(name)
+            .error(format!("{n} is not an HTTP status between 200 and 599"))),
         other => Ok(other.map(|n| n as u32)),
     }
 }
@@ -194,7 +224,10 @@ fn header_name(o: &mut Object<'_>, name: &'static str) -> Result<Option<String>,
     match o.string(name)? {
         None => Ok(None),
         Some(h) if valid_header_name(h) => Ok(Some(h.to_ascii_lowercase())),
-        Some(h) => Err(o.path.field(name).error(format!("\"{h}\" is not a valid header name"))),
+        Some(h) => Err(o
+            .path
+            .field(name)
+            .error(format!("\"{h}\" is not a valid header name"))),
     }
 }
 
@@ -230,9 +263,16 @@ fn string_match(path: Path, v: &Value) -> Result<StringMatch, ConfigError> {
                 _ => StringMatch::Regex(regex(&o.path.field("regex"), text)?),
             }
         }
-        [] => return Err(o.path.error("needs one of `exact`, `prefix`, `suffix`, `contains`, `regex`")),
+        [] => {
+            return Err(o
+                .path
+                .error("needs one of `exact`, `prefix`, `suffix`, `contains`, `regex`"))
+        }
         several => {
-            return Err(o.path.error(format!("names {} at once; give exactly one", several.join(" and "))))
+            return Err(o.path.error(format!(
+                "names {} at once; give exactly one",
+                several.join(" and ")
+            )))
         }
     };
     o.finish()?;
@@ -244,7 +284,10 @@ fn regex(path: &Path, text: &str) -> Result<Regex, ConfigError> {
 }
 
 fn request_match(mut m: Object<'_>) -> Result<RequestMatch, ConfigError> {
-    let host = m.value("host").map(|v| string_match(m.path.field("host"), v)).transpose()?;
+    let host = m
+        .value("host")
+        .map(|v| string_match(m.path.field("host"), v))
+        .transpose()?;
     let host = host.map(|h| match h {
         StringMatch::Exact(s) => StringMatch::Exact(s.to_ascii_lowercase()),
         StringMatch::Prefix(s) => StringMatch::Prefix(s.to_ascii_lowercase()),
@@ -252,7 +295,10 @@ fn request_match(mut m: Object<'_>) -> Result<RequestMatch, ConfigError> {
         StringMatch::Contains(s) => StringMatch::Contains(s.to_ascii_lowercase()),
         re => re,
     });
-    let path = m.value("path").map(|v| string_match(m.path.field("path"), v)).transpose()?;
+    let path = m
+        .value("path")
+        .map(|v| string_match(m.path.field("path"), v))
+        .transpose()?;
     let method_path = m.path.field("method");
     let methods = match m.value("method") {
         None => Vec::new(),
@@ -262,11 +308,16 @@ fn request_match(mut m: Object<'_>) -> Result<RequestMatch, ConfigError> {
             .enumerate()
             .map(|(i, v)| match v {
                 Value::String(s) => Ok(s.to_ascii_uppercase()),
-                other => Err(method_path.index(i).error(format!("expected a string, found {}", kind(other)))),
+                other => Err(method_path
+                    .index(i)
+                    .error(format!("expected a string, found {}", kind(other)))),
             })
             .collect::<Result<_, _>>()?,
         Some(other) => {
-            return Err(method_path.error(format!("expected a method name or a list of them, found {}", kind(other))))
+            return Err(method_path.error(format!(
+                "expected a method name or a list of them, found {}",
+                kind(other)
+            )))
         }
     };
     let headers = match m.object("headers")? {
@@ -283,14 +334,20 @@ fn request_match(mut m: Object<'_>) -> Result<RequestMatch, ConfigError> {
             .collect::<Result<_, _>>()?,
     };
     m.finish()?;
-    Ok(RequestMatch { host, path, methods, headers })
+    Ok(RequestMatch {
+        host,
+        path,
+        methods,
+        headers,
+    })
 }
 
 fn window(path: &Path, v: &Value) -> Result<u64, ConfigError> {
     let seconds = match v {
         Value::Number(_) => whole_number(path, v, MAX_WINDOW_S)?,
         Value::String(s) => {
-            let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+            let (digits, unit) =
+                s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
             let scale = match unit {
                 "" | "s" => 1,
                 "m" => 60,
@@ -307,11 +364,18 @@ fn window(path: &Path, v: &Value) -> Result<u64, ConfigError> {
                 }
             }
         }
-        other => return Err(path.error(format!("expected a window such as \"1m\", found {}", kind(other)))),
+        other => {
+            return Err(path.error(format!(
+                "expected a window such as \"1m\", found {}",
+                kind(other)
+            )))
+        }
     };
     match seconds {
         0 => Err(path.error("must be at least one second")),
-        s if s > MAX_WINDOW_S => Err(path.error(format!("is longer than the maximum of {MAX_WINDOW_S} seconds"))),
+        s if s > MAX_WINDOW_S => Err(path.error(format!(
+            "is longer than the maximum of {MAX_WINDOW_S} seconds"
+        ))),
         s => Ok(s),
     }
 }
@@ -334,7 +398,10 @@ fn rates(o: &mut Object<'_>) -> Result<Option<Vec<Rate>>, ConfigError> {
     let short = o.has("tokens") || o.has("window");
     let list = o.array("rates")?;
     match (short, list) {
-        (true, Some(_)) => Err(o.path.field("rates").error("give either `tokens` + `window` or `rates`, not both")),
+        (true, Some(_)) => Err(o
+            .path
+            .field("rates")
+            .error("give either `tokens` + `window` or `rates`, not both")),
         (true, None) => Ok(Some(vec![rate(o)?])),
         (false, None) => {
             o.allow("tokens");
@@ -345,7 +412,10 @@ fn rates(o: &mut Object<'_>) -> Result<Option<Vec<Rate>>, ConfigError> {
             o.allow("tokens");
             o.allow("window");
             if items.is_empty() {
-                return Err(o.path.field("rates").error("is empty: list at least one rate"));
+                return Err(o
+                    .path
+                    .field("rates")
+                    .error("is empty: list at least one rate"));
             }
             let path = o.path.field("rates");
             items
@@ -369,7 +439,9 @@ fn limit(mut l: Object<'_>) -> Result<Limit, ConfigError> {
         return Err(l.path.field("name").error("must not be empty"));
     }
     let key_text = l.string("key")?.ok_or_else(|| {
-        l.path.field("key").error("is required (use \"\" for one global counter)")
+        l.path
+            .field("key")
+            .error("is required (use \"\" for one global counter)")
     })?;
     let key = Template::parse(key_text).map_err(|e| l.path.field("key").error(e))?;
     let own_rates = rates(&mut l)?;
@@ -392,7 +464,11 @@ fn limit(mut l: Object<'_>) -> Result<Limit, ConfigError> {
         ),
     };
     l.finish()?;
-    Ok(Limit { name: name.to_string(), key, rates })
+    Ok(Limit {
+        name: name.to_string(),
+        key,
+        rates,
+    })
 }
 
 fn value_rule(mut v: Object<'_>) -> Result<ValueRule, ConfigError> {
@@ -410,11 +486,17 @@ fn value_rule(mut v: Object<'_>) -> Result<ValueRule, ConfigError> {
         ValueMatch::Exact(pattern.to_string())
     };
     let rates = rates(&mut v)?.ok_or_else(|| {
-        v.path.error("needs `tokens` + `window` or `rates` for the values it matches")
+        v.path
+            .error("needs `tokens` + `window` or `rates` for the values it matches")
     })?;
     let shared = v.bool("shared")?.unwrap_or(false);
     v.finish()?;
-    Ok(ValueRule { matcher, pattern: pattern.to_string(), rates, shared })
+    Ok(ValueRule {
+        matcher,
+        pattern: pattern.to_string(),
+        rates,
+        shared,
+    })
 }
 
 fn usage(mut u: Object<'_>) -> Result<(Count, OnMissing), ConfigError> {
@@ -454,7 +536,10 @@ fn usage(mut u: Object<'_>) -> Result<(Count, OnMissing), ConfigError> {
         None | Some("estimate") => OnMissing::Estimate,
         Some("zero") => OnMissing::Zero,
         Some(other) => {
-            return Err(u.path.field("on_missing").error(format!("\"{other}\" is not one of \"estimate\", \"zero\"")))
+            return Err(u
+                .path
+                .field("on_missing")
+                .error(format!("\"{other}\" is not one of \"estimate\", \"zero\"")))
         }
     };
     u.finish()?;
@@ -484,7 +569,11 @@ fn deny(mut d: Object<'_>) -> Result<DenyConfig, ConfigError> {
             .collect::<Result<_, _>>()?,
     };
     d.finish()?;
-    Ok(DenyConfig { status, body, headers })
+    Ok(DenyConfig {
+        status,
+        body,
+        headers,
+    })
 }
 
 fn client_ip(mut c: Object<'_>) -> Result<ClientIpSource, ConfigError> {

@@ -17,7 +17,9 @@ pub fn request_headers() -> Vec<(String, String)> {
 }
 
 pub fn request_body(size: usize) -> Option<Vec<u8>> {
-    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).ok().flatten()
+    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+        .ok()
+        .flatten()
 }
 
 pub fn property(path: &[&str]) -> Option<String> {
@@ -26,11 +28,22 @@ pub fn property(path: &[&str]) -> Option<String> {
 }
 
 pub fn plugin_configuration(size: usize) -> Option<Vec<u8>> {
-    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size).ok().flatten()
+    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
+        .ok()
+        .flatten()
 }
 
-pub fn dispatch(cluster: &str, authority: &str, call: &Call, timeout_ms: u64) -> Result<u32, Status> {
-    let mut headers = vec![(":method", call.method), (":path", call.path.as_str()), (":authority", authority)];
+pub fn dispatch(
+    cluster: &str,
+    authority: &str,
+    call: &Call,
+    timeout_ms: u64,
+) -> Result<u32, Status> {
+    let mut headers = vec![
+        (":method", call.method),
+        (":path", call.path.as_str()),
+        (":authority", authority),
+    ];
     if call.body.is_some() {
         headers.push(("content-type", "application/json"));
     }
@@ -65,7 +78,11 @@ pub fn call_body(size: usize) -> Vec<u8> {
 }
 
 pub fn send_reply(reply: &Reply) {
-    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     if let Err(status) = hostcalls::send_http_response(reply.status, headers, Some(&reply.body)) {
         log::error!("could not send the local reply: {status:?}");
     }

@@ -43,12 +43,21 @@ pub struct Http {
 
 impl Http {
     pub fn new(config: Option<Rc<Config>>, metrics: Option<Rc<Metrics>>) -> Http {
-        Http { active: config.zip(metrics), state: State::Passthrough }
+        Http {
+            active: config.zip(metrics),
+            state: State::Passthrough,
+        }
     }
 
     /// Builds the descriptors and dispatches the check; returns what the current callback
     /// should answer.
-    fn check(&mut self, config: &Config, metrics: &Metrics, headers: &[(String, String)], body: Option<&BodyFacts>) -> Action {
+    fn check(
+        &mut self,
+        config: &Config,
+        metrics: &Metrics,
+        headers: &[(String, String)],
+        body: Option<&BodyFacts>,
+    ) -> Action {
         let view = RequestView {
             headers,
             body,
@@ -67,13 +76,21 @@ impl Http {
             Reserve::MaxTokens => body.and_then(BodyFacts::output_token_cap).unwrap_or(0),
         };
         let call = protocol::check_call(config.service.protocol, &descriptors, reserve);
-        match host::dispatch(&config.service.cluster, &config.service.authority, &call, config.service.timeout_ms) {
+        match host::dispatch(
+            &config.service.cluster,
+            &config.service.authority,
+            &call,
+            config.service.timeout_ms,
+        ) {
             Ok(_) => {
                 self.state = State::Checking;
                 Action::Pause
             }
             Err(status) => {
-                log::warn!("check could not be dispatched to cluster `{}`: {status:?}", config.service.cluster);
+                log::warn!(
+                    "check could not be dispatched to cluster `{}`: {status:?}",
+                    config.service.cluster
+                );
                 self.fail(config, metrics, CheckFailure::Dispatch)
             }
         }
@@ -99,8 +116,16 @@ impl Http {
 }
 
 impl Context for Http {
-    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        let Some((config, metrics)) = self.active.clone() else { return };
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some((config, metrics)) = self.active.clone() else {
+            return;
+        };
         if !matches!(self.state, State::Checking) {
             return;
         }
@@ -109,7 +134,9 @@ impl Context for Http {
         let action = match protocol::read_check(config.service.protocol, status, &body) {
             Ok(verdict) if verdict.allowed => {
                 metrics.checks_allowed.inc();
-                self.state = State::Admitted { quota: verdict.quota };
+                self.state = State::Admitted {
+                    quota: verdict.quota,
+                };
                 Action::Continue
             }
             Ok(verdict) => {
@@ -119,7 +146,10 @@ impl Context for Http {
                 Action::Pause
             }
             Err(kind) => {
-                log::warn!("rate-limit check failed ({}): status {status:?}", kind.name());
+                log::warn!(
+                    "rate-limit check failed ({}): status {status:?}",
+                    kind.name()
+                );
                 self.fail(&config, &metrics, kind)
             }
         };
@@ -131,7 +161,9 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let Some((config, metrics)) = self.active.clone() else { return Action::Continue };
+        let Some((config, metrics)) = self.active.clone() else {
+            return Action::Continue;
+        };
         let headers = host::request_headers();
         let view = RequestView {
             headers: &headers,
@@ -153,7 +185,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some((config, metrics)) = self.active.clone() else { return Action::Continue };
+        let Some((config, metrics)) = self.active.clone() else {
+            return Action::Continue;
+        };
         match &self.state {
             State::AwaitingBody { .. } => {}
             State::Checking | State::Replied => return Action::Pause,
@@ -163,18 +197,25 @@ impl HttpContext for Http {
         if !end_of_stream && !too_large {
             return Action::Pause;
         }
-        let facts = if too_large { None } else { host::request_body(body_size).and_then(|b| BodyFacts::parse(&b)) };
+        let facts = if too_large {
+            None
+        } else {
+            host::request_body(body_size).and_then(|b| BodyFacts::parse(&b))
+        };
         if facts.is_none() {
             metrics.request_body_unreadable.inc();
         }
-        let State::AwaitingBody { headers } = std::mem::replace(&mut self.state, State::Checking) else {
+        let State::AwaitingBody { headers } = std::mem::replace(&mut self.state, State::Checking)
+        else {
             return Action::Continue;
         };
         self.check(&config, &metrics, &headers, facts.as_ref())
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        let Some((config, metrics)) = self.active.clone() else { return Action::Continue };
+        let Some((config, metrics)) = self.active.clone() else {
+            return Action::Continue;
+        };
         match std::mem::replace(&mut self.state, State::Checking) {
             // Trailers end a body whose last chunk did not say so.
             State::AwaitingBody { headers } => {
@@ -193,7 +234,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some((config, _)) = &self.active else { return Action::Continue };
+        let Some((config, _)) = &self.active else {
+            return Action::Continue;
+        };
         if let State::Admitted { quota: Some(q) } = &self.state {
             if config.quota_headers {
                 for (name, value) in reply::quota_headers(q) {

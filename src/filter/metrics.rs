@@ -52,7 +52,8 @@ impl Metrics {
             requests_unlimited: Counter::define("requests_unlimited"),
             checks_allowed: Counter::define("checks_allowed"),
             checks_denied: Counter::define("checks_denied"),
-            check_failures: CheckFailure::ALL.map(|k| Counter::define(&format!("check_failures.{}", k.name()))),
+            check_failures: CheckFailure::ALL
+                .map(|k| Counter::define(&format!("check_failures.{}", k.name()))),
             failure_mode_allowed: Counter::define("failure_mode_allowed"),
             failure_mode_denied: Counter::define("failure_mode_denied"),
             request_body_unreadable: Counter::define("request_body_unreadable"),
@@ -60,7 +61,10 @@ impl Metrics {
     }
 
     pub fn check_failure(&self, kind: CheckFailure) -> Counter {
-        let i = CheckFailure::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        let i = CheckFailure::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
         self.check_failures[i]
     }
 }

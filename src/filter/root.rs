@@ -30,7 +30,8 @@ impl RootContext for Root {
                     config.service.cluster
                 );
                 self.config = Some(Rc::new(config));
-                self.metrics.get_or_insert_with(|| Rc::new(Metrics::define()));
+                self.metrics
+                    .get_or_insert_with(|| Rc::new(Metrics::define()));
                 true
             }
             Err(e) => {
@@ -46,6 +47,9 @@ impl RootContext for Root {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         // The SDK panics on `None`; without a configuration the stream passes through.
-        Some(Box::new(Http::new(self.config.clone(), self.metrics.clone())))
+        Some(Box::new(Http::new(
+            self.config.clone(),
+            self.metrics.clone(),
+        )))
     }
 }

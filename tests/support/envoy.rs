@@ -18,7 +18,11 @@ pub fn envoy_binary() -> PathBuf {
     let path = std::env::var_os("ENVOY_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join(".deps/python/envoy/_bin/envoy"));
-    assert!(path.exists(), "no Envoy at {}: run `make deps` (or set ENVOY_BIN)", path.display());
+    assert!(
+        path.exists(),
+        "no Envoy at {}: run `make deps` (or set ENVOY_BIN)",
+        path.display()
+    );
     path
 }
 
@@ -26,7 +30,11 @@ pub fn plugin_wasm() -> PathBuf {
     let path = std::env::var_os("PLUGIN_WASM")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("target/wasm32-wasip1/release/llm_token_ratelimit.wasm"));
-    assert!(path.exists(), "no plugin at {}: run `make build` (or set PLUGIN_WASM)", path.display());
+    assert!(
+        path.exists(),
+        "no plugin at {}: run `make build` (or set PLUGIN_WASM)",
+        path.display()
+    );
     path
 }
 
@@ -123,11 +131,16 @@ pub fn bootstrap(plugin_config: &str, clusters: &[Value], wasm: &Path, listen: &
 impl Envoy {
     /// Starts Envoy and waits until it serves; panics with Envoy's log if it does not.
     pub fn start(plugin_config: &Value, clusters: &[Value]) -> Envoy {
-        Envoy::try_start(&plugin_config.to_string(), clusters, "127.0.0.1").unwrap_or_else(|log| panic!("Envoy did not start:\n{log}"))
+        Envoy::try_start(&plugin_config.to_string(), clusters, "127.0.0.1")
+            .unwrap_or_else(|log| panic!("Envoy did not start:\n{log}"))
     }
 
     /// Starts Envoy; `Err` carries its log when it exits or never becomes ready.
-    pub fn try_start(plugin_config: &str, clusters: &[Value], listen: &str) -> Result<Envoy, String> {
+    pub fn try_start(
+        plugin_config: &str,
+        clusters: &[Value],
+        listen: &str,
+    ) -> Result<Envoy, String> {
         let dir = TempDir::new("envoy");
         let config_path = dir.0.join("envoy.json");
         let config = bootstrap(plugin_config, clusters, &plugin_wasm(), listen);
@@ -135,17 +148,31 @@ impl Envoy {
         let log_path = dir.0.join("envoy.log");
         let admin_path = dir.0.join("admin.txt");
         let child = Command::new(envoy_binary())
-            .arg("-c").arg(&config_path)
-            .args(["--disable-hot-restart", "--concurrency", "1", "--log-level", "warn"])
+            .arg("-c")
+            .arg(&config_path)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warn",
+            ])
             .args(["--component-log-level", "wasm:info"])
-            .arg("--log-path").arg(&log_path)
-            .arg("--admin-address-path").arg(&admin_path)
+            .arg("--log-path")
+            .arg(&log_path)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut envoy = Envoy { child, port: 0, admin: 0, dir };
+        let mut envoy = Envoy {
+            child,
+            port: 0,
+            admin: 0,
+            dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = envoy.child.try_wait() {
@@ -153,14 +180,22 @@ impl Envoy {
             }
             if envoy.admin == 0 {
                 if let Ok(addr) = std::fs::read_to_string(&admin_path) {
-                    envoy.admin = addr.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                    envoy.admin = addr
+                        .trim()
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(0);
                 }
             }
             if envoy.admin != 0 {
-                let ready = http::send(envoy.admin, "GET", "/ready", &[], b"");
-                if ready.status == 200 {
-                    let listeners = http::send(envoy.admin, "GET", "/listeners?format=json", &[], b"").json();
-                    envoy.port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                let admin = format!("127.0.0.1:{}", envoy.admin);
+                let ready = http::try_send_to(&admin, "GET", "/ready", &[], b"");
+                if ready.is_ok_and(|r| r.status == 200) {
+                    let listeners =
+                        http::send(envoy.admin, "GET", "/listeners?format=json", &[], b"").json();
+                    envoy.port = listeners["listener_statuses"][0]["local_address"]
+                        ["socket_address"]["port_value"]
                         .as_u64()
                         .unwrap_or(0) as u16;
                     if envoy.port != 0 {
@@ -181,7 +216,13 @@ impl Envoy {
     pub fn metrics(&self) -> std::collections::HashMap<String, u64> {
         http::stats(self.admin, "llm_token_ratelimit")
             .into_iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix("wasmcustom.llm_token_ratelimit.")?.to_string(), v)))
+            .filter_map(|(k, v)| {
+                Some((
+                    k.strip_prefix("wasmcustom.llm_token_ratelimit.")?
+                        .to_string(),
+                    v,
+                ))
+            })
             .collect()
     }
 

@@ -21,7 +21,10 @@ pub struct Request {
 
 impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -38,7 +41,10 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -100,7 +106,11 @@ impl Server {
                 thread::spawn(move || serve(conn, handler, reqs, stopping));
             }
         });
-        Server { port, requests, stop }
+        Server {
+            port,
+            requests,
+            stop,
+        }
     }
 
     /// Every request received so far.
@@ -124,7 +134,9 @@ fn serve(conn: TcpStream, handler: Handler, reqs: Arc<Mutex<Vec<Request>>>, stop
     };
     let mut reader = BufReader::new(conn);
     while !stop.load(Ordering::SeqCst) {
-        let Some(req) = read_request(&mut reader) else { return };
+        let Some(req) = read_request(&mut reader) else {
+            return;
+        };
         reqs.lock().unwrap().push(req.clone());
         let mut behaviour = handler(&req);
         loop {
@@ -143,12 +155,20 @@ fn serve(conn: TcpStream, handler: Handler, reqs: Arc<Mutex<Vec<Request>>>, stop
                     return;
                 }
                 Behaviour::Reply(resp) => {
-                    let mut head = format!("HTTP/1.1 {} X\r\ncontent-length: {}\r\n", resp.status, resp.body.len());
+                    let mut head = format!(
+                        "HTTP/1.1 {} X\r\ncontent-length: {}\r\n",
+                        resp.status,
+                        resp.body.len()
+                    );
                     for (k, v) in &resp.headers {
                         head.push_str(&format!("{k}: {v}\r\n"));
                     }
                     head.push_str("\r\n");
-                    if writer.write_all(head.as_bytes()).and_then(|_| writer.write_all(&resp.body)).is_err() {
+                    if writer
+                        .write_all(head.as_bytes())
+                        .and_then(|_| writer.write_all(&resp.body))
+                        .is_err()
+                    {
                         return;
                     }
                     break;
@@ -179,8 +199,17 @@ fn read_head(reader: &mut impl BufRead) -> Option<(String, Vec<(String, String)>
     Some((first.trim_end().to_string(), headers))
 }
 
-fn read_body(reader: &mut impl BufRead, headers: &[(String, String)], until_eof: bool) -> Option<Vec<u8>> {
-    let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+fn read_body(
+    reader: &mut impl BufRead,
+    headers: &[(String, String)],
+    until_eof: bool,
+) -> Option<Vec<u8>> {
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let mut body = Vec::new();
     if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         loop {
@@ -210,19 +239,53 @@ fn read_request(reader: &mut impl BufRead) -> Option<Request> {
     let method = parts.next()?.to_string();
     let path = parts.next()?.to_string();
     let body = read_body(reader, &headers, false)?;
-    Some(Request { method, path, headers, body })
+    Some(Request {
+        method,
+        path,
+        headers,
+        body,
+    })
 }
 
 /// Sends one request (`Connection: close`) and reads the whole response.
-pub fn send(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+pub fn send(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
     send_to(&format!("127.0.0.1:{port}"), method, path, headers, body)
 }
 
 /// As [`send`], to any address (`[::1]:8080`).
-pub fn send_to(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-    let mut conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+pub fn send_to(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    try_send_to(addr, method, path, headers, body)
+        .unwrap_or_else(|e| panic!("{method} {path} to {addr}: {e}"))
+}
+
+/// As [`send_to`], with failures as values (for polling a server that may not be up).
+pub fn try_send_to(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Response, String> {
+    let err = |e: std::io::Error| e.to_string();
+    let mut conn = TcpStream::connect(addr).map_err(err)?;
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(err)?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
         head.push_str("host: llm.test\r\n");
     }
@@ -230,16 +293,29 @@ pub fn send_to(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], b
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    conn.write_all(head.as_bytes()).unwrap();
-    conn.write_all(body).unwrap();
+    conn.write_all(head.as_bytes()).map_err(err)?;
+    conn.write_all(body).map_err(err)?;
     let mut reader = BufReader::new(conn);
-    let (first, headers) = read_head(&mut reader).expect("no response head (timeout or reset)");
-    let status = first.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("bad status line");
+    let (first, headers) = read_head(&mut reader).ok_or("no response head (timeout or reset)")?;
+    let status = first
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("bad status line")?;
     let body = read_body(&mut reader, &headers, true).unwrap_or_default();
-    Response { status, headers, body }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
-pub fn post_json(port: u16, path: &str, headers: &[(&str, &str)], body: &serde_json::Value) -> Response {
+pub fn post_json(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &serde_json::Value,
+) -> Response {
     let mut h = vec![("content-type", "application/json")];
     h.extend_from_slice(headers);
     send(port, "POST", path, &h, body.to_string().as_bytes())
@@ -247,7 +323,13 @@ pub fn post_json(port: u16, path: &str, headers: &[(&str, &str)], body: &serde_j
 
 /// `name → value` of the numeric lines in Envoy's `/stats` text.
 pub fn stats(admin_port: u16, filter: &str) -> HashMap<String, u64> {
-    let r = send(admin_port, "GET", &format!("/stats?filter={filter}"), &[], b"");
+    let r = send(
+        admin_port,
+        "GET",
+        &format!("/stats?filter={filter}"),
+        &[],
+        b"",
+    );
     r.text()
         .lines()
         .filter_map(|l| {

