@@ -2,9 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-mod support;
-
-use support::envoy::{cluster, Envoy};
+use testkit::envoy::{cluster, Envoy};
 
 fn start(config: &str) -> Result<Envoy, String> {
     Envoy::try_start(

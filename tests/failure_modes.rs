@@ -3,13 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::envoy::{cluster, Envoy};
-use support::http::{self, json_reply, reply, Behaviour, Server};
+use testkit::envoy::{cluster, Envoy};
+use testkit::free_port;
+use testkit::http::{self, json_reply, reply, Behaviour, Server};
 
 fn upstream() -> Server {
     Server::start(|_| json_reply(200, json!({"ok": true})))
@@ -55,14 +54,6 @@ fn check_failure(kind: &str, service: impl Fn() -> Option<Server>, cluster_name:
             e.metrics()
         );
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -2,11 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-mod support;
-
 use serde_json::{json, Value};
-use support::envoy::{cluster, Envoy};
-use support::http::{self, json_reply, Server};
+use testkit::envoy::{cluster, Envoy};
+use testkit::http::{self, json_reply, Server};
 
 fn upstream() -> Server {
     Server::start(|_| {

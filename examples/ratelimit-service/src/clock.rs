@@ -1,0 +1,35 @@
+//! Time as the limiter sees it: the system clock, or a manual one so tests can step through
+//! windows and refills without sleeping.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Debug)]
+pub enum Clock {
+    System,
+    Manual(Arc<AtomicI64>),
+}
+
+impl Clock {
+    pub fn manual(start_ms: i64) -> Clock {
+        Clock::Manual(Arc::new(AtomicI64::new(start_ms)))
+    }
+
+    /// Milliseconds since the Unix epoch (every replica must share this time base).
+    pub fn now_ms(&self) -> i64 {
+        match self {
+            Clock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+            Clock::Manual(t) => t.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Moves a manual clock forward; the system clock ignores it.
+    pub fn advance(&self, ms: i64) {
+        if let Clock::Manual(t) = self {
+            t.fetch_add(ms, Ordering::SeqCst);
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The reference rate-limit service of llm-token-ratelimit: keeps token budgets for the
+//! plugin, in memory by default and in Redis / Redis Cluster at scale.
+//!
+//! `server` speaks HTTP, `limiter` decides, `store` keeps counters using the algorithms of
+//! `meter`; `settings` turns flags and environment into a running configuration.
+
+pub mod api;
+pub mod clock;
+pub mod counter;
+pub mod limiter;
+pub mod meter;
+pub mod metrics;
+pub mod rules;
+pub mod server;
+pub mod settings;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clock::Clock;
+use limiter::Limiter;
+use settings::{Settings, StoreChoice};
+use store::{MemoryStore, RedisStore, Store};
+
+/// Builds the limiter the settings describe (connecting to Redis lazily).
+pub fn limiter(settings: &Settings, clock: Clock) -> Limiter {
+    let store = match &settings.store {
+        StoreChoice::Memory { max_counters } => Store::Memory(MemoryStore::new(*max_counters)),
+        StoreChoice::Redis { target, timeout } => {
+            Store::Redis(RedisStore::new(target.clone(), *timeout))
+        }
+    };
+    Limiter::new(store, settings.rules.clone(), clock, settings.sliding)
+}
+
+/// Sweeps the memory store of expired counters until the limiter is dropped.
+pub fn spawn_sweeper(limiter: &Arc<Limiter>) {
+    let weak = Arc::downgrade(limiter);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            let Some(limiter) = weak.upgrade() else {
+                return;
+            };
+            if let Store::Memory(m) = &limiter.store {
+                m.sweep(limiter.clock.now_ms());
+            }
+        }
+    });
+}

@@ -1,0 +1,71 @@
+//! `ratelimit-service`: parse flags, build the store, serve until SIGTERM / Ctrl-C.
+
+use std::sync::Arc;
+
+use clap::Parser;
+use ratelimit_service::clock::Clock;
+use ratelimit_service::settings::Cli;
+use ratelimit_service::{limiter, server, spawn_sweeper};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let settings = match Cli::parse().settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ratelimit-service: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&settings.log).unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let listener = match tokio::net::TcpListener::bind(settings.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "ratelimit-service: cannot listen on {}: {e}",
+                settings.listen
+            );
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let limiter = Arc::new(limiter(&settings, Clock::System));
+    spawn_sweeper(&limiter);
+    tracing::info!(
+        "listening on {} (store: {}, {} service-owned rule(s), {} windows)",
+        listener
+            .local_addr()
+            .map_or_else(|_| settings.listen.to_string(), |a| a.to_string()),
+        limiter.store.name(),
+        limiter.rules.len(),
+        if settings.sliding { "sliding" } else { "fixed" }
+    );
+    server::serve(listener, limiter, shutdown_signal()).await;
+    tracing::info!("stopped");
+    std::process::ExitCode::SUCCESS
+}
+
+/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

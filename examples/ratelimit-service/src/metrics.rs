@@ -1,0 +1,139 @@
+//! Prometheus counters for `/metrics`: plain atomics, rendered as text on demand, so the hot
+//! path pays one relaxed increment per figure.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of the check latency histogram, in seconds.
+const BUCKETS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub checks_allowed: AtomicU64,
+    pub checks_denied: AtomicU64,
+    pub checks_failed: AtomicU64,
+    pub reports_accepted: AtomicU64,
+    pub reports_duplicate: AtomicU64,
+    pub reports_failed: AtomicU64,
+    pub tokens_charged: AtomicU64,
+    pub tokens_refunded: AtomicU64,
+    pub store_errors: AtomicU64,
+    pub bad_requests: AtomicU64,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+}
+
+pub fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+impl Metrics {
+    pub fn observe_check(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        for (bound, bucket) in BUCKETS.iter().zip(&self.latency_buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        self.latency_sum_us
+            .fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    pub fn charged(&self, delta: i64) {
+        if delta >= 0 {
+            self.tokens_charged.fetch_add(delta as u64, Relaxed);
+        } else {
+            self.tokens_refunded
+                .fetch_add(delta.unsigned_abs(), Relaxed);
+        }
+    }
+
+    pub fn render(&self, store: &str, live_counters: Option<usize>) -> String {
+        let mut out = String::new();
+        let mut family = |name: &str, help: &str, kind: &str, lines: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in lines {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        family(
+            "ratelimit_checks_total",
+            "Checks answered, by outcome.",
+            "counter",
+            &[
+                ("{outcome=\"allowed\"}", g(&self.checks_allowed)),
+                ("{outcome=\"denied\"}", g(&self.checks_denied)),
+                ("{outcome=\"error\"}", g(&self.checks_failed)),
+            ],
+        );
+        family(
+            "ratelimit_reports_total",
+            "Usage reports, by outcome (duplicates are retries already applied).",
+            "counter",
+            &[
+                ("{outcome=\"accepted\"}", g(&self.reports_accepted)),
+                ("{outcome=\"duplicate\"}", g(&self.reports_duplicate)),
+                ("{outcome=\"error\"}", g(&self.reports_failed)),
+            ],
+        );
+        family(
+            "ratelimit_tokens_charged_total",
+            "Tokens charged by reports and reservations.",
+            "counter",
+            &[("", g(&self.tokens_charged))],
+        );
+        family(
+            "ratelimit_tokens_refunded_total",
+            "Tokens given back (unused reservations).",
+            "counter",
+            &[("", g(&self.tokens_refunded))],
+        );
+        family(
+            "ratelimit_store_errors_total",
+            "Store calls that failed.",
+            "counter",
+            &[("", g(&self.store_errors))],
+        );
+        family(
+            "ratelimit_bad_requests_total",
+            "Requests refused with 400.",
+            "counter",
+            &[("", g(&self.bad_requests))],
+        );
+        if let Some(n) = live_counters {
+            family(
+                "ratelimit_memory_counters",
+                "Live counters in the memory store.",
+                "gauge",
+                &[("", n as u64)],
+            );
+        }
+        let _ = writeln!(out, "# HELP ratelimit_store_info The store in use.\n# TYPE ratelimit_store_info gauge\nratelimit_store_info{{store=\"{store}\"}} 1");
+        let _ = writeln!(out, "# HELP ratelimit_check_duration_seconds Check latency inside the service.\n# TYPE ratelimit_check_duration_seconds histogram");
+        for (bound, bucket) in BUCKETS.iter().zip(&self.latency_buckets) {
+            let _ = writeln!(
+                out,
+                "ratelimit_check_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                g(bucket)
+            );
+        }
+        let count = g(&self.latency_count);
+        let _ = writeln!(
+            out,
+            "ratelimit_check_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "ratelimit_check_duration_seconds_sum {}",
+            g(&self.latency_sum_us) as f64 / 1e6
+        );
+        let _ = writeln!(out, "ratelimit_check_duration_seconds_count {count}");
+        out
+    }
+}

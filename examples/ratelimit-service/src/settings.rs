@@ -1,0 +1,252 @@
+//! Command-line flags, each with an environment twin, plus ASM's own variables; turned into
+//! a store, rules and a listen address, or an error that says what to fix.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::rules::Rules;
+use crate::store::redis::RedisTarget;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WindowKind {
+    Sliding,
+    Fixed,
+}
+
+/// The reference rate-limit service of llm-token-ratelimit.
+///
+/// Keeps token budgets for the Proxy-Wasm plugin: protocol v1 (`POST /v1/check`,
+/// `POST /v1/report`), the ASM endpoints (`GET /ratelimit`, `POST /update_ratelimit_record`),
+/// `GET /v1/quota`, `/healthz`, `/readyz`, `/metrics`.
+#[derive(Debug, Parser)]
+#[command(name = "ratelimit-service", version)]
+pub struct Cli {
+    /// Address to listen on.
+    #[arg(long, env = "RATELIMIT_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Where counters live. Default: memory, or redis when a Redis URL or REDIS_ADDRESS is set.
+    #[arg(long, env = "RATELIMIT_STORE", value_enum)]
+    pub store: Option<StoreKind>,
+
+    /// Redis URL: redis://[user:pass@]host:port/db for one server; repeat the flag, or use
+    /// redis+cluster://[user:pass@]host:port,host:port, for Redis Cluster.
+    #[arg(long = "redis-url", env = "RATELIMIT_REDIS_URL", value_delimiter = ' ')]
+    pub redis_urls: Vec<String>,
+
+    /// JSON file of service-owned rules (same shape as RATE_LIMIT_CONFIG).
+    #[arg(long, env = "RATELIMIT_RULES")]
+    pub rules: Option<PathBuf>,
+
+    /// ASM: service-owned rules as a JSON array of {rate_limit_key_regex, fill_interval_second,
+    /// tokens_per_fill, max_tokens, redis_expired_seconds}.
+    #[arg(
+        long = "rate-limit-config",
+        env = "RATE_LIMIT_CONFIG",
+        hide_env_values = true
+    )]
+    pub rate_limit_config: Option<String>,
+
+    /// ASM: Redis address host:port (implies the Redis store).
+    #[arg(long = "redis-address", env = "REDIS_ADDRESS")]
+    pub redis_address: Option<String>,
+
+    /// ASM: Redis password for REDIS_ADDRESS.
+    #[arg(
+        long = "redis-password",
+        env = "REDIS_PASSWORD",
+        hide_env_values = true
+    )]
+    pub redis_password: Option<String>,
+
+    /// ASM: Redis database index for REDIS_ADDRESS.
+    #[arg(long = "redis-db-index", env = "REDIS_DB_INDEX", default_value_t = 0)]
+    pub redis_db_index: u32,
+
+    /// Counting for plugin-owned rates: sliding windows, or fixed windows.
+    #[arg(long, env = "RATELIMIT_WINDOW", value_enum, default_value = "sliding")]
+    pub window: WindowKind,
+
+    /// Memory store: the most live counters (and remembered report ids) it holds.
+    #[arg(long, env = "RATELIMIT_MAX_COUNTERS", default_value_t = 1_000_000)]
+    pub max_counters: usize,
+
+    /// Redis store: deadline of one store call, in milliseconds.
+    #[arg(long, env = "RATELIMIT_STORE_TIMEOUT_MS", default_value_t = 500)]
+    pub store_timeout_ms: u64,
+
+    /// Log filter (tracing syntax: info, debug, ratelimit_service=debug…).
+    #[arg(long, env = "RATELIMIT_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// What the flags decide.
+#[derive(Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub store: StoreChoice,
+    pub rules: Rules,
+    pub sliding: bool,
+    pub log: String,
+}
+
+#[derive(Debug)]
+pub enum StoreChoice {
+    Memory {
+        max_counters: usize,
+    },
+    Redis {
+        target: RedisTarget,
+        timeout: Duration,
+    },
+}
+
+impl Cli {
+    pub fn settings(self) -> Result<Settings, String> {
+        let rules = match (&self.rules, &self.rate_limit_config) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "give the rules either with --rules or with RATE_LIMIT_CONFIG, not both".into(),
+                )
+            }
+            (Some(path), None) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read --rules {}: {e}", path.display()))?;
+                Rules::parse(&text).map_err(|e| format!("--rules {}: {e}", path.display()))?
+            }
+            (None, Some(json)) => {
+                Rules::parse(json).map_err(|e| format!("RATE_LIMIT_CONFIG: {e}"))?
+            }
+            (None, None) => Rules::default(),
+        };
+        let mut urls = self.redis_urls.clone();
+        if let Some(addr) = &self.redis_address {
+            let auth = self
+                .redis_password
+                .as_deref()
+                .map_or(String::new(), |p| format!(":{}@", encode_userinfo(p)));
+            urls.push(format!("redis://{auth}{addr}/{}", self.redis_db_index));
+        }
+        let kind = self.store.unwrap_or(if urls.is_empty() {
+            StoreKind::Memory
+        } else {
+            StoreKind::Redis
+        });
+        let store = match kind {
+            StoreKind::Memory if !urls.is_empty() => {
+                return Err(
+                    "--store memory was chosen but a Redis URL / REDIS_ADDRESS is set; drop one"
+                        .into(),
+                )
+            }
+            StoreKind::Memory => {
+                if self.max_counters == 0 {
+                    return Err("--max-counters must be at least 1".into());
+                }
+                StoreChoice::Memory {
+                    max_counters: self.max_counters,
+                }
+            }
+            StoreKind::Redis => {
+                if urls.is_empty() {
+                    return Err("--store redis needs --redis-url (or REDIS_ADDRESS)".into());
+                }
+                if self.store_timeout_ms == 0 {
+                    return Err("--store-timeout-ms must be at least 1".into());
+                }
+                StoreChoice::Redis {
+                    target: RedisTarget::parse(&urls).map_err(|e| format!("--redis-url: {e}"))?,
+                    timeout: Duration::from_millis(self.store_timeout_ms),
+                }
+            }
+        };
+        Ok(Settings {
+            listen: self.listen,
+            store,
+            rules,
+            sliding: self.window == WindowKind::Sliding,
+            log: self.log,
+        })
+    }
+}
+
+/// Percent-encodes a password for the userinfo part of a URL.
+fn encode_userinfo(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(args: &[&str]) -> Result<Settings, String> {
+        let mut argv = vec!["ratelimit-service"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .settings()
+    }
+
+    #[test]
+    fn defaults_to_memory() {
+        let s = settings(&[]).unwrap();
+        assert!(matches!(
+            s.store,
+            StoreChoice::Memory {
+                max_counters: 1_000_000
+            }
+        ));
+        assert_eq!(s.listen.to_string(), "0.0.0.0:8080");
+        assert!(s.sliding && s.rules.is_empty());
+    }
+
+    #[test]
+    fn asm_variables_select_redis() {
+        let s = settings(&[
+            "--redis-address",
+            "redis:6379",
+            "--redis-password",
+            "p@ss word",
+            "--redis-db-index",
+            "2",
+        ])
+        .unwrap();
+        match s.store {
+            StoreChoice::Redis {
+                target: RedisTarget::Single(url),
+                ..
+            } => assert_eq!(url, "redis://:p%40ss%20word@redis:6379/2"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn conflicts_are_explained() {
+        assert!(settings(&["--store", "redis"])
+            .unwrap_err()
+            .contains("needs --redis-url"));
+        assert!(
+            settings(&["--store", "memory", "--redis-url", "redis://x:1"])
+                .unwrap_err()
+                .contains("drop one")
+        );
+        assert!(settings(&["--redis-url", "http://x"])
+            .unwrap_err()
+            .contains("not a redis://"));
+        assert!(settings(&["--rate-limit-config", "nope"])
+            .unwrap_err()
+            .contains("RATE_LIMIT_CONFIG"));
+        assert!(settings(&["--listen", "nowhere"]).is_err());
+    }
+}

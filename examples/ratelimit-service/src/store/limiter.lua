@@ -1,0 +1,152 @@
+-- The Redis store's check and charge, atomically, in one round trip.
+-- It mirrors src/meter.rs and src/store/mod.rs exactly; the behavioural suite runs the same
+-- cases against both stores.
+--
+-- KEYS: one hash per counter (field = meter, value = "a,b,c" state), then the report-id key
+--       when ARGV[4] ~= "0".
+-- ARGV: mode ("check" | "charge"), now_ms, amount (reserve | delta), dedup_ms,
+--       then per counter: meter count, and per meter: field, kind (w|f|b), p1, p2, p3, ttl_ms.
+
+local mode = ARGV[1]
+local now = tonumber(ARGV[2])
+local amount = tonumber(ARGV[3])
+local dedup_ms = tonumber(ARGV[4])
+local ncounters = #KEYS
+if dedup_ms > 0 then ncounters = ncounters - 1 end
+
+if mode == "charge" and dedup_ms > 0 then
+  if not redis.call("SET", KEYS[#KEYS], "1", "NX", "PX", dedup_ms) then
+    return {0}
+  end
+end
+
+local function decay(value, allowed, w)
+  if value <= allowed then return 0 end
+  if allowed < 0 then allowed = 0 end
+  return math.ceil(w - allowed * w / value)
+end
+
+local function advance(m, s)
+  if m.kind == "b" then
+    if s[3] == 0 then s[1] = m.p1; s[2] = now; s[3] = 1; return end
+    if now <= s[2] then return end
+    local intervals = math.floor((now - s[2]) / m.p3)
+    if intervals > 0 then
+      s[1] = math.min(m.p1, s[1] + intervals * m.p2)
+      s[2] = s[2] + intervals * m.p3
+      if s[1] >= m.p1 then s[2] = now end
+    end
+  else
+    local w = m.p2
+    local start = now - (now % w)
+    if s[1] == start then return end
+    local previous = 0
+    if m.kind == "w" and s[1] == start - w then previous = s[2] end
+    s[1] = start; s[2] = 0; s[3] = previous
+  end
+end
+
+-- remaining, reset_ms, retry_ms
+local function status(m, s, need)
+  local limit = m.p1
+  need = math.max(1, math.min(need, limit))
+  if m.kind == "b" then
+    local function until_at(target)
+      if s[1] >= target then return 0 end
+      local n = math.floor((target - s[1] + m.p2 - 1) / m.p2)
+      return math.max(s[2] + n * m.p3 - now, 1)
+    end
+    return math.max(0, math.min(limit, s[1])), until_at(limit), until_at(need)
+  end
+  local w = m.p2
+  local sliding = m.kind == "w"
+  local elapsed = now - s[1]
+  local weighted = 0
+  if sliding and s[3] ~= 0 then weighted = math.ceil(s[3] * (w - elapsed) / w) end
+  local used = math.max(s[2] + weighted, 0)
+  local remaining = math.max(0, math.min(limit, limit - used))
+  local reset = 0
+  if s[2] > 0 then
+    if sliding then reset = s[1] + 2 * w - now else reset = s[1] + w - now end
+  elseif sliding and s[3] > 0 then
+    reset = s[1] + w - now
+  end
+  local retry = 0
+  if remaining < need then
+    local allowed = limit - need
+    local at
+    if (not sliding) or s[2] > allowed then
+      at = s[1] + w
+      if sliding then at = at + decay(s[2], allowed, w) end
+    else
+      at = s[1] + decay(s[3], allowed - s[2], w)
+    end
+    retry = math.max(at - now, 1)
+  end
+  return remaining, reset, retry
+end
+
+local function charge(m, s, delta)
+  if m.kind == "b" then s[1] = math.min(m.p1, s[1] - delta) else s[2] = s[2] + delta end
+end
+
+-- Load every meter's state.
+local counters = {}
+local arg = 5
+for c = 1, ncounters do
+  local n = tonumber(ARGV[arg]); arg = arg + 1
+  local meters = {}
+  for i = 1, n do
+    local m = {field = ARGV[arg], kind = ARGV[arg + 1], p1 = tonumber(ARGV[arg + 2]),
+               p2 = tonumber(ARGV[arg + 3]), p3 = tonumber(ARGV[arg + 4]), ttl = tonumber(ARGV[arg + 5])}
+    arg = arg + 6
+    local raw = redis.call("HGET", KEYS[c], m.field)
+    local s = {0, 0, 0}
+    if raw then
+      local a, b, d = string.match(raw, "^(-?%d+),(-?%d+),(-?%d+)$")
+      if a then s = {tonumber(a), tonumber(b), tonumber(d)} end
+    end
+    advance(m, s)
+    m.state = s
+    meters[i] = m
+  end
+  counters[c] = meters
+end
+
+local out
+if mode == "check" then
+  local need = math.max(amount, 1)
+  local allowed = 1
+  for c = 1, ncounters do
+    for _, m in ipairs(counters[c]) do
+      local _, _, retry = status(m, m.state, need)
+      if retry > 0 then allowed = 0 end
+    end
+  end
+  out = {allowed}
+  for c = 1, ncounters do
+    for _, m in ipairs(counters[c]) do
+      if allowed == 1 and amount > 0 then charge(m, m.state, amount) end
+      local remaining, reset, retry = status(m, m.state, need)
+      out[#out + 1] = remaining; out[#out + 1] = reset; out[#out + 1] = retry
+    end
+  end
+else
+  for c = 1, ncounters do
+    for _, m in ipairs(counters[c]) do charge(m, m.state, amount) end
+  end
+  out = {1}
+end
+
+-- Store states back; a counter lives as long as its longest-lived meter needs.
+for c = 1, ncounters do
+  local ttl = 0
+  for _, m in ipairs(counters[c]) do
+    local s = m.state
+    redis.call("HSET", KEYS[c], m.field, string.format("%.0f,%.0f,%.0f", s[1], s[2], s[3]))
+    if m.ttl > ttl then ttl = m.ttl end
+  end
+  local current = redis.call("PTTL", KEYS[c])
+  if current < ttl then redis.call("PEXPIRE", KEYS[c], ttl) end
+end
+return out

@@ -1,0 +1,365 @@
+//! The Redis / Redis Cluster store: every check or charge is one `EVALSHA` of `limiter.lua`
+//! (reloaded by the client on `NOSCRIPT`), connections reconnect by themselves.
+//!
+//! A counter's meters share one hash, whose key carries a hash tag, so in a cluster each
+//! counter is atomic. A request that spans counters in several slots is sent as one script
+//! per counter: a check whose reservation fails on one counter refunds the others (a brief
+//! over-denial is possible under contention, an overshoot is not), and each counter
+//! remembers report ids on its own, so a retried report is applied exactly once per counter.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{Script, Value};
+use tokio::sync::OnceCell;
+
+use super::{CheckOutcome, StoreError};
+use crate::counter::Plan;
+use crate::meter::{Meter, State, Status};
+use crate::store::memory::DEDUP_MS;
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+pub struct RedisStore {
+    target: RedisTarget,
+    /// Set by the first successful connection; the connection then reconnects by itself.
+    conn: OnceCell<Conn>,
+    script: Script,
+    timeout: Duration,
+}
+
+/// Where the Redis store connects: one server or a cluster's seed nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// Reads `--redis-url` values: one `redis://…` is a single server; several, or one
+    /// `redis+cluster://[user:pass@]host:port,host:port`, are a cluster.
+    pub fn parse(urls: &[String]) -> Result<RedisTarget, String> {
+        let mut nodes = Vec::new();
+        let mut cluster = urls.len() > 1;
+        for url in urls {
+            if let Some(rest) = url.strip_prefix("redis+cluster://") {
+                cluster = true;
+                let (auth, hosts) = match rest.rsplit_once('@') {
+                    Some((auth, hosts)) => (format!("{auth}@"), hosts),
+                    None => (String::new(), rest),
+                };
+                for host in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+                    nodes.push(format!("redis://{auth}{host}"));
+                }
+            } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+                nodes.push(url.clone());
+            } else {
+                return Err(format!("`{url}` is not a redis:// or redis+cluster:// URL"));
+            }
+        }
+        match (cluster, nodes.len()) {
+            (_, 0) => Err("no Redis URL given".into()),
+            (false, _) => Ok(RedisTarget::Single(nodes.remove(0))),
+            (true, _) => Ok(RedisTarget::Cluster(nodes)),
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl RedisStore {
+    /// A store that connects on first use (and again after failed attempts), so the service
+    /// can start before Redis and answer 503 until it is there.
+    pub fn new(target: RedisTarget, timeout: Duration) -> RedisStore {
+        RedisStore {
+            target,
+            conn: OnceCell::new(),
+            script: Script::new(include_str!("limiter.lua")),
+            timeout,
+        }
+    }
+
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        self.conn
+            .get_or_try_init(|| Self::connect(&self.target, self.timeout))
+            .await
+            .cloned()
+    }
+
+    async fn connect(target: &RedisTarget, timeout: Duration) -> Result<Conn, StoreError> {
+        Ok(match target {
+            RedisTarget::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1);
+                let manager = tokio::time::timeout(
+                    timeout * 4,
+                    ConnectionManager::new_with_config(client, config),
+                )
+                .await
+                .map_err(|_| unavailable("timed out connecting to Redis"))?
+                .map_err(unavailable)?;
+                Conn::Single(manager)
+            }
+            RedisTarget::Cluster(nodes) => {
+                let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(1)
+                    .build()
+                    .map_err(unavailable)?;
+                let conn = tokio::time::timeout(timeout * 4, client.get_async_connection())
+                    .await
+                    .map_err(|_| unavailable("timed out connecting to the Redis Cluster"))?
+                    .map_err(unavailable)?;
+                Conn::Cluster(conn)
+            }
+        })
+    }
+
+    async fn run(&self, keys: Vec<String>, args: Vec<String>) -> Result<Vec<i64>, StoreError> {
+        let mut invocation = self.script.prepare_invoke();
+        for k in &keys {
+            invocation.key(k);
+        }
+        for a in &args {
+            invocation.arg(a);
+        }
+        let conn = self.conn().await?;
+        let call = async {
+            match conn {
+                Conn::Single(mut c) => invocation.invoke_async::<Vec<i64>>(&mut c).await,
+                Conn::Cluster(mut c) => invocation.invoke_async::<Vec<i64>>(&mut c).await,
+            }
+        };
+        tokio::time::timeout(self.timeout * 2, call)
+            .await
+            .map_err(|_| unavailable("Redis did not answer in time"))?
+            .map_err(unavailable)
+    }
+
+    fn args(mode: &str, now: i64, amount: i64, dedup: bool, plans: &[Plan]) -> Vec<String> {
+        let mut args = vec![
+            mode.to_string(),
+            now.to_string(),
+            amount.to_string(),
+            if dedup { DEDUP_MS } else { 0 }.to_string(),
+        ];
+        for plan in plans {
+            args.push(plan.meters.len().to_string());
+            for m in &plan.meters {
+                let (kind, p1, p2, p3) = match *m {
+                    Meter::Window {
+                        tokens,
+                        window_ms,
+                        sliding,
+                    } => (if sliding { "w" } else { "f" }, tokens, window_ms, 0),
+                    Meter::Bucket {
+                        max,
+                        per_fill,
+                        interval_ms,
+                        ..
+                    } => ("b", max, per_fill, interval_ms),
+                };
+                args.extend([
+                    m.field(),
+                    kind.into(),
+                    p1.to_string(),
+                    p2.to_string(),
+                    p3.to_string(),
+                    m.ttl_ms().to_string(),
+                ]);
+            }
+        }
+        args
+    }
+
+    /// Groups of plans that one script call may cover: all of them on a single server, one
+    /// per counter in a cluster.
+    fn groups<'p>(&self, plans: &'p [Plan]) -> Vec<&'p [Plan]> {
+        match self.target {
+            RedisTarget::Single(_) => vec![plans],
+            RedisTarget::Cluster(_) => plans.chunks(1).collect(),
+        }
+    }
+
+    pub async fn check(
+        &self,
+        plans: &[Plan],
+        reserve: i64,
+        now: i64,
+    ) -> Result<CheckOutcome, StoreError> {
+        let groups = self.groups(plans);
+        let calls = groups.iter().map(|group| {
+            let keys = group.iter().map(|p| p.id.storage_key()).collect();
+            self.run(keys, Self::args("check", now, reserve, false, group))
+        });
+        let answers = join_all(calls).await;
+        let mut allowed = true;
+        let mut group_allowed = Vec::with_capacity(answers.len());
+        let mut statuses = Vec::with_capacity(plans.len());
+        for (group, answer) in groups.iter().zip(&answers) {
+            let Ok(answer) = answer else { continue };
+            let ok = answer.first() == Some(&1);
+            allowed &= ok;
+            group_allowed.push(ok);
+            let mut figures = answer.iter().skip(1);
+            for plan in group.iter() {
+                let per_meter = plan
+                    .meters
+                    .iter()
+                    .map(|m| {
+                        let mut next = || figures.next().copied().unwrap_or(0);
+                        Status {
+                            limit: m.limit(),
+                            remaining: next(),
+                            reset_ms: next(),
+                            retry_ms: next(),
+                        }
+                    })
+                    .collect();
+                statuses.push(per_meter);
+            }
+        }
+        let failed = answers
+            .iter()
+            .find_map(|a| a.as_ref().err().map(|e| e.to_string()));
+        if let Some(error) = failed {
+            self.refund(&groups, &answers, reserve, now).await;
+            return Err(unavailable(error));
+        }
+        if !allowed && reserve > 0 {
+            self.refund(&groups, &answers, reserve, now).await;
+        }
+        Ok(CheckOutcome { allowed, statuses })
+    }
+
+    /// Gives back reservations taken by the groups that admitted, when the request as a whole
+    /// did not.
+    async fn refund(
+        &self,
+        groups: &[&[Plan]],
+        answers: &[Result<Vec<i64>, StoreError>],
+        reserve: i64,
+        now: i64,
+    ) {
+        if reserve <= 0 {
+            return;
+        }
+        for (group, answer) in groups.iter().zip(answers) {
+            if matches!(answer, Ok(a) if a.first() == Some(&1)) {
+                let keys = group.iter().map(|p| p.id.storage_key()).collect();
+                if let Err(e) = self
+                    .run(keys, Self::args("charge", now, -reserve, false, group))
+                    .await
+                {
+                    tracing::warn!("could not refund a reservation: {e}");
+                }
+            }
+        }
+    }
+
+    pub async fn charge(
+        &self,
+        id: Option<&str>,
+        plans: &[Plan],
+        delta: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let groups = self.groups(plans);
+        let calls = groups.iter().map(|group| {
+            let mut keys: Vec<String> = group.iter().map(|p| p.id.storage_key()).collect();
+            if let (Some(id), Some(first)) = (id, keys.first()) {
+                // The id key shares the counter's hash tag, hence its slot.
+                let tag_end = first.find('}').map_or(0, |i| i + 1);
+                keys.push(format!("{}:r:{}:{id}", &first[..tag_end], id.len()));
+            }
+            self.run(keys, Self::args("charge", now, delta, id.is_some(), group))
+        });
+        let mut applied = false;
+        for answer in join_all(calls).await {
+            applied |= answer?.first() == Some(&1);
+        }
+        Ok(applied)
+    }
+
+    pub async fn peek(&self, plan: &Plan, now: i64) -> Result<Vec<(Meter, Status)>, StoreError> {
+        let key = plan.id.storage_key();
+        let cmd = redis::cmd("HGETALL").arg(&key).clone();
+        let conn = self.conn().await?;
+        let call = async {
+            match conn {
+                Conn::Single(mut c) => cmd.query_async::<Vec<(String, String)>>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<Vec<(String, String)>>(&mut c).await,
+            }
+        };
+        let fields = tokio::time::timeout(self.timeout * 2, call)
+            .await
+            .map_err(|_| unavailable("Redis did not answer in time"))?
+            .map_err(unavailable)?;
+        Ok(fields
+            .iter()
+            .filter_map(|(field, raw)| {
+                let meter = Meter::from_field(field)?;
+                let mut parts = raw.split(',').map(|p| p.parse::<i64>().ok());
+                let mut s: State = [parts.next()??, parts.next()??, parts.next()??];
+                meter.advance(&mut s, now);
+                Some((meter, meter.status(&s, now, 1)))
+            })
+            .collect())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        let call = async {
+            match conn {
+                Conn::Single(mut c) => redis::cmd("PING").query_async::<Value>(&mut c).await,
+                Conn::Cluster(mut c) => redis::cmd("PING").query_async::<Value>(&mut c).await,
+            }
+        };
+        tokio::time::timeout(self.timeout * 2, call)
+            .await
+            .map_err(|_| unavailable("Redis did not answer in time"))?
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            RedisTarget::parse(&["redis://h:1/2".into()]),
+            Ok(RedisTarget::Single("redis://h:1/2".into()))
+        );
+        assert_eq!(
+            RedisTarget::parse(&["redis+cluster://u:p@a:1,b:2".into()]),
+            Ok(RedisTarget::Cluster(vec![
+                "redis://u:p@a:1".into(),
+                "redis://u:p@b:2".into()
+            ]))
+        );
+        assert_eq!(
+            RedisTarget::parse(&["redis://a:1".into(), "redis://b:2".into()]),
+            Ok(RedisTarget::Cluster(vec![
+                "redis://a:1".into(),
+                "redis://b:2".into()
+            ]))
+        );
+        assert!(RedisTarget::parse(&["http://x".into()]).is_err());
+        assert!(RedisTarget::parse(&[]).is_err());
+    }
+}
