@@ -20,6 +20,18 @@ impl RedisServer {
         RedisServer::start_with(&[])
     }
 
+    /// A server on a chosen port (to start Redis after its client).
+    pub fn start_on(port: u16) -> RedisServer {
+        let mut server = RedisServer {
+            child: None,
+            port,
+            dir: TempDir::new("redis"),
+            extra: Vec::new(),
+        };
+        server.spawn();
+        server
+    }
+
     pub fn start_with(extra: &[&str]) -> RedisServer {
         let mut server = RedisServer {
             child: None,

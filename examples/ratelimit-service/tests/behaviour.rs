@@ -1,0 +1,605 @@
+//! One behavioural suite, run against the memory store, a real `redis-server`, and a real
+//! three-node Redis Cluster: admission, reservations, reports and their ids, window and bucket
+//! arithmetic on a manual clock, concurrency, the ASM endpoints, and Redis outages.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ratelimit_service::api::*;
+use ratelimit_service::clock::Clock;
+use ratelimit_service::limiter::{Failure, Limiter};
+use ratelimit_service::rules::Rules;
+use ratelimit_service::store::redis::RedisTarget;
+use ratelimit_service::store::{MemoryStore, RedisStore, Store};
+use testkit::redis::{RedisCluster, RedisServer};
+
+/// A start time aligned to every window (a whole number of days).
+const T0: i64 = 20_000 * 86_400_000;
+
+const RULES: &str = r#"[
+  {"rate_limit_key_regex": "regular-user", "fill_interval_second": 60, "tokens_per_fill": 100, "max_tokens": 1000, "redis_expired_seconds": 600},
+  {"rate_limit_key_regex": "subscriber", "fill_interval_second": 60, "tokens_per_fill": 1000, "max_tokens": 10000, "redis_expired_seconds": 600},
+  {"rate_limit_key_regex": "^bucket-", "fill_interval_second": 1, "tokens_per_fill": 10, "max_tokens": 100}
+]"#;
+
+struct Ctx {
+    limiter: Arc<Limiter>,
+    clock: Clock,
+    /// Prefix for every limit name and key, so scenarios can share one Redis Cluster.
+    ns: String,
+}
+
+impl Ctx {
+    fn new(store: Store, sliding: bool, ns: &str) -> Ctx {
+        let clock = Clock::manual(T0);
+        let limiter = Arc::new(Limiter::new(
+            store,
+            Rules::parse(RULES).unwrap(),
+            clock.clone(),
+            sliding,
+        ));
+        Ctx {
+            limiter,
+            clock,
+            ns: ns.to_string(),
+        }
+    }
+
+    fn memory() -> Ctx {
+        Ctx::new(Store::Memory(MemoryStore::new(100_000)), true, "")
+    }
+
+    fn redis(urls: &[String], ns: &str) -> Ctx {
+        let target = RedisTarget::parse(urls).unwrap();
+        Ctx::new(
+            Store::Redis(RedisStore::new(target, Duration::from_millis(1000))),
+            true,
+            ns,
+        )
+    }
+
+    fn with_fixed_windows(&self) -> Ctx {
+        let store = match &self.limiter.store {
+            Store::Memory(_) => Store::Memory(MemoryStore::new(100_000)),
+            Store::Redis(_) => panic!("use a fresh store"),
+        };
+        Ctx::new(store, false, &self.ns)
+    }
+
+    fn d(&self, limit: &str, value: &str, rates: &[(u64, u64)]) -> Descriptor {
+        Descriptor {
+            limit: format!("{}{limit}", self.ns),
+            value: value.to_string(),
+            rates: rates
+                .iter()
+                .map(|&(tokens, window_s)| Rate { tokens, window_s })
+                .collect(),
+            shared: false,
+        }
+    }
+
+    async fn check(&self, ds: &[Descriptor], reserve: u64) -> CheckResponse {
+        let req = CheckRequest {
+            descriptors: ds.to_vec(),
+            reserve,
+        };
+        match self.limiter.check(&req).await {
+            Ok(r) => r,
+            Err(Failure::Bad(b)) => panic!("bad request: {b:?}"),
+            Err(Failure::Store(e)) => panic!("store: {e}"),
+        }
+    }
+
+    async fn report(
+        &self,
+        id: &str,
+        ds: &[Descriptor],
+        tokens: u64,
+        reserved: u64,
+    ) -> ReportResponse {
+        let req = ReportRequest {
+            reports: vec![Report {
+                id: format!("{}{id}", self.ns),
+                descriptors: ds.to_vec(),
+                tokens,
+                reserved,
+                usage: None,
+            }],
+        };
+        match self.limiter.report(&req).await {
+            Ok(r) => r,
+            Err(_) => panic!("report failed"),
+        }
+    }
+
+    async fn remaining(&self, d: &Descriptor) -> Vec<u64> {
+        self.check(std::slice::from_ref(d), 0)
+            .await
+            .limits
+            .iter()
+            .map(|l| l.remaining)
+            .collect()
+    }
+
+    fn advance(&self, ms: i64) {
+        self.clock.advance(ms);
+    }
+}
+
+async fn admits_down_to_the_last_token(ctx: &Ctx) {
+    let d = ctx.d("key", "alice", &[(10, 60)]);
+    let r = ctx.check(std::slice::from_ref(&d), 0).await;
+    assert!(r.allowed);
+    assert_eq!(
+        r.limits,
+        vec![LimitStatus {
+            limit: d.limit.clone(),
+            value: "alice".into(),
+            tokens: 10,
+            window_s: 60,
+            remaining: 10,
+            reset_ms: 0
+        }]
+    );
+    assert_eq!(
+        ctx.report("r1", std::slice::from_ref(&d), 9, 0).await,
+        ReportResponse {
+            accepted: 1,
+            duplicates: 0
+        }
+    );
+    let r = ctx.check(std::slice::from_ref(&d), 0).await;
+    assert!(r.allowed, "1 token left admits one more request");
+    assert_eq!(r.limits[0].remaining, 1);
+    ctx.report("r2", std::slice::from_ref(&d), 1, 0).await;
+    let r = ctx.check(std::slice::from_ref(&d), 0).await;
+    assert!(!r.allowed, "exactly at the threshold nothing is admitted");
+    assert_eq!(r.denied_by.as_deref(), Some(d.limit.as_str()));
+    assert!(r.retry_after_ms > 0);
+    assert_eq!(r.limits[0].remaining, 0);
+}
+
+async fn reserve_needs_room_and_is_taken_from_every_descriptor(ctx: &Ctx) {
+    let a = ctx.d("a", "x", &[(100, 60)]);
+    let b = ctx.d("b", "y", &[(20, 60), (1000, 3600)]);
+    let r = ctx.check(&[a.clone(), b.clone()], 15).await;
+    assert!(r.allowed);
+    let rem: Vec<u64> = r.limits.iter().map(|l| l.remaining).collect();
+    assert_eq!(rem, vec![85, 5, 985]);
+    // 5 left on b's first rate: a reserve of 6 is refused and nothing is taken.
+    let r = ctx.check(&[a.clone(), b.clone()], 6).await;
+    assert!(!r.allowed);
+    assert_eq!(r.denied_by.as_deref(), Some(b.limit.as_str()));
+    assert_eq!(ctx.remaining(&a).await, vec![85]);
+    assert_eq!(ctx.remaining(&b).await, vec![5, 985]);
+    // The report settles the reservation: 15 reserved, 3 used → 12 back.
+    ctx.report("settle", &[a.clone(), b.clone()], 3, 15).await;
+    assert_eq!(ctx.remaining(&a).await, vec![97]);
+    assert_eq!(ctx.remaining(&b).await, vec![17, 997]);
+}
+
+async fn reserve_larger_than_the_budget_needs_a_full_budget(ctx: &Ctx) {
+    let d = ctx.d("small", "x", &[(100, 60)]);
+    let r = ctx.check(std::slice::from_ref(&d), 4096).await;
+    assert!(
+        r.allowed,
+        "a full budget admits a request whose max_tokens exceeds it"
+    );
+    assert_eq!(r.limits[0].remaining, 0);
+    assert!(!ctx.check(std::slice::from_ref(&d), 4096).await.allowed);
+}
+
+async fn retried_reports_are_charged_once(ctx: &Ctx) {
+    let d = ctx.d("dedup", "x", &[(1000, 3600)]);
+    assert_eq!(
+        ctx.report("same-id", std::slice::from_ref(&d), 100, 0)
+            .await,
+        ReportResponse {
+            accepted: 1,
+            duplicates: 0
+        }
+    );
+    assert_eq!(
+        ctx.report("same-id", std::slice::from_ref(&d), 100, 0)
+            .await,
+        ReportResponse {
+            accepted: 0,
+            duplicates: 1
+        }
+    );
+    assert_eq!(ctx.remaining(&d).await, vec![900]);
+    ctx.advance(10 * 60_000);
+    assert_eq!(
+        ctx.report("same-id", std::slice::from_ref(&d), 100, 0)
+            .await
+            .duplicates,
+        1,
+        "ids are kept at least 10 minutes"
+    );
+    assert_eq!(ctx.remaining(&d).await, vec![900]);
+    // A batch: one new, one retried.
+    let req = ReportRequest {
+        reports: vec![
+            Report {
+                id: format!("{}same-id", ctx.ns),
+                descriptors: vec![d.clone()],
+                tokens: 100,
+                reserved: 0,
+                usage: None,
+            },
+            Report {
+                id: format!("{}other", ctx.ns),
+                descriptors: vec![d.clone()],
+                tokens: 50,
+                reserved: 0,
+                usage: None,
+            },
+        ],
+    };
+    let r = ctx.limiter.report(&req).await.ok().unwrap();
+    assert_eq!(
+        r,
+        ReportResponse {
+            accepted: 1,
+            duplicates: 1
+        }
+    );
+    assert_eq!(ctx.remaining(&d).await, vec![850]);
+}
+
+async fn sliding_window_arithmetic(ctx: &Ctx) {
+    let d = ctx.d("slide", "x", &[(100, 60)]);
+    ctx.report("s1", std::slice::from_ref(&d), 80, 0).await;
+    ctx.advance(30_000);
+    let r = ctx.check(std::slice::from_ref(&d), 0).await;
+    assert_eq!((r.limits[0].remaining, r.limits[0].reset_ms), (20, 90_000));
+    ctx.advance(60_000); // 90 s: half of the previous window still counts
+    let r = ctx.check(std::slice::from_ref(&d), 0).await;
+    assert_eq!((r.limits[0].remaining, r.limits[0].reset_ms), (60, 30_000));
+    ctx.report("s2", std::slice::from_ref(&d), 60, 0).await;
+    let r = ctx.check(std::slice::from_ref(&d), 0).await;
+    assert!(!r.allowed);
+    // 60 now + 40 of the previous window's 80: one token fits once that weight is 39,
+    // 30.75 s into the window: 750 ms from now.
+    assert_eq!(r.retry_after_ms, 750);
+    ctx.advance(750 - 1);
+    assert!(!ctx.check(std::slice::from_ref(&d), 0).await.allowed);
+    ctx.advance(1);
+    assert!(ctx.check(std::slice::from_ref(&d), 0).await.allowed);
+    ctx.advance(240_000);
+    assert_eq!(ctx.remaining(&d).await, vec![100]);
+}
+
+async fn debt_and_refunds(ctx: &Ctx) {
+    let d = ctx.d("debt", "x", &[(100, 60)]);
+    ctx.report("big", std::slice::from_ref(&d), 450, 0).await;
+    let r = ctx.check(std::slice::from_ref(&d), 0).await;
+    assert!(!r.allowed);
+    assert_eq!(r.limits[0].remaining, 0, "a counter in debt reports 0");
+    ctx.report("refund", std::slice::from_ref(&d), 0, 400).await;
+    assert_eq!(ctx.remaining(&d).await, vec![50]);
+}
+
+async fn service_owned_buckets(ctx: &Ctx) {
+    let d = ctx.d("svc", "bucket-a", &[]);
+    let r = ctx.check(std::slice::from_ref(&d), 0).await;
+    assert_eq!(r.limits[0].remaining, 100, "buckets start full");
+    assert_eq!((r.limits[0].tokens, r.limits[0].window_s), (100, 1));
+    ctx.report("b1", std::slice::from_ref(&d), 150, 0).await;
+    ctx.advance(500);
+    let r = ctx.check(std::slice::from_ref(&d), 0).await;
+    assert!(!r.allowed);
+    assert_eq!(
+        r.retry_after_ms, 5_500,
+        "-50 needs 6 fills from the last refill"
+    );
+    ctx.advance(2_000); // 2.5 s after the charge: 2 fills, half an interval kept
+    assert_eq!(ctx.remaining(&d).await, vec![0]);
+    ctx.advance(3_500); // 6 s: 6 fills → 10
+    assert_eq!(ctx.remaining(&d).await, vec![10]);
+    ctx.advance(3_600_000);
+    assert_eq!(ctx.remaining(&d).await, vec![100], "never above max_tokens");
+    // No rule: not limited, no figures.
+    let free = ctx.d("svc", "anonymous", &[]);
+    let r = ctx.check(&[free], 1_000_000).await;
+    assert!(r.allowed && r.limits.is_empty());
+}
+
+async fn counters_never_collide(ctx: &Ctx) {
+    let a = ctx.d("a:b", "c", &[(10, 60)]);
+    let b = ctx.d("a", "b:c", &[(10, 60)]);
+    let mut shared = ctx.d("a", "b:c", &[(10, 60)]);
+    shared.shared = true;
+    ctx.report("c1", std::slice::from_ref(&a), 3, 0).await;
+    ctx.report("c2", std::slice::from_ref(&b), 5, 0).await;
+    ctx.report("c3", std::slice::from_ref(&shared), 7, 0).await;
+    assert_eq!(ctx.remaining(&a).await, vec![7]);
+    assert_eq!(ctx.remaining(&b).await, vec![5]);
+    assert_eq!(ctx.remaining(&shared).await, vec![3]);
+    let q = ctx
+        .limiter
+        .quota(&shared.limit, "b:c", true)
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!((q[0].tokens, q[0].remaining), (10, 3));
+    assert!(ctx
+        .limiter
+        .quota(&shared.limit, "nobody", false)
+        .await
+        .ok()
+        .unwrap()
+        .is_empty());
+}
+
+async fn concurrent_reports_balance_exactly(ctx: &Ctx) {
+    let d = ctx.d("conc", "x", &[(1_000_000, 3600)]);
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let (limiter, d, ns) = (ctx.limiter.clone(), d.clone(), ctx.ns.clone());
+        tasks.push(tokio::spawn(async move {
+            let req = ReportRequest {
+                reports: vec![Report {
+                    id: format!("{ns}c{i}"),
+                    descriptors: vec![d],
+                    tokens: i + 1,
+                    reserved: 0,
+                    usage: None,
+                }],
+            };
+            assert!(limiter.report(&req).await.is_ok());
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        ctx.remaining(&d).await,
+        vec![1_000_000 - (1..=200).sum::<u64>()]
+    );
+}
+
+async fn concurrent_reservations_never_overshoot(ctx: &Ctx) {
+    let d = ctx.d("overshoot", "x", &[(1000, 60)]);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (limiter, d) = (ctx.limiter.clone(), d.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = limiter
+                .check(&CheckRequest {
+                    descriptors: vec![d],
+                    reserve: 100,
+                })
+                .await;
+            matches!(r, Ok(r) if r.allowed)
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap() as u32;
+    }
+    assert_eq!(
+        admitted, 10,
+        "1000 tokens admit exactly ten reservations of 100"
+    );
+}
+
+async fn asm_endpoints(ctx: &Ctx) {
+    let regular = format!("{}regular-user", ctx.ns);
+    let ok = ctx
+        .limiter
+        .asm_check(std::slice::from_ref(&regular))
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!(
+        ok,
+        AsmCheckResponse {
+            allow: true,
+            description: String::new()
+        }
+    );
+    let update = AsmUpdate {
+        ratelimit_keys: vec![regular.clone()],
+        prompt_tokens: 400,
+        completion_tokens: 600,
+        total_tokens: 1000,
+    };
+    assert!(ctx.limiter.asm_update(&update).await.is_ok());
+    let denied = ctx
+        .limiter
+        .asm_check(std::slice::from_ref(&regular))
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!(
+        denied,
+        AsmCheckResponse {
+            allow: false,
+            description: format!("{regular} is being rate-limited")
+        }
+    );
+    let subscriber = format!("{}subscriber", ctx.ns);
+    assert!(
+        ctx.limiter
+            .asm_check(&[subscriber])
+            .await
+            .ok()
+            .unwrap()
+            .allow
+    );
+    // One fill later (60 s, +100 tokens) the regular user is served again.
+    ctx.advance(60_000);
+    assert!(ctx.limiter.asm_check(&[regular]).await.ok().unwrap().allow);
+    // Keys no rule names are not limited.
+    assert!(
+        ctx.limiter
+            .asm_check(&["anonymous".into()])
+            .await
+            .ok()
+            .unwrap()
+            .allow
+    );
+}
+
+async fn bad_requests_are_refused(ctx: &Ctx) {
+    let mut d = ctx.d("bad", "x", &[(0, 60)]);
+    let r = ctx
+        .limiter
+        .check(&CheckRequest {
+            descriptors: vec![d.clone()],
+            reserve: 0,
+        })
+        .await;
+    assert!(
+        matches!(r, Err(Failure::Bad(BadRequest(m))) if m.contains("descriptors[0].rates[0].tokens"))
+    );
+    d.rates[0] = Rate {
+        tokens: 1,
+        window_s: 0,
+    };
+    let r = ctx
+        .limiter
+        .check(&CheckRequest {
+            descriptors: vec![d.clone()],
+            reserve: 0,
+        })
+        .await;
+    assert!(matches!(r, Err(Failure::Bad(BadRequest(m))) if m.contains("window_s")));
+    let r = ctx
+        .limiter
+        .check(&CheckRequest {
+            descriptors: vec![ctx.d("x", "y", &[]); 65],
+            reserve: 0,
+        })
+        .await;
+    assert!(matches!(r, Err(Failure::Bad(_))));
+    let req = ReportRequest {
+        reports: vec![Report {
+            id: String::new(),
+            descriptors: vec![],
+            tokens: 1,
+            reserved: 0,
+            usage: None,
+        }],
+    };
+    assert!(
+        matches!(ctx.limiter.report(&req).await, Err(Failure::Bad(BadRequest(m))) if m.contains("reports[0].id"))
+    );
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(&super::Ctx::memory()).await; } )*
+
+            #[tokio::test]
+            async fn fixed_windows_reset_at_the_boundary() {
+                let ctx = super::Ctx::memory().with_fixed_windows();
+                super::fixed_windows(&ctx).await;
+            }
+        }
+        mod redis {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() {
+                   let server = testkit::redis::RedisServer::start();
+                   super::$name(&super::Ctx::redis(&[server.url()], "")).await;
+               } )*
+        }
+        /// Every scenario on one three-node cluster, each in its own key space.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn redis_cluster_runs_the_whole_suite() {
+            let cluster = RedisCluster::start();
+            $( $name(&Ctx::redis(&[cluster.url()], concat!(stringify!($name), "/"))).await; )*
+        }
+    };
+}
+
+async fn fixed_windows(ctx: &Ctx) {
+    let d = ctx.d("fixed", "x", &[(10, 60)]);
+    ctx.advance(5_000);
+    ctx.report("f1", std::slice::from_ref(&d), 10, 0).await;
+    ctx.advance(15_000);
+    let r = ctx.check(std::slice::from_ref(&d), 0).await;
+    assert_eq!(
+        (r.allowed, r.limits[0].reset_ms, r.retry_after_ms),
+        (false, 40_000, 40_000)
+    );
+    ctx.advance(40_000);
+    assert_eq!(ctx.remaining(&d).await, vec![10]);
+}
+
+suite!(
+    admits_down_to_the_last_token,
+    reserve_needs_room_and_is_taken_from_every_descriptor,
+    reserve_larger_than_the_budget_needs_a_full_budget,
+    retried_reports_are_charged_once,
+    sliding_window_arithmetic,
+    debt_and_refunds,
+    service_owned_buckets,
+    counters_never_collide,
+    concurrent_reports_balance_exactly,
+    concurrent_reservations_never_overshoot,
+    asm_endpoints,
+    bad_requests_are_refused,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_checks_and_recovers_by_itself() {
+    let mut server = RedisServer::start();
+    let ctx = Ctx::redis(&[server.url()], "");
+    let d = ctx.d("outage", "x", &[(100, 60)]);
+    assert!(ctx.check(std::slice::from_ref(&d), 0).await.allowed);
+    server.kill();
+    let r = ctx
+        .limiter
+        .check(&CheckRequest {
+            descriptors: vec![d.clone()],
+            reserve: 0,
+        })
+        .await;
+    assert!(
+        matches!(r, Err(Failure::Store(_))),
+        "a check without its store must fail, not guess"
+    );
+    assert!(ctx.limiter.store.ready().await.is_err());
+    server.start_again();
+    let mut recovered = false;
+    for _ in 0..100 {
+        if ctx
+            .limiter
+            .check(&CheckRequest {
+                descriptors: vec![d.clone()],
+                reserve: 0,
+            })
+            .await
+            .is_ok()
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "the store must reconnect by itself");
+    assert!(ctx.limiter.store.ready().await.is_ok());
+    assert!(
+        ctx.limiter
+            .metrics
+            .store_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[tokio::test]
+async fn redis_started_after_the_service() {
+    let port = testkit::free_port();
+    let ctx = Ctx::redis(&[format!("redis://127.0.0.1:{port}")], "");
+    assert!(ctx.limiter.store.ready().await.is_err());
+    let _late = RedisServer::start_on(port);
+    assert!(ctx.limiter.store.ready().await.is_ok());
+}
