@@ -10,6 +10,7 @@ WASM         := target/wasm32-wasip1/release/llm_token_ratelimit.wasm
 
 export ENVOY_BIN
 export PLUGIN_WASM := $(CURDIR)/$(WASM)
+export RATELIMIT_SERVICE_BIN := $(CURDIR)/target/release/ratelimit-service
 
 .PHONY: all deps build wasm test lint unit clean
 

@@ -5,6 +5,7 @@
 pub mod envoy;
 pub mod http;
 pub mod redis;
+pub mod service;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};

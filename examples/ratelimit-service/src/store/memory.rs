@@ -225,3 +225,45 @@ impl MemoryStore {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counter::CounterId;
+
+    fn plan(value: &str) -> Plan {
+        Plan {
+            id: CounterId {
+                limit: "l".into(),
+                value: value.into(),
+                shared: false,
+            },
+            meters: vec![Meter::Window {
+                tokens: 10,
+                window_ms: 1_000,
+                sliding: true,
+            }],
+        }
+    }
+
+    #[test]
+    fn bounded_and_swept() {
+        let store = MemoryStore::new(SHARDS); // one counter per shard
+        let mut full = None;
+        for i in 0..10 * SHARDS {
+            if let Err(e) = store.check(&[plan(&i.to_string())], 0, 0) {
+                full = Some(e);
+                break;
+            }
+        }
+        assert!(
+            matches!(full, Some(StoreError::Full(_))),
+            "the store must refuse past its bound"
+        );
+        assert!(store.len() <= SHARDS);
+        // Once the counters expire (2 windows), their room is reused.
+        assert!(store.check(&[plan("later")], 0, 2_000).is_ok());
+        store.sweep(10_000);
+        assert!(store.is_empty());
+    }
+}

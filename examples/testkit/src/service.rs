@@ -1,0 +1,124 @@
+//! The real `ratelimit-service` binary as a child process on an ephemeral port.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::repo;
+
+/// The binary: `RATELIMIT_SERVICE_BIN`, else the workspace's release build.
+pub fn binary() -> PathBuf {
+    let path = std::env::var_os("RATELIMIT_SERVICE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/release/ratelimit-service"));
+    assert!(
+        path.exists(),
+        "no service binary at {}: run `make build` (or set RATELIMIT_SERVICE_BIN)",
+        path.display()
+    );
+    path
+}
+
+pub struct Service {
+    child: Child,
+    pub port: u16,
+    log: Arc<Mutex<String>>,
+}
+
+impl Service {
+    /// Starts the service with `args` (plus `--listen 127.0.0.1:0`) and `env`, and waits
+    /// until it listens.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Service {
+        Service::start_binary(binary(), args, env)
+    }
+
+    pub fn start_binary(bin: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Service {
+        let mut cmd = Command::new(bin);
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for var in [
+            "RATE_LIMIT_CONFIG",
+            "REDIS_ADDRESS",
+            "REDIS_PASSWORD",
+            "REDIS_DB_INDEX",
+        ] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let port = rest
+                        .split([' ', ')'])
+                        .next()
+                        .and_then(|a| a.rsplit(':').next())
+                        .and_then(|p| p.parse::<u16>().ok());
+                    let _ = tx.send(port);
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Some(port)) => Service { child, port, log },
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the service did not start:\n{}", log.lock().unwrap());
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a service binary to completion (for `--help` and bad configurations).
+pub fn run(bin: PathBuf, args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}

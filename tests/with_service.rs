@@ -1,0 +1,129 @@
+//! The plugin in a real Envoy against the real rate-limit service (memory store): budgets are
+//! enforced by the service's own counters, in protocol v1 and in protocol asm.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use serde_json::json;
+use testkit::envoy::{cluster, Envoy};
+use testkit::http::{self, json_reply, Server};
+use testkit::service::Service;
+
+fn upstream() -> Server {
+    Server::start(|_| json_reply(200, json!({"id": "chatcmpl-1", "choices": []})))
+}
+
+#[test]
+fn reservations_exhaust_a_per_user_budget() {
+    let (svc, up) = (Service::start(&[], &[]), upstream());
+    let config = json!({
+        "service": {"cluster": "ratelimit"},
+        "limits": [{"name": "per-user", "key": "{{request.headers.x-user}}", "tokens": 100, "window": "1h"}],
+        "reserve": {"tokens": "max_tokens"}
+    });
+    let e = Envoy::start(
+        &config,
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+    );
+    let ask = |user: &str, max_tokens: u64| {
+        http::post_json(
+            e.port,
+            "/v1/chat/completions",
+            &[("x-user", user)],
+            &json!({"model": "m", "max_tokens": max_tokens}),
+        )
+    };
+    let first = ask("alice", 60);
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.header("x-ratelimit-limit-tokens"), Some("100"));
+    assert_eq!(first.header("x-ratelimit-remaining-tokens"), Some("40"));
+    let second = ask("alice", 60);
+    assert_eq!(second.status, 429, "{}", second.text());
+    assert_eq!(second.header("x-ratelimit-remaining-tokens"), Some("40"));
+    assert_eq!(second.json()["error"]["code"], "rate_limit_exceeded");
+    assert!(
+        second
+            .header("retry-after")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(
+        ask("alice", 40).status,
+        200,
+        "what is left can still be spent"
+    );
+    assert_eq!(
+        ask("bob", 60).status,
+        200,
+        "another user has a budget of its own"
+    );
+    assert_eq!(up.requests().len(), 3);
+    let q = http::send(
+        svc.port,
+        "GET",
+        "/v1/quota?limit=per-user&value=alice",
+        &[],
+        b"",
+    )
+    .json();
+    assert_eq!(q["meters"][0]["remaining"], 0);
+}
+
+#[test]
+fn asm_protocol_against_the_service() {
+    let rules = r#"[{"rate_limit_key_regex": "regular-user", "fill_interval_second": 60, "tokens_per_fill": 100, "max_tokens": 1000, "redis_expired_seconds": 600},
+                    {"rate_limit_key_regex": "subscriber", "fill_interval_second": 60, "tokens_per_fill": 1000, "max_tokens": 10000, "redis_expired_seconds": 600}]"#;
+    let (svc, up) = (
+        Service::start(&[], &[("RATE_LIMIT_CONFIG", rules)]),
+        upstream(),
+    );
+    let config = json!({
+        "service": {"cluster": "ratelimit", "protocol": "asm"},
+        "limits": [{"name": "user-type", "key": "{{request.headers.user-type}}"}]
+    });
+    let e = Envoy::start(
+        &config,
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+    );
+    let ask = |user_type: &str| {
+        http::post_json(
+            e.port,
+            "/v1/chat/completions",
+            &[("user-type", user_type)],
+            &json!({}),
+        )
+    };
+    assert_eq!(ask("regular-user").status, 200);
+    let spent = json!({"ratelimit_keys": ["regular-user"], "prompt_tokens": 10, "completion_tokens": 990, "total_tokens": 1000});
+    assert_eq!(
+        http::post_json(svc.port, "/update_ratelimit_record", &[], &spent).status,
+        200
+    );
+    let denied = ask("regular-user");
+    assert_eq!(denied.status, 429);
+    assert_eq!(denied.text(), "regular-user is being rate-limited");
+    assert_eq!(ask("subscriber").status, 200);
+}
+
+#[test]
+fn service_stopped_follows_failure_mode() {
+    let (mut svc, up) = (Service::start(&[], &[]), upstream());
+    let config = json!({
+        "service": {"cluster": "ratelimit", "failure_mode": "deny", "timeout_ms": 300},
+        "limits": [{"name": "g", "key": "", "tokens": 1000, "window": "1m"}]
+    });
+    let e = Envoy::start(
+        &config,
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+    );
+    assert_eq!(
+        http::post_json(e.port, "/v1/x", &[], &json!({})).status,
+        200
+    );
+    assert!(svc.terminate().success());
+    let r = http::post_json(e.port, "/v1/x", &[], &json!({}));
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["code"], "rate_limit_service_unavailable");
+    assert_eq!(e.metric("failure_mode_denied"), 1);
+}
