@@ -603,3 +603,16 @@ async fn redis_started_after_the_service() {
     let _late = RedisServer::start_on(port);
     assert!(ctx.limiter.store.ready().await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_cache_flush_is_survived() {
+    let server = RedisServer::start();
+    let ctx = Ctx::redis(&[server.url()], "");
+    let d = ctx.d("flush", "x", &[(100, 60)]);
+    ctx.report("f1", std::slice::from_ref(&d), 10, 0).await;
+    // Redis restarted with a fresh script cache, or a failover: EVALSHA answers NOSCRIPT.
+    assert!(testkit::redis::command(server.port, &["SCRIPT", "FLUSH"])
+        .unwrap()
+        .contains("OK"));
+    assert_eq!(ctx.remaining(&d).await, vec![90]);
+}
