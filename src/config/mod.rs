@@ -98,6 +98,8 @@ pub struct Config {
     /// Lower-case header name carrying the authenticated consumer.
     pub consumer_header: String,
     pub max_request_body_bytes: usize,
+    /// Derived once at load: the hot path asks it on every matched request.
+    needs_request_body: bool,
 }
 
 impl Config {
@@ -111,16 +113,18 @@ impl Config {
         }
         let value: serde_json::Value = serde_json::from_slice(bytes)
             .map_err(|e| root.error(format!("not valid JSON: {e}")))?;
-        native::parse(&value)
+        let mut config = native::parse(&value)?;
+        config.needs_request_body = config.reserve == Reserve::MaxTokens
+            || config
+                .limits
+                .iter()
+                .any(|l| l.key.attributes().any(|a| *a == Attribute::Model));
+        Ok(config)
     }
 
     /// Whether the JSON request body must be read before the check can be made.
     pub fn needs_request_body(&self) -> bool {
-        self.reserve == Reserve::MaxTokens
-            || self
-                .limits
-                .iter()
-                .any(|l| l.key.attributes().any(|a| *a == Attribute::Model))
+        self.needs_request_body
     }
 }
 

@@ -129,6 +129,7 @@ pub fn parse(value: &Value) -> Result<Config, ConfigError> {
         client_ip,
         consumer_header,
         max_request_body_bytes,
+        needs_request_body: false,
     })
 }
 
