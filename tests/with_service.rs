@@ -72,8 +72,7 @@ fn reservations_exhaust_a_per_user_budget() {
 
 #[test]
 fn asm_protocol_against_the_service() {
-    let rules = r#"[{"rate_limit_key_regex": "regular-user", "fill_interval_second": 60, "tokens_per_fill": 100, "max_tokens": 1000, "redis_expired_seconds": 600},
-                    {"rate_limit_key_regex": "subscriber", "fill_interval_second": 60, "tokens_per_fill": 1000, "max_tokens": 10000, "redis_expired_seconds": 600}]"#;
+    let rules = testkit::ASM_EXAMPLE_RULES;
     let (svc, up) = (
         Service::start(&[], &[("RATE_LIMIT_CONFIG", rules)]),
         upstream(),

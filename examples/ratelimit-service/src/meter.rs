@@ -95,6 +95,13 @@ impl Meter {
         }
     }
 
+    /// A stored meter as it stands at `now`, without changing what is stored (`/v1/quota`).
+    pub fn inspect(field: &str, mut state: State, now: i64) -> Option<(Meter, Status)> {
+        let meter = Meter::from_field(field)?;
+        meter.advance(&mut state, now);
+        Some((meter, meter.status(&state, now, 1)))
+    }
+
     /// How long an untouched state still matters.
     pub fn ttl_ms(&self) -> i64 {
         match *self {

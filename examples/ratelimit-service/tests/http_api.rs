@@ -19,8 +19,7 @@ fn start(args: &[&str], env: &[(&str, &str)]) -> Service {
     Service::start_binary(bin(), args, env)
 }
 
-const ASM_RULES: &str = r#"[{"rate_limit_key_regex": "regular-user", "fill_interval_second": 60, "tokens_per_fill": 100, "max_tokens": 1000, "redis_expired_seconds": 600},
-{"rate_limit_key_regex": "subscriber", "fill_interval_second": 60, "tokens_per_fill": 1000, "max_tokens": 10000, "redis_expired_seconds": 600}]"#;
+use testkit::ASM_EXAMPLE_RULES as ASM_RULES;
 
 fn v1_roundtrip(s: &Service) {
     let d =

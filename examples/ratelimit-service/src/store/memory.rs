@@ -197,12 +197,7 @@ impl MemoryStore {
         entry
             .meters
             .iter()
-            .filter_map(|(field, state)| {
-                let meter = Meter::from_field(field)?;
-                let mut s = *state;
-                meter.advance(&mut s, now);
-                Some((meter, meter.status(&s, now, 1)))
-            })
+            .filter_map(|(field, state)| Meter::inspect(field, *state, now))
             .collect()
     }
 

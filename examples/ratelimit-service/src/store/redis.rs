@@ -310,11 +310,9 @@ impl RedisStore {
         Ok(fields
             .iter()
             .filter_map(|(field, raw)| {
-                let meter = Meter::from_field(field)?;
                 let mut parts = raw.split(',').map(|p| p.parse::<i64>().ok());
-                let mut s: State = [parts.next()??, parts.next()??, parts.next()??];
-                meter.advance(&mut s, now);
-                Some((meter, meter.status(&s, now, 1)))
+                let state: State = [parts.next()??, parts.next()??, parts.next()??];
+                Meter::inspect(field, state, now)
             })
             .collect())
     }
