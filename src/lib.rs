@@ -13,3 +13,4 @@ pub mod protocol;
 pub mod reply;
 pub mod request;
 pub mod template;
+pub mod usage;

@@ -1,0 +1,340 @@
+//! An incremental JSON scanner that finds token usage wherever a provider puts it, fed any
+//! number of chunks cut anywhere, in constant memory.
+//!
+//! It is a lexer, not a parser: it tracks the container depth, the last object key and whether
+//! it is inside a usage object (`usage` or `usageMetadata` near the top of a document), and
+//! records the numbers whose keys name a usage field. Strings are never stored; the bytes of
+//! generated-text strings (`content`, `text`, `delta`, …) are only counted, for the estimate used
+//! when no usage arrives. Malformed input is skipped, never an error.
+
+use super::UsageFields;
+
+/// Deepest container whose kind (object or array) is remembered; deeper nesting is still
+/// counted, but holds nothing the scanner looks for.
+const TRACKED_DEPTH: u32 = 128;
+/// A usage object deeper than this is someone's data (a tool call's arguments), not the API's
+/// accounting: `{"usage": …}` is at depth 2, `{"response": {"usage": …}}` and a streamed array
+/// of Gemini objects at depth 3.
+const MAX_USAGE_DEPTH: u32 = 3;
+/// Longest key or number the scanner keeps; longer ones cannot be a usage field or count.
+const SHORT: usize = 32;
+
+/// Keys whose string values are generated text, for the estimate.
+const TEXT_KEYS: &[&[u8]] = &[
+    b"content",
+    b"text",
+    b"delta",
+    b"reasoning_content",
+    b"reasoning",
+    b"thinking",
+    b"partial_json",
+    b"arguments",
+    b"refusal",
+];
+
+/// A short byte string that remembers whether it overflowed.
+#[derive(Clone, Copy)]
+struct Short {
+    bytes: [u8; SHORT],
+    len: u8,
+    overflow: bool,
+}
+
+impl Short {
+    const EMPTY: Short = Short {
+        bytes: [0; SHORT],
+        len: 0,
+        overflow: false,
+    };
+
+    fn push(&mut self, b: u8) {
+        match self.bytes.get_mut(self.len as usize) {
+            Some(slot) => {
+                *slot = b;
+                self.len += 1;
+            }
+            None => self.overflow = true,
+        }
+    }
+
+    /// The text, or `None` when it was too long to be anything the scanner wants.
+    fn get(&self) -> Option<&[u8]> {
+        if self.overflow {
+            None
+        } else {
+            self.bytes.get(..self.len as usize)
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lex {
+    /// Between tokens.
+    Between,
+    /// Inside a string; `escaped` after a backslash.
+    Str { key: bool, escaped: bool },
+    /// Inside a number or a literal (`true`, `null`, …).
+    Bare,
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct JsonScanner {
+    lex: Lex,
+    depth: u32,
+    /// Bit `d - 1` is set when the container at depth `d` is an object.
+    objects: u128,
+    /// In an object, whether the next string is a key.
+    expect_key: bool,
+    key: Short,
+    bare: Short,
+    /// Depth of the usage object being read, 0 when outside one.
+    usage_depth: u32,
+    /// The current string value is generated text.
+    counting_text: bool,
+    /// What was found so far; later values of a field replace earlier ones (providers send
+    /// cumulative figures).
+    pub fields: UsageFields,
+    /// Bytes of generated-text strings seen.
+    pub text_bytes: u64,
+}
+
+impl Default for JsonScanner {
+    fn default() -> Self {
+        JsonScanner {
+            lex: Lex::Between,
+            depth: 0,
+            objects: 0,
+            expect_key: false,
+            key: Short::EMPTY,
+            bare: Short::EMPTY,
+            usage_depth: 0,
+            counting_text: false,
+            fields: UsageFields::default(),
+            text_bytes: 0,
+        }
+    }
+}
+
+impl JsonScanner {
+    pub fn feed(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            self.byte(b);
+        }
+    }
+
+    /// Starts a new document (the next SSE event), keeping what was found.
+    pub fn next_document(&mut self) {
+        self.end_bare();
+        *self = JsonScanner {
+            fields: self.fields,
+            text_bytes: self.text_bytes,
+            ..JsonScanner::default()
+        };
+    }
+
+    fn in_object(&self) -> bool {
+        (1..=TRACKED_DEPTH).contains(&self.depth) && self.objects & (1u128 << (self.depth - 1)) != 0
+    }
+
+    fn byte(&mut self, b: u8) {
+        match self.lex {
+            Lex::Str { key, escaped } => {
+                if escaped {
+                    self.lex = Lex::Str {
+                        key,
+                        escaped: false,
+                    };
+                    self.string_byte(key, b);
+                } else if b == b'\\' {
+                    self.lex = Lex::Str { key, escaped: true };
+                } else if b == b'"' {
+                    self.lex = Lex::Between;
+                    self.counting_text = false;
+                } else {
+                    self.string_byte(key, b);
+                }
+            }
+            Lex::Bare => {
+                if matches!(
+                    b,
+                    b',' | b'}' | b']' | b':' | b'"' | b'{' | b'[' | b' ' | b'\t' | b'\r' | b'\n'
+                ) {
+                    self.end_bare();
+                    self.structural(b);
+                } else {
+                    self.bare.push(b);
+                }
+            }
+            Lex::Between => self.structural(b),
+        }
+    }
+
+    fn string_byte(&mut self, key: bool, b: u8) {
+        if key {
+            self.key.push(b);
+        } else if self.counting_text {
+            self.text_bytes += 1;
+        }
+    }
+
+    fn structural(&mut self, b: u8) {
+        match b {
+            b'{' | b'[' => self.open(b == b'{'),
+            b'}' | b']' => self.close(),
+            b',' => self.expect_key = self.in_object(),
+            b':' => self.expect_key = false,
+            b'"' => {
+                let key = self.expect_key && self.in_object();
+                if key {
+                    self.key = Short::EMPTY;
+                } else {
+                    self.counting_text = self.usage_depth == 0
+                        && self.in_object()
+                        && self.key.get().is_some_and(|k| TEXT_KEYS.contains(&k));
+                }
+                self.lex = Lex::Str {
+                    key,
+                    escaped: false,
+                };
+            }
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            _ => {
+                self.bare = Short::EMPTY;
+                self.bare.push(b);
+                self.lex = Lex::Bare;
+            }
+        }
+    }
+
+    fn open(&mut self, object: bool) {
+        let opens_usage = self.usage_depth == 0
+            && self.in_object()
+            && self.depth < MAX_USAGE_DEPTH
+            && self
+                .key
+                .get()
+                .is_some_and(|k| k == b"usage" || k == b"usageMetadata");
+        self.depth = self.depth.saturating_add(1);
+        if self.depth <= TRACKED_DEPTH {
+            let bit = 1u128 << (self.depth - 1);
+            if object {
+                self.objects |= bit;
+            } else {
+                self.objects &= !bit;
+            }
+        }
+        if opens_usage && object {
+            self.usage_depth = self.depth;
+        }
+        self.expect_key = object;
+        self.key = Short::EMPTY;
+    }
+
+    fn close(&mut self) {
+        if self.depth == 0 {
+            return;
+        }
+        if self.depth == self.usage_depth {
+            self.usage_depth = 0;
+        }
+        self.depth -= 1;
+        self.expect_key = false;
+    }
+
+    /// A number or literal ended: record it when it is a usage field.
+    fn end_bare(&mut self) {
+        if self.lex != Lex::Bare {
+            return;
+        }
+        self.lex = Lex::Between;
+        if self.usage_depth == 0 || self.depth != self.usage_depth {
+            return;
+        }
+        let (Some(key), Some(text)) = (self.key.get(), self.bare.get()) else {
+            return;
+        };
+        if let Some(n) = parse_count(text) {
+            self.fields.set(key, n);
+        }
+    }
+}
+
+/// A token count as providers write it: a non-negative integer. A fraction is rounded down
+/// (some servers write `12.0`); a negative, non-numeric or absurd value (over 10^15) is ignored.
+pub fn parse_count(text: &[u8]) -> Option<u64> {
+    const ABSURD: f64 = 1e15;
+    let s = std::str::from_utf8(text).ok()?;
+    if let Ok(n) = s.parse::<u64>() {
+        return (n as f64 <= ABSURD).then_some(n);
+    }
+    let f: f64 = s.parse().ok()?;
+    (f.is_finite() && (0.0..=ABSURD).contains(&f)).then_some(f as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(doc: &str) -> JsonScanner {
+        let mut s = JsonScanner::default();
+        s.feed(doc.as_bytes());
+        s.next_document();
+        s
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse_count(b"42"), Some(42));
+        assert_eq!(parse_count(b"12.9"), Some(12));
+        assert_eq!(parse_count(b"1e3"), Some(1000));
+        assert_eq!(parse_count(b"-3"), None);
+        assert_eq!(parse_count(b"null"), None);
+        assert_eq!(parse_count(b"99999999999999999999999"), None);
+        assert_eq!(parse_count(b"1e400"), None);
+        assert_eq!(parse_count(b"NaN"), None);
+    }
+
+    #[test]
+    fn usage_only_at_the_top() {
+        let s = scan(
+            r#"{"choices":[{"message":{"content":"hi","tool_calls":[{"function":{"arguments":{"usage":{"prompt_tokens":999}}}}]}}],
+               "usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8,
+                        "prompt_tokens_details":{"cached_tokens":2}}}"#,
+        );
+        assert_eq!(
+            (s.fields.prompt, s.fields.completion, s.fields.total),
+            (Some(3), Some(5), Some(8))
+        );
+        assert_eq!(s.text_bytes, 2);
+    }
+
+    #[test]
+    fn strings_that_look_like_structure_are_text() {
+        let s = scan(
+            r#"{"content":"a \"usage\": {\"total_tokens\": 5} \\","usage":{"total_tokens":7}}"#,
+        );
+        assert_eq!(s.fields.total, Some(7));
+        assert_eq!(s.text_bytes, 32);
+    }
+
+    #[test]
+    fn malformed_input_is_skipped() {
+        let mut s = JsonScanner::default();
+        s.feed(b"}}]]{\"usage\":{\"total_tokens\":,,:5}}");
+        s.feed(&[0xff, b'"', 0, b'{']);
+        s.next_document();
+        s.feed(br#"{"usage":{"total_tokens":9}}"#);
+        s.next_document();
+        assert_eq!(s.fields.total, Some(9));
+    }
+
+    #[test]
+    fn deep_nesting_is_bounded() {
+        let deep = "[".repeat(100_000) + "]".repeat(100_000).as_str();
+        let s = scan(&(deep + r#"{"usage":{"total_tokens":4}}"#));
+        assert_eq!(s.fields.total, Some(4));
+        let s = scan(&("{\"a\":".repeat(200) + r#"{"usage":{"total_tokens":4}}"#));
+        assert_eq!(s.fields.total, None);
+    }
+}

@@ -1,0 +1,322 @@
+//! Token usage: finding it in a response body as it streams by, and turning it into the tokens
+//! a request is charged (DESIGN section 6).
+
+mod json;
+mod scanner;
+mod sse;
+
+pub use json::{parse_count, JsonScanner};
+pub use scanner::{BodyFormat, UsageScanner};
+pub use sse::SseParser;
+
+use crate::config::{Count, OnMissing};
+
+/// Usage figures under the names every provider uses, as last reported (providers that stream
+/// usage send cumulative figures, so the last value of each field is the answer).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UsageFields {
+    /// `prompt_tokens`, `input_tokens`, `promptTokenCount`.
+    pub prompt: Option<u64>,
+    /// Anthropic's `cache_creation_input_tokens`, billed as input beside `input_tokens`.
+    pub cache_creation: Option<u64>,
+    /// Anthropic's `cache_read_input_tokens`.
+    pub cache_read: Option<u64>,
+    /// `completion_tokens`, `output_tokens`, `candidatesTokenCount`.
+    pub completion: Option<u64>,
+    /// Gemini's `thoughtsTokenCount`, billed as output beside `candidatesTokenCount`.
+    pub thoughts: Option<u64>,
+    /// `total_tokens`, `totalTokenCount`.
+    pub total: Option<u64>,
+}
+
+impl UsageFields {
+    /// Records `value` when `key` names a usage field.
+    pub fn set(&mut self, key: &[u8], value: u64) {
+        let slot = match key {
+            b"prompt_tokens" | b"input_tokens" | b"promptTokenCount" => &mut self.prompt,
+            b"cache_creation_input_tokens" => &mut self.cache_creation,
+            b"cache_read_input_tokens" => &mut self.cache_read,
+            b"completion_tokens" | b"output_tokens" | b"candidatesTokenCount" => {
+                &mut self.completion
+            }
+            b"thoughtsTokenCount" => &mut self.thoughts,
+            b"total_tokens" | b"totalTokenCount" => &mut self.total,
+            _ => return,
+        };
+        *slot = Some(value);
+    }
+
+    fn found(&self) -> bool {
+        self.prompt.is_some() || self.completion.is_some() || self.total.is_some()
+    }
+
+    /// The provider's figures normalised to prompt / completion / total.
+    pub fn normalise(&self) -> Usage {
+        let prompt = self
+            .prompt
+            .unwrap_or(0)
+            .saturating_add(self.cache_creation.unwrap_or(0))
+            .saturating_add(self.cache_read.unwrap_or(0));
+        let completion = self
+            .completion
+            .unwrap_or(0)
+            .saturating_add(self.thoughts.unwrap_or(0));
+        let total = self
+            .total
+            .unwrap_or(0)
+            .max(prompt.saturating_add(completion));
+        Usage {
+            prompt,
+            completion,
+            total,
+        }
+    }
+}
+
+/// Usage normalised across providers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub total: u64,
+}
+
+/// What the response phase saw of one response.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    /// The upstream's `:status`; `None` when no response headers arrived.
+    pub status: Option<u32>,
+    pub fields: UsageFields,
+    /// Bytes of generated text seen (for the estimate).
+    pub text_bytes: u64,
+    /// Bytes of body seen.
+    pub body_bytes: u64,
+    /// The body could not be read for usage (compressed).
+    pub opaque: bool,
+    /// The response ended normally; `false` when the client or the upstream cut it short.
+    pub complete: bool,
+    /// The request body's size, when known, for estimating the prompt.
+    pub request_bytes: Option<u64>,
+}
+
+/// Where a charge came from, for the metrics and the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Basis {
+    /// The provider's usage.
+    Reported,
+    /// No (complete) usage: estimated from what was seen.
+    Estimated,
+    /// No usage and `on_missing: zero`.
+    Missing,
+    /// The upstream failed (status ≥ 400) or never answered: nothing is charged.
+    UpstreamError,
+}
+
+/// The tokens one request is charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub tokens: u64,
+    pub usage: Usage,
+    pub basis: Basis,
+}
+
+/// Bytes per token for estimates: the usual rule of thumb for English text and JSON.
+const BYTES_PER_TOKEN: u64 = 4;
+
+/// Settles what a response costs.
+///
+/// * status ≥ 400, or no response at all: 0 (the reserve is refunded).
+/// * usage found in a complete response: that usage.
+/// * a response cut short: what was seen, never less than the estimate of the text delivered.
+/// * no usage (or an unreadable body): `on_missing` — an estimate (prompt from the request size,
+///   completion from the generated text, or the raw body when it was unreadable) or zero.
+pub fn settle(count: Count, on_missing: OnMissing, seen: &Observed) -> Charge {
+    if !seen.status.is_some_and(|s| s < 400) {
+        return Charge {
+            tokens: 0,
+            usage: Usage::default(),
+            basis: Basis::UpstreamError,
+        };
+    }
+    let reported = seen.fields.found();
+    if reported && seen.complete {
+        let usage = seen.fields.normalise();
+        return Charge {
+            tokens: charge(count, &usage),
+            usage,
+            basis: Basis::Reported,
+        };
+    }
+    if !reported && seen.complete && on_missing == OnMissing::Zero {
+        return Charge {
+            tokens: 0,
+            usage: Usage::default(),
+            basis: Basis::Missing,
+        };
+    }
+    // Estimated: missing usage under `estimate`, or a stream cut short (always charged what it
+    // delivered, else aborting just before the usage chunk would make every stream free).
+    let text = if seen.opaque {
+        seen.body_bytes
+    } else {
+        seen.text_bytes
+    };
+    let mut usage = seen.fields.normalise();
+    if seen.fields.prompt.is_none() {
+        usage.prompt = seen.request_bytes.unwrap_or(0).div_ceil(BYTES_PER_TOKEN);
+    }
+    usage.completion = usage.completion.max(text.div_ceil(BYTES_PER_TOKEN));
+    usage.total = usage.prompt.saturating_add(usage.completion);
+    Charge {
+        tokens: charge(count, &usage),
+        usage,
+        basis: Basis::Estimated,
+    }
+}
+
+/// The tokens `usage` costs under `count`; weights round up.
+pub fn charge(count: Count, usage: &Usage) -> u64 {
+    match count {
+        Count::Total => usage.total,
+        Count::Prompt => usage.prompt,
+        Count::Completion => usage.completion,
+        Count::Weighted { prompt, completion } => {
+            let t = usage.prompt as f64 * prompt + usage.completion as f64 * completion;
+            // `as` saturates; NaN (impossible with validated weights) becomes 0.
+            t.ceil() as u64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(fields: UsageFields) -> Observed {
+        Observed {
+            status: Some(200),
+            fields,
+            complete: true,
+            ..Observed::default()
+        }
+    }
+
+    #[test]
+    fn counts() {
+        let u = Usage {
+            prompt: 10,
+            completion: 95,
+            total: 105,
+        };
+        assert_eq!(charge(Count::Total, &u), 105);
+        assert_eq!(charge(Count::Prompt, &u), 10);
+        assert_eq!(charge(Count::Completion, &u), 95);
+        assert_eq!(
+            charge(
+                Count::Weighted {
+                    prompt: 0.5,
+                    completion: 4.0
+                },
+                &u
+            ),
+            385
+        );
+        assert_eq!(
+            charge(
+                Count::Weighted {
+                    prompt: 0.01,
+                    completion: 0.0
+                },
+                &u
+            ),
+            1
+        );
+    }
+
+    #[test]
+    fn normalisation() {
+        let mut f = UsageFields::default();
+        f.set(b"input_tokens", 10);
+        f.set(b"cache_read_input_tokens", 100);
+        f.set(b"cache_creation_input_tokens", 5);
+        f.set(b"output_tokens", 7);
+        assert_eq!(
+            f.normalise(),
+            Usage {
+                prompt: 115,
+                completion: 7,
+                total: 122
+            }
+        );
+        let mut g = UsageFields::default();
+        g.set(b"promptTokenCount", 4);
+        g.set(b"candidatesTokenCount", 6);
+        g.set(b"thoughtsTokenCount", 20);
+        g.set(b"totalTokenCount", 30);
+        assert_eq!(
+            g.normalise(),
+            Usage {
+                prompt: 4,
+                completion: 26,
+                total: 30
+            }
+        );
+    }
+
+    #[test]
+    fn settlement() {
+        let mut f = UsageFields::default();
+        f.set(b"total_tokens", 50);
+        let c = settle(Count::Total, OnMissing::Zero, &seen(f));
+        assert_eq!((c.tokens, c.basis), (50, Basis::Reported));
+
+        let error = Observed {
+            status: Some(429),
+            ..seen(f)
+        };
+        assert_eq!(
+            settle(Count::Total, OnMissing::Estimate, &error).basis,
+            Basis::UpstreamError
+        );
+        let none = Observed {
+            status: None,
+            ..seen(f)
+        };
+        assert_eq!(settle(Count::Total, OnMissing::Estimate, &none).tokens, 0);
+
+        let missing = Observed {
+            text_bytes: 41,
+            request_bytes: Some(400),
+            ..seen(UsageFields::default())
+        };
+        assert_eq!(
+            settle(Count::Total, OnMissing::Zero, &missing).basis,
+            Basis::Missing
+        );
+        let c = settle(Count::Total, OnMissing::Estimate, &missing);
+        assert_eq!((c.tokens, c.basis), (100 + 11, Basis::Estimated));
+
+        // Cut short after Anthropic's message_start: its prompt, the text seen as completion,
+        // even under `zero`.
+        let mut start = UsageFields::default();
+        start.set(b"input_tokens", 30);
+        start.set(b"output_tokens", 1);
+        let cut = Observed {
+            complete: false,
+            text_bytes: 80,
+            ..seen(start)
+        };
+        let c = settle(Count::Total, OnMissing::Zero, &cut);
+        assert_eq!((c.tokens, c.basis), (30 + 20, Basis::Estimated));
+
+        let opaque = Observed {
+            opaque: true,
+            body_bytes: 400,
+            ..seen(UsageFields::default())
+        };
+        assert_eq!(
+            settle(Count::Completion, OnMissing::Estimate, &opaque).tokens,
+            100
+        );
+    }
+}
