@@ -11,6 +11,7 @@ pub mod limits;
 pub mod matcher;
 pub mod protocol;
 pub mod reply;
+pub mod report;
 pub mod request;
 pub mod template;
 pub mod usage;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Protocol;
 use crate::limits::Descriptor;
+use crate::report::Report;
 
 /// An HTTP call for the adapter to dispatch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +43,45 @@ pub fn check_call(protocol: Protocol, descriptors: &[Descriptor], reserve: u64) 
                 body: None,
             }
         }
+    }
+}
+
+#[derive(Serialize)]
+struct ReportBody<'a> {
+    reports: &'a [&'a Report],
+}
+
+#[derive(Serialize)]
+struct AsmUpdate<'a> {
+    ratelimit_keys: Vec<&'a str>,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    /// What the plugin charges (per `usage.count`): the ASM service charges `total_tokens`.
+    total_tokens: u64,
+}
+
+/// The call that delivers `reports`. The ASM protocol takes one request's usage per call, so
+/// its queue batches one at a time and only the first report is sent.
+pub fn report_call(protocol: Protocol, reports: &[&Report]) -> Call {
+    match protocol {
+        Protocol::V1 => Call {
+            method: "POST",
+            path: "/v1/report".into(),
+            body: serde_json::to_vec(&ReportBody { reports }).ok(),
+        },
+        Protocol::Asm => Call {
+            method: "POST",
+            path: "/update_ratelimit_record".into(),
+            body: reports.first().and_then(|r| {
+                serde_json::to_vec(&AsmUpdate {
+                    ratelimit_keys: r.descriptors.iter().map(|d| d.value.as_str()).collect(),
+                    prompt_tokens: r.usage.prompt,
+                    completion_tokens: r.usage.completion,
+                    total_tokens: r.tokens,
+                })
+                .ok()
+            }),
+        },
     }
 }
 
@@ -226,6 +266,33 @@ mod tests {
         assert_eq!(
             String::from_utf8(call.body.unwrap()).unwrap(),
             r#"{"descriptors":[{"limit":"apikey","value":"k\"1","rates":[{"tokens":10,"window_s":60}]},{"limit":"user-type","value":"regular-user"}],"reserve":5}"#
+        );
+    }
+
+    #[test]
+    fn report_bodies() {
+        let report = Report {
+            id: "ab-1".into(),
+            descriptors: descriptors(),
+            tokens: 105,
+            reserved: 20,
+            usage: crate::usage::Usage {
+                prompt: 10,
+                completion: 95,
+                total: 105,
+            },
+        };
+        let call = report_call(Protocol::V1, &[&report]);
+        assert_eq!((call.method, call.path.as_str()), ("POST", "/v1/report"));
+        assert_eq!(
+            String::from_utf8(call.body.unwrap()).unwrap(),
+            r#"{"reports":[{"id":"ab-1","descriptors":[{"limit":"apikey","value":"k\"1","rates":[{"tokens":10,"window_s":60}]},{"limit":"user-type","value":"regular-user"}],"tokens":105,"reserved":20,"usage":{"prompt_tokens":10,"completion_tokens":95,"total_tokens":105}}]}"#
+        );
+        let call = report_call(Protocol::Asm, &[&report]);
+        assert_eq!(call.path, "/update_ratelimit_record");
+        assert_eq!(
+            String::from_utf8(call.body.unwrap()).unwrap(),
+            r#"{"ratelimit_keys":["k\"1","regular-user"],"prompt_tokens":10,"completion_tokens":95,"total_tokens":105}"#
         );
     }
 

@@ -25,6 +25,9 @@ pub struct BodyFacts {
     pub max_output_tokens: Option<u64>,
     #[serde(default, deserialize_with = "lenient_bool")]
     pub stream: Option<bool>,
+    /// `stream_options` as sent (`Some(Null)` for an explicit `null`), for usage injection.
+    #[serde(default, deserialize_with = "present")]
+    pub stream_options: Option<Value>,
 }
 
 impl BodyFacts {
@@ -41,6 +44,10 @@ impl BodyFacts {
     }
 }
 
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
 fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     Ok(Value::deserialize(d)?.as_u64())
 }
@@ -54,6 +61,50 @@ fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::
 
 fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
     Ok(Value::deserialize(d)?.as_bool())
+}
+
+/// Whether a request may be an OpenAI-style (chat) completion, whose stream carries usage only
+/// when asked: `POST …/completions`. Anthropic, Gemini and the Responses API always report
+/// usage and reject the extra field, so they are left alone.
+pub fn may_need_stream_usage(method: Option<&str>, path: Option<&str>) -> bool {
+    method == Some("POST") && path.is_some_and(|p| strip_query(p).ends_with("/completions"))
+}
+
+/// The request body rewritten to ask for usage in the stream
+/// (`stream_options.include_usage: true`), or `None` when it needs no change: not streaming,
+/// already asking, or not a JSON object. A client's explicit `false` is overridden, else it
+/// could stream without being charged.
+pub fn with_stream_usage(body: &[u8], facts: &BodyFacts) -> Option<Vec<u8>> {
+    const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    if facts.stream != Some(true) {
+        return None;
+    }
+    match &facts.stream_options {
+        Some(Value::Object(o)) if o.get("include_usage") == Some(&Value::Bool(true)) => None,
+        // Absent: insert the field first, leaving every other byte as the client sent it.
+        None => {
+            let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+            if body.get(open) != Some(&b'{') {
+                return None;
+            }
+            let (head, tail) = body.split_at(open + 1);
+            Some([head, FIELD, tail].concat())
+        }
+        Some(_) => {
+            let mut value: Value = serde_json::from_slice(body).ok()?;
+            let root = value.as_object_mut()?;
+            let options = root
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if !options.is_object() {
+                *options = Value::Object(Default::default());
+            }
+            options
+                .as_object_mut()?
+                .insert("include_usage".into(), Value::Bool(true));
+            serde_json::to_vec(&value).ok()
+        }
+    }
 }
 
 /// Reads Envoy attributes by path (`["source", "address"]`); the adapter supplies it.
@@ -280,6 +331,57 @@ mod tests {
             BodyFacts::parse(deep.as_bytes()).unwrap_or_default().model,
             None
         );
+    }
+
+    #[test]
+    fn stream_usage_is_requested_when_missing() {
+        let inject = |body: &str| {
+            let facts = BodyFacts::parse(body.as_bytes()).unwrap_or_default();
+            with_stream_usage(body.as_bytes(), &facts).map(|b| String::from_utf8(b).unwrap())
+        };
+        assert_eq!(
+            inject(" {\"model\":\"m\",\"stream\":true}").as_deref(),
+            Some(r#" {"stream_options":{"include_usage":true},"model":"m","stream":true}"#)
+        );
+        for body in [
+            r#"{"stream":true,"stream_options":{"include_usage":false}}"#,
+            r#"{"stream":true,"stream_options":null}"#,
+            r#"{"stream":true,"stream_options":{"x":1}}"#,
+        ] {
+            let out: Value = serde_json::from_str(&inject(body).unwrap()).unwrap();
+            assert_eq!(out["stream_options"]["include_usage"], true, "{body}");
+            assert_eq!(out["stream"], true);
+        }
+        assert_eq!(
+            serde_json::from_str::<Value>(
+                &inject(r#"{"stream":true,"stream_options":{"x":1}}"#).unwrap()
+            )
+            .unwrap()["stream_options"]["x"],
+            1
+        );
+        for unchanged in [
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            r#"{"stream":false}"#,
+            r#"{"model":"m"}"#,
+            r#"[{"stream":true}]"#,
+            "not json",
+        ] {
+            assert_eq!(inject(unchanged), None, "{unchanged}");
+        }
+        assert!(may_need_stream_usage(
+            Some("POST"),
+            Some("/v1/chat/completions?x=1")
+        ));
+        assert!(may_need_stream_usage(
+            Some("POST"),
+            Some("/compatible-mode/v1/completions")
+        ));
+        assert!(!may_need_stream_usage(
+            Some("GET"),
+            Some("/v1/chat/completions")
+        ));
+        assert!(!may_need_stream_usage(Some("POST"), Some("/v1/messages")));
+        assert!(!may_need_stream_usage(Some("POST"), Some("/v1/responses")));
     }
 
     #[test]

@@ -65,7 +65,7 @@ fn allowed_request_reaches_upstream_with_quota_headers() {
     assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("100"));
     assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("90"));
     assert_eq!(r.header("x-ratelimit-reset-tokens"), Some("30s"));
-    let checks = svc.requests();
+    let checks = svc.checks();
     assert_eq!(checks.len(), 1);
     assert_eq!(checks[0].method, "POST");
     assert_eq!(checks[0].path, "/v1/check");
@@ -187,7 +187,7 @@ fn every_key_source_reaches_the_service() {
         &json!({}),
     );
     assert_eq!(r.status, 200);
-    let got = svc.requests()[0].json();
+    let got = svc.checks()[0].json();
     let rate = |t: u64, w: u64| json!([{"tokens": t, "window_s": w}]);
     assert_eq!(
         got["descriptors"],
@@ -231,7 +231,7 @@ fn forwarded_for_is_counted_from_the_right() {
         200
     );
     let values: Vec<Value> = svc
-        .requests()
+        .checks()
         .iter()
         .map(|r| r.json()["descriptors"][0]["value"].clone())
         .collect();
@@ -255,7 +255,7 @@ fn ipv6_peer_and_cidr_value_rules() {
     let r = http::send_to(&format!("[::1]:{}", e.port), "POST", "/v1/x", &[], b"{}");
     assert_eq!(r.status, 200);
     assert_eq!(
-        svc.requests()[0].json()["descriptors"],
+        svc.checks()[0].json()["descriptors"],
         json!([{"limit": "ip", "value": "::1/128", "rates": [{"tokens": 2, "window_s": 60}], "shared": true}])
     );
 }
@@ -279,7 +279,7 @@ fn value_rules_pick_rates_per_value() {
             200
         );
     }
-    let checks = svc.requests();
+    let checks = svc.checks();
     assert_eq!(
         checks.len(),
         2,
@@ -326,11 +326,7 @@ fn only_matching_requests_are_checked() {
         let r = http::send(e.port, method, path, headers, b"{}");
         assert_eq!(r.status, 200);
         expected += limited as usize;
-        assert_eq!(
-            svc.requests().len(),
-            expected,
-            "{method} {path} {headers:?}"
-        );
+        assert_eq!(svc.checks().len(), expected, "{method} {path} {headers:?}");
     }
     assert_eq!(up.requests().len(), cases.len());
     assert_eq!(e.metric("requests_matched"), expected as u64);
@@ -349,7 +345,7 @@ fn model_and_reserve_come_from_the_request_body() {
         http::post_json(e.port, "/v1/chat/completions", &[], &body).status,
         200
     );
-    let check = svc.requests()[0].json();
+    let check = svc.checks()[0].json();
     assert_eq!(check["descriptors"][0]["value"], "gpt-4o");
     assert_eq!(check["reserve"], 256);
     assert_eq!(
@@ -368,7 +364,7 @@ fn model_and_reserve_come_from_the_request_body() {
         http::send(e.port, "POST", "/v1/chat/completions", &[], b"not json").status,
         200
     );
-    assert_eq!(svc.requests().len(), 1);
+    assert_eq!(svc.checks().len(), 1);
     assert_eq!(up.requests().len(), 3);
     assert_eq!(up.requests()[1].json(), big);
     assert_eq!(e.metric("request_body_unreadable"), 2);
@@ -415,7 +411,7 @@ fn asm_protocol_check_and_denial() {
         None,
         "ASM has no figures"
     );
-    let checks = svc.requests();
+    let checks = svc.checks();
     assert_eq!(checks[0].method, "GET");
     assert_eq!(
         checks[0].path,
@@ -438,7 +434,7 @@ fn istio_cluster_naming_from_host_and_port() {
         http::post_json(e.port, "/v1/x", &[], &json!({})).status,
         200
     );
-    let checks = svc.requests();
+    let checks = svc.checks();
     assert_eq!(checks.len(), 1);
     assert_eq!(checks[0].header("host"), Some("ratelimit.test"));
 }

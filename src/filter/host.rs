@@ -12,6 +12,10 @@ use crate::reply::Reply;
 /// The most of a check answer the plugin reads; a decision is a few hundred bytes.
 const MAX_CALL_BODY: usize = 64 * 1024;
 
+/// The most of a response body read into the VM at once: a large chunk is read in slices so
+/// that the plugin's memory does not grow with Envoy's buffer sizes.
+const BODY_SLICE: usize = 64 * 1024;
+
 pub fn request_headers() -> Vec<(String, String)> {
     hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
 }
@@ -20,6 +24,73 @@ pub fn request_body(size: usize) -> Option<Vec<u8>> {
     hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
         .ok()
         .flatten()
+}
+
+pub fn remove_request_header(name: &str) {
+    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+}
+
+/// Replaces the buffered request body (`size` bytes) with `body`.
+pub fn set_request_body(size: usize, body: &[u8]) -> bool {
+    hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body).is_ok()
+}
+
+pub fn response_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
+        .ok()
+        .flatten()
+}
+
+/// Hands the current response body chunk (`size` bytes) to `f`, a bounded slice at a time.
+pub fn response_body_slices(size: usize, mut f: impl FnMut(&[u8])) {
+    let mut offset = 0;
+    while offset < size {
+        let want = (size - offset).min(BODY_SLICE);
+        match hostcalls::get_buffer(BufferType::HttpResponseBody, offset, want) {
+            Ok(Some(bytes)) if !bytes.is_empty() => {
+                offset += bytes.len();
+                f(&bytes);
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Milliseconds since the epoch by the host's clock (0 if it cannot tell).
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Asks for the root context's `on_tick` after `ms` (0 stops the ticks). Called from an HTTP
+/// context it still sets its root context's timer.
+pub fn set_tick_ms(ms: u64) {
+    if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(ms)) {
+        log::warn!("could not set the tick period: {status:?}");
+    }
+}
+
+/// A random number from the host (WASI `random_get` through std's hasher keys), mixed with
+/// the time, to make report ids unique across VMs and restarts.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.finish()
+}
+
+/// The VM's linear memory in bytes.
+pub fn vm_memory_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        core::arch::wasm32::memory_size(0) as u64 * 65536
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
+    }
 }
 
 pub fn property(path: &[&str]) -> Option<String> {
@@ -56,7 +127,7 @@ pub fn dispatch(
     )
 }
 
-/// The callout's `:status`, or `None` when it ended without response headers.
+/// The request's `:status`, or `None` when it ended without response headers.
 pub fn call_status(num_headers: usize) -> Option<u32> {
     if num_headers == 0 {
         return None;

@@ -1,4 +1,5 @@
-//! One HTTP stream: match, build descriptors, check, then admit, deny or fail per config.
+//! One HTTP stream: match, build descriptors, check, then admit, deny or fail per config; on
+//! the way back, scan the response for usage and hand a report to the root context.
 
 use std::rc::Rc;
 
@@ -6,13 +7,17 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::host;
-use super::metrics::Metrics;
-use crate::config::{Config, FailureMode, Reserve};
-use crate::limits::descriptors;
-use crate::matcher::any_matches;
+use super::root::Shared;
+use crate::config::{FailureMode, Protocol, Reserve};
+use crate::limits::{descriptors, Descriptor};
+use crate::matcher::{any_matches, RequestHeaders};
 use crate::protocol::{self, CheckFailure, Quota};
 use crate::reply;
-use crate::request::{BodyFacts, Properties, RequestView};
+use crate::report::Report;
+use crate::request::{
+    may_need_stream_usage, with_stream_usage, BodyFacts, Properties, RequestView,
+};
+use crate::usage::{settle, Observed, UsageScanner};
 
 /// Envoy attributes, read through the host on demand.
 struct EnvoyProperties;
@@ -24,28 +29,51 @@ impl Properties for EnvoyProperties {
 }
 
 enum State {
-    /// Not limited (unmatched, unconfigured, no limit applies, or admitted by failure mode).
+    /// Not limited (unmatched, unconfigured, no limit applies), or answered by the plugin.
     Passthrough,
-    /// Matched; the check waits for the JSON body (model, max_tokens).
-    AwaitingBody { headers: Vec<(String, String)> },
+    /// Matched; the check waits for the JSON body (model, max_tokens, usage injection).
+    AwaitingBody {
+        headers: Vec<(String, String)>,
+        inject: bool,
+    },
     /// The check is in flight; the request is paused.
-    Checking,
-    /// The service admitted the request.
-    Admitted { quota: Option<Quota> },
-    /// The plugin answered the request itself.
-    Replied,
+    Checking { spend: Spend },
+    /// Admitted (by the service, or by `failure_mode: allow`): its usage is charged.
+    Admitted {
+        spend: Spend,
+        quota: Option<Quota>,
+        response: Option<Box<Response>>,
+    },
+}
+
+/// What an admitted request is charged against.
+struct Spend {
+    descriptors: Vec<Descriptor>,
+    /// Tokens the service took at admission.
+    reserved: u64,
+}
+
+/// The response as it streams by.
+struct Response {
+    status: u32,
+    /// `None` for an upstream error, whose body is not read.
+    scanner: Option<UsageScanner>,
+    complete: bool,
 }
 
 pub struct Http {
-    active: Option<(Rc<Config>, Rc<Metrics>)>,
+    shared: Option<Rc<Shared>>,
     state: State,
+    /// The request body's size, for estimating the prompt when usage is missing.
+    request_bytes: Option<u64>,
 }
 
 impl Http {
-    pub fn new(config: Option<Rc<Config>>, metrics: Option<Rc<Metrics>>) -> Http {
+    pub fn new(shared: Option<Rc<Shared>>) -> Http {
         Http {
-            active: config.zip(metrics),
+            shared,
             state: State::Passthrough,
+            request_bytes: None,
         }
     }
 
@@ -53,11 +81,11 @@ impl Http {
     /// should answer.
     fn check(
         &mut self,
-        config: &Config,
-        metrics: &Metrics,
+        shared: &Shared,
         headers: &[(String, String)],
         body: Option<&BodyFacts>,
     ) -> Action {
+        let config = &shared.config;
         let view = RequestView {
             headers,
             body,
@@ -67,15 +95,21 @@ impl Http {
         };
         let descriptors = descriptors(&config.limits, &view);
         if descriptors.is_empty() {
-            metrics.requests_unlimited.inc();
+            shared.metrics.requests_unlimited.inc();
             self.state = State::Passthrough;
             return Action::Continue;
         }
-        let reserve = match config.reserve {
-            Reserve::Tokens(n) => n,
-            Reserve::MaxTokens => body.and_then(BodyFacts::output_token_cap).unwrap_or(0),
+        // The ASM protocol has no reservations.
+        let reserve = match (config.service.protocol, config.reserve) {
+            (Protocol::Asm, _) => 0,
+            (_, Reserve::Tokens(n)) => n,
+            (_, Reserve::MaxTokens) => body.and_then(BodyFacts::output_token_cap).unwrap_or(0),
         };
         let call = protocol::check_call(config.service.protocol, &descriptors, reserve);
+        let spend = Spend {
+            descriptors,
+            reserved: reserve,
+        };
         match host::dispatch(
             &config.service.cluster,
             &config.service.authority,
@@ -83,7 +117,7 @@ impl Http {
             config.service.timeout_ms,
         ) {
             Ok(_) => {
-                self.state = State::Checking;
+                self.state = State::Checking { spend };
                 Action::Pause
             }
             Err(status) => {
@@ -91,24 +125,32 @@ impl Http {
                     "check could not be dispatched to cluster `{}`: {status:?}",
                     config.service.cluster
                 );
-                self.fail(config, metrics, CheckFailure::Dispatch)
+                self.fail(shared, spend, CheckFailure::Dispatch)
             }
         }
     }
 
-    /// Applies `failure_mode` to a failed check.
-    fn fail(&mut self, config: &Config, metrics: &Metrics, kind: CheckFailure) -> Action {
-        metrics.check_failure(kind).inc();
-        match config.service.failure_mode {
+    /// Applies `failure_mode` to a failed check. A request let through is still charged (with
+    /// nothing reserved), so its usage counts once the service is back.
+    fn fail(&mut self, shared: &Shared, spend: Spend, kind: CheckFailure) -> Action {
+        shared.metrics.check_failure(kind).inc();
+        match shared.config.service.failure_mode {
             FailureMode::Allow => {
-                metrics.failure_mode_allowed.inc();
-                self.state = State::Passthrough;
+                shared.metrics.failure_mode_allowed.inc();
+                self.state = State::Admitted {
+                    spend: Spend {
+                        reserved: 0,
+                        ..spend
+                    },
+                    quota: None,
+                    response: None,
+                };
                 Action::Continue
             }
             FailureMode::Deny => {
-                metrics.failure_mode_denied.inc();
-                host::send_reply(&reply::unavailable(config));
-                self.state = State::Replied;
+                shared.metrics.failure_mode_denied.inc();
+                host::send_reply(&reply::unavailable(&shared.config));
+                self.state = State::Passthrough;
                 Action::Pause
             }
         }
@@ -123,26 +165,28 @@ impl Context for Http {
         body_size: usize,
         _trailers: usize,
     ) {
-        let Some((config, metrics)) = self.active.clone() else {
+        let Some(shared) = self.shared.clone() else {
             return;
         };
-        if !matches!(self.state, State::Checking) {
+        let State::Checking { spend } = std::mem::replace(&mut self.state, State::Passthrough)
+        else {
             return;
-        }
+        };
         let status = host::call_status(num_headers);
         let body = host::call_body(body_size);
-        let action = match protocol::read_check(config.service.protocol, status, &body) {
+        let action = match protocol::read_check(shared.config.service.protocol, status, &body) {
             Ok(verdict) if verdict.allowed => {
-                metrics.checks_allowed.inc();
+                shared.metrics.checks_allowed.inc();
                 self.state = State::Admitted {
+                    spend,
                     quota: verdict.quota,
+                    response: None,
                 };
                 Action::Continue
             }
             Ok(verdict) => {
-                metrics.checks_denied.inc();
-                host::send_reply(&reply::denied(&config, &verdict));
-                self.state = State::Replied;
+                shared.metrics.checks_denied.inc();
+                host::send_reply(&reply::denied(&shared.config, &verdict));
                 Action::Pause
             }
             Err(kind) => {
@@ -150,7 +194,7 @@ impl Context for Http {
                     "rate-limit check failed ({}): status {status:?}",
                     kind.name()
                 );
-                self.fail(&config, &metrics, kind)
+                self.fail(&shared, spend, kind)
             }
         };
         if action == Action::Continue {
@@ -161,9 +205,10 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let Some((config, metrics)) = self.active.clone() else {
+        let Some(shared) = self.shared.clone() else {
             return Action::Continue;
         };
+        let config = &shared.config;
         let headers = host::request_headers();
         let view = RequestView {
             headers: &headers,
@@ -175,75 +220,196 @@ impl HttpContext for Http {
         if !any_matches(&config.matches, &view) {
             return Action::Continue;
         }
-        metrics.requests_matched.inc();
-        if config.needs_request_body() && !end_of_stream {
+        shared.metrics.requests_matched.inc();
+        // Usage must be readable in the response.
+        host::remove_request_header("accept-encoding");
+        self.request_bytes = view
+            .header("content-length")
+            .and_then(|v| v.trim().parse().ok());
+        let inject = config.inject_stream_usage
+            && !end_of_stream
+            && may_need_stream_usage(view.header(":method"), view.header(":path"));
+        if (config.needs_request_body() || inject) && !end_of_stream {
+            if inject {
+                // The body may grow; the upstream then gets it chunked.
+                host::remove_request_header("content-length");
+            }
             // Pausing here would stop Envoy's body callbacks; the body is held back instead.
-            self.state = State::AwaitingBody { headers };
+            self.state = State::AwaitingBody { headers, inject };
             return Action::Continue;
         }
-        self.check(&config, &metrics, &headers, None)
+        self.check(&shared, &headers, None)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some((config, metrics)) = self.active.clone() else {
+        let Some(shared) = self.shared.clone() else {
             return Action::Continue;
         };
         match &self.state {
             State::AwaitingBody { .. } => {}
-            State::Checking | State::Replied => return Action::Pause,
+            State::Checking { .. } => return Action::Pause,
             State::Passthrough | State::Admitted { .. } => return Action::Continue,
         }
-        let too_large = body_size > config.max_request_body_bytes;
+        let too_large = body_size > shared.config.max_request_body_bytes;
         if !end_of_stream && !too_large {
             return Action::Pause;
         }
-        let facts = if too_large {
-            None
-        } else {
-            host::request_body(body_size).and_then(|b| BodyFacts::parse(&b))
-        };
-        if facts.is_none() {
-            metrics.request_body_unreadable.inc();
-        }
-        let State::AwaitingBody { headers } = std::mem::replace(&mut self.state, State::Checking)
+        let State::AwaitingBody { headers, inject } =
+            std::mem::replace(&mut self.state, State::Passthrough)
         else {
             return Action::Continue;
         };
-        self.check(&config, &metrics, &headers, facts.as_ref())
+        let body = if too_large {
+            None
+        } else {
+            host::request_body(body_size)
+        };
+        let facts = body.as_deref().and_then(BodyFacts::parse);
+        if facts.is_none() {
+            shared.metrics.request_body_unreadable.inc();
+        }
+        if let (true, Some(body), Some(facts)) = (inject, &body, &facts) {
+            if let Some(rewritten) = with_stream_usage(body, facts) {
+                if host::set_request_body(body_size, &rewritten) {
+                    shared.metrics.stream_usage_injected.inc();
+                }
+            }
+        }
+        if self.request_bytes.is_none() && !too_large {
+            self.request_bytes = Some(body_size as u64);
+        }
+        self.check(&shared, &headers, facts.as_ref())
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        let Some((config, metrics)) = self.active.clone() else {
+        let Some(shared) = self.shared.clone() else {
             return Action::Continue;
         };
-        match std::mem::replace(&mut self.state, State::Checking) {
+        match std::mem::replace(&mut self.state, State::Passthrough) {
             // Trailers end a body whose last chunk did not say so.
-            State::AwaitingBody { headers } => {
-                metrics.request_body_unreadable.inc();
-                self.check(&config, &metrics, &headers, None)
+            State::AwaitingBody { headers, .. } => {
+                shared.metrics.request_body_unreadable.inc();
+                self.check(&shared, &headers, None)
             }
-            State::Checking => Action::Pause,
             other => {
+                let pause = matches!(other, State::Checking { .. });
                 self.state = other;
-                match self.state {
-                    State::Replied => Action::Pause,
-                    _ => Action::Continue,
+                if pause {
+                    Action::Pause
+                } else {
+                    Action::Continue
                 }
             }
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some((config, _)) = &self.active else {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(shared) = &self.shared else {
             return Action::Continue;
         };
-        if let State::Admitted { quota: Some(q) } = &self.state {
-            if config.quota_headers {
-                for (name, value) in reply::quota_headers(q) {
-                    host::set_response_header(name, &value);
-                }
+        let State::Admitted {
+            quota, response, ..
+        } = &mut self.state
+        else {
+            return Action::Continue;
+        };
+        if let (Some(q), true) = (quota, shared.config.quota_headers) {
+            for (name, value) in reply::quota_headers(q) {
+                host::set_response_header(name, &value);
             }
         }
+        let status = host::response_header(":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let scanner = (status < 400)
+            .then(|| UsageScanner::new(host::response_header("content-encoding").as_deref()));
+        *response = Some(Box::new(Response {
+            status,
+            scanner,
+            complete: end_of_stream,
+        }));
         Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let State::Admitted {
+            response: Some(r), ..
+        } = &mut self.state
+        {
+            if let Some(scanner) = &mut r.scanner {
+                host::response_body_slices(body_size, |chunk| scanner.feed(chunk));
+                if end_of_stream {
+                    scanner.finish();
+                }
+            }
+            r.complete |= end_of_stream;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let State::Admitted {
+            response: Some(r), ..
+        } = &mut self.state
+        {
+            if let Some(scanner) = &mut r.scanner {
+                scanner.finish();
+            }
+            r.complete = true;
+        }
+        Action::Continue
+    }
+
+    /// The stream is over, normally or not: settle what it cost and queue the report.
+    fn on_log(&mut self) {
+        let (
+            Some(shared),
+            State::Admitted {
+                spend, response, ..
+            },
+        ) = (
+            &self.shared,
+            std::mem::replace(&mut self.state, State::Passthrough),
+        )
+        else {
+            return;
+        };
+        let config = &shared.config;
+        let seen = match &response {
+            Some(r) => Observed {
+                status: Some(r.status),
+                fields: r
+                    .scanner
+                    .as_ref()
+                    .map(UsageScanner::fields)
+                    .unwrap_or_default(),
+                text_bytes: r.scanner.as_ref().map_or(0, UsageScanner::text_bytes),
+                body_bytes: r.scanner.as_ref().map_or(0, UsageScanner::body_bytes),
+                opaque: r
+                    .scanner
+                    .as_ref()
+                    .is_some_and(|s| s.format() == crate::usage::BodyFormat::Opaque),
+                complete: r.complete,
+                request_bytes: self.request_bytes,
+            },
+            None => Observed::default(),
+        };
+        let charge = settle(config.count, config.on_missing, &seen);
+        shared.metrics.charged(charge.basis);
+        shared.metrics.vm_memory_bytes.set(host::vm_memory_bytes());
+        if charge.tokens == 0 && spend.reserved == 0 {
+            return;
+        }
+        let Ok(mut reporter) = shared.reporter.try_borrow_mut() else {
+            return;
+        };
+        let report = Report {
+            id: reporter.next_id(),
+            descriptors: spend.descriptors,
+            tokens: charge.tokens,
+            reserved: spend.reserved,
+            usage: charge.usage,
+        };
+        reporter.submit(report, &shared.metrics);
     }
 }

@@ -3,6 +3,7 @@
 mod host;
 mod http;
 mod metrics;
+mod reporter;
 mod root;
 
 use proxy_wasm::types::LogLevel;

@@ -1,6 +1,7 @@
-//! The root context: owns the parsed configuration and the metrics, and hands both to each
-//! HTTP stream.
+//! The root context: owns the parsed configuration, the metrics and the report queue, and
+//! hands them to each HTTP stream.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -9,36 +10,86 @@ use proxy_wasm::types::ContextType;
 use super::host;
 use super::http::Http;
 use super::metrics::Metrics;
+use super::reporter::Reporter;
 use crate::config::Config;
+
+/// What every stream of the VM shares with the root context.
+pub struct Shared {
+    pub config: Config,
+    pub metrics: Rc<Metrics>,
+    pub reporter: Rc<RefCell<Reporter>>,
+}
 
 #[derive(Default)]
 pub struct Root {
-    config: Option<Rc<Config>>,
-    metrics: Option<Rc<Metrics>>,
+    shared: Option<Rc<Shared>>,
 }
 
-impl Context for Root {}
+impl Root {
+    fn with_reporter(&self, f: impl FnOnce(&mut Reporter, &Metrics)) {
+        if let Some(shared) = &self.shared {
+            if let Ok(mut reporter) = shared.reporter.try_borrow_mut() {
+                f(&mut reporter, &shared.metrics);
+            }
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        num_headers: usize,
+        _body_size: usize,
+        _trailers: usize,
+    ) {
+        let status = host::call_status(num_headers);
+        self.with_reporter(|reporter, metrics| reporter.answered(status, metrics));
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
         let bytes = host::plugin_configuration(size).unwrap_or_default();
-        match Config::parse(&bytes) {
-            Ok(config) => {
-                log::info!(
-                    "llm-token-ratelimit configured: {} limit(s), service cluster `{}`",
-                    config.limits.len(),
-                    config.service.cluster
-                );
-                self.config = Some(Rc::new(config));
-                self.metrics
-                    .get_or_insert_with(|| Rc::new(Metrics::define()));
-                true
-            }
+        let config = match Config::parse(&bytes) {
+            Ok(config) => config,
             Err(e) => {
                 log::error!("{e}");
-                false
+                return false;
             }
-        }
+        };
+        log::info!(
+            "llm-token-ratelimit configured: {} limit(s), service cluster `{}`",
+            config.limits.len(),
+            config.service.cluster
+        );
+        // A reconfiguration keeps the metrics and the reports still queued.
+        let shared = match self.shared.take() {
+            Some(old) => {
+                if let Ok(mut reporter) = old.reporter.try_borrow_mut() {
+                    reporter.reconfigure(config.service.clone());
+                }
+                Shared {
+                    config,
+                    metrics: Rc::clone(&old.metrics),
+                    reporter: Rc::clone(&old.reporter),
+                }
+            }
+            None => Shared {
+                reporter: Rc::new(RefCell::new(Reporter::new(config.service.clone()))),
+                metrics: Rc::new(Metrics::define()),
+                config,
+            },
+        };
+        self.shared = Some(Rc::new(shared));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        self.with_reporter(|reporter, metrics| {
+            reporter.pump(metrics);
+            metrics.vm_memory_bytes.set(host::vm_memory_bytes());
+        });
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -47,9 +98,6 @@ impl RootContext for Root {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         // The SDK panics on `None`; without a configuration the stream passes through.
-        Some(Box::new(Http::new(
-            self.config.clone(),
-            self.metrics.clone(),
-        )))
+        Some(Box::new(Http::new(self.shared.clone())))
     }
 }

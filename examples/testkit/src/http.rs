@@ -117,6 +117,24 @@ impl Server {
     pub fn requests(&self) -> Vec<Request> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// Requests other than usage reports: the checks, when this stands in for the service.
+    pub fn checks(&self) -> Vec<Request> {
+        let mut all = self.requests();
+        all.retain(|r| !is_report(&r.path));
+        all
+    }
+
+    /// The usage reports received (`/v1/report`, `/update_ratelimit_record`).
+    pub fn reports(&self) -> Vec<Request> {
+        let mut all = self.requests();
+        all.retain(|r| is_report(&r.path));
+        all
+    }
+}
+
+fn is_report(path: &str) -> bool {
+    path == "/v1/report" || path == "/update_ratelimit_record"
 }
 
 impl Drop for Server {
