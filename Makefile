@@ -11,6 +11,7 @@ WASM         := target/wasm32-wasip1/release/llm_token_ratelimit.wasm
 export ENVOY_BIN
 export PLUGIN_WASM := $(CURDIR)/$(WASM)
 export RATELIMIT_SERVICE_BIN := $(CURDIR)/target/release/ratelimit-service
+export MOCK_LLM_BIN := $(CURDIR)/target/release/mock-llm
 
 .PHONY: all deps build wasm test lint unit clean
 

@@ -9,17 +9,31 @@ use std::time::Duration;
 
 use crate::repo;
 
-/// The binary: `RATELIMIT_SERVICE_BIN`, else the workspace's release build.
+/// The service binary: `RATELIMIT_SERVICE_BIN`, else the workspace's release build.
 pub fn binary() -> PathBuf {
-    let path = std::env::var_os("RATELIMIT_SERVICE_BIN")
+    release_binary("RATELIMIT_SERVICE_BIN", "ratelimit-service")
+}
+
+/// The mock LLM binary: `MOCK_LLM_BIN`, else the workspace's release build.
+pub fn mock_llm_binary() -> PathBuf {
+    release_binary("MOCK_LLM_BIN", "mock-llm")
+}
+
+fn release_binary(var: &str, name: &str) -> PathBuf {
+    let path = std::env::var_os(var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/release/ratelimit-service"));
+        .unwrap_or_else(|| repo().join("target/release").join(name));
     assert!(
         path.exists(),
-        "no service binary at {}: run `make build` (or set RATELIMIT_SERVICE_BIN)",
+        "no {name} binary at {}: run `make build` (or set {var})",
         path.display()
     );
     path
+}
+
+/// The mock LLM upstream (`examples/mock-llm`) on an ephemeral port.
+pub fn mock_llm() -> Service {
+    Service::start_binary(mock_llm_binary(), &[], &[])
 }
 
 pub struct Service {
@@ -36,8 +50,13 @@ impl Service {
     }
 
     pub fn start_binary(bin: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Service {
+        Service::start_at(bin, "127.0.0.1:0", args, env)
+    }
+
+    /// Starts `bin` listening on `listen` (a fixed port, to restart a service in place).
+    pub fn start_at(bin: PathBuf, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Service {
         let mut cmd = Command::new(bin);
-        cmd.args(["--listen", "127.0.0.1:0"])
+        cmd.args(["--listen", listen])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
