@@ -438,3 +438,113 @@ fn istio_cluster_naming_from_host_and_port() {
     assert_eq!(checks.len(), 1);
     assert_eq!(checks[0].header("host"), Some("ratelimit.test"));
 }
+
+#[test]
+fn limited_requests_are_readable_and_streams_ask_for_usage() {
+    let (svc, up) = (allow_all(), upstream());
+    let e = envoy(
+        &plugin(json!([{"name": "g", "key": "", "tokens": 100, "window": "1m"}])),
+        &svc,
+        &up,
+    );
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let r = http::post_json(
+        e.port,
+        "/v1/chat/completions",
+        &[("accept-encoding", "gzip, br")],
+        &body,
+    );
+    assert_eq!(r.status, 200);
+    let got = &up.requests()[0];
+    assert_eq!(
+        got.header("accept-encoding"),
+        None,
+        "usage must come back readable"
+    );
+    let mut want = body.clone();
+    want["stream_options"] = json!({"include_usage": true});
+    assert_eq!(
+        got.json(),
+        want,
+        "the rest of the body is as the client sent it"
+    );
+    assert_eq!(
+        got.header("content-length"),
+        None,
+        "the grown body is sent chunked"
+    );
+
+    // Not limited (no match): nothing is touched.
+    let mut config = plugin(json!([{"name": "g", "key": "", "tokens": 100, "window": "1m"}]));
+    config["matches"] = json!([{"path": {"prefix": "/limited/"}}]);
+    let e2 = envoy(&config, &svc, &up);
+    http::post_json(
+        e2.port,
+        "/v1/chat/completions",
+        &[("accept-encoding", "gzip")],
+        &body,
+    );
+    let got = &up.requests()[1];
+    assert_eq!(got.header("accept-encoding"), Some("gzip"));
+    assert_eq!(got.json(), body);
+}
+
+#[test]
+fn reports_carry_ids_descriptors_reserve_and_usage() {
+    let svc = allow_all();
+    let up = Server::start(|req| {
+        if req.path.contains("gzip") {
+            let mut r = http::reply(200, "application/json", vec![0x1f; 400]);
+            if let http::Behaviour::Reply(resp) = &mut r {
+                resp.headers
+                    .push(("content-encoding".into(), "gzip".into()));
+            }
+            return r;
+        }
+        json_reply(
+            200,
+            json!({"usage": {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}}),
+        )
+    });
+    let mut config = plugin(
+        json!([{"name": "user", "key": "{{request.headers.x-user}}", "tokens": 100, "window": "1m"}]),
+    );
+    config["reserve"] = json!({"tokens": 3});
+    let e = envoy(&config, &svc, &up);
+    for path in ["/v1/chat/completions", "/v1/chat/completions", "/gzip"] {
+        let r = http::post_json(e.port, path, &[("x-user", "ann")], &json!({"model": "m"}));
+        assert_eq!(r.status, 200);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let reports = loop {
+        let all: Vec<Value> = svc
+            .reports()
+            .iter()
+            .flat_map(|r| r.json()["reports"].as_array().cloned().unwrap_or_default())
+            .collect();
+        if all.len() >= 3 || std::time::Instant::now() > deadline {
+            break all;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(reports.len(), 3, "{reports:?}");
+    let ids: std::collections::HashSet<&str> =
+        reports.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 3, "ids are unique: {ids:?}");
+    assert_eq!(
+        reports[0]["descriptors"],
+        json!([{"limit": "user", "value": "ann", "rates": [{"tokens": 100, "window_s": 60}]}])
+    );
+    assert_eq!(reports[0]["reserved"], 3);
+    assert_eq!(reports[0]["tokens"], 10);
+    assert_eq!(
+        reports[0]["usage"],
+        json!({"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10})
+    );
+    // A compressed body cannot be read: its size stands in for the text (400 bytes → 100
+    // tokens) and the request's for the prompt (13 bytes → 4 tokens).
+    let gz = reports.iter().find(|r| r["tokens"] != 10).unwrap();
+    assert_eq!(gz["tokens"], 104);
+    assert_eq!(e.metric("usage.estimated"), 1);
+}
