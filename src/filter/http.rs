@@ -56,7 +56,7 @@ struct Spend {
 /// The response as it streams by.
 struct Response {
     status: u32,
-    /// `None` for an upstream error, whose body is not read.
+    /// `None` for a status other than 2xx, whose body is not read.
     scanner: Option<UsageScanner>,
     complete: bool,
 }
@@ -321,7 +321,8 @@ impl HttpContext for Http {
         let status = host::response_header(":status")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let scanner = (status < 400)
+        let scanner = (200..300)
+            .contains(&status)
             .then(|| UsageScanner::new(host::response_header("content-encoding").as_deref()));
         *response = Some(Box::new(Response {
             status,

@@ -108,7 +108,7 @@ pub enum Basis {
     Estimated,
     /// No usage and `on_missing: zero`.
     Missing,
-    /// The upstream failed (status ≥ 400) or never answered: nothing is charged.
+    /// The upstream failed (a status other than 2xx) or never answered: nothing is charged.
     UpstreamError,
 }
 
@@ -125,13 +125,13 @@ const BYTES_PER_TOKEN: u64 = 4;
 
 /// Settles what a response costs.
 ///
-/// * status ≥ 400, or no response at all: 0 (the reserve is refunded).
+/// * a status other than 2xx, or no response at all: 0 (the reserve is refunded).
 /// * usage found in a complete response: that usage.
 /// * a response cut short: what was seen, never less than the estimate of the text delivered.
 /// * no usage (or an unreadable body): `on_missing` — an estimate (prompt from the request size,
 ///   completion from the generated text, or the raw body when it was unreadable) or zero.
 pub fn settle(count: Count, on_missing: OnMissing, seen: &Observed) -> Charge {
-    if !seen.status.is_some_and(|s| s < 400) {
+    if !seen.status.is_some_and(|s| (200..300).contains(&s)) {
         return Charge {
             tokens: 0,
             usage: Usage::default(),
@@ -270,14 +270,16 @@ mod tests {
         let c = settle(Count::Total, OnMissing::Zero, &seen(f));
         assert_eq!((c.tokens, c.basis), (50, Basis::Reported));
 
-        let error = Observed {
-            status: Some(429),
-            ..seen(f)
-        };
-        assert_eq!(
-            settle(Count::Total, OnMissing::Estimate, &error).basis,
-            Basis::UpstreamError
-        );
+        for status in [429, 500, 304] {
+            let error = Observed {
+                status: Some(status),
+                ..seen(f)
+            };
+            assert_eq!(
+                settle(Count::Total, OnMissing::Estimate, &error).basis,
+                Basis::UpstreamError
+            );
+        }
         let none = Observed {
             status: None,
             ..seen(f)
