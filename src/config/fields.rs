@@ -38,6 +38,12 @@ impl Path {
     }
 }
 
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "(root)" } else { &self.0 })
+    }
+}
+
 /// One JSON object being read; `finish` rejects the fields nobody asked for (typos).
 pub struct Object<'a> {
     pub path: Path,
@@ -137,6 +143,15 @@ impl<'a> Object<'a> {
     /// The fields of this object, in document order (for maps such as `headers`).
     pub fn entries(&self) -> impl Iterator<Item = (&'a String, &'a Value)> {
         self.map.iter()
+    }
+
+    /// The fields nobody asked for, for shapes that warn about them instead of failing.
+    pub fn leftovers(self) -> Vec<String> {
+        self.map
+            .keys()
+            .filter(|k| !self.known.contains(&k.as_str()))
+            .map(|k| self.path.field(k).to_string())
+            .collect()
     }
 
     /// Rejects unknown fields: a misspelt option must not silently fall back to a default.

@@ -1,10 +1,16 @@
 //! The validated configuration model, and the entry point that reads any accepted shape into it.
 //!
-//! Every shape (native today; ASM and Higress translate into the same model) ends up as one
-//! [`Config`], so the request path never needs to know which dialect the operator wrote.
+//! Every shape (native, ASM, Higress) ends up as [`Config`]s, so the request path never needs to
+//! know which dialect the operator wrote. A [`Plugin`] holds one, or with Higress `_rules_` one
+//! per scope (route, domain, upstream service).
 
+mod asm;
 mod fields;
+mod higress;
 mod native;
+mod scope;
+
+pub use scope::{Scope, ScopeFacts};
 
 use thiserror::Error;
 
@@ -102,24 +108,136 @@ pub struct Config {
     needs_request_body: bool,
 }
 
-impl Config {
-    /// Reads the plugin configuration as Envoy hands it over.
-    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let root = fields::Path::root();
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(root.error(
-                "the plugin configuration is empty; it needs at least `service` and `limits`",
-            ));
+/// Which dialect a configuration is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Native,
+    /// Alibaba Cloud ASM's LLM token rate limiting (`rateLimitKeys`, `rateLimitService`).
+    Asm,
+    /// Higress `ai-token-ratelimit` (`rule_name`, `rule_items`, `global_threshold`, `_rules_`).
+    Higress,
+}
+
+impl Shape {
+    /// Recognises the shape by its distinctive top-level fields.
+    pub fn of(value: &serde_json::Value) -> Shape {
+        let has = |k: &str| value.get(k).is_some();
+        if ["rule_name", "rule_items", "global_threshold", "_rules_"]
+            .iter()
+            .any(|k| has(k))
+        {
+            Shape::Higress
+        } else if has("rateLimitKeys") || has("rateLimitService") {
+            Shape::Asm
+        } else {
+            Shape::Native
         }
-        let value: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| root.error(format!("not valid JSON: {e}")))?;
-        let mut config = native::parse(&value)?;
-        config.needs_request_body = config.reserve == Reserve::MaxTokens
-            || config
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Native => "native",
+            Shape::Asm => "ASM",
+            Shape::Higress => "Higress",
+        }
+    }
+}
+
+/// A configuration and the requests it applies to (`None`: every request no scope claims).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub scope: Option<Scope>,
+    pub config: Config,
+}
+
+/// The whole plugin configuration as loaded.
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    pub shape: Shape,
+    /// Scoped policies first, in order; the unscoped default (if any) last.
+    pub policies: Vec<Policy>,
+    /// Fields of a foreign shape that this plugin does not use, to log at load.
+    pub warnings: Vec<String>,
+}
+
+impl Plugin {
+    /// Reads the plugin configuration as Envoy hands it over, in any shape.
+    pub fn parse(bytes: &[u8]) -> Result<Plugin, ConfigError> {
+        let value = json(bytes)?;
+        let shape = Shape::of(&value);
+        let (mut policies, warnings) = match shape {
+            Shape::Native => (
+                vec![Policy {
+                    scope: None,
+                    config: native::parse(&value)?,
+                }],
+                Vec::new(),
+            ),
+            Shape::Asm => {
+                let (config, warnings) = asm::parse(&value)?;
+                (
+                    vec![Policy {
+                        scope: None,
+                        config,
+                    }],
+                    warnings,
+                )
+            }
+            Shape::Higress => higress::parse(&value)?,
+        };
+        for p in &mut policies {
+            p.config.derive();
+        }
+        Ok(Plugin {
+            shape,
+            policies,
+            warnings,
+        })
+    }
+
+    /// The rate-limit service every policy reports to (they are checked to agree at load).
+    pub fn service(&self) -> Option<&ServiceConfig> {
+        self.policies.first().map(|p| &p.config.service)
+    }
+
+    /// The policy for a request: the first scope that claims it, else the default.
+    pub fn select(&self, facts: &mut impl ScopeFacts) -> Option<usize> {
+        self.policies.iter().position(|p| match &p.scope {
+            None => true,
+            Some(scope) => scope.matches(facts),
+        })
+    }
+
+    pub fn config(&self, policy: usize) -> Option<&Config> {
+        self.policies.get(policy).map(|p| &p.config)
+    }
+}
+
+fn json(bytes: &[u8]) -> Result<serde_json::Value, ConfigError> {
+    let root = fields::Path::root();
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(root
+            .error("the plugin configuration is empty; it needs at least `service` and `limits`"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| root.error(format!("not valid JSON: {e}")))
+}
+
+impl Config {
+    /// Reads a configuration in the native shape (tests and tools; Envoy's goes through
+    /// [`Plugin::parse`]).
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let mut config = native::parse(&json(bytes)?)?;
+        config.derive();
+        Ok(config)
+    }
+
+    /// Computes what the hot path asks on every request.
+    fn derive(&mut self) {
+        self.needs_request_body = self.reserve == Reserve::MaxTokens
+            || self
                 .limits
                 .iter()
                 .any(|l| l.key.attributes().any(|a| *a == Attribute::Model));
-        Ok(config)
     }
 
     /// Whether the JSON request body must be read before the check can be made.

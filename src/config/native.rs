@@ -10,7 +10,7 @@ use crate::limits::{LimitRates, Rate, ValueMatch, ValueRule};
 use crate::matcher::StringMatch;
 use crate::template::Template;
 
-const MAX_TOKENS: u64 = 1_000_000_000_000_000;
+pub(super) const MAX_TOKENS: u64 = 1_000_000_000_000_000;
 const MAX_WINDOW_S: u64 = 366 * 86_400;
 const MAX_TIMEOUT_MS: u64 = 60_000;
 const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
@@ -24,18 +24,7 @@ pub fn parse(value: &Value) -> Result<Config, ConfigError> {
             "is required: name the rate-limit service as {\"cluster\": \"<envoy cluster>\"} or {\"host\": \"<service host>\", \"port\": 80}",
         )),
     };
-
-    let matches = match root.array("matches")? {
-        None => Vec::new(),
-        Some(items) => {
-            let path = root.path.field("matches");
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, m)| request_match(Object::new(path.index(i), m)?))
-                .collect::<Result<_, _>>()?
-        }
-    };
+    let matches = matches(&mut root, "matches")?;
 
     let limits_path = root.path.field("limits");
     let limits: Vec<Limit> = match root.array("limits")? {
@@ -57,7 +46,51 @@ pub fn parse(value: &Value) -> Result<Config, ConfigError> {
             )));
         }
     }
+    let options = options(&mut root)?;
+    root.finish()?;
+    Ok(options.into_config(service, matches, limits))
+}
 
+/// The fields every shape shares (usage, reserve, deny, client IP, …), with their defaults.
+pub(super) struct Options {
+    pub count: Count,
+    pub on_missing: OnMissing,
+    pub reserve: Reserve,
+    pub inject_stream_usage: bool,
+    pub deny: DenyConfig,
+    pub quota_headers: bool,
+    pub client_ip: ClientIpSource,
+    pub consumer_header: String,
+    pub max_request_body_bytes: usize,
+}
+
+impl Options {
+    pub fn into_config(
+        self,
+        service: ServiceConfig,
+        matches: Vec<RequestMatch>,
+        limits: Vec<Limit>,
+    ) -> Config {
+        Config {
+            service,
+            matches,
+            limits,
+            count: self.count,
+            on_missing: self.on_missing,
+            reserve: self.reserve,
+            inject_stream_usage: self.inject_stream_usage,
+            deny: self.deny,
+            quota_headers: self.quota_headers,
+            client_ip: self.client_ip,
+            consumer_header: self.consumer_header,
+            max_request_body_bytes: self.max_request_body_bytes,
+            needs_request_body: false,
+        }
+    }
+}
+
+/// Reads the shared fields of `root`.
+pub(super) fn options(root: &mut Object<'_>) -> Result<Options, ConfigError> {
     let (count, on_missing) = match root.object("usage")? {
         None => (Count::Total, OnMissing::Estimate),
         Some(u) => usage(u)?,
@@ -101,8 +134,7 @@ pub fn parse(value: &Value) -> Result<Config, ConfigError> {
         Some(c) => client_ip(c)?,
     };
 
-    let consumer_header =
-        header_name(&mut root, "consumer_header")?.unwrap_or("x-mse-consumer".into());
+    let consumer_header = header_name(root, "consumer_header")?.unwrap_or("x-mse-consumer".into());
 
     let max_request_body_bytes = match root.u64_max("max_request_body_bytes", MAX_BODY_BYTES)? {
         Some(0) => {
@@ -114,12 +146,7 @@ pub fn parse(value: &Value) -> Result<Config, ConfigError> {
         Some(n) => n as usize,
         None => 1024 * 1024,
     };
-
-    root.finish()?;
-    Ok(Config {
-        service,
-        matches,
-        limits,
+    Ok(Options {
         count,
         on_missing,
         reserve,
@@ -129,8 +156,25 @@ pub fn parse(value: &Value) -> Result<Config, ConfigError> {
         client_ip,
         consumer_header,
         max_request_body_bytes,
-        needs_request_body: false,
     })
+}
+
+/// A list of request matchers under `name` (absent: every request).
+pub(super) fn matches(
+    root: &mut Object<'_>,
+    name: &'static str,
+) -> Result<Vec<RequestMatch>, ConfigError> {
+    match root.array(name)? {
+        None => Ok(Vec::new()),
+        Some(items) => {
+            let path = root.path.field(name);
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, m)| request_match(Object::new(path.index(i), m)?))
+                .collect()
+        }
+    }
 }
 
 fn describe(v: &Value) -> String {
@@ -140,7 +184,7 @@ fn describe(v: &Value) -> String {
     }
 }
 
-fn service(mut s: Object<'_>) -> Result<ServiceConfig, ConfigError> {
+pub(super) fn service(mut s: Object<'_>) -> Result<ServiceConfig, ConfigError> {
     let cluster = s.string("cluster")?;
     let host = s.string("host")?;
     let port = s.u64_max("port", 65_535)?;
@@ -211,7 +255,7 @@ fn service(mut s: Object<'_>) -> Result<ServiceConfig, ConfigError> {
     })
 }
 
-fn status(o: &mut Object<'_>, name: &'static str) -> Result<Option<u32>, ConfigError> {
+pub(super) fn status(o: &mut Object<'_>, name: &'static str) -> Result<Option<u32>, ConfigError> {
     match o.u64_max(name, 599)? {
         Some(n) if n < 200 => Err(o
             .path
@@ -232,7 +276,7 @@ fn header_name(o: &mut Object<'_>, name: &'static str) -> Result<Option<String>,
     }
 }
 
-fn valid_header_name(h: &str) -> bool {
+pub(super) fn valid_header_name(h: &str) -> bool {
     !h.is_empty()
         && h.bytes().enumerate().all(|(i, b)| {
             b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b) || (i == 0 && b == b':')
@@ -280,7 +324,7 @@ fn string_match(path: Path, v: &Value) -> Result<StringMatch, ConfigError> {
     Ok(m)
 }
 
-fn regex(path: &Path, text: &str) -> Result<Regex, ConfigError> {
+pub(super) fn regex(path: &Path, text: &str) -> Result<Regex, ConfigError> {
     Regex::new(text).map_err(|e| path.error(format!("invalid regular expression: {e}")))
 }
 

@@ -8,7 +8,7 @@ use proxy_wasm::types::Action;
 
 use super::host;
 use super::root::Shared;
-use crate::config::{FailureMode, Protocol, Reserve};
+use crate::config::{Config, FailureMode, Protocol, Reserve, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};
 use crate::matcher::{any_matches, RequestHeaders};
 use crate::protocol::{self, CheckFailure, Quota};
@@ -21,6 +21,30 @@ use crate::usage::{settle, Observed, UsageScanner};
 
 /// Envoy attributes, read through the host on demand.
 struct EnvoyProperties;
+
+/// What a Higress-style scope looks at, read only when a scope asks.
+struct EnvoyScope<'a> {
+    headers: &'a [(String, String)],
+}
+
+impl ScopeFacts for EnvoyScope<'_> {
+    fn route(&mut self) -> Option<String> {
+        host::property(&["xds", "route_name"]).filter(|r| !r.is_empty())
+    }
+
+    fn host(&mut self) -> Option<String> {
+        let authority = self
+            .headers
+            .iter()
+            .find(|(k, _)| k == ":authority")
+            .map(|(_, v)| v.as_str())?;
+        Some(crate::matcher::normalize_host(authority))
+    }
+
+    fn cluster(&mut self) -> Option<String> {
+        host::property(&["xds", "cluster_name"]).filter(|c| !c.is_empty())
+    }
+}
 
 impl Properties for EnvoyProperties {
     fn property(&self, path: &[&str]) -> Option<String> {
@@ -63,6 +87,8 @@ struct Response {
 
 pub struct Http {
     shared: Option<Rc<Shared>>,
+    /// The policy chosen for this request (`Plugin::policies`).
+    policy: usize,
     state: State,
     /// The request body's size, for estimating the prompt when usage is missing.
     request_bytes: Option<u64>,
@@ -72,6 +98,7 @@ impl Http {
     pub fn new(shared: Option<Rc<Shared>>) -> Http {
         Http {
             shared,
+            policy: 0,
             state: State::Passthrough,
             request_bytes: None,
         }
@@ -85,7 +112,9 @@ impl Http {
         headers: &[(String, String)],
         body: Option<&BodyFacts>,
     ) -> Action {
-        let config = &shared.config;
+        let Some(config) = shared.plugin.config(self.policy) else {
+            return Action::Continue;
+        };
         let view = RequestView {
             headers,
             body,
@@ -125,16 +154,22 @@ impl Http {
                     "check could not be dispatched to cluster `{}`: {status:?}",
                     config.service.cluster
                 );
-                self.fail(shared, spend, CheckFailure::Dispatch)
+                self.fail(shared, config, spend, CheckFailure::Dispatch)
             }
         }
     }
 
     /// Applies `failure_mode` to a failed check. A request let through is still charged (with
     /// nothing reserved), so its usage counts once the service is back.
-    fn fail(&mut self, shared: &Shared, spend: Spend, kind: CheckFailure) -> Action {
+    fn fail(
+        &mut self,
+        shared: &Shared,
+        config: &Config,
+        spend: Spend,
+        kind: CheckFailure,
+    ) -> Action {
         shared.metrics.check_failure(kind).inc();
-        match shared.config.service.failure_mode {
+        match config.service.failure_mode {
             FailureMode::Allow => {
                 shared.metrics.failure_mode_allowed.inc();
                 self.state = State::Admitted {
@@ -149,7 +184,7 @@ impl Http {
             }
             FailureMode::Deny => {
                 shared.metrics.failure_mode_denied.inc();
-                host::send_reply(&reply::unavailable(&shared.config));
+                host::send_reply(&reply::unavailable(config));
                 self.state = State::Passthrough;
                 Action::Pause
             }
@@ -168,13 +203,16 @@ impl Context for Http {
         let Some(shared) = self.shared.clone() else {
             return;
         };
+        let Some(config) = shared.plugin.config(self.policy) else {
+            return;
+        };
         let State::Checking { spend } = std::mem::replace(&mut self.state, State::Passthrough)
         else {
             return;
         };
         let status = host::call_status(num_headers);
         let body = host::call_body(body_size);
-        let action = match protocol::read_check(shared.config.service.protocol, status, &body) {
+        let action = match protocol::read_check(config.service.protocol, status, &body) {
             Ok(verdict) if verdict.allowed => {
                 shared.metrics.checks_allowed.inc();
                 self.state = State::Admitted {
@@ -186,7 +224,7 @@ impl Context for Http {
             }
             Ok(verdict) => {
                 shared.metrics.checks_denied.inc();
-                host::send_reply(&reply::denied(&shared.config, &verdict));
+                host::send_reply(&reply::denied(config, &verdict));
                 Action::Pause
             }
             Err(kind) => {
@@ -194,7 +232,7 @@ impl Context for Http {
                     "rate-limit check failed ({}): status {status:?}",
                     kind.name()
                 );
-                self.fail(&shared, spend, kind)
+                self.fail(&shared, config, spend, kind)
             }
         };
         if action == Action::Continue {
@@ -208,8 +246,14 @@ impl HttpContext for Http {
         let Some(shared) = self.shared.clone() else {
             return Action::Continue;
         };
-        let config = &shared.config;
         let headers = host::request_headers();
+        let Some(policy) = shared.plugin.select(&mut EnvoyScope { headers: &headers }) else {
+            return Action::Continue;
+        };
+        self.policy = policy;
+        let Some(config) = shared.plugin.config(policy) else {
+            return Action::Continue;
+        };
         let view = RequestView {
             headers: &headers,
             body: None,
@@ -250,7 +294,10 @@ impl HttpContext for Http {
             State::Checking { .. } => return Action::Pause,
             State::Passthrough | State::Admitted { .. } => return Action::Continue,
         }
-        let too_large = body_size > shared.config.max_request_body_bytes;
+        let Some(config) = shared.plugin.config(self.policy) else {
+            return Action::Continue;
+        };
+        let too_large = body_size > config.max_request_body_bytes;
         if !end_of_stream && !too_large {
             return Action::Pause;
         }
@@ -313,7 +360,11 @@ impl HttpContext for Http {
         else {
             return Action::Continue;
         };
-        if let (Some(q), true) = (quota, shared.config.quota_headers) {
+        let quota_headers = shared
+            .plugin
+            .config(self.policy)
+            .is_some_and(|c| c.quota_headers);
+        if let (Some(q), true) = (quota, quota_headers) {
             for (name, value) in reply::quota_headers(q) {
                 host::set_response_header(name, &value);
             }
@@ -375,7 +426,9 @@ impl HttpContext for Http {
         else {
             return;
         };
-        let config = &shared.config;
+        let Some(config) = shared.plugin.config(self.policy) else {
+            return;
+        };
         let seen = match &response {
             Some(r) => Observed {
                 status: Some(r.status),

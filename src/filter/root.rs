@@ -11,11 +11,11 @@ use super::host;
 use super::http::Http;
 use super::metrics::Metrics;
 use super::reporter::Reporter;
-use crate::config::Config;
+use crate::config::Plugin;
 
 /// What every stream of the VM shares with the root context.
 pub struct Shared {
-    pub config: Config,
+    pub plugin: Plugin,
     pub metrics: Rc<Metrics>,
     pub reporter: Rc<RefCell<Reporter>>,
 }
@@ -51,34 +51,43 @@ impl Context for Root {
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
         let bytes = host::plugin_configuration(size).unwrap_or_default();
-        let config = match Config::parse(&bytes) {
-            Ok(config) => config,
+        let plugin = match Plugin::parse(&bytes) {
+            Ok(plugin) => plugin,
             Err(e) => {
                 log::error!("{e}");
                 return false;
             }
         };
+        let Some(service) = plugin.service().cloned() else {
+            log::error!("invalid plugin configuration: no policy");
+            return false;
+        };
+        for warning in &plugin.warnings {
+            log::warn!("{} configuration: {warning}", plugin.shape.name());
+        }
         log::info!(
-            "llm-token-ratelimit configured: {} limit(s), service cluster `{}`",
-            config.limits.len(),
-            config.service.cluster
+            "llm-token-ratelimit configured ({} shape): {} policy(ies), {} limit(s), service cluster `{}`",
+            plugin.shape.name(),
+            plugin.policies.len(),
+            plugin.policies.iter().map(|p| p.config.limits.len()).sum::<usize>(),
+            service.cluster
         );
         // A reconfiguration keeps the metrics and the reports still queued.
         let shared = match self.shared.take() {
             Some(old) => {
                 if let Ok(mut reporter) = old.reporter.try_borrow_mut() {
-                    reporter.reconfigure(config.service.clone());
+                    reporter.reconfigure(service);
                 }
                 Shared {
-                    config,
+                    plugin,
                     metrics: Rc::clone(&old.metrics),
                     reporter: Rc::clone(&old.reporter),
                 }
             }
             None => Shared {
-                reporter: Rc::new(RefCell::new(Reporter::new(config.service.clone()))),
+                reporter: Rc::new(RefCell::new(Reporter::new(service))),
                 metrics: Rc::new(Metrics::define()),
-                config,
+                plugin,
             },
         };
         self.shared = Some(Rc::new(shared));
