@@ -49,7 +49,7 @@ fn valid_configuration_starts() {
     assert!(
         envoy
             .log()
-            .contains("llm-token-ratelimit configured: 1 limit(s)"),
+            .contains("llm-token-ratelimit configured (native shape): 1 policy(ies), 1 limit(s)"),
         "{}",
         envoy.log()
     );
