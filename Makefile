@@ -13,7 +13,7 @@ export PLUGIN_WASM := $(CURDIR)/$(WASM)
 export RATELIMIT_SERVICE_BIN := $(CURDIR)/target/release/ratelimit-service
 export MOCK_LLM_BIN := $(CURDIR)/target/release/mock-llm
 
-.PHONY: all deps build wasm test lint unit clean
+.PHONY: all deps build wasm run test lint unit clean
 
 all: build
 
@@ -36,6 +36,11 @@ build: deps wasm
 wasm:
 	$(CARGO) build -j$(JOBS) --release --target wasm32-wasip1 --lib -p llm-token-ratelimit
 	@ls -l $(WASM) | awk '{printf "plugin: %s (%d KiB)\n", $$NF, $$5/1024}'
+
+## run: the demo: Envoy + plugin + rate-limit service + mock LLM on loopback (STORE=redis for Redis).
+STORE ?= memory
+run: build
+	STORE=$(STORE) examples/demo/run.sh
 
 ## lint: formatting and clippy (the plugin denies unwrap/expect/panic).
 lint:
