@@ -13,7 +13,7 @@ export PLUGIN_WASM := $(CURDIR)/$(WASM)
 export RATELIMIT_SERVICE_BIN := $(CURDIR)/target/release/ratelimit-service
 export MOCK_LLM_BIN := $(CURDIR)/target/release/mock-llm
 
-.PHONY: all deps build wasm run test lint unit clean
+.PHONY: all deps build wasm run oci test lint unit clean
 
 all: build
 
@@ -41,6 +41,12 @@ wasm:
 STORE ?= memory
 run: build
 	STORE=$(STORE) examples/demo/run.sh
+
+## oci: the plugin as an OCI image layout (FROM scratch + plugin.wasm) in target/oci/, no Docker needed.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+oci: wasm
+	$(CARGO) build -j$(JOBS) --release -p oci-image
+	target/release/oci-image --wasm $(WASM) --out target/oci/llm-token-ratelimit --tag $(VERSION)
 
 ## lint: formatting and clippy (the plugin denies unwrap/expect/panic).
 lint:

@@ -16,11 +16,11 @@ fn example(path: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap()
 }
 
-/// The Higress example plus the one thing this plugin needs that Higress does not: where the
-/// rate-limit service is.
+/// A Higress example as the repository keeps it: Higress's config plus the one thing this
+/// plugin needs that Higress does not, where the rate-limit service is (`service`).
 fn higress(path: &str) -> Value {
-    let mut config = example(path);
-    config["service"] = json!({"cluster": "ratelimit"});
+    let config = example(path);
+    assert_eq!(config["service"], json!({"cluster": "ratelimit"}));
     config
 }
 
@@ -72,7 +72,9 @@ const CHAT: &str = "/v1/chat/completions";
 
 #[test]
 fn verbatim_higress_configs_are_refused_with_what_to_add() {
-    let config = example("higress/apikey-param.json");
+    // Exactly as Higress's documentation has it.
+    let mut config = example("higress/apikey-param.json");
+    config.as_object_mut().unwrap().remove("service");
     let log = Envoy::try_start(
         &config.to_string(),
         &[cluster("ratelimit", 1), cluster("upstream", 1)],

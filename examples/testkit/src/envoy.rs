@@ -97,6 +97,44 @@ pub fn bootstrap(plugin_config: &str, clusters: &[Value], wasm: &Path, listen: &
     })
 }
 
+/// Runs `envoy --mode validate` on a bootstrap file (YAML or JSON); `Err` carries the output.
+/// Validation loads the plugin and runs its configuration check too.
+pub fn validate(config_path: &Path) -> Result<(), String> {
+    let out = Command::new(envoy_binary())
+        .arg("--mode")
+        .arg("validate")
+        .arg("-c")
+        .arg(config_path)
+        .args(["--disable-hot-restart", "--log-level", "info"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+/// Validates a plugin configuration the way Envoy loads it: `Err` carries Envoy's output.
+pub fn validate_plugin_config(plugin_config: &str) -> Result<(), String> {
+    let dir = TempDir::new("validate");
+    let path = dir.0.join("envoy.json");
+    let config = bootstrap(
+        plugin_config,
+        &[cluster("ratelimit", 1), cluster("upstream", 1)],
+        &plugin_wasm(),
+        "127.0.0.1",
+    );
+    std::fs::write(&path, config.to_string()).unwrap();
+    validate(&path)
+}
+
 impl Envoy {
     /// Starts Envoy and waits until it serves; panics with Envoy's log if it does not.
     pub fn start(plugin_config: &Value, clusters: &[Value]) -> Envoy {
