@@ -13,7 +13,7 @@ export PLUGIN_WASM := $(CURDIR)/$(WASM)
 export RATELIMIT_SERVICE_BIN := $(CURDIR)/target/release/ratelimit-service
 export MOCK_LLM_BIN := $(CURDIR)/target/release/mock-llm
 
-.PHONY: all deps build wasm run oci test lint unit clean
+.PHONY: all deps build wasm run oci bench test lint unit clean
 
 all: build
 
@@ -47,6 +47,10 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 oci: wasm
 	$(CARGO) build -j$(JOBS) --release -p oci-image
 	target/release/oci-image --wasm $(WASM) --out target/oci/llm-token-ratelimit --tag $(VERSION)
+
+## bench: the plugin's and the service's cost, side by side (table, target/bench/results.md and chart.svg).
+bench: build
+	target/release/bench --out target/bench
 
 ## lint: formatting and clippy (the plugin denies unwrap/expect/panic).
 lint:

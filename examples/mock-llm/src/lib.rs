@@ -19,6 +19,7 @@
 //! | `x-mock-status` | 200 | answer this status with an error body instead |
 //! | `x-mock-chunk-bytes` | – | write the body in pieces of exactly this size |
 //! | `x-mock-delay-ms` | 0 | pause between events |
+//! | `x-mock-latency-ms` | 0 | pause before answering |
 
 use serde_json::{json, Value};
 

@@ -106,6 +106,9 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             error_body(404),
         ));
     };
+    if let Some(ms) = num("x-mock-latency-ms") {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
     let content_type = ask.content_type();
     let delay = Duration::from_millis(num("x-mock-delay-ms").unwrap_or(0));
     let chunk = num("x-mock-chunk-bytes").map(|n| n.max(1) as usize);

@@ -148,9 +148,25 @@ impl Envoy {
         clusters: &[Value],
         listen: &str,
     ) -> Result<Envoy, String> {
+        Envoy::try_start_bootstrap(&bootstrap(plugin_config, clusters, &plugin_wasm(), listen))
+    }
+
+    /// Starts Envoy without the plugin: the baseline the plugin's cost is measured against.
+    pub fn start_without_plugin(clusters: &[Value]) -> Envoy {
+        let mut config = bootstrap("", clusters, Path::new("/nonexistent"), "127.0.0.1");
+        let filters = &mut config["static_resources"]["listeners"][0]["filter_chains"][0]
+            ["filters"][0]["typed_config"]["http_filters"];
+        if let Some(list) = filters.as_array_mut() {
+            list.retain(|f| f["name"] != "envoy.filters.http.wasm");
+        }
+        Envoy::try_start_bootstrap(&config)
+            .unwrap_or_else(|log| panic!("Envoy did not start:\n{log}"))
+    }
+
+    /// Starts Envoy with a whole bootstrap configuration.
+    pub fn try_start_bootstrap(config: &Value) -> Result<Envoy, String> {
         let dir = TempDir::new("envoy");
         let config_path = dir.0.join("envoy.json");
-        let config = bootstrap(plugin_config, clusters, &plugin_wasm(), listen);
         std::fs::write(&config_path, config.to_string()).unwrap();
         let log_path = dir.0.join("envoy.log");
         let admin_path = dir.0.join("admin.txt");
@@ -217,6 +233,15 @@ impl Envoy {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.0.join("envoy.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Envoy's resident memory, in bytes (from `/proc`).
+    pub fn rss_bytes(&self) -> u64 {
+        crate::rss_bytes(self.pid())
     }
 
     /// The plugin's counters (`wasmcustom.llm_token_ratelimit.<name>` → value), by short name.

@@ -55,3 +55,15 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A process's resident memory in bytes (`VmRSS` in `/proc/<pid>/status`), 0 if unknown.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

@@ -1,0 +1,453 @@
+//! `make bench`: what the plugin and the service cost, measured in one run on loopback.
+//!
+//! 1. Envoy alone versus Envoy + plugin + service (memory), same upstream (the mock LLM), same
+//!    load: requests/s, p50/p99 and the ratio; limited, unmatched and streaming (SSE) requests.
+//! 2. The service alone: checks/s and reports/s, memory and Redis, at several concurrencies.
+//! 3. The `.wasm` size; Envoy's resident memory and the plugin VM's memory after the load.
+//! 4. A 100 MB SSE response through the plugin: the VM's memory before and after.
+//! 5. Accuracy: 50 concurrent requests of 100 tokens on a budget of 1,000, with and without
+//!    reservations.
+//!
+//! A/B runs alternate, several rounds, and medians are reported (the machine is shared and
+//! noisy). Results: a table on stdout, `target/bench/results.md` and `target/bench/chart.svg`.
+
+mod load;
+mod report;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use load::{Call, Outcome, Plan};
+use report::{median, Row, Section};
+use serde_json::{json, Value};
+use testkit::envoy::{cluster, plugin_wasm, Envoy};
+use testkit::redis::RedisServer;
+use testkit::service::{mock_llm, Service};
+
+#[derive(Parser)]
+#[command(about = "Measure the plugin's and the service's cost (see README, Performance)")]
+struct Cli {
+    /// A quick run that only checks the harness works (used by the tests).
+    #[arg(long)]
+    smoke: bool,
+    /// Interleaved A/B rounds; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Measured seconds per proxy run.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Connections for the proxy runs.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Where the Markdown and the chart go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+struct Settings {
+    rounds: usize,
+    proxy: Duration,
+    service: Duration,
+    warmup: Duration,
+    connections: usize,
+    stream_bytes: u64,
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime")
+}
+
+fn run(plan: Plan) -> Outcome {
+    runtime().block_on(load::run(plan))
+}
+
+fn users(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("user-{i}")).collect()
+}
+
+fn chat_calls(path: &str, stream: bool) -> Vec<Call> {
+    let body = if stream {
+        json!({"model": "bench", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "hello"}]})
+    } else {
+        json!({"model": "bench", "messages": [{"role": "user", "content": "hello"}]})
+    };
+    users(32)
+        .iter()
+        .map(|u| Call::post_json(path, &[("x-user", u)], &body))
+        .collect()
+}
+
+fn plugin_config(extra: Value) -> Value {
+    let mut c = json!({
+        "service": {"cluster": "ratelimit", "timeout_ms": 1000},
+        "matches": [{"path": {"prefix": "/v1/"}}],
+        "limits": [{"name": "per-user", "key": "{{request.headers.x-user}}", "tokens": 1_000_000_000_000_000u64, "window": "1h"}]
+    });
+    if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
+        c.extend(extra.clone());
+    }
+    c
+}
+
+fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
+    let llm = mock_llm();
+    let svc = Service::start(&[], &[]);
+    let alone = Envoy::start_without_plugin(&[cluster("upstream", llm.port)]);
+    let plugin = Envoy::start(
+        &plugin_config(json!({})),
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    let rss_idle = (alone.rss_bytes(), plugin.rss_bytes());
+    let scenarios: Vec<(&str, &Envoy, Vec<Call>)> = vec![
+        (
+            "Envoy alone",
+            &alone,
+            chat_calls("/v1/chat/completions", false),
+        ),
+        (
+            "Envoy + plugin, limited",
+            &plugin,
+            chat_calls("/v1/chat/completions", false),
+        ),
+        (
+            "Envoy + plugin, not matched",
+            &plugin,
+            chat_calls("/other/chat/completions", false),
+        ),
+        (
+            "Envoy alone, SSE",
+            &alone,
+            chat_calls("/v1/chat/completions", true),
+        ),
+        (
+            "Envoy + plugin, limited, SSE",
+            &plugin,
+            chat_calls("/v1/chat/completions", true),
+        ),
+    ];
+    let mut results: Vec<Vec<Outcome>> = scenarios.iter().map(|_| Vec::new()).collect();
+    for round in 0..s.rounds {
+        for (i, (name, envoy, calls)) in scenarios.iter().enumerate() {
+            let o = run(Plan {
+                addr: addr(envoy.port),
+                connections: s.connections,
+                duration: Some(s.proxy),
+                total: None,
+                warmup: s.warmup,
+                calls: calls.clone(),
+            });
+            eprintln!(
+                "round {}/{}: {name}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}, statuses {:?}",
+                round + 1,
+                s.rounds,
+                o.rps(),
+                o.p50_ms(),
+                o.p99_ms(),
+                o.errors,
+                o.statuses
+            );
+            results[i].push(o);
+        }
+    }
+    let rps: Vec<f64> = results
+        .iter()
+        .map(|r| median(r.iter().map(Outcome::rps)))
+        .collect();
+    let baseline = |i: usize| if i >= 3 { rps[3] } else { rps[0] };
+    let mut proxy = Section::new(
+        "Proxy overhead (Envoy --concurrency 1, mock LLM upstream)",
+        &[
+            "scenario",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "vs Envoy alone",
+            "errors",
+            "non-200",
+        ],
+    );
+    for (i, (name, ..)) in scenarios.iter().enumerate() {
+        let r = &results[i];
+        let errors: u64 = r.iter().map(|o| o.errors).sum();
+        let non_200: u64 = r
+            .iter()
+            .flat_map(|o| o.statuses.iter())
+            .filter(|(s, _)| **s != 200)
+            .map(|(_, n)| n)
+            .sum();
+        proxy.push(Row::new(vec![
+            name.to_string(),
+            format!("{:.0}", rps[i]),
+            format!("{:.2}", median(r.iter().map(Outcome::p50_ms))),
+            format!("{:.2}", median(r.iter().map(Outcome::p99_ms))),
+            format!("{:.2}×", rps[i] / baseline(i)),
+            errors.to_string(),
+            non_200.to_string(),
+        ]));
+    }
+    proxy.chart = scenarios
+        .iter()
+        .enumerate()
+        .map(|(i, (name, ..))| (name.to_string(), rps[i]))
+        .collect();
+    proxy.note(format!(
+        "Targets (DESIGN §8): limited ≥ 0.40× Envoy alone: {:.2}× {}; not matched ≥ 0.95×: {:.2}× {}.",
+        rps[1] / rps[0],
+        verdict(rps[1] / rps[0] >= 0.40),
+        rps[2] / rps[0],
+        verdict(rps[2] / rps[0] >= 0.95)
+    ));
+
+    let rss_loaded = (alone.rss_bytes(), plugin.rss_bytes());
+    let vm = plugin.metric("vm_memory_bytes");
+    let mut memory = Section::new("Memory", &["what", "value"]);
+    memory.push(Row::new(vec![
+        "plugin .wasm".into(),
+        format!("{wasm_kib} KiB"),
+    ]));
+    memory.push(Row::new(vec![
+        "Envoy alone, resident, idle → after load".into(),
+        format!("{} → {}", mib(rss_idle.0), mib(rss_loaded.0)),
+    ]));
+    memory.push(Row::new(vec![
+        "Envoy + plugin, resident, idle → after load".into(),
+        format!("{} → {}", mib(rss_idle.1), mib(rss_loaded.1)),
+    ]));
+    memory.push(Row::new(vec![
+        "plugin VM linear memory after load (vm_memory_bytes)".into(),
+        mib(vm),
+    ]));
+
+    // A large stream through the plugin: the VM must not grow with it.
+    let user = [("x-user", "stream-user")];
+    let mut h: Vec<(&str, &str)> = user.to_vec();
+    let size = s.stream_bytes.to_string();
+    h.extend([
+        ("x-mock-text-bytes", size.as_str()),
+        ("x-mock-piece-bytes", "16384"),
+    ]);
+    let before = (plugin.metric("vm_memory_bytes"), plugin.rss_bytes());
+    let started = Instant::now();
+    let r = testkit::http::post_json(
+        plugin.port,
+        "/v1/chat/completions",
+        &h,
+        &json!({"stream": true}),
+    );
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = (plugin.metric("vm_memory_bytes"), plugin.rss_bytes());
+    memory.push(Row::new(vec![
+        format!(
+            "{} MB SSE response ({} MB/s): plugin VM memory before → after",
+            s.stream_bytes / 1_000_000,
+            (r.body.len() as f64 / 1e6 / took.as_secs_f64()).round()
+        ),
+        format!("{} → {}", mib(before.0), mib(after.0)),
+    ]));
+    memory.push(Row::new(vec![
+        "… Envoy resident before → after".into(),
+        format!("{} → {}", mib(before.1), mib(after.1)),
+    ]));
+    let extra = after.1.saturating_sub(rss_loaded.0);
+    memory.note(format!(
+        "Target (DESIGN §8): Envoy + plugin resident ≤ Envoy alone + 20 MB after the load: +{} {}.",
+        mib(rss_loaded.1.saturating_sub(rss_loaded.0)),
+        verdict(rss_loaded.1 <= rss_loaded.0 + 20 * 1024 * 1024)
+    ));
+    let _ = extra;
+    (proxy, memory)
+}
+
+fn service_section(s: &Settings) -> Section {
+    let mut section = Section::new(
+        "The rate-limit service alone",
+        &[
+            "store",
+            "operation",
+            "connections",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "errors",
+        ],
+    );
+    let redis = RedisServer::start();
+    for store in ["memory", "redis"] {
+        let url = redis.url();
+        let args: Vec<&str> = match store {
+            "redis" => vec!["--store", "redis", "--redis-url", url.as_str()],
+            _ => vec![],
+        };
+        let svc = Service::start(&args, &[]);
+        let checks: Vec<Call> = users(1000)
+            .iter()
+            .map(|u| {
+                Call::post_json(
+                    "/v1/check",
+                    &[],
+                    &json!({"descriptors": [{"limit": "bench", "value": u, "rates": [{"tokens": 1_000_000_000_000u64, "window_s": 3600}]}], "reserve": 0}),
+                )
+            })
+            .collect();
+        let reports: Vec<Call> = (0..20_000)
+            .map(|i| {
+                Call::post_json(
+                    "/v1/report",
+                    &[],
+                    &json!({"reports": [{"id": format!("{store}-{i}"), "descriptors": [{"limit": "bench", "value": format!("user-{}", i % 1000), "rates": [{"tokens": 1_000_000_000_000u64, "window_s": 3600}]}], "tokens": 26, "reserved": 0}]}),
+                )
+            })
+            .collect();
+        for (op, calls) in [("check", &checks), ("report", &reports)] {
+            for connections in [1, 8, 32] {
+                let o = run(Plan {
+                    addr: addr(svc.port),
+                    connections,
+                    duration: Some(s.service),
+                    total: None,
+                    warmup: s.warmup / 2,
+                    calls: calls.clone(),
+                });
+                eprintln!("service {store} {op} ×{connections}: {:.0} req/s", o.rps());
+                section.push(Row::new(vec![
+                    store.into(),
+                    op.into(),
+                    connections.to_string(),
+                    format!("{:.0}", o.rps()),
+                    format!("{:.2}", o.p50_ms()),
+                    format!("{:.2}", o.p99_ms()),
+                    o.errors.to_string(),
+                ]));
+            }
+        }
+    }
+    section.note(
+        "Reports carry unique ids (20,000 per store, then they repeat and count as duplicates)."
+            .into(),
+    );
+    section
+}
+
+fn accuracy_section() -> Section {
+    let mut section = Section::new(
+        "Accuracy under concurrency: budget 1,000 tokens, 50 concurrent requests of 100 tokens",
+        &[
+            "reserve",
+            "admitted",
+            "tokens admitted",
+            "charged by the service",
+            "overshoot",
+        ],
+    );
+    let llm = mock_llm();
+    for (label, reserve) in [("0", json!(0)), ("\"max_tokens\"", json!("max_tokens"))] {
+        let svc = Service::start(&[], &[]);
+        let config = json!({
+            "service": {"cluster": "ratelimit", "timeout_ms": 2000},
+            "limits": [{"name": "budget", "key": "", "tokens": 1000, "window": "1h"}],
+            "reserve": {"tokens": reserve}
+        });
+        let envoy = Envoy::start(
+            &config,
+            &[
+                cluster("ratelimit", svc.port),
+                cluster("upstream", llm.port),
+            ],
+        );
+        let call = Call::post_json(
+            "/v1/chat/completions",
+            &[
+                ("x-mock-prompt-tokens", "0"),
+                ("x-mock-completion-tokens", "100"),
+                ("x-mock-latency-ms", "300"),
+            ],
+            &json!({"model": "bench", "max_tokens": 100}),
+        );
+        let o = run(Plan {
+            addr: addr(envoy.port),
+            connections: 50,
+            duration: None,
+            total: Some(50),
+            warmup: Duration::ZERO,
+            calls: vec![call],
+        });
+        let admitted = o.statuses.get(&200).copied().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while envoy.metric("reports.sent") < admitted && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let q =
+            testkit::http::send(svc.port, "GET", "/v1/quota?limit=budget&value=", &[], b"").json();
+        let remaining = q["meters"][0]["remaining"].as_u64().unwrap_or(0);
+        let charged = envoy.metric("tokens_reported");
+        section.push(Row::new(vec![
+            label.into(),
+            format!("{admitted} of 50"),
+            (admitted * 100).to_string(),
+            format!("{charged} (remaining {remaining})"),
+            format!("{}", (admitted * 100).saturating_sub(1000)),
+        ]));
+    }
+    section.note("Without a reservation every request that finds budget left is admitted before any usage is known; with `reserve: max_tokens` the budget is taken at admission.".into());
+    section
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1024.0 / 1024.0)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "(met)"
+    } else {
+        "(missed)"
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let s = if cli.smoke {
+        Settings {
+            rounds: 1,
+            proxy: Duration::from_millis(300),
+            service: Duration::from_millis(150),
+            warmup: Duration::from_millis(100),
+            connections: 4,
+            stream_bytes: 1_000_000,
+        }
+    } else {
+        Settings {
+            rounds: cli.rounds.max(1),
+            proxy: Duration::from_secs_f64(cli.seconds),
+            service: Duration::from_secs_f64((cli.seconds / 2.0).max(0.5)),
+            warmup: Duration::from_secs(1),
+            connections: cli.connections,
+            stream_bytes: 100_000_000,
+        }
+    };
+    let wasm_kib = std::fs::metadata(plugin_wasm()).map_or(0, |m| m.len() / 1024);
+    let (proxy, memory) = proxy_section(&s, wasm_kib);
+    let service = service_section(&s);
+    let accuracy = accuracy_section();
+    let sections = [proxy, memory, service, accuracy];
+    let markdown = report::markdown(&sections, cli.smoke);
+    println!("{markdown}");
+    if let Err(e) = report::write(&cli.out, &markdown, &sections[0]) {
+        eprintln!("bench: could not write {}: {e}", cli.out.display());
+        std::process::exit(1);
+    }
+    eprintln!("wrote {0}/results.md and {0}/chart.svg", cli.out.display());
+}
