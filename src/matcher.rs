@@ -42,7 +42,31 @@ pub trait RequestHeaders {
     fn header(&self, name: &str) -> Option<&str>;
 }
 
+/// Headers as `(lower-case name, value)` pairs.
+pub struct HeaderList<'a>(pub &'a [(String, String)]);
+
+impl RequestHeaders for HeaderList<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 impl RequestMatch {
+    /// The headers (pseudo-headers included) this matcher reads.
+    pub fn header_names(&self) -> impl Iterator<Item = &str> {
+        [
+            self.host.as_ref().map(|_| ":authority"),
+            self.path.as_ref().map(|_| ":path"),
+            (!self.methods.is_empty()).then_some(":method"),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.headers.iter().map(|(name, _)| name.as_str()))
+    }
+
     pub fn matches(&self, req: &impl RequestHeaders) -> bool {
         if let Some(host) = &self.host {
             let authority = req.header(":authority").unwrap_or_default();

@@ -37,7 +37,10 @@ fn the_bench_harness_runs_and_reports() {
         "{md}"
     );
     // No request failed in any proxy run (the errors and non-200 columns).
-    for line in md.lines().filter(|l| l.starts_with("| Envoy") && l.contains("×")) {
+    for line in md
+        .lines()
+        .filter(|l| l.starts_with("| Envoy") && l.contains("×"))
+    {
         assert!(line.ends_with("| 0 | 0 |"), "{line}");
     }
     let svg = std::fs::read_to_string(out.0.join("chart.svg")).unwrap();

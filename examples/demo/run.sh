@@ -16,7 +16,7 @@ SERVICE_PORT=${SERVICE_PORT:-8080}
 LLM_PORT=${LLM_PORT:-8081}
 REDIS_PORT=${REDIS_PORT:-6380}
 ENVOY_BIN=${ENVOY_BIN:-$ROOT/.deps/python/envoy/_bin/envoy}
-PLUGIN_WASM=${PLUGIN_WASM:-$ROOT/target/wasm32-wasip1/release/llm_token_ratelimit.wasm}
+PLUGIN_WASM=${PLUGIN_WASM:-$ROOT/target/plugin/llm_token_ratelimit.wasm}
 RATELIMIT_SERVICE_BIN=${RATELIMIT_SERVICE_BIN:-$ROOT/target/release/ratelimit-service}
 MOCK_LLM_BIN=${MOCK_LLM_BIN:-$ROOT/target/release/mock-llm}
 

@@ -106,6 +106,9 @@ pub struct Config {
     pub max_request_body_bytes: usize,
     /// Derived once at load: the hot path asks it on every matched request.
     needs_request_body: bool,
+    /// Derived once at load: the headers `matches` read, fetched alone so that a request that
+    /// matches nothing costs a few header lookups.
+    match_headers: Vec<String>,
 }
 
 /// Which dialect a configuration is written in.
@@ -233,11 +236,23 @@ impl Config {
 
     /// Computes what the hot path asks on every request.
     fn derive(&mut self) {
+        let mut names: Vec<String> = Vec::new();
+        for name in self.matches.iter().flat_map(RequestMatch::header_names) {
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
+            }
+        }
+        self.match_headers = names;
         self.needs_request_body = self.reserve == Reserve::MaxTokens
             || self
                 .limits
                 .iter()
                 .any(|l| l.key.attributes().any(|a| *a == Attribute::Model));
+    }
+
+    /// The headers `matches` read (empty when every request matches).
+    pub fn match_headers(&self) -> &[String] {
+        &self.match_headers
     }
 
     /// Whether the JSON request body must be read before the check can be made.

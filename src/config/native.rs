@@ -85,6 +85,7 @@ impl Options {
             consumer_header: self.consumer_header,
             max_request_body_bytes: self.max_request_body_bytes,
             needs_request_body: false,
+            match_headers: Vec::new(),
         }
     }
 }

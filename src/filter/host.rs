@@ -16,6 +16,12 @@ const MAX_CALL_BODY: usize = 64 * 1024;
 /// that the plugin's memory does not grow with Envoy's buffer sizes.
 const BODY_SLICE: usize = 64 * 1024;
 
+pub fn request_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}
+
 pub fn request_headers() -> Vec<(String, String)> {
     hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
 }

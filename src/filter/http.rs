@@ -10,7 +10,7 @@ use super::host;
 use super::root::Shared;
 use crate::config::{Config, FailureMode, Protocol, Reserve, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};
-use crate::matcher::{any_matches, RequestHeaders};
+use crate::matcher::{any_matches, HeaderList, RequestHeaders};
 use crate::protocol::{self, CheckFailure, Quota};
 use crate::reply;
 use crate::report::Report;
@@ -22,23 +22,22 @@ use crate::usage::{settle, Observed, UsageScanner};
 /// Envoy attributes, read through the host on demand.
 struct EnvoyProperties;
 
-/// What a Higress-style scope looks at, read only when a scope asks.
-struct EnvoyScope<'a> {
-    headers: &'a [(String, String)],
+impl Properties for EnvoyProperties {
+    fn property(&self, path: &[&str]) -> Option<String> {
+        host::property(path)
+    }
 }
 
-impl ScopeFacts for EnvoyScope<'_> {
+/// What a Higress-style scope looks at, read only when a scope asks.
+struct EnvoyScope;
+
+impl ScopeFacts for EnvoyScope {
     fn route(&mut self) -> Option<String> {
         host::property(&["xds", "route_name"]).filter(|r| !r.is_empty())
     }
 
     fn host(&mut self) -> Option<String> {
-        let authority = self
-            .headers
-            .iter()
-            .find(|(k, _)| k == ":authority")
-            .map(|(_, v)| v.as_str())?;
-        Some(crate::matcher::normalize_host(authority))
+        host::request_header(":authority").map(|a| crate::matcher::normalize_host(&a))
     }
 
     fn cluster(&mut self) -> Option<String> {
@@ -46,10 +45,17 @@ impl ScopeFacts for EnvoyScope<'_> {
     }
 }
 
-impl Properties for EnvoyProperties {
-    fn property(&self, path: &[&str]) -> Option<String> {
-        host::property(path)
+/// Whether the request is selected by `matches`, reading only the headers they need.
+fn selected(config: &Config) -> bool {
+    if config.matches.is_empty() {
+        return true;
     }
+    let probe: Vec<(String, String)> = config
+        .match_headers()
+        .iter()
+        .filter_map(|name| host::request_header(name).map(|v| (name.clone(), v)))
+        .collect();
+    any_matches(&config.matches, &HeaderList(&probe))
 }
 
 enum State {
@@ -246,14 +252,17 @@ impl HttpContext for Http {
         let Some(shared) = self.shared.clone() else {
             return Action::Continue;
         };
-        let headers = host::request_headers();
-        let Some(policy) = shared.plugin.select(&mut EnvoyScope { headers: &headers }) else {
+        let Some(policy) = shared.plugin.select(&mut EnvoyScope) else {
             return Action::Continue;
         };
         self.policy = policy;
         let Some(config) = shared.plugin.config(policy) else {
             return Action::Continue;
         };
+        if !selected(config) {
+            return Action::Continue;
+        }
+        let headers = host::request_headers();
         let view = RequestView {
             headers: &headers,
             body: None,
@@ -261,9 +270,6 @@ impl HttpContext for Http {
             consumer_header: &config.consumer_header,
             properties: &EnvoyProperties,
         };
-        if !any_matches(&config.matches, &view) {
-            return Action::Continue;
-        }
         shared.metrics.requests_matched.inc();
         // Usage must be readable in the response.
         host::remove_request_header("accept-encoding");

@@ -41,6 +41,9 @@ struct Cli {
     /// Connections for the proxy runs.
     #[arg(long, default_value_t = 32)]
     connections: usize,
+    /// Only the proxy and memory sections (for iterating on the plugin).
+    #[arg(long)]
+    proxy_only: bool,
     /// Where the Markdown and the chart go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -109,6 +112,14 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
             cluster("upstream", llm.port),
         ],
     );
+    // Its own Envoy, so that the limited runs' report traffic cannot colour it.
+    let plugin_idle = Envoy::start(
+        &plugin_config(json!({})),
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", llm.port),
+        ],
+    );
     let rss_idle = (alone.rss_bytes(), plugin.rss_bytes());
     let scenarios: Vec<(&str, &Envoy, Vec<Call>)> = vec![
         (
@@ -123,7 +134,7 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
         ),
         (
             "Envoy + plugin, not matched",
-            &plugin,
+            &plugin_idle,
             chat_calls("/other/chat/completions", false),
         ),
         (
@@ -440,9 +451,11 @@ fn main() {
     };
     let wasm_kib = std::fs::metadata(plugin_wasm()).map_or(0, |m| m.len() / 1024);
     let (proxy, memory) = proxy_section(&s, wasm_kib);
-    let service = service_section(&s);
-    let accuracy = accuracy_section();
-    let sections = [proxy, memory, service, accuracy];
+    let mut sections = vec![proxy, memory];
+    if !cli.proxy_only {
+        sections.push(service_section(&s));
+        sections.push(accuracy_section());
+    }
     let markdown = report::markdown(&sections, cli.smoke);
     println!("{markdown}");
     if let Err(e) = report::write(&cli.out, &markdown, &sections[0]) {

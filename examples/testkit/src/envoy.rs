@@ -21,10 +21,18 @@ pub fn envoy_binary() -> PathBuf {
     path
 }
 
+/// The plugin under test: `PLUGIN_WASM`, else the shipped build (`make wasm`), else cargo's.
 pub fn plugin_wasm() -> PathBuf {
+    let shipped = repo().join("target/plugin/llm_token_ratelimit.wasm");
     let path = std::env::var_os("PLUGIN_WASM")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/wasm32-wasip1/release/llm_token_ratelimit.wasm"));
+        .unwrap_or_else(|| {
+            if shipped.exists() {
+                shipped
+            } else {
+                repo().join("target/wasm32-wasip1/release/llm_token_ratelimit.wasm")
+            }
+        });
     assert!(
         path.exists(),
         "no plugin at {}: run `make build` (or set PLUGIN_WASM)",
