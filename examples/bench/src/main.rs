@@ -22,7 +22,7 @@ use clap::Parser;
 use load::{Call, Outcome, Plan};
 use report::{median, Row, Section};
 use serde_json::{json, Value};
-use testkit::envoy::{cluster, plugin_wasm, Envoy};
+use testkit::envoy::{cluster, cluster_h2, plugin_wasm, Envoy};
 use testkit::redis::RedisServer;
 use testkit::service::{mock_llm, Service};
 
@@ -108,7 +108,7 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
     let plugin = Envoy::start(
         &plugin_config(json!({})),
         &[
-            cluster("ratelimit", svc.port),
+            cluster_h2("ratelimit", svc.port),
             cluster("upstream", llm.port),
         ],
     );

@@ -52,6 +52,19 @@ pub fn cluster(name: &str, port: u16) -> Value {
     })
 }
 
+/// A cluster spoken to over HTTP/2 without TLS (h2c): one multiplexed connection for all
+/// callouts, as recommended for the rate-limit service.
+pub fn cluster_h2(name: &str, port: u16) -> Value {
+    let mut c = cluster(name, port);
+    c["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}
+        }
+    });
+    c
+}
+
 pub struct Envoy {
     child: Child,
     /// The listener clients talk to.
