@@ -15,7 +15,7 @@ export PLUGIN_WASM := $(CURDIR)/$(PLUGIN)
 export RATELIMIT_SERVICE_BIN := $(CURDIR)/target/release/ratelimit-service
 export MOCK_LLM_BIN := $(CURDIR)/target/release/mock-llm
 
-.PHONY: all deps build wasm run oci bench test lint unit clean
+.PHONY: all deps build wasm run oci bench fuzz fuzz-build fuzz-smoke test lint unit clean
 
 all: build
 
@@ -58,6 +58,39 @@ oci: wasm
 bench: build
 	target/release/bench --out target/bench
 
+# Coverage-guided fuzzing with libFuzzer on stable Rust: the sanitizer-coverage passes are
+# enabled through RUSTFLAGS (what cargo-fuzz does, without its nightly-only sanitizers).
+FUZZ_TARGETS := config template client_ip json_usage sse_usage
+FUZZ_SECONDS ?= 60
+FUZZ_SMOKE_SECONDS ?= 6
+FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+  -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks
+
+# An explicit --target keeps the instrumentation off build scripts and proc macros.
+HOST := $(shell rustc -vV | sed -n 's/^host: //p')
+FUZZ_BIN := target/fuzz/$(HOST)/release
+
+fuzz-build:
+	RUSTFLAGS="$(FUZZ_RUSTFLAGS)" $(CARGO) build -j$(JOBS) --release --manifest-path fuzz/Cargo.toml --target-dir target/fuzz --target $(HOST)
+
+## fuzz: each parser for FUZZ_SECONDS (60); new interesting inputs join fuzz/corpus/<target>.
+fuzz: fuzz-build
+	@set -o pipefail; for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz $$t for $(FUZZ_SECONDS) s"; \
+	  $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 fuzz/corpus/$$t 2>&1 | tail -n 2 || exit 1; \
+	done
+
+## fuzz-smoke: a short run of every target over the committed corpus (part of make test).
+fuzz-smoke: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz/scratch/$$t; \
+	  $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_SMOKE_SECONDS) -rss_limit_mb=2048 \
+	    target/fuzz/scratch/$$t fuzz/corpus/$$t > target/fuzz/$$t.log 2>&1 \
+	    || { echo "fuzz target $$t failed:"; tail -n 40 target/fuzz/$$t.log; exit 1; }; \
+	  echo "fuzz $$t: $$(grep -o 'Done [0-9]* runs' target/fuzz/$$t.log | grep -o '[0-9][0-9]*' || echo '?') runs, no crash"; \
+	done
+
 ## lint: formatting and clippy (the plugin denies unwrap/expect/panic).
 lint:
 	$(CARGO) fmt --all --check
@@ -67,6 +100,7 @@ lint:
 ## test: everything, end-to-end tests in a real Envoy included.
 test: build lint
 	$(CARGO) test -j$(JOBS) --workspace
+	$(MAKE) --no-print-directory fuzz-smoke
 
 unit:
 	$(CARGO) test -j$(JOBS) --workspace --lib

@@ -100,11 +100,32 @@ impl Limit {
         };
         Some(Descriptor {
             limit: self.name.clone(),
-            value,
+            value: bounded(value),
             rates,
             shared,
         })
     }
+}
+
+/// The longest key value sent to the service as it is.
+pub const MAX_VALUE_BYTES: usize = 256;
+
+/// A longer value (a long bearer token, or a client stuffing a header) is sent as its first
+/// 128 bytes and a hash of the whole: it keeps a counter of its own, and a client cannot turn
+/// its limit into a service error (which `failure_mode: allow` would let through).
+fn bounded(value: String) -> String {
+    if value.len() <= MAX_VALUE_BYTES {
+        return value;
+    }
+    let mut cut = 128;
+    while !value.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    // FNV-1a, 64 bits: stable across VMs and restarts.
+    let hash = value.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{}…#{hash:016x}", value.get(..cut).unwrap_or_default())
 }
 
 pub fn descriptors(limits: &[Limit], source: &impl AttributeSource) -> Vec<Descriptor> {
@@ -196,6 +217,26 @@ mod tests {
         }
         assert_eq!(l.descriptor(&Key(Some("zzz"))), None);
         assert_eq!(l.descriptor(&Key(None)), None);
+    }
+
+    #[test]
+    fn long_values_are_bounded_but_stay_distinct() {
+        let l = Limit {
+            name: "k".into(),
+            key: Template::parse("{{request.headers.k}}").unwrap(),
+            rates: LimitRates::Fixed(vec![rate(1, 60)]),
+        };
+        let long_a: &'static str = Box::leak(format!("é{}", "a".repeat(5000)).into_boxed_str());
+        let long_b: &'static str = Box::leak(format!("é{}b", "a".repeat(4999)).into_boxed_str());
+        let a = l.descriptor(&Key(Some(long_a))).unwrap().value;
+        let b = l.descriptor(&Key(Some(long_b))).unwrap().value;
+        assert!(a.len() <= MAX_VALUE_BYTES && b.len() <= MAX_VALUE_BYTES);
+        assert_ne!(a, b);
+        assert_eq!(a, l.descriptor(&Key(Some(long_a))).unwrap().value, "stable");
+        assert!(a.starts_with('é') && a.contains("…#"));
+        let short = "x".repeat(MAX_VALUE_BYTES);
+        let s: &'static str = Box::leak(short.clone().into_boxed_str());
+        assert_eq!(l.descriptor(&Key(Some(s))).unwrap().value, short);
     }
 
     #[test]

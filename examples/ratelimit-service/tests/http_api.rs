@@ -255,6 +255,41 @@ fn bad_requests_get_json_errors() {
 }
 
 #[test]
+fn slow_clients_neither_block_others_nor_stay_forever() {
+    use std::io::{Read, Write};
+    let s = start(&[], &[]);
+    // 200 clients that send half a request head and then nothing.
+    let mut slow: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+            c.write_all(b"POST /v1/check HTTP/1.1\r\nhost: x\r\ncontent-le")
+                .unwrap();
+            c
+        })
+        .collect();
+    v1_roundtrip(&s);
+    // A client whose body never comes is served the moment it does, others meanwhile.
+    let mut trickle = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    trickle
+        .write_all(b"POST /v1/check HTTP/1.1\r\nhost: x\r\ncontent-length: 200\r\n\r\n{")
+        .unwrap();
+    assert_eq!(send(s.port, "GET", "/healthz", &[], b"").status, 200);
+    // The half-sent heads are dropped after the header timeout.
+    let c = slow.first_mut().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 512];
+    let n = c.read(&mut buf).unwrap_or(0);
+    assert!(
+        n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert!(started.elapsed() < Duration::from_secs(25));
+    assert_eq!(send(s.port, "GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
 fn sigterm_drains_in_flight_requests_and_exits() {
     use std::io::{Read, Write};
     let mut s = start(&[], &[]);

@@ -110,6 +110,12 @@ impl Service {
         self.child.id()
     }
 
+    /// Kills the process at once (SIGKILL): whatever it was doing is lost.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let _ = Command::new("kill")
