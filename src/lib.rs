@@ -13,5 +13,6 @@ pub mod protocol;
 pub mod reply;
 pub mod report;
 pub mod request;
+pub mod rls;
 pub mod template;
 pub mod usage;

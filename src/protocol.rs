@@ -3,9 +3,18 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Protocol;
+use crate::config::{Protocol, ServiceConfig};
 use crate::limits::Descriptor;
 use crate::report::Report;
+use crate::rls;
+
+/// A call for the adapter to dispatch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    Http(Call),
+    /// A `ShouldRateLimit` message for Envoy's rate-limit gRPC service.
+    Grpc(Vec<u8>),
+}
 
 /// An HTTP call for the adapter to dispatch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,9 +31,15 @@ struct CheckBody<'a> {
 }
 
 /// The check for `descriptors`, reserving `reserve` tokens from each on admission.
-pub fn check_call(protocol: Protocol, descriptors: &[Descriptor], reserve: u64) -> Call {
-    match protocol {
-        Protocol::V1 => Call {
+pub fn check_call(service: &ServiceConfig, descriptors: &[Descriptor], reserve: u64) -> Outbound {
+    match service.protocol {
+        Protocol::EnvoyRls => Outbound::Grpc(rls::check_message(
+            &service.domain,
+            &service.descriptor_entries,
+            descriptors,
+            reserve,
+        )),
+        Protocol::V1 => Outbound::Http(Call {
             method: "POST",
             path: "/v1/check".into(),
             // Serialising plain structs of strings and integers cannot fail.
@@ -33,15 +48,15 @@ pub fn check_call(protocol: Protocol, descriptors: &[Descriptor], reserve: u64) 
                 reserve,
             })
             .ok(),
-        },
+        }),
         Protocol::Asm => {
             let keys: Vec<&str> = descriptors.iter().map(|d| d.value.as_str()).collect();
             let json = serde_json::to_string(&keys).unwrap_or_default();
-            Call {
+            Outbound::Http(Call {
                 method: "GET",
                 path: format!("/ratelimit?ratelimit_keys={}", url_encode(&json)),
                 body: None,
-            }
+            })
         }
     }
 }
@@ -60,16 +75,28 @@ struct AsmUpdate<'a> {
     total_tokens: u64,
 }
 
-/// The call that delivers `reports`. The ASM protocol takes one request's usage per call, so
-/// its queue batches one at a time and only the first report is sent.
-pub fn report_call(protocol: Protocol, reports: &[&Report]) -> Call {
-    match protocol {
-        Protocol::V1 => Call {
+/// The call that delivers `reports`, or `None` when there is nothing to send. The ASM and RLS
+/// protocols take one request's usage per call, so their queues batch one at a time and only the
+/// first report is sent.
+pub fn report_call(service: &ServiceConfig, reports: &[&Report]) -> Option<Outbound> {
+    match service.protocol {
+        Protocol::V1 => Some(Outbound::Http(Call {
             method: "POST",
             path: "/v1/report".into(),
             body: serde_json::to_vec(&ReportBody { reports }).ok(),
-        },
-        Protocol::Asm => Call {
+        })),
+        Protocol::EnvoyRls => {
+            let r = reports.first()?;
+            rls::report_message(
+                &service.domain,
+                &service.descriptor_entries,
+                &r.descriptors,
+                r.tokens,
+                r.reserved,
+            )
+            .map(Outbound::Grpc)
+        }
+        Protocol::Asm => Some(Outbound::Http(Call {
             method: "POST",
             path: "/update_ratelimit_record".into(),
             body: reports.first().and_then(|r| {
@@ -81,7 +108,7 @@ pub fn report_call(protocol: Protocol, reports: &[&Report]) -> Call {
                 })
                 .ok()
             }),
-        },
+        })),
     }
 }
 
@@ -173,12 +200,16 @@ struct AsmAnswer {
     description: Option<String>,
 }
 
-/// Reads the service's answer. `status` is `None` when the call ended without headers.
+/// Reads the service's answer. `status` is the HTTP status (`None` when the call ended without
+/// headers), or for `envoy-rls` the gRPC status.
 pub fn read_check(
     protocol: Protocol,
     status: Option<u32>,
     body: &[u8],
 ) -> Result<Verdict, CheckFailure> {
+    if protocol == Protocol::EnvoyRls {
+        return rls::read_check(status.unwrap_or(14), body);
+    }
     match status {
         None => return Err(CheckFailure::Reset),
         Some(200) => {}
@@ -206,7 +237,7 @@ pub fn read_check(
                 description: None,
             })
         }
-        Protocol::Asm => {
+        Protocol::Asm | Protocol::EnvoyRls => {
             let a: AsmAnswer = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
             Ok(Verdict {
                 allowed: a.allow,
@@ -259,9 +290,29 @@ mod tests {
         ]
     }
 
+    fn service(protocol: Protocol) -> ServiceConfig {
+        ServiceConfig {
+            cluster: "rl".into(),
+            authority: "rl".into(),
+            protocol,
+            timeout_ms: 500,
+            failure_mode: crate::config::FailureMode::Allow,
+            failure_status: 503,
+            domain: "llm".into(),
+            descriptor_entries: vec![],
+        }
+    }
+
+    fn http(o: Option<Outbound>) -> Call {
+        match o {
+            Some(Outbound::Http(c)) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn v1_check_body() {
-        let call = check_call(Protocol::V1, &descriptors(), 5);
+        let call = http(Some(check_call(&service(Protocol::V1), &descriptors(), 5)));
         assert_eq!((call.method, call.path.as_str()), ("POST", "/v1/check"));
         assert_eq!(
             String::from_utf8(call.body.unwrap()).unwrap(),
@@ -282,23 +333,31 @@ mod tests {
                 total: 105,
             },
         };
-        let call = report_call(Protocol::V1, &[&report]);
+        let call = http(report_call(&service(Protocol::V1), &[&report]));
         assert_eq!((call.method, call.path.as_str()), ("POST", "/v1/report"));
         assert_eq!(
             String::from_utf8(call.body.unwrap()).unwrap(),
             r#"{"reports":[{"id":"ab-1","descriptors":[{"limit":"apikey","value":"k\"1","rates":[{"tokens":10,"window_s":60}]},{"limit":"user-type","value":"regular-user"}],"tokens":105,"reserved":20,"usage":{"prompt_tokens":10,"completion_tokens":95,"total_tokens":105}}]}"#
         );
-        let call = report_call(Protocol::Asm, &[&report]);
+        let call = http(report_call(&service(Protocol::Asm), &[&report]));
         assert_eq!(call.path, "/update_ratelimit_record");
         assert_eq!(
             String::from_utf8(call.body.unwrap()).unwrap(),
             r#"{"ratelimit_keys":["k\"1","regular-user"],"prompt_tokens":10,"completion_tokens":95,"total_tokens":105}"#
         );
+        match report_call(&service(Protocol::EnvoyRls), &[&report]) {
+            Some(Outbound::Grpc(m)) => {
+                let m = <crate::rls::RateLimitRequest as crate::rls::Message>::decode(m.as_slice())
+                    .unwrap();
+                assert_eq!((m.domain.as_str(), m.hits_addend), ("llm", 85));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn asm_check_query() {
-        let call = check_call(Protocol::Asm, &descriptors(), 0);
+        let call = http(Some(check_call(&service(Protocol::Asm), &descriptors(), 0)));
         assert_eq!(call.method, "GET");
         assert_eq!(call.body, None);
         assert_eq!(

@@ -88,6 +88,15 @@ pub fn delivery(status: Option<u32>) -> Delivery {
     }
 }
 
+/// Reads a report call's gRPC status: INVALID_ARGUMENT and UNIMPLEMENTED cannot get better.
+pub fn grpc_delivery(status: u32) -> Delivery {
+    match status {
+        0 => Delivery::Accepted,
+        3 | 12 => Delivery::Rejected,
+        _ => Delivery::Retry,
+    }
+}
+
 /// What settling a batch did, for the metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Settled {

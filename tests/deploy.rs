@@ -206,6 +206,8 @@ fn the_schema_refuses_what_the_plugin_refuses() {
         json!({"rule_name": "r", "service": {"cluster": "r"}, "rule_items": [{"limit_by_header": "x", "limit_by_param": "y", "limit_keys": [{"key": "a", "token_per_minute": 1}]}]}),
         json!({"rule_name": "r", "service": {"cluster": "r"}, "rule_items": [{"limit_by_per_ip": "from-somewhere", "limit_keys": [{"key": "1.1.1.1", "token_per_minute": 1}]}]}),
         json!({"rateLimitKeys": ["{{request.headers.user-type}}"]}),
+        json!({"service": {"cluster": "r", "protocol": "envoy-rls"}, "limits": [{"name": "a", "key": ""}]}),
+        json!({"service": {"cluster": "r", "domain": "llm"}, "limits": [{"name": "a", "key": ""}]}),
     ] {
         assert!(!schema.is_valid(&bad), "the schema accepts {bad}");
         assert!(

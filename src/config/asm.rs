@@ -116,6 +116,8 @@ fn service(mut s: Object<'_>, fall_open: bool) -> Result<ServiceConfig, ConfigEr
             FailureMode::Deny
         },
         failure_status: 503,
+        domain: String::new(),
+        descriptor_entries: Vec::new(),
     })
 }
 

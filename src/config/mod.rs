@@ -34,6 +34,8 @@ pub enum Protocol {
     V1,
     /// The ASM example service's `/ratelimit` and `/update_ratelimit_record` (section 4).
     Asm,
+    /// Envoy's rate-limit gRPC service (envoyproxy/ratelimit, Limitador).
+    EnvoyRls,
 }
 
 /// What a failed check (service down, slow, broken) does to the request.
@@ -53,6 +55,10 @@ pub struct ServiceConfig {
     pub timeout_ms: u64,
     pub failure_mode: FailureMode,
     pub failure_status: u32,
+    /// `envoy-rls`: the rate-limit domain.
+    pub domain: String,
+    /// `envoy-rls`: entries put before `(limit, value)` in every descriptor.
+    pub descriptor_entries: Vec<(String, String)>,
 }
 
 /// Which tokens a request is charged.
@@ -505,6 +511,18 @@ mod tests {
                 "`quota_headers`: expected true or false",
             ),
             (&extra(r#""limts": []"#), "`limts`: unknown field"),
+            (
+                r#"{"service": {"cluster": "a", "protocol": "envoy-rls"}, "limits": [{"name": "g", "key": ""}]}"#,
+                "`service.domain`: is required with protocol \"envoy-rls\"",
+            ),
+            (
+                r#"{"service": {"cluster": "a", "domain": "d"}, "limits": [{"name": "g", "key": ""}]}"#,
+                "`service.domain`: only goes with protocol \"envoy-rls\"",
+            ),
+            (
+                r#"{"service": {"cluster": "a", "protocol": "envoy-rls", "domain": "d"}, "limits": [{"name": "g", "key": "", "tokens": 5, "window": 60}]}"#,
+                "`limits[0]`: has rates or values, but with protocol \"envoy-rls\"",
+            ),
         ];
         for (json, want) in cases {
             let got = error(json);

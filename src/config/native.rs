@@ -46,6 +46,16 @@ pub fn parse(value: &Value) -> Result<Config, ConfigError> {
             )));
         }
     }
+    if service.protocol == Protocol::EnvoyRls {
+        if let Some(i) = limits
+            .iter()
+            .position(|l| !matches!(l.rates, LimitRates::ServiceOwned))
+        {
+            return Err(limits_path.index(i).error(
+                "has rates or values, but with protocol \"envoy-rls\" the rate-limit service's own configuration defines the budgets; remove `tokens`/`window`/`rates`/`values`",
+            ));
+        }
+    }
     let options = options(&mut root)?;
     root.finish()?;
     Ok(options.into_config(service, matches, limits))
@@ -222,12 +232,47 @@ pub(super) fn service(mut s: Object<'_>) -> Result<ServiceConfig, ConfigError> {
     let protocol = match s.string("protocol")? {
         None | Some("v1") => Protocol::V1,
         Some("asm") => Protocol::Asm,
+        Some("envoy-rls") => Protocol::EnvoyRls,
         Some(other) => {
+            return Err(s.path.field("protocol").error(format!(
+                "\"{other}\" is not one of \"v1\", \"asm\", \"envoy-rls\""
+            )))
+        }
+    };
+    let domain = s.string("domain")?;
+    let domain = match (protocol, domain) {
+        (Protocol::EnvoyRls, Some(d)) if !d.is_empty() => d.to_string(),
+        (Protocol::EnvoyRls, _) => {
+            return Err(s.path.field("domain").error(
+                "is required with protocol \"envoy-rls\": the domain of the rate-limit service's configuration",
+            ))
+        }
+        (_, Some(_)) => {
             return Err(s
                 .path
-                .field("protocol")
-                .error(format!("\"{other}\" is not one of \"v1\", \"asm\"")))
+                .field("domain")
+                .error("only goes with protocol \"envoy-rls\""))
         }
+        (_, None) => String::new(),
+    };
+    let descriptor_entries = match s.object("descriptor_entries")? {
+        None => Vec::new(),
+        Some(_) if protocol != Protocol::EnvoyRls => {
+            return Err(s
+                .path
+                .field("descriptor_entries")
+                .error("only goes with protocol \"envoy-rls\""))
+        }
+        Some(o) => o
+            .entries()
+            .map(|(k, v)| match v {
+                Value::String(v) if !k.is_empty() => Ok((k.clone(), v.clone())),
+                other => Err(o
+                    .path
+                    .field(k)
+                    .error(format!("expected a string, found {}", kind(other)))),
+            })
+            .collect::<Result<_, _>>()?,
     };
     let timeout_ms = match s.u64_max("timeout_ms", MAX_TIMEOUT_MS)? {
         Some(0) => return Err(s.path.field("timeout_ms").error("must be at least 1")),
@@ -253,6 +298,8 @@ pub(super) fn service(mut s: Object<'_>) -> Result<ServiceConfig, ConfigError> {
         timeout_ms,
         failure_mode,
         failure_status,
+        domain,
+        descriptor_entries,
     })
 }
 

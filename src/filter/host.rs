@@ -6,8 +6,10 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, Status};
 
-use crate::protocol::Call;
+use crate::config::ServiceConfig;
+use crate::protocol::{Call, Outbound};
 use crate::reply::Reply;
+use crate::rls;
 
 /// The most of a check answer the plugin reads; a decision is a few hundred bytes.
 const MAX_CALL_BODY: usize = 64 * 1024;
@@ -131,6 +133,36 @@ pub fn dispatch(
         Vec::new(),
         Duration::from_millis(timeout_ms),
     )
+}
+
+/// Sends a check or a report to `service`.
+pub fn dispatch_outbound(
+    service: &ServiceConfig,
+    outbound: &Outbound,
+    timeout_ms: u64,
+) -> Result<u32, Status> {
+    match outbound {
+        Outbound::Http(call) => dispatch(&service.cluster, &service.authority, call, timeout_ms),
+        Outbound::Grpc(message) => hostcalls::dispatch_grpc_call(
+            &service.cluster,
+            rls::SERVICE,
+            rls::METHOD,
+            Vec::new(),
+            Some(message),
+            Duration::from_millis(timeout_ms),
+        ),
+    }
+}
+
+/// The body of a gRPC callout's answer.
+pub fn grpc_body(size: usize) -> Vec<u8> {
+    if size == 0 {
+        return Vec::new();
+    }
+    hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size.min(MAX_CALL_BODY))
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 /// The request's `:status`, or `None` when it ended without response headers.

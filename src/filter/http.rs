@@ -134,23 +134,23 @@ impl Http {
             self.state = State::Passthrough;
             return Action::Continue;
         }
-        // The ASM protocol has no reservations.
-        let reserve = match (config.service.protocol, config.reserve) {
-            (Protocol::Asm, _) => 0,
-            (_, Reserve::Tokens(n)) => n,
-            (_, Reserve::MaxTokens) => body.and_then(BodyFacts::output_token_cap).unwrap_or(0),
+        let wanted = match config.reserve {
+            Reserve::Tokens(n) => n,
+            Reserve::MaxTokens => body.and_then(BodyFacts::output_token_cap).unwrap_or(0),
         };
-        let call = protocol::check_call(config.service.protocol, &descriptors, reserve);
+        let reserve = match config.service.protocol {
+            // The ASM protocol has no reservations.
+            Protocol::Asm => 0,
+            // The RLS API counts a check as at least one hit.
+            Protocol::EnvoyRls => wanted.max(1),
+            Protocol::V1 => wanted,
+        };
+        let call = protocol::check_call(&config.service, &descriptors, reserve);
         let spend = Spend {
             descriptors,
             reserved: reserve,
         };
-        match host::dispatch(
-            &config.service.cluster,
-            &config.service.authority,
-            &call,
-            config.service.timeout_ms,
-        ) {
+        match host::dispatch_outbound(&config.service, &call, config.service.timeout_ms) {
             Ok(_) => {
                 self.state = State::Checking { spend };
                 Action::Pause
@@ -206,6 +206,20 @@ impl Context for Http {
         body_size: usize,
         _trailers: usize,
     ) {
+        let status = host::call_status(num_headers);
+        let body = host::call_body(body_size);
+        self.checked(status, &body);
+    }
+
+    fn on_grpc_call_response(&mut self, _token: u32, status_code: u32, response_size: usize) {
+        let body = host::grpc_body(response_size);
+        self.checked(Some(status_code), &body);
+    }
+}
+
+impl Http {
+    /// The check's answer arrived (`status`: HTTP, or gRPC for `envoy-rls`).
+    fn checked(&mut self, status: Option<u32>, body: &[u8]) {
         let Some(shared) = self.shared.clone() else {
             return;
         };
@@ -216,9 +230,7 @@ impl Context for Http {
         else {
             return;
         };
-        let status = host::call_status(num_headers);
-        let body = host::call_body(body_size);
-        let action = match protocol::read_check(config.service.protocol, status, &body) {
+        let action = match protocol::read_check(config.service.protocol, status, body) {
             Ok(verdict) if verdict.allowed => {
                 shared.metrics.checks_allowed.inc();
                 self.state = State::Admitted {

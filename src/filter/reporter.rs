@@ -9,7 +9,7 @@ use super::host;
 use super::metrics::Metrics;
 use crate::config::{Protocol, ServiceConfig};
 use crate::protocol::report_call;
-use crate::report::{delivery, Delivery, Report, ReportIds, ReportQueue, BATCH};
+use crate::report::{delivery, grpc_delivery, Delivery, Report, ReportIds, ReportQueue, BATCH};
 
 /// A report call may carry a hundred reports: give it more time than a check.
 const MIN_REPORT_TIMEOUT_MS: u64 = 2000;
@@ -26,7 +26,7 @@ impl Reporter {
     pub fn new(service: ServiceConfig) -> Reporter {
         let batch = match service.protocol {
             Protocol::V1 => BATCH,
-            Protocol::Asm => 1,
+            Protocol::Asm | Protocol::EnvoyRls => 1,
         };
         Reporter {
             queue: ReportQueue::new(batch),
@@ -62,30 +62,37 @@ impl Reporter {
     /// Runs in the root context (on its tick, or on a report call's answer).
     pub fn pump(&mut self, metrics: &Metrics) {
         let now = host::now_ms();
-        if let Some(batch) = self.queue.start_batch(now) {
-            let call = report_call(self.service.protocol, &batch);
+        loop {
+            let call = match self.queue.start_batch(now) {
+                None => break,
+                Some(batch) => report_call(&self.service, &batch),
+            };
+            let Some(call) = call else {
+                // Nothing to add (an RLS report of a fully reserved request).
+                self.settle(Delivery::Accepted, metrics);
+                continue;
+            };
             let timeout = self.service.timeout_ms.max(MIN_REPORT_TIMEOUT_MS);
-            if let Err(status) = host::dispatch(
-                &self.service.cluster,
-                &self.service.authority,
-                &call,
-                timeout,
-            ) {
+            if let Err(status) = host::dispatch_outbound(&self.service, &call, timeout) {
                 log::warn!(
                     "report could not be dispatched to cluster `{}`: {status:?}",
                     self.service.cluster
                 );
                 self.settle(Delivery::Retry, metrics);
             }
+            break;
         }
         let wake = self.queue.wake_in_ms(host::now_ms());
         host::set_tick_ms(wake.map_or(0, |ms| ms.max(1)));
         self.scheduled = wake.is_some() || !self.queue.is_empty();
     }
 
-    /// The answer to the batch in flight.
+    /// The answer to the batch in flight: an HTTP status, or for `envoy-rls` a gRPC status.
     pub fn answered(&mut self, status: Option<u32>, metrics: &Metrics) {
-        let outcome = delivery(status);
+        let outcome = match self.service.protocol {
+            Protocol::EnvoyRls => grpc_delivery(status.unwrap_or(14)),
+            Protocol::V1 | Protocol::Asm => delivery(status),
+        };
         if outcome != Delivery::Accepted {
             log::warn!("usage report failed: status {status:?}");
         }

@@ -46,6 +46,10 @@ impl Context for Root {
         let status = host::call_status(num_headers);
         self.with_reporter(|reporter, metrics| reporter.answered(status, metrics));
     }
+
+    fn on_grpc_call_response(&mut self, _token: u32, status_code: u32, _response_size: usize) {
+        self.with_reporter(|reporter, metrics| reporter.answered(Some(status_code), metrics));
+    }
 }
 
 impl RootContext for Root {
