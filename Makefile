@@ -78,14 +78,14 @@ fuzz-build:
 fuzz: fuzz-build
 	@set -o pipefail; for t in $(FUZZ_TARGETS); do \
 	  echo "fuzz $$t for $(FUZZ_SECONDS) s"; \
-	  $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 fuzz/corpus/$$t 2>&1 | tail -n 2 || exit 1; \
+	  mkdir -p target/fuzz/artifacts; $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -artifact_prefix=target/fuzz/artifacts/ fuzz/corpus/$$t 2>&1 | tail -n 2 || exit 1; \
 	done
 
 ## fuzz-smoke: a short run of every target over the committed corpus (part of make test).
 fuzz-smoke: fuzz-build
 	@for t in $(FUZZ_TARGETS); do \
-	  mkdir -p target/fuzz/scratch/$$t; \
-	  $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_SMOKE_SECONDS) -rss_limit_mb=2048 \
+	  mkdir -p target/fuzz/scratch/$$t target/fuzz/artifacts; \
+	  $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_SMOKE_SECONDS) -rss_limit_mb=2048 -artifact_prefix=target/fuzz/artifacts/ \
 	    target/fuzz/scratch/$$t fuzz/corpus/$$t > target/fuzz/$$t.log 2>&1 \
 	    || { echo "fuzz target $$t failed:"; tail -n 40 target/fuzz/$$t.log; exit 1; }; \
 	  echo "fuzz $$t: $$(grep -o 'Done [0-9]* runs' target/fuzz/$$t.log | grep -o '[0-9][0-9]*' || echo '?') runs, no crash"; \

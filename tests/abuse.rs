@@ -24,21 +24,9 @@ fn config(extra: Value) -> Value {
 }
 
 fn spent(port: u16, user: &str) -> u64 {
-    let path = format!("/v1/quota?limit=user&value={}", testkit_encode(user));
+    let path = format!("/v1/quota?limit=user&value={}", http::percent_encode(user));
     let q = http::send(port, "GET", &path, &[], b"").json();
     BUDGET - q["meters"][0]["remaining"].as_u64().unwrap_or(BUDGET)
-}
-
-fn testkit_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 fn await_spent(port: u16, user: &str, want: u64) {

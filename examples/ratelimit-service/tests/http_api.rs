@@ -144,15 +144,7 @@ fn asm_endpoints_with_asm_environment() {
 }
 
 fn percent(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    http::percent_encode(s)
 }
 
 #[test]

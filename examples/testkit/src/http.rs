@@ -265,6 +265,19 @@ fn read_request(reader: &mut impl BufRead) -> Option<Request> {
     })
 }
 
+/// Percent-encodes everything but ASCII letters and digits (for query parameters).
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 /// Sends one request (`Connection: close`) and reads the whole response.
 pub fn send(
     port: u16,
