@@ -132,6 +132,11 @@ impl ReportQueue {
         }
     }
 
+    /// Changes the batch size (a new configuration may speak another protocol).
+    pub fn set_batch(&mut self, batch: usize) {
+        self.batch = batch.clamp(1, BATCH);
+    }
+
     /// Queues a report; `false` when the queue is full and the report is dropped.
     pub fn push(&mut self, report: Report) -> bool {
         if self.waiting.len() + self.in_flight.len() >= CAPACITY {
@@ -280,6 +285,17 @@ mod tests {
         }
         assert_eq!(failed, 2);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn the_batch_size_follows_the_protocol() {
+        let mut ids = ReportIds::new(1);
+        let mut q = ReportQueue::new(BATCH);
+        for _ in 0..3 {
+            q.push(report(&mut ids, 1));
+        }
+        q.set_batch(1);
+        assert_eq!(q.start_batch(0).unwrap().len(), 1);
     }
 
     #[test]

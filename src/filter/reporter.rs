@@ -22,14 +22,18 @@ pub struct Reporter {
     scheduled: bool,
 }
 
+/// Reports per call: protocol v1 takes many, the others one request's usage each.
+fn batch_size(protocol: Protocol) -> usize {
+    match protocol {
+        Protocol::V1 => BATCH,
+        Protocol::Asm | Protocol::EnvoyRls => 1,
+    }
+}
+
 impl Reporter {
     pub fn new(service: ServiceConfig) -> Reporter {
-        let batch = match service.protocol {
-            Protocol::V1 => BATCH,
-            Protocol::Asm | Protocol::EnvoyRls => 1,
-        };
         Reporter {
-            queue: ReportQueue::new(batch),
+            queue: ReportQueue::new(batch_size(service.protocol)),
             ids: ReportIds::new(host::random_seed()),
             service,
             scheduled: false,
@@ -38,6 +42,7 @@ impl Reporter {
 
     /// A new configuration: later reports go to the new service; queued ones follow them.
     pub fn reconfigure(&mut self, service: ServiceConfig) {
+        self.queue.set_batch(batch_size(service.protocol));
         self.service = service;
     }
 
