@@ -130,8 +130,10 @@ fn thousands_of_requests_charged_exactly_redis() {
     thousands_of_requests_are_charged_exactly(&["--store", "redis", "--redis-url", &url]);
 }
 
-#[test]
-fn the_service_killed_and_restarted_under_load_loses_no_report() {
+/// The service is SIGKILLed under load and comes back 1.5 s later on the same port, its
+/// counters in Redis. `allow`: every request is served; `deny`: requests during the outage get
+/// the fail-closed 503. Either way every served request is charged, nothing twice.
+fn service_killed_and_restarted_under_load(failure_mode: &'static str) {
     let redis = RedisServer::start();
     let url: &'static str = Box::leak(redis.url().into_boxed_str());
     let port = testkit::free_port();
@@ -139,9 +141,8 @@ fn the_service_killed_and_restarted_under_load_loses_no_report() {
     let args = ["--store", "redis", "--redis-url", url];
     let mut svc = Service::start_at(service::binary(), &listen, &args, &[]);
     let llm = mock_llm();
-    // Fail-open: requests go on while the service is away; their usage is owed.
     let e = Envoy::start(
-        &config("allow"),
+        &config(failure_mode),
         &[cluster("ratelimit", port), cluster("upstream", llm.port)],
     );
     let stop = Arc::new(AtomicBool::new(false));
@@ -159,18 +160,36 @@ fn the_service_killed_and_restarted_under_load_loses_no_report() {
         })
     };
     let (used, statuses) = load(e.port, 8, 150, Duration::from_millis(10));
-    assert_eq!(
-        statuses,
-        BTreeMap::from([(200, 1200)]),
-        "no request failed or hung"
-    );
-    assert!(e.metric("failure_mode_allowed") > 0, "the outage was seen");
-    // Counters live in Redis: everything used before, during and after the outage is there.
+    assert_eq!(statuses.values().sum::<u64>(), 1200, "no request hung");
+    match failure_mode {
+        "allow" => {
+            assert_eq!(statuses, BTreeMap::from([(200, 1200)]));
+            assert!(e.metric("failure_mode_allowed") > 0, "the outage was seen");
+        }
+        _ => {
+            assert!(
+                statuses.keys().all(|s| *s == 200 || *s == 503),
+                "{statuses:?}"
+            );
+            assert!(statuses.get(&503).is_some_and(|n| *n > 0), "{statuses:?}");
+            assert_eq!(e.metric("failure_mode_denied"), statuses[&503]);
+        }
+    }
+    // Counters live in Redis: everything served before, during and after the outage is there.
     await_spent(port, &used);
     stop.store(true, Ordering::SeqCst);
     let _again = chaos.join().unwrap();
-    assert!(e.metric("reports.retried") > 0);
     assert_eq!(e.metric("reports.dropped") + e.metric("reports.failed"), 0);
+}
+
+#[test]
+fn the_service_killed_and_restarted_under_load_fail_open() {
+    service_killed_and_restarted_under_load("allow");
+}
+
+#[test]
+fn the_service_killed_and_restarted_under_load_fail_closed() {
+    service_killed_and_restarted_under_load("deny");
 }
 
 #[test]
