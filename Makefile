@@ -39,6 +39,7 @@ build: deps wasm
 # then holds 16 MiB more per Envoy: measured, see README "Performance".)
 wasm:
 	$(CARGO) build -j$(JOBS) --release --target wasm32-wasip1 --lib -p llm-token-ratelimit
+	$(CARGO) build -j$(JOBS) --release --target wasm32-wasip1 --lib -p noop-plugin
 	@mkdir -p $(dir $(PLUGIN))
 	@cp -p $(WASM) $(PLUGIN)
 	@ls -l $(PLUGIN) | awk '{printf "plugin: %s (%d KiB)\n", $$NF, $$5/1024}'
