@@ -30,6 +30,16 @@ struct CheckBody<'a> {
     reserve: u64,
 }
 
+/// What a check actually reserves when the configuration wants `wanted` tokens: the ASM
+/// protocol has no reservations, and the RLS API counts every check as at least one hit.
+pub fn reservation(protocol: Protocol, wanted: u64) -> u64 {
+    match protocol {
+        Protocol::V1 => wanted,
+        Protocol::Asm => 0,
+        Protocol::EnvoyRls => wanted.max(1),
+    }
+}
+
 /// The check for `descriptors`, reserving `reserve` tokens from each on admission.
 pub fn check_call(service: &ServiceConfig, descriptors: &[Descriptor], reserve: u64) -> Outbound {
     match service.protocol {
@@ -207,47 +217,53 @@ pub fn read_check(
     status: Option<u32>,
     body: &[u8],
 ) -> Result<Verdict, CheckFailure> {
-    if protocol == Protocol::EnvoyRls {
-        return rls::read_check(status.unwrap_or(14), body);
-    }
-    match status {
-        None => return Err(CheckFailure::Reset),
-        Some(200) => {}
-        Some(504) => return Err(CheckFailure::Timeout),
-        Some(503) => return Err(CheckFailure::Unavailable),
-        Some(_) => return Err(CheckFailure::Status),
-    }
     match protocol {
-        Protocol::V1 => {
-            let a: V1Answer = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
-            let quota = a
-                .limits
-                .iter()
-                .map(|l| Quota {
-                    limit: l.tokens,
-                    remaining: l.remaining.clamp(0, l.tokens.min(i64::MAX as u64) as i64) as u64,
-                    reset_ms: l.reset_ms,
-                })
-                .min_by_key(|q| (q.remaining, std::cmp::Reverse(q.reset_ms)));
-            Ok(Verdict {
-                allowed: a.allowed,
-                quota,
-                retry_after_ms: a.retry_after_ms.unwrap_or(0),
-                denied_by: a.denied_by,
-                description: None,
-            })
-        }
-        Protocol::Asm | Protocol::EnvoyRls => {
-            let a: AsmAnswer = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
-            Ok(Verdict {
-                allowed: a.allow,
-                quota: None,
-                retry_after_ms: 0,
-                denied_by: None,
-                description: a.description,
-            })
-        }
+        Protocol::EnvoyRls => rls::read_check(status.unwrap_or(14), body),
+        Protocol::V1 => http_decision(status).and_then(|()| read_v1(body)),
+        Protocol::Asm => http_decision(status).and_then(|()| read_asm(body)),
     }
+}
+
+/// A decision is an HTTP 200; the failure kind of anything else.
+fn http_decision(status: Option<u32>) -> Result<(), CheckFailure> {
+    match status {
+        None => Err(CheckFailure::Reset),
+        Some(200) => Ok(()),
+        Some(504) => Err(CheckFailure::Timeout),
+        Some(503) => Err(CheckFailure::Unavailable),
+        Some(_) => Err(CheckFailure::Status),
+    }
+}
+
+fn read_v1(body: &[u8]) -> Result<Verdict, CheckFailure> {
+    let a: V1Answer = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
+    let quota = a
+        .limits
+        .iter()
+        .map(|l| Quota {
+            limit: l.tokens,
+            remaining: l.remaining.clamp(0, l.tokens.min(i64::MAX as u64) as i64) as u64,
+            reset_ms: l.reset_ms,
+        })
+        .min_by_key(|q| (q.remaining, std::cmp::Reverse(q.reset_ms)));
+    Ok(Verdict {
+        allowed: a.allowed,
+        quota,
+        retry_after_ms: a.retry_after_ms.unwrap_or(0),
+        denied_by: a.denied_by,
+        description: None,
+    })
+}
+
+fn read_asm(body: &[u8]) -> Result<Verdict, CheckFailure> {
+    let a: AsmAnswer = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
+    Ok(Verdict {
+        allowed: a.allow,
+        quota: None,
+        retry_after_ms: 0,
+        denied_by: None,
+        description: a.description,
+    })
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
@@ -353,6 +369,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn reservations_per_protocol() {
+        assert_eq!(reservation(Protocol::V1, 0), 0);
+        assert_eq!(reservation(Protocol::V1, 70), 70);
+        assert_eq!(reservation(Protocol::Asm, 70), 0);
+        assert_eq!(reservation(Protocol::EnvoyRls, 0), 1);
+        assert_eq!(reservation(Protocol::EnvoyRls, 70), 70);
     }
 
     #[test]

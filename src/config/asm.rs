@@ -99,11 +99,7 @@ fn service(mut s: Object<'_>, fall_open: bool) -> Result<ServiceConfig, ConfigEr
                 .error(format!("\"{other}\" is not one of \"asm\", \"v1\"")))
         }
     };
-    let timeout_ms = match s.u64_max("timeout_ms", 60_000)? {
-        Some(0) => return Err(s.path.field("timeout_ms").error("must be at least 1")),
-        Some(n) => n,
-        None => 500,
-    };
+    let timeout_ms = native::timeout_ms(&mut s)?;
     s.finish()?;
     Ok(ServiceConfig {
         cluster: format!("outbound|{port}||{host}"),

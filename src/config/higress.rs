@@ -623,6 +623,11 @@ mod tests {
                 "`rule_items[0].limit_keys[0].token_per_mintue`: unknown field",
             ),
             (json!({"_rules_": [{"rule_name": "r", "global_threshold": {"token_per_minute": 1}}]}), "`_rules_[0]`: needs `_match_route_`"),
+            (
+                with_service(json!({"rule_name": "r", "client_ip": {"header": "x-real-ip"},
+                    "rule_items": [{"limit_by_per_ip": "from-header-x-forwarded-for", "limit_keys": [{"key": "1.1.1.1", "token_per_minute": 1}]}]})),
+                "`rule_items[0].limit_by_per_ip`: reads the client address from another place than `client_ip`",
+            ),
         ];
         for (config, want) in cases {
             let got = error(config.clone());

@@ -274,11 +274,7 @@ pub(super) fn service(mut s: Object<'_>) -> Result<ServiceConfig, ConfigError> {
             })
             .collect::<Result<_, _>>()?,
     };
-    let timeout_ms = match s.u64_max("timeout_ms", MAX_TIMEOUT_MS)? {
-        Some(0) => return Err(s.path.field("timeout_ms").error("must be at least 1")),
-        Some(n) => n,
-        None => 500,
-    };
+    let timeout_ms = timeout_ms(&mut s)?;
     let failure_mode = match s.string("failure_mode")? {
         None | Some("allow") => FailureMode::Allow,
         Some("deny") => FailureMode::Deny,
@@ -301,6 +297,15 @@ pub(super) fn service(mut s: Object<'_>) -> Result<ServiceConfig, ConfigError> {
         domain,
         descriptor_entries,
     })
+}
+
+/// `timeout_ms` of a service block: 1 ms to 60 s, 500 by default.
+pub(super) fn timeout_ms(s: &mut Object<'_>) -> Result<u64, ConfigError> {
+    match s.u64_max("timeout_ms", MAX_TIMEOUT_MS)? {
+        Some(0) => Err(s.path.field("timeout_ms").error("must be at least 1")),
+        Some(n) => Ok(n),
+        None => Ok(500),
+    }
 }
 
 pub(super) fn status(o: &mut Object<'_>, name: &'static str) -> Result<Option<u32>, ConfigError> {

@@ -8,7 +8,7 @@ use proxy_wasm::types::Action;
 
 use super::host;
 use super::root::Shared;
-use crate::config::{Config, FailureMode, Protocol, Reserve, ScopeFacts};
+use crate::config::{Config, FailureMode, Reserve, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};
 use crate::matcher::{any_matches, HeaderList, RequestHeaders};
 use crate::protocol::{self, CheckFailure, Quota};
@@ -138,13 +138,7 @@ impl Http {
             Reserve::Tokens(n) => n,
             Reserve::MaxTokens => body.and_then(BodyFacts::output_token_cap).unwrap_or(0),
         };
-        let reserve = match config.service.protocol {
-            // The ASM protocol has no reservations.
-            Protocol::Asm => 0,
-            // The RLS API counts a check as at least one hit.
-            Protocol::EnvoyRls => wanted.max(1),
-            Protocol::V1 => wanted,
-        };
+        let reserve = protocol::reservation(config.service.protocol, wanted);
         let call = protocol::check_call(&config.service, &descriptors, reserve);
         let spend = Spend {
             descriptors,
@@ -304,14 +298,14 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some(shared) = self.shared.clone() else {
-            return Action::Continue;
-        };
         match &self.state {
             State::AwaitingBody { .. } => {}
             State::Checking { .. } => return Action::Pause,
             State::Passthrough | State::Admitted { .. } => return Action::Continue,
         }
+        let Some(shared) = self.shared.clone() else {
+            return Action::Continue;
+        };
         let Some(config) = shared.plugin.config(self.policy) else {
             return Action::Continue;
         };
@@ -448,21 +442,13 @@ impl HttpContext for Http {
             return;
         };
         let seen = match &response {
-            Some(r) => Observed {
-                status: Some(r.status),
-                fields: r
-                    .scanner
-                    .as_ref()
-                    .map(UsageScanner::fields)
-                    .unwrap_or_default(),
-                text_bytes: r.scanner.as_ref().map_or(0, UsageScanner::text_bytes),
-                body_bytes: r.scanner.as_ref().map_or(0, UsageScanner::body_bytes),
-                opaque: r
-                    .scanner
-                    .as_ref()
-                    .is_some_and(|s| s.format() == crate::usage::BodyFormat::Opaque),
-                complete: r.complete,
-                request_bytes: self.request_bytes,
+            Some(r) => match &r.scanner {
+                Some(scanner) => scanner.observed(r.status, r.complete, self.request_bytes),
+                // A status other than 2xx: its body was not read.
+                None => Observed {
+                    status: Some(r.status),
+                    ..Observed::default()
+                },
             },
             None => Observed::default(),
         };

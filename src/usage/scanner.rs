@@ -3,7 +3,7 @@
 //! `application/json` or `text/plain`), but a JSON body always starts with `{` or `[` and an
 //! event stream never does.
 
-use super::{JsonScanner, SseParser, UsageFields};
+use super::{JsonScanner, Observed, SseParser, UsageFields};
 
 /// How a response body is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,5 +104,18 @@ impl UsageScanner {
 
     pub fn body_bytes(&self) -> u64 {
         self.body_bytes
+    }
+
+    /// What this scan saw of a response with `status`, for [`super::settle`].
+    pub fn observed(&self, status: u32, complete: bool, request_bytes: Option<u64>) -> Observed {
+        Observed {
+            status: Some(status),
+            fields: self.fields(),
+            text_bytes: self.text_bytes(),
+            body_bytes: self.body_bytes,
+            opaque: self.format() == BodyFormat::Opaque,
+            complete,
+            request_bytes,
+        }
     }
 }

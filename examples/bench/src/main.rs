@@ -293,13 +293,11 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
         "… Envoy resident before → after".into(),
         format!("{} → {}", mib(before.1), mib(after.1)),
     ]));
-    let extra = after.1.saturating_sub(rss_loaded.0);
     memory.note(format!(
         "Target (DESIGN §8): Envoy + plugin resident ≤ Envoy alone + 20 MB after the load: +{} {}.",
         mib(rss_loaded.1.saturating_sub(rss_loaded.0)),
         verdict(rss_loaded.1 <= rss_loaded.0 + 20 * 1024 * 1024)
     ));
-    let _ = extra;
     (proxy, memory)
 }
 
