@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod reply;
 pub mod report;
 pub mod request;
+pub mod reserve;
 pub mod rls;
 pub mod template;
 pub mod usage;

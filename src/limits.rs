@@ -4,17 +4,11 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use regex::Regex;
-use serde::Serialize;
 
 use crate::client_ip::parse_address;
 use crate::template::{AttributeSource, Template};
 
-/// One budget: `tokens` per `window_s` seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Rate {
-    pub tokens: u64,
-    pub window_s: u64,
-}
+pub use wire::{Descriptor, Rate};
 
 /// How a value rule recognises a key value.
 #[derive(Debug, Clone)]
@@ -63,19 +57,6 @@ pub struct Limit {
     pub name: String,
     pub key: Template,
     pub rates: LimitRates,
-}
-
-/// What one limit asks of the service for one request (DESIGN section 3).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Descriptor {
-    pub limit: String,
-    pub value: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub rates: Vec<Rate>,
-    /// Every value matching one `shared` rule spends one counter. Sent so the service keys it
-    /// apart from a client whose own key happens to equal the rule's pattern.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub shared: bool,
 }
 
 impl Limit {

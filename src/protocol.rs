@@ -1,8 +1,6 @@
 //! The wire protocols between the plugin and the rate-limit service: what a check sends and
 //! how its answer is read (DESIGN sections 3 and 4).
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::{Protocol, ServiceConfig};
 use crate::limits::Descriptor;
 use crate::report::Report;
@@ -24,24 +22,13 @@ pub struct Call {
     pub body: Option<Vec<u8>>,
 }
 
-#[derive(Serialize)]
-struct CheckBody<'a> {
-    descriptors: &'a [Descriptor],
-    reserve: u64,
-}
-
-/// What a check actually reserves when the configuration wants `wanted` tokens: the ASM
-/// protocol has no reservations, and the RLS API counts every check as at least one hit.
-pub fn reservation(protocol: Protocol, wanted: u64) -> u64 {
-    match protocol {
-        Protocol::V1 => wanted,
-        Protocol::Asm => 0,
-        Protocol::EnvoyRls => wanted.max(1),
-    }
-}
-
 /// The check for `descriptors`, reserving `reserve` tokens from each on admission.
-pub fn check_call(service: &ServiceConfig, descriptors: &[Descriptor], reserve: u64) -> Outbound {
+pub fn check_call(
+    service: &ServiceConfig,
+    descriptors: &[Descriptor],
+    reserve: u64,
+    id: Option<&str>,
+) -> Outbound {
     match service.protocol {
         Protocol::EnvoyRls => Outbound::Grpc(rls::check_message(
             &service.domain,
@@ -53,9 +40,10 @@ pub fn check_call(service: &ServiceConfig, descriptors: &[Descriptor], reserve: 
             method: "POST",
             path: "/v1/check".into(),
             // Serialising plain structs of strings and integers cannot fail.
-            body: serde_json::to_vec(&CheckBody {
+            body: serde_json::to_vec(&wire::CheckRequest {
                 descriptors,
                 reserve,
+                id: id.map(str::to_owned),
             })
             .ok(),
         }),
@@ -71,20 +59,6 @@ pub fn check_call(service: &ServiceConfig, descriptors: &[Descriptor], reserve: 
     }
 }
 
-#[derive(Serialize)]
-struct ReportBody<'a> {
-    reports: &'a [&'a Report],
-}
-
-#[derive(Serialize)]
-struct AsmUpdate<'a> {
-    ratelimit_keys: Vec<&'a str>,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    /// What the plugin charges (per `usage.count`): the ASM service charges `total_tokens`.
-    total_tokens: u64,
-}
-
 /// The call that delivers `reports`, or `None` when there is nothing to send. The ASM and RLS
 /// protocols take one request's usage per call, so their queues batch one at a time and only the
 /// first report is sent.
@@ -93,7 +67,10 @@ pub fn report_call(service: &ServiceConfig, reports: &[&Report]) -> Option<Outbo
         Protocol::V1 => Some(Outbound::Http(Call {
             method: "POST",
             path: "/v1/report".into(),
-            body: serde_json::to_vec(&ReportBody { reports }).ok(),
+            body: serde_json::to_vec(&wire::ReportRequest {
+                reports: reports.to_vec(),
+            })
+            .ok(),
         })),
         Protocol::EnvoyRls => {
             let r = reports.first()?;
@@ -110,10 +87,16 @@ pub fn report_call(service: &ServiceConfig, reports: &[&Report]) -> Option<Outbo
             method: "POST",
             path: "/update_ratelimit_record".into(),
             body: reports.first().and_then(|r| {
-                serde_json::to_vec(&AsmUpdate {
-                    ratelimit_keys: r.descriptors.iter().map(|d| d.value.as_str()).collect(),
-                    prompt_tokens: r.usage.prompt,
-                    completion_tokens: r.usage.completion,
+                let usage = r.usage.unwrap_or_default();
+                serde_json::to_vec(&wire::AsmUpdate {
+                    ratelimit_keys: r
+                        .descriptors
+                        .iter()
+                        .map(|d| d.value.as_str())
+                        .collect::<Vec<_>>(),
+                    prompt_tokens: usage.prompt_tokens,
+                    completion_tokens: usage.completion_tokens,
+                    // What the plugin charges (per `usage.count`): the ASM service charges it.
                     total_tokens: r.tokens,
                 })
                 .ok()
@@ -141,6 +124,8 @@ pub struct Verdict {
     pub denied_by: Option<String>,
     /// The ASM service's text, used as the deny body for that protocol.
     pub description: Option<String>,
+    /// When the service took the reservation (its clock): the report echoes it.
+    pub reserved_at_ms: Option<u64>,
 }
 
 /// Why a check produced no decision; each kind has its own metric.
@@ -154,20 +139,24 @@ pub enum CheckFailure {
     Unavailable,
     /// The call ended without response headers (reset).
     Reset,
-    /// Any other status than 200.
+    /// Any other status than 200 that means an outage (5xx, 408, 429, 1xx/3xx).
     Status,
     /// A 200 whose body is not a decision.
     Body,
+    /// The service refused the check as malformed (4xx, gRPC `INVALID_ARGUMENT`): a contract
+    /// bug, not an outage, so `failure_mode` does not apply and the request is refused.
+    Rejected,
 }
 
 impl CheckFailure {
-    pub const ALL: [CheckFailure; 6] = [
+    pub const ALL: [CheckFailure; 7] = [
         CheckFailure::Dispatch,
         CheckFailure::Timeout,
         CheckFailure::Unavailable,
         CheckFailure::Reset,
         CheckFailure::Status,
         CheckFailure::Body,
+        CheckFailure::Rejected,
     ];
 
     pub fn name(self) -> &'static str {
@@ -178,36 +167,14 @@ impl CheckFailure {
             CheckFailure::Reset => "reset",
             CheckFailure::Status => "status",
             CheckFailure::Body => "body",
+            CheckFailure::Rejected => "rejected",
         }
     }
-}
 
-#[derive(Deserialize)]
-struct V1Answer {
-    allowed: bool,
-    #[serde(default)]
-    limits: Vec<V1Limit>,
-    #[serde(default)]
-    retry_after_ms: Option<u64>,
-    #[serde(default)]
-    denied_by: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct V1Limit {
-    #[serde(default)]
-    tokens: u64,
-    #[serde(default)]
-    remaining: i64,
-    #[serde(default)]
-    reset_ms: u64,
-}
-
-#[derive(Deserialize)]
-struct AsmAnswer {
-    allow: bool,
-    #[serde(default)]
-    description: Option<String>,
+    /// Whether the service may have seen the check (and taken its reservation).
+    pub fn after_dispatch(self) -> bool {
+        !matches!(self, CheckFailure::Dispatch | CheckFailure::Rejected)
+    }
 }
 
 /// Reads the service's answer. `status` is the HTTP status (`None` when the call ended without
@@ -231,38 +198,59 @@ fn http_decision(status: Option<u32>) -> Result<(), CheckFailure> {
         Some(200) => Ok(()),
         Some(504) => Err(CheckFailure::Timeout),
         Some(503) => Err(CheckFailure::Unavailable),
+        Some(408 | 429) => Err(CheckFailure::Status),
+        Some(400..=499) => Err(CheckFailure::Rejected),
         Some(_) => Err(CheckFailure::Status),
     }
 }
 
+/// The service's own words on a refused check (`{"error": "…"}`), for the log, bounded.
+pub fn error_message(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Error {
+        error: String,
+    }
+    let text = match serde_json::from_slice::<Error>(body) {
+        Ok(e) => e.error,
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    };
+    let mut cut = text.len().min(512);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.get(..cut).unwrap_or_default().to_string()
+}
+
 fn read_v1(body: &[u8]) -> Result<Verdict, CheckFailure> {
-    let a: V1Answer = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
+    let a: wire::CheckResponse = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
     let quota = a
         .limits
         .iter()
         .map(|l| Quota {
             limit: l.tokens,
-            remaining: l.remaining.clamp(0, l.tokens.min(i64::MAX as u64) as i64) as u64,
+            remaining: l.remaining.min(l.tokens),
             reset_ms: l.reset_ms,
         })
         .min_by_key(|q| (q.remaining, std::cmp::Reverse(q.reset_ms)));
     Ok(Verdict {
         allowed: a.allowed,
         quota,
-        retry_after_ms: a.retry_after_ms.unwrap_or(0),
+        retry_after_ms: a.retry_after_ms,
         denied_by: a.denied_by,
         description: None,
+        reserved_at_ms: a.reserved_at_ms,
     })
 }
 
 fn read_asm(body: &[u8]) -> Result<Verdict, CheckFailure> {
-    let a: AsmAnswer = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
+    let a: wire::AsmCheckResponse = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
     Ok(Verdict {
         allowed: a.allow,
         quota: None,
         retry_after_ms: 0,
         denied_by: None,
-        description: a.description,
+        description: Some(a.description).filter(|d| !d.is_empty()),
+        reserved_at_ms: None,
     })
 }
 
@@ -328,11 +316,26 @@ mod tests {
 
     #[test]
     fn v1_check_body() {
-        let call = http(Some(check_call(&service(Protocol::V1), &descriptors(), 5)));
+        let call = http(Some(check_call(
+            &service(Protocol::V1),
+            &descriptors(),
+            5,
+            None,
+        )));
         assert_eq!((call.method, call.path.as_str()), ("POST", "/v1/check"));
         assert_eq!(
             String::from_utf8(call.body.unwrap()).unwrap(),
             r#"{"descriptors":[{"limit":"apikey","value":"k\"1","rates":[{"tokens":10,"window_s":60}]},{"limit":"user-type","value":"regular-user"}],"reserve":5}"#
+        );
+        let call = http(Some(check_call(
+            &service(Protocol::V1),
+            &[],
+            5,
+            Some("ab-1"),
+        )));
+        assert_eq!(
+            String::from_utf8(call.body.unwrap()).unwrap(),
+            r#"{"descriptors":[],"reserve":5,"id":"ab-1"}"#
         );
     }
 
@@ -343,17 +346,19 @@ mod tests {
             descriptors: descriptors(),
             tokens: 105,
             reserved: 20,
-            usage: crate::usage::Usage {
-                prompt: 10,
-                completion: 95,
-                total: 105,
-            },
+            reserved_at_ms: Some(1_700_000_000_000),
+            release: false,
+            usage: Some(wire::UsageFigures {
+                prompt_tokens: 10,
+                completion_tokens: 95,
+                total_tokens: 105,
+            }),
         };
         let call = http(report_call(&service(Protocol::V1), &[&report]));
         assert_eq!((call.method, call.path.as_str()), ("POST", "/v1/report"));
         assert_eq!(
             String::from_utf8(call.body.unwrap()).unwrap(),
-            r#"{"reports":[{"id":"ab-1","descriptors":[{"limit":"apikey","value":"k\"1","rates":[{"tokens":10,"window_s":60}]},{"limit":"user-type","value":"regular-user"}],"tokens":105,"reserved":20,"usage":{"prompt_tokens":10,"completion_tokens":95,"total_tokens":105}}]}"#
+            r#"{"reports":[{"id":"ab-1","descriptors":[{"limit":"apikey","value":"k\"1","rates":[{"tokens":10,"window_s":60}]},{"limit":"user-type","value":"regular-user"}],"tokens":105,"reserved":20,"reserved_at_ms":1700000000000,"usage":{"prompt_tokens":10,"completion_tokens":95,"total_tokens":105}}]}"#
         );
         let call = http(report_call(&service(Protocol::Asm), &[&report]));
         assert_eq!(call.path, "/update_ratelimit_record");
@@ -372,17 +377,13 @@ mod tests {
     }
 
     #[test]
-    fn reservations_per_protocol() {
-        assert_eq!(reservation(Protocol::V1, 0), 0);
-        assert_eq!(reservation(Protocol::V1, 70), 70);
-        assert_eq!(reservation(Protocol::Asm, 70), 0);
-        assert_eq!(reservation(Protocol::EnvoyRls, 0), 1);
-        assert_eq!(reservation(Protocol::EnvoyRls, 70), 70);
-    }
-
-    #[test]
     fn asm_check_query() {
-        let call = http(Some(check_call(&service(Protocol::Asm), &descriptors(), 0)));
+        let call = http(Some(check_call(
+            &service(Protocol::Asm),
+            &descriptors(),
+            0,
+            None,
+        )));
         assert_eq!(call.method, "GET");
         assert_eq!(call.body, None);
         assert_eq!(
@@ -450,6 +451,23 @@ mod tests {
             read_check(Protocol::V1, Some(429), b"{}"),
             Err(CheckFailure::Status)
         );
+        assert_eq!(
+            read_check(
+                Protocol::V1,
+                Some(400),
+                br#"{"error":"reserve must be at most 1"}"#
+            ),
+            Err(CheckFailure::Rejected)
+        );
+        assert_eq!(
+            read_check(Protocol::Asm, Some(413), b""),
+            Err(CheckFailure::Rejected)
+        );
+        assert_eq!(
+            error_message(br#"{"error":"reserve must be at most 1"}"#),
+            "reserve must be at most 1"
+        );
+        assert_eq!(error_message("é".repeat(600).as_bytes()).len(), 512);
         assert_eq!(
             read_check(Protocol::V1, Some(200), b"<html>"),
             Err(CheckFailure::Body)

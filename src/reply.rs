@@ -145,6 +145,7 @@ mod tests {
             retry_after_ms: 41_500,
             denied_by: Some("per-key".into()),
             description: None,
+            reserved_at_ms: None,
         }
     }
 

@@ -6,11 +6,6 @@
 
 use std::collections::VecDeque;
 
-use serde::Serialize;
-
-use crate::limits::Descriptor;
-use crate::usage::Usage;
-
 /// The most reports waiting per VM; past it new reports are dropped and counted. A report is a
 /// few hundred bytes, so the queue stays within a couple of megabytes.
 pub const CAPACITY: usize = 4096;
@@ -21,33 +16,7 @@ pub const MAX_ATTEMPTS: u32 = 16;
 const FIRST_BACKOFF_MS: u64 = 250;
 const MAX_BACKOFF_MS: u64 = 10_000;
 
-/// What one request spent, for the service to charge.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Report {
-    /// Unique per request, stable across retries.
-    pub id: String,
-    pub descriptors: Vec<Descriptor>,
-    pub tokens: u64,
-    /// Tokens taken at admission; the service charges `tokens - reserved`.
-    pub reserved: u64,
-    #[serde(serialize_with = "usage_json")]
-    pub usage: Usage,
-}
-
-fn usage_json<S: serde::Serializer>(u: &Usage, s: S) -> Result<S::Ok, S::Error> {
-    #[derive(Serialize)]
-    struct Wire {
-        prompt_tokens: u64,
-        completion_tokens: u64,
-        total_tokens: u64,
-    }
-    Wire {
-        prompt_tokens: u.prompt,
-        completion_tokens: u.completion,
-        total_tokens: u.total,
-    }
-    .serialize(s)
-}
+pub use wire::Report;
 
 /// Makes report ids: a per-VM random prefix and a sequence number.
 pub struct ReportIds {
@@ -162,7 +131,18 @@ impl ReportQueue {
         if !self.in_flight.is_empty() || self.waiting.is_empty() || now_ms < self.retry_at_ms {
             return None;
         }
-        let n = self.batch.min(self.waiting.len());
+        // Never more than the service reads in one body, whatever the reports hold.
+        let mut bytes = 0;
+        let n = self
+            .waiting
+            .iter()
+            .take(self.batch)
+            .take_while(|q| {
+                bytes += encoded_size(&q.report);
+                bytes <= BATCH_BYTES
+            })
+            .count()
+            .max(1);
         self.in_flight.extend(self.waiting.drain(..n));
         Some(self.in_flight.iter().map(|q| &q.report).collect())
     }
@@ -207,6 +187,18 @@ impl ReportQueue {
     }
 }
 
+/// The most bytes of reports in one call: half of what the service reads.
+const BATCH_BYTES: usize = wire::MAX_BODY_BYTES / 2;
+
+/// At most what a report takes on the wire (text counted as if every byte were escaped).
+fn encoded_size(r: &Report) -> usize {
+    200 + r
+        .descriptors
+        .iter()
+        .map(|d| 64 + 6 * (d.limit.len() + d.value.len()) + 48 * d.rates.len())
+        .sum::<usize>()
+}
+
 /// The pause after the `attempts`-th failure: 250 ms doubling up to 10 s.
 pub fn backoff_ms(attempts: u32) -> u64 {
     let doublings = attempts.saturating_sub(1).min(16);
@@ -223,7 +215,9 @@ mod tests {
             descriptors: Vec::new(),
             tokens,
             reserved: 0,
-            usage: Usage::default(),
+            reserved_at_ms: None,
+            release: false,
+            usage: None,
         }
     }
 
@@ -296,6 +290,29 @@ mod tests {
         }
         q.set_batch(1);
         assert_eq!(q.start_batch(0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn batches_stay_within_what_the_service_reads() {
+        let mut ids = ReportIds::new(1);
+        let mut q = ReportQueue::new(BATCH);
+        let big = wire::Descriptor {
+            limit: "\u{1}".repeat(wire::MAX_TEXT),
+            value: "\u{1}".repeat(256),
+            rates: vec![],
+            shared: false,
+        };
+        for _ in 0..BATCH {
+            let mut r = report(&mut ids, 1);
+            r.descriptors = vec![big.clone(); wire::MAX_DESCRIPTORS];
+            q.push(r);
+        }
+        while let Some(batch) = q.start_batch(0) {
+            let body = serde_json::to_vec(&wire::ReportRequest { reports: batch }).unwrap();
+            assert!(body.len() <= wire::MAX_BODY_BYTES, "{}", body.len());
+            q.finish_batch(Delivery::Accepted, 0);
+        }
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -15,14 +15,23 @@ use crate::template::{Attribute, AttributeSource};
 pub struct BodyFacts {
     #[serde(default, deserialize_with = "lenient_string")]
     pub model: Option<String>,
-    #[serde(default, deserialize_with = "lenient_u64")]
+    /// OpenAI chat and completions, Anthropic Messages.
+    #[serde(default, deserialize_with = "lenient_cap")]
     pub max_tokens: Option<u64>,
     /// OpenAI's newer name for `max_tokens`.
-    #[serde(default, deserialize_with = "lenient_u64")]
+    #[serde(default, deserialize_with = "lenient_cap")]
     pub max_completion_tokens: Option<u64>,
     /// OpenAI Responses API.
-    #[serde(default, deserialize_with = "lenient_u64")]
+    #[serde(default, deserialize_with = "lenient_cap")]
     pub max_output_tokens: Option<u64>,
+    /// Gemini: `generationConfig.maxOutputTokens` (the REST API also takes snake case).
+    #[serde(
+        default,
+        rename = "generationConfig",
+        alias = "generation_config",
+        deserialize_with = "generation_cap"
+    )]
+    pub generation_config: Option<u64>,
     #[serde(default, deserialize_with = "lenient_bool")]
     pub stream: Option<bool>,
     /// `stream_options` as sent (`Some(Null)` for an explicit `null`), for usage injection.
@@ -36,11 +45,18 @@ impl BodyFacts {
         serde_json::from_slice(body).ok()
     }
 
-    /// The most output tokens the request may produce, under whichever name the API uses.
+    /// The most output tokens the request may produce, under whichever name its API uses;
+    /// the largest when several are given (an upstream may honour any of them).
     pub fn output_token_cap(&self) -> Option<u64> {
-        self.max_tokens
-            .or(self.max_completion_tokens)
-            .or(self.max_output_tokens)
+        [
+            self.max_tokens,
+            self.max_completion_tokens,
+            self.max_output_tokens,
+            self.generation_config,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
     }
 }
 
@@ -48,8 +64,30 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     Value::deserialize(d).map(Some)
 }
 
-fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    Ok(Value::deserialize(d)?.as_u64())
+/// An output cap as a client may write it: any JSON number (negative → 0, fractions round
+/// up, too large saturates) or a string holding one; anything else is no cap at all.
+fn cap(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64().or_else(|| n.as_f64().and_then(whole)),
+        Value::String(s) => s.trim().parse::<f64>().ok().and_then(whole),
+        _ => None,
+    }
+}
+
+/// `as` saturates: negatives become 0, huge values `u64::MAX`.
+fn whole(f: f64) -> Option<u64> {
+    (!f.is_nan()).then(|| f.ceil() as u64)
+}
+
+fn lenient_cap<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(cap(&Value::deserialize(d)?))
+}
+
+fn generation_cap<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = Value::deserialize(d)?;
+    Ok(v.get("maxOutputTokens")
+        .or_else(|| v.get("max_output_tokens"))
+        .and_then(cap))
 }
 
 fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -311,7 +349,13 @@ mod tests {
         assert_eq!(f.output_token_cap(), Some(50));
         assert_eq!(f.stream, Some(true));
         let odd = BodyFacts::parse(br#"{"model":7,"max_tokens":-3,"stream":"yes"}"#).unwrap();
-        assert_eq!(odd, BodyFacts::default());
+        assert_eq!(
+            odd,
+            BodyFacts {
+                max_tokens: Some(0),
+                ..BodyFacts::default()
+            }
+        );
         let newer = BodyFacts::parse(br#"{"max_completion_tokens":9}"#).unwrap();
         assert_eq!(newer.output_token_cap(), Some(9));
         assert_eq!(BodyFacts::parse(b"not json"), None);

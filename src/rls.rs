@@ -153,6 +153,8 @@ pub fn read_check(grpc_status: u32, body: &[u8]) -> Result<Verdict, CheckFailure
         0 => {}
         4 => return Err(CheckFailure::Timeout),
         14 => return Err(CheckFailure::Unavailable),
+        // INVALID_ARGUMENT: the service refused the request itself.
+        3 => return Err(CheckFailure::Rejected),
         _ => return Err(CheckFailure::Status),
     }
     let answer = RateLimitResponse::decode(body).map_err(|_| CheckFailure::Body)?;
@@ -191,6 +193,7 @@ pub fn read_check(grpc_status: u32, body: &[u8]) -> Result<Verdict, CheckFailure
         retry_after_ms,
         denied_by: None,
         description: None,
+        reserved_at_ms: None,
     })
 }
 

@@ -54,6 +54,7 @@ pub fn parse(value: &Value) -> Result<(Config, Vec<String>), ConfigError> {
             })
             .collect::<Result<_, _>>()?,
     };
+    native::within_contract(&keys_path, &limits)?;
     for (i, l) in limits.iter().enumerate() {
         if limits[..i].iter().any(|o| o.name == l.name) {
             return Err(keys_path.index(i).error("repeats an earlier key"));

@@ -103,6 +103,8 @@ pub struct Config {
     pub count: Count,
     pub on_missing: OnMissing,
     pub reserve: Reserve,
+    /// `reserve.max`: the largest reserve a check may ask (the wire's bound when not set).
+    pub reserve_max: u64,
     pub inject_stream_usage: bool,
     pub deny: DenyConfig,
     pub quota_headers: bool,

@@ -10,8 +10,7 @@ use crate::limits::{LimitRates, Rate, ValueMatch, ValueRule};
 use crate::matcher::StringMatch;
 use crate::template::Template;
 
-pub(super) const MAX_TOKENS: u64 = 1_000_000_000_000_000;
-const MAX_WINDOW_S: u64 = 366 * 86_400;
+pub(super) use wire::{MAX_TOKENS, MAX_WINDOW_S};
 const MAX_TIMEOUT_MS: u64 = 60_000;
 const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -38,6 +37,7 @@ pub fn parse(value: &Value) -> Result<Config, ConfigError> {
             .map(|(i, l)| limit(Object::new(limits_path.index(i), l)?))
             .collect::<Result<_, _>>()?,
     };
+    within_contract(&limits_path, &limits)?;
     for (i, l) in limits.iter().enumerate() {
         if limits[..i].iter().any(|o| o.name == l.name) {
             return Err(limits_path.index(i).field("name").error(format!(
@@ -61,11 +61,45 @@ pub fn parse(value: &Value) -> Result<Config, ConfigError> {
     Ok(options.into_config(service, matches, limits))
 }
 
+/// Refuses limits the rate-limit service would refuse in every check (which `failure_mode:
+/// allow` would then let through): too many for one request, names too long, too many rates.
+pub(super) fn within_contract(path: &Path, limits: &[Limit]) -> Result<(), ConfigError> {
+    if limits.len() > wire::MAX_DESCRIPTORS {
+        return Err(path.error(format!(
+            "has {} limits; the rate-limit service takes at most {} per request",
+            limits.len(),
+            wire::MAX_DESCRIPTORS
+        )));
+    }
+    for (i, l) in limits.iter().enumerate() {
+        if l.name.len() > wire::MAX_TEXT {
+            return Err(path.index(i).error(format!(
+                "has a name of {} bytes; at most {} are allowed",
+                l.name.len(),
+                wire::MAX_TEXT
+            )));
+        }
+        let rate_lists: Vec<&[Rate]> = match &l.rates {
+            LimitRates::Fixed(r) => vec![r],
+            LimitRates::PerValue(rules) => rules.iter().map(|r| r.rates.as_slice()).collect(),
+            LimitRates::ServiceOwned => Vec::new(),
+        };
+        if rate_lists.iter().any(|r| r.len() > wire::MAX_RATES) {
+            return Err(path.index(i).error(format!(
+                "has more than {} rates for one value; the rate-limit service takes at most that",
+                wire::MAX_RATES
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The fields every shape shares (usage, reserve, deny, client IP, …), with their defaults.
 pub(super) struct Options {
     pub count: Count,
     pub on_missing: OnMissing,
     pub reserve: Reserve,
+    pub reserve_max: u64,
     pub inject_stream_usage: bool,
     pub deny: DenyConfig,
     pub quota_headers: bool,
@@ -88,6 +122,7 @@ impl Options {
             count: self.count,
             on_missing: self.on_missing,
             reserve: self.reserve,
+            reserve_max: self.reserve_max,
             inject_stream_usage: self.inject_stream_usage,
             deny: self.deny,
             quota_headers: self.quota_headers,
@@ -107,8 +142,8 @@ pub(super) fn options(root: &mut Object<'_>) -> Result<Options, ConfigError> {
         Some(u) => usage(u)?,
     };
 
-    let reserve = match root.object("reserve")? {
-        None => Reserve::Tokens(0),
+    let (reserve, reserve_max) = match root.object("reserve")? {
+        None => (Reserve::Tokens(0), MAX_TOKENS),
         Some(mut r) => {
             let path = r.path.field("tokens");
             let reserve = match r.value("tokens") {
@@ -122,8 +157,13 @@ pub(super) fn options(root: &mut Object<'_>) -> Result<Options, ConfigError> {
                     )))
                 }
             };
+            let max = match r.u64_max("max", MAX_TOKENS)? {
+                Some(0) => return Err(r.path.field("max").error("must be at least 1")),
+                Some(max) => max,
+                None => MAX_TOKENS,
+            };
             r.finish()?;
-            reserve
+            (reserve, max)
         }
     };
 
@@ -161,6 +201,7 @@ pub(super) fn options(root: &mut Object<'_>) -> Result<Options, ConfigError> {
         count,
         on_missing,
         reserve,
+        reserve_max,
         inject_stream_usage,
         deny,
         quota_headers,

@@ -7,8 +7,9 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::host;
+use super::reporter::Reporter;
 use super::root::Shared;
-use crate::config::{Config, FailureMode, Reserve, ScopeFacts};
+use crate::config::{Config, FailureMode, Protocol, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};
 use crate::matcher::{any_matches, HeaderList, RequestHeaders};
 use crate::protocol::{self, CheckFailure, Quota};
@@ -17,7 +18,8 @@ use crate::report::Report;
 use crate::request::{
     may_need_stream_usage, with_stream_usage, BodyFacts, Properties, RequestView,
 };
-use crate::usage::{settle, Observed, UsageScanner};
+use crate::reserve::reserve;
+use crate::usage::{settle, Charge, Observed, UsageScanner};
 
 /// Envoy attributes, read through the host on demand.
 struct EnvoyProperties;
@@ -79,8 +81,35 @@ enum State {
 /// What an admitted request is charged against.
 struct Spend {
     descriptors: Vec<Descriptor>,
-    /// Tokens the service took at admission.
+    /// Tokens the check asked the service to take at admission.
     reserved: u64,
+    /// When the service took them (its clock), echoed so the refund settles in that window.
+    reserved_at_ms: Option<u64>,
+    /// The id the check was sent with (protocol v1 with a reservation); the report carries it,
+    /// so a release can find the reservation.
+    id: Option<String>,
+    /// The check's answer was never seen after it left: whether `reserved` was taken is the
+    /// service's to say, so the report releases it by `id`.
+    release: bool,
+}
+
+impl Spend {
+    /// The report of what this request cost; `None` when there is nothing to settle.
+    fn report(self, charge: &Charge, reporter: &mut Reporter) -> Option<Report> {
+        if charge.tokens == 0 && self.reserved == 0 {
+            return None;
+        }
+        Some(Report {
+            id: self.id.unwrap_or_else(|| reporter.next_id()),
+            descriptors: self.descriptors,
+            // A lying upstream cannot turn the report into one the service refuses.
+            tokens: charge.tokens.min(wire::MAX_TOKENS),
+            reserved: self.reserved,
+            reserved_at_ms: self.reserved_at_ms,
+            release: self.release,
+            usage: Some(charge.usage.into()),
+        })
+    }
 }
 
 /// The response as it streams by.
@@ -134,15 +163,30 @@ impl Http {
             self.state = State::Passthrough;
             return Action::Continue;
         }
-        let wanted = match config.reserve {
-            Reserve::Tokens(n) => n,
-            Reserve::MaxTokens => body.and_then(BodyFacts::output_token_cap).unwrap_or(0),
-        };
-        let reserve = protocol::reservation(config.service.protocol, wanted);
-        let call = protocol::check_call(&config.service, &descriptors, reserve);
+        let reserve = reserve(
+            config.reserve,
+            config.reserve_max,
+            config.service.protocol,
+            body,
+            &descriptors,
+        );
+        // A reservation may need releasing later: its check carries the id its report will.
+        let id = (reserve > 0 && config.service.protocol == Protocol::V1)
+            .then(|| {
+                shared
+                    .reporter
+                    .try_borrow_mut()
+                    .ok()
+                    .map(|mut r| r.next_id())
+            })
+            .flatten();
+        let call = protocol::check_call(&config.service, &descriptors, reserve, id.as_deref());
         let spend = Spend {
             descriptors,
             reserved: reserve,
+            reserved_at_ms: None,
+            id,
+            release: false,
         };
         match host::dispatch_outbound(&config.service, &call, config.service.timeout_ms) {
             Ok(_) => {
@@ -159,8 +203,10 @@ impl Http {
         }
     }
 
-    /// Applies `failure_mode` to a failed check. A request let through is still charged (with
-    /// nothing reserved), so its usage counts once the service is back.
+    /// Applies `failure_mode` to a failed check. A request let through is still charged; a
+    /// reservation the service may have taken unseen is released by the report (or, for a
+    /// refused request, by a report of its own), so it is neither lost nor charged twice. A
+    /// check the service refused as malformed is a contract bug: always refused.
     fn fail(
         &mut self,
         shared: &Shared,
@@ -169,25 +215,53 @@ impl Http {
         kind: CheckFailure,
     ) -> Action {
         shared.metrics.check_failure(kind).inc();
-        match config.service.failure_mode {
-            FailureMode::Allow => {
+        let unseen = kind.after_dispatch() && spend.id.is_some();
+        let spend = Spend {
+            reserved: if unseen { spend.reserved } else { 0 },
+            release: unseen,
+            ..spend
+        };
+        let mode = match kind {
+            CheckFailure::Rejected => None,
+            _ => Some(config.service.failure_mode),
+        };
+        match mode {
+            Some(FailureMode::Allow) => {
                 shared.metrics.failure_mode_allowed.inc();
                 self.state = State::Admitted {
-                    spend: Spend {
-                        reserved: 0,
-                        ..spend
-                    },
+                    spend,
                     quota: None,
                     response: None,
                 };
                 Action::Continue
             }
-            FailureMode::Deny => {
-                shared.metrics.failure_mode_denied.inc();
+            Some(FailureMode::Deny) | None => {
+                if mode.is_some() {
+                    shared.metrics.failure_mode_denied.inc();
+                }
                 host::send_reply(&reply::unavailable(config));
+                release_unsettled(shared, spend);
                 self.state = State::Passthrough;
                 Action::Pause
             }
+        }
+    }
+}
+
+/// Queues the release of a reservation whose request will never be charged (refused after
+/// its check failed, or gone while the check was in flight).
+fn release_unsettled(shared: &Shared, spend: Spend) {
+    if !(spend.release && spend.reserved > 0) {
+        return;
+    }
+    let nothing = Charge {
+        tokens: 0,
+        usage: Default::default(),
+        basis: crate::usage::Basis::UpstreamError,
+    };
+    if let Ok(mut reporter) = shared.reporter.try_borrow_mut() {
+        if let Some(report) = spend.report(&nothing, &mut reporter) {
+            reporter.submit(report, &shared.metrics);
         }
     }
 }
@@ -228,7 +302,10 @@ impl Http {
             Ok(verdict) if verdict.allowed => {
                 shared.metrics.checks_allowed.inc();
                 self.state = State::Admitted {
-                    spend,
+                    spend: Spend {
+                        reserved_at_ms: verdict.reserved_at_ms,
+                        ..spend
+                    },
                     quota: verdict.quota,
                     response: None,
                 };
@@ -238,6 +315,13 @@ impl Http {
                 shared.metrics.checks_denied.inc();
                 host::send_reply(&reply::denied(config, &verdict));
                 Action::Pause
+            }
+            Err(CheckFailure::Rejected) => {
+                log::error!(
+                    "the rate-limit service refused the check as malformed (status {status:?}): {}; the request is refused",
+                    protocol::error_message(body)
+                );
+                self.fail(&shared, config, spend, CheckFailure::Rejected)
             }
             Err(kind) => {
                 log::warn!(
@@ -426,17 +510,21 @@ impl HttpContext for Http {
 
     /// The stream is over, normally or not: settle what it cost and queue the report.
     fn on_log(&mut self) {
-        let (
-            Some(shared),
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let (spend, response) = match std::mem::replace(&mut self.state, State::Passthrough) {
             State::Admitted {
                 spend, response, ..
-            },
-        ) = (
-            &self.shared,
-            std::mem::replace(&mut self.state, State::Passthrough),
-        )
-        else {
-            return;
+            } => (spend, response),
+            // Gone while its check was in flight: nobody will hear the answer, so a
+            // reservation the service may have taken is released.
+            State::Checking { spend } => {
+                let release = spend.id.is_some();
+                release_unsettled(&shared, Spend { release, ..spend });
+                return;
+            }
+            State::Passthrough | State::AwaitingBody { .. } => return,
         };
         let Some(config) = shared.plugin.config(self.policy) else {
             return;
@@ -455,19 +543,11 @@ impl HttpContext for Http {
         let charge = settle(config.count, config.on_missing, &seen);
         shared.metrics.charged(charge.basis);
         shared.metrics.vm_memory_bytes.set(host::vm_memory_bytes());
-        if charge.tokens == 0 && spend.reserved == 0 {
-            return;
-        }
         let Ok(mut reporter) = shared.reporter.try_borrow_mut() else {
             return;
         };
-        let report = Report {
-            id: reporter.next_id(),
-            descriptors: spend.descriptors,
-            tokens: charge.tokens,
-            reserved: spend.reserved,
-            usage: charge.usage,
-        };
-        reporter.submit(report, &shared.metrics);
+        if let Some(report) = spend.report(&charge, &mut reporter) {
+            reporter.submit(report, &shared.metrics);
+        }
     }
 }

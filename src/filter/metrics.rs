@@ -57,7 +57,7 @@ pub struct Metrics {
     pub requests_unlimited: Counter,
     pub checks_allowed: Counter,
     pub checks_denied: Counter,
-    check_failures: [Counter; 6],
+    check_failures: [Counter; CheckFailure::ALL.len()],
     /// Failed checks that `failure_mode: allow` let through.
     pub failure_mode_allowed: Counter,
     /// Failed checks that `failure_mode: deny` answered with `failure_status`.

@@ -81,6 +81,16 @@ pub struct Usage {
     pub total: u64,
 }
 
+impl From<Usage> for wire::UsageFigures {
+    fn from(u: Usage) -> wire::UsageFigures {
+        wire::UsageFigures {
+            prompt_tokens: u.prompt,
+            completion_tokens: u.completion,
+            total_tokens: u.total,
+        }
+    }
+}
+
 /// What the response phase saw of one response.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Observed {

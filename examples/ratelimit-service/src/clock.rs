@@ -5,6 +5,13 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The system clock in milliseconds since the Unix epoch.
+pub fn system_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 #[derive(Clone, Debug)]
 pub enum Clock {
     System,
@@ -19,10 +26,17 @@ impl Clock {
     /// Milliseconds since the Unix epoch (every replica must share this time base).
     pub fn now_ms(&self) -> i64 {
         match self {
-            Clock::System => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
+            Clock::System => system_ms(),
             Clock::Manual(t) => t.load(Ordering::SeqCst),
+        }
+    }
+
+    /// The time to hand a store: a manual clock's reading, or `None` so the store uses its
+    /// own clock (Redis's `TIME`: one clock for every replica).
+    pub fn for_store(&self) -> Option<i64> {
+        match self {
+            Clock::System => None,
+            Clock::Manual(t) => Some(t.load(Ordering::SeqCst)),
         }
     }
 

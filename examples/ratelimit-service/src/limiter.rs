@@ -9,7 +9,8 @@ use crate::counter::{CounterId, Plan};
 use crate::meter::{Meter, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
-use crate::store::{Store, StoreError};
+use crate::store::reservations::Mark;
+use crate::store::{Settlement, Store, StoreError};
 
 /// Why a request got no decision.
 #[derive(Debug)]
@@ -83,17 +84,40 @@ impl Limiter {
             .iter()
             .filter_map(|d| self.plan(d))
             .collect();
-        let outcome = match self
-            .store
-            .check(&plans, req.reserve as i64, self.clock.now_ms())
-            .await
-        {
+        let reserve = req.reserve as i64;
+        let now = self.clock.for_store();
+        let outcome = match self.store.check(&plans, reserve, now).await {
             Ok(o) => o,
             Err(e) => {
                 inc(&self.metrics.checks_failed);
                 return Err(self.store_failed(e));
             }
         };
+        let mut reserved_at_ms = (outcome.allowed && reserve > 0).then_some(outcome.at_ms as u64);
+        if let (Some(_), Some(id)) = (reserved_at_ms, req.id.as_deref().and_then(SeqId::parse)) {
+            match self.store.mark_reserved(id).await {
+                Ok(Mark::Recorded) => {}
+                Ok(Mark::Unknown) => inc(&self.metrics.reservations_unrecorded),
+                Ok(Mark::Released) => {
+                    // The plugin gave this check up and released it before it arrived: the
+                    // reservation must not stand (nobody will settle it).
+                    let undo = Settlement {
+                        excess: 0,
+                        refund: reserve,
+                        refund_at: Some(outcome.at_ms),
+                    };
+                    if let Err(e) = self.store.settle(None, &plans, &undo, now).await {
+                        tracing::warn!("could not undo a released reservation: {e}");
+                    }
+                    reserved_at_ms = None;
+                }
+                Err(e) => {
+                    // The reservation stands unrecorded: a release would not give it back.
+                    inc(&self.metrics.reservations_unrecorded);
+                    tracing::warn!("could not record a reservation: {e}");
+                }
+            }
+        }
         let mut limits = Vec::new();
         let mut worst: Option<(i64, &str)> = None;
         for (plan, statuses) in plans.iter().zip(&outcome.statuses) {
@@ -106,8 +130,8 @@ impl Limiter {
         }
         if outcome.allowed {
             inc(&self.metrics.checks_allowed);
-            if req.reserve > 0 {
-                self.metrics.charged(req.reserve as i64);
+            if reserved_at_ms.is_some() {
+                self.metrics.charged(reserve);
             }
         } else {
             inc(&self.metrics.checks_denied);
@@ -118,23 +142,34 @@ impl Limiter {
             limits,
             retry_after_ms: worst.map_or(0, |w| w.0 as u64),
             denied_by: worst.map(|w| w.1.to_string()),
+            reserved_at_ms,
         })
     }
 
     pub async fn report(&self, req: &ReportRequest) -> Result<ReportResponse, Failure> {
         validate_reports(req).inspect_err(|_| inc(&self.metrics.bad_requests))?;
-        let now = self.clock.now_ms();
+        let now = self.clock.for_store();
         let mut answer = ReportResponse {
             accepted: 0,
             duplicates: 0,
         };
         for r in &req.reports {
             let plans: Vec<Plan> = r.descriptors.iter().filter_map(|d| self.plan(d)).collect();
-            let delta = r.tokens as i64 - r.reserved as i64;
-            match self.store.charge(Some(&r.id), &plans, delta, now).await {
+            let settlement = match self.reserved(r).await {
+                Ok(settlement) => settlement,
+                Err(e) => {
+                    inc(&self.metrics.reports_failed);
+                    return Err(self.store_failed(e));
+                }
+            };
+            match self
+                .store
+                .settle(Some(&r.id), &plans, &settlement, now)
+                .await
+            {
                 Ok(true) => {
                     inc(&self.metrics.reports_accepted);
-                    self.metrics.charged(delta);
+                    self.metrics.charged(settlement.excess - settlement.refund);
                     answer.accepted += 1;
                 }
                 Ok(false) => {
@@ -149,6 +184,29 @@ impl Limiter {
             }
         }
         Ok(answer)
+    }
+
+    /// What a report settles. A release counts its reservation only if the store recorded
+    /// it and this is the first release; its refund then goes to the current window.
+    async fn reserved(&self, r: &Report) -> Result<Settlement, StoreError> {
+        if !r.release {
+            let at = r.reserved_at_ms.map(|t| t.min(i64::MAX as u64) as i64);
+            return Ok(Settlement::of(r.tokens, r.reserved, at));
+        }
+        let taken = match SeqId::parse(&r.id) {
+            Some(id) => self.store.release(id).await?,
+            None => false,
+        };
+        inc(if taken {
+            &self.metrics.reservations_released
+        } else {
+            &self.metrics.releases_without_reservation
+        });
+        Ok(Settlement::of(
+            r.tokens,
+            if taken { r.reserved } else { 0 },
+            None,
+        ))
     }
 
     fn asm_plans(&self, keys: &[String]) -> Vec<Plan> {
@@ -172,7 +230,7 @@ impl Limiter {
         let started = Instant::now();
         validate_asm_keys(keys).inspect_err(|_| inc(&self.metrics.bad_requests))?;
         let plans = self.asm_plans(keys);
-        let outcome = match self.store.check(&plans, 0, self.clock.now_ms()).await {
+        let outcome = match self.store.check(&plans, 0, self.clock.for_store()).await {
             Ok(o) => o,
             Err(e) => {
                 inc(&self.metrics.checks_failed);
@@ -210,9 +268,13 @@ impl Limiter {
         };
         let tokens = tokens.min(MAX_TOKENS) as i64;
         let plans = self.asm_plans(&u.ratelimit_keys);
+        let charge = Settlement {
+            excess: tokens,
+            ..Settlement::default()
+        };
         match self
             .store
-            .charge(None, &plans, tokens, self.clock.now_ms())
+            .settle(None, &plans, &charge, self.clock.for_store())
             .await
         {
             Ok(_) => {
@@ -245,7 +307,7 @@ impl Limiter {
         };
         let meters = self
             .store
-            .peek(&plan, self.clock.now_ms())
+            .peek(&plan, self.clock.for_store())
             .await
             .map_err(|e| self.store_failed(e))?;
         Ok(meters

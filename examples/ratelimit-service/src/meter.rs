@@ -119,7 +119,9 @@ impl Meter {
                 window_ms, sliding, ..
             } => {
                 let start = now - now.rem_euclid(window_ms);
-                if s[0] == start {
+                // A clock behind the one that last wrote (another replica) never moves the
+                // window back: it keeps counting in the newer one.
+                if start <= s[0] {
                     return;
                 }
                 let previous = if sliding && s[0] == start - window_ms {
@@ -165,7 +167,7 @@ impl Meter {
                 window_ms: w,
                 sliding,
             } => {
-                let elapsed = now - s[0];
+                let elapsed = (now - s[0]).clamp(0, w);
                 let used = window_used(s, elapsed, w, sliding);
                 let remaining = (tokens - used).clamp(0, tokens);
                 let reset_ms = if s[1] > 0 {
@@ -223,11 +225,39 @@ impl Meter {
         }
     }
 
-    /// Spends `delta` tokens (negative refunds).
+    /// Spends `delta` tokens now (negative refunds, for a reservation taken in this window).
     pub fn charge(&self, s: &mut State, delta: i64) {
         match self {
             Meter::Window { .. } => s[1] = s[1].saturating_add(delta),
             Meter::Bucket { max, .. } => s[0] = s[0].saturating_sub(delta).min(*max),
+        }
+    }
+
+    /// Gives back `amount` tokens of a reservation taken at `reserved_at` (state advanced to
+    /// now). A window gets them back only while it still counts — the current one, or the
+    /// previous one of a sliding window — and never below zero, so a late refund cannot
+    /// enlarge a later window; a bucket never above its maximum.
+    pub fn refund(&self, s: &mut State, amount: i64, reserved_at: i64) {
+        if amount <= 0 {
+            return;
+        }
+        match *self {
+            Meter::Window {
+                window_ms, sliding, ..
+            } => {
+                let start = reserved_at - reserved_at.rem_euclid(window_ms);
+                let slot = if start >= s[0] {
+                    1
+                } else if sliding && start == s[0] - window_ms {
+                    2
+                } else {
+                    return;
+                };
+                if s[slot] > 0 {
+                    s[slot] = (s[slot] - amount).max(0);
+                }
+            }
+            Meter::Bucket { max, .. } => s[0] = s[0].saturating_add(amount).min(max),
         }
     }
 }

@@ -22,6 +22,13 @@ pub struct Metrics {
     pub tokens_refunded: AtomicU64,
     pub store_errors: AtomicU64,
     pub bad_requests: AtomicU64,
+    /// Releases that gave a recorded reservation back, and those that found none (never
+    /// taken, already released, or too old to know).
+    pub reservations_released: AtomicU64,
+    pub releases_without_reservation: AtomicU64,
+    /// Reservations taken without being recorded for a release (store error, or a sequence
+    /// older than the source's ring).
+    pub reservations_unrecorded: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -93,6 +100,21 @@ impl Metrics {
             "Tokens given back (unused reservations).",
             "counter",
             &[("", g(&self.tokens_refunded))],
+        );
+        family(
+            "ratelimit_releases_total",
+            "Releases of reservations whose check the plugin never saw answered, by outcome.",
+            "counter",
+            &[
+                ("{outcome=\"released\"}", g(&self.reservations_released)),
+                ("{outcome=\"none\"}", g(&self.releases_without_reservation)),
+            ],
+        );
+        family(
+            "ratelimit_reservations_unrecorded_total",
+            "Reservations a release could not give back (not recorded).",
+            "counter",
+            &[("", g(&self.reservations_unrecorded))],
         );
         family(
             "ratelimit_store_errors_total",

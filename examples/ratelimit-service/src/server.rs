@@ -23,7 +23,7 @@ use crate::limiter::{Failure, Limiter};
 use crate::store::Store;
 
 /// The largest request body read; larger ones get 413 without being buffered.
-pub const MAX_BODY: usize = 4 * 1024 * 1024;
+pub const MAX_BODY: usize = wire::MAX_BODY_BYTES;
 
 /// How long a client may take to send its request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);

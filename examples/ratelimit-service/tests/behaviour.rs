@@ -29,6 +29,8 @@ struct Ctx {
     clock: Clock,
     /// Prefix for every limit name and key, so scenarios can share one Redis Cluster.
     ns: String,
+    /// The Redis URLs of a Redis store (to open the same store with other settings).
+    urls: Option<Vec<String>>,
 }
 
 impl Ctx {
@@ -44,6 +46,7 @@ impl Ctx {
             limiter,
             clock,
             ns: ns.to_string(),
+            urls: None,
         }
     }
 
@@ -52,20 +55,59 @@ impl Ctx {
     }
 
     fn redis(urls: &[String], ns: &str) -> Ctx {
-        let target = RedisTarget::parse(urls).unwrap();
-        Ctx::new(
-            Store::Redis(RedisStore::new(target, Duration::from_millis(1000))),
-            true,
-            ns,
-        )
+        Ctx::redis_with(urls, ns, true)
     }
 
+    fn redis_with(urls: &[String], ns: &str, sliding: bool) -> Ctx {
+        let target = RedisTarget::parse(urls).unwrap();
+        Ctx {
+            urls: Some(urls.to_vec()),
+            ..Ctx::new(
+                Store::Redis(RedisStore::new(target, Duration::from_millis(1000))),
+                sliding,
+                ns,
+            )
+        }
+    }
+
+    /// The same kind of store, fresh (memory) or in a key space of its own (Redis), counting
+    /// plugin-owned rates in fixed windows.
     fn with_fixed_windows(&self) -> Ctx {
-        let store = match &self.limiter.store {
-            Store::Memory(_) => Store::Memory(MemoryStore::new(100_000)),
-            Store::Redis(_) => panic!("use a fresh store"),
+        match &self.urls {
+            None => Ctx::new(Store::Memory(MemoryStore::new(100_000)), false, &self.ns),
+            Some(urls) => Ctx::redis_with(urls, &format!("{}fixed/", self.ns), false),
+        }
+    }
+
+    /// A check id of this scenario's plugin VM (its source derives from the key space, so
+    /// scenarios sharing a cluster do not share reservation rings).
+    fn id(&self, seq: u64) -> String {
+        let source = self.ns.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        SeqId { source, seq }.format()
+    }
+
+    async fn check_as(&self, ds: &[Descriptor], reserve: u64, id: &str) -> CheckResponse {
+        let req = CheckRequest {
+            descriptors: ds.to_vec(),
+            reserve,
+            id: Some(id.to_string()),
         };
-        Ctx::new(store, false, &self.ns)
+        match self.limiter.check(&req).await {
+            Ok(r) => r,
+            Err(_) => panic!("check failed"),
+        }
+    }
+
+    async fn settle(&self, report: Report) -> ReportResponse {
+        let req = ReportRequest {
+            reports: vec![report],
+        };
+        match self.limiter.report(&req).await {
+            Ok(r) => r,
+            Err(_) => panic!("report failed"),
+        }
     }
 
     fn d(&self, limit: &str, value: &str, rates: &[(u64, u64)]) -> Descriptor {
@@ -84,6 +126,7 @@ impl Ctx {
         let req = CheckRequest {
             descriptors: ds.to_vec(),
             reserve,
+            id: None,
         };
         match self.limiter.check(&req).await {
             Ok(r) => r,
@@ -106,6 +149,8 @@ impl Ctx {
                 tokens,
                 reserved,
                 usage: None,
+                reserved_at_ms: None,
+                release: false,
             }],
         };
         match self.limiter.report(&req).await {
@@ -228,6 +273,8 @@ async fn retried_reports_are_charged_once(ctx: &Ctx) {
                 tokens: 100,
                 reserved: 0,
                 usage: None,
+                reserved_at_ms: None,
+                release: false,
             },
             Report {
                 id: format!("{}other", ctx.ns),
@@ -235,6 +282,8 @@ async fn retried_reports_are_charged_once(ctx: &Ctx) {
                 tokens: 50,
                 reserved: 0,
                 usage: None,
+                reserved_at_ms: None,
+                release: false,
             },
         ],
     };
@@ -348,6 +397,8 @@ async fn concurrent_reports_balance_exactly(ctx: &Ctx) {
                     tokens: i + 1,
                     reserved: 0,
                     usage: None,
+                    reserved_at_ms: None,
+                    release: false,
                 }],
             };
             assert!(limiter.report(&req).await.is_ok());
@@ -372,6 +423,7 @@ async fn concurrent_reservations_never_overshoot(ctx: &Ctx) {
                 .check(&CheckRequest {
                     descriptors: vec![d],
                     reserve: 100,
+                    id: None,
                 })
                 .await;
             matches!(r, Ok(r) if r.allowed)
@@ -452,6 +504,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
         .check(&CheckRequest {
             descriptors: vec![d.clone()],
             reserve: 0,
+            id: None,
         })
         .await;
     assert!(
@@ -466,6 +519,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
         .check(&CheckRequest {
             descriptors: vec![d.clone()],
             reserve: 0,
+            id: None,
         })
         .await;
     assert!(matches!(r, Err(Failure::Bad(BadRequest(m))) if m.contains("window_s")));
@@ -474,6 +528,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
         .check(&CheckRequest {
             descriptors: vec![ctx.d("x", "y", &[]); 65],
             reserve: 0,
+            id: None,
         })
         .await;
     assert!(matches!(r, Err(Failure::Bad(_))));
@@ -484,6 +539,8 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
             tokens: 1,
             reserved: 0,
             usage: None,
+            reserved_at_ms: None,
+            release: false,
         }],
     };
     assert!(
@@ -533,7 +590,110 @@ async fn fixed_windows(ctx: &Ctx) {
     assert_eq!(ctx.remaining(&d).await, vec![10]);
 }
 
+/// A reservation at second 57 whose small answer lands at second 61 gives its unused part
+/// back to the window that held it (sliding: the previous window, which still weighs in;
+/// fixed: nowhere, that window is over), never to the new window.
+async fn late_refunds_never_enlarge_the_next_window(ctx: &Ctx) {
+    for (ctx, sliding) in [(ctx, true), (&ctx.with_fixed_windows(), false)] {
+        let d = ctx.d("late", "alice", &[(1000, 60)]);
+        ctx.advance(57_000);
+        let id = ctx.id(if sliding { 1 } else { 2 });
+        let r = ctx.check_as(std::slice::from_ref(&d), 1000, &id).await;
+        assert!(r.allowed);
+        let at = r.reserved_at_ms.expect("the answer says when it reserved");
+        assert_eq!(at as i64, T0 + 57_000);
+        ctx.advance(4_000);
+        ctx.settle(Report {
+            id,
+            descriptors: vec![d.clone()],
+            tokens: 10,
+            reserved: 1000,
+            reserved_at_ms: Some(at),
+            release: false,
+            usage: None,
+        })
+        .await;
+        let mut admitted = 0;
+        for i in 0..12 {
+            if ctx
+                .check_as(std::slice::from_ref(&d), 200, &ctx.id(100 + i))
+                .await
+                .allowed
+            {
+                admitted += 1;
+            }
+        }
+        // Sliding: the 10 tokens used still weigh in (990 left, 4 × 200); fixed: 5 × 200.
+        assert_eq!(admitted, if sliding { 4 } else { 5 }, "sliding: {sliding}");
+        ctx.advance(-61_000);
+    }
+}
+
+/// A replica whose clock is a few milliseconds behind counts in the newer window.
+async fn a_clock_behind_never_moves_a_window_back(ctx: &Ctx) {
+    for ctx in [ctx, &ctx.with_fixed_windows()] {
+        let d = ctx.d("skew", "x", &[(100, 60)]);
+        ctx.advance(60_001);
+        ctx.report("s1", std::slice::from_ref(&d), 30, 0).await;
+        ctx.advance(-2);
+        ctx.report("s2", std::slice::from_ref(&d), 30, 0).await;
+        assert_eq!(ctx.remaining(&d).await, vec![40]);
+        ctx.advance(3);
+        assert_eq!(ctx.remaining(&d).await, vec![40]);
+        ctx.advance(-60_002);
+    }
+}
+
+/// Releases (reports of checks whose answer the plugin never saw) give a reservation back
+/// only if the check took one, once, and keep a check that arrives after its release from
+/// reserving.
+async fn releases_give_back_only_reservations_taken(ctx: &Ctx) {
+    let d = ctx.d("release", "x", &[(1000, 3600)]);
+    let ds = std::slice::from_ref(&d);
+    let release = |seq: u64, tokens: u64, reserved: u64| Report {
+        id: ctx.id(seq),
+        descriptors: vec![d.clone()],
+        tokens,
+        reserved,
+        reserved_at_ms: None,
+        release: true,
+        usage: None,
+    };
+    // Taken, then released: all back.
+    assert!(ctx.check_as(ds, 300, &ctx.id(1)).await.allowed);
+    assert_eq!(ctx.remaining(&d).await, vec![700]);
+    assert_eq!(ctx.settle(release(1, 0, 300)).await.accepted, 1);
+    assert_eq!(ctx.remaining(&d).await, vec![1000]);
+    assert_eq!(ctx.settle(release(1, 0, 300)).await.duplicates, 1);
+    assert_eq!(ctx.remaining(&d).await, vec![1000]);
+    // Released before its check arrives: the usage is charged, the late check takes nothing.
+    ctx.settle(release(2, 50, 300)).await;
+    assert_eq!(ctx.remaining(&d).await, vec![950]);
+    let late = ctx.check_as(ds, 300, &ctx.id(2)).await;
+    assert!(late.allowed && late.reserved_at_ms.is_none());
+    assert_eq!(ctx.remaining(&d).await, vec![950]);
+    // A denied check reserved nothing: its release gives nothing back.
+    assert!(!ctx.check_as(ds, 5000, &ctx.id(3)).await.allowed);
+    ctx.settle(release(3, 0, 5000)).await;
+    assert_eq!(ctx.remaining(&d).await, vec![950]);
+    // The usage of a request let through after its check timed out, with the reservation the
+    // service did take: charged once.
+    assert!(ctx.check_as(ds, 400, &ctx.id(4)).await.allowed);
+    ctx.settle(release(4, 120, 400)).await;
+    assert_eq!(ctx.remaining(&d).await, vec![830]);
+    // Ids in another form cannot be looked up: nothing is given back.
+    ctx.settle(Report {
+        id: format!("{}foreign", ctx.ns),
+        ..release(0, 30, 500)
+    })
+    .await;
+    assert_eq!(ctx.remaining(&d).await, vec![800]);
+}
+
 suite!(
+    late_refunds_never_enlarge_the_next_window,
+    a_clock_behind_never_moves_a_window_back,
+    releases_give_back_only_reservations_taken,
     admits_down_to_the_last_token,
     reserve_needs_room_and_is_taken_from_every_descriptor,
     reserve_larger_than_the_budget_needs_a_full_budget,
@@ -560,6 +720,7 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
         .check(&CheckRequest {
             descriptors: vec![d.clone()],
             reserve: 0,
+            id: None,
         })
         .await;
     assert!(
@@ -575,6 +736,7 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
             .check(&CheckRequest {
                 descriptors: vec![d.clone()],
                 reserve: 0,
+                id: None,
             })
             .await
             .is_ok()

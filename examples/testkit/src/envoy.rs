@@ -202,6 +202,8 @@ impl Envoy {
                 "warn",
             ])
             .args(["--component-log-level", "wasm:info"])
+            // Logs reach the file within a fifth of a second (the default is 10 s).
+            .args(["--file-flush-interval-msec", "200"])
             .arg("--log-path")
             .arg(&log_path)
             .arg("--admin-address-path")

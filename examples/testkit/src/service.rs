@@ -106,6 +106,32 @@ impl Service {
         self.log.lock().unwrap().clone()
     }
 
+    /// What `/v1/quota` says is left of the first rate of counter (`limit`, `value`); `None`
+    /// when the service holds no such counter.
+    pub fn remaining(&self, limit: &str, value: &str) -> Option<u64> {
+        let path = format!(
+            "/v1/quota?limit={}&value={}",
+            crate::http::percent_encode(limit),
+            crate::http::percent_encode(value)
+        );
+        crate::http::send(self.port, "GET", &path, &[], b"").json()["meters"][0]["remaining"]
+            .as_u64()
+    }
+
+    /// Waits (reports are asynchronous) until counter (`limit`, `value`) has `want` left, and
+    /// fails the test with what it has after 20 s.
+    pub fn await_remaining(&self, limit: &str, value: &str, want: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.remaining(limit, value) != Some(want) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{limit}/{value}: {:?} left, want {want}",
+                self.remaining(limit, value)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

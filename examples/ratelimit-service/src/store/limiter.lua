@@ -1,22 +1,32 @@
--- The Redis store's check and charge, atomically, in one round trip.
+-- The Redis store's check and settlement, atomically, in one round trip.
 -- It mirrors src/meter.rs and src/store/mod.rs exactly; the behavioural suite runs the same
 -- cases against both stores.
 --
 -- KEYS: one hash per counter (field = meter, value = "a,b,c" state), then the report-id key
 --       when ARGV[4] ~= "0".
--- ARGV: mode ("check" | "charge"), now_ms, amount (reserve | delta), dedup_ms,
+-- ARGV: mode ("check" | "settle"), now_ms (-1: Redis's own clock, so every replica of the
+--       service counts on one clock), amount (reserve | excess charged now), dedup_ms,
+--       refund, refund_at_ms (-1: now),
 --       then per counter: meter count, and per meter: field, kind (w|f|b), p1, p2, p3, ttl_ms.
+-- Returns: check: {allowed, now, then remaining, reset, retry per meter}; settle: {applied, now}.
 
 local mode = ARGV[1]
 local now = tonumber(ARGV[2])
+if now < 0 then
+  local t = redis.call("TIME")
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local amount = tonumber(ARGV[3])
 local dedup_ms = tonumber(ARGV[4])
+local refund = tonumber(ARGV[5])
+local refund_at = tonumber(ARGV[6])
+if refund_at < 0 then refund_at = now end
 local ncounters = #KEYS
 if dedup_ms > 0 then ncounters = ncounters - 1 end
 
-if mode == "charge" and dedup_ms > 0 then
+if mode == "settle" and dedup_ms > 0 then
   if not redis.call("SET", KEYS[#KEYS], "1", "NX", "PX", dedup_ms) then
-    return {0}
+    return {0, now}
   end
 end
 
@@ -39,7 +49,8 @@ local function advance(m, s)
   else
     local w = m.p2
     local start = now - (now % w)
-    if s[1] == start then return end
+    -- A clock behind the one that last wrote never moves the window back.
+    if start <= s[1] then return end
     local previous = 0
     if m.kind == "w" and s[1] == start - w then previous = s[2] end
     s[1] = start; s[2] = 0; s[3] = previous
@@ -60,7 +71,7 @@ local function status(m, s, need)
   end
   local w = m.p2
   local sliding = m.kind == "w"
-  local elapsed = now - s[1]
+  local elapsed = math.max(0, math.min(w, now - s[1]))
   local weighted = 0
   if sliding and s[3] ~= 0 then weighted = math.ceil(s[3] * (w - elapsed) / w) end
   local used = math.max(s[2] + weighted, 0)
@@ -90,9 +101,23 @@ local function charge(m, s, delta)
   if m.kind == "b" then s[1] = math.min(m.p1, s[1] - delta) else s[2] = s[2] + delta end
 end
 
+-- A reservation's unused tokens go back to the window it was taken in while that window
+-- still counts, never below zero; to a bucket never above its maximum.
+local function give_back(m, s, tokens, at)
+  if tokens <= 0 then return end
+  if m.kind == "b" then s[1] = math.min(m.p1, s[1] + tokens); return end
+  local w = m.p2
+  local start = at - (at % w)
+  local slot
+  if start >= s[1] then slot = 2
+  elseif m.kind == "w" and start == s[1] - w then slot = 3
+  else return end
+  if s[slot] > 0 then s[slot] = math.max(0, s[slot] - tokens) end
+end
+
 -- Load every meter's state.
 local counters = {}
-local arg = 5
+local arg = 7
 for c = 1, ncounters do
   local n = tonumber(ARGV[arg]); arg = arg + 1
   local meters = {}
@@ -123,7 +148,7 @@ if mode == "check" then
       if retry > 0 then allowed = 0 end
     end
   end
-  out = {allowed}
+  out = {allowed, now}
   for c = 1, ncounters do
     for _, m in ipairs(counters[c]) do
       if allowed == 1 and amount > 0 then charge(m, m.state, amount) end
@@ -133,9 +158,12 @@ if mode == "check" then
   end
 else
   for c = 1, ncounters do
-    for _, m in ipairs(counters[c]) do charge(m, m.state, amount) end
+    for _, m in ipairs(counters[c]) do
+      charge(m, m.state, amount)
+      give_back(m, m.state, refund, refund_at)
+    end
   end
-  out = {1}
+  out = {1, now}
 end
 
 -- Store states back; a counter lives as long as its longest-lived meter needs.

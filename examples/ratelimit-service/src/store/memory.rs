@@ -5,11 +5,18 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
-use super::{charge_states, check_states, CheckOutcome, StoreError};
+use super::reservations::{self, Mark, Ring};
+use super::{check_states, settle_states, CheckOutcome, Settlement, StoreError};
+use crate::clock::system_ms;
 use crate::counter::Plan;
 use crate::meter::{Meter, State, Status};
+use wire::SeqId;
 
 const SHARDS: usize = 64;
+
+/// Sources (plugin VMs) whose reservations are remembered; past it the least recently used
+/// is forgotten (its releases then give nothing back). 16 KiB each.
+pub const MAX_SOURCES: usize = 1024;
 
 /// How long a report id is remembered, so a retried report is never charged twice.
 pub const DEDUP_MS: i64 = 15 * 60 * 1000;
@@ -39,6 +46,8 @@ pub struct MemoryStore {
     shards: Vec<Mutex<Shard>>,
     /// Live counters and remembered ids allowed per shard.
     per_shard: usize,
+    /// Per source, which of its checks reserved (see [`reservations`]).
+    sources: Mutex<HashMap<u64, Ring>>,
 }
 
 fn shard_of(key: &str) -> usize {
@@ -53,6 +62,7 @@ impl MemoryStore {
         MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             per_shard: max_entries.div_ceil(SHARDS).max(1),
+            sources: Mutex::new(HashMap::new()),
         }
     }
 
@@ -156,20 +166,22 @@ impl MemoryStore {
         &self,
         plans: &[Plan],
         reserve: i64,
-        now: i64,
+        now: Option<i64>,
     ) -> Result<CheckOutcome, StoreError> {
+        let now = now.unwrap_or_else(system_ms);
         self.with_states(plans, None, now, |states, _| {
             check_states(plans, states, reserve, now)
         })
     }
 
-    pub fn charge(
+    pub fn settle(
         &self,
         id: Option<&str>,
         plans: &[Plan],
-        delta: i64,
-        now: i64,
+        settlement: &Settlement,
+        now: Option<i64>,
     ) -> Result<bool, StoreError> {
+        let now = now.unwrap_or_else(system_ms);
         self.with_states(plans, id, now, |states, ids| {
             if let (Some(ids), Some(id)) = (ids, id) {
                 match ids.get(id) {
@@ -179,13 +191,43 @@ impl MemoryStore {
                     }
                 }
             }
-            charge_states(plans, states, delta, now);
+            settle_states(plans, states, settlement, now);
             true
         })
     }
 
+    /// Runs `f` on the ring of `source`, making room for it if needed.
+    fn with_ring<T>(&self, source: u64, f: impl FnOnce(&mut Ring) -> T) -> T {
+        let now = system_ms();
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if !sources.contains_key(&source) && sources.len() >= MAX_SOURCES {
+            sources.retain(|_, r| r.touched + reservations::TTL_MS > now);
+            if sources.len() >= MAX_SOURCES {
+                if let Some(oldest) = sources
+                    .iter()
+                    .min_by_key(|(_, r)| r.touched)
+                    .map(|(k, _)| *k)
+                {
+                    sources.remove(&oldest);
+                }
+            }
+        }
+        let ring = sources.entry(source).or_default();
+        ring.touched = now;
+        f(ring)
+    }
+
+    pub fn mark_reserved(&self, id: SeqId) -> Mark {
+        self.with_ring(id.source, |r| r.mark(id.seq))
+    }
+
+    pub fn release(&self, id: SeqId) -> bool {
+        self.with_ring(id.source, |r| r.release(id.seq))
+    }
+
     /// Every meter stored under the plan's counter (the plan's own meters are ignored).
-    pub fn peek(&self, plan: &Plan, now: i64) -> Vec<(Meter, Status)> {
+    pub fn peek(&self, plan: &Plan, now: Option<i64>) -> Vec<(Meter, Status)> {
+        let now = now.unwrap_or_else(system_ms);
         let key = plan.id.storage_key();
         let guards = self.lock(&[&key]);
         let Some((_, shard)) = guards.first() else {
@@ -206,6 +248,11 @@ impl MemoryStore {
         for shard in &self.shards {
             shard.lock().unwrap_or_else(|p| p.into_inner()).sweep(now);
         }
+        let wall = system_ms();
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, r| r.touched + reservations::TTL_MS > wall);
     }
 
     /// Live counters (for metrics).
@@ -246,7 +293,7 @@ mod tests {
         let store = MemoryStore::new(SHARDS); // one counter per shard
         let mut full = None;
         for i in 0..10 * SHARDS {
-            if let Err(e) = store.check(&[plan(&i.to_string())], 0, 0) {
+            if let Err(e) = store.check(&[plan(&i.to_string())], 0, Some(0)) {
                 full = Some(e);
                 break;
             }
@@ -257,7 +304,7 @@ mod tests {
         );
         assert!(store.len() <= SHARDS);
         // Once the counters expire (2 windows), their room is reused.
-        assert!(store.check(&[plan("later")], 0, 2_000).is_ok());
+        assert!(store.check(&[plan("later")], 0, Some(2_000)).is_ok());
         store.sweep(10_000);
         assert!(store.is_empty());
     }

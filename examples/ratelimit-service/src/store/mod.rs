@@ -3,11 +3,14 @@
 
 pub mod memory;
 pub mod redis;
+pub mod reservations;
 
 use thiserror::Error;
 
 use crate::counter::Plan;
 use crate::meter::{Meter, State, Status};
+use reservations::Mark;
+use wire::SeqId;
 
 pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
@@ -26,6 +29,31 @@ pub struct CheckOutcome {
     pub allowed: bool,
     /// Per plan, per meter, in request order.
     pub statuses: Vec<Vec<Status>>,
+    /// The store's time of the decision (ms since the epoch): where a reservation was taken.
+    pub at_ms: i64,
+}
+
+/// What a report does to its counters once its usage is known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settlement {
+    /// Tokens beyond the reservation: charged now, in the current window.
+    pub excess: i64,
+    /// Reserved tokens not used: given back to the window the reservation was taken in.
+    pub refund: i64,
+    /// When the reservation was taken; `None`: now.
+    pub refund_at: Option<i64>,
+}
+
+impl Settlement {
+    /// A request that used `tokens` after `reserved` were taken at `reserved_at`.
+    pub fn of(tokens: u64, reserved: u64, reserved_at: Option<i64>) -> Settlement {
+        let (tokens, reserved) = (tokens as i64, reserved as i64);
+        Settlement {
+            excess: (tokens - reserved).max(0),
+            refund: (reserved - tokens).max(0),
+            refund_at: reserved_at,
+        }
+    }
 }
 
 /// The memory or Redis store; an enum rather than a trait object keeps async calls plain.
@@ -36,12 +64,13 @@ pub enum Store {
 
 impl Store {
     /// Admits iff every meter has `remaining ≥ max(1, reserve)` (capped at its budget), and
-    /// then takes `reserve` from every meter at once.
+    /// then takes `reserve` from every meter at once. `now`: a test's manual clock, or `None`
+    /// for the store's own clock (Redis's `TIME`, so replicas never disagree).
     pub async fn check(
         &self,
         plans: &[Plan],
         reserve: i64,
-        now: i64,
+        now: Option<i64>,
     ) -> Result<CheckOutcome, StoreError> {
         match self {
             Store::Memory(m) => m.check(plans, reserve, now),
@@ -49,23 +78,45 @@ impl Store {
         }
     }
 
-    /// Charges `delta` tokens (negative refunds) to every meter. With an `id`, a second
-    /// charge with the same id (within the dedup period) does nothing and returns `false`.
-    pub async fn charge(
+    /// Applies a settlement to every meter. With an `id`, a second settlement with the same
+    /// id (within the dedup period) does nothing and returns `false`.
+    pub async fn settle(
         &self,
         id: Option<&str>,
         plans: &[Plan],
-        delta: i64,
-        now: i64,
+        settlement: &Settlement,
+        now: Option<i64>,
     ) -> Result<bool, StoreError> {
         match self {
-            Store::Memory(m) => m.charge(id, plans, delta, now),
-            Store::Redis(r) => r.charge(id, plans, delta, now).await,
+            Store::Memory(m) => m.settle(id, plans, settlement, now),
+            Store::Redis(r) => r.settle(id, plans, settlement, now).await,
+        }
+    }
+
+    /// Records that the check `id` took its reservation; [`Mark::Released`] when a release
+    /// for it came first (the reservation must then be given back).
+    pub async fn mark_reserved(&self, id: SeqId) -> Result<Mark, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.mark_reserved(id)),
+            Store::Redis(r) => r.mark_reserved(id).await,
+        }
+    }
+
+    /// Releases the reservation of check `id`, once: `true` when it had been taken (and not
+    /// released before), so the release may give it back.
+    pub async fn release(&self, id: SeqId) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.release(id)),
+            Store::Redis(r) => r.release(id).await,
         }
     }
 
     /// Every meter stored for one counter, read-only (for operators).
-    pub async fn peek(&self, plan: &Plan, now: i64) -> Result<Vec<(Meter, Status)>, StoreError> {
+    pub async fn peek(
+        &self,
+        plan: &Plan,
+        now: Option<i64>,
+    ) -> Result<Vec<(Meter, Status)>, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.peek(plan, now)),
             Store::Redis(r) => r.peek(plan, now).await,
@@ -121,15 +172,20 @@ pub fn check_states(
                 .collect()
         })
         .collect();
-    CheckOutcome { allowed, statuses }
+    CheckOutcome {
+        allowed,
+        statuses,
+        at_ms: now,
+    }
 }
 
-/// Applies a charge to loaded states.
-pub fn charge_states(plans: &[Plan], states: &mut [Vec<State>], delta: i64, now: i64) {
+/// Applies a settlement to loaded states.
+pub fn settle_states(plans: &[Plan], states: &mut [Vec<State>], s: &Settlement, now: i64) {
     for (plan, states) in plans.iter().zip(states.iter_mut()) {
         for (meter, state) in plan.meters.iter().zip(states.iter_mut()) {
             meter.advance(state, now);
-            meter.charge(state, delta);
+            meter.charge(state, s.excess);
+            meter.refund(state, s.refund, s.refund_at.unwrap_or(now));
         }
     }
 }

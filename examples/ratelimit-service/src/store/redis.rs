@@ -15,10 +15,13 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 use tokio::sync::OnceCell;
 
-use super::{CheckOutcome, StoreError};
+use super::reservations::{self, Mark};
+use super::{CheckOutcome, Settlement, StoreError};
+use crate::clock::system_ms;
 use crate::counter::Plan;
 use crate::meter::{Meter, State, Status};
 use crate::store::memory::DEDUP_MS;
+use wire::SeqId;
 
 #[derive(Clone)]
 enum Conn {
@@ -31,6 +34,7 @@ pub struct RedisStore {
     /// Set by the first successful connection; the connection then reconnects by itself.
     conn: OnceCell<Conn>,
     script: Script,
+    ring: Script,
     timeout: Duration,
 }
 
@@ -83,6 +87,7 @@ impl RedisStore {
             target,
             conn: OnceCell::new(),
             script: Script::new(include_str!("limiter.lua")),
+            ring: Script::new(include_str!("ring.lua")),
             timeout,
         }
     }
@@ -128,7 +133,16 @@ impl RedisStore {
     }
 
     async fn run(&self, keys: Vec<String>, args: Vec<String>) -> Result<Vec<i64>, StoreError> {
-        let mut invocation = self.script.prepare_invoke();
+        self.run_script(&self.script, keys, args).await
+    }
+
+    async fn run_script(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut invocation = script.prepare_invoke();
         for k in &keys {
             invocation.key(k);
         }
@@ -148,12 +162,23 @@ impl RedisStore {
             .map_err(unavailable)
     }
 
-    fn args(mode: &str, now: i64, amount: i64, dedup: bool, plans: &[Plan]) -> Vec<String> {
+    /// The script's arguments: `amount` is the reserve (check) or the excess (settle); a
+    /// `now` of -1 makes the script read Redis's clock.
+    fn args(
+        mode: &str,
+        now: Option<i64>,
+        amount: i64,
+        refund: (i64, Option<i64>),
+        dedup: bool,
+        plans: &[Plan],
+    ) -> Vec<String> {
         let mut args = vec![
             mode.to_string(),
-            now.to_string(),
+            now.unwrap_or(-1).to_string(),
             amount.to_string(),
             if dedup { DEDUP_MS } else { 0 }.to_string(),
+            refund.0.to_string(),
+            refund.1.unwrap_or(-1).to_string(),
         ];
         for plan in plans {
             args.push(plan.meters.len().to_string());
@@ -197,23 +222,25 @@ impl RedisStore {
         &self,
         plans: &[Plan],
         reserve: i64,
-        now: i64,
+        now: Option<i64>,
     ) -> Result<CheckOutcome, StoreError> {
         let groups = self.groups(plans);
         let calls = groups.iter().map(|group| {
             let keys = group.iter().map(|p| p.id.storage_key()).collect();
-            self.run(keys, Self::args("check", now, reserve, false, group))
+            self.run(
+                keys,
+                Self::args("check", now, reserve, (0, None), false, group),
+            )
         });
         let answers = join_all(calls).await;
         let mut allowed = true;
-        let mut group_allowed = Vec::with_capacity(answers.len());
+        let mut at_ms = None;
         let mut statuses = Vec::with_capacity(plans.len());
         for (group, answer) in groups.iter().zip(&answers) {
             let Ok(answer) = answer else { continue };
-            let ok = answer.first() == Some(&1);
-            allowed &= ok;
-            group_allowed.push(ok);
-            let mut figures = answer.iter().skip(1);
+            allowed &= answer.first() == Some(&1);
+            at_ms = at_ms.or(answer.get(1).copied());
+            let mut figures = answer.iter().skip(2);
             for plan in group.iter() {
                 let per_meter = plan
                     .meters
@@ -231,17 +258,22 @@ impl RedisStore {
                 statuses.push(per_meter);
             }
         }
+        let at_ms = at_ms.or(now).unwrap_or_else(system_ms);
         let failed = answers
             .iter()
             .find_map(|a| a.as_ref().err().map(|e| e.to_string()));
         if let Some(error) = failed {
-            self.refund(&groups, &answers, reserve, now).await;
+            self.refund(&groups, &answers, reserve, at_ms, now).await;
             return Err(unavailable(error));
         }
         if !allowed && reserve > 0 {
-            self.refund(&groups, &answers, reserve, now).await;
+            self.refund(&groups, &answers, reserve, at_ms, now).await;
         }
-        Ok(CheckOutcome { allowed, statuses })
+        Ok(CheckOutcome {
+            allowed,
+            statuses,
+            at_ms,
+        })
     }
 
     /// Gives back reservations taken by the groups that admitted, when the request as a whole
@@ -251,7 +283,8 @@ impl RedisStore {
         groups: &[&[Plan]],
         answers: &[Result<Vec<i64>, StoreError>],
         reserve: i64,
-        now: i64,
+        at_ms: i64,
+        now: Option<i64>,
     ) {
         if reserve <= 0 {
             return;
@@ -259,22 +292,20 @@ impl RedisStore {
         for (group, answer) in groups.iter().zip(answers) {
             if matches!(answer, Ok(a) if a.first() == Some(&1)) {
                 let keys = group.iter().map(|p| p.id.storage_key()).collect();
-                if let Err(e) = self
-                    .run(keys, Self::args("charge", now, -reserve, false, group))
-                    .await
-                {
+                let args = Self::args("settle", now, 0, (reserve, Some(at_ms)), false, group);
+                if let Err(e) = self.run(keys, args).await {
                     tracing::warn!("could not refund a reservation: {e}");
                 }
             }
         }
     }
 
-    pub async fn charge(
+    pub async fn settle(
         &self,
         id: Option<&str>,
         plans: &[Plan],
-        delta: i64,
-        now: i64,
+        settlement: &Settlement,
+        now: Option<i64>,
     ) -> Result<bool, StoreError> {
         let groups = self.groups(plans);
         let calls = groups.iter().map(|group| {
@@ -284,7 +315,16 @@ impl RedisStore {
                 let tag_end = first.find('}').map_or(0, |i| i + 1);
                 keys.push(format!("{}:r:{}:{id}", &first[..tag_end], id.len()));
             }
-            self.run(keys, Self::args("charge", now, delta, id.is_some(), group))
+            let refund = (settlement.refund, settlement.refund_at);
+            let args = Self::args(
+                "settle",
+                now,
+                settlement.excess,
+                refund,
+                id.is_some(),
+                group,
+            );
+            self.run(keys, args)
         });
         let mut applied = false;
         for answer in join_all(calls).await {
@@ -293,7 +333,41 @@ impl RedisStore {
         Ok(applied)
     }
 
-    pub async fn peek(&self, plan: &Plan, now: i64) -> Result<Vec<(Meter, Status)>, StoreError> {
+    /// The keys of a source's reservation ring: its bits and its high-water mark, in one slot.
+    fn ring_keys(source: u64) -> Vec<String> {
+        vec![
+            format!("ltr:{{src:{source:016x}}}:rsv"),
+            format!("ltr:{{src:{source:016x}}}:high"),
+        ]
+    }
+
+    async fn ring_op(&self, op: &str, id: SeqId) -> Result<i64, StoreError> {
+        let args = vec![
+            op.to_string(),
+            id.seq.to_string(),
+            reservations::SLOTS.to_string(),
+            reservations::TTL_MS.to_string(),
+        ];
+        let answer = self
+            .run_script(&self.ring, Self::ring_keys(id.source), args)
+            .await?;
+        Ok(answer.first().copied().unwrap_or(-1))
+    }
+
+    pub async fn mark_reserved(&self, id: SeqId) -> Result<Mark, StoreError> {
+        self.ring_op("mark", id).await.map(Mark::from_code)
+    }
+
+    pub async fn release(&self, id: SeqId) -> Result<bool, StoreError> {
+        self.ring_op("release", id).await.map(|code| code == 1)
+    }
+
+    pub async fn peek(
+        &self,
+        plan: &Plan,
+        now: Option<i64>,
+    ) -> Result<Vec<(Meter, Status)>, StoreError> {
+        let now = now.unwrap_or_else(system_ms);
         let key = plan.id.storage_key();
         let cmd = redis::cmd("HGETALL").arg(&key).clone();
         let conn = self.conn().await?;

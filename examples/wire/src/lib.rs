@@ -1,0 +1,374 @@
+//! The one wire contract between the llm-token-ratelimit plugin and its rate-limit service.
+//!
+//! Both sides build and read these types, so a request the plugin can build is, by
+//! construction, one the service understands; the bounds below are checked by the service
+//! ([`validate_check`], [`validate_reports`]) and respected by the plugin when it loads its
+//! configuration and clamps what clients send. Protocol v1 is JSON over HTTP:
+//! `POST /v1/check` and `POST /v1/report`; the ASM endpoints are here too.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The most descriptors (limits that apply to one request) in one check or report.
+pub const MAX_DESCRIPTORS: usize = 64;
+/// The most rates one descriptor may carry.
+pub const MAX_RATES: usize = 16;
+/// The longest limit name or key value, in bytes.
+pub const MAX_TEXT: usize = 4096;
+/// The most reports in one `/v1/report` call.
+pub const MAX_REPORTS: usize = 1000;
+/// The largest token figure anywhere (budgets, reserves, charges): far above any real budget,
+/// far below where integer arithmetic in the stores could overflow.
+pub const MAX_TOKENS: u64 = 1_000_000_000_000_000;
+/// The longest window, in seconds.
+pub const MAX_WINDOW_S: u64 = 366 * 86_400;
+/// The longest request or report id, in bytes.
+pub const MAX_ID: usize = 256;
+/// The largest request body the service reads; the plugin's report batches stay well below.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// One budget: `tokens` per `window_s` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rate {
+    pub tokens: u64,
+    pub window_s: u64,
+}
+
+/// What one limit asks of the service for one request: a counter (`limit`, `value`) and the
+/// rates it is held to. No rates: the service's own rules decide (service-owned limit).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Descriptor {
+    pub limit: String,
+    pub value: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rates: Vec<Rate>,
+    /// Every value matching one `shared` rule spends one counter; sent so the service keys it
+    /// apart from a client whose own key happens to equal the rule's pattern.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shared: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// `POST /v1/check`. Generic over how the descriptors are held, so the plugin serialises a
+/// borrowed slice and the service reads an owned vector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckRequest<D = Vec<Descriptor>> {
+    pub descriptors: D,
+    /// Tokens taken from every descriptor on admission.
+    #[serde(default)]
+    pub reserve: u64,
+    /// The id the request's report will carry (`<source>-<sequence>`): lets a later release
+    /// find out whether this check's reservation was applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// The state of one rate of one descriptor after a check.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LimitStatus {
+    pub limit: String,
+    pub value: String,
+    pub tokens: u64,
+    pub window_s: u64,
+    /// Clamped to `[0, tokens]`: a counter in debt reports 0.
+    #[serde(deserialize_with = "non_negative")]
+    pub remaining: u64,
+    pub reset_ms: u64,
+}
+
+/// The answer to a check: always HTTP 200 when there is a decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResponse {
+    pub allowed: bool,
+    #[serde(default)]
+    pub limits: Vec<LimitStatus>,
+    #[serde(default)]
+    pub retry_after_ms: u64,
+    #[serde(default)]
+    pub denied_by: Option<String>,
+    /// When the reservation was taken, on the service's clock (ms since the epoch). The report
+    /// echoes it so a refund is settled in the window that holds the reservation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_at_ms: Option<u64>,
+}
+
+/// The provider's usage, normalised; carried for logs and audits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UsageFigures {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// What one request (or, merged, several) spent. The service charges `tokens − reserved`:
+/// an excess now, a refund in the window of `reserved_at_ms`, never below zero.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report<D = Vec<Descriptor>> {
+    /// Unique per report, stable across retries (`<source>-<sequence>`).
+    pub id: String,
+    pub descriptors: D,
+    pub tokens: u64,
+    #[serde(default)]
+    pub reserved: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_at_ms: Option<u64>,
+    /// The plugin never saw its check's answer (the stream ended during the check, or the
+    /// check timed out): `reserved` counts only if the service applied the reservation of the
+    /// check whose `id` equals this report's. Released at most once.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub release: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageFigures>,
+}
+
+/// `POST /v1/report`; generic like [`CheckRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportRequest<R = Report> {
+    pub reports: Vec<R>,
+}
+
+/// The answer to a report call.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportResponse {
+    pub accepted: usize,
+    pub duplicates: usize,
+}
+
+/// `GET /ratelimit` answer, as the ASM example service gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AsmCheckResponse {
+    pub allow: bool,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// `POST /update_ratelimit_record` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AsmUpdate<K = Vec<String>> {
+    pub ratelimit_keys: K,
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    /// What the service charges (the plugin sends its figure per `usage.count`).
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// Reads any JSON integer, clamping negatives to 0 (a counter in debt is "nothing left").
+fn non_negative<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Int {
+        U(u64),
+        I(i64),
+    }
+    Ok(match Int::deserialize(d)? {
+        Int::U(u) => u,
+        Int::I(i) => i.max(0) as u64,
+    })
+}
+
+/// A request id as the plugin makes them: a per-VM random source and a sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SeqId {
+    pub source: u64,
+    pub seq: u64,
+}
+
+impl SeqId {
+    /// `<16 hex digits>-<decimal>`.
+    pub fn format(&self) -> String {
+        format!("{:016x}-{}", self.source, self.seq)
+    }
+
+    /// Reads an id in [`SeqId::format`]'s form; other ids (from other clients) are `None`.
+    pub fn parse(id: &str) -> Option<SeqId> {
+        let (source, seq) = id.split_once('-')?;
+        if source.len() != 16 || seq.is_empty() || seq.len() > 20 {
+            return None;
+        }
+        if !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(SeqId {
+            source: u64::from_str_radix(source, 16).ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+/// A request the service refuses (HTTP 400), with what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRequest(pub String);
+
+impl std::fmt::Display for BadRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub fn validate_descriptors(ds: &[Descriptor], at: &str) -> Result<(), BadRequest> {
+    if ds.len() > MAX_DESCRIPTORS {
+        return Err(BadRequest(format!(
+            "{at}descriptors: more than {MAX_DESCRIPTORS}"
+        )));
+    }
+    for (i, d) in ds.iter().enumerate() {
+        let here = format!("{at}descriptors[{i}]");
+        if d.limit.len() > MAX_TEXT || d.value.len() > MAX_TEXT {
+            return Err(BadRequest(format!(
+                "{here}: limit and value must be at most {MAX_TEXT} bytes"
+            )));
+        }
+        if d.rates.len() > MAX_RATES {
+            return Err(BadRequest(format!("{here}.rates: more than {MAX_RATES}")));
+        }
+        for (j, r) in d.rates.iter().enumerate() {
+            if r.tokens == 0 || r.tokens > MAX_TOKENS {
+                return Err(BadRequest(format!(
+                    "{here}.rates[{j}].tokens must be between 1 and {MAX_TOKENS}"
+                )));
+            }
+            if r.window_s == 0 || r.window_s > MAX_WINDOW_S {
+                return Err(BadRequest(format!(
+                    "{here}.rates[{j}].window_s must be between 1 and {MAX_WINDOW_S}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_id(id: &str, at: &str) -> Result<(), BadRequest> {
+    if id.is_empty() || id.len() > MAX_ID {
+        return Err(BadRequest(format!("{at}id must be 1 to {MAX_ID} bytes")));
+    }
+    Ok(())
+}
+
+pub fn validate_check(req: &CheckRequest) -> Result<(), BadRequest> {
+    if req.reserve > MAX_TOKENS {
+        return Err(BadRequest(format!("reserve must be at most {MAX_TOKENS}")));
+    }
+    if let Some(id) = &req.id {
+        validate_id(id, "")?;
+    }
+    validate_descriptors(&req.descriptors, "")
+}
+
+pub fn validate_reports(req: &ReportRequest) -> Result<(), BadRequest> {
+    if req.reports.len() > MAX_REPORTS {
+        return Err(BadRequest(format!(
+            "reports: more than {MAX_REPORTS} in one batch"
+        )));
+    }
+    for (i, r) in req.reports.iter().enumerate() {
+        validate_report(r, &format!("reports[{i}]."))?;
+    }
+    Ok(())
+}
+
+pub fn validate_report(r: &Report, at: &str) -> Result<(), BadRequest> {
+    validate_id(&r.id, at)?;
+    if r.tokens > MAX_TOKENS || r.reserved > MAX_TOKENS {
+        return Err(BadRequest(format!(
+            "{at}tokens and reserved must be at most {MAX_TOKENS}"
+        )));
+    }
+    validate_descriptors(&r.descriptors, at)
+}
+
+pub fn validate_asm_keys(keys: &[String]) -> Result<(), BadRequest> {
+    if keys.len() > MAX_DESCRIPTORS {
+        return Err(BadRequest(format!(
+            "ratelimit_keys: more than {MAX_DESCRIPTORS}"
+        )));
+    }
+    if keys.iter().any(|k| k.len() > MAX_TEXT) {
+        return Err(BadRequest(format!(
+            "ratelimit_keys: a key is longer than {MAX_TEXT} bytes"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn borrowed_requests_read_back_as_owned_ones() {
+        let ds = vec![Descriptor {
+            limit: "a".into(),
+            value: "ü".into(),
+            rates: vec![Rate {
+                tokens: 1,
+                window_s: 60,
+            }],
+            shared: true,
+        }];
+        let sent = CheckRequest {
+            descriptors: ds.as_slice(),
+            reserve: 7,
+            id: Some("00000000000000ab-9".into()),
+        };
+        let read: CheckRequest =
+            serde_json::from_slice(&serde_json::to_vec(&sent).unwrap()).unwrap();
+        assert_eq!(read.descriptors, ds);
+        assert_eq!(
+            (read.reserve, read.id.as_deref()),
+            (7, Some("00000000000000ab-9"))
+        );
+        assert!(validate_check(&read).is_ok());
+    }
+
+    #[test]
+    fn negative_remaining_reads_as_zero() {
+        let s: LimitStatus = serde_json::from_str(r#"{"remaining":-5,"tokens":10}"#).unwrap();
+        assert_eq!((s.remaining, s.tokens), (0, 10));
+    }
+
+    #[test]
+    fn seq_ids_round_trip_and_foreign_ids_do_not_parse() {
+        let id = SeqId {
+            source: 0xabc,
+            seq: 42,
+        };
+        assert_eq!(id.format(), "0000000000000abc-42");
+        assert_eq!(SeqId::parse(&id.format()), Some(id));
+        for foreign in [
+            "abc-1",
+            "0000000000000abc-",
+            "0000000000000abc-x",
+            "r1",
+            "zzzzzzzzzzzzzzzz-1",
+        ] {
+            assert_eq!(SeqId::parse(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn bounds_are_enforced() {
+        let d = |n: usize| Descriptor {
+            limit: "l".repeat(n),
+            value: String::new(),
+            rates: vec![],
+            shared: false,
+        };
+        assert!(validate_descriptors(&vec![d(1); MAX_DESCRIPTORS], "").is_ok());
+        assert!(validate_descriptors(&vec![d(1); MAX_DESCRIPTORS + 1], "").is_err());
+        assert!(validate_descriptors(&[d(MAX_TEXT + 1)], "").is_err());
+        let big = CheckRequest {
+            descriptors: vec![],
+            reserve: MAX_TOKENS + 1,
+            id: None,
+        };
+        assert!(validate_check(&big).is_err());
+    }
+}
