@@ -36,6 +36,12 @@ fn the_bench_harness_runs_and_reports() {
         md.contains("| \"max_tokens\" | 10 of 50 | 1000 | 1000 (remaining 0) | 0 |"),
         "{md}"
     );
+    // A refund that lands after its window does not enlarge the next one.
+    let boundary = md
+        .lines()
+        .find(|l| l.starts_with("| \"max_tokens\", after a window boundary |"))
+        .unwrap_or_else(|| panic!("boundary row missing:\n{md}"));
+    assert!(boundary.ends_with("| 0 |"), "{boundary}");
     // No request failed in any proxy run (the errors and non-200 columns).
     for line in md
         .lines()
