@@ -337,7 +337,7 @@ fn service_section(s: &Settings) -> Section {
                 Call::post_json(
                     "/v1/report",
                     &[],
-                    &json!({"reports": [{"id": format!("{store}-{i}"), "descriptors": [{"limit": "bench", "value": format!("user-{}", i % 1000), "rates": [{"tokens": 1_000_000_000_000u64, "window_s": 3600}]}], "tokens": 26, "reserved": 0}]}),
+                    &json!({"reports": [{"id": format!("{:016x}-{}", if store == "memory" { 1 } else { 2 }, i + 1), "descriptors": [{"limit": "bench", "value": format!("user-{}", i % 1000), "rates": [{"tokens": 1_000_000_000_000u64, "window_s": 3600}]}], "tokens": 26, "reserved": 0}]}),
                 )
             })
             .collect();

@@ -9,8 +9,8 @@ use crate::counter::{CounterId, Plan};
 use crate::meter::{Meter, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
-use crate::store::reservations::Mark;
-use crate::store::{Settlement, Store, StoreError};
+use crate::store::sources::Mark;
+use crate::store::{Applied, Settlement, Store, StoreError};
 
 /// Why a request got no decision.
 #[derive(Debug)]
@@ -146,54 +146,84 @@ impl Limiter {
         })
     }
 
+    /// Applies a batch of reports, each on its own: a malformed one is rejected alone; after a
+    /// store failure the rest are left for a retry (with their ids, so nothing is charged
+    /// twice). Only a batch whose first report meets a store failure fails as a whole (503).
     pub async fn report(&self, req: &ReportRequest) -> Result<ReportResponse, Failure> {
         validate_reports(req).inspect_err(|_| inc(&self.metrics.bad_requests))?;
         let now = self.clock.for_store();
-        let mut answer = ReportResponse {
-            accepted: 0,
-            duplicates: 0,
-        };
-        for r in &req.reports {
+        let mut answer = ReportResponse::default();
+        let mut store_down = None;
+        for (i, r) in req.reports.iter().enumerate() {
+            if store_down.is_some() {
+                answer.results.push(ReportResult::of(Outcome::Retry));
+                continue;
+            }
+            if let Err(BadRequest(why)) = validate_report(r, &format!("reports[{i}].")) {
+                inc(&self.metrics.reports_rejected);
+                tracing::warn!("report refused: {why}");
+                answer.results.push(ReportResult::rejected(why));
+                continue;
+            }
             let plans: Vec<Plan> = r.descriptors.iter().filter_map(|d| self.plan(d)).collect();
-            let settlement = match self.reserved(r).await {
-                Ok(settlement) => settlement,
-                Err(e) => {
-                    inc(&self.metrics.reports_failed);
-                    return Err(self.store_failed(e));
-                }
+            let id = SeqId::parse(&r.id);
+            let applied = match self.reserved(r).await {
+                Ok(settlement) => self
+                    .store
+                    .settle(id, &plans, &settlement, now)
+                    .await
+                    .map(|a| (a, settlement)),
+                Err(e) => Err(e),
             };
-            match self
-                .store
-                .settle(Some(&r.id), &plans, &settlement, now)
-                .await
-            {
-                Ok(true) => {
+            let result = match applied {
+                Ok((Applied::Yes, settlement)) => {
                     inc(&self.metrics.reports_accepted);
                     self.metrics.charged(settlement.excess - settlement.refund);
                     answer.accepted += 1;
+                    ReportResult::of(Outcome::Applied)
                 }
-                Ok(false) => {
+                Ok((Applied::Duplicate, _)) => {
                     inc(&self.metrics.reports_duplicate);
                     answer.duplicates += 1;
+                    ReportResult::of(Outcome::Duplicate)
+                }
+                Ok((Applied::Stale, _)) => {
+                    inc(&self.metrics.reports_rejected);
+                    let why = format!(
+                        "reports[{i}].id is older than the last {} ids of its source",
+                        wire::REPORT_WINDOW
+                    );
+                    tracing::warn!("report refused: {why}");
+                    ReportResult::rejected(why)
                 }
                 Err(e) => {
-                    // Reports before this one are applied and will be duplicates on retry.
                     inc(&self.metrics.reports_failed);
-                    return Err(self.store_failed(e));
+                    store_down = Some(e);
+                    ReportResult::of(Outcome::Retry)
                 }
-            }
+            };
+            answer.results.push(result);
         }
-        Ok(answer)
+        match store_down {
+            Some(e) if answer.results.first() == Some(&ReportResult::of(Outcome::Retry)) => {
+                Err(self.store_failed(e))
+            }
+            Some(e) => {
+                self.store_failed(e);
+                Ok(answer)
+            }
+            None => Ok(answer),
+        }
     }
 
     /// What a report settles. A release counts its reservation only if the store recorded
     /// it and this is the first release; its refund then goes to the current window.
     async fn reserved(&self, r: &Report) -> Result<Settlement, StoreError> {
-        if !r.release {
+        let Some(check) = &r.release else {
             let at = r.reserved_at_ms.map(|t| t.min(i64::MAX as u64) as i64);
             return Ok(Settlement::of(r.tokens, r.reserved, at));
-        }
-        let taken = match SeqId::parse(&r.id) {
+        };
+        let taken = match SeqId::parse(check) {
             Some(id) => self.store.release(id).await?,
             None => false,
         };

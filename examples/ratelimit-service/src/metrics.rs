@@ -18,6 +18,8 @@ pub struct Metrics {
     pub reports_accepted: AtomicU64,
     pub reports_duplicate: AtomicU64,
     pub reports_failed: AtomicU64,
+    /// Reports refused on their own (malformed, or an id older than its source's window).
+    pub reports_rejected: AtomicU64,
     pub tokens_charged: AtomicU64,
     pub tokens_refunded: AtomicU64,
     pub store_errors: AtomicU64,
@@ -60,7 +62,8 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, store: &str, live_counters: Option<usize>) -> String {
+    /// The Prometheus text; `memory`: the memory store's (counters, evictions, sources).
+    pub fn render(&self, store: &str, memory: Option<(usize, u64, usize)>) -> String {
         let mut out = String::new();
         let mut family = |name: &str, help: &str, kind: &str, lines: &[(&str, u64)]| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -87,6 +90,7 @@ impl Metrics {
                 ("{outcome=\"accepted\"}", g(&self.reports_accepted)),
                 ("{outcome=\"duplicate\"}", g(&self.reports_duplicate)),
                 ("{outcome=\"error\"}", g(&self.reports_failed)),
+                ("{outcome=\"rejected\"}", g(&self.reports_rejected)),
             ],
         );
         family(
@@ -128,12 +132,24 @@ impl Metrics {
             "counter",
             &[("", g(&self.bad_requests))],
         );
-        if let Some(n) = live_counters {
+        if let Some((counters, evicted, sources)) = memory {
             family(
                 "ratelimit_memory_counters",
                 "Live counters in the memory store.",
                 "gauge",
-                &[("", n as u64)],
+                &[("", counters as u64)],
+            );
+            family(
+                "ratelimit_memory_evictions_total",
+                "Counters the memory store evicted (least recently used) to make room.",
+                "counter",
+                &[("", evicted)],
+            );
+            family(
+                "ratelimit_memory_sources",
+                "Plugin VMs whose report and reservation ids the memory store remembers.",
+                "gauge",
+                &[("", sources as u64)],
             );
         }
         let _ = writeln!(out, "# HELP ratelimit_store_info The store in use.\n# TYPE ratelimit_store_info gauge\nratelimit_store_info{{store=\"{store}\"}} 1");

@@ -225,7 +225,7 @@ async fn route(limiter: &Limiter, req: Request<Incoming>) -> Reply {
         },
         (Method::GET, "/metrics") => {
             let live = match &limiter.store {
-                Store::Memory(m) => Some(m.len()),
+                Store::Memory(m) => Some((m.len(), m.evicted(), m.sources())),
                 Store::Redis(_) => None,
             };
             text(

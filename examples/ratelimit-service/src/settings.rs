@@ -76,7 +76,8 @@ pub struct Cli {
     #[arg(long, env = "RATELIMIT_WINDOW", value_enum, default_value = "sliding")]
     pub window: WindowKind,
 
-    /// Memory store: the most live counters (and remembered report ids) it holds.
+    /// Memory store: the most live counters it holds; past it the least recently used are
+    /// evicted (report ids are remembered per plugin VM, apart from the counters).
     #[arg(long, env = "RATELIMIT_MAX_COUNTERS", default_value_t = 1_000_000)]
     pub max_counters: usize,
 

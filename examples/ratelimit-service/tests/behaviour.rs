@@ -31,6 +31,8 @@ struct Ctx {
     ns: String,
     /// The Redis URLs of a Redis store (to open the same store with other settings).
     urls: Option<Vec<String>>,
+    /// Report ids by the names the scenarios give them.
+    report_names: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Ctx {
@@ -47,6 +49,7 @@ impl Ctx {
             clock,
             ns: ns.to_string(),
             urls: None,
+            report_names: Default::default(),
         }
     }
 
@@ -144,19 +147,27 @@ impl Ctx {
     ) -> ReportResponse {
         let req = ReportRequest {
             reports: vec![Report {
-                id: format!("{}{id}", self.ns),
+                id: self.report_id(id),
                 descriptors: ds.to_vec(),
                 tokens,
                 reserved,
                 usage: None,
                 reserved_at_ms: None,
-                release: false,
+                release: None,
             }],
         };
         match self.limiter.report(&req).await {
             Ok(r) => r,
             Err(_) => panic!("report failed"),
         }
+    }
+
+    /// The report id a test calls `name`: the same name, the same id.
+    fn report_id(&self, name: &str) -> String {
+        let mut names = self.report_names.lock().unwrap();
+        let next = 1_000_000 + names.len() as u64;
+        let seq = *names.entry(name.to_string()).or_insert(next);
+        self.id(seq)
     }
 
     async fn remaining(&self, d: &Descriptor) -> Vec<u64> {
@@ -190,10 +201,11 @@ async fn admits_down_to_the_last_token(ctx: &Ctx) {
     );
     assert_eq!(
         ctx.report("r1", std::slice::from_ref(&d), 9, 0).await,
-        ReportResponse {
+        (ReportResponse {
             accepted: 1,
-            duplicates: 0
-        }
+            duplicates: 0,
+            results: vec![ReportResult::of(Outcome::Applied)],
+        })
     );
     let r = ctx.check(std::slice::from_ref(&d), 0).await;
     assert!(r.allowed, "1 token left admits one more request");
@@ -241,18 +253,20 @@ async fn retried_reports_are_charged_once(ctx: &Ctx) {
     assert_eq!(
         ctx.report("same-id", std::slice::from_ref(&d), 100, 0)
             .await,
-        ReportResponse {
+        (ReportResponse {
             accepted: 1,
-            duplicates: 0
-        }
+            duplicates: 0,
+            results: vec![ReportResult::of(Outcome::Applied)],
+        })
     );
     assert_eq!(
         ctx.report("same-id", std::slice::from_ref(&d), 100, 0)
             .await,
-        ReportResponse {
+        (ReportResponse {
             accepted: 0,
-            duplicates: 1
-        }
+            duplicates: 1,
+            results: vec![ReportResult::of(Outcome::Duplicate)],
+        })
     );
     assert_eq!(ctx.remaining(&d).await, vec![900]);
     ctx.advance(10 * 60_000);
@@ -268,33 +282,29 @@ async fn retried_reports_are_charged_once(ctx: &Ctx) {
     let req = ReportRequest {
         reports: vec![
             Report {
-                id: format!("{}same-id", ctx.ns),
+                id: ctx.report_id("same-id"),
                 descriptors: vec![d.clone()],
                 tokens: 100,
                 reserved: 0,
                 usage: None,
                 reserved_at_ms: None,
-                release: false,
+                release: None,
             },
             Report {
-                id: format!("{}other", ctx.ns),
+                id: ctx.report_id("other"),
                 descriptors: vec![d.clone()],
                 tokens: 50,
                 reserved: 0,
                 usage: None,
                 reserved_at_ms: None,
-                release: false,
+                release: None,
             },
         ],
     };
     let r = ctx.limiter.report(&req).await.ok().unwrap();
-    assert_eq!(
-        r,
-        ReportResponse {
-            accepted: 1,
-            duplicates: 1
-        }
-    );
+    assert_eq!((r.accepted, r.duplicates), (1, 1));
+    let outcomes: Vec<Outcome> = r.results.iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, [Outcome::Duplicate, Outcome::Applied]);
     assert_eq!(ctx.remaining(&d).await, vec![850]);
 }
 
@@ -388,17 +398,17 @@ async fn concurrent_reports_balance_exactly(ctx: &Ctx) {
     let d = ctx.d("conc", "x", &[(1_000_000, 3600)]);
     let mut tasks = Vec::new();
     for i in 0..200u64 {
-        let (limiter, d, ns) = (ctx.limiter.clone(), d.clone(), ctx.ns.clone());
+        let (limiter, d, id) = (ctx.limiter.clone(), d.clone(), ctx.report_id(&format!("c{i}")));
         tasks.push(tokio::spawn(async move {
             let req = ReportRequest {
                 reports: vec![Report {
-                    id: format!("{ns}c{i}"),
+                    id,
                     descriptors: vec![d],
                     tokens: i + 1,
                     reserved: 0,
                     usage: None,
                     reserved_at_ms: None,
-                    release: false,
+                    release: None,
                 }],
             };
             assert!(limiter.report(&req).await.is_ok());
@@ -540,11 +550,30 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
             reserved: 0,
             usage: None,
             reserved_at_ms: None,
-            release: false,
+            release: None,
         }],
     };
+    // A bad report is refused on its own; the rest of its batch is applied.
+    let mut req = req;
+    req.reports.push(Report {
+        id: ctx.report_id("good-after-bad"),
+        descriptors: vec![ctx.d("bad", "z", &[(10, 60)])],
+        ..req.reports[0].clone()
+    });
+    req.reports.push(Report {
+        id: "not-an-id".into(),
+        ..req.reports[1].clone()
+    });
+    let r = ctx.limiter.report(&req).await.ok().unwrap();
+    let outcomes: Vec<Outcome> = r.results.iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, [Outcome::Rejected, Outcome::Applied, Outcome::Rejected]);
+    assert!(r.results[0].error.as_deref().unwrap().contains("reports[0].id"));
+    assert!(r.results[2].error.as_deref().unwrap().contains("reports[2].id"));
+    let too_many = ReportRequest {
+        reports: vec![req.reports[1].clone(); MAX_REPORTS + 1],
+    };
     assert!(
-        matches!(ctx.limiter.report(&req).await, Err(Failure::Bad(BadRequest(m))) if m.contains("reports[0].id"))
+        matches!(ctx.limiter.report(&too_many).await, Err(Failure::Bad(BadRequest(m))) if m.contains("reports: more than"))
     );
 }
 
@@ -604,12 +633,12 @@ async fn late_refunds_never_enlarge_the_next_window(ctx: &Ctx) {
         assert_eq!(at as i64, T0 + 57_000);
         ctx.advance(4_000);
         ctx.settle(Report {
-            id,
+            id: ctx.report_id(&id),
             descriptors: vec![d.clone()],
             tokens: 10,
             reserved: 1000,
             reserved_at_ms: Some(at),
-            release: false,
+            release: None,
             usage: None,
         })
         .await;
@@ -651,12 +680,12 @@ async fn releases_give_back_only_reservations_taken(ctx: &Ctx) {
     let d = ctx.d("release", "x", &[(1000, 3600)]);
     let ds = std::slice::from_ref(&d);
     let release = |seq: u64, tokens: u64, reserved: u64| Report {
-        id: ctx.id(seq),
+        id: ctx.report_id(&format!("release-{seq}")),
         descriptors: vec![d.clone()],
         tokens,
         reserved,
         reserved_at_ms: None,
-        release: true,
+        release: Some(ctx.id(seq)),
         usage: None,
     };
     // Taken, then released: all back.
@@ -683,7 +712,7 @@ async fn releases_give_back_only_reservations_taken(ctx: &Ctx) {
     assert_eq!(ctx.remaining(&d).await, vec![830]);
     // Ids in another form cannot be looked up: nothing is given back.
     ctx.settle(Report {
-        id: format!("{}foreign", ctx.ns),
+        release: Some("foreign".into()),
         ..release(0, 30, 500)
     })
     .await;

@@ -38,14 +38,17 @@ fn v1_roundtrip(s: &Service) {
     assert_eq!(body["limits"][0]["tokens"], 100);
     assert_eq!(body["limits"][0]["window_s"], 60);
     assert_eq!(body["denied_by"], serde_json::Value::Null);
-    let report = json!({"reports": [{"id": "req-1", "descriptors": [d], "tokens": 105, "reserved": 30,
+    let report = json!({"reports": [{"id": "00000000000000aa-1", "descriptors": [d], "tokens": 105, "reserved": 30,
                                       "usage": {"prompt_tokens": 10, "completion_tokens": 95, "total_tokens": 105}}]});
-    let r = http::post_json(s.port, "/v1/report", &[], &report);
-    assert_eq!(r.json(), json!({"accepted": 1, "duplicates": 0}));
     let r = http::post_json(s.port, "/v1/report", &[], &report);
     assert_eq!(
         r.json(),
-        json!({"accepted": 0, "duplicates": 1}),
+        json!({"accepted": 1, "duplicates": 0, "results": [{"outcome": "applied"}]})
+    );
+    let r = http::post_json(s.port, "/v1/report", &[], &report);
+    assert_eq!(
+        r.json(),
+        json!({"accepted": 0, "duplicates": 1, "results": [{"outcome": "duplicate"}]}),
         "a retried report is not charged twice"
     );
     let r = http::post_json(s.port, "/v1/check", &[], &json!({"descriptors": [d]}));
@@ -218,7 +221,6 @@ fn bad_requests_get_json_errors() {
         ("POST", "/v1/check", br#"{"descriptors": "x"}"#.to_vec(), 400, "invalid JSON body"),
         ("POST", "/v1/check", br#"{"descriptors": [{"limit": "a", "value": "b", "rates": [{"tokens": 0, "window_s": 1}]}]}"#.to_vec(), 400, "descriptors[0].rates[0].tokens"),
         ("POST", "/v1/check", br#"{"descriptors": [{"limit": "a", "value": "b", "rates": [{"tokens": -1, "window_s": 1}]}]}"#.to_vec(), 400, "invalid JSON body"),
-        ("POST", "/v1/report", br#"{"reports": [{"id": "", "descriptors": [], "tokens": 1}]}"#.to_vec(), 400, "reports[0].id"),
         ("POST", "/v1/check", vec![b' '; 5 * 1024 * 1024], 413, "body larger than"),
         ("GET", "/v1/check", Vec::new(), 405, "method not allowed"),
         ("GET", "/nope", Vec::new(), 404, "no such endpoint"),
@@ -242,6 +244,19 @@ fn bad_requests_get_json_errors() {
             r.text()
         );
     }
+    // A malformed report is refused on its own, with the reason; its batch is answered.
+    let r = send(
+        s.port,
+        "POST",
+        "/v1/report",
+        &[("content-type", "application/json")],
+        br#"{"reports": [{"id": "", "descriptors": [], "tokens": 1}, {"id": "00000000000000ab-1", "descriptors": [], "tokens": 1}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let results = &r.json()["results"];
+    assert_eq!(results[0]["outcome"], "rejected");
+    assert!(results[0]["error"].as_str().unwrap().contains("reports[0].id"));
+    assert_eq!(results[1]["outcome"], "applied");
     // Still serving after all of that.
     assert_eq!(send(s.port, "GET", "/healthz", &[], b"").status, 200);
 }

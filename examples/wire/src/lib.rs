@@ -116,11 +116,11 @@ pub struct Report<D = Vec<Descriptor>> {
     pub reserved: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved_at_ms: Option<u64>,
-    /// The plugin never saw its check's answer (the stream ended during the check, or the
-    /// check timed out): `reserved` counts only if the service applied the reservation of the
-    /// check whose `id` equals this report's. Released at most once.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub release: bool,
+    /// The id of a check whose answer the plugin never saw (the stream ended during the
+    /// check, or the check timed out): `reserved` counts only if the service took that check's
+    /// reservation, and is released at most once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageFigures>,
 }
@@ -131,12 +131,59 @@ pub struct ReportRequest<R = Report> {
     pub reports: Vec<R>,
 }
 
-/// The answer to a report call.
+/// The answer to a report call: totals, and what became of each report, in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportResponse {
     pub accepted: usize,
     pub duplicates: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<ReportResult>,
 }
+
+/// What became of one report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportResult {
+    pub outcome: Outcome,
+    /// Why it was rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ReportResult {
+    pub fn of(outcome: Outcome) -> ReportResult {
+        ReportResult {
+            outcome,
+            error: None,
+        }
+    }
+
+    pub fn rejected(why: impl Into<String>) -> ReportResult {
+        ReportResult {
+            outcome: Outcome::Rejected,
+            error: Some(why.into()),
+        }
+    }
+}
+
+/// The fate of one report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Charged now.
+    #[default]
+    Applied,
+    /// Charged before (a retry): nothing done.
+    Duplicate,
+    /// Can never be applied (malformed, or an id outside its source's window): drop it.
+    Rejected,
+    /// The store failed before this report: send it again, with the same id.
+    Retry,
+}
+
+/// How far behind the newest report id of a source the service still recognises ids: a
+/// plugin never has a report outstanding (waiting for an answer or a retry) older than this
+/// many ids before the newest it has sent, so a retry is always recognised.
+pub const REPORT_WINDOW: u64 = 4096;
 
 /// `GET /ratelimit` answer, as the ASM example service gives it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +220,9 @@ fn non_negative<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     })
 }
 
+/// The largest sequence number of an id.
+pub const MAX_SEQ: u64 = 1 << 53;
+
 /// A request id as the plugin makes them: a per-VM random source and a sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SeqId {
@@ -195,9 +245,14 @@ impl SeqId {
         if !seq.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
+        let seq: u64 = seq.parse().ok()?;
+        // Exact in every store (Lua numbers are doubles).
+        if seq > MAX_SEQ {
+            return None;
+        }
         Some(SeqId {
             source: u64::from_str_radix(source, 16).ok()?,
-            seq: seq.parse().ok()?,
+            seq,
         })
     }
 }
@@ -261,20 +316,24 @@ pub fn validate_check(req: &CheckRequest) -> Result<(), BadRequest> {
     validate_descriptors(&req.descriptors, "")
 }
 
+/// The batch as a whole; each report is checked on its own ([`validate_report`]), so one bad
+/// report is refused alone.
 pub fn validate_reports(req: &ReportRequest) -> Result<(), BadRequest> {
     if req.reports.len() > MAX_REPORTS {
         return Err(BadRequest(format!(
             "reports: more than {MAX_REPORTS} in one batch"
         )));
     }
-    for (i, r) in req.reports.iter().enumerate() {
-        validate_report(r, &format!("reports[{i}]."))?;
-    }
     Ok(())
 }
 
 pub fn validate_report(r: &Report, at: &str) -> Result<(), BadRequest> {
     validate_id(&r.id, at)?;
+    if SeqId::parse(&r.id).is_none() {
+        return Err(BadRequest(format!(
+            "{at}id must be <16 hex digits>-<sequence>"
+        )));
+    }
     if r.tokens > MAX_TOKENS || r.reserved > MAX_TOKENS {
         return Err(BadRequest(format!(
             "{at}tokens and reserved must be at most {MAX_TOKENS}"

@@ -2,13 +2,15 @@
 -- It mirrors src/meter.rs and src/store/mod.rs exactly; the behavioural suite runs the same
 -- cases against both stores.
 --
--- KEYS: one hash per counter (field = meter, value = "a,b,c" state), then the report-id key
---       when ARGV[4] ~= "0".
+-- KEYS: one hash per counter (field = meter, value = "a,b,c" state), then, when ARGV[6] is a
+--       report's sequence number, its source's report ring: a bit string and its high-water
+--       mark (src/store/sources.rs mirrors it).
 -- ARGV: mode ("check" | "settle"), now_ms (-1: Redis's own clock, so every replica of the
---       service counts on one clock), amount (reserve | excess charged now), dedup_ms,
---       refund, refund_at_ms (-1: now),
+--       service counts on one clock), amount (reserve | excess charged now), refund,
+--       refund_at_ms (-1: now), report seq (-1: none), ring slots, ring ttl_ms,
 --       then per counter: meter count, and per meter: field, kind (w|f|b), p1, p2, p3, ttl_ms.
--- Returns: check: {allowed, now, then remaining, reset, retry per meter}; settle: {applied, now}.
+-- Returns: check: {allowed, now, then remaining, reset, retry per meter};
+--          settle: {1 applied | 0 duplicate | 2 stale id, now}.
 
 local mode = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -17,17 +19,50 @@ if now < 0 then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local amount = tonumber(ARGV[3])
-local dedup_ms = tonumber(ARGV[4])
-local refund = tonumber(ARGV[5])
-local refund_at = tonumber(ARGV[6])
+local refund = tonumber(ARGV[4])
+local refund_at = tonumber(ARGV[5])
 if refund_at < 0 then refund_at = now end
+local seq = tonumber(ARGV[6])
+local slots = tonumber(ARGV[7])
+local ring_ttl = tonumber(ARGV[8])
 local ncounters = #KEYS
-if dedup_ms > 0 then ncounters = ncounters - 1 end
+if seq >= 0 then ncounters = ncounters - 2 end
 
-if mode == "settle" and dedup_ms > 0 then
-  if not redis.call("SET", KEYS[#KEYS], "1", "NX", "PX", dedup_ms) then
-    return {0, now}
+-- Whether report `seq` is new to its source's ring (marking it seen): 1 new, 0 seen, 2 stale.
+local function first_time(bits, highkey)
+  local high = tonumber(redis.call("GET", highkey) or "-1")
+  if high >= 0 and seq + slots <= high then return 2 end
+  if seq <= high then
+    if redis.call("GETBIT", bits, seq % slots) == 1 then return 0 end
+  else
+    if high < 0 or seq - high >= slots then
+      redis.call("DEL", bits)
+    else
+      -- Forget the slots the new high-water mark overtakes: whole bytes at once.
+      local q = high + 1
+      while q < seq do
+        local p = q % slots
+        if p % 8 == 0 and seq - q >= 8 then
+          local bytes = math.min(math.floor((seq - q) / 8), (slots - p) / 8)
+          redis.call("SETRANGE", bits, p / 8, string.rep("\0", bytes))
+          q = q + bytes * 8
+        else
+          redis.call("SETBIT", bits, p, 0)
+          q = q + 1
+        end
+      end
+    end
+    redis.call("SET", highkey, string.format("%.0f", seq), "PX", ring_ttl)
   end
+  redis.call("SETBIT", bits, seq % slots, 1)
+  redis.call("PEXPIRE", bits, ring_ttl)
+  redis.call("PEXPIRE", highkey, ring_ttl)
+  return 1
+end
+
+if mode == "settle" and seq >= 0 then
+  local fresh = first_time(KEYS[#KEYS - 1], KEYS[#KEYS])
+  if fresh ~= 1 then return {fresh, now} end
 end
 
 local function decay(value, allowed, w)
@@ -117,7 +152,7 @@ end
 
 -- Load every meter's state.
 local counters = {}
-local arg = 7
+local arg = 9
 for c = 1, ncounters do
   local n = tonumber(ARGV[arg]); arg = arg + 1
   local meters = {}

@@ -1,12 +1,14 @@
-//! The in-process store: sharded maps of counters, bounded, swept of expired entries.
+//! The in-process store: sharded maps of counters, bounded by evicting the least recently
+//! used, swept of expired entries; and, apart from the counters, what it remembers per source
+//! (plugin VM): its reservations and its applied reports ([`sources`]).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
-use super::reservations::{self, Mark, Ring};
-use super::{check_states, settle_states, CheckOutcome, Settlement, StoreError};
+use super::sources::{self, Dedup, Mark, SourceLog};
+use super::{check_states, settle_states, Applied, CheckOutcome, Settlement};
 use crate::clock::system_ms;
 use crate::counter::Plan;
 use crate::meter::{Meter, State, Status};
@@ -14,40 +16,60 @@ use wire::SeqId;
 
 const SHARDS: usize = 64;
 
-/// Sources (plugin VMs) whose reservations are remembered; past it the least recently used
-/// is forgotten (its releases then give nothing back). 16 KiB each.
+/// Sources (plugin VMs) remembered; past it the least recently heard of is forgotten (its
+/// releases then give nothing back, its retries may be charged again). About 17 KiB each.
 pub const MAX_SOURCES: usize = 1024;
-
-/// How long a report id is remembered, so a retried report is never charged twice.
-pub const DEDUP_MS: i64 = 15 * 60 * 1000;
 
 #[derive(Default)]
 struct Entry {
     /// Meter field name → state; a counter rarely has more than two meters.
     meters: Vec<(String, State)>,
     expires_at: i64,
+    /// When the counter was last used, for eviction.
+    used_at: i64,
 }
 
 #[derive(Default)]
 struct Shard {
     counters: HashMap<String, Entry>,
-    /// Report id → when it may be forgotten.
-    report_ids: HashMap<String, i64>,
 }
 
 impl Shard {
     fn sweep(&mut self, now: i64) {
         self.counters.retain(|_, e| e.expires_at > now);
-        self.report_ids.retain(|_, until| *until > now);
+    }
+
+    /// Makes room for one more counter: expired ones go first, then the least recently used
+    /// eighth (evicting in bulk keeps a flood of new keys at O(1) per key).
+    fn make_room(&mut self, limit: usize, now: i64) -> usize {
+        self.sweep(now);
+        if self.counters.len() < limit {
+            return 0;
+        }
+        let mut ages: Vec<i64> = self.counters.values().map(|e| e.used_at).collect();
+        let cut = (ages.len() / 8).max(1);
+        let (_, threshold, _) = ages.select_nth_unstable(cut - 1);
+        let threshold = *threshold;
+        let before = self.counters.len();
+        let mut evicted = 0;
+        self.counters.retain(|_, e| {
+            let keep = e.used_at > threshold || evicted >= cut;
+            if !keep {
+                evicted += 1;
+            }
+            keep
+        });
+        before - self.counters.len()
     }
 }
 
 pub struct MemoryStore {
     shards: Vec<Mutex<Shard>>,
-    /// Live counters and remembered ids allowed per shard.
+    /// Live counters allowed per shard.
     per_shard: usize,
-    /// Per source, which of its checks reserved (see [`reservations`]).
-    sources: Mutex<HashMap<u64, Ring>>,
+    sources: Mutex<HashMap<u64, SourceLog>>,
+    /// Counters evicted to make room (for metrics).
+    evicted: std::sync::atomic::AtomicU64,
 }
 
 fn shard_of(key: &str) -> usize {
@@ -57,12 +79,13 @@ fn shard_of(key: &str) -> usize {
 }
 
 impl MemoryStore {
-    /// A store holding at most about `max_entries` counters (and as many report ids).
-    pub fn new(max_entries: usize) -> MemoryStore {
+    /// A store holding at most about `max_counters` counters.
+    pub fn new(max_counters: usize) -> MemoryStore {
         MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            per_shard: max_entries.div_ceil(SHARDS).max(1),
+            per_shard: max_counters.div_ceil(SHARDS).max(1),
             sources: Mutex::new(HashMap::new()),
+            evicted: Default::default(),
         }
     }
 
@@ -83,39 +106,33 @@ impl MemoryStore {
             .collect()
     }
 
-    /// Runs `f` over the states of `plans`, then stores them back.
+    /// Runs `f` over the states of `plans`, then stores them back unless `f` says no. A new
+    /// counter in a full shard makes room by eviction: the store never refuses.
     fn with_states<T>(
         &self,
         plans: &[Plan],
-        id: Option<&str>,
         now: i64,
-        f: impl FnOnce(&mut [Vec<State>], Option<&mut HashMap<String, i64>>) -> T,
-    ) -> Result<T, StoreError> {
+        f: impl FnOnce(&mut [Vec<State>]) -> (T, bool),
+    ) -> T {
         let keys: Vec<String> = plans.iter().map(|p| p.id.storage_key()).collect();
-        let mut all: Vec<&str> = keys.iter().map(String::as_str).collect();
-        if let Some(id) = id {
-            all.push(id);
-        }
+        let all: Vec<&str> = keys.iter().map(String::as_str).collect();
         let mut guards = self.lock(&all);
-        let mut shard = |key: &str| -> usize {
-            let i = shard_of(key);
-            guards.iter().position(|(g, _)| *g == i).unwrap_or(0)
-        };
-        let positions: Vec<usize> = keys.iter().map(|k| shard(k)).collect();
-        let id_position = id.map(&mut shard);
+        let positions: Vec<usize> = keys
+            .iter()
+            .map(|k| {
+                let i = shard_of(k);
+                guards.iter().position(|(g, _)| *g == i).unwrap_or(0)
+            })
+            .collect();
 
-        // Load (a missing or expired counter starts empty), refusing new ones past the bound.
+        // Load: a missing or expired counter starts empty.
         let mut states = Vec::with_capacity(plans.len());
         for ((plan, key), pos) in plans.iter().zip(&keys).zip(&positions) {
-            let guard = &mut guards[*pos].1;
-            let live = guard.counters.get(key).filter(|e| e.expires_at > now);
-            if live.is_none() && guard.counters.len() >= self.per_shard {
-                guard.sweep(now);
-                if guard.counters.len() >= self.per_shard {
-                    return Err(StoreError::Full(self.per_shard * SHARDS));
-                }
-            }
-            let entry = guard.counters.get(key).filter(|e| e.expires_at > now);
+            let entry = guards[*pos]
+                .1
+                .counters
+                .get(key)
+                .filter(|e| e.expires_at > now);
             states.push(
                 plan.meters
                     .iter()
@@ -129,27 +146,22 @@ impl MemoryStore {
             );
         }
 
-        let ids = match id_position {
-            Some(pos) => {
-                let shard = &mut guards[pos].1;
-                if shard.report_ids.len() >= self.per_shard {
-                    shard.sweep(now);
-                    if shard.report_ids.len() >= self.per_shard {
-                        return Err(StoreError::Full(self.per_shard * SHARDS));
-                    }
-                }
-                Some(&mut shard.report_ids)
-            }
-            None => None,
-        };
-        let out = f(&mut states, ids);
-
+        let (out, store) = f(&mut states);
+        if !store {
+            return out;
+        }
         for (((plan, key), pos), states) in plans.iter().zip(&keys).zip(&positions).zip(states) {
             let guard = &mut guards[*pos].1;
+            if !guard.counters.contains_key(key) && guard.counters.len() >= self.per_shard {
+                let n = guard.make_room(self.per_shard, now);
+                self.evicted
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             let entry = guard.counters.entry(key.clone()).or_default();
             if entry.expires_at <= now {
                 *entry = Entry::default();
             }
+            entry.used_at = now;
             for (meter, state) in plan.meters.iter().zip(states) {
                 let field = meter.field();
                 match entry.meters.iter_mut().find(|(f, _)| *f == field) {
@@ -159,70 +171,64 @@ impl MemoryStore {
                 entry.expires_at = entry.expires_at.max(now + meter.ttl_ms());
             }
         }
-        Ok(out)
+        out
     }
 
-    pub fn check(
-        &self,
-        plans: &[Plan],
-        reserve: i64,
-        now: Option<i64>,
-    ) -> Result<CheckOutcome, StoreError> {
+    pub fn check(&self, plans: &[Plan], reserve: i64, now: Option<i64>) -> CheckOutcome {
         let now = now.unwrap_or_else(system_ms);
-        self.with_states(plans, None, now, |states, _| {
-            check_states(plans, states, reserve, now)
+        self.with_states(plans, now, |states| {
+            (check_states(plans, states, reserve, now), true)
         })
     }
 
+    /// Applies a settlement; with an `id`, only the first time that id is seen.
     pub fn settle(
         &self,
-        id: Option<&str>,
+        id: Option<SeqId>,
         plans: &[Plan],
         settlement: &Settlement,
         now: Option<i64>,
-    ) -> Result<bool, StoreError> {
+    ) -> Applied {
         let now = now.unwrap_or_else(system_ms);
-        self.with_states(plans, id, now, |states, ids| {
-            if let (Some(ids), Some(id)) = (ids, id) {
-                match ids.get(id) {
-                    Some(until) if *until > now => return false,
-                    _ => {
-                        ids.insert(id.to_string(), now + DEDUP_MS);
-                    }
+        self.with_states(plans, now, |states| {
+            let seen = match id {
+                Some(id) => self.with_source(id.source, |s| s.reports.first_time(id.seq)),
+                None => Dedup::First,
+            };
+            match seen {
+                Dedup::First => {
+                    settle_states(plans, states, settlement, now);
+                    (Applied::Yes, true)
                 }
+                Dedup::Duplicate => (Applied::Duplicate, false),
+                Dedup::Stale => (Applied::Stale, false),
             }
-            settle_states(plans, states, settlement, now);
-            true
         })
     }
 
-    /// Runs `f` on the ring of `source`, making room for it if needed.
-    fn with_ring<T>(&self, source: u64, f: impl FnOnce(&mut Ring) -> T) -> T {
+    /// Runs `f` on what is remembered of `source`, making room for it if needed.
+    fn with_source<T>(&self, source: u64, f: impl FnOnce(&mut SourceLog) -> T) -> T {
         let now = system_ms();
-        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        if !sources.contains_key(&source) && sources.len() >= MAX_SOURCES {
-            sources.retain(|_, r| r.touched + reservations::TTL_MS > now);
-            if sources.len() >= MAX_SOURCES {
-                if let Some(oldest) = sources
-                    .iter()
-                    .min_by_key(|(_, r)| r.touched)
-                    .map(|(k, _)| *k)
-                {
-                    sources.remove(&oldest);
+        let mut all = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if !all.contains_key(&source) && all.len() >= MAX_SOURCES {
+            all.retain(|_, s| s.touched + sources::TTL_MS > now);
+            if all.len() >= MAX_SOURCES {
+                if let Some(oldest) = all.iter().min_by_key(|(_, s)| s.touched).map(|(k, _)| *k) {
+                    all.remove(&oldest);
                 }
             }
         }
-        let ring = sources.entry(source).or_default();
-        ring.touched = now;
-        f(ring)
+        let log = all.entry(source).or_default();
+        log.touched = now;
+        f(log)
     }
 
     pub fn mark_reserved(&self, id: SeqId) -> Mark {
-        self.with_ring(id.source, |r| r.mark(id.seq))
+        self.with_source(id.source, |s| s.reservations.mark(id.seq))
     }
 
     pub fn release(&self, id: SeqId) -> bool {
-        self.with_ring(id.source, |r| r.release(id.seq))
+        self.with_source(id.source, |s| s.reservations.release(id.seq))
     }
 
     /// Every meter stored under the plan's counter (the plan's own meters are ignored).
@@ -243,7 +249,8 @@ impl MemoryStore {
             .collect()
     }
 
-    /// Drops expired counters and ids; run periodically so idle keys do not hold memory.
+    /// Drops expired counters and idle sources; run periodically so idle keys do not hold
+    /// memory.
     pub fn sweep(&self, now: i64) {
         for shard in &self.shards {
             shard.lock().unwrap_or_else(|p| p.into_inner()).sweep(now);
@@ -252,7 +259,7 @@ impl MemoryStore {
         self.sources
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, r| r.touched + reservations::TTL_MS > wall);
+            .retain(|_, s| s.touched + sources::TTL_MS > wall);
     }
 
     /// Live counters (for metrics).
@@ -265,6 +272,16 @@ impl MemoryStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Counters evicted to make room since the start.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sources remembered (for metrics).
+    pub fn sources(&self) -> usize {
+        self.sources.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
@@ -282,30 +299,67 @@ mod tests {
             },
             meters: vec![Meter::Window {
                 tokens: 10,
-                window_ms: 1_000,
+                window_ms: 1_000_000,
                 sliding: true,
             }],
         }
     }
 
+    fn spend(store: &MemoryStore, value: &str, now: i64) {
+        let charge = Settlement {
+            excess: 4,
+            ..Settlement::default()
+        };
+        store.settle(None, &[plan(value)], &charge, Some(now));
+    }
+
+    fn left(store: &MemoryStore, value: &str, now: i64) -> i64 {
+        store.check(&[plan(value)], 0, Some(now)).statuses[0][0].remaining
+    }
+
     #[test]
-    fn bounded_and_swept() {
-        let store = MemoryStore::new(SHARDS); // one counter per shard
-        let mut full = None;
-        for i in 0..10 * SHARDS {
-            if let Err(e) = store.check(&[plan(&i.to_string())], 0, Some(0)) {
-                full = Some(e);
-                break;
+    fn a_full_store_evicts_the_least_recently_used_and_never_refuses() {
+        let store = MemoryStore::new(SHARDS * 16);
+        spend(&store, "busy", 0);
+        for i in 0..20 * SHARDS * 16 {
+            spend(&store, &format!("flood-{i}"), 1 + i as i64);
+            if i % 50 == 0 {
+                // The busy key stays in use, so it is never the least recently used.
+                spend(&store, "busy", 1 + i as i64);
             }
         }
-        assert!(
-            matches!(full, Some(StoreError::Full(_))),
-            "the store must refuse past its bound"
-        );
-        assert!(store.len() <= SHARDS);
-        // Once the counters expire (2 windows), their room is reused.
-        assert!(store.check(&[plan("later")], 0, Some(2_000)).is_ok());
-        store.sweep(10_000);
+        assert!(store.len() <= SHARDS * 16, "{}", store.len());
+        assert!(store.evicted() > 0);
+        let busy = left(&store, "busy", 1 + 20 * SHARDS as i64 * 16);
+        assert!(busy < 10, "an existing counter kept its state: {busy}");
+        store.sweep(i64::MAX / 2);
         assert!(store.is_empty());
+    }
+
+    #[test]
+    fn report_ids_are_remembered_per_source_not_as_counters() {
+        let store = MemoryStore::new(SHARDS);
+        let charge = Settlement {
+            excess: 1,
+            ..Settlement::default()
+        };
+        for seq in 1..=50_000 {
+            let id = SeqId { source: 7, seq };
+            assert_eq!(store.settle(Some(id), &[plan("x")], &charge, Some(0)), Applied::Yes);
+        }
+        let last = SeqId {
+            source: 7,
+            seq: 50_000,
+        };
+        assert_eq!(
+            store.settle(Some(last), &[plan("x")], &charge, Some(0)),
+            Applied::Duplicate
+        );
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.sources(), 1);
+        assert_eq!(
+            store.settle(Some(SeqId { source: 7, seq: 1 }), &[plan("x")], &charge, Some(0)),
+            Applied::Stale
+        );
     }
 }

@@ -3,13 +3,13 @@
 
 pub mod memory;
 pub mod redis;
-pub mod reservations;
+pub mod sources;
 
 use thiserror::Error;
 
 use crate::counter::Plan;
 use crate::meter::{Meter, State, Status};
-use reservations::Mark;
+use sources::Mark;
 use wire::SeqId;
 
 pub use self::redis::RedisStore;
@@ -19,8 +19,16 @@ pub use memory::MemoryStore;
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
-    #[error("store full: more than {0} live counters")]
-    Full(usize),
+}
+
+/// What a settlement did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Yes,
+    /// Its id was applied before: nothing done.
+    Duplicate,
+    /// Its id is older than its source's window: cannot be told apart, nothing done.
+    Stale,
 }
 
 /// A check's result: the decision and every meter's status after it.
@@ -73,22 +81,26 @@ impl Store {
         now: Option<i64>,
     ) -> Result<CheckOutcome, StoreError> {
         match self {
-            Store::Memory(m) => m.check(plans, reserve, now),
+            Store::Memory(m) => Ok(m.check(plans, reserve, now)),
             Store::Redis(r) => r.check(plans, reserve, now).await,
         }
     }
 
-    /// Applies a settlement to every meter. With an `id`, a second settlement with the same
-    /// id (within the dedup period) does nothing and returns `false`.
+    /// Applies a settlement to every meter. With an `id`, only the first time the id is seen
+    /// (ids are remembered per source, see [`sources`]).
     pub async fn settle(
         &self,
-        id: Option<&str>,
+        id: Option<SeqId>,
         plans: &[Plan],
         settlement: &Settlement,
         now: Option<i64>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Applied, StoreError> {
+        if plans.is_empty() {
+            // Nothing is limited (service-owned limits no rule matches): nothing to charge.
+            return Ok(Applied::Yes);
+        }
         match self {
-            Store::Memory(m) => m.settle(id, plans, settlement, now),
+            Store::Memory(m) => Ok(m.settle(id, plans, settlement, now)),
             Store::Redis(r) => r.settle(id, plans, settlement, now).await,
         }
     }

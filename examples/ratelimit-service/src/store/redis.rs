@@ -15,12 +15,11 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 use tokio::sync::OnceCell;
 
-use super::reservations::{self, Mark};
-use super::{CheckOutcome, Settlement, StoreError};
+use super::sources::{self, Dedup, Mark};
+use super::{Applied, CheckOutcome, Settlement, StoreError};
 use crate::clock::system_ms;
 use crate::counter::Plan;
 use crate::meter::{Meter, State, Status};
-use crate::store::memory::DEDUP_MS;
 use wire::SeqId;
 
 #[derive(Clone)]
@@ -163,22 +162,25 @@ impl RedisStore {
     }
 
     /// The script's arguments: `amount` is the reserve (check) or the excess (settle); a
-    /// `now` of -1 makes the script read Redis's clock.
+    /// `now` of -1 makes the script read Redis's clock; `dedup`: the report's sequence number,
+    /// looked up in the ring whose keys follow the counters'.
     fn args(
         mode: &str,
         now: Option<i64>,
         amount: i64,
         refund: (i64, Option<i64>),
-        dedup: bool,
+        dedup: Option<u64>,
         plans: &[Plan],
     ) -> Vec<String> {
         let mut args = vec![
             mode.to_string(),
             now.unwrap_or(-1).to_string(),
             amount.to_string(),
-            if dedup { DEDUP_MS } else { 0 }.to_string(),
             refund.0.to_string(),
             refund.1.unwrap_or(-1).to_string(),
+            dedup.map_or(-1, |seq| seq as i64).to_string(),
+            wire::REPORT_WINDOW.to_string(),
+            sources::TTL_MS.to_string(),
         ];
         for plan in plans {
             args.push(plan.meters.len().to_string());
@@ -229,7 +231,7 @@ impl RedisStore {
             let keys = group.iter().map(|p| p.id.storage_key()).collect();
             self.run(
                 keys,
-                Self::args("check", now, reserve, (0, None), false, group),
+                Self::args("check", now, reserve, (0, None), None, group),
             )
         });
         let answers = join_all(calls).await;
@@ -292,7 +294,7 @@ impl RedisStore {
         for (group, answer) in groups.iter().zip(answers) {
             if matches!(answer, Ok(a) if a.first() == Some(&1)) {
                 let keys = group.iter().map(|p| p.id.storage_key()).collect();
-                let args = Self::args("settle", now, 0, (reserve, Some(at_ms)), false, group);
+                let args = Self::args("settle", now, 0, (reserve, Some(at_ms)), None, group);
                 if let Err(e) = self.run(keys, args).await {
                     tracing::warn!("could not refund a reservation: {e}");
                 }
@@ -302,18 +304,16 @@ impl RedisStore {
 
     pub async fn settle(
         &self,
-        id: Option<&str>,
+        id: Option<SeqId>,
         plans: &[Plan],
         settlement: &Settlement,
         now: Option<i64>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Applied, StoreError> {
         let groups = self.groups(plans);
         let calls = groups.iter().map(|group| {
             let mut keys: Vec<String> = group.iter().map(|p| p.id.storage_key()).collect();
             if let (Some(id), Some(first)) = (id, keys.first()) {
-                // The id key shares the counter's hash tag, hence its slot.
-                let tag_end = first.find('}').map_or(0, |i| i + 1);
-                keys.push(format!("{}:r:{}:{id}", &first[..tag_end], id.len()));
+                keys.extend(self.report_ring_keys(id.source, first));
             }
             let refund = (settlement.refund, settlement.refund_at);
             let args = Self::args(
@@ -321,16 +321,34 @@ impl RedisStore {
                 now,
                 settlement.excess,
                 refund,
-                id.is_some(),
+                id.map(|id| id.seq),
                 group,
             );
             self.run(keys, args)
         });
-        let mut applied = false;
+        let mut outcome = Applied::Stale;
         for answer in join_all(calls).await {
-            applied |= answer?.first() == Some(&1);
+            match Dedup::from_code(answer?.first().copied().unwrap_or(-1)) {
+                Dedup::First => outcome = Applied::Yes,
+                Dedup::Duplicate if outcome == Applied::Stale => outcome = Applied::Duplicate,
+                _ => {}
+            }
         }
-        Ok(applied)
+        Ok(outcome)
+    }
+
+    /// The keys of a source's report ring: one per source on a single server; in a cluster one
+    /// per source and counter, in the counter's slot (a script touches one slot), so each
+    /// counter applies a report exactly once on its own.
+    fn report_ring_keys(&self, source: u64, first_counter: &str) -> [String; 2] {
+        let prefix = match self.target {
+            RedisTarget::Single(_) => format!("ltr:{{src:{source:016x}}}"),
+            RedisTarget::Cluster(_) => {
+                let tag_end = first_counter.find('}').map_or(0, |i| i + 1);
+                format!("{}:src:{source:016x}", &first_counter[..tag_end])
+            }
+        };
+        [format!("{prefix}:rep"), format!("{prefix}:rephigh")]
     }
 
     /// The keys of a source's reservation ring: its bits and its high-water mark, in one slot.
@@ -345,8 +363,8 @@ impl RedisStore {
         let args = vec![
             op.to_string(),
             id.seq.to_string(),
-            reservations::SLOTS.to_string(),
-            reservations::TTL_MS.to_string(),
+            sources::RESERVATION_SLOTS.to_string(),
+            sources::TTL_MS.to_string(),
         ];
         let answer = self
             .run_script(&self.ring, Self::ring_keys(id.source), args)
