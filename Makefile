@@ -15,7 +15,7 @@ export PLUGIN_WASM := $(CURDIR)/$(PLUGIN)
 export RATELIMIT_SERVICE_BIN := $(CURDIR)/target/release/ratelimit-service
 export MOCK_LLM_BIN := $(CURDIR)/target/release/mock-llm
 
-.PHONY: all deps build wasm run oci bench fuzz fuzz-build fuzz-smoke test lint unit clean
+.PHONY: all deps build wasm run oci bench soak fuzz fuzz-build fuzz-smoke test lint unit clean
 
 all: build
 
@@ -58,6 +58,12 @@ oci: wasm
 ## bench: the plugin's and the service's cost, side by side (table, target/bench/results.md and chart.svg).
 bench: build
 	target/release/bench --out target/bench
+
+## soak: 1,000,000 requests per store (memory, Redis) through Envoy + plugin + service; fails
+## unless every balance is exact, no report was dropped and the stores stayed bounded.
+SOAK_REQUESTS ?= 1000000
+soak: build
+	target/release/bench --soak --requests $(SOAK_REQUESTS)
 
 # Coverage-guided fuzzing with libFuzzer on stable Rust: the sanitizer-coverage passes are
 # enabled through RUSTFLAGS (what cargo-fuzz does, without its nightly-only sanitizers).

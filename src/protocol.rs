@@ -347,7 +347,7 @@ mod tests {
             tokens: 105,
             reserved: 20,
             reserved_at_ms: Some(1_700_000_000_000),
-            release: false,
+            release: None,
             usage: Some(wire::UsageFigures {
                 prompt_tokens: 10,
                 completion_tokens: 95,

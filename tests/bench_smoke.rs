@@ -42,6 +42,18 @@ fn the_bench_harness_runs_and_reports() {
         .find(|l| l.starts_with("| \"max_tokens\", after a window boundary |"))
         .unwrap_or_else(|| panic!("boundary row missing:\n{md}"));
     assert!(boundary.ends_with("| 0 |"), "{boundary}");
+    // The sustained run: every balance exact, nothing dropped or refused, on both stores.
+    let sustained = md
+        .split("## Sustained")
+        .nth(1)
+        .unwrap_or_else(|| panic!("sustained section missing:\n{md}"));
+    for store in ["memory", "redis"] {
+        let row = sustained
+            .lines()
+            .find(|l| l.starts_with(&format!("| {store} |")))
+            .unwrap_or_else(|| panic!("{store} row missing:\n{sustained}"));
+        assert!(row.contains("| yes | 0 | 0 |"), "{row}");
+    }
     // No request failed in any proxy run (the errors and non-200 columns).
     for line in md
         .lines()

@@ -105,7 +105,7 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
         assert_eq!(reserved, MAX_TOKENS);
         let id = SeqId {
             source: u64::MAX,
-            seq: u64::MAX,
+            seq: wire::MAX_SEQ - u64::from(with_rates),
         }
         .format();
         let r = send(&svc, check_call(&config.service, &ds, reserved, Some(&id)));
@@ -116,7 +116,7 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
             tokens: MAX_TOKENS,
             reserved: MAX_TOKENS,
             reserved_at_ms: Some(u64::MAX),
-            release: true,
+            release: Some(id.clone()),
             usage: Some(UsageFigures {
                 prompt_tokens: u64::MAX,
                 completion_tokens: u64::MAX,
@@ -126,5 +126,18 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
         let batch: Vec<&Report> = vec![&report; 3];
         let r = send(&svc, report_call(&config.service, &batch).unwrap());
         assert_eq!(r.status, 200, "report (rates: {with_rates}): {}", r.text());
+        let answer = r.json();
+        let outcomes: Vec<&str> = answer["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["outcome"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["applied", "duplicate", "duplicate"],
+            "{}",
+            r.text()
+        );
     }
 }

@@ -512,39 +512,57 @@ fn reports_carry_ids_descriptors_reserve_and_usage() {
     );
     config["reserve"] = json!({"tokens": 3});
     let e = envoy(&config, &svc, &up);
-    for path in ["/v1/chat/completions", "/v1/chat/completions", "/gzip"] {
-        let r = http::post_json(e.port, path, &[("x-user", "ann")], &json!({"model": "m"}));
-        assert_eq!(r.status, 200);
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let reports = loop {
-        let all: Vec<Value> = svc
-            .reports()
+    let reports = || -> Vec<Value> {
+        svc.reports()
             .iter()
             .flat_map(|r| r.json()["reports"].as_array().cloned().unwrap_or_default())
-            .collect();
-        if all.len() >= 3 || std::time::Instant::now() > deadline {
-            break all;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+            .collect()
     };
-    assert_eq!(reports.len(), 3, "{reports:?}");
-    let ids: std::collections::HashSet<&str> =
-        reports.iter().map(|r| r["id"].as_str().unwrap()).collect();
-    assert_eq!(ids.len(), 3, "ids are unique: {ids:?}");
+    let await_reports = |n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while reports().len() < n && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        reports()
+    };
+    let ask = |path: &str, user: &str| {
+        let r = http::post_json(e.port, path, &[("x-user", user)], &json!({"model": "m"}));
+        assert_eq!(r.status, 200);
+    };
+    ask("/v1/chat/completions", "ann");
+    let first = await_reports(1);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let id = first[0]["id"].as_str().unwrap();
+    let (source, seq) = id.split_once('-').unwrap();
+    assert!(
+        source.len() == 16 && source.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    assert!(seq.parse::<u64>().is_ok(), "{id}");
     assert_eq!(
-        reports[0]["descriptors"],
+        first[0]["descriptors"],
         json!([{"limit": "user", "value": "ann", "rates": [{"tokens": 100, "window_s": 60}]}])
     );
-    assert_eq!(reports[0]["reserved"], 3);
-    assert_eq!(reports[0]["tokens"], 10);
+    // 10 tokens used after 3 were reserved: the report charges the 7 beyond the reservation.
+    assert_eq!(first[0]["tokens"], 7);
+    assert_eq!(first[0]["reserved"], 0);
     assert_eq!(
-        reports[0]["usage"],
+        first[0]["usage"],
         json!({"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10})
     );
+    ask("/v1/chat/completions", "bob");
+    ask("/gzip", "cy");
+    let all = await_reports(3);
+    assert_eq!(all.len(), 3, "{all:?}");
+    let ids: std::collections::HashSet<&str> =
+        all.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 3, "ids are unique: {ids:?}");
     // A compressed body cannot be read: its size stands in for the text (400 bytes → 100
-    // tokens) and the request's for the prompt (13 bytes → 4 tokens).
-    let gz = reports.iter().find(|r| r["tokens"] != 10).unwrap();
-    assert_eq!(gz["tokens"], 104);
+    // tokens) and the request's for the prompt (13 bytes → 4 tokens): 104, 3 reserved.
+    let gz = all
+        .iter()
+        .find(|r| r["descriptors"][0]["value"] == "cy")
+        .unwrap();
+    assert_eq!(gz["tokens"], 101);
     assert_eq!(e.metric("usage.estimated"), 1);
 }

@@ -315,7 +315,7 @@ fn a_stream_reset_during_its_check_releases_the_reservation() {
     std::thread::sleep(Duration::from_millis(300));
     drop(conn);
     let report = await_traffic(&forwarder);
-    assert_eq!(report["reports"][0]["release"], true, "{report}");
+    assert!(report["reports"][0]["release"].is_string(), "{report}");
     assert_eq!(report["reports"][0]["reserved"], 500);
     // Whichever reached the service first, the reservation is gone for good.
     std::thread::sleep(Duration::from_millis(1500));
@@ -338,7 +338,7 @@ fn a_check_given_up_on_is_charged_its_usage_once() {
     assert_eq!(r.status, 200, "fails open: {}", r.text());
     assert_eq!(e.metric("check_failures.timeout"), 1);
     let report = await_traffic(&forwarder);
-    assert_eq!(report["reports"][0]["release"], true, "{report}");
+    assert!(report["reports"][0]["release"].is_string(), "{report}");
     std::thread::sleep(Duration::from_millis(1500));
     svc.await_remaining("user", "patient", 900);
     std::thread::sleep(Duration::from_millis(500));

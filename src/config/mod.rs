@@ -112,6 +112,8 @@ pub struct Config {
     /// Lower-case header name carrying the authenticated consumer.
     pub consumer_header: String,
     pub max_request_body_bytes: usize,
+    /// `max_pending_reports`: distinct keys waiting in the VM's report queue.
+    pub max_pending_reports: usize,
     /// Derived once at load: the hot path asks it on every matched request.
     needs_request_body: bool,
     /// Derived once at load: the headers `matches` read, fetched alone so that a request that
@@ -217,6 +219,15 @@ impl Plugin {
             None => true,
             Some(scope) => scope.matches(facts),
         })
+    }
+
+    /// How many distinct keys the VM's report queue holds (the largest any policy asks).
+    pub fn max_pending_reports(&self) -> usize {
+        self.policies
+            .iter()
+            .map(|p| p.config.max_pending_reports)
+            .max()
+            .unwrap_or(crate::report::DEFAULT_CAPACITY)
     }
 
     pub fn config(&self, policy: usize) -> Option<&Config> {

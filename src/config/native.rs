@@ -106,6 +106,7 @@ pub(super) struct Options {
     pub client_ip: ClientIpSource,
     pub consumer_header: String,
     pub max_request_body_bytes: usize,
+    pub max_pending_reports: usize,
 }
 
 impl Options {
@@ -129,6 +130,7 @@ impl Options {
             client_ip: self.client_ip,
             consumer_header: self.consumer_header,
             max_request_body_bytes: self.max_request_body_bytes,
+            max_pending_reports: self.max_pending_reports,
             needs_request_body: false,
             match_headers: Vec::new(),
         }
@@ -187,6 +189,16 @@ pub(super) fn options(root: &mut Object<'_>) -> Result<Options, ConfigError> {
 
     let consumer_header = header_name(root, "consumer_header")?.unwrap_or("x-mse-consumer".into());
 
+    let max_pending_reports = match root.u64_max("max_pending_reports", 1_000_000)? {
+        Some(0) => {
+            return Err(root
+                .path
+                .field("max_pending_reports")
+                .error("must be at least 1"))
+        }
+        Some(n) => n as usize,
+        None => crate::report::DEFAULT_CAPACITY,
+    };
     let max_request_body_bytes = match root.u64_max("max_request_body_bytes", MAX_BODY_BYTES)? {
         Some(0) => {
             return Err(root
@@ -208,6 +220,7 @@ pub(super) fn options(root: &mut Object<'_>) -> Result<Options, ConfigError> {
         client_ip,
         consumer_header,
         max_request_body_bytes,
+        max_pending_reports,
     })
 }
 

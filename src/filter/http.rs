@@ -7,14 +7,13 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::host;
-use super::reporter::Reporter;
 use super::root::Shared;
 use crate::config::{Config, FailureMode, Protocol, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};
 use crate::matcher::{any_matches, HeaderList, RequestHeaders};
 use crate::protocol::{self, CheckFailure, Quota};
 use crate::reply;
-use crate::report::Report;
+use crate::report::Spent;
 use crate::request::{
     may_need_stream_usage, with_stream_usage, BodyFacts, Properties, RequestView,
 };
@@ -94,20 +93,19 @@ struct Spend {
 }
 
 impl Spend {
-    /// The report of what this request cost; `None` when there is nothing to settle.
-    fn report(self, charge: &Charge, reporter: &mut Reporter) -> Option<Report> {
+    /// What this request cost, for the report queue; `None` when there is nothing to settle.
+    fn spent(self, charge: &Charge) -> Option<Spent> {
         if charge.tokens == 0 && self.reserved == 0 {
             return None;
         }
-        Some(Report {
-            id: self.id.unwrap_or_else(|| reporter.next_id()),
+        Some(Spent {
             descriptors: self.descriptors,
             // A lying upstream cannot turn the report into one the service refuses.
             tokens: charge.tokens.min(wire::MAX_TOKENS),
             reserved: self.reserved,
             reserved_at_ms: self.reserved_at_ms,
-            release: self.release,
-            usage: Some(charge.usage.into()),
+            release: if self.release { self.id } else { None },
+            usage: charge.usage.into(),
         })
     }
 }
@@ -177,7 +175,7 @@ impl Http {
                     .reporter
                     .try_borrow_mut()
                     .ok()
-                    .map(|mut r| r.next_id())
+                    .map(|mut r| r.next_check_id())
             })
             .flatten();
         let call = protocol::check_call(&config.service, &descriptors, reserve, id.as_deref());
@@ -259,10 +257,13 @@ fn release_unsettled(shared: &Shared, spend: Spend) {
         usage: Default::default(),
         basis: crate::usage::Basis::UpstreamError,
     };
-    if let Ok(mut reporter) = shared.reporter.try_borrow_mut() {
-        if let Some(report) = spend.report(&nothing, &mut reporter) {
-            reporter.submit(report, &shared.metrics);
-        }
+    submit(shared, spend.spent(&nothing));
+}
+
+/// Hands what a request spent to the VM's report queue.
+fn submit(shared: &Shared, spent: Option<Spent>) {
+    if let (Some(spent), Ok(mut reporter)) = (spent, shared.reporter.try_borrow_mut()) {
+        reporter.submit(spent, shared.root, &shared.metrics);
     }
 }
 
@@ -543,11 +544,6 @@ impl HttpContext for Http {
         let charge = settle(config.count, config.on_missing, &seen);
         shared.metrics.charged(charge.basis);
         shared.metrics.vm_memory_bytes.set(host::vm_memory_bytes());
-        let Ok(mut reporter) = shared.reporter.try_borrow_mut() else {
-            return;
-        };
-        if let Some(report) = spend.report(&charge, &mut reporter) {
-            reporter.submit(report, &shared.metrics);
-        }
+        submit(&shared, spend.spent(&charge));
     }
 }

@@ -1,116 +1,190 @@
-//! The root context's side of reporting: owns the VM's report queue and sends its batches.
+//! The root contexts' side of reporting: the VM's one report queue and the calls that empty it.
 //!
-//! HTTP streams hand their report over in `on_log` and wake the root context through its
-//! timer; the root dispatches one batch at a time and settles it from the answer. Callouts are
-//! made from the root context only, because Envoy cancels an HTTP context's callouts when its
-//! stream ends.
+//! HTTP streams hand over what their request spent in `on_log` and wake a root context through
+//! its timer; a root context dispatches calls (several may be in flight) and settles each from
+//! its answer, matched by callout token. Callouts are made from root contexts only, because Envoy
+//! cancels an HTTP context's callouts when its stream ends. The queue belongs to the VM, not to a
+//! root context, so a new configuration (a new root context) takes it over; a call whose root
+//! context is gone is settled as failed after its deadline and sent again with its ids.
 
 use super::host;
 use super::metrics::Metrics;
 use crate::config::{Protocol, ServiceConfig};
 use crate::protocol::report_call;
-use crate::report::{delivery, grpc_delivery, Delivery, Report, ReportIds, ReportQueue, BATCH};
+use crate::report::{
+    delivery, grpc_delivery, Delivery, ReportIds, ReportQueue, Settled, Spent, BATCH,
+};
 
 /// A report call may carry a hundred reports: give it more time than a check.
 const MIN_REPORT_TIMEOUT_MS: u64 = 2000;
 
-pub struct Reporter {
-    queue: ReportQueue,
-    ids: ReportIds,
-    service: ServiceConfig,
-    /// The timer is armed (or a batch is in flight and its answer will pump the queue).
-    scheduled: bool,
-}
-
-/// Reports per call: protocol v1 takes many, the others one request's usage each.
-fn batch_size(protocol: Protocol) -> usize {
+/// Calls at once: protocol v1 batches, the others take one request's usage per call.
+fn shape(protocol: Protocol) -> (usize, usize) {
     match protocol {
-        Protocol::V1 => BATCH,
-        Protocol::Asm | Protocol::EnvoyRls => 1,
+        Protocol::V1 => (BATCH, 2),
+        Protocol::Asm | Protocol::EnvoyRls => (1, 8),
     }
 }
 
+/// A call in flight: the queue's number for it, the root context that made it, its token.
+struct Flight {
+    call: u64,
+    root: u32,
+    token: u32,
+}
+
+pub struct Reporter {
+    queue: ReportQueue,
+    /// Ids for checks that reserve (a release names them), apart from report ids.
+    checks: ReportIds,
+    service: ServiceConfig,
+    flights: Vec<Flight>,
+    next_call: u64,
+    /// The root context whose timer is armed, if any.
+    ticking: Option<u32>,
+}
+
 impl Reporter {
-    pub fn new(service: ServiceConfig) -> Reporter {
+    pub fn new(service: ServiceConfig, capacity: usize) -> Reporter {
+        let seed = host::random_seed();
+        let (batch, in_flight) = shape(service.protocol);
         Reporter {
-            queue: ReportQueue::new(batch_size(service.protocol)),
-            ids: ReportIds::new(host::random_seed()),
+            queue: ReportQueue::new(ReportIds::new(seed), batch, in_flight, capacity),
+            checks: ReportIds::new(seed),
             service,
-            scheduled: false,
+            flights: Vec::new(),
+            next_call: 0,
+            ticking: None,
         }
     }
 
     /// A new configuration: later reports go to the new service; queued ones follow them.
-    pub fn reconfigure(&mut self, service: ServiceConfig) {
-        self.queue.set_batch(batch_size(service.protocol));
+    pub fn reconfigure(&mut self, service: ServiceConfig, capacity: usize) {
+        let (batch, in_flight) = shape(service.protocol);
+        self.queue.resize(batch, in_flight, capacity);
         self.service = service;
     }
 
-    pub fn next_id(&mut self) -> String {
-        self.ids.next_id()
+    /// The id a reserving check is sent with.
+    pub fn next_check_id(&mut self) -> String {
+        self.checks.next_id()
     }
 
-    /// Queues a report (from an HTTP context) and wakes the root context.
-    pub fn submit(&mut self, report: Report, metrics: &Metrics) {
-        if !self.queue.push(report) {
-            metrics.reports_dropped.inc();
-            log::warn!("report queue full: a usage report was dropped");
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Queues what a request spent (from an HTTP context of root context `root`) and wakes
+    /// that root context unless a timer is armed already.
+    pub fn submit(&mut self, spent: Spent, root: u32, metrics: &Metrics) {
+        let dropped = self.queue.push(spent);
+        if dropped > 0 {
+            metrics.reports_dropped.add(dropped);
+            log::warn!("report queue full of distinct keys: {dropped} waiting report(s) dropped");
         }
         metrics.report_queue.set(self.queue.len() as u64);
-        if !self.scheduled {
-            self.scheduled = true;
+        if self.ticking.is_none() {
+            self.ticking = Some(root);
             host::set_tick_ms(1);
         }
     }
 
-    /// Sends the next batch if one may leave, and arms the timer for the one after.
-    /// Runs in the root context (on its tick, or on a report call's answer).
-    pub fn pump(&mut self, metrics: &Metrics) {
+    /// A root context is gone: its timer no longer runs, and its calls will not be answered.
+    pub fn forget_root(&mut self, root: u32) {
+        if self.ticking == Some(root) {
+            self.ticking = None;
+        }
+    }
+
+    /// Sends what may leave now, from root context `root`, and arms its timer for what
+    /// follows. Runs on a root context's tick or on a report call's answer.
+    pub fn pump(&mut self, root: u32, metrics: &Metrics) {
+        let timeout = self.service.timeout_ms.max(MIN_REPORT_TIMEOUT_MS);
         let now = host::now_ms();
+        for call in self.queue.overdue(now.saturating_sub(2 * timeout + 1000)) {
+            log::warn!("a usage report call was never answered; it will be sent again");
+            self.flights.retain(|f| f.call != call);
+            self.settle(call, Delivery::Retry, metrics);
+        }
         loop {
-            let call = match self.queue.start_batch(now) {
+            self.next_call += 1;
+            let call_number = self.next_call;
+            let outbound = match self.queue.start_batch(now, call_number) {
                 None => break,
                 Some(batch) => report_call(&self.service, &batch),
             };
-            let Some(call) = call else {
+            let Some(outbound) = outbound else {
                 // Nothing to add (an RLS report of a fully reserved request).
-                self.settle(Delivery::Accepted, metrics);
+                self.settle(call_number, Delivery::Answered(Vec::new()), metrics);
                 continue;
             };
-            let timeout = self.service.timeout_ms.max(MIN_REPORT_TIMEOUT_MS);
-            if let Err(status) = host::dispatch_outbound(&self.service, &call, timeout) {
-                log::warn!(
-                    "report could not be dispatched to cluster `{}`: {status:?}",
-                    self.service.cluster
-                );
-                self.settle(Delivery::Retry, metrics);
+            match host::dispatch_outbound(&self.service, &outbound, timeout) {
+                Ok(token) => self.flights.push(Flight {
+                    call: call_number,
+                    root,
+                    token,
+                }),
+                Err(status) => {
+                    log::warn!(
+                        "report could not be dispatched to cluster `{}`: {status:?}",
+                        self.service.cluster
+                    );
+                    self.settle(call_number, Delivery::Retry, metrics);
+                    break;
+                }
             }
-            break;
         }
-        let wake = self.queue.wake_in_ms(host::now_ms());
-        host::set_tick_ms(wake.map_or(0, |ms| ms.max(1)));
-        self.scheduled = wake.is_some() || !self.queue.is_empty();
+        let wake = match self.queue.wake_in_ms(host::now_ms()) {
+            Some(ms) => Some(ms.max(1)),
+            // Calls in flight: look at them once a second, in case their answers never come.
+            None if self.queue.in_flight() > 0 => Some(1000),
+            None => None,
+        };
+        host::set_tick_ms(wake.unwrap_or(0));
+        self.ticking = wake.map(|_| root);
     }
 
-    /// The answer to the batch in flight: an HTTP status, or for `envoy-rls` a gRPC status.
-    pub fn answered(&mut self, status: Option<u32>, metrics: &Metrics) {
+    /// The answer to call `token` of root context `root`: an HTTP status and body, or for
+    /// `envoy-rls` a gRPC status. An answer to no call of ours is ignored.
+    pub fn answered(
+        &mut self,
+        root: u32,
+        token: u32,
+        status: Option<u32>,
+        body: &[u8],
+        metrics: &Metrics,
+    ) {
+        let Some(i) = self
+            .flights
+            .iter()
+            .position(|f| f.root == root && f.token == token)
+        else {
+            return;
+        };
+        let call = self.flights.swap_remove(i).call;
         let outcome = match self.service.protocol {
             Protocol::EnvoyRls => grpc_delivery(status.unwrap_or(14)),
-            Protocol::V1 | Protocol::Asm => delivery(status),
+            Protocol::V1 | Protocol::Asm => delivery(status, body),
         };
-        if outcome != Delivery::Accepted {
+        if !matches!(outcome, Delivery::Answered(_)) {
             log::warn!("usage report failed: status {status:?}");
         }
-        self.settle(outcome, metrics);
-        self.pump(metrics);
+        self.settle(call, outcome, metrics);
+        self.pump(root, metrics);
     }
 
-    fn settle(&mut self, outcome: Delivery, metrics: &Metrics) {
-        let s = self.queue.finish_batch(outcome, host::now_ms());
+    fn settle(&mut self, call: u64, outcome: Delivery, metrics: &Metrics) {
+        let s: Settled = self.queue.finish_batch(call, outcome, host::now_ms());
+        if s.rejected > 0 {
+            log::warn!(
+                "the rate-limit service refused {} usage report(s) as malformed; dropped",
+                s.rejected
+            );
+        }
         metrics.reports_sent.add(s.sent);
         metrics.tokens_reported.add(s.tokens);
         metrics.reports_retried.add(s.retried);
-        metrics.reports_failed.add(s.failed);
+        metrics.reports_failed.add(s.rejected);
         metrics.report_queue.set(self.queue.len() as u64);
     }
 }

@@ -1,9 +1,16 @@
-//! The root context: owns the parsed configuration, the metrics and the report queue, and
-//! hands them to each HTTP stream.
+//! The root context: owns the parsed configuration and hands it, with the VM's metrics and
+//! report queue, to each HTTP stream.
+//!
+//! Envoy creates a root context per configuration, so a changed configuration brings a new
+//! root context into the same VM while the old one winds down. The metrics and the report
+//! queue therefore belong to the VM, and every root context shares them: nothing queued is lost
+//! to a reconfiguration. The last root context of a VM to go (the VM shutting down) first sends
+//! what is queued, for at most [`DRAIN_MS`].
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
@@ -13,19 +20,46 @@ use super::metrics::Metrics;
 use super::reporter::Reporter;
 use crate::config::Plugin;
 
-/// What every stream of the VM shares with the root context.
+/// How long the last root context of a VM may take to send what is queued.
+pub const DRAIN_MS: u64 = 5000;
+
+/// What every root context of the VM shares.
+struct Vm {
+    metrics: Rc<Metrics>,
+    reporter: Rc<RefCell<Reporter>>,
+}
+
+thread_local! {
+    static VM: RefCell<Option<Vm>> = const { RefCell::new(None) };
+    /// Root contexts configured and not yet done.
+    static LIVE_ROOTS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// What every stream of a root context shares with it.
 pub struct Shared {
     pub plugin: Plugin,
     pub metrics: Rc<Metrics>,
     pub reporter: Rc<RefCell<Reporter>>,
+    /// The root context's id (its timer is the one a stream arms).
+    pub root: u32,
 }
 
-#[derive(Default)]
 pub struct Root {
+    id: u32,
     shared: Option<Rc<Shared>>,
+    /// Set once `on_done` asked to send what is queued first.
+    draining_since: Option<u64>,
 }
 
 impl Root {
+    pub fn new(id: u32) -> Root {
+        Root {
+            id,
+            shared: None,
+            draining_since: None,
+        }
+    }
+
     fn with_reporter(&self, f: impl FnOnce(&mut Reporter, &Metrics)) {
         if let Some(shared) = &self.shared {
             if let Ok(mut reporter) = shared.reporter.try_borrow_mut() {
@@ -38,17 +72,49 @@ impl Root {
 impl Context for Root {
     fn on_http_call_response(
         &mut self,
-        _token: u32,
+        token: u32,
         num_headers: usize,
-        _body_size: usize,
+        body_size: usize,
         _trailers: usize,
     ) {
         let status = host::call_status(num_headers);
-        self.with_reporter(|reporter, metrics| reporter.answered(status, metrics));
+        let body = host::call_body(body_size);
+        let root = self.id;
+        self.with_reporter(|reporter, metrics| {
+            reporter.answered(root, token, status, &body, metrics)
+        });
     }
 
-    fn on_grpc_call_response(&mut self, _token: u32, status_code: u32, _response_size: usize) {
-        self.with_reporter(|reporter, metrics| reporter.answered(Some(status_code), metrics));
+    fn on_grpc_call_response(&mut self, token: u32, status_code: u32, _response_size: usize) {
+        let root = self.id;
+        self.with_reporter(|reporter, metrics| {
+            reporter.answered(root, token, Some(status_code), &[], metrics)
+        });
+    }
+
+    /// The configuration is gone (replaced, or the VM stops). Another root context of the VM
+    /// carries on with the queue; the last one sends it first.
+    fn on_done(&mut self) -> bool {
+        if self.shared.is_none() {
+            return true;
+        }
+        let root = self.id;
+        self.with_reporter(|reporter, _| reporter.forget_root(root));
+        let others = LIVE_ROOTS.with(|n| {
+            n.set(n.get().saturating_sub(1));
+            n.get()
+        });
+        let empty = self.shared.as_ref().map_or(true, |s| {
+            s.reporter.try_borrow().map_or(true, |r| r.is_empty())
+        });
+        if others > 0 || empty {
+            return true;
+        }
+        log::info!("sending the queued usage reports before the VM stops");
+        self.draining_since = Some(host::now_ms());
+        self.with_reporter(|reporter, metrics| reporter.pump(root, metrics));
+        host::set_tick_ms(50);
+        false
     }
 }
 
@@ -76,33 +142,48 @@ impl RootContext for Root {
             plugin.policies.iter().map(|p| p.config.limits.len()).sum::<usize>(),
             service.cluster
         );
-        // A reconfiguration keeps the metrics and the reports still queued.
-        let shared = match self.shared.take() {
-            Some(old) => {
-                if let Ok(mut reporter) = old.reporter.try_borrow_mut() {
-                    reporter.reconfigure(service);
-                }
-                Shared {
-                    plugin,
-                    metrics: Rc::clone(&old.metrics),
-                    reporter: Rc::clone(&old.reporter),
-                }
-            }
-            None => Shared {
-                reporter: Rc::new(RefCell::new(Reporter::new(service))),
+        let capacity = plugin.max_pending_reports();
+        // The VM's queue and metrics outlive any one configuration.
+        let (metrics, reporter) = VM.with(|vm| {
+            let mut vm = vm.borrow_mut();
+            let vm = vm.get_or_insert_with(|| Vm {
                 metrics: Rc::new(Metrics::define()),
-                plugin,
-            },
-        };
-        self.shared = Some(Rc::new(shared));
+                reporter: Rc::new(RefCell::new(Reporter::new(service.clone(), capacity))),
+            });
+            if let Ok(mut r) = vm.reporter.try_borrow_mut() {
+                r.reconfigure(service, capacity);
+            }
+            (Rc::clone(&vm.metrics), Rc::clone(&vm.reporter))
+        });
+        if self.shared.is_none() {
+            LIVE_ROOTS.with(|n| n.set(n.get() + 1));
+        }
+        self.shared = Some(Rc::new(Shared {
+            plugin,
+            metrics,
+            reporter,
+            root: self.id,
+        }));
         true
     }
 
     fn on_tick(&mut self) {
+        let root = self.id;
         self.with_reporter(|reporter, metrics| {
-            reporter.pump(metrics);
+            reporter.pump(root, metrics);
             metrics.vm_memory_bytes.set(host::vm_memory_bytes());
         });
+        if let Some(since) = self.draining_since {
+            let empty = self.shared.as_ref().map_or(true, |s| {
+                s.reporter.try_borrow().map_or(true, |r| r.is_empty())
+            });
+            if empty || host::now_ms() >= since + DRAIN_MS {
+                host::set_tick_ms(0);
+                let _ = hostcalls::done();
+            } else {
+                host::set_tick_ms(50);
+            }
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -60,6 +60,8 @@ pub struct Outcome {
     pub latency: Histogram<u64>,
     /// Response body bytes read.
     pub bytes: u64,
+    /// Per call of the plan, how many were answered 200 (to check balances exactly).
+    pub served: Vec<u64>,
 }
 
 impl Outcome {
@@ -123,6 +125,7 @@ pub async fn run(plan: Plan) -> Outcome {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
             let (mut requests, mut errors, mut bytes) = (0u64, 0u64, 0u64);
             let mut statuses = BTreeMap::new();
+            let mut served = vec![0u64; calls.len()];
             let mut conn = None;
             let mut i = worker;
             loop {
@@ -143,7 +146,8 @@ pub async fn run(plan: Plan) -> Outcome {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
-                let call = &calls[i % calls.len()];
+                let index = i % calls.len();
+                let call = &calls[index];
                 i += 1;
                 let sent = Instant::now();
                 let result = send(c, addr, call).await;
@@ -151,6 +155,9 @@ pub async fn run(plan: Plan) -> Outcome {
                 match result {
                     Some((status, n)) if measured => {
                         requests += 1;
+                        if status == 200 {
+                            served[index] += 1;
+                        }
                         bytes += n;
                         *statuses.entry(status).or_insert(0) += 1;
                         if let Some(h) = hist.as_mut() {
@@ -166,7 +173,7 @@ pub async fn run(plan: Plan) -> Outcome {
                     }
                 }
             }
-            (requests, errors, bytes, statuses, hist)
+            (requests, errors, bytes, statuses, hist, served)
         }));
     }
     let mut out = Outcome {
@@ -178,9 +185,13 @@ pub async fn run(plan: Plan) -> Outcome {
             Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant figures is valid"))
         }),
         bytes: 0,
+        served: vec![0; calls.len()],
     };
     for t in tasks {
-        if let Ok((requests, errors, bytes, statuses, hist)) = t.await {
+        if let Ok((requests, errors, bytes, statuses, hist, served)) = t.await {
+            for (total, n) in out.served.iter_mut().zip(served) {
+                *total += n;
+            }
             out.requests += requests;
             out.errors += errors;
             out.bytes += bytes;

@@ -13,6 +13,7 @@
 
 mod load;
 mod report;
+mod soak;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +48,19 @@ struct Cli {
     /// Where the Markdown and the chart go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Only the sustained run (`make soak`): exits 1 unless every balance is exact, nothing
+    /// was dropped and the stores stayed bounded.
+    #[arg(long)]
+    soak: bool,
+    /// Requests per store for the sustained run.
+    #[arg(long, default_value_t = 1_000_000)]
+    requests: u64,
+    /// Users the sustained run rotates over.
+    #[arg(long, default_value_t = 100)]
+    users: usize,
+    /// The memory store's --max-counters for the sustained run.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_counters: usize,
 }
 
 struct Settings {
@@ -415,14 +429,9 @@ fn accuracy_section() -> Section {
             calls: vec![call],
         });
         let admitted = o.statuses.get(&200).copied().unwrap_or(0);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while envoy.metric("reports.sent") < admitted && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let q =
-            testkit::http::send(svc.port, "GET", "/v1/quota?limit=budget&value=", &[], b"").json();
-        let remaining = q["meters"][0]["remaining"].as_u64().unwrap_or(0);
-        let charged = envoy.metric("tokens_reported");
+        settled(&envoy);
+        let remaining = svc.remaining("budget", "").unwrap_or(0);
+        let charged = 1000 - remaining.min(1000);
         section.push(Row::new(vec![
             label.into(),
             format!("{admitted} of 50"),
@@ -499,13 +508,24 @@ fn after_a_window_boundary(llm: &Service) -> Row {
         calls: vec![call],
     });
     let admitted = o.statuses.get(&200).copied().unwrap_or(0);
+    settled(&envoy);
+    let remaining = svc.remaining("budget", "").unwrap_or(0);
     Row::new(vec![
         "\"max_tokens\", after a window boundary".into(),
         format!("{admitted} of 50"),
         (admitted * 100).to_string(),
-        format!("{} in all", envoy.metric("tokens_reported")),
+        format!("{} (remaining {remaining})", 1000 - remaining.min(1000)),
         format!("{}", (admitted * 100).saturating_sub(1000)),
     ])
+}
+
+/// Waits (at most 10 s) until the plugin's report queue is empty.
+fn settled(envoy: &Envoy) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    std::thread::sleep(Duration::from_millis(200));
+    while envoy.metric("report_queue") > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn mib(bytes: u64) -> String {
@@ -522,6 +542,17 @@ fn verdict(ok: bool) -> &'static str {
 
 fn main() {
     let cli = Cli::parse();
+    if cli.soak {
+        let (section, ok) = soak::section(&soak::Soak {
+            requests: cli.requests,
+            users: cli.users,
+            max_counters: cli.max_counters,
+            connections: cli.connections,
+        });
+        let markdown = report::markdown(&[section], false);
+        println!("{markdown}");
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     let s = if cli.smoke {
         Settings {
             rounds: 1,
@@ -547,6 +578,13 @@ fn main() {
     if !cli.proxy_only {
         sections.push(service_section(&s));
         sections.push(accuracy_section());
+        let (sustained, _) = soak::section(&soak::Soak {
+            requests: if cli.smoke { 2_000 } else { 300_000 },
+            users: 100,
+            max_counters: 1_000,
+            connections: s.connections,
+        });
+        sections.push(sustained);
     }
     let markdown = report::markdown(&sections, cli.smoke);
     println!("{markdown}");

@@ -398,7 +398,11 @@ async fn concurrent_reports_balance_exactly(ctx: &Ctx) {
     let d = ctx.d("conc", "x", &[(1_000_000, 3600)]);
     let mut tasks = Vec::new();
     for i in 0..200u64 {
-        let (limiter, d, id) = (ctx.limiter.clone(), d.clone(), ctx.report_id(&format!("c{i}")));
+        let (limiter, d, id) = (
+            ctx.limiter.clone(),
+            d.clone(),
+            ctx.report_id(&format!("c{i}")),
+        );
         tasks.push(tokio::spawn(async move {
             let req = ReportRequest {
                 reports: vec![Report {
@@ -566,9 +570,20 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
     });
     let r = ctx.limiter.report(&req).await.ok().unwrap();
     let outcomes: Vec<Outcome> = r.results.iter().map(|r| r.outcome).collect();
-    assert_eq!(outcomes, [Outcome::Rejected, Outcome::Applied, Outcome::Rejected]);
-    assert!(r.results[0].error.as_deref().unwrap().contains("reports[0].id"));
-    assert!(r.results[2].error.as_deref().unwrap().contains("reports[2].id"));
+    assert_eq!(
+        outcomes,
+        [Outcome::Rejected, Outcome::Applied, Outcome::Rejected]
+    );
+    assert!(r.results[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("reports[0].id"));
+    assert!(r.results[2]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("reports[2].id"));
     let too_many = ReportRequest {
         reports: vec![req.reports[1].clone(); MAX_REPORTS + 1],
     };

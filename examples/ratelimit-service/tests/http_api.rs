@@ -255,7 +255,10 @@ fn bad_requests_get_json_errors() {
     assert_eq!(r.status, 200, "{}", r.text());
     let results = &r.json()["results"];
     assert_eq!(results[0]["outcome"], "rejected");
-    assert!(results[0]["error"].as_str().unwrap().contains("reports[0].id"));
+    assert!(results[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("reports[0].id"));
     assert_eq!(results[1]["outcome"], "applied");
     // Still serving after all of that.
     assert_eq!(send(s.port, "GET", "/healthz", &[], b"").status, 200);

@@ -118,6 +118,31 @@ pub fn bootstrap(plugin_config: &str, clusters: &[Value], wasm: &Path, listen: &
     })
 }
 
+/// The same configuration with its listener served from a file (LDS), on `port`, so a test
+/// can change the plugin configuration while Envoy runs ([`Envoy::reconfigure`]).
+fn dynamic_bootstrap(static_config: &Value, lds_path: &Path, port: u16) -> (Value, Value) {
+    let mut config = static_config.clone();
+    let mut listener = config["static_resources"]["listeners"][0].take();
+    listener["address"]["socket_address"]["port_value"] = json!(port);
+    listener["@type"] = json!("type.googleapis.com/envoy.config.listener.v3.Listener");
+    if let Some(s) = config["static_resources"].as_object_mut() {
+        s.remove("listeners");
+    }
+    config["node"] = json!({"id": "llm-token-ratelimit-test", "cluster": "test"});
+    config["dynamic_resources"] = json!({
+        "lds_config": {"path_config_source": {"path": lds_path.display().to_string()}, "resource_api_version": "V3"}
+    });
+    (config, listener)
+}
+
+fn write_lds(path: &Path, listener: &Value, version: u64) {
+    let tmp = path.with_extension("tmp");
+    let body = json!({"version_info": version.to_string(), "resources": [listener]});
+    std::fs::write(&tmp, body.to_string()).unwrap();
+    // A rename is what Envoy's file watch sees as one complete update.
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 /// Runs `envoy --mode validate` on a bootstrap file (YAML or JSON); `Err` carries the output.
 /// Validation loads the plugin and runs its configuration check too.
 pub fn validate(config_path: &Path) -> Result<(), String> {
@@ -184,9 +209,61 @@ impl Envoy {
             .unwrap_or_else(|log| panic!("Envoy did not start:\n{log}"))
     }
 
+    /// Starts Envoy with its listener (and so the plugin configuration) served from a file,
+    /// for [`Envoy::reconfigure`].
+    pub fn start_reconfigurable(plugin_config: &Value, clusters: &[Value]) -> Envoy {
+        let dir = TempDir::new("envoy-lds");
+        let lds = dir.0.join("lds.json");
+        let port = crate::free_port();
+        let config = bootstrap(
+            &plugin_config.to_string(),
+            clusters,
+            &plugin_wasm(),
+            "127.0.0.1",
+        );
+        let (config, listener) = dynamic_bootstrap(&config, &lds, port);
+        write_lds(&lds, &listener, 1);
+        let mut envoy = Envoy::start_in(dir, &config)
+            .unwrap_or_else(|log| panic!("Envoy did not start:\n{log}"));
+        envoy.port = port;
+        envoy
+    }
+
+    /// Replaces the plugin configuration of an Envoy from [`Envoy::start_reconfigurable`]
+    /// and waits until Envoy has taken it (a new root context in the plugin's VM).
+    pub fn reconfigure(&self, plugin_config: &Value) {
+        let lds = self.dir.0.join("lds.json");
+        let current: Value = serde_json::from_str(&std::fs::read_to_string(&lds).unwrap()).unwrap();
+        let version: u64 = current["version_info"].as_str().unwrap().parse().unwrap();
+        let mut listener = current["resources"][0].clone();
+        let wasm = &mut listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+            [0]["typed_config"]["config"]["configuration"]["value"];
+        *wasm = json!(plugin_config.to_string());
+        let updated = |e: &Envoy| {
+            http::stats(e.admin, "listener_manager.lds.update_success")
+                .get("listener_manager.lds.update_success")
+                .copied()
+                .unwrap_or(0)
+        };
+        let before = updated(self);
+        write_lds(&lds, &listener, version + 1);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while updated(self) <= before {
+            assert!(
+                Instant::now() < deadline,
+                "Envoy did not take the new configuration:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts Envoy with a whole bootstrap configuration.
     pub fn try_start_bootstrap(config: &Value) -> Result<Envoy, String> {
-        let dir = TempDir::new("envoy");
+        Envoy::start_in(TempDir::new("envoy"), config)
+    }
+
+    fn start_in(dir: TempDir, config: &Value) -> Result<Envoy, String> {
         let config_path = dir.0.join("envoy.json");
         std::fs::write(&config_path, config.to_string()).unwrap();
         let log_path = dir.0.join("envoy.log");
@@ -204,6 +281,8 @@ impl Envoy {
             .args(["--component-log-level", "wasm:info"])
             // Logs reach the file within a fifth of a second (the default is 10 s).
             .args(["--file-flush-interval-msec", "200"])
+            // A replaced listener configuration drains for a second, not ten minutes.
+            .args(["--drain-time-s", "1", "--drain-strategy", "immediate"])
             .arg("--log-path")
             .arg(&log_path)
             .arg("--admin-address-path")

@@ -345,7 +345,10 @@ mod tests {
         };
         for seq in 1..=50_000 {
             let id = SeqId { source: 7, seq };
-            assert_eq!(store.settle(Some(id), &[plan("x")], &charge, Some(0)), Applied::Yes);
+            assert_eq!(
+                store.settle(Some(id), &[plan("x")], &charge, Some(0)),
+                Applied::Yes
+            );
         }
         let last = SeqId {
             source: 7,
@@ -358,7 +361,12 @@ mod tests {
         assert_eq!(store.len(), 1);
         assert_eq!(store.sources(), 1);
         assert_eq!(
-            store.settle(Some(SeqId { source: 7, seq: 1 }), &[plan("x")], &charge, Some(0)),
+            store.settle(
+                Some(SeqId { source: 7, seq: 1 }),
+                &[plan("x")],
+                &charge,
+                Some(0)
+            ),
             Applied::Stale
         );
     }

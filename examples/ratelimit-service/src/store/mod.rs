@@ -95,7 +95,7 @@ impl Store {
         settlement: &Settlement,
         now: Option<i64>,
     ) -> Result<Applied, StoreError> {
-        if plans.is_empty() {
+        if plans.is_empty() && id.is_none() {
             // Nothing is limited (service-owned limits no rule matches): nothing to charge.
             return Ok(Applied::Yes);
         }

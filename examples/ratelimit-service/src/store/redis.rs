@@ -215,8 +215,9 @@ impl RedisStore {
     /// per counter in a cluster.
     fn groups<'p>(&self, plans: &'p [Plan]) -> Vec<&'p [Plan]> {
         match self.target {
-            RedisTarget::Single(_) => vec![plans],
-            RedisTarget::Cluster(_) => plans.chunks(1).collect(),
+            RedisTarget::Cluster(_) if !plans.is_empty() => plans.chunks(1).collect(),
+            // A report with nothing to charge still has its id remembered.
+            _ => vec![plans],
         }
     }
 
@@ -312,8 +313,9 @@ impl RedisStore {
         let groups = self.groups(plans);
         let calls = groups.iter().map(|group| {
             let mut keys: Vec<String> = group.iter().map(|p| p.id.storage_key()).collect();
-            if let (Some(id), Some(first)) = (id, keys.first()) {
-                keys.extend(self.report_ring_keys(id.source, first));
+            if let Some(id) = id {
+                let ring = self.report_ring_keys(id.source, keys.first().map(String::as_str));
+                keys.extend(ring);
             }
             let refund = (settlement.refund, settlement.refund_at);
             let args = Self::args(
@@ -340,13 +342,13 @@ impl RedisStore {
     /// The keys of a source's report ring: one per source on a single server; in a cluster one
     /// per source and counter, in the counter's slot (a script touches one slot), so each
     /// counter applies a report exactly once on its own.
-    fn report_ring_keys(&self, source: u64, first_counter: &str) -> [String; 2] {
-        let prefix = match self.target {
-            RedisTarget::Single(_) => format!("ltr:{{src:{source:016x}}}"),
-            RedisTarget::Cluster(_) => {
-                let tag_end = first_counter.find('}').map_or(0, |i| i + 1);
-                format!("{}:src:{source:016x}", &first_counter[..tag_end])
+    fn report_ring_keys(&self, source: u64, first_counter: Option<&str>) -> [String; 2] {
+        let prefix = match (&self.target, first_counter) {
+            (RedisTarget::Cluster(_), Some(counter)) => {
+                let tag_end = counter.find('}').map_or(0, |i| i + 1);
+                format!("{}:src:{source:016x}", &counter[..tag_end])
             }
+            _ => format!("ltr:{{src:{source:016x}}}"),
         };
         [format!("{prefix}:rep"), format!("{prefix}:rephigh")]
     }

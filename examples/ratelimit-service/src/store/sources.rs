@@ -228,12 +228,20 @@ mod tests {
         let mut r = Ring::new(wire::REPORT_WINDOW, 1);
         assert_eq!(r.first_time(10), Dedup::First);
         assert_eq!(r.first_time(10), Dedup::Duplicate);
-        assert_eq!(r.first_time(3), Dedup::First, "out of order within the window");
+        assert_eq!(
+            r.first_time(3),
+            Dedup::First,
+            "out of order within the window"
+        );
         assert_eq!(r.first_time(3), Dedup::Duplicate);
         let later = 10 + wire::REPORT_WINDOW;
         assert_eq!(r.first_time(later), Dedup::First);
         assert_eq!(r.first_time(10), Dedup::Stale);
-        assert_eq!(r.first_time(11), Dedup::First, "the slot of 11 was never used");
+        assert_eq!(
+            r.first_time(11),
+            Dedup::First,
+            "the slot of 11 was never used"
+        );
         assert_eq!(r.first_time(later + 1), Dedup::First);
     }
 }
