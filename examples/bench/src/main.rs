@@ -351,7 +351,7 @@ fn service_section(s: &Settings) -> Section {
                 Call::post_json(
                     "/v1/report",
                     &[],
-                    &json!({"reports": [{"id": format!("{:016x}-{}", if store == "memory" { 1 } else { 2 }, i + 1), "descriptors": [{"limit": "bench", "value": format!("user-{}", i % 1000), "rates": [{"tokens": 1_000_000_000_000u64, "window_s": 3600}]}], "tokens": 26, "reserved": 0}]}),
+                    &json!({"reports": [{"id": format!("{:016x}-{}", i % 16, i / 16 + 1), "descriptors": [{"limit": "bench", "value": format!("user-{}", i % 1000), "rates": [{"tokens": 1_000_000_000_000u64, "window_s": 3600}]}], "tokens": 26, "reserved": 0}]}),
                 )
             })
             .collect();
@@ -379,7 +379,7 @@ fn service_section(s: &Settings) -> Section {
         }
     }
     section.note(
-        "Reports carry unique ids (20,000 per store, then they repeat and count as duplicates)."
+        "Reports carry unique ids (20,000 per store from 16 plugin VMs, then they repeat and count as duplicates)."
             .into(),
     );
     section

@@ -371,3 +371,46 @@ fn rules_file() {
     assert_eq!(r["limits"][0]["tokens"], 1000, "{r}");
     assert_eq!(r["limits"][0]["window_s"], 60);
 }
+
+/// A client rotating a key value (a header it controls) floods a small memory store with new
+/// counters: every check is still answered, and a budget in use stays spent throughout.
+#[test]
+fn a_flood_of_new_keys_never_switches_limiting_off() {
+    // 640 counters in 64 shards: ten each, so 5,000 new keys force evictions everywhere.
+    let s = start(&["--max-counters", "640"], &[]);
+    let check = |value: &str| {
+        let d = json!({"limit": "per-user", "value": value, "rates": [{"tokens": 100, "window_s": 3600}]});
+        let r = http::post_json(s.port, "/v1/check", &[], &json!({"descriptors": [d]}));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["allowed"].as_bool().unwrap()
+    };
+    let spend = json!({"reports": [{"id": "00000000000000f1-1", "descriptors": [
+        {"limit": "per-user", "value": "alice", "rates": [{"tokens": 100, "window_s": 3600}]}], "tokens": 100}]});
+    assert_eq!(
+        http::post_json(s.port, "/v1/report", &[], &spend).json()["accepted"],
+        1
+    );
+    assert!(!check("alice"));
+    for i in 0..5_000 {
+        assert!(
+            check(&format!("flood-{i}")),
+            "a new key starts with its budget"
+        );
+        if i % 20 == 0 {
+            assert!(
+                !check("alice"),
+                "alice's spent budget stays spent (flood key {i})"
+            );
+        }
+    }
+    let metrics = send(s.port, "GET", "/metrics", &[], b"").text();
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap()
+    };
+    assert!(gauge("ratelimit_memory_counters") <= 640.0, "{metrics}");
+    assert!(gauge("ratelimit_memory_evictions_total") > 0.0, "{metrics}");
+}
