@@ -149,14 +149,7 @@ fn a_report_that_can_never_be_applied_delays_nobody() {
         if is_report && String::from_utf8_lossy(&req.body).contains("poison") {
             return reply(400, "application/json", r#"{"error":"poisoned"}"#);
         }
-        let r = http::send(
-            real_port,
-            &req.method,
-            &req.path,
-            &[("content-type", "application/json")],
-            &req.body,
-        );
-        reply(r.status, "application/json", r.body)
+        http::forward(real_port, req)
     });
     let e = Envoy::start(
         &config(json!({})),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use testkit::envoy::{cluster, Envoy};
-use testkit::http::{self, json_reply, reply, Behaviour, Server};
+use testkit::http::{self, json_reply, Behaviour, Server};
 use testkit::redis::RedisServer;
 use testkit::service::Service;
 
@@ -270,14 +270,7 @@ fn slow_checks(service: u16, check_delay: Duration) -> Server {
         if req.path == "/v1/check" {
             std::thread::sleep(check_delay);
         }
-        let r = http::send(
-            service,
-            &req.method,
-            &req.path,
-            &[("content-type", "application/json")],
-            &req.body,
-        );
-        reply(r.status, "application/json", r.body)
+        http::forward(service, req)
     })
 }
 

@@ -411,34 +411,7 @@ fn accuracy_section() -> Section {
                 cluster("upstream", llm.port),
             ],
         );
-        let call = Call::post_json(
-            "/v1/chat/completions",
-            &[
-                ("x-mock-prompt-tokens", "0"),
-                ("x-mock-completion-tokens", "100"),
-                ("x-mock-latency-ms", "300"),
-            ],
-            &json!({"model": "bench", "max_tokens": 100}),
-        );
-        let o = run(Plan {
-            addr: addr(envoy.port),
-            connections: 50,
-            duration: None,
-            total: Some(50),
-            warmup: Duration::ZERO,
-            calls: vec![call],
-        });
-        let admitted = o.statuses.get(&200).copied().unwrap_or(0);
-        settled(&envoy);
-        let remaining = svc.remaining("budget", "").unwrap_or(0);
-        let charged = 1000 - remaining.min(1000);
-        section.push(Row::new(vec![
-            label.into(),
-            format!("{admitted} of 50"),
-            (admitted * 100).to_string(),
-            format!("{charged} (remaining {remaining})"),
-            format!("{}", (admitted * 100).saturating_sub(1000)),
-        ]));
+        section.push(fifty_requests(&envoy, &svc, label, "300"));
     }
     section.push(after_a_window_boundary(&llm));
     section.note("Without a reservation every request that finds budget left is admitted before any usage is known; with `reserve: max_tokens` the budget is taken at admission.".into());
@@ -491,11 +464,18 @@ fn after_a_window_boundary(llm: &Service) -> Row {
     std::thread::sleep(Duration::from_millis(
         (WINDOW_MS + 2900 - now() % WINDOW_MS) % WINDOW_MS,
     ));
+    fifty_requests(&envoy, &svc, "\"max_tokens\", after a window boundary", "0")
+}
+
+/// 50 concurrent requests of 100 tokens (answered after `latency_ms`) on the 1,000-token
+/// budget: the row of the accuracy table, once every report has landed.
+fn fifty_requests(envoy: &Envoy, svc: &Service, label: &str, latency_ms: &str) -> Row {
     let call = Call::post_json(
         "/v1/chat/completions",
         &[
             ("x-mock-prompt-tokens", "0"),
             ("x-mock-completion-tokens", "100"),
+            ("x-mock-latency-ms", latency_ms),
         ],
         &json!({"model": "bench", "max_tokens": 100}),
     );
@@ -508,10 +488,10 @@ fn after_a_window_boundary(llm: &Service) -> Row {
         calls: vec![call],
     });
     let admitted = o.statuses.get(&200).copied().unwrap_or(0);
-    settled(&envoy);
+    settled(envoy);
     let remaining = svc.remaining("budget", "").unwrap_or(0);
     Row::new(vec![
-        "\"max_tokens\", after a window boundary".into(),
+        label.into(),
         format!("{admitted} of 50"),
         (admitted * 100).to_string(),
         format!("{} (remaining {remaining})", 1000 - remaining.min(1000)),

@@ -79,6 +79,19 @@ pub fn json_reply(status: u16, value: serde_json::Value) -> Behaviour {
     reply(status, "application/json", value.to_string())
 }
 
+/// Relays `req` to the JSON server on `port` and answers what it answered: a stand-in that
+/// sits in front of the real service to delay or refuse some of its traffic.
+pub fn forward(port: u16, req: &Request) -> Behaviour {
+    let r = send(
+        port,
+        &req.method,
+        &req.path,
+        &[("content-type", "application/json")],
+        &req.body,
+    );
+    reply(r.status, "application/json", r.body)
+}
+
 type Handler = Arc<dyn Fn(&Request) -> Behaviour + Send + Sync>;
 
 /// A server on an ephemeral loopback port, stopped when dropped.
