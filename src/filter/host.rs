@@ -1,10 +1,12 @@
-//! Host calls the adapter needs, wrapped so that a failing host call is a value, never a panic
-//! (the SDK's trait helpers `unwrap` internally).
+//! What the shell asks of Envoy, as one trait: [`Host`]. [`Envoy`] implements it with the
+//! proxy-wasm host calls, wrapped so that a failing host call is a value, never a panic (the
+//! SDK's trait helpers `unwrap` internally); the shell's native tests implement it with a fake
+//! (`filter::fake`), so the HTTP and root contexts run without a proxy.
 
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, Status};
+use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 
 use crate::config::ServiceConfig;
 use crate::protocol::{Call, Outbound};
@@ -12,50 +14,62 @@ use crate::reply::Reply;
 use crate::rls;
 
 /// The most of a check answer the plugin reads; a decision is a few hundred bytes.
-const MAX_CALL_BODY: usize = 64 * 1024;
+pub const MAX_CALL_BODY: usize = 64 * 1024;
 
 /// The most of a response body read into the VM at once: a large chunk is read in slices so
 /// that the plugin's memory does not grow with Envoy's buffer sizes.
-const BODY_SLICE: usize = 64 * 1024;
+pub const BODY_SLICE: usize = 64 * 1024;
 
-pub fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
+/// Everything the shell asks of the proxy.
+pub trait Host {
+    fn request_header(&self, name: &str) -> Option<String>;
+    fn request_headers(&self) -> Vec<(String, String)>;
+    fn request_body(&self, size: usize) -> Option<Vec<u8>>;
+    fn remove_request_header(&self, name: &str);
+    /// Replaces the buffered request body (`size` bytes) with `body`.
+    fn set_request_body(&self, size: usize, body: &[u8]) -> bool;
+    fn response_header(&self, name: &str) -> Option<String>;
+    fn set_response_header(&self, name: &str, value: &str);
+    /// Bytes `offset..offset + len` of the current response body chunk.
+    fn response_body(&self, offset: usize, len: usize) -> Option<Vec<u8>>;
+    fn property(&self, path: &[&str]) -> Option<String>;
+    fn plugin_configuration(&self, size: usize) -> Option<Vec<u8>>;
+    /// Milliseconds since the epoch by the host's clock (0 if it cannot tell).
+    fn now_ms(&self) -> u64;
+    /// Asks for the root context's `on_tick` after `ms` (0 stops the ticks). Called from an
+    /// HTTP context it still sets its root context's timer.
+    fn set_tick_ms(&self, ms: u64);
+    /// A random number, to make ids unique across VMs and restarts.
+    fn random_seed(&self) -> u64;
+    /// The VM's linear memory in bytes.
+    fn vm_memory_bytes(&self) -> u64;
+    /// Sends a check or a report to `service`; the callout's token.
+    fn dispatch(
+        &self,
+        service: &ServiceConfig,
+        outbound: &Outbound,
+        timeout_ms: u64,
+    ) -> Result<u32, Status>;
+    /// The answer's `:status`, or `None` when the call ended without response headers.
+    fn call_status(&self, num_headers: usize) -> Option<u32>;
+    fn call_body(&self, size: usize) -> Vec<u8>;
+    fn grpc_body(&self, size: usize) -> Vec<u8>;
+    fn send_reply(&self, reply: &Reply);
+    fn resume_request(&self);
+    /// The current (root) context has finished what it delayed in `on_done`.
+    fn done(&self);
+    fn define_metric(&self, kind: MetricType, name: &str) -> Option<u32>;
+    fn add_to_metric(&self, id: u32, n: i64);
+    fn set_metric(&self, id: u32, value: u64);
 }
 
-pub fn request_headers() -> Vec<(String, String)> {
-    hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
-}
-
-pub fn request_body(size: usize) -> Option<Vec<u8>> {
-    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
-        .ok()
-        .flatten()
-}
-
-pub fn remove_request_header(name: &str) {
-    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
-}
-
-/// Replaces the buffered request body (`size` bytes) with `body`.
-pub fn set_request_body(size: usize, body: &[u8]) -> bool {
-    hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body).is_ok()
-}
-
-pub fn response_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
-        .ok()
-        .flatten()
-}
-
-/// Hands the current response body chunk (`size` bytes) to `f`, a bounded slice at a time.
-pub fn response_body_slices(size: usize, mut f: impl FnMut(&[u8])) {
+/// The current response body chunk (`size` bytes) handed to `f` a bounded slice at a time.
+pub fn response_body_slices(host: &dyn Host, size: usize, mut f: impl FnMut(&[u8])) {
     let mut offset = 0;
     while offset < size {
         let want = (size - offset).min(BODY_SLICE);
-        match hostcalls::get_buffer(BufferType::HttpResponseBody, offset, want) {
-            Ok(Some(bytes)) if !bytes.is_empty() => {
+        match host.response_body(offset, want) {
+            Some(bytes) if !bytes.is_empty() => {
                 offset += bytes.len();
                 f(&bytes);
             }
@@ -64,55 +78,10 @@ pub fn response_body_slices(size: usize, mut f: impl FnMut(&[u8])) {
     }
 }
 
-/// Milliseconds since the epoch by the host's clock (0 if it cannot tell).
-pub fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64)
-}
+/// Envoy, through the proxy-wasm host calls.
+pub struct Envoy;
 
-/// Asks for the root context's `on_tick` after `ms` (0 stops the ticks). Called from an HTTP
-/// context it still sets its root context's timer.
-pub fn set_tick_ms(ms: u64) {
-    if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(ms)) {
-        log::warn!("could not set the tick period: {status:?}");
-    }
-}
-
-/// A random number from the host (WASI `random_get` through std's hasher keys), mixed with
-/// the time, to make report ids unique across VMs and restarts.
-pub fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now_ms());
-    h.finish()
-}
-
-/// The VM's linear memory in bytes.
-pub fn vm_memory_bytes() -> u64 {
-    #[cfg(target_arch = "wasm32")]
-    {
-        core::arch::wasm32::memory_size(0) as u64 * 65536
-    }
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        0
-    }
-}
-
-pub fn property(path: &[&str]) -> Option<String> {
-    let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
-    String::from_utf8(bytes).ok()
-}
-
-pub fn plugin_configuration(size: usize) -> Option<Vec<u8>> {
-    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
-        .ok()
-        .flatten()
-}
-
-pub fn dispatch(
+fn dispatch_http(
     cluster: &str,
     authority: &str,
     call: &Call,
@@ -135,74 +104,168 @@ pub fn dispatch(
     )
 }
 
-/// Sends a check or a report to `service`.
-pub fn dispatch_outbound(
-    service: &ServiceConfig,
-    outbound: &Outbound,
-    timeout_ms: u64,
-) -> Result<u32, Status> {
-    match outbound {
-        Outbound::Http(call) => dispatch(&service.cluster, &service.authority, call, timeout_ms),
-        Outbound::Grpc(message) => hostcalls::dispatch_grpc_call(
-            &service.cluster,
-            rls::SERVICE,
-            rls::METHOD,
-            Vec::new(),
-            Some(message),
-            Duration::from_millis(timeout_ms),
-        ),
-    }
+fn buffer(kind: BufferType, offset: usize, size: usize) -> Option<Vec<u8>> {
+    hostcalls::get_buffer(kind, offset, size).ok().flatten()
 }
 
-/// The body of a gRPC callout's answer.
-pub fn grpc_body(size: usize) -> Vec<u8> {
-    if size == 0 {
-        return Vec::new();
+impl Host for Envoy {
+    fn request_header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten()
     }
-    hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size.min(MAX_CALL_BODY))
-        .ok()
-        .flatten()
-        .unwrap_or_default()
-}
 
-/// The request's `:status`, or `None` when it ended without response headers.
-pub fn call_status(num_headers: usize) -> Option<u32> {
-    if num_headers == 0 {
-        return None;
+    fn request_headers(&self) -> Vec<(String, String)> {
+        hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
     }
-    hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .and_then(|s| s.parse().ok())
-}
 
-pub fn call_body(size: usize) -> Vec<u8> {
-    if size == 0 {
-        return Vec::new();
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        buffer(BufferType::HttpRequestBody, 0, size)
     }
-    hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size.min(MAX_CALL_BODY))
-        .ok()
-        .flatten()
-        .unwrap_or_default()
-}
 
-pub fn send_reply(reply: &Reply) {
-    let headers: Vec<(&str, &str)> = reply
-        .headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    if let Err(status) = hostcalls::send_http_response(reply.status, headers, Some(&reply.body)) {
-        log::error!("could not send the local reply: {status:?}");
+    fn remove_request_header(&self, name: &str) {
+        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
     }
-}
 
-pub fn resume_request() {
-    if let Err(status) = hostcalls::resume_http_request() {
-        log::warn!("could not resume the request: {status:?}");
+    fn set_request_body(&self, size: usize, body: &[u8]) -> bool {
+        hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body).is_ok()
     }
-}
 
-pub fn set_response_header(name: &str, value: &str) {
-    let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+    fn response_header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
+            .ok()
+            .flatten()
+    }
+
+    fn set_response_header(&self, name: &str, value: &str) {
+        let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+    }
+
+    fn response_body(&self, offset: usize, len: usize) -> Option<Vec<u8>> {
+        buffer(BufferType::HttpResponseBody, offset, len)
+    }
+
+    fn property(&self, path: &[&str]) -> Option<String> {
+        let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
+        String::from_utf8(bytes).ok()
+    }
+
+    fn plugin_configuration(&self, size: usize) -> Option<Vec<u8>> {
+        buffer(BufferType::PluginConfiguration, 0, size)
+    }
+
+    fn now_ms(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn set_tick_ms(&self, ms: u64) {
+        if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(ms)) {
+            log::warn!("could not set the tick period: {status:?}");
+        }
+    }
+
+    /// WASI `random_get` through std's hasher keys, mixed with the time.
+    fn random_seed(&self) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(self.now_ms());
+        h.finish()
+    }
+
+    fn vm_memory_bytes(&self) -> u64 {
+        #[cfg(target_arch = "wasm32")]
+        {
+            core::arch::wasm32::memory_size(0) as u64 * 65536
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            0
+        }
+    }
+
+    fn dispatch(
+        &self,
+        service: &ServiceConfig,
+        outbound: &Outbound,
+        timeout_ms: u64,
+    ) -> Result<u32, Status> {
+        match outbound {
+            Outbound::Http(call) => {
+                dispatch_http(&service.cluster, &service.authority, call, timeout_ms)
+            }
+            Outbound::Grpc(message) => hostcalls::dispatch_grpc_call(
+                &service.cluster,
+                rls::SERVICE,
+                rls::METHOD,
+                Vec::new(),
+                Some(message),
+                Duration::from_millis(timeout_ms),
+            ),
+        }
+    }
+
+    fn call_status(&self, num_headers: usize) -> Option<u32> {
+        if num_headers == 0 {
+            return None;
+        }
+        hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse().ok())
+    }
+
+    fn call_body(&self, size: usize) -> Vec<u8> {
+        if size == 0 {
+            return Vec::new();
+        }
+        buffer(BufferType::HttpCallResponseBody, 0, size.min(MAX_CALL_BODY)).unwrap_or_default()
+    }
+
+    fn grpc_body(&self, size: usize) -> Vec<u8> {
+        if size == 0 {
+            return Vec::new();
+        }
+        buffer(BufferType::GrpcReceiveBuffer, 0, size.min(MAX_CALL_BODY)).unwrap_or_default()
+    }
+
+    fn send_reply(&self, reply: &Reply) {
+        let headers: Vec<(&str, &str)> = reply
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        if let Err(status) = hostcalls::send_http_response(reply.status, headers, Some(&reply.body))
+        {
+            log::error!("could not send the local reply: {status:?}");
+        }
+    }
+
+    fn resume_request(&self) {
+        if let Err(status) = hostcalls::resume_http_request() {
+            log::warn!("could not resume the request: {status:?}");
+        }
+    }
+
+    fn done(&self) {
+        if let Err(status) = hostcalls::done() {
+            log::warn!("could not finish the root context: {status:?}");
+        }
+    }
+
+    fn define_metric(&self, kind: MetricType, name: &str) -> Option<u32> {
+        hostcalls::define_metric(kind, name)
+            .inspect_err(|status| log::warn!("could not define metric {name}: {status:?}"))
+            .ok()
+    }
+
+    fn add_to_metric(&self, id: u32, n: i64) {
+        let _ = hostcalls::increment_metric(id, n);
+    }
+
+    fn set_metric(&self, id: u32, value: u64) {
+        let _ = hostcalls::record_metric(id, value);
+    }
 }

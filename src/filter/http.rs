@@ -6,7 +6,7 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use super::host;
+use super::host::{response_body_slices, Host};
 use super::root::Shared;
 use crate::config::{Config, FailureMode, Protocol, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};
@@ -21,40 +21,46 @@ use crate::reserve::reserve;
 use crate::usage::{settle, Charge, Observed, UsageScanner};
 
 /// Envoy attributes, read through the host on demand.
-struct EnvoyProperties;
+struct HostProperties<'h>(&'h dyn Host);
 
-impl Properties for EnvoyProperties {
+impl Properties for HostProperties<'_> {
     fn property(&self, path: &[&str]) -> Option<String> {
-        host::property(path)
+        self.0.property(path)
     }
 }
 
 /// What a Higress-style scope looks at, read only when a scope asks.
-struct EnvoyScope;
+struct HostScope<'h>(&'h dyn Host);
 
-impl ScopeFacts for EnvoyScope {
+impl ScopeFacts for HostScope<'_> {
     fn route(&mut self) -> Option<String> {
-        host::property(&["xds", "route_name"]).filter(|r| !r.is_empty())
+        self.0
+            .property(&["xds", "route_name"])
+            .filter(|r| !r.is_empty())
     }
 
     fn host(&mut self) -> Option<String> {
-        host::request_header(":authority").map(|a| crate::matcher::normalize_host(&a))
+        self.0
+            .request_header(":authority")
+            .map(|a| crate::matcher::normalize_host(&a))
     }
 
     fn cluster(&mut self) -> Option<String> {
-        host::property(&["xds", "cluster_name"]).filter(|c| !c.is_empty())
+        self.0
+            .property(&["xds", "cluster_name"])
+            .filter(|c| !c.is_empty())
     }
 }
 
 /// Whether the request is selected by `matches`, reading only the headers they need.
-fn selected(config: &Config) -> bool {
+fn selected(host: &dyn Host, config: &Config) -> bool {
     if config.matches.is_empty() {
         return true;
     }
     let probe: Vec<(String, String)> = config
         .match_headers()
         .iter()
-        .filter_map(|name| host::request_header(name).map(|v| (name.clone(), v)))
+        .filter_map(|name| host.request_header(name).map(|v| (name.clone(), v)))
         .collect();
     any_matches(&config.matches, &HeaderList(&probe))
 }
@@ -67,8 +73,8 @@ enum State {
         headers: Vec<(String, String)>,
         inject: bool,
     },
-    /// The check is in flight; the request is paused.
-    Checking { spend: Spend },
+    /// The check (callout `token`) is in flight; the request is paused.
+    Checking { spend: Spend, token: u32 },
     /// Admitted (by the service, or by `failure_mode: allow`): its usage is charged.
     Admitted {
         spend: Spend,
@@ -119,6 +125,7 @@ struct Response {
 }
 
 pub struct Http {
+    host: Rc<dyn Host>,
     shared: Option<Rc<Shared>>,
     /// The policy chosen for this request (`Plugin::policies`).
     policy: usize,
@@ -128,8 +135,9 @@ pub struct Http {
 }
 
 impl Http {
-    pub fn new(shared: Option<Rc<Shared>>) -> Http {
+    pub fn new(host: Rc<dyn Host>, shared: Option<Rc<Shared>>) -> Http {
         Http {
+            host,
             shared,
             policy: 0,
             state: State::Passthrough,
@@ -153,7 +161,7 @@ impl Http {
             body,
             client_ip: &config.client_ip,
             consumer_header: &config.consumer_header,
-            properties: &EnvoyProperties,
+            properties: &HostProperties(self.host.as_ref()),
         };
         let descriptors = descriptors(&config.limits, &view);
         if descriptors.is_empty() {
@@ -186,9 +194,12 @@ impl Http {
             id,
             release: false,
         };
-        match host::dispatch_outbound(&config.service, &call, config.service.timeout_ms) {
-            Ok(_) => {
-                self.state = State::Checking { spend };
+        match self
+            .host
+            .dispatch(&config.service, &call, config.service.timeout_ms)
+        {
+            Ok(token) => {
+                self.state = State::Checking { spend, token };
                 Action::Pause
             }
             Err(status) => {
@@ -237,7 +248,7 @@ impl Http {
                 if mode.is_some() {
                     shared.metrics.failure_mode_denied.inc();
                 }
-                host::send_reply(&reply::unavailable(config));
+                self.host.send_reply(&reply::unavailable(config));
                 release_unsettled(shared, spend);
                 self.state = State::Passthrough;
                 Action::Pause
@@ -270,23 +281,39 @@ fn submit(shared: &Shared, spent: Option<Spent>) {
 impl Context for Http {
     fn on_http_call_response(
         &mut self,
-        _token: u32,
+        token: u32,
         num_headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
-        let status = host::call_status(num_headers);
-        let body = host::call_body(body_size);
-        self.checked(status, &body);
+        if self.awaits(token) {
+            let status = self.host.call_status(num_headers);
+            let body = self.host.call_body(body_size);
+            self.checked(status, &body);
+        }
     }
 
-    fn on_grpc_call_response(&mut self, _token: u32, status_code: u32, response_size: usize) {
-        let body = host::grpc_body(response_size);
-        self.checked(Some(status_code), &body);
+    fn on_grpc_call_response(&mut self, token: u32, status_code: u32, response_size: usize) {
+        if self.awaits(token) {
+            let body = self.host.grpc_body(response_size);
+            self.checked(Some(status_code), &body);
+        }
     }
 }
 
 impl Http {
+    /// Whether callout `token` is this stream's check; an answer for any other is ignored and
+    /// counted.
+    fn awaits(&self, token: u32) -> bool {
+        let ours = matches!(self.state, State::Checking { token: t, .. } if t == token);
+        if !ours {
+            if let Some(shared) = &self.shared {
+                shared.metrics.callouts_unknown.inc();
+            }
+        }
+        ours
+    }
+
     /// The check's answer arrived (`status`: HTTP, or gRPC for `envoy-rls`).
     fn checked(&mut self, status: Option<u32>, body: &[u8]) {
         let Some(shared) = self.shared.clone() else {
@@ -295,7 +322,7 @@ impl Http {
         let Some(config) = shared.plugin.config(self.policy) else {
             return;
         };
-        let State::Checking { spend } = std::mem::replace(&mut self.state, State::Passthrough)
+        let State::Checking { spend, .. } = std::mem::replace(&mut self.state, State::Passthrough)
         else {
             return;
         };
@@ -314,7 +341,7 @@ impl Http {
             }
             Ok(verdict) => {
                 shared.metrics.checks_denied.inc();
-                host::send_reply(&reply::denied(config, &verdict));
+                self.host.send_reply(&reply::denied(config, &verdict));
                 Action::Pause
             }
             Err(CheckFailure::Rejected) => {
@@ -333,7 +360,7 @@ impl Http {
             }
         };
         if action == Action::Continue {
-            host::resume_request();
+            self.host.resume_request();
         }
     }
 }
@@ -343,27 +370,27 @@ impl HttpContext for Http {
         let Some(shared) = self.shared.clone() else {
             return Action::Continue;
         };
-        let Some(policy) = shared.plugin.select(&mut EnvoyScope) else {
+        let Some(policy) = shared.plugin.select(&mut HostScope(self.host.as_ref())) else {
             return Action::Continue;
         };
         self.policy = policy;
         let Some(config) = shared.plugin.config(policy) else {
             return Action::Continue;
         };
-        if !selected(config) {
+        if !selected(self.host.as_ref(), config) {
             return Action::Continue;
         }
-        let headers = host::request_headers();
+        let headers = self.host.request_headers();
         let view = RequestView {
             headers: &headers,
             body: None,
             client_ip: &config.client_ip,
             consumer_header: &config.consumer_header,
-            properties: &EnvoyProperties,
+            properties: &HostProperties(self.host.as_ref()),
         };
         shared.metrics.requests_matched.inc();
         // Usage must be readable in the response.
-        host::remove_request_header("accept-encoding");
+        self.host.remove_request_header("accept-encoding");
         self.request_bytes = view
             .header("content-length")
             .and_then(|v| v.trim().parse().ok());
@@ -373,7 +400,7 @@ impl HttpContext for Http {
         if (config.needs_request_body() || inject) && !end_of_stream {
             if inject {
                 // The body may grow; the upstream then gets it chunked.
-                host::remove_request_header("content-length");
+                self.host.remove_request_header("content-length");
             }
             // Pausing here would stop Envoy's body callbacks; the body is held back instead.
             self.state = State::AwaitingBody { headers, inject };
@@ -406,7 +433,7 @@ impl HttpContext for Http {
         let body = if too_large {
             None
         } else {
-            host::request_body(body_size)
+            self.host.request_body(body_size)
         };
         let facts = body.as_deref().and_then(BodyFacts::parse);
         if facts.is_none() {
@@ -414,7 +441,7 @@ impl HttpContext for Http {
         }
         if let (true, Some(body), Some(facts)) = (inject, &body, &facts) {
             if let Some(rewritten) = with_stream_usage(body, facts) {
-                if host::set_request_body(body_size, &rewritten) {
+                if self.host.set_request_body(body_size, &rewritten) {
                     shared.metrics.stream_usage_injected.inc();
                 }
             }
@@ -463,15 +490,17 @@ impl HttpContext for Http {
             .is_some_and(|c| c.quota_headers);
         if let (Some(q), true) = (quota, quota_headers) {
             for (name, value) in reply::quota_headers(q) {
-                host::set_response_header(name, &value);
+                self.host.set_response_header(name, &value);
             }
         }
-        let status = host::response_header(":status")
+        let status = self
+            .host
+            .response_header(":status")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         let scanner = (200..300)
             .contains(&status)
-            .then(|| UsageScanner::new(host::response_header("content-encoding").as_deref()));
+            .then(|| UsageScanner::new(self.host.response_header("content-encoding").as_deref()));
         *response = Some(Box::new(Response {
             status,
             scanner,
@@ -486,7 +515,7 @@ impl HttpContext for Http {
         } = &mut self.state
         {
             if let Some(scanner) = &mut r.scanner {
-                host::response_body_slices(body_size, |chunk| scanner.feed(chunk));
+                response_body_slices(self.host.as_ref(), body_size, |chunk| scanner.feed(chunk));
                 if end_of_stream {
                     scanner.finish();
                 }
@@ -520,7 +549,7 @@ impl HttpContext for Http {
             } => (spend, response),
             // Gone while its check was in flight: nobody will hear the answer, so a
             // reservation the service may have taken is released.
-            State::Checking { spend } => {
+            State::Checking { spend, .. } => {
                 let release = spend.id.is_some();
                 release_unsettled(&shared, Spend { release, ..spend });
                 return;
@@ -543,7 +572,10 @@ impl HttpContext for Http {
         };
         let charge = settle(config.count, config.on_missing, &seen);
         shared.metrics.charged(charge.basis);
-        shared.metrics.vm_memory_bytes.set(host::vm_memory_bytes());
+        shared
+            .metrics
+            .vm_memory_bytes
+            .set(self.host.vm_memory_bytes());
         submit(&shared, spend.spent(&charge));
     }
 }

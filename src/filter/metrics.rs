@@ -1,51 +1,58 @@
-//! The plugin's counters, defined once per VM through `define_metric`. Envoy shows them under
-//! `wasmcustom.llm_token_ratelimit.*` in `/stats`.
+//! The plugin's counters, defined once per VM through the host (`define_metric`). Envoy shows
+//! them under `wasmcustom.llm_token_ratelimit.*` in `/stats`.
 
-use proxy_wasm::hostcalls;
+use std::rc::Rc;
+
 use proxy_wasm::types::MetricType;
 
+use super::host::Host;
 use crate::protocol::CheckFailure;
 use crate::usage::Basis;
 
-fn define(kind: MetricType, name: &str) -> Option<u32> {
-    let full = format!("llm_token_ratelimit.{name}");
-    hostcalls::define_metric(kind, &full)
-        .inspect_err(|status| log::warn!("could not define metric {full}: {status:?}"))
-        .ok()
+/// A counter, or nothing when the host refused to define it (counting then silently stops).
+pub struct Counter {
+    id: Option<u32>,
+    host: Rc<dyn Host>,
 }
 
-/// A counter id, or nothing when the host refused to define it (counting then silently stops).
-#[derive(Clone, Copy, Default)]
-pub struct Counter(Option<u32>);
-
 impl Counter {
-    fn define(name: &str) -> Counter {
-        Counter(define(MetricType::Counter, name))
+    fn define(host: &Rc<dyn Host>, name: &str) -> Counter {
+        Counter {
+            id: host.define_metric(MetricType::Counter, &format!("llm_token_ratelimit.{name}")),
+            host: Rc::clone(host),
+        }
     }
 
-    pub fn inc(self) {
+    pub fn inc(&self) {
         self.add(1);
     }
 
-    pub fn add(self, n: u64) {
-        if let (Some(id), Ok(n)) = (self.0, i64::try_from(n)) {
-            let _ = hostcalls::increment_metric(id, n);
+    pub fn add(&self, n: u64) {
+        if let (Some(id), Ok(n)) = (self.id, i64::try_from(n)) {
+            if n > 0 {
+                self.host.add_to_metric(id, n);
+            }
         }
     }
 }
 
 /// A gauge: a value that goes up and down.
-#[derive(Clone, Copy, Default)]
-pub struct Gauge(Option<u32>);
+pub struct Gauge {
+    id: Option<u32>,
+    host: Rc<dyn Host>,
+}
 
 impl Gauge {
-    fn define(name: &str) -> Gauge {
-        Gauge(define(MetricType::Gauge, name))
+    fn define(host: &Rc<dyn Host>, name: &str) -> Gauge {
+        Gauge {
+            id: host.define_metric(MetricType::Gauge, &format!("llm_token_ratelimit.{name}")),
+            host: Rc::clone(host),
+        }
     }
 
-    pub fn set(self, value: u64) {
-        if let Some(id) = self.0 {
-            let _ = hostcalls::record_metric(id, value);
+    pub fn set(&self, value: u64) {
+        if let Some(id) = self.id {
+            self.host.set_metric(id, value);
         }
     }
 }
@@ -58,6 +65,8 @@ pub struct Metrics {
     pub checks_allowed: Counter,
     pub checks_denied: Counter,
     check_failures: [Counter; CheckFailure::ALL.len()],
+    /// Callout answers for a token no call of this plugin is waiting for (ignored).
+    pub callouts_unknown: Counter,
     /// Failed checks that `failure_mode: allow` let through.
     pub failure_mode_allowed: Counter,
     /// Failed checks that `failure_mode: deny` answered with `failure_status`.
@@ -87,47 +96,50 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn define() -> Metrics {
+    pub fn define(host: &Rc<dyn Host>) -> Metrics {
+        let counter = |name: &str| Counter::define(host, name);
+        let gauge = |name: &str| Gauge::define(host, name);
         Metrics {
-            requests_matched: Counter::define("requests_matched"),
-            requests_unlimited: Counter::define("requests_unlimited"),
-            checks_allowed: Counter::define("checks_allowed"),
-            checks_denied: Counter::define("checks_denied"),
+            requests_matched: counter("requests_matched"),
+            requests_unlimited: counter("requests_unlimited"),
+            checks_allowed: counter("checks_allowed"),
+            checks_denied: counter("checks_denied"),
             check_failures: CheckFailure::ALL
-                .map(|k| Counter::define(&format!("check_failures.{}", k.name()))),
-            failure_mode_allowed: Counter::define("failure_mode_allowed"),
-            failure_mode_denied: Counter::define("failure_mode_denied"),
-            request_body_unreadable: Counter::define("request_body_unreadable"),
-            stream_usage_injected: Counter::define("stream_usage_injected"),
-            usage_reported: Counter::define("usage.reported"),
-            usage_estimated: Counter::define("usage.estimated"),
-            usage_missing: Counter::define("usage.missing"),
-            upstream_errors: Counter::define("usage.upstream_error"),
-            tokens_reported: Counter::define("tokens_reported"),
-            reports_sent: Counter::define("reports.sent"),
-            reports_retried: Counter::define("reports.retried"),
-            reports_failed: Counter::define("reports.failed"),
-            reports_dropped: Counter::define("reports.dropped"),
-            report_queue: Gauge::define("report_queue"),
-            vm_memory_bytes: Gauge::define("vm_memory_bytes"),
+                .map(|k| counter(&format!("check_failures.{}", k.name()))),
+            callouts_unknown: counter("callouts_unknown"),
+            failure_mode_allowed: counter("failure_mode_allowed"),
+            failure_mode_denied: counter("failure_mode_denied"),
+            request_body_unreadable: counter("request_body_unreadable"),
+            stream_usage_injected: counter("stream_usage_injected"),
+            usage_reported: counter("usage.reported"),
+            usage_estimated: counter("usage.estimated"),
+            usage_missing: counter("usage.missing"),
+            upstream_errors: counter("usage.upstream_error"),
+            tokens_reported: counter("tokens_reported"),
+            reports_sent: counter("reports.sent"),
+            reports_retried: counter("reports.retried"),
+            reports_failed: counter("reports.failed"),
+            reports_dropped: counter("reports.dropped"),
+            report_queue: gauge("report_queue"),
+            vm_memory_bytes: gauge("vm_memory_bytes"),
         }
     }
 
     pub fn charged(&self, basis: Basis) {
         match basis {
-            Basis::Reported => self.usage_reported,
-            Basis::Estimated => self.usage_estimated,
-            Basis::Missing => self.usage_missing,
-            Basis::UpstreamError => self.upstream_errors,
+            Basis::Reported => &self.usage_reported,
+            Basis::Estimated => &self.usage_estimated,
+            Basis::Missing => &self.usage_missing,
+            Basis::UpstreamError => &self.upstream_errors,
         }
         .inc();
     }
 
-    pub fn check_failure(&self, kind: CheckFailure) -> Counter {
+    pub fn check_failure(&self, kind: CheckFailure) -> &Counter {
         let i = CheckFailure::ALL
             .iter()
             .position(|k| *k == kind)
             .unwrap_or(0);
-        self.check_failures[i]
+        &self.check_failures[i]
     }
 }

@@ -6,9 +6,14 @@ mod metrics;
 mod reporter;
 mod root;
 
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
 use proxy_wasm::types::LogLevel;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|id| Box::new(root::Root::new(id)));
+    proxy_wasm::set_root_context(|id| Box::new(root::Root::new(id, std::rc::Rc::new(host::Envoy))));
 }}

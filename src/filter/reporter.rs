@@ -7,7 +7,9 @@
 //! root context, so a new configuration (a new root context) takes it over; a call whose root
 //! context is gone is settled as failed after its deadline and sent again with its ids.
 
-use super::host;
+use std::rc::Rc;
+
+use super::host::Host;
 use super::metrics::Metrics;
 use crate::config::{Protocol, ServiceConfig};
 use crate::protocol::report_call;
@@ -34,6 +36,7 @@ struct Flight {
 }
 
 pub struct Reporter {
+    host: Rc<dyn Host>,
     queue: ReportQueue,
     /// Ids for checks that reserve (a release names them), apart from report ids.
     checks: ReportIds,
@@ -45,10 +48,11 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(service: ServiceConfig, capacity: usize) -> Reporter {
-        let seed = host::random_seed();
+    pub fn new(host: Rc<dyn Host>, service: ServiceConfig, capacity: usize) -> Reporter {
+        let seed = host.random_seed();
         let (batch, in_flight) = shape(service.protocol);
         Reporter {
+            host,
             queue: ReportQueue::new(ReportIds::new(seed), batch, in_flight, capacity),
             checks: ReportIds::new(seed),
             service,
@@ -85,7 +89,7 @@ impl Reporter {
         metrics.report_queue.set(self.queue.len() as u64);
         if self.ticking.is_none() {
             self.ticking = Some(root);
-            host::set_tick_ms(1);
+            self.host.set_tick_ms(1);
         }
     }
 
@@ -100,7 +104,7 @@ impl Reporter {
     /// follows. Runs on a root context's tick or on a report call's answer.
     pub fn pump(&mut self, root: u32, metrics: &Metrics) {
         let timeout = self.service.timeout_ms.max(MIN_REPORT_TIMEOUT_MS);
-        let now = host::now_ms();
+        let now = self.host.now_ms();
         for call in self.queue.overdue(now.saturating_sub(2 * timeout + 1000)) {
             log::warn!("a usage report call was never answered; it will be sent again");
             self.flights.retain(|f| f.call != call);
@@ -118,7 +122,7 @@ impl Reporter {
                 self.settle(call_number, Delivery::Answered(Vec::new()), metrics);
                 continue;
             };
-            match host::dispatch_outbound(&self.service, &outbound, timeout) {
+            match self.host.dispatch(&self.service, &outbound, timeout) {
                 Ok(token) => self.flights.push(Flight {
                     call: call_number,
                     root,
@@ -134,18 +138,18 @@ impl Reporter {
                 }
             }
         }
-        let wake = match self.queue.wake_in_ms(host::now_ms()) {
+        let wake = match self.queue.wake_in_ms(self.host.now_ms()) {
             Some(ms) => Some(ms.max(1)),
             // Calls in flight: look at them once a second, in case their answers never come.
             None if self.queue.in_flight() > 0 => Some(1000),
             None => None,
         };
-        host::set_tick_ms(wake.unwrap_or(0));
+        self.host.set_tick_ms(wake.unwrap_or(0));
         self.ticking = wake.map(|_| root);
     }
 
     /// The answer to call `token` of root context `root`: an HTTP status and body, or for
-    /// `envoy-rls` a gRPC status. An answer to no call of ours is ignored.
+    /// `envoy-rls` a gRPC status. An answer to no call of ours is ignored: `false`.
     pub fn answered(
         &mut self,
         root: u32,
@@ -153,13 +157,13 @@ impl Reporter {
         status: Option<u32>,
         body: &[u8],
         metrics: &Metrics,
-    ) {
+    ) -> bool {
         let Some(i) = self
             .flights
             .iter()
             .position(|f| f.root == root && f.token == token)
         else {
-            return;
+            return false;
         };
         let call = self.flights.swap_remove(i).call;
         let outcome = match self.service.protocol {
@@ -171,10 +175,11 @@ impl Reporter {
         }
         self.settle(call, outcome, metrics);
         self.pump(root, metrics);
+        true
     }
 
     fn settle(&mut self, call: u64, outcome: Delivery, metrics: &Metrics) {
-        let s: Settled = self.queue.finish_batch(call, outcome, host::now_ms());
+        let s: Settled = self.queue.finish_batch(call, outcome, self.host.now_ms());
         if s.rejected > 0 {
             log::warn!(
                 "the rate-limit service refused {} usage report(s) as malformed; dropped",

@@ -10,11 +10,10 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
-use super::host;
+use super::host::Host;
 use super::http::Http;
 use super::metrics::Metrics;
 use super::reporter::Reporter;
@@ -46,18 +45,35 @@ pub struct Shared {
 
 pub struct Root {
     id: u32,
+    host: Rc<dyn Host>,
     shared: Option<Rc<Shared>>,
     /// Set once `on_done` asked to send what is queued first.
     draining_since: Option<u64>,
 }
 
 impl Root {
-    pub fn new(id: u32) -> Root {
+    pub fn new(id: u32, host: Rc<dyn Host>) -> Root {
         Root {
             id,
+            host,
             shared: None,
             draining_since: None,
         }
+    }
+
+    /// A new stream's context.
+    pub fn http(&self) -> Http {
+        Http::new(Rc::clone(&self.host), self.shared.clone())
+    }
+
+    /// A callout's answer: a report call of this root context's, or nobody's (counted).
+    fn answered(&self, token: u32, status: Option<u32>, body: &[u8]) {
+        let root = self.id;
+        self.with_reporter(|reporter, metrics| {
+            if !reporter.answered(root, token, status, body, metrics) {
+                metrics.callouts_unknown.inc();
+            }
+        });
     }
 
     fn with_reporter(&self, f: impl FnOnce(&mut Reporter, &Metrics)) {
@@ -77,19 +93,13 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
-        let status = host::call_status(num_headers);
-        let body = host::call_body(body_size);
-        let root = self.id;
-        self.with_reporter(|reporter, metrics| {
-            reporter.answered(root, token, status, &body, metrics)
-        });
+        let status = self.host.call_status(num_headers);
+        let body = self.host.call_body(body_size);
+        self.answered(token, status, &body);
     }
 
     fn on_grpc_call_response(&mut self, token: u32, status_code: u32, _response_size: usize) {
-        let root = self.id;
-        self.with_reporter(|reporter, metrics| {
-            reporter.answered(root, token, Some(status_code), &[], metrics)
-        });
+        self.answered(token, Some(status_code), &[]);
     }
 
     /// The configuration is gone (replaced, or the VM stops). Another root context of the VM
@@ -111,16 +121,16 @@ impl Context for Root {
             return true;
         }
         log::info!("sending the queued usage reports before the VM stops");
-        self.draining_since = Some(host::now_ms());
+        self.draining_since = Some(self.host.now_ms());
         self.with_reporter(|reporter, metrics| reporter.pump(root, metrics));
-        host::set_tick_ms(50);
+        self.host.set_tick_ms(50);
         false
     }
 }
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
-        let bytes = host::plugin_configuration(size).unwrap_or_default();
+        let bytes = self.host.plugin_configuration(size).unwrap_or_default();
         let plugin = match Plugin::parse(&bytes) {
             Ok(plugin) => plugin,
             Err(e) => {
@@ -147,8 +157,12 @@ impl RootContext for Root {
         let (metrics, reporter) = VM.with(|vm| {
             let mut vm = vm.borrow_mut();
             let vm = vm.get_or_insert_with(|| Vm {
-                metrics: Rc::new(Metrics::define()),
-                reporter: Rc::new(RefCell::new(Reporter::new(service.clone(), capacity))),
+                metrics: Rc::new(Metrics::define(&self.host)),
+                reporter: Rc::new(RefCell::new(Reporter::new(
+                    Rc::clone(&self.host),
+                    service.clone(),
+                    capacity,
+                ))),
             });
             if let Ok(mut r) = vm.reporter.try_borrow_mut() {
                 r.reconfigure(service, capacity);
@@ -171,17 +185,17 @@ impl RootContext for Root {
         let root = self.id;
         self.with_reporter(|reporter, metrics| {
             reporter.pump(root, metrics);
-            metrics.vm_memory_bytes.set(host::vm_memory_bytes());
+            metrics.vm_memory_bytes.set(self.host.vm_memory_bytes());
         });
         if let Some(since) = self.draining_since {
             let empty = self.shared.as_ref().map_or(true, |s| {
                 s.reporter.try_borrow().map_or(true, |r| r.is_empty())
             });
-            if empty || host::now_ms() >= since + DRAIN_MS {
-                host::set_tick_ms(0);
-                let _ = hostcalls::done();
+            if empty || self.host.now_ms() >= since + DRAIN_MS {
+                self.host.set_tick_ms(0);
+                self.host.done();
             } else {
-                host::set_tick_ms(50);
+                self.host.set_tick_ms(50);
             }
         }
     }
@@ -192,6 +206,6 @@ impl RootContext for Root {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         // The SDK panics on `None`; without a configuration the stream passes through.
-        Some(Box::new(Http::new(self.shared.clone())))
+        Some(Box::new(self.http()))
     }
 }

@@ -392,7 +392,7 @@ fn accuracy_section() -> Section {
             "reserve",
             "admitted",
             "tokens admitted",
-            "charged by the service",
+            "budget left at the service",
             "overshoot",
         ],
     );
@@ -494,7 +494,7 @@ fn fifty_requests(envoy: &Envoy, svc: &Service, label: &str, latency_ms: &str) -
         label.into(),
         format!("{admitted} of 50"),
         (admitted * 100).to_string(),
-        format!("{} (remaining {remaining})", 1000 - remaining.min(1000)),
+        remaining.to_string(),
         format!("{}", (admitted * 100).saturating_sub(1000)),
     ])
 }

@@ -1,0 +1,213 @@
+//! A fake proxy for the shell's native tests: it holds the request and response a test sets,
+//! records what the shell asks (callouts with their tokens, replies, resumes, timers,
+//! metrics), and runs on a clock the test moves.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use proxy_wasm::types::{MetricType, Status};
+
+use super::host::Host;
+use crate::config::ServiceConfig;
+use crate::protocol::Outbound;
+use crate::reply::Reply;
+
+#[derive(Default)]
+pub struct State {
+    pub request_headers: Vec<(String, String)>,
+    pub request_body: Vec<u8>,
+    pub response_headers: Vec<(String, String)>,
+    pub response_body: Vec<u8>,
+    pub properties: HashMap<String, String>,
+    pub config: Vec<u8>,
+    pub now_ms: u64,
+    pub tick_ms: u64,
+    /// Every callout made, with its token.
+    pub calls: Vec<(u32, Outbound)>,
+    pub refuse_dispatch: bool,
+    /// What `call_status` / `call_body` answer for the callout being delivered.
+    pub answer: (u32, Vec<u8>),
+    pub replies: Vec<Reply>,
+    pub resumed: usize,
+    pub done: bool,
+    metric_names: Vec<String>,
+    metric_values: Vec<i64>,
+}
+
+#[derive(Default)]
+pub struct FakeHost(pub RefCell<State>);
+
+impl FakeHost {
+    pub fn state(&self) -> std::cell::RefMut<'_, State> {
+        self.0.borrow_mut()
+    }
+
+    /// A metric's value by its short name (`checks_allowed`).
+    pub fn metric(&self, name: &str) -> i64 {
+        let s = self.0.borrow();
+        let full = format!("llm_token_ratelimit.{name}");
+        s.metric_names
+            .iter()
+            .position(|n| *n == full)
+            .map_or(0, |i| s.metric_values[i])
+    }
+
+    /// The JSON body of callout `i`.
+    pub fn call_json(&self, i: usize) -> serde_json::Value {
+        match &self.0.borrow().calls[i].1 {
+            Outbound::Http(call) => {
+                serde_json::from_slice(call.body.as_deref().unwrap_or_default()).unwrap_or_default()
+            }
+            Outbound::Grpc(_) => serde_json::Value::Null,
+        }
+    }
+
+    pub fn call_path(&self, i: usize) -> String {
+        match &self.0.borrow().calls[i].1 {
+            Outbound::Http(call) => call.path.clone(),
+            Outbound::Grpc(_) => String::new(),
+        }
+    }
+
+    pub fn token(&self, i: usize) -> u32 {
+        self.0.borrow().calls[i].0
+    }
+
+    pub fn calls(&self) -> usize {
+        self.0.borrow().calls.len()
+    }
+}
+
+fn find(map: &[(String, String)], name: &str) -> Option<String> {
+    map.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+}
+
+impl Host for FakeHost {
+    fn request_header(&self, name: &str) -> Option<String> {
+        find(&self.0.borrow().request_headers, name)
+    }
+
+    fn request_headers(&self) -> Vec<(String, String)> {
+        self.0.borrow().request_headers.clone()
+    }
+
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        let s = self.0.borrow();
+        Some(s.request_body[..size.min(s.request_body.len())].to_vec())
+    }
+
+    fn remove_request_header(&self, name: &str) {
+        self.state()
+            .request_headers
+            .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+
+    fn set_request_body(&self, _size: usize, body: &[u8]) -> bool {
+        self.state().request_body = body.to_vec();
+        true
+    }
+
+    fn response_header(&self, name: &str) -> Option<String> {
+        find(&self.0.borrow().response_headers, name)
+    }
+
+    fn set_response_header(&self, name: &str, value: &str) {
+        let mut s = self.state();
+        s.response_headers.retain(|(k, _)| k != name);
+        s.response_headers.push((name.into(), value.into()));
+    }
+
+    fn response_body(&self, offset: usize, len: usize) -> Option<Vec<u8>> {
+        let s = self.0.borrow();
+        let end = (offset + len).min(s.response_body.len());
+        s.response_body.get(offset..end).map(<[u8]>::to_vec)
+    }
+
+    fn property(&self, path: &[&str]) -> Option<String> {
+        self.0.borrow().properties.get(&path.join(".")).cloned()
+    }
+
+    fn plugin_configuration(&self, _size: usize) -> Option<Vec<u8>> {
+        Some(self.0.borrow().config.clone())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.0.borrow().now_ms
+    }
+
+    fn set_tick_ms(&self, ms: u64) {
+        self.state().tick_ms = ms;
+    }
+
+    fn random_seed(&self) -> u64 {
+        0xfeed
+    }
+
+    fn vm_memory_bytes(&self) -> u64 {
+        0
+    }
+
+    fn dispatch(
+        &self,
+        _service: &ServiceConfig,
+        outbound: &Outbound,
+        _timeout_ms: u64,
+    ) -> Result<u32, Status> {
+        let mut s = self.state();
+        if s.refuse_dispatch {
+            return Err(Status::BadArgument);
+        }
+        // Tokens as Envoy gives them: distinct, not in any order the plugin could rely on.
+        let token = 100 + 7 * s.calls.len() as u32;
+        s.calls.push((token, outbound.clone()));
+        Ok(token)
+    }
+
+    fn call_status(&self, num_headers: usize) -> Option<u32> {
+        (num_headers > 0).then(|| self.0.borrow().answer.0)
+    }
+
+    fn call_body(&self, _size: usize) -> Vec<u8> {
+        self.0.borrow().answer.1.clone()
+    }
+
+    fn grpc_body(&self, _size: usize) -> Vec<u8> {
+        self.0.borrow().answer.1.clone()
+    }
+
+    fn send_reply(&self, reply: &Reply) {
+        self.state().replies.push(reply.clone());
+    }
+
+    fn resume_request(&self) {
+        self.state().resumed += 1;
+    }
+
+    fn done(&self) {
+        self.state().done = true;
+    }
+
+    fn define_metric(&self, _kind: MetricType, name: &str) -> Option<u32> {
+        let mut s = self.state();
+        if let Some(i) = s.metric_names.iter().position(|n| n == name) {
+            return Some(i as u32);
+        }
+        s.metric_names.push(name.into());
+        s.metric_values.push(0);
+        Some(s.metric_names.len() as u32 - 1)
+    }
+
+    fn add_to_metric(&self, id: u32, n: i64) {
+        if let Some(v) = self.state().metric_values.get_mut(id as usize) {
+            *v += n;
+        }
+    }
+
+    fn set_metric(&self, id: u32, value: u64) {
+        if let Some(v) = self.state().metric_values.get_mut(id as usize) {
+            *v = value as i64;
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The shell run natively against a fake proxy: the paths an end-to-end test cannot steer
+//! (a stream gone during its check, a timeout, answers for tokens nobody owns, a new
+//! configuration taking over queued reports).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::rc::Rc;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+
+use super::http::Http;
+use proxy_wasm::types::Action;
+use serde_json::{json, Value};
+
+use super::fake::FakeHost;
+use super::host::Host;
+use super::root::Root;
+
+fn config(reserve: u64, failure_mode: &str) -> Value {
+    json!({
+        "service": {"cluster": "rl", "failure_mode": failure_mode},
+        "limits": [{"name": "user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"}],
+        "reserve": {"tokens": reserve}
+    })
+}
+
+/// A configured root context (id `id`) on `host`.
+fn root(host: &Rc<FakeHost>, id: u32, config: &Value) -> Root {
+    host.state().config = config.to_string().into_bytes();
+    let dyn_host: Rc<dyn Host> = host.clone();
+    let mut root = Root::new(id, dyn_host);
+    assert!(root.on_configure(0));
+    root
+}
+
+/// A stream of `root` whose request (no body) has arrived: its check is in flight.
+fn request(host: &Rc<FakeHost>, root: &Root, user: &str) -> Http {
+    host.state().request_headers = [
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        (":authority", "llm.test"),
+        ("x-user", user),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut http = root.http();
+    assert_eq!(http.on_http_request_headers(4, true), Action::Pause);
+    http
+}
+
+/// Delivers the answer `(status, body)` to callout `token` of `ctx`.
+fn answer(host: &FakeHost, ctx: &mut impl Context, token: u32, status: u32, body: &Value) {
+    let body = body.to_string().into_bytes();
+    let len = body.len();
+    host.state().answer = (status, body);
+    ctx.on_http_call_response(token, 1, len, 0);
+}
+
+/// The upstream answers 200 with `total` tokens of usage, and the stream ends.
+fn respond_and_end(host: &FakeHost, http: &mut Http, total: u64) {
+    host.state().response_headers = vec![(":status".into(), "200".into())];
+    let body =
+        json!({"usage": {"prompt_tokens": 0, "completion_tokens": total, "total_tokens": total}})
+            .to_string()
+            .into_bytes();
+    let len = body.len();
+    host.state().response_body = body;
+    assert_eq!(http.on_http_response_headers(1, false), Action::Continue);
+    assert_eq!(http.on_http_response_body(len, true), Action::Continue);
+    http.on_log();
+}
+
+fn allowed() -> Value {
+    json!({"allowed": true, "limits": [{"limit": "user", "value": "ann", "tokens": 1000, "window_s": 3600, "remaining": 950, "reset_ms": 1}], "reserved_at_ms": 5000})
+}
+
+fn applied(n: usize) -> Value {
+    json!({"accepted": n, "duplicates": 0, "results": vec![json!({"outcome": "applied"}); n]})
+}
+
+#[test]
+fn an_admitted_request_is_reported_with_its_usage() {
+    let host = Rc::new(FakeHost::default());
+    let mut root = root(&host, 1, &config(0, "allow"));
+    let mut http = request(&host, &root, "ann");
+    assert_eq!(host.call_path(0), "/v1/check");
+    assert_eq!(host.call_json(0)["descriptors"][0]["value"], "ann");
+    answer(&host, &mut http, host.token(0), 200, &allowed());
+    assert_eq!(host.state().resumed, 1);
+    respond_and_end(&host, &mut http, 30);
+    assert_eq!(host.metric("usage.reported"), 1);
+    root.on_tick();
+    assert_eq!(host.call_path(1), "/v1/report");
+    assert_eq!(host.call_json(1)["reports"][0]["tokens"], 30);
+    answer(&host, &mut root, host.token(1), 200, &applied(1));
+    assert_eq!(host.metric("reports.sent"), 1);
+    assert_eq!(host.metric("tokens_reported"), 30);
+    assert_eq!(host.metric("report_queue"), 0);
+}
+
+#[test]
+fn a_stream_gone_during_its_check_releases_its_reservation() {
+    let host = Rc::new(FakeHost::default());
+    let mut root = root(&host, 1, &config(50, "allow"));
+    let mut http = request(&host, &root, "ann");
+    let check = host.call_json(0);
+    assert_eq!(check["reserve"], 50);
+    let id = check["id"].as_str().unwrap().to_string();
+    // The client goes away before the answer.
+    http.on_log();
+    root.on_tick();
+    let report = &host.call_json(1)["reports"][0];
+    assert_eq!(report["release"], json!(id));
+    assert_eq!(
+        (report["tokens"].clone(), report["reserved"].clone()),
+        (json!(0), json!(50))
+    );
+    // The late answer finds nobody: ignored, counted.
+    answer(&host, &mut http, host.token(0), 200, &allowed());
+    assert_eq!(host.state().resumed, 0);
+    assert_eq!(host.metric("callouts_unknown"), 1);
+}
+
+#[test]
+fn a_check_that_timed_out_fails_open_and_its_report_releases_the_reservation() {
+    let host = Rc::new(FakeHost::default());
+    let mut root = root(&host, 1, &config(50, "allow"));
+    let mut http = request(&host, &root, "ann");
+    let id = host.call_json(0)["id"].as_str().unwrap().to_string();
+    // Envoy's answer for a callout past its deadline.
+    answer(&host, &mut http, host.token(0), 504, &json!(null));
+    assert_eq!(host.state().resumed, 1);
+    assert_eq!(host.metric("check_failures.timeout"), 1);
+    assert_eq!(host.metric("failure_mode_allowed"), 1);
+    respond_and_end(&host, &mut http, 30);
+    root.on_tick();
+    let report = &host.call_json(1)["reports"][0];
+    assert_eq!(report["release"], json!(id));
+    assert_eq!(
+        (report["tokens"].clone(), report["reserved"].clone()),
+        (json!(30), json!(50))
+    );
+}
+
+#[test]
+fn a_check_refused_as_malformed_is_refused_even_when_failing_open() {
+    let host = Rc::new(FakeHost::default());
+    let root = root(&host, 1, &config(50, "allow"));
+    let mut http = request(&host, &root, "ann");
+    answer(
+        &host,
+        &mut http,
+        host.token(0),
+        400,
+        &json!({"error": "no"}),
+    );
+    assert_eq!(host.state().resumed, 0);
+    assert_eq!(host.state().replies[0].status, 503);
+    assert_eq!(host.metric("check_failures.rejected"), 1);
+    assert_eq!(host.metric("failure_mode_allowed"), 0);
+    http.on_log();
+    assert_eq!(host.calls(), 1, "nothing reserved, nothing to release");
+}
+
+#[test]
+fn answers_for_tokens_nobody_owns_are_ignored_and_counted() {
+    let host = Rc::new(FakeHost::default());
+    let mut root = root(&host, 1, &config(0, "deny"));
+    let mut http = request(&host, &root, "ann");
+    let token = host.token(0);
+    answer(&host, &mut http, token + 1, 200, &allowed());
+    assert_eq!(host.state().resumed, 0, "still waiting for its own answer");
+    answer(&host, &mut root, 12345, 200, &applied(1));
+    assert_eq!(host.metric("callouts_unknown"), 2);
+    answer(&host, &mut http, token, 200, &allowed());
+    assert_eq!(host.state().resumed, 1);
+}
+
+#[test]
+fn a_new_configuration_takes_over_the_queued_reports() {
+    let host = Rc::new(FakeHost::default());
+    let mut old = root(&host, 1, &config(0, "allow"));
+    let mut http = request(&host, &old, "ann");
+    answer(&host, &mut http, host.token(0), 200, &allowed());
+    respond_and_end(&host, &mut http, 30);
+    old.on_tick();
+    let first = host.call_json(1)["reports"][0]["id"].clone();
+    // The report call is in flight when a new configuration replaces the old one.
+    let mut new = root(&host, 3, &config(0, "deny"));
+    assert!(old.on_done(), "another root context carries on");
+    // The old root context's call is never answered: past its deadline the new one sends the
+    // same report again, with the same id.
+    host.state().now_ms += 60_000;
+    new.on_tick();
+    host.state().now_ms += 300; // the backoff of a failed call
+    new.on_tick();
+    assert_eq!(host.calls(), 3);
+    assert_eq!(host.call_json(2)["reports"][0]["id"], first);
+    answer(&host, &mut new, host.token(2), 200, &applied(1));
+    assert_eq!(host.metric("reports.sent"), 1);
+    assert_eq!(host.metric("report_queue"), 0);
+}
+
+#[test]
+fn the_last_root_context_sends_what_is_queued_before_it_is_done() {
+    let host = Rc::new(FakeHost::default());
+    let mut root = root(&host, 1, &config(0, "allow"));
+    let mut http = request(&host, &root, "ann");
+    answer(&host, &mut http, host.token(0), 200, &allowed());
+    respond_and_end(&host, &mut http, 30);
+    assert!(!root.on_done(), "waits for the queue");
+    assert_eq!(host.call_path(1), "/v1/report");
+    answer(&host, &mut root, host.token(1), 200, &applied(1));
+    root.on_tick();
+    assert!(host.state().done);
+    assert_eq!(host.metric("reports.sent"), 1);
+}
