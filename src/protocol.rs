@@ -1,9 +1,12 @@
-//! The wire protocols between the plugin and the rate-limit service: what a check sends and
-//! how its answer is read (DESIGN sections 3 and 4).
+//! The wire protocols between the plugin and the rate-limit service, each behind one trait
+//! ([`Wire`]): what a check sends and how its answer is read, what a report sends and how its
+//! delivery is read, what a reservation means, how reports are batched.
+
+use wire::Outcome;
 
 use crate::config::{Protocol, ServiceConfig};
 use crate::limits::Descriptor;
-use crate::report::Report;
+use crate::report::{Delivery, Report, BATCH};
 use crate::rls;
 
 /// A call for the adapter to dispatch.
@@ -22,21 +25,72 @@ pub struct Call {
     pub body: Option<Vec<u8>>,
 }
 
-/// The check for `descriptors`, reserving `reserve` tokens from each on admission.
-pub fn check_call(
-    service: &ServiceConfig,
-    descriptors: &[Descriptor],
-    reserve: u64,
-    id: Option<&str>,
-) -> Outbound {
-    match service.protocol {
-        Protocol::EnvoyRls => Outbound::Grpc(rls::check_message(
-            &service.domain,
-            &service.descriptor_entries,
-            descriptors,
-            reserve,
-        )),
-        Protocol::V1 => Outbound::Http(Call {
+/// One wire protocol between the plugin and a rate-limit service: everything that differs
+/// between v1, `asm` and `envoy-rls` is answered here, so the rest of the plugin never asks
+/// which one it speaks ([`Protocol::wire`]).
+pub trait Wire {
+    /// The check for `descriptors`, reserving `reserve` tokens from each on admission; `id`
+    /// names it for a later release (protocols with [`Wire::releases`]).
+    fn check_call(
+        &self,
+        service: &ServiceConfig,
+        descriptors: &[Descriptor],
+        reserve: u64,
+        id: Option<&str>,
+    ) -> Outbound;
+
+    /// Reads the answer to a check: `status` is the HTTP status (`None` when the call ended
+    /// without headers), or the gRPC status.
+    fn read_check(&self, status: Option<u32>, body: &[u8]) -> Result<Verdict, CheckFailure>;
+
+    /// The call that delivers `reports`, or `None` when there is nothing to send.
+    fn report_call(&self, service: &ServiceConfig, reports: &[&Report]) -> Option<Outbound>;
+
+    /// Reads the answer to a report call.
+    fn read_delivery(&self, status: Option<u32>, body: &[u8]) -> Delivery;
+
+    /// What a check actually reserves when the configuration wants `wanted` tokens.
+    fn reservation(&self, wanted: u64) -> u64;
+
+    /// Whether the service can tell, by a check's id, if it took the check's reservation, so
+    /// that a reservation nobody will settle can be released.
+    fn releases(&self) -> bool;
+
+    /// Reports per call, and calls in flight at once.
+    fn batching(&self) -> (usize, usize);
+}
+
+impl Protocol {
+    pub fn wire(self) -> &'static dyn Wire {
+        match self {
+            Protocol::V1 => &V1,
+            Protocol::Asm => &Asm,
+            Protocol::EnvoyRls => &EnvoyRls,
+        }
+    }
+}
+
+/// JSON `/v1/check` and `/v1/report`: reservations given back, reports batched, per-report
+/// answers, ids for releases and retries.
+pub struct V1;
+
+/// The ASM example service's `GET /ratelimit` and `POST /update_ratelimit_record`: no
+/// reservations, no figures, no ids; one request's usage per report call.
+pub struct Asm;
+
+/// Envoy's rate-limit gRPC service (`ShouldRateLimit`): every check counts at least one hit,
+/// a report adds what the request used beyond its reservation, nothing is given back.
+pub struct EnvoyRls;
+
+impl Wire for V1 {
+    fn check_call(
+        &self,
+        _service: &ServiceConfig,
+        descriptors: &[Descriptor],
+        reserve: u64,
+        id: Option<&str>,
+    ) -> Outbound {
+        Outbound::Http(Call {
             method: "POST",
             path: "/v1/check".into(),
             // Serialising plain structs of strings and integers cannot fail.
@@ -46,63 +100,172 @@ pub fn check_call(
                 id: id.map(str::to_owned),
             })
             .ok(),
-        }),
-        Protocol::Asm => {
-            let keys: Vec<&str> = descriptors.iter().map(|d| d.value.as_str()).collect();
-            let json = serde_json::to_string(&keys).unwrap_or_default();
-            Outbound::Http(Call {
-                method: "GET",
-                path: format!("/ratelimit?ratelimit_keys={}", url_encode(&json)),
-                body: None,
-            })
-        }
+        })
     }
-}
 
-/// The call that delivers `reports`, or `None` when there is nothing to send. The ASM and RLS
-/// protocols take one request's usage per call, so their queues batch one at a time and only the
-/// first report is sent.
-pub fn report_call(service: &ServiceConfig, reports: &[&Report]) -> Option<Outbound> {
-    match service.protocol {
-        Protocol::V1 => Some(Outbound::Http(Call {
+    fn read_check(&self, status: Option<u32>, body: &[u8]) -> Result<Verdict, CheckFailure> {
+        http_decision(status).and_then(|()| read_v1(body))
+    }
+
+    fn report_call(&self, _service: &ServiceConfig, reports: &[&Report]) -> Option<Outbound> {
+        Some(Outbound::Http(Call {
             method: "POST",
             path: "/v1/report".into(),
             body: serde_json::to_vec(&wire::ReportRequest {
                 reports: reports.to_vec(),
             })
             .ok(),
-        })),
-        Protocol::EnvoyRls => {
-            let r = reports.first()?;
-            rls::report_message(
-                &service.domain,
-                &service.descriptor_entries,
-                &r.descriptors,
-                r.tokens,
-                r.reserved,
-            )
-            .map(Outbound::Grpc)
-        }
-        Protocol::Asm => Some(Outbound::Http(Call {
+        }))
+    }
+
+    fn read_delivery(&self, status: Option<u32>, body: &[u8]) -> Delivery {
+        http_delivery(status, || outcomes(body))
+    }
+
+    fn reservation(&self, wanted: u64) -> u64 {
+        wanted
+    }
+
+    fn releases(&self) -> bool {
+        true
+    }
+
+    fn batching(&self) -> (usize, usize) {
+        (BATCH, 2)
+    }
+}
+
+impl Wire for Asm {
+    fn check_call(
+        &self,
+        _service: &ServiceConfig,
+        descriptors: &[Descriptor],
+        _reserve: u64,
+        _id: Option<&str>,
+    ) -> Outbound {
+        let keys: Vec<&str> = descriptors.iter().map(|d| d.value.as_str()).collect();
+        let json = serde_json::to_string(&keys).unwrap_or_default();
+        Outbound::Http(Call {
+            method: "GET",
+            path: format!("/ratelimit?ratelimit_keys={}", url_encode(&json)),
+            body: None,
+        })
+    }
+
+    fn read_check(&self, status: Option<u32>, body: &[u8]) -> Result<Verdict, CheckFailure> {
+        http_decision(status).and_then(|()| read_asm(body))
+    }
+
+    fn report_call(&self, _service: &ServiceConfig, reports: &[&Report]) -> Option<Outbound> {
+        let r = reports.first()?;
+        let usage = r.usage.unwrap_or_default();
+        Some(Outbound::Http(Call {
             method: "POST",
             path: "/update_ratelimit_record".into(),
-            body: reports.first().and_then(|r| {
-                let usage = r.usage.unwrap_or_default();
-                serde_json::to_vec(&wire::AsmUpdate {
-                    ratelimit_keys: r
-                        .descriptors
-                        .iter()
-                        .map(|d| d.value.as_str())
-                        .collect::<Vec<_>>(),
-                    prompt_tokens: usage.prompt_tokens,
-                    completion_tokens: usage.completion_tokens,
-                    // What the plugin charges (per `usage.count`): the ASM service charges it.
-                    total_tokens: r.tokens,
-                })
-                .ok()
-            }),
-        })),
+            body: serde_json::to_vec(&wire::AsmUpdate {
+                ratelimit_keys: r
+                    .descriptors
+                    .iter()
+                    .map(|d| d.value.as_str())
+                    .collect::<Vec<_>>(),
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                // What the plugin charges (per `usage.count`): the ASM service charges it.
+                total_tokens: r.tokens,
+            })
+            .ok(),
+        }))
     }
+
+    fn read_delivery(&self, status: Option<u32>, _body: &[u8]) -> Delivery {
+        http_delivery(status, Vec::new)
+    }
+
+    fn reservation(&self, _wanted: u64) -> u64 {
+        0
+    }
+
+    fn releases(&self) -> bool {
+        false
+    }
+
+    fn batching(&self) -> (usize, usize) {
+        (1, 8)
+    }
+}
+
+impl Wire for EnvoyRls {
+    fn check_call(
+        &self,
+        service: &ServiceConfig,
+        descriptors: &[Descriptor],
+        reserve: u64,
+        _id: Option<&str>,
+    ) -> Outbound {
+        Outbound::Grpc(rls::check_message(
+            &service.domain,
+            &service.descriptor_entries,
+            descriptors,
+            reserve,
+        ))
+    }
+
+    fn read_check(&self, status: Option<u32>, body: &[u8]) -> Result<Verdict, CheckFailure> {
+        rls::read_check(status.unwrap_or(GRPC_UNAVAILABLE), body)
+    }
+
+    fn report_call(&self, service: &ServiceConfig, reports: &[&Report]) -> Option<Outbound> {
+        let r = reports.first()?;
+        rls::report_message(
+            &service.domain,
+            &service.descriptor_entries,
+            &r.descriptors,
+            r.tokens,
+            r.reserved,
+        )
+        .map(Outbound::Grpc)
+    }
+
+    /// INVALID_ARGUMENT and UNIMPLEMENTED cannot get better.
+    fn read_delivery(&self, status: Option<u32>, _body: &[u8]) -> Delivery {
+        match status.unwrap_or(GRPC_UNAVAILABLE) {
+            0 => Delivery::Answered(Vec::new()),
+            3 | 12 => Delivery::Refused,
+            _ => Delivery::Retry,
+        }
+    }
+
+    /// The RLS API reads `hits_addend: 0` as 1.
+    fn reservation(&self, wanted: u64) -> u64 {
+        wanted.max(1)
+    }
+
+    fn releases(&self) -> bool {
+        false
+    }
+
+    fn batching(&self) -> (usize, usize) {
+        (1, 8)
+    }
+}
+
+/// gRPC's UNAVAILABLE: what a call that ended without a status is taken as.
+const GRPC_UNAVAILABLE: u32 = 14;
+
+/// A report call's HTTP status (`None`: no response headers); per-report outcomes from the
+/// body of a 2xx.
+fn http_delivery(status: Option<u32>, outcomes: impl FnOnce() -> Vec<Outcome>) -> Delivery {
+    match status {
+        Some(200..=299) => Delivery::Answered(outcomes()),
+        Some(408 | 429) | Some(500..) | None => Delivery::Retry,
+        Some(_) => Delivery::Refused,
+    }
+}
+
+fn outcomes(body: &[u8]) -> Vec<Outcome> {
+    serde_json::from_slice::<wire::ReportResponse>(body)
+        .map(|r| r.results.into_iter().map(|r| r.outcome).collect())
+        .unwrap_or_default()
 }
 
 /// The budget figures of the most constrained rate, for the quota headers.
@@ -174,20 +337,6 @@ impl CheckFailure {
     /// Whether the service may have seen the check (and taken its reservation).
     pub fn after_dispatch(self) -> bool {
         !matches!(self, CheckFailure::Dispatch | CheckFailure::Rejected)
-    }
-}
-
-/// Reads the service's answer. `status` is the HTTP status (`None` when the call ended without
-/// headers), or for `envoy-rls` the gRPC status.
-pub fn read_check(
-    protocol: Protocol,
-    status: Option<u32>,
-    body: &[u8],
-) -> Result<Verdict, CheckFailure> {
-    match protocol {
-        Protocol::EnvoyRls => rls::read_check(status.unwrap_or(14), body),
-        Protocol::V1 => http_decision(status).and_then(|()| read_v1(body)),
-        Protocol::Asm => http_decision(status).and_then(|()| read_asm(body)),
     }
 }
 
@@ -273,6 +422,23 @@ pub fn url_encode(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::limits::Rate;
+
+    fn check_call(
+        service: &ServiceConfig,
+        ds: &[Descriptor],
+        reserve: u64,
+        id: Option<&str>,
+    ) -> Outbound {
+        service.protocol.wire().check_call(service, ds, reserve, id)
+    }
+
+    fn report_call(service: &ServiceConfig, reports: &[&Report]) -> Option<Outbound> {
+        service.protocol.wire().report_call(service, reports)
+    }
+
+    fn read_check(p: Protocol, status: Option<u32>, body: &[u8]) -> Result<Verdict, CheckFailure> {
+        p.wire().read_check(status, body)
+    }
 
     fn descriptors() -> Vec<Descriptor> {
         vec![
@@ -480,5 +646,32 @@ mod tests {
             read_check(Protocol::Asm, Some(200), br#"{"allowed":true}"#),
             Err(CheckFailure::Body)
         );
+    }
+
+    #[test]
+    fn report_deliveries() {
+        assert_eq!(V1.read_delivery(Some(200), b""), Delivery::Answered(vec![]));
+        assert_eq!(
+            V1.read_delivery(
+                Some(200),
+                br#"{"accepted":1,"duplicates":0,"results":[{"outcome":"rejected","error":"x"}]}"#
+            ),
+            Delivery::Answered(vec![Outcome::Rejected])
+        );
+        assert_eq!(V1.read_delivery(None, b""), Delivery::Retry);
+        assert_eq!(V1.read_delivery(Some(503), b""), Delivery::Retry);
+        assert_eq!(V1.read_delivery(Some(429), b""), Delivery::Retry);
+        assert_eq!(V1.read_delivery(Some(400), b""), Delivery::Refused);
+        assert_eq!(V1.read_delivery(Some(413), b""), Delivery::Refused);
+        assert_eq!(
+            Asm.read_delivery(Some(200), b"{}"),
+            Delivery::Answered(vec![])
+        );
+        assert_eq!(
+            EnvoyRls.read_delivery(Some(0), b""),
+            Delivery::Answered(vec![])
+        );
+        assert_eq!(EnvoyRls.read_delivery(Some(3), b""), Delivery::Refused);
+        assert_eq!(EnvoyRls.read_delivery(None, b""), Delivery::Retry);
     }
 }

@@ -1,7 +1,7 @@
 //! What the client sees when the plugin answers itself: the 429, the fail-closed reply, and the
 //! quota headers on admitted responses. OpenAI SDKs read these headers and this error shape.
 
-use crate::config::{Config, Protocol};
+use crate::config::Config;
 use crate::protocol::{Quota, Verdict};
 
 /// A local reply for the adapter to send.
@@ -34,17 +34,14 @@ pub fn denied(config: &Config, verdict: &Verdict) -> Reply {
     if let Some(q) = &verdict.quota {
         headers.extend(quota_headers(q).map(|(k, v)| (k.to_string(), v)));
     }
-    let body = match (
-        &config.deny.body,
-        config.service.protocol,
-        &verdict.description,
-    ) {
-        (Some(body), _, _) => body.clone().into_bytes(),
-        (None, Protocol::Asm, Some(description)) => {
+    // Only the ASM protocol's answers carry a description.
+    let body = match (&config.deny.body, &verdict.description) {
+        (Some(body), _) => body.clone().into_bytes(),
+        (None, Some(description)) => {
             headers.push(("content-type".into(), "text/plain; charset=utf-8".into()));
             description.clone().into_bytes()
         }
-        (None, _, _) => {
+        (None, None) => {
             headers.push(("content-type".into(), "application/json".into()));
             openai_error(
                 &deny_message(verdict, retry_ms),

@@ -155,30 +155,6 @@ pub enum Delivery {
     Refused,
 }
 
-/// Reads a report call's HTTP status (`None`: no response headers) and body.
-pub fn delivery(status: Option<u32>, body: &[u8]) -> Delivery {
-    match status {
-        Some(200..=299) => Delivery::Answered(outcomes(body)),
-        Some(408 | 429) | Some(500..) | None => Delivery::Retry,
-        Some(_) => Delivery::Refused,
-    }
-}
-
-fn outcomes(body: &[u8]) -> Vec<Outcome> {
-    serde_json::from_slice::<wire::ReportResponse>(body)
-        .map(|r| r.results.into_iter().map(|r| r.outcome).collect())
-        .unwrap_or_default()
-}
-
-/// Reads a report call's gRPC status: INVALID_ARGUMENT and UNIMPLEMENTED cannot get better.
-pub fn grpc_delivery(status: u32) -> Delivery {
-    match status {
-        0 => Delivery::Answered(Vec::new()),
-        3 | 12 => Delivery::Refused,
-        _ => Delivery::Retry,
-    }
-}
-
 /// What settling a call did, for the metrics, in requests (an entry may hold several).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Settled {
@@ -776,22 +752,5 @@ mod tests {
         let delays: Vec<u64> = (1..=8).map(backoff_ms).collect();
         assert_eq!(delays, [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000]);
         assert_eq!(backoff_ms(u32::MAX), 10_000);
-    }
-
-    #[test]
-    fn statuses() {
-        assert_eq!(delivery(Some(200), b""), Delivery::Answered(vec![]));
-        assert_eq!(
-            delivery(
-                Some(200),
-                br#"{"accepted":1,"duplicates":0,"results":[{"outcome":"rejected","error":"x"}]}"#
-            ),
-            Delivery::Answered(vec![Outcome::Rejected])
-        );
-        assert_eq!(delivery(None, b""), Delivery::Retry);
-        assert_eq!(delivery(Some(503), b""), Delivery::Retry);
-        assert_eq!(delivery(Some(429), b""), Delivery::Retry);
-        assert_eq!(delivery(Some(400), b""), Delivery::Refused);
-        assert_eq!(delivery(Some(413), b""), Delivery::Refused);
     }
 }

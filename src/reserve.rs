@@ -13,7 +13,8 @@ use crate::request::BodyFacts;
 /// * Never more than `max` (the configured `reserve.max`, at most the wire's token bound),
 ///   nor, when every descriptor carries its rates, than the largest budget among them: a
 ///   larger reserve could not be admitted any sooner, and would only deepen the debt.
-/// * The protocol's own rule last ([`reservation`]).
+/// * The protocol's own rule last ([`crate::protocol::Wire::reservation`]: the ASM protocol
+///   has no reservations, the RLS API counts every check as at least one hit).
 pub fn reserve(
     wanted: Reserve,
     max: u64,
@@ -35,17 +36,7 @@ pub fn reserve(
             bound = bound.min(largest);
         }
     }
-    reservation(protocol, asked.min(bound))
-}
-
-/// What a check actually reserves when the configuration wants `wanted` tokens: the ASM
-/// protocol has no reservations, and the RLS API counts every check as at least one hit.
-pub fn reservation(protocol: Protocol, wanted: u64) -> u64 {
-    match protocol {
-        Protocol::V1 => wanted,
-        Protocol::Asm => 0,
-        Protocol::EnvoyRls => wanted.max(1),
-    }
+    protocol.wire().reservation(asked.min(bound))
 }
 
 #[cfg(test)]
@@ -141,6 +132,7 @@ mod tests {
 
     #[test]
     fn reservations_per_protocol() {
+        let reservation = |p: Protocol, wanted| p.wire().reservation(wanted);
         assert_eq!(reservation(Protocol::V1, 0), 0);
         assert_eq!(reservation(Protocol::V1, 70), 70);
         assert_eq!(reservation(Protocol::Asm, 70), 0);

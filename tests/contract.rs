@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use llm_token_ratelimit::config::{Config, Reserve};
 use llm_token_ratelimit::limits::descriptors;
-use llm_token_ratelimit::protocol::{check_call, report_call, Outbound};
+use llm_token_ratelimit::protocol::Outbound;
 use llm_token_ratelimit::request::BodyFacts;
 use llm_token_ratelimit::reserve::reserve;
 use llm_token_ratelimit::template::{Attribute, AttributeSource};
@@ -108,7 +108,11 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
             seq: wire::MAX_SEQ - u64::from(with_rates),
         }
         .format();
-        let r = send(&svc, check_call(&config.service, &ds, reserved, Some(&id)));
+        let wire = config.service.protocol.wire();
+        let r = send(
+            &svc,
+            wire.check_call(&config.service, &ds, reserved, Some(&id)),
+        );
         assert_eq!(r.status, 200, "check (rates: {with_rates}): {}", r.text());
         let report = Report {
             id: id.clone(),
@@ -124,7 +128,7 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
             }),
         };
         let batch: Vec<&Report> = vec![&report; 3];
-        let r = send(&svc, report_call(&config.service, &batch).unwrap());
+        let r = send(&svc, wire.report_call(&config.service, &batch).unwrap());
         assert_eq!(r.status, 200, "report (rates: {with_rates}): {}", r.text());
         let answer = r.json();
         let outcomes: Vec<&str> = answer["results"]

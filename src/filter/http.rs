@@ -8,7 +8,7 @@ use proxy_wasm::types::Action;
 
 use super::host::{response_body_slices, Host};
 use super::root::Shared;
-use crate::config::{Config, FailureMode, Protocol, ScopeFacts};
+use crate::config::{Config, FailureMode, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};
 use crate::matcher::{any_matches, HeaderList, RequestHeaders};
 use crate::protocol::{self, CheckFailure, Quota};
@@ -177,7 +177,8 @@ impl Http {
             &descriptors,
         );
         // A reservation may need releasing later: its check carries the id its report will.
-        let id = (reserve > 0 && config.service.protocol == Protocol::V1)
+        let wire = config.service.protocol.wire();
+        let id = (reserve > 0 && wire.releases())
             .then(|| {
                 shared
                     .reporter
@@ -186,7 +187,7 @@ impl Http {
                     .map(|mut r| r.next_check_id())
             })
             .flatten();
-        let call = protocol::check_call(&config.service, &descriptors, reserve, id.as_deref());
+        let call = wire.check_call(&config.service, &descriptors, reserve, id.as_deref());
         let spend = Spend {
             descriptors,
             reserved: reserve,
@@ -326,7 +327,7 @@ impl Http {
         else {
             return;
         };
-        let action = match protocol::read_check(config.service.protocol, status, body) {
+        let action = match config.service.protocol.wire().read_check(status, body) {
             Ok(verdict) if verdict.allowed => {
                 shared.metrics.checks_allowed.inc();
                 self.state = State::Admitted {

@@ -11,22 +11,11 @@ use std::rc::Rc;
 
 use super::host::Host;
 use super::metrics::Metrics;
-use crate::config::{Protocol, ServiceConfig};
-use crate::protocol::report_call;
-use crate::report::{
-    delivery, grpc_delivery, Delivery, ReportIds, ReportQueue, Settled, Spent, BATCH,
-};
+use crate::config::ServiceConfig;
+use crate::report::{Delivery, ReportIds, ReportQueue, Settled, Spent};
 
 /// A report call may carry a hundred reports: give it more time than a check.
 const MIN_REPORT_TIMEOUT_MS: u64 = 2000;
-
-/// Calls at once: protocol v1 batches, the others take one request's usage per call.
-fn shape(protocol: Protocol) -> (usize, usize) {
-    match protocol {
-        Protocol::V1 => (BATCH, 2),
-        Protocol::Asm | Protocol::EnvoyRls => (1, 8),
-    }
-}
 
 /// A call in flight: the queue's number for it, the root context that made it, its token.
 struct Flight {
@@ -50,7 +39,7 @@ pub struct Reporter {
 impl Reporter {
     pub fn new(host: Rc<dyn Host>, service: ServiceConfig, capacity: usize) -> Reporter {
         let seed = host.random_seed();
-        let (batch, in_flight) = shape(service.protocol);
+        let (batch, in_flight) = service.protocol.wire().batching();
         Reporter {
             host,
             queue: ReportQueue::new(ReportIds::new(seed), batch, in_flight, capacity),
@@ -64,7 +53,7 @@ impl Reporter {
 
     /// A new configuration: later reports go to the new service; queued ones follow them.
     pub fn reconfigure(&mut self, service: ServiceConfig, capacity: usize) {
-        let (batch, in_flight) = shape(service.protocol);
+        let (batch, in_flight) = service.protocol.wire().batching();
         self.queue.resize(batch, in_flight, capacity);
         self.service = service;
     }
@@ -115,7 +104,11 @@ impl Reporter {
             let call_number = self.next_call;
             let outbound = match self.queue.start_batch(now, call_number) {
                 None => break,
-                Some(batch) => report_call(&self.service, &batch),
+                Some(batch) => self
+                    .service
+                    .protocol
+                    .wire()
+                    .report_call(&self.service, &batch),
             };
             let Some(outbound) = outbound else {
                 // Nothing to add (an RLS report of a fully reserved request).
@@ -166,10 +159,7 @@ impl Reporter {
             return false;
         };
         let call = self.flights.swap_remove(i).call;
-        let outcome = match self.service.protocol {
-            Protocol::EnvoyRls => grpc_delivery(status.unwrap_or(14)),
-            Protocol::V1 | Protocol::Asm => delivery(status, body),
-        };
+        let outcome = self.service.protocol.wire().read_delivery(status, body);
         if !matches!(outcome, Delivery::Answered(_)) {
             log::warn!("usage report failed: status {status:?}");
         }
