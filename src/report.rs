@@ -493,6 +493,7 @@ pub fn backoff_ms(failures: u32) -> u64 {
 mod tests {
     use super::*;
     use crate::limits::Rate;
+    use std::collections::HashMap;
 
     fn d(value: &str) -> Descriptor {
         Descriptor {
@@ -752,5 +753,131 @@ mod tests {
         let delays: Vec<u64> = (1..=8).map(backoff_ms).collect();
         assert_eq!(delays, [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000]);
         assert_eq!(backoff_ms(u32::MAX), 10_000);
+    }
+
+    /// A deterministic pseudo-random sequence (xorshift), so a failure can be replayed.
+    struct Dice(u64);
+
+    impl Dice {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// Whatever the order of pushes, answers, failures and retries: a sealed report never
+    /// changes, the service (which applies an id once) ends up charging exactly what was
+    /// pushed, per key and per reservation second, and nothing is left behind.
+    #[test]
+    fn every_token_pushed_is_delivered_exactly_once_whatever_happens() {
+        for seed in 1..=40u64 {
+            let mut dice = Dice(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut q = ReportQueue::new(
+                ReportIds::new(seed),
+                1 + dice.next(20) as usize,
+                1 + dice.next(4) as usize,
+                1000,
+            );
+            let mut pushed: HashMap<(String, Option<u64>), (u64, u64)> = HashMap::new();
+            let mut applied: HashMap<String, Report> = HashMap::new();
+            let mut charged: HashMap<(String, Option<u64>), (u64, u64)> = HashMap::new();
+            let mut flying: Vec<u64> = Vec::new();
+            let (mut now, mut call) = (0u64, 0u64);
+            let mut deliver = |q: &mut ReportQueue,
+                               call: u64,
+                               flying: &mut Vec<u64>,
+                               dice: &mut Dice,
+                               now: u64,
+                               all_good: bool| {
+                flying.retain(|c| *c != call);
+                let outcome = if all_good { 0 } else { dice.next(5) };
+                let d = match outcome {
+                    0 | 1 => Delivery::Answered(Vec::new()),
+                    // Applied, but the answer was lost (a timeout after the service acted).
+                    2 | 3 => Delivery::Retry,
+                    // Some applied, some told to retry (the store failed in the middle).
+                    _ => Delivery::Answered(vec![Outcome::Applied, Outcome::Retry, Outcome::Retry]),
+                };
+                let lost_answer = outcome == 2;
+                // What the service does with what was sent: apply each id once.
+                if let Some((_, _, batch)) = q.in_flight.iter().find(|(c, _, _)| *c == call) {
+                    for (j, sealed) in batch.iter().enumerate() {
+                        let applies = match &d {
+                            Delivery::Answered(o) => !matches!(o.get(j), Some(Outcome::Retry)),
+                            _ => lost_answer,
+                        };
+                        let r = &sealed.report;
+                        if let Some(before) = applied.get(&r.id) {
+                            assert_eq!(before, r, "a sealed report never changes");
+                            continue;
+                        }
+                        if applies {
+                            applied.insert(r.id.clone(), r.clone());
+                            let key = (
+                                r.descriptors[0].value.clone(),
+                                r.reserved_at_ms.map(|t| t / 1000),
+                            );
+                            let e = charged.entry(key).or_default();
+                            e.0 += r.tokens;
+                            e.1 += r.reserved;
+                        }
+                    }
+                }
+                q.finish_batch(call, d, now);
+            };
+            for _ in 0..3000 {
+                match dice.next(5) {
+                    0 | 1 => {
+                        let user = format!("u{}", dice.next(12));
+                        let (tokens, reserved) = (dice.next(50), dice.next(3) * 20);
+                        let at = (reserved > 0).then(|| 1000 * dice.next(5) + dice.next(1000));
+                        let excess = tokens.saturating_sub(reserved);
+                        let refund = reserved.saturating_sub(tokens);
+                        if excess > 0 {
+                            pushed.entry((user.clone(), None)).or_default().0 += excess;
+                        }
+                        if refund > 0 {
+                            pushed
+                                .entry((user.clone(), at.map(|t| t / 1000)))
+                                .or_default()
+                                .1 += refund;
+                        }
+                        assert_eq!(q.push(spent(&user, tokens, reserved, at)), 0);
+                    }
+                    2 => {
+                        call += 1;
+                        if q.start_batch(now, call).is_some() {
+                            flying.push(call);
+                        }
+                    }
+                    3 => {
+                        if !flying.is_empty() {
+                            let c = flying[dice.next(flying.len() as u64) as usize];
+                            deliver(&mut q, c, &mut flying, &mut dice, now, false);
+                        }
+                    }
+                    _ => now += dice.next(3000),
+                }
+            }
+            // The service is healthy again: everything drains.
+            for _ in 0..100_000 {
+                if q.is_empty() {
+                    break;
+                }
+                now += 10_000;
+                while let Some(c) = flying.first().copied() {
+                    deliver(&mut q, c, &mut flying, &mut dice, now, true);
+                }
+                call += 1;
+                if q.start_batch(now, call).is_some() {
+                    flying.push(call);
+                }
+            }
+            assert!(q.is_empty(), "seed {seed}: {} left", q.len());
+            pushed.retain(|_, v| *v != (0, 0));
+            assert_eq!(charged, pushed, "seed {seed}");
+        }
     }
 }

@@ -13,6 +13,7 @@ use ratelimit_service::limiter::{Failure, Limiter};
 use ratelimit_service::rules::Rules;
 use ratelimit_service::store::redis::RedisTarget;
 use ratelimit_service::store::{MemoryStore, RedisStore, Store};
+use serde_json::json;
 use testkit::redis::{RedisCluster, RedisServer};
 
 /// A start time aligned to every window (a whole number of days).
@@ -751,6 +752,81 @@ suite!(
     asm_endpoints,
     bad_requests_are_refused,
 );
+
+/// The same random sequence of checks with reservations, releases, reports (new, retried,
+/// far too old) and clock steps, against the memory store and a real Redis: every answer and
+/// every balance agree, so the Lua rings and windows are the Rust ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_and_redis_agree_on_a_random_history() {
+    let server = RedisServer::start();
+    let stores = [Ctx::memory(), Ctx::redis(&[server.url()], "")];
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut roll = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let (mut check_seq, mut report_seq) = (0u64, 0u64);
+    for step in 0..1500 {
+        let user = format!("u{}", roll(4));
+        let d = stores[0].d("diff", &user, &[(500, 60), (5000, 3600)]);
+        let what = roll(10);
+        let mut answers = Vec::new();
+        let advance = roll(20_000) as i64;
+        let reserve = roll(4) * 50;
+        let tokens = roll(120);
+        // Mostly new ids, sometimes a retry of a recent one, sometimes one far too old.
+        let report_id = match roll(10) {
+            0 => report_seq.saturating_sub(roll(5)),
+            1 => report_seq.saturating_sub(wire::REPORT_WINDOW + 10),
+            _ => {
+                report_seq += 1;
+                report_seq
+            }
+        }
+        .max(1);
+        let check_id = match roll(6) {
+            0 => check_seq.saturating_sub(roll(5)),
+            _ => {
+                check_seq += 1;
+                check_seq
+            }
+        }
+        .max(1);
+        for ctx in &stores {
+            let answer = match what {
+                0..=3 => {
+                    let r = ctx
+                        .check_as(std::slice::from_ref(&d), reserve, &ctx.id(check_id))
+                        .await;
+                    json!({"allowed": r.allowed, "reserved": r.reserved_at_ms.is_some(),
+                           "limits": r.limits.iter().map(|l| (l.remaining, l.reset_ms)).collect::<Vec<_>>()})
+                }
+                4..=7 => {
+                    let r = ctx
+                        .settle(Report {
+                            id: ctx.id(report_id),
+                            descriptors: vec![d.clone()],
+                            tokens,
+                            reserved: reserve,
+                            reserved_at_ms: Some((T0 + 1) as u64),
+                            release: (what == 7).then(|| ctx.id(check_id)),
+                            usage: None,
+                        })
+                        .await;
+                    json!(r.results.iter().map(|o| o.outcome).collect::<Vec<_>>())
+                }
+                _ => {
+                    ctx.advance(advance);
+                    json!(null)
+                }
+            };
+            answers.push((answer, ctx.remaining(&d).await));
+        }
+        assert_eq!(answers[0], answers[1], "step {step} (op {what})");
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_fails_checks_and_recovers_by_itself() {
