@@ -444,6 +444,12 @@ impl ReportQueue {
         settled
     }
 
+    /// Lets the next calls leave at once, whatever the backoff says (the VM is stopping: there
+    /// may be no later).
+    pub fn skip_backoff(&mut self) {
+        self.retry_at_ms = 0;
+    }
+
     /// Calls that left before `before_ms`: past their deadline, their answer will never come
     /// (the root context that made them is gone), so they are to be settled as failed and sent
     /// again, with the same ids.

@@ -208,3 +208,40 @@ fn a_configuration_change_under_load_loses_no_report() {
     await_exact(&svc, &served);
     assert_eq!(e.metric("reports.dropped"), 0);
 }
+
+/// Envoy 1.40 calls the plugin's `on_done` when it stops but does not wait for the calls made
+/// there, so the way to stop without losing a report is to let the queue empty first (the
+/// `report_queue` gauge at 0), as the README says: here a report held for its retry.
+#[test]
+fn a_graceful_stop_waits_for_the_queue_to_empty() {
+    let svc = Service::start(&[], &[]);
+    let real = svc.port;
+    // The first report is refused as an outage, so the plugin holds it for its backoff.
+    let refused_once = Arc::new(AtomicBool::new(false));
+    let flag = refused_once.clone();
+    let flaky = Server::start(move |req| {
+        if req.path == "/v1/report" && !flag.swap(true, Ordering::SeqCst) {
+            return reply(503, "application/json", r#"{"error":"busy"}"#);
+        }
+        http::forward(real, req)
+    });
+    let llm = mock_llm();
+    let mut e = Envoy::start(
+        &config(json!({})),
+        &[
+            cluster("ratelimit", flaky.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    assert_eq!(ask(e.port, "last"), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !refused_once.load(Ordering::SeqCst) || e.metric("report_queue") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the queue empties after the retry"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    e.terminate();
+    svc.await_remaining("user", "last", BUDGET - USED);
+}

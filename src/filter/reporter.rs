@@ -141,6 +141,12 @@ impl Reporter {
         self.ticking = wake.map(|_| root);
     }
 
+    /// The VM is stopping: sends everything that may leave now, backoff or not.
+    pub fn flush(&mut self, root: u32, metrics: &Metrics) {
+        self.queue.skip_backoff();
+        self.pump(root, metrics);
+    }
+
     /// The answer to call `token` of root context `root`: an HTTP status and body, or for
     /// `envoy-rls` a gRPC status. An answer to no call of ours is ignored: `false`.
     pub fn answered(

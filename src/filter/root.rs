@@ -122,7 +122,7 @@ impl Context for Root {
         }
         log::info!("sending the queued usage reports before the VM stops");
         self.draining_since = Some(self.host.now_ms());
-        self.with_reporter(|reporter, metrics| reporter.pump(root, metrics));
+        self.with_reporter(|reporter, metrics| reporter.flush(root, metrics));
         self.host.set_tick_ms(50);
         false
     }

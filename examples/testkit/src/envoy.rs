@@ -337,6 +337,20 @@ impl Envoy {
         std::fs::read_to_string(self.dir.0.join("envoy.log")).unwrap_or_default()
     }
 
+    /// Sends SIGTERM and waits (at most 30 s) for Envoy to exit.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
