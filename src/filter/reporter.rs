@@ -17,6 +17,10 @@ use crate::report::{Delivery, ReportIds, ReportQueue, Settled, Spent};
 /// A report call may carry a hundred reports: give it more time than a check.
 const MIN_REPORT_TIMEOUT_MS: u64 = 2000;
 
+/// Every root context ticks at least this often, so whichever is alive sends what is queued
+/// (a root context replaced by a new configuration may leave reports behind).
+pub const HEARTBEAT_MS: u64 = 1000;
+
 /// A call in flight: the queue's number for it, the root context that made it, its token.
 struct Flight {
     call: u64,
@@ -131,14 +135,18 @@ impl Reporter {
                 }
             }
         }
-        let wake = match self.queue.wake_in_ms(self.host.now_ms()) {
-            Some(ms) => Some(ms.max(1)),
-            // Calls in flight: look at them once a second, in case their answers never come.
-            None if self.queue.in_flight() > 0 => Some(1000),
-            None => None,
-        };
-        self.host.set_tick_ms(wake.unwrap_or(0));
-        self.ticking = wake.map(|_| root);
+        match self.queue.wake_in_ms(self.host.now_ms()) {
+            Some(ms) => {
+                self.host.set_tick_ms(ms.max(1));
+                self.ticking = Some(root);
+            }
+            // Nothing can leave now: the heartbeat looks at calls whose answer never comes, and
+            // at reports another root context left behind.
+            None => {
+                self.host.set_tick_ms(HEARTBEAT_MS);
+                self.ticking = None;
+            }
+        }
     }
 
     /// The VM is stopping: sends everything that may leave now, backoff or not.

@@ -16,7 +16,7 @@ use proxy_wasm::types::ContextType;
 use super::host::Host;
 use super::http::Http;
 use super::metrics::Metrics;
-use super::reporter::Reporter;
+use super::reporter::{Reporter, HEARTBEAT_MS};
 use crate::config::Plugin;
 
 /// How long the last root context of a VM may take to send what is queued.
@@ -171,6 +171,7 @@ impl RootContext for Root {
         });
         if self.shared.is_none() {
             LIVE_ROOTS.with(|n| n.set(n.get() + 1));
+            self.host.set_tick_ms(HEARTBEAT_MS);
         }
         self.shared = Some(Rc::new(Shared {
             plugin,

@@ -188,7 +188,13 @@ fn a_new_configuration_takes_over_the_queued_reports() {
     let first = host.call_json(1)["reports"][0]["id"].clone();
     // The report call is in flight when a new configuration replaces the old one.
     let mut new = root(&host, 3, &config(0, "deny"));
+    assert_eq!(
+        host.state().tick_ms,
+        1000,
+        "the new root context's heartbeat"
+    );
     assert!(old.on_done(), "another root context carries on");
+    // Its heartbeat ticks (no new traffic needed).
     // The old root context's call is never answered: past its deadline the new one sends the
     // same report again, with the same id.
     host.state().now_ms += 60_000;
