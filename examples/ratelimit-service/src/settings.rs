@@ -60,7 +60,7 @@ pub struct Cli {
     #[arg(long = "redis-address", env = "REDIS_ADDRESS")]
     pub redis_address: Option<String>,
 
-    /// ASM: Redis password for REDIS_ADDRESS.
+    /// ASM: Redis password for REDIS_ADDRESS; `user:password` logs in as an ACL user.
     #[arg(
         long = "redis-password",
         env = "REDIS_PASSWORD",
@@ -131,10 +131,18 @@ impl Cli {
         };
         let mut urls = self.redis_urls.clone();
         if let Some(addr) = &self.redis_address {
-            let auth = self
-                .redis_password
-                .as_deref()
-                .map_or(String::new(), |p| format!(":{}@", encode_userinfo(p)));
+            // ASM's documented `user:password` logs in as that ACL user; a bare password as
+            // the default user.
+            let auth = match self.redis_password.as_deref().map(|p| p.split_once(':')) {
+                None => String::new(),
+                Some(Some((user, password))) => {
+                    format!("{}:{}@", encode_userinfo(user), encode_userinfo(password))
+                }
+                Some(None) => format!(
+                    ":{}@",
+                    encode_userinfo(self.redis_password.as_deref().unwrap_or_default())
+                ),
+            };
             urls.push(format!("redis://{auth}{addr}/{}", self.redis_db_index));
         }
         let kind = self.store.unwrap_or(if urls.is_empty() {

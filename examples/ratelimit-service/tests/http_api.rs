@@ -84,6 +84,49 @@ fn v1_endpoints_redis() {
         .contains("ratelimit_store_info{store=\"redis\"} 1"));
 }
 
+/// ASM documents `REDIS_PASSWORD` as `user:password`: that logs in as the ACL user (here the
+/// only way in: the default user is off).
+#[test]
+fn asm_redis_password_logs_in_as_an_acl_user() {
+    let redis = RedisServer::start_with(&[
+        "--user",
+        "default",
+        "off",
+        "--user",
+        "llm",
+        "on",
+        ">pa:ss word",
+        "~*",
+        "&*",
+        "+@all",
+    ]);
+    let addr = format!("127.0.0.1:{}", redis.port);
+    let ready = |password: &str| {
+        let s = start(
+            &[],
+            &[
+                ("RATE_LIMIT_CONFIG", ASM_RULES),
+                ("REDIS_ADDRESS", &addr),
+                ("REDIS_PASSWORD", password),
+            ],
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = send(s.port, "GET", "/readyz", &[], b"").status;
+            if status == 200 || std::time::Instant::now() > deadline {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(
+        ready("llm:pa:ss word"),
+        200,
+        "user llm, password `pa:ss word`"
+    );
+    assert_eq!(ready("pa:ss word"), 503, "user `pa` does not exist");
+}
+
 #[test]
 fn asm_endpoints_with_asm_environment() {
     let redis = RedisServer::start_with(&["--requirepass", "s3cret pass"]);
