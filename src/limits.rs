@@ -57,6 +57,9 @@ pub struct Limit {
     pub name: String,
     pub key: Template,
     pub rates: LimitRates,
+    /// Of the exclusive limits (Higress `rule_items`), only the first that applies to a
+    /// request counts; the others are skipped for it.
+    pub exclusive: bool,
 }
 
 impl Limit {
@@ -110,7 +113,18 @@ fn bounded(value: String) -> String {
 }
 
 pub fn descriptors(limits: &[Limit], source: &impl AttributeSource) -> Vec<Descriptor> {
-    limits.iter().filter_map(|l| l.descriptor(source)).collect()
+    let mut exclusive_taken = false;
+    limits
+        .iter()
+        .filter_map(|l| {
+            if l.exclusive && exclusive_taken {
+                return None;
+            }
+            let d = l.descriptor(source)?;
+            exclusive_taken |= l.exclusive;
+            Some(d)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -162,6 +176,7 @@ mod tests {
                 ),
                 rule(ValueMatch::Any, "*", 5, false),
             ]),
+            exclusive: false,
         }
     }
 
@@ -206,6 +221,7 @@ mod tests {
             name: "k".into(),
             key: Template::parse("{{request.headers.k}}").unwrap(),
             rates: LimitRates::Fixed(vec![rate(1, 60)]),
+            exclusive: false,
         };
         let long_a: &'static str = Box::leak(format!("é{}", "a".repeat(5000)).into_boxed_str());
         let long_b: &'static str = Box::leak(format!("é{}b", "a".repeat(4999)).into_boxed_str());
@@ -221,11 +237,46 @@ mod tests {
     }
 
     #[test]
+    fn only_the_first_exclusive_limit_that_applies_counts() {
+        let limit = |name: &str, key: &str, exclusive| Limit {
+            name: name.into(),
+            key: Template::parse(key).unwrap(),
+            rates: LimitRates::Fixed(vec![rate(1, 60)]),
+            exclusive,
+        };
+        struct Headers;
+        impl AttributeSource for Headers {
+            fn attribute(&self, a: &Attribute) -> Option<Cow<'_, str>> {
+                match a {
+                    Attribute::Header(h) if h == "b" || h == "c" => Some(Cow::Borrowed("v")),
+                    _ => None,
+                }
+            }
+        }
+        let limits = [
+            limit("a", "{{request.headers.a}}", true),
+            limit("b", "{{request.headers.b}}", true),
+            limit("c", "{{request.headers.c}}", true),
+            limit("global", "", false),
+        ];
+        let names: Vec<String> = descriptors(&limits, &Headers)
+            .into_iter()
+            .map(|d| d.limit)
+            .collect();
+        assert_eq!(
+            names,
+            ["b", "global"],
+            "a is absent, b applies, c is skipped"
+        );
+    }
+
+    #[test]
     fn service_owned_limits_send_no_rates() {
         let l = Limit {
             name: "user-type".into(),
             key: Template::parse("{{request.headers.user-type}}").unwrap(),
             rates: LimitRates::ServiceOwned,
+            exclusive: false,
         };
         let d = l.descriptor(&Key(Some("regular-user"))).unwrap();
         assert_eq!(

@@ -143,6 +143,44 @@ fn higress_apikey_param() {
     assert_eq!(s.ask("/v1/chat/completions?apikey=yyy", &[], 1).status, 200);
     assert_eq!(s.ask(CHAT, &[], 5000).status, 200);
     assert_eq!(s.envoy.metric("requests_unlimited"), 1);
+    // The first rule item that applies decides; later ones are ignored (Higress's words): the
+    // exact keys of the first item never reach the `limit_by_per_param` item's counters.
+    let per_param = "default_rule.limit_by_per_param.apikey";
+    assert_eq!(
+        s.svc
+            .remaining(per_param, "9a342114-ba8a-11ec-b1bf-00163e1250b5"),
+        None
+    );
+    assert_eq!(
+        s.svc
+            .remaining(per_param, "a6a6d7f2-ba8a-11ec-bec2-00163e1250b5"),
+        None
+    );
+    assert_eq!(
+        s.svc.remaining(
+            "default_rule.limit_by_param.apikey",
+            "a6a6d7f2-ba8a-11ec-bec2-00163e1250b5"
+        ),
+        Some(95)
+    );
+    // A key no exact rule names: the second item, its first matching key only (10 per second).
+    assert_eq!(s.ask("/v1/chat/completions?apikey=abc", &[], 4).status, 200);
+    let q = http::send(
+        s.svc.port,
+        "GET",
+        &format!("/v1/quota?limit={per_param}&value=abc"),
+        &[],
+        b"",
+    )
+    .json();
+    assert_eq!(q["meters"].as_array().unwrap().len(), 1, "{q}");
+    assert_eq!(
+        (
+            q["meters"][0]["tokens"].clone(),
+            q["meters"][0]["window_s"].clone()
+        ),
+        (json!(10), json!(1))
+    );
 }
 
 #[test]

@@ -50,6 +50,7 @@ pub fn parse(value: &Value) -> Result<(Config, Vec<String>), ConfigError> {
                     name: text.clone(),
                     key,
                     rates: LimitRates::ServiceOwned,
+                    exclusive: false,
                 })
             })
             .collect::<Result<_, _>>()?,

@@ -163,6 +163,7 @@ fn one(
             name: format!("{rule_name}.global"),
             key: Template::parse("").map_err(|e| o.path.error(e))?,
             rates: LimitRates::Fixed(rates),
+            exclusive: false,
         });
     }
     let mut ip_source: Option<(Path, ClientIpSource)> = None;
@@ -420,6 +421,8 @@ fn rule_item(
             name: format!("{rule_name}.{source_name}"),
             key,
             rates: LimitRates::PerValue(rules),
+            // Higress: the first matching rule item applies, later ones are ignored.
+            exclusive: true,
         },
         ip,
     ))

@@ -620,6 +620,7 @@ fn limit(mut l: Object<'_>) -> Result<Limit, ConfigError> {
         name: name.to_string(),
         key,
         rates,
+        exclusive: false,
     })
 }
 
