@@ -12,13 +12,19 @@ pub struct Reply {
     pub body: Vec<u8>,
 }
 
-/// `x-ratelimit-*-tokens` headers describing the most constrained rate.
-pub fn quota_headers(q: &Quota) -> [(&'static str, String); 3] {
-    [
+/// `x-ratelimit-*-tokens` headers describing the most constrained rate, and with `higress`
+/// the `X-TokenRateLimit-Limit` / `-Remaining` pair Higress's `show_limit_quota_header` sends.
+pub fn quota_headers(q: &Quota, higress: bool) -> Vec<(&'static str, String)> {
+    let mut headers = vec![
         ("x-ratelimit-limit-tokens", q.limit.to_string()),
         ("x-ratelimit-remaining-tokens", q.remaining.to_string()),
         ("x-ratelimit-reset-tokens", openai_duration(q.reset_ms)),
-    ]
+    ];
+    if higress {
+        headers.push(("x-tokenratelimit-limit", q.limit.to_string()));
+        headers.push(("x-tokenratelimit-remaining", q.remaining.to_string()));
+    }
+    headers
 }
 
 /// The reply to a request the service denied.
@@ -32,7 +38,17 @@ pub fn denied(config: &Config, verdict: &Verdict) -> Reply {
         ("retry-after-ms".to_string(), retry_ms.to_string()),
     ];
     if let Some(q) = &verdict.quota {
-        headers.extend(quota_headers(q).map(|(k, v)| (k.to_string(), v)));
+        let higress = config.higress_headers;
+        headers.extend(
+            quota_headers(q, higress)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
+        );
+        if higress {
+            // Seconds until the budget is whole again.
+            let reset = q.reset_ms.div_ceil(1000).max(1);
+            headers.push(("x-tokenratelimit-reset".into(), reset.to_string()));
+        }
     }
     // Only the ASM protocol's answers carry a description.
     let body = match (&config.deny.body, &verdict.description) {

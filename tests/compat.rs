@@ -99,14 +99,33 @@ fn higress_global_threshold() {
     let s = stack(&higress("higress/global-threshold.json"));
     let first = s.ask(CHAT, &[], 600);
     assert_eq!(first.status, 200);
-    // `show_limit_quota_header: true`.
+    // `show_limit_quota_header: true`: the headers Higress users read, and the OpenAI ones.
+    assert_eq!(first.header("x-tokenratelimit-limit"), Some("1000"));
+    assert_eq!(first.header("x-tokenratelimit-remaining"), Some("1000"));
     assert_eq!(first.header("x-ratelimit-limit-tokens"), Some("1000"));
     s.settled(1);
-    assert_eq!(s.ask(CHAT, &[], 600).status, 200, "400 left");
+    let second = s.ask(CHAT, &[], 600);
+    assert_eq!(second.status, 200, "400 left");
+    assert_eq!(second.header("x-tokenratelimit-remaining"), Some("400"));
+    assert_eq!(
+        second.header("x-tokenratelimit-reset"),
+        None,
+        "only on a denial"
+    );
     s.settled(2);
     let denied = s.ask(CHAT, &[], 600);
     assert_eq!(denied.status, 429);
     assert_eq!(denied.text(), "Too many requests");
+    assert_eq!(denied.header("x-tokenratelimit-remaining"), Some("0"));
+    let reset: u64 = denied
+        .header("x-tokenratelimit-reset")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=120).contains(&reset),
+        "seconds until the minute's budget is back: {reset}"
+    );
 }
 
 #[test]

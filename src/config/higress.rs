@@ -229,6 +229,7 @@ fn one(
     if !has_quota_headers {
         options.quota_headers = show_quota.unwrap_or(false);
     }
+    options.higress_headers = show_quota.unwrap_or(false);
     if let Some((path, ip)) = ip_source {
         options.client_ip = match (ip, &options.client_ip) {
             // `client_ip.trusted_hops` applies to the header Higress names.

@@ -108,6 +108,8 @@ pub struct Config {
     pub inject_stream_usage: bool,
     pub deny: DenyConfig,
     pub quota_headers: bool,
+    /// Also Higress's `X-TokenRateLimit-*` headers (its `show_limit_quota_header`).
+    pub higress_headers: bool,
     pub client_ip: ClientIpSource,
     /// Lower-case header name carrying the authenticated consumer.
     pub consumer_header: String,

@@ -485,12 +485,13 @@ impl HttpContext for Http {
         else {
             return Action::Continue;
         };
-        let quota_headers = shared
+        let headers = shared
             .plugin
             .config(self.policy)
-            .is_some_and(|c| c.quota_headers);
-        if let (Some(q), true) = (quota, quota_headers) {
-            for (name, value) in reply::quota_headers(q) {
+            .filter(|c| c.quota_headers)
+            .map(|c| c.higress_headers);
+        if let (Some(q), Some(higress)) = (quota, headers) {
+            for (name, value) in reply::quota_headers(q, higress) {
                 self.host.set_response_header(name, &value);
             }
         }
