@@ -243,7 +243,14 @@ fn one(
                 name,
                 trusted_hops: *trusted_hops,
             },
-            (ip, ClientIpSource::Remote) => ip,
+            (ip, ClientIpSource::Remote) => {
+                if let ClientIpSource::Header { name, .. } = &ip {
+                    warnings.push(format!(
+                        "`{path}`: takes the right-most `{name}` entry, the address the nearest proxy saw; behind a load balancer that is the balancer's own address. Set \"client_ip\": {{\"header\": \"{name}\", \"trusted_hops\": <proxies in front of Envoy, plus one>}}, or use `from-remote-addr` with Envoy's `xff_num_trusted_hops`"
+                    ));
+                }
+                ip
+            }
             _ => {
                 return Err(path.error(
                     "reads the client address from another place than `client_ip`; remove one",
@@ -496,6 +503,27 @@ mod tests {
     }
 
     #[test]
+    fn a_forwarded_header_without_trusted_hops_is_warned_about() {
+        let warned = |extra: Value| {
+            let mut c = with_service(
+                json!({"rule_name": "r", "rule_items": [{"limit_by_per_ip": "from-header-x-forwarded-for", "limit_keys": [{"key": "0.0.0.0/0", "token_per_minute": 1}]}]}),
+            );
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            Plugin::parse(c.to_string().as_bytes())
+                .unwrap()
+                .warnings
+                .iter()
+                .any(|w| w.contains("trusted_hops") && w.contains("rule_items[0].limit_by_per_ip"))
+        };
+        assert!(warned(json!({})));
+        assert!(!warned(
+            json!({"client_ip": {"header": "x-forwarded-for", "trusted_hops": 2}})
+        ));
+    }
+
+    #[test]
     fn items_become_limits() {
         let p = parse(with_service(json!({
             "rule_name": "r",
@@ -550,7 +578,8 @@ mod tests {
             }
         );
         assert!(!c.quota_headers);
-        assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+        // `redis`, the forwarded header without `trusted_hops`, the unknown field.
+        assert_eq!(p.warnings.len(), 3, "{:?}", p.warnings);
     }
 
     #[test]
