@@ -336,15 +336,28 @@ fn asm_wasmplugin_example() {
     };
     let dashscope =
         |user_type: &'static str| [("host", "dashscope.aliyuncs.com"), ("user-type", user_type)];
-    // regular-user: a bucket of 1000.
-    assert_eq!(s.ask(CHAT, &dashscope("regular-user"), 600).status, 200);
+    // regular-user: a bucket of 200 (50 more every 30 s), as ASM's documentation has it.
+    assert_eq!(s.ask(CHAT, &dashscope("regular-user"), 120).status, 200);
     s.settled(1);
-    assert_eq!(s.ask(CHAT, &dashscope("regular-user"), 600).status, 200);
+    assert_eq!(
+        s.ask(CHAT, &dashscope("regular-user"), 120).status,
+        200,
+        "80 left"
+    );
     s.settled(2);
     let denied = s.ask(CHAT, &dashscope("regular-user"), 1);
     assert_eq!(denied.status, 429);
     assert_eq!(denied.text(), "regular-user is being rate-limited");
+    // subscriber: a bucket of 1000 (100 more every minute).
     assert_eq!(s.ask(CHAT, &dashscope("subscriber"), 600).status, 200);
+    s.settled(3);
+    assert_eq!(
+        s.ask(CHAT, &dashscope("subscriber"), 600).status,
+        200,
+        "400 left"
+    );
+    s.settled(4);
+    assert_eq!(s.ask(CHAT, &dashscope("subscriber"), 1).status, 429);
     // Another host is not matched.
     assert_eq!(
         s.ask(
@@ -355,6 +368,6 @@ fn asm_wasmplugin_example() {
         .status,
         200
     );
-    assert_eq!(s.envoy.metric("requests_matched"), 4);
+    assert_eq!(s.envoy.metric("requests_matched"), 6);
     let _ = &s.svc;
 }

@@ -531,16 +531,16 @@ fn asm_protocol_reports_one_update_per_request() {
         svc.port,
         &llm,
     );
-    // regular-user: a bucket of 1000. 2 × 600 tokens: the first is admitted with a full
-    // bucket, the second with 400 left, the third finds it in debt.
+    // regular-user: ASM's documented bucket of 200. 2 × 120 tokens: the first is admitted
+    // with a full bucket, the second with 80 left, the third finds it in debt.
     let ask = || {
         http::post_json(
             e.port,
             "/v1/chat/completions",
             &[
                 ("user-type", "regular-user"),
-                ("x-mock-prompt-tokens", "100"),
-                ("x-mock-completion-tokens", "500"),
+                ("x-mock-prompt-tokens", "20"),
+                ("x-mock-completion-tokens", "100"),
             ],
             &json!({}),
         )
@@ -556,5 +556,5 @@ fn asm_protocol_reports_one_update_per_request() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(ask(), 429);
-    assert_eq!(e.metric("tokens_reported"), 1200);
+    assert_eq!(e.metric("tokens_reported"), 240);
 }

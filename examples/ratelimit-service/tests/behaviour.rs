@@ -20,8 +20,8 @@ use testkit::redis::{RedisCluster, RedisServer};
 const T0: i64 = 20_000 * 86_400_000;
 
 const RULES: &str = r#"[
-  {"rate_limit_key_regex": "regular-user", "fill_interval_second": 60, "tokens_per_fill": 100, "max_tokens": 1000, "redis_expired_seconds": 600},
-  {"rate_limit_key_regex": "subscriber", "fill_interval_second": 60, "tokens_per_fill": 1000, "max_tokens": 10000, "redis_expired_seconds": 600},
+  {"rate_limit_key_regex": "regular-user.*", "redis_expired_seconds": 300, "fill_interval_second": 30, "tokens_per_fill": 50, "max_tokens": 200},
+  {"rate_limit_key_regex": "subscriber.*", "redis_expired_seconds": 600, "fill_interval_second": 60, "tokens_per_fill": 100, "max_tokens": 1000},
   {"rate_limit_key_regex": "^bucket-", "fill_interval_second": 1, "tokens_per_fill": 10, "max_tokens": 100}
 ]"#;
 
@@ -471,10 +471,11 @@ async fn asm_endpoints(ctx: &Ctx) {
     );
     let update = AsmUpdate {
         ratelimit_keys: vec![regular.clone()],
-        prompt_tokens: 400,
-        completion_tokens: 600,
-        total_tokens: 1000,
+        prompt_tokens: 100,
+        completion_tokens: 150,
+        total_tokens: 250,
     };
+    // ASM's documented bucket: 200, 50 more every 30 s; 250 spent leaves it 50 in debt.
     assert!(ctx.limiter.asm_update(&update).await.is_ok());
     let denied = ctx
         .limiter
@@ -498,8 +499,17 @@ async fn asm_endpoints(ctx: &Ctx) {
             .unwrap()
             .allow
     );
-    // One fill later (60 s, +100 tokens) the regular user is served again.
-    ctx.advance(60_000);
+    // One fill (30 s, +50) pays the debt; the next one serves the regular user again.
+    ctx.advance(30_000);
+    assert!(
+        !ctx.limiter
+            .asm_check(std::slice::from_ref(&regular))
+            .await
+            .ok()
+            .unwrap()
+            .allow
+    );
+    ctx.advance(30_000);
     assert!(ctx.limiter.asm_check(&[regular]).await.ok().unwrap().allow);
     // Keys no rule names are not limited.
     assert!(

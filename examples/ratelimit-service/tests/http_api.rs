@@ -411,8 +411,8 @@ fn rules_file() {
     let s = start(&["--rules", path.to_str().unwrap()], &[]);
     let d = json!({"descriptors": [{"limit": "user-type", "value": "regular-user"}]});
     let r = http::post_json(s.port, "/v1/check", &[], &d).json();
-    assert_eq!(r["limits"][0]["tokens"], 1000, "{r}");
-    assert_eq!(r["limits"][0]["window_s"], 60);
+    assert_eq!(r["limits"][0]["tokens"], 200, "{r}");
+    assert_eq!(r["limits"][0]["window_s"], 30);
 }
 
 /// A client rotating a key value (a header it controls) floods a small memory store with new

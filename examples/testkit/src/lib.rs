@@ -10,11 +10,9 @@ pub mod service;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The service-owned rules of ASM's documented example (`RATE_LIMIT_CONFIG`).
-pub const ASM_EXAMPLE_RULES: &str = r#"[
-  {"rate_limit_key_regex": "regular-user", "fill_interval_second": 60, "tokens_per_fill": 100, "max_tokens": 1000, "redis_expired_seconds": 600},
-  {"rate_limit_key_regex": "subscriber", "fill_interval_second": 60, "tokens_per_fill": 1000, "max_tokens": 10000, "redis_expired_seconds": 600}
-]"#;
+/// The service-owned rules of ASM's documented example (`RATE_LIMIT_CONFIG`), as written there
+/// and shipped with the service as `examples/ratelimit-service/asm-example-rules.json`.
+pub const ASM_EXAMPLE_RULES: &str = include_str!("../../ratelimit-service/asm-example-rules.json");
 
 /// The workspace root.
 pub fn repo() -> PathBuf {
