@@ -6,6 +6,7 @@ use ipnet::IpNet;
 use regex::Regex;
 
 use crate::client_ip::parse_address;
+use crate::matcher::Condition;
 use crate::template::{AttributeSource, Template};
 
 pub use wire::{Descriptor, Rate};
@@ -60,11 +61,16 @@ pub struct Limit {
     /// Of the exclusive limits (Higress `rule_items`), only the first that applies to a
     /// request counts; the others are skipped for it.
     pub exclusive: bool,
+    /// `when`: the limit applies only to requests these conditions hold for.
+    pub when: Option<Condition>,
 }
 
 impl Limit {
     /// The descriptor for this request, or `None` when the limit does not apply to it.
     pub fn descriptor(&self, source: &impl AttributeSource) -> Option<Descriptor> {
+        if self.when.as_ref().is_some_and(|c| !c.holds(source)) {
+            return None;
+        }
         let value = self.key.render(source)?;
         let (value, rates, shared) = match &self.rates {
             LimitRates::Fixed(rates) => (value, rates.clone(), false),
@@ -177,6 +183,7 @@ mod tests {
                 rule(ValueMatch::Any, "*", 5, false),
             ]),
             exclusive: false,
+            when: None,
         }
     }
 
@@ -222,6 +229,7 @@ mod tests {
             key: Template::parse("{{request.headers.k}}").unwrap(),
             rates: LimitRates::Fixed(vec![rate(1, 60)]),
             exclusive: false,
+            when: None,
         };
         let long_a: &'static str = Box::leak(format!("é{}", "a".repeat(5000)).into_boxed_str());
         let long_b: &'static str = Box::leak(format!("é{}b", "a".repeat(4999)).into_boxed_str());
@@ -243,6 +251,7 @@ mod tests {
             key: Template::parse(key).unwrap(),
             rates: LimitRates::Fixed(vec![rate(1, 60)]),
             exclusive,
+            when: None,
         };
         struct Headers;
         impl AttributeSource for Headers {
@@ -277,6 +286,7 @@ mod tests {
             key: Template::parse("{{request.headers.user-type}}").unwrap(),
             rates: LimitRates::ServiceOwned,
             exclusive: false,
+            when: None,
         };
         let d = l.descriptor(&Key(Some("regular-user"))).unwrap();
         assert_eq!(

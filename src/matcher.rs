@@ -1,6 +1,9 @@
-//! Which requests are limited: `matches` entries over host, path, method and headers.
+//! Which requests are limited: `matches` entries over host, path, method and headers; and a
+//! limit's own `when` conditions, which may also name the model.
 
 use regex::Regex;
+
+use crate::template::{Attribute, AttributeSource};
 
 /// How one string is compared; the configuration names exactly one of these per matcher.
 #[derive(Debug, Clone)]
@@ -10,11 +13,14 @@ pub enum StringMatch {
     Suffix(String),
     Contains(String),
     Regex(Regex),
+    /// Any value: the thing (a header) only has to be there.
+    Present,
 }
 
 impl StringMatch {
     pub fn matches(&self, value: &str) -> bool {
         match self {
+            StringMatch::Present => true,
             StringMatch::Exact(s) => value == s,
             StringMatch::Prefix(s) => value.starts_with(s.as_str()),
             StringMatch::Suffix(s) => value.ends_with(s.as_str()),
@@ -89,6 +95,65 @@ impl RequestMatch {
         self.headers
             .iter()
             .all(|(name, m)| req.header(name).is_some_and(|v| m.matches(v)))
+    }
+}
+
+/// A limit's `when`: the limit applies to a request only if every condition holds. The same
+/// conditions as a `matches` entry, read through the request's attributes, and the model.
+#[derive(Debug, Clone)]
+pub struct Condition {
+    host: Option<StringMatch>,
+    path: Option<StringMatch>,
+    methods: Vec<String>,
+    headers: Vec<(Attribute, StringMatch)>,
+    /// Compared with the JSON body's `model`; an absent model never matches.
+    model: Option<StringMatch>,
+}
+
+impl Condition {
+    pub fn new(request: RequestMatch, model: Option<StringMatch>) -> Condition {
+        Condition {
+            host: request.host,
+            path: request.path,
+            methods: request.methods,
+            headers: request
+                .headers
+                .into_iter()
+                .map(|(name, m)| (Attribute::Header(name), m))
+                .collect(),
+            model,
+        }
+    }
+
+    /// Whether the request body must be read to tell.
+    pub fn reads_model(&self) -> bool {
+        self.model.is_some()
+    }
+
+    pub fn holds(&self, source: &impl AttributeSource) -> bool {
+        let holds = |attr: &Attribute, m: &StringMatch| {
+            source.attribute(attr).is_some_and(|v| m.matches(&v))
+        };
+        if let Some(host) = &self.host {
+            let authority = source.attribute(&Attribute::Host).unwrap_or_default();
+            if !host.matches(&normalize_host(&authority)) {
+                return false;
+            }
+        }
+        if !self.methods.is_empty() {
+            let method = source.attribute(&Attribute::Method).unwrap_or_default();
+            if !self.methods.iter().any(|m| m.eq_ignore_ascii_case(&method)) {
+                return false;
+            }
+        }
+        self.path
+            .as_ref()
+            .map_or(true, |m| holds(&Attribute::Path, m))
+            && self
+                .model
+                .as_ref()
+                .map_or(true, |m| holds(&Attribute::Model, m))
+            && self.headers.iter().all(|(attr, m)| holds(attr, m))
     }
 }
 

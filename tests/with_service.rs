@@ -134,3 +134,44 @@ fn service_stopped_follows_failure_mode() {
     assert_eq!(r.json()["error"]["code"], "rate_limit_service_unavailable");
     assert_eq!(e.metric("failure_mode_denied"), 1);
 }
+
+/// Envoy AI Gateway's "per user, for one model" rule (`x-user-id` and `x-ai-eg-model:
+/// gpt-4o` descriptors) written as a limit with a `when` condition: gpt-4o requests are capped
+/// per user, other models are not, and no composite key is needed.
+#[test]
+fn a_limit_for_one_model_per_user() {
+    let svc = Service::start(&[], &[]);
+    let up = Server::start(|_| {
+        json_reply(
+            200,
+            json!({"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 60, "total_tokens": 60}}),
+        )
+    });
+    let config = json!({
+        "service": {"cluster": "ratelimit"},
+        "limits": [{"name": "gpt-4o-per-user", "key": "{{request.headers.x-user-id}}", "tokens": 100, "window": "1h",
+                    "when": {"model": {"exact": "gpt-4o"}, "path": {"prefix": "/v1/chat/"}}}]
+    });
+    let e = Envoy::start(
+        &config,
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+    );
+    let ask = |model: &str, path: &str| {
+        http::post_json(
+            e.port,
+            path,
+            &[("x-user-id", "ann")],
+            &json!({"model": model}),
+        )
+        .status
+    };
+    assert_eq!(ask("gpt-4o", "/v1/chat/completions"), 200);
+    svc.await_remaining("gpt-4o-per-user", "ann", 40);
+    assert_eq!(ask("gpt-4o", "/v1/chat/completions"), 200, "40 left admits");
+    svc.await_remaining("gpt-4o-per-user", "ann", 0);
+    assert_eq!(ask("gpt-4o", "/v1/chat/completions"), 429);
+    // Another model, or another path, is not under this limit.
+    assert_eq!(ask("gpt-4o-mini", "/v1/chat/completions"), 200);
+    assert_eq!(ask("gpt-4o", "/v1/embeddings"), 200);
+    assert_eq!(e.metric("requests_unlimited"), 2);
+}

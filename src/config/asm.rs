@@ -51,6 +51,7 @@ pub fn parse(value: &Value) -> Result<(Config, Vec<String>), ConfigError> {
                     key,
                     rates: LimitRates::ServiceOwned,
                     exclusive: false,
+                    when: None,
                 })
             })
             .collect::<Result<_, _>>()?,

@@ -164,6 +164,7 @@ fn one(
             key: Template::parse("").map_err(|e| o.path.error(e))?,
             rates: LimitRates::Fixed(rates),
             exclusive: false,
+            when: None,
         });
     }
     let mut ip_source: Option<(Path, ClientIpSource)> = None;
@@ -431,6 +432,7 @@ fn rule_item(
             rates: LimitRates::PerValue(rules),
             // Higress: the first matching rule item applies, later ones are ignored.
             exclusive: true,
+            when: None,
         },
         ip,
     ))

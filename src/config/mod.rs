@@ -265,10 +265,10 @@ impl Config {
         }
         self.match_headers = names;
         self.needs_request_body = self.reserve == Reserve::MaxTokens
-            || self
-                .limits
-                .iter()
-                .any(|l| l.key.attributes().any(|a| *a == Attribute::Model));
+            || self.limits.iter().any(|l| {
+                l.key.attributes().any(|a| *a == Attribute::Model)
+                    || l.when.as_ref().is_some_and(|c| c.reads_model())
+            });
     }
 
     /// The headers `matches` read (empty when every request matches).
@@ -385,6 +385,63 @@ mod tests {
         assert_eq!(c.consumer_header, "x-mse-consumer");
         assert_eq!(c.max_request_body_bytes, 1 << 20);
         assert_eq!(c.client_ip, ClientIpSource::Remote);
+    }
+
+    #[test]
+    fn limits_may_carry_conditions() {
+        use crate::limits::descriptors;
+        use crate::template::{Attribute, AttributeSource};
+        use std::borrow::Cow;
+        let c = Config::parse(
+            br#"{"service": {"cluster": "rl"}, "limits": [
+              {"name": "gpt4o-per-user", "key": "{{request.headers.x-user}}", "tokens": 100, "window": "1h",
+               "when": {"model": {"exact": "gpt-4o"}, "path": {"prefix": "/v1/chat/"}}},
+              {"name": "tagged", "key": "", "tokens": 100, "window": "1h",
+               "when": {"headers": {"x-team": {"present": true}}, "method": "POST"}}]}"#,
+        )
+        .unwrap();
+        assert!(c.needs_request_body(), "a model condition reads the body");
+        struct Req(&'static str, &'static str, Option<&'static str>);
+        impl AttributeSource for Req {
+            fn attribute(&self, a: &Attribute) -> Option<Cow<'_, str>> {
+                match a {
+                    Attribute::Model => Some(Cow::Borrowed(self.0)),
+                    Attribute::Path => Some(Cow::Borrowed(self.1)),
+                    Attribute::Method => Some(Cow::Borrowed("POST")),
+                    Attribute::Header(h) if h == "x-user" => Some(Cow::Borrowed("ann")),
+                    Attribute::Header(h) if h == "x-team" => self.2.map(Cow::Borrowed),
+                    _ => None,
+                }
+            }
+        }
+        let names = |r: Req| -> Vec<String> {
+            descriptors(&c.limits, &r)
+                .into_iter()
+                .map(|d| d.limit)
+                .collect()
+        };
+        assert_eq!(
+            names(Req("gpt-4o", "/v1/chat/completions", None)),
+            ["gpt4o-per-user"]
+        );
+        assert_eq!(
+            names(Req("gpt-4o-mini", "/v1/chat/completions", None)),
+            Vec::<String>::new()
+        );
+        assert_eq!(names(Req("gpt-4o", "/v1/embeddings", Some(""))), ["tagged"]);
+        for (body, message) in [
+            (
+                r#"{"service": {"cluster": "rl"}, "limits": [{"name": "a", "key": "", "when": {"modle": {}}}]}"#,
+                "`limits[0].when.modle`: unknown field",
+            ),
+            (
+                r#"{"service": {"cluster": "rl"}, "limits": [{"name": "a", "key": "", "when": {"headers": {"x": {"present": false}}}}]}"#,
+                "`limits[0].when.headers.x.present`: can only be true",
+            ),
+        ] {
+            let err = Config::parse(body.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(message), "{err}");
+        }
     }
 
     #[test]

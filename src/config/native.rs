@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::fields::{kind, whole_number, Object, Path};
 use super::*;
 use crate::limits::{LimitRates, Rate, ValueMatch, ValueRule};
-use crate::matcher::StringMatch;
+use crate::matcher::{Condition, StringMatch};
 use crate::template::Template;
 
 pub(super) use wire::{MAX_TOKENS, MAX_WINDOW_S};
@@ -396,12 +396,21 @@ pub(super) fn valid_header_name(h: &str) -> bool {
 fn string_match(path: Path, v: &Value) -> Result<StringMatch, ConfigError> {
     let mut o = Object::new(path, v)?;
     let mut found = Vec::new();
-    for kind in ["exact", "prefix", "suffix", "contains", "regex"] {
+    for kind in ["exact", "prefix", "suffix", "contains", "regex", "present"] {
         if o.has(kind) {
             found.push(kind);
         }
     }
     let m = match found.as_slice() {
+        ["present"] => match o.bool("present")? {
+            Some(true) => StringMatch::Present,
+            _ => {
+                return Err(o
+                    .path
+                    .field("present")
+                    .error("can only be true (a condition on something absent never holds)"))
+            }
+        },
         [kind] => {
             let text = match *kind {
                 "exact" => o.required_string("exact")?,
@@ -421,7 +430,7 @@ fn string_match(path: Path, v: &Value) -> Result<StringMatch, ConfigError> {
         [] => {
             return Err(o
                 .path
-                .error("needs one of `exact`, `prefix`, `suffix`, `contains`, `regex`"))
+                .error("needs one of `exact`, `prefix`, `suffix`, `contains`, `regex`, `present`"))
         }
         several => {
             return Err(o.path.error(format!(
@@ -436,6 +445,15 @@ fn string_match(path: Path, v: &Value) -> Result<StringMatch, ConfigError> {
 
 pub(super) fn regex(path: &Path, text: &str) -> Result<Regex, ConfigError> {
     Regex::new(text).map_err(|e| path.error(format!("invalid regular expression: {e}")))
+}
+
+/// A limit's `when`: a `matches` entry that may also name the `model`.
+fn condition(mut o: Object<'_>) -> Result<Condition, ConfigError> {
+    let model = o
+        .value("model")
+        .map(|v| string_match(o.path.field("model"), v))
+        .transpose()?;
+    Ok(Condition::new(request_match(o)?, model))
 }
 
 fn request_match(mut m: Object<'_>) -> Result<RequestMatch, ConfigError> {
@@ -599,6 +617,7 @@ fn limit(mut l: Object<'_>) -> Result<Limit, ConfigError> {
             .error("is required (use \"\" for one global counter)")
     })?;
     let key = Template::parse(key_text).map_err(|e| l.path.field("key").error(e))?;
+    let when = l.object("when")?.map(condition).transpose()?;
     let own_rates = rates(&mut l)?;
     let values_path = l.path.field("values");
     let rates = match (own_rates, l.array("values")?) {
@@ -624,6 +643,7 @@ fn limit(mut l: Object<'_>) -> Result<Limit, ConfigError> {
         key,
         rates,
         exclusive: false,
+        when,
     })
 }
 
