@@ -518,6 +518,7 @@ mod tests {
                 prompt_tokens: 10,
                 completion_tokens: 95,
                 total_tokens: 105,
+                ..Default::default()
             }),
         };
         let call = http(report_call(&service(Protocol::V1), &[&report]));

@@ -98,6 +98,14 @@ impl Pending {
             .usage
             .total_tokens
             .saturating_add(other.usage.total_tokens);
+        self.usage.cached_prompt_tokens = self
+            .usage
+            .cached_prompt_tokens
+            .saturating_add(other.usage.cached_prompt_tokens);
+        self.usage.reasoning_tokens = self
+            .usage
+            .reasoning_tokens
+            .saturating_add(other.usage.reasoning_tokens);
         self.requests += other.requests;
         self.used = self.used.saturating_add(other.used);
     }
@@ -524,6 +532,7 @@ mod tests {
                 prompt_tokens: 0,
                 completion_tokens: tokens,
                 total_tokens: tokens,
+                ..Default::default()
             },
         }
     }

@@ -125,6 +125,7 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
                 prompt_tokens: u64::MAX,
                 completion_tokens: u64::MAX,
                 total_tokens: u64::MAX,
+                ..Default::default()
             }),
         };
         let batch: Vec<&Report> = vec![&report; 3];

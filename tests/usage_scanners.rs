@@ -128,12 +128,8 @@ fn every_provider_whole_split_and_byte_by_byte() {
     for case in CASES {
         let body = fixture(case.file);
         let whole = scan([body.as_slice()]);
-        let want = case.usage.map(|(prompt, completion, total)| Usage {
-            prompt,
-            completion,
-            total,
-        });
-        assert_eq!((whole.0, whole.1), (case.format, want), "{}", case.file);
+        let found = whole.1.map(|u: Usage| (u.prompt, u.completion, u.total));
+        assert_eq!((whole.0, found), (case.format, case.usage), "{}", case.file);
         for at in 0..=body.len() {
             let (a, b) = body.split_at(at);
             assert_eq!(scan([a, b]), whole, "{} split at {at}", case.file);

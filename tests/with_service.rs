@@ -175,3 +175,48 @@ fn a_limit_for_one_model_per_user() {
     assert_eq!(ask("gpt-4o", "/v1/embeddings"), 200);
     assert_eq!(e.metric("requests_unlimited"), 2);
 }
+
+/// Cached prompt tokens are their own count: OpenAI's `prompt_tokens_details.cached_tokens`
+/// weighs `cached_prompt` (here a tenth), and the report carries the breakdown, reasoning
+/// tokens included.
+#[test]
+fn cached_prompt_tokens_weigh_what_the_configuration_says() {
+    let svc = Service::start(&[], &[]);
+    let real = svc.port;
+    let seen = Server::start(move |req| http::forward(real, req));
+    let up = Server::start(|_| {
+        json_reply(
+            200,
+            json!({"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150,
+                   "prompt_tokens_details": {"cached_tokens": 80},
+                   "completion_tokens_details": {"reasoning_tokens": 30}}}),
+        )
+    });
+    let config = json!({
+        "service": {"cluster": "ratelimit"},
+        "limits": [{"name": "user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"}],
+        "usage": {"count": {"prompt": 1, "cached_prompt": 0.1, "completion": 1}}
+    });
+    let e = Envoy::start(
+        &config,
+        &[
+            cluster("ratelimit", seen.port),
+            cluster("upstream", up.port),
+        ],
+    );
+    let r = http::post_json(
+        e.port,
+        "/v1/chat/completions",
+        &[("x-user", "ann")],
+        &json!({"model": "m"}),
+    );
+    assert_eq!(r.status, 200);
+    // 20 fresh prompt tokens + 80 cached × 0.1 + 50 completion tokens.
+    svc.await_remaining("user", "ann", 1000 - 78);
+    let report = seen.reports()[0].json();
+    assert_eq!(
+        report["reports"][0]["usage"],
+        json!({"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150,
+               "cached_prompt_tokens": 80, "reasoning_tokens": 30})
+    );
+}

@@ -67,7 +67,13 @@ pub enum Count {
     Total,
     Prompt,
     Completion,
-    Weighted { prompt: f64, completion: f64 },
+    /// Prompt tokens read from a cache weigh `cached_prompt` (the `prompt` weight unless
+    /// configured).
+    Weighted {
+        prompt: f64,
+        cached_prompt: f64,
+        completion: f64,
+    },
 }
 
 /// What a successful response without usage is charged.
@@ -350,6 +356,7 @@ mod tests {
             c.count,
             Count::Weighted {
                 prompt: 1.0,
+                cached_prompt: 1.0,
                 completion: 4.0
             }
         );

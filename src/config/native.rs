@@ -685,26 +685,31 @@ fn usage(mut u: Object<'_>) -> Result<(Count, OnMissing), ConfigError> {
             "completion" => Count::Completion,
             other => {
                 return Err(count_path.error(format!(
-                    "\"{other}\" is not one of \"total\", \"prompt\", \"completion\" or {{\"prompt\": w, \"completion\": w}}"
+                    "\"{other}\" is not one of \"total\", \"prompt\", \"completion\" or {{\"prompt\": w, \"cached_prompt\": w, \"completion\": w}}"
                 )))
             }
         },
         Some(v @ Value::Object(_)) => {
             let mut w = Object::new(count_path.clone(), v)?;
-            let mut weight = |name: &'static str| -> Result<f64, ConfigError> {
+            let mut weight = |name: &'static str| -> Result<Option<f64>, ConfigError> {
                 match w.value(name) {
-                    None => Ok(0.0),
+                    None => Ok(None),
                     Some(Value::Number(n)) => match n.as_f64() {
-                        Some(f) if f.is_finite() && (0.0..=1_000_000.0).contains(&f) => Ok(f),
+                        Some(f) if f.is_finite() && (0.0..=1_000_000.0).contains(&f) => Ok(Some(f)),
                         _ => Err(count_path.field(name).error("must be a weight between 0 and 1000000")),
                     },
                     Some(other) => Err(count_path.field(name).error(format!("expected a number, found {}", kind(other)))),
                 }
             };
-            let prompt = weight("prompt")?;
-            let completion = weight("completion")?;
+            let prompt = weight("prompt")?.unwrap_or(0.0);
+            let cached_prompt = weight("cached_prompt")?.unwrap_or(prompt);
+            let completion = weight("completion")?.unwrap_or(0.0);
             w.finish()?;
-            Count::Weighted { prompt, completion }
+            Count::Weighted {
+                prompt,
+                cached_prompt,
+                completion,
+            }
         }
         Some(other) => return Err(count_path.error(format!("expected a string or an object, found {}", kind(other)))),
     };

@@ -32,6 +32,16 @@ const TEXT_KEYS: &[&[u8]] = &[
     b"refusal",
 ];
 
+/// The breakdown objects inside a usage object (OpenAI chat and Responses).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Detail {
+    None,
+    /// `prompt_tokens_details` / `input_tokens_details`: `cached_tokens`.
+    Prompt,
+    /// `completion_tokens_details` / `output_tokens_details`: `reasoning_tokens`.
+    Completion,
+}
+
 /// A short byte string that remembers whether it overflowed.
 #[derive(Clone, Copy)]
 struct Short {
@@ -90,6 +100,8 @@ pub struct JsonScanner {
     bare: Short,
     /// Depth of the usage object being read, 0 when outside one.
     usage_depth: u32,
+    /// Inside the usage object's `…_tokens_details` object, which one.
+    detail: Detail,
     /// The current string value is generated text.
     counting_text: bool,
     /// What was found so far; later values of a field replace earlier ones (providers send
@@ -109,6 +121,7 @@ impl Default for JsonScanner {
             key: Short::EMPTY,
             bare: Short::EMPTY,
             usage_depth: 0,
+            detail: Detail::None,
             counting_text: false,
             fields: UsageFields::default(),
             text_bytes: 0,
@@ -208,6 +221,15 @@ impl JsonScanner {
     }
 
     fn open(&mut self, object: bool) {
+        let detail = if self.usage_depth != 0 && self.depth == self.usage_depth && object {
+            match self.key.get() {
+                Some(b"prompt_tokens_details" | b"input_tokens_details") => Detail::Prompt,
+                Some(b"completion_tokens_details" | b"output_tokens_details") => Detail::Completion,
+                _ => Detail::None,
+            }
+        } else {
+            Detail::None
+        };
         let opens_usage = self.usage_depth == 0
             && self.in_object()
             && self.depth < MAX_USAGE_DEPTH
@@ -227,6 +249,9 @@ impl JsonScanner {
         if opens_usage && object {
             self.usage_depth = self.depth;
         }
+        if detail != Detail::None {
+            self.detail = detail;
+        }
         self.expect_key = object;
         self.key = Short::EMPTY;
     }
@@ -238,6 +263,9 @@ impl JsonScanner {
         if self.depth == self.usage_depth {
             self.usage_depth = 0;
         }
+        if self.usage_depth != 0 && self.depth == self.usage_depth + 1 {
+            self.detail = Detail::None;
+        }
         self.depth -= 1;
         self.expect_key = false;
     }
@@ -248,14 +276,23 @@ impl JsonScanner {
             return;
         }
         self.lex = Lex::Between;
-        if self.usage_depth == 0 || self.depth != self.usage_depth {
+        if self.usage_depth == 0 {
             return;
         }
         let (Some(key), Some(text)) = (self.key.get(), self.bare.get()) else {
             return;
         };
-        if let Some(n) = parse_count(text) {
+        let Some(n) = parse_count(text) else {
+            return;
+        };
+        if self.depth == self.usage_depth {
             self.fields.set(key, n);
+        } else if self.depth == self.usage_depth + 1 {
+            match (self.detail, key) {
+                (Detail::Prompt, b"cached_tokens") => self.fields.cached = Some(n),
+                (Detail::Completion, b"reasoning_tokens") => self.fields.reasoning = Some(n),
+                _ => {}
+            }
         }
     }
 }
@@ -306,7 +343,38 @@ mod tests {
             (s.fields.prompt, s.fields.completion, s.fields.total),
             (Some(3), Some(5), Some(8))
         );
+        assert_eq!(s.fields.cached, Some(2));
         assert_eq!(s.text_bytes, 2);
+    }
+
+    #[test]
+    fn cached_and_reasoning_tokens_from_the_breakdowns() {
+        let doc = r#"{"usage":{"prompt_tokens":100,"completion_tokens":50,"total_tokens":150,
+            "prompt_tokens_details":{"cached_tokens":80,"audio_tokens":0},
+            "completion_tokens_details":{"reasoning_tokens":30,"cached_tokens":999}}}"#;
+        // Cut at every byte: the breakdown survives any chunking.
+        for cut in 0..doc.len() {
+            let mut s = JsonScanner::default();
+            s.feed(&doc.as_bytes()[..cut]);
+            s.feed(&doc.as_bytes()[cut..]);
+            s.next_document();
+            assert_eq!(
+                (s.fields.cached, s.fields.reasoning),
+                (Some(80), Some(30)),
+                "cut {cut}"
+            );
+        }
+        // The Responses API's names, and a `cached_tokens` outside any breakdown is not one.
+        let s = scan(
+            r#"{"response":{"usage":{"input_tokens":10,"input_tokens_details":{"cached_tokens":4},
+               "output_tokens":7,"output_tokens_details":{"reasoning_tokens":5},"cached_tokens":9}}}"#,
+        );
+        assert_eq!((s.fields.cached, s.fields.reasoning), (Some(4), Some(5)));
+        // Gemini names them at the top of usageMetadata.
+        let s = scan(
+            r#"{"usageMetadata":{"promptTokenCount":20,"cachedContentTokenCount":12,"candidatesTokenCount":3,"thoughtsTokenCount":6}}"#,
+        );
+        assert_eq!((s.fields.cached, s.fields.thoughts), (Some(12), Some(6)));
     }
 
     #[test]

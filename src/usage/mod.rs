@@ -27,6 +27,12 @@ pub struct UsageFields {
     pub thoughts: Option<u64>,
     /// `total_tokens`, `totalTokenCount`.
     pub total: Option<u64>,
+    /// Of the prompt, read from a cache: OpenAI `prompt_tokens_details.cached_tokens`
+    /// (`input_tokens_details` in the Responses API), Gemini `cachedContentTokenCount`.
+    pub cached: Option<u64>,
+    /// Of the completion, spent reasoning: OpenAI `completion_tokens_details.reasoning_tokens`
+    /// (`output_tokens_details`).
+    pub reasoning: Option<u64>,
 }
 
 impl UsageFields {
@@ -41,6 +47,7 @@ impl UsageFields {
             }
             b"thoughtsTokenCount" => &mut self.thoughts,
             b"total_tokens" | b"totalTokenCount" => &mut self.total,
+            b"cachedContentTokenCount" => &mut self.cached,
             _ => return,
         };
         *slot = Some(value);
@@ -69,6 +76,14 @@ impl UsageFields {
             prompt,
             completion,
             total,
+            // Anthropic's cache reads are part of the prompt once added to it above.
+            cached: self.cached.or(self.cache_read).unwrap_or(0).min(prompt),
+            // Gemini's thoughts are added to the completion above.
+            reasoning: self
+                .reasoning
+                .or(self.thoughts)
+                .unwrap_or(0)
+                .min(completion),
         }
     }
 }
@@ -79,6 +94,10 @@ pub struct Usage {
     pub prompt: u64,
     pub completion: u64,
     pub total: u64,
+    /// Of `prompt`, read from the provider's prompt cache.
+    pub cached: u64,
+    /// Of `completion`, spent on reasoning.
+    pub reasoning: u64,
 }
 
 impl From<Usage> for wire::UsageFigures {
@@ -87,6 +106,8 @@ impl From<Usage> for wire::UsageFigures {
             prompt_tokens: u.prompt,
             completion_tokens: u.completion,
             total_tokens: u.total,
+            cached_prompt_tokens: u.cached,
+            reasoning_tokens: u.reasoning,
         }
     }
 }
@@ -190,8 +211,15 @@ pub fn charge(count: Count, usage: &Usage) -> u64 {
         Count::Total => usage.total,
         Count::Prompt => usage.prompt,
         Count::Completion => usage.completion,
-        Count::Weighted { prompt, completion } => {
-            let t = usage.prompt as f64 * prompt + usage.completion as f64 * completion;
+        Count::Weighted {
+            prompt,
+            cached_prompt,
+            completion,
+        } => {
+            let fresh = usage.prompt.saturating_sub(usage.cached);
+            let t = fresh as f64 * prompt
+                + usage.cached as f64 * cached_prompt
+                + usage.completion as f64 * completion;
             // `as` saturates; NaN (impossible with validated weights) becomes 0.
             t.ceil() as u64
         }
@@ -217,6 +245,7 @@ mod tests {
             prompt: 10,
             completion: 95,
             total: 105,
+            ..Usage::default()
         };
         assert_eq!(charge(Count::Total, &u), 105);
         assert_eq!(charge(Count::Prompt, &u), 10);
@@ -225,6 +254,7 @@ mod tests {
             charge(
                 Count::Weighted {
                     prompt: 0.5,
+                    cached_prompt: 0.5,
                     completion: 4.0
                 },
                 &u
@@ -235,11 +265,31 @@ mod tests {
             charge(
                 Count::Weighted {
                     prompt: 0.01,
+                    cached_prompt: 0.01,
                     completion: 0.0
                 },
                 &u
             ),
             1
+        );
+        // Cached prompt tokens at a tenth: 20 fresh + 80 × 0.1 + 50.
+        let cached = Usage {
+            prompt: 100,
+            cached: 80,
+            completion: 50,
+            total: 150,
+            reasoning: 30,
+        };
+        assert_eq!(
+            charge(
+                Count::Weighted {
+                    prompt: 1.0,
+                    cached_prompt: 0.1,
+                    completion: 1.0
+                },
+                &cached
+            ),
+            78
         );
     }
 
@@ -255,7 +305,9 @@ mod tests {
             Usage {
                 prompt: 115,
                 completion: 7,
-                total: 122
+                total: 122,
+                cached: 100,
+                reasoning: 0,
             }
         );
         let mut g = UsageFields::default();
@@ -268,7 +320,9 @@ mod tests {
             Usage {
                 prompt: 4,
                 completion: 26,
-                total: 30
+                total: 30,
+                cached: 0,
+                reasoning: 20,
             }
         );
     }

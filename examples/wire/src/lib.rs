@@ -102,6 +102,16 @@ pub struct UsageFigures {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Of the prompt, read from the provider's cache.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cached_prompt_tokens: u64,
+    /// Of the completion, spent on reasoning.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub reasoning_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What one request (or, merged, several) spent. The service charges `tokens − reserved`:
