@@ -282,6 +282,60 @@ fn higress_cookie_with_custom_rejection() {
     let other = s.ask(CHAT, &[("cookie", "key1=value2")], 1);
     assert_eq!(other.status, 200);
     assert_ne!(other.text(), r#"{"code":-1,"msg":"Too many requests"}"#);
+    // `limit_by_per_cookie` `*`: every other value its own 1,000 per hour.
+    s.settled(2);
+    assert_eq!(s.ask(CHAT, &[("cookie", "key1=zzz")], 999).status, 200);
+    s.settled(3);
+    assert_eq!(
+        s.ask(CHAT, &[("cookie", "key1=zzz")], 1).status,
+        200,
+        "1 left"
+    );
+    s.settled(4);
+    let spent = s.ask(CHAT, &[("cookie", "key1=zzz")], 1);
+    assert_eq!(spent.text(), r#"{"code":-1,"msg":"Too many requests"}"#);
+    assert_eq!(s.ask(CHAT, &[("cookie", "key1=yyy")], 1).status, 200);
+    assert_eq!(
+        s.svc
+            .remaining("default_rule.limit_by_per_cookie.key1", "zzz"),
+        Some(0)
+    );
+}
+
+#[test]
+fn higress_per_header_and_per_ip_from_the_peer() {
+    let config = json!({
+        "rule_name": "r",
+        "rule_items": [
+            {"limit_by_per_header": "x-team", "limit_keys": [
+                {"key": "regexp:^vip-", "token_per_hour": 1000}, {"key": "*", "token_per_hour": 50}]},
+            {"limit_by_per_ip": "from-remote-addr", "limit_keys": [{"key": "0.0.0.0/0", "token_per_hour": 30}]}],
+        "service": {"cluster": "ratelimit"}
+    });
+    let s = stack(&config);
+    assert!(
+        !s.envoy.log().contains("trusted_hops"),
+        "the peer needs no trusted hops"
+    );
+    // Each team value its own budget; a vip- team a larger one.
+    assert_eq!(s.ask(CHAT, &[("x-team", "basic")], 50).status, 200);
+    s.settled(1);
+    assert_eq!(s.ask(CHAT, &[("x-team", "basic")], 1).status, 429);
+    assert_eq!(s.ask(CHAT, &[("x-team", "vip-a")], 500).status, 200);
+    s.settled(2);
+    assert_eq!(s.ask(CHAT, &[("x-team", "vip-a")], 1).status, 200);
+    assert_eq!(
+        s.svc
+            .remaining("r.limit_by_per_header.x-team", "vip-a")
+            .map(|r| r <= 500),
+        Some(true)
+    );
+    // No team: the next item, the peer's address (each address its own 30).
+    s.settled(3);
+    assert_eq!(s.ask(CHAT, &[], 30).status, 200);
+    s.settled(4);
+    assert_eq!(s.ask(CHAT, &[], 1).status, 429);
+    assert_eq!(s.svc.remaining("r.limit_by_per_ip", "127.0.0.1"), Some(0));
 }
 
 #[test]
