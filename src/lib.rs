@@ -15,5 +15,6 @@ pub mod report;
 pub mod request;
 pub mod reserve;
 pub mod rls;
+pub mod strip;
 pub mod template;
 pub mod usage;

@@ -558,3 +558,47 @@ fn asm_protocol_reports_one_update_per_request() {
     assert_eq!(ask(), 429);
     assert_eq!(e.metric("tokens_reported"), 240);
 }
+
+/// The plugin asked for usage in a stream the client did not ask it of: the client receives
+/// the stream without the usage-only chunk (`"choices": []`) and without `"usage": null`, at
+/// any chunking, and the request is still charged from that usage. A client that asked for it
+/// gets it.
+#[test]
+fn usage_the_client_did_not_ask_for_is_taken_out_of_its_stream() {
+    let (svc, llm) = (Service::start(&[], &[]), mock_llm());
+    let e = envoy(&config(json!({})), svc.port, &llm);
+    for (user, piece) in [("whole", "4096"), ("pieces", "5")] {
+        let r = http::post_json(
+            e.port,
+            "/v1/chat/completions",
+            &[
+                ("x-user", user),
+                ("x-mock-prompt-tokens", "5"),
+                ("x-mock-completion-tokens", "50"),
+                ("x-mock-chunk-bytes", piece),
+            ],
+            &json!({"model": "gpt-4o", "stream": true}),
+        );
+        assert_eq!(r.status, 200);
+        let text = r.text();
+        assert!(
+            text.contains("\"content\"") && text.ends_with("data: [DONE]\n\n"),
+            "{text}"
+        );
+        assert!(!text.contains("\"choices\":[]"), "{user}: {text}");
+        assert!(!text.contains("\"usage\""), "{user}: {text}");
+        assert_spent(svc.port, user, 55);
+    }
+    let r = http::post_json(
+        e.port,
+        "/v1/chat/completions",
+        &[
+            ("x-user", "asked"),
+            ("x-mock-prompt-tokens", "5"),
+            ("x-mock-completion-tokens", "50"),
+        ],
+        &json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    assert!(r.text().contains("\"choices\":[]"), "asked for: kept");
+    assert_spent(svc.port, "asked", 55);
+}

@@ -125,6 +125,19 @@ impl Host for FakeHost {
         s.response_body.get(offset..end).map(<[u8]>::to_vec)
     }
 
+    fn set_response_body(&self, size: usize, body: &[u8]) -> bool {
+        let mut s = self.state();
+        let size = size.min(s.response_body.len());
+        s.response_body.splice(..size, body.iter().copied());
+        true
+    }
+
+    fn remove_response_header(&self, name: &str) {
+        self.state()
+            .response_headers
+            .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+
     fn property(&self, path: &[&str]) -> Option<String> {
         self.0.borrow().properties.get(&path.join(".")).cloned()
     }

@@ -32,6 +32,9 @@ pub trait Host {
     fn set_response_header(&self, name: &str, value: &str);
     /// Bytes `offset..offset + len` of the current response body chunk.
     fn response_body(&self, offset: usize, len: usize) -> Option<Vec<u8>>;
+    /// Replaces the current response body chunk (`size` bytes) with `body`.
+    fn set_response_body(&self, size: usize, body: &[u8]) -> bool;
+    fn remove_response_header(&self, name: &str);
     fn property(&self, path: &[&str]) -> Option<String>;
     fn plugin_configuration(&self, size: usize) -> Option<Vec<u8>>;
     /// Milliseconds since the epoch by the host's clock (0 if it cannot tell).
@@ -143,6 +146,14 @@ impl Host for Envoy {
 
     fn response_body(&self, offset: usize, len: usize) -> Option<Vec<u8>> {
         buffer(BufferType::HttpResponseBody, offset, len)
+    }
+
+    fn set_response_body(&self, size: usize, body: &[u8]) -> bool {
+        hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, body).is_ok()
+    }
+
+    fn remove_response_header(&self, name: &str) {
+        let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, name);
     }
 
     fn property(&self, path: &[&str]) -> Option<String> {

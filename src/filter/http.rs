@@ -18,6 +18,7 @@ use crate::request::{
     may_need_stream_usage, with_stream_usage, BodyFacts, Properties, RequestView,
 };
 use crate::reserve::reserve;
+use crate::strip::Stripper;
 use crate::usage::{settle, Charge, Observed, UsageScanner};
 
 /// Envoy attributes, read through the host on demand.
@@ -121,6 +122,8 @@ struct Response {
     status: u32,
     /// `None` for a status other than 2xx, whose body is not read.
     scanner: Option<UsageScanner>,
+    /// Takes the usage the plugin asked for (and the client did not) out of the stream.
+    stripper: Option<Stripper>,
     complete: bool,
 }
 
@@ -132,6 +135,8 @@ pub struct Http {
     state: State,
     /// The request body's size, for estimating the prompt when usage is missing.
     request_bytes: Option<u64>,
+    /// The plugin rewrote the request to ask for usage in the stream.
+    injected: bool,
 }
 
 impl Http {
@@ -142,6 +147,7 @@ impl Http {
             policy: 0,
             state: State::Passthrough,
             request_bytes: None,
+            injected: false,
         }
     }
 
@@ -444,6 +450,7 @@ impl HttpContext for Http {
             if let Some(rewritten) = with_stream_usage(body, facts) {
                 if self.host.set_request_body(body_size, &rewritten) {
                     shared.metrics.stream_usage_injected.inc();
+                    self.injected = true;
                 }
             }
         }
@@ -500,12 +507,22 @@ impl HttpContext for Http {
             .response_header(":status")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let scanner = (200..300)
-            .contains(&status)
-            .then(|| UsageScanner::new(self.host.response_header("content-encoding").as_deref()));
+        let ok = (200..300).contains(&status);
+        let encoding = self.host.response_header("content-encoding");
+        let scanner = ok.then(|| UsageScanner::new(encoding.as_deref()));
+        let event_stream = self
+            .host
+            .response_header("content-type")
+            .is_some_and(|t| t.to_ascii_lowercase().starts_with("text/event-stream"));
+        let stripper = (ok && self.injected && event_stream && encoding.is_none()).then(|| {
+            // What the client receives changes length.
+            self.host.remove_response_header("content-length");
+            Stripper::new()
+        });
         *response = Some(Box::new(Response {
             status,
             scanner,
+            stripper,
             complete: end_of_stream,
         }));
         Action::Continue
@@ -517,9 +534,23 @@ impl HttpContext for Http {
         } = &mut self.state
         {
             if let Some(scanner) = &mut r.scanner {
-                response_body_slices(self.host.as_ref(), body_size, |chunk| scanner.feed(chunk));
+                let mut out = Vec::new();
+                response_body_slices(self.host.as_ref(), body_size, |chunk| {
+                    scanner.feed(chunk);
+                    if let Some(stripper) = &mut r.stripper {
+                        stripper.feed(chunk, &mut out);
+                    }
+                });
                 if end_of_stream {
                     scanner.finish();
+                }
+                if let Some(stripper) = &mut r.stripper {
+                    if end_of_stream {
+                        stripper.finish(&mut out);
+                    }
+                    if !self.host.set_response_body(body_size, &out) {
+                        log::warn!("could not take the injected usage out of the stream");
+                    }
                 }
             }
             r.complete |= end_of_stream;
