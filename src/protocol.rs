@@ -226,10 +226,15 @@ impl Wire for EnvoyRls {
         .map(Outbound::Grpc)
     }
 
-    /// INVALID_ARGUMENT and UNIMPLEMENTED cannot get better.
-    fn read_delivery(&self, status: Option<u32>, _body: &[u8]) -> Delivery {
+    /// INVALID_ARGUMENT and UNIMPLEMENTED cannot get better. An OVER_LIMIT answer to a report
+    /// may mean it was not counted (Limitador refuses hits past a limit; envoyproxy/ratelimit
+    /// counts them and answers 0 remaining): what the statuses say still fits is sent again.
+    fn read_delivery(&self, status: Option<u32>, body: &[u8]) -> Delivery {
         match status.unwrap_or(GRPC_UNAVAILABLE) {
-            0 => Delivery::Answered(Vec::new()),
+            0 => match rls::over_limit_fits(body) {
+                Some(fits) => Delivery::OverLimit { fits },
+                None => Delivery::Answered(Vec::new()),
+            },
             3 | 12 => Delivery::Refused,
             _ => Delivery::Retry,
         }

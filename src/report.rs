@@ -161,6 +161,9 @@ pub enum Delivery {
     Retry,
     /// The call as a whole was refused as malformed (4xx).
     Refused,
+    /// An engine that refuses a hit past the limit (Limitador) did not count the call's one
+    /// report; `fits` tokens were still left under the limit.
+    OverLimit { fits: u64 },
 }
 
 /// What settling a call did, for the metrics, in requests (an entry may hold several).
@@ -172,6 +175,8 @@ pub struct Settled {
     pub retried: u64,
     /// Refused by the service: can never be applied, dropped.
     pub rejected: u64,
+    /// Tokens an engine would not record past a limit (see [`Delivery::OverLimit`]).
+    pub over_limit: u64,
 }
 
 /// See the module documentation.
@@ -424,6 +429,22 @@ impl ReportQueue {
                         solo: true,
                         ..sealed
                     });
+                    continue;
+                }
+                // What still fits under the limit is sent again on its own, so the budget ends
+                // spent; the rest cannot be recorded by this engine.
+                Delivery::OverLimit { fits } => {
+                    let tokens = sealed.report.tokens;
+                    let fits = (*fits).min(tokens.saturating_sub(1));
+                    settled.over_limit += tokens - fits;
+                    if fits > 0 {
+                        let mut smaller = sealed;
+                        smaller.report.tokens = fits;
+                        smaller.report.reserved = 0;
+                        again.push(smaller);
+                    } else {
+                        settled.sent += sealed.requests;
+                    }
                     continue;
                 }
             };
@@ -680,6 +701,26 @@ mod tests {
             q.finish_batch(call, d, 0);
         }
         assert_eq!(sent, ["a", "c"]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_report_refused_past_the_limit_is_sent_again_with_what_fits() {
+        let mut q = ReportQueue::new(ReportIds::new(1), 1, 8, 100);
+        q.push(spent("ann", 29, 0, None));
+        q.start_batch(0, 1).unwrap();
+        let s = q.finish_batch(1, Delivery::OverLimit { fits: 9 }, 0);
+        assert_eq!(s.over_limit, 20);
+        let again = q.start_batch(0, 2).unwrap();
+        assert_eq!(again[0].tokens, 9);
+        let s = q.finish_batch(2, Delivery::Answered(vec![]), 0);
+        assert_eq!(s.sent, 1);
+        assert!(q.is_empty());
+        // Nothing fits: the limit is spent already; nothing more to send.
+        q.push(spent("bob", 5, 0, None));
+        q.start_batch(0, 3).unwrap();
+        let s = q.finish_batch(3, Delivery::OverLimit { fits: 0 }, 0);
+        assert_eq!((s.over_limit, s.sent), (5, 1));
         assert!(q.is_empty());
     }
 

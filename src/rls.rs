@@ -146,6 +146,21 @@ pub fn report_message(
     })
 }
 
+/// For an answer to a report: `None` when it is OK (counted); when it is OVER_LIMIT, the hits
+/// that still fit under every limit (the smallest `limit_remaining`).
+pub fn over_limit_fits(body: &[u8]) -> Option<u64> {
+    let answer = RateLimitResponse::decode(body).ok()?;
+    (answer.overall_code == CODE_OVER_LIMIT).then(|| {
+        answer
+            .statuses
+            .iter()
+            .filter(|s| s.current_limit.is_some())
+            .map(|s| u64::from(s.limit_remaining))
+            .min()
+            .unwrap_or(0)
+    })
+}
+
 /// Reads a `ShouldRateLimit` answer: `grpc_status` 0 with a decodable OK or OVER_LIMIT is a
 /// decision; anything else is a service failure (`failure_mode` applies).
 pub fn read_check(grpc_status: u32, body: &[u8]) -> Result<Verdict, CheckFailure> {

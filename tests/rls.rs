@@ -283,3 +283,71 @@ fn reservations_cover_the_usage_then_nothing_more_is_reported() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].hits_addend, 100);
 }
+
+/// A stand-in that behaves as Limitador does: a `ShouldRateLimit` whose `hits_addend` would pass
+/// the limit is answered OVER_LIMIT and not counted. A limit of 100 tokens per user, answers of
+/// 30 tokens (1 reserved at the check, 29 reported): four requests are served, the fourth's
+/// report is refused, the plugin sends what still fits (9), and the fifth is denied. (Before,
+/// every report crossing the limit was lost, and 13 requests were served.)
+#[test]
+fn reports_past_a_limit_an_engine_refuses_still_spend_the_budget() {
+    let counters = Arc::new(Mutex::new(std::collections::HashMap::<String, u32>::new()));
+    let state = counters.clone();
+    let rls = Rls::start(move |m| {
+        let user = m.descriptors[0]
+            .entries
+            .iter()
+            .find(|e| e.key == "user")
+            .map(|e| e.value.clone())
+            .unwrap_or_default();
+        let mut all = state.lock().unwrap();
+        let used = all.entry(user).or_insert(0);
+        let hits = m.hits_addend.max(1);
+        let (code, remaining) = if *used + hits > 100 {
+            (CODE_OVER_LIMIT, 100 - *used)
+        } else {
+            *used += hits;
+            (CODE_OK, 100 - *used)
+        };
+        Answer::Reply(RateLimitResponse {
+            overall_code: code,
+            statuses: vec![status(code, 100, remaining, 3600)],
+        })
+    });
+    let llm = mock_llm();
+    let e = Envoy::start(
+        &config("deny", json!(0)),
+        &[
+            cluster_h2("ratelimit", rls.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    assert!(
+        e.log().contains("tokens_over_limit"),
+        "the plugin warns at load"
+    );
+    let ask = || {
+        http::post_json(
+            e.port,
+            "/v1/chat/completions",
+            &[
+                ("x-user", "carol"),
+                ("x-mock-prompt-tokens", "10"),
+                ("x-mock-completion-tokens", "20"),
+            ],
+            &json!({"model": "m"}),
+        )
+        .status
+    };
+    let used = || counters.lock().unwrap().get("carol").copied().unwrap_or(0);
+    for (n, want) in [(1, 30), (2, 60), (3, 90)] {
+        assert_eq!(ask(), 200, "request {n}");
+        wait_for("the report counted", || used() == want);
+    }
+    assert_eq!(ask(), 200, "91 of 100 used: admitted");
+    wait_for("what still fits is counted", || used() == 100);
+    assert_eq!(ask(), 429, "the budget is spent");
+    wait_for("the over-limit tokens counted", || {
+        e.metric("tokens_over_limit") == 20
+    });
+}

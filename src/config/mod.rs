@@ -209,6 +209,13 @@ impl Plugin {
         for p in &mut policies {
             p.config.derive();
         }
+        let mut warnings = warnings;
+        if policies
+            .first()
+            .is_some_and(|p| p.config.service.protocol == Protocol::EnvoyRls)
+        {
+            warnings.push("`service.protocol`: \"envoy-rls\": an engine that refuses hits past a limit (Limitador) cannot record a report that crosses it; the plugin then sends what still fits, so the budget ends spent, and the tokens beyond go uncharged (metric tokens_over_limit). envoyproxy/ratelimit records them".into());
+        }
         Ok(Plugin {
             shape,
             policies,

@@ -125,10 +125,18 @@ impl Host for FakeHost {
         s.response_body.get(offset..end).map(<[u8]>::to_vec)
     }
 
-    fn set_response_body(&self, size: usize, body: &[u8]) -> bool {
+    fn edit_response_body(&self, start: usize, drain: usize, data: &[u8]) -> bool {
         let mut s = self.state();
-        let size = size.min(s.response_body.len());
-        s.response_body.splice(..size, body.iter().copied());
+        let len = s.response_body.len();
+        if start >= len {
+            s.response_body.extend_from_slice(data);
+        } else if start == 0 {
+            s.response_body
+                .splice(..drain.min(len), data.iter().copied());
+        } else {
+            // Envoy refuses edits in the middle of a chunk.
+            return false;
+        }
         true
     }
 

@@ -32,8 +32,10 @@ pub trait Host {
     fn set_response_header(&self, name: &str, value: &str);
     /// Bytes `offset..offset + len` of the current response body chunk.
     fn response_body(&self, offset: usize, len: usize) -> Option<Vec<u8>>;
-    /// Replaces the current response body chunk (`size` bytes) with `body`.
-    fn set_response_body(&self, size: usize, body: &[u8]) -> bool;
+    /// Drops the first `drain` bytes of the current response body chunk and puts `data` in
+    /// their place (`start` 0), or appends `data` to the chunk (`start` past its end): the two
+    /// edits Envoy supports.
+    fn edit_response_body(&self, start: usize, drain: usize, data: &[u8]) -> bool;
     fn remove_response_header(&self, name: &str);
     fn property(&self, path: &[&str]) -> Option<String>;
     fn plugin_configuration(&self, size: usize) -> Option<Vec<u8>>;
@@ -64,6 +66,37 @@ pub trait Host {
     fn define_metric(&self, kind: MetricType, name: &str) -> Option<u32>;
     fn add_to_metric(&self, id: u32, n: i64);
     fn set_metric(&self, id: u32, value: u64);
+}
+
+/// Appending to a response body chunk: a start past any chunk's end.
+pub const APPEND: usize = u32::MAX as usize;
+
+/// Rewrites the current response body chunk (`size` bytes) a bounded slice at a time, in the
+/// two edits Envoy allows: each slice is taken off the front, `f` says what replaces it, and
+/// that is appended at the back, so after `size` bytes the chunk is the rewritten one in order.
+/// Memory: one slice and what replaces it.
+pub fn rewrite_response_body(
+    host: &dyn Host,
+    size: usize,
+    mut f: impl FnMut(&[u8], &mut Vec<u8>),
+) -> bool {
+    let mut consumed = 0;
+    let mut out = Vec::new();
+    while consumed < size {
+        let want = (size - consumed).min(BODY_SLICE);
+        let Some(slice) = host.response_body(0, want).filter(|s| !s.is_empty()) else {
+            return false;
+        };
+        consumed += slice.len();
+        out.clear();
+        f(&slice, &mut out);
+        if !host.edit_response_body(0, slice.len(), &[])
+            || (!out.is_empty() && !host.edit_response_body(APPEND, 0, &out))
+        {
+            return false;
+        }
+    }
+    true
 }
 
 /// The current response body chunk (`size` bytes) handed to `f` a bounded slice at a time.
@@ -148,8 +181,8 @@ impl Host for Envoy {
         buffer(BufferType::HttpResponseBody, offset, len)
     }
 
-    fn set_response_body(&self, size: usize, body: &[u8]) -> bool {
-        hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, body).is_ok()
+    fn edit_response_body(&self, start: usize, drain: usize, data: &[u8]) -> bool {
+        hostcalls::set_buffer(BufferType::HttpResponseBody, start, drain, data).is_ok()
     }
 
     fn remove_response_header(&self, name: &str) {

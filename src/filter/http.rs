@@ -6,7 +6,7 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use super::host::{response_body_slices, Host};
+use super::host::{response_body_slices, rewrite_response_body, Host, APPEND};
 use super::root::Shared;
 use crate::config::{Config, FailureMode, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};
@@ -534,23 +534,27 @@ impl HttpContext for Http {
         } = &mut self.state
         {
             if let Some(scanner) = &mut r.scanner {
-                let mut out = Vec::new();
-                response_body_slices(self.host.as_ref(), body_size, |chunk| {
-                    scanner.feed(chunk);
-                    if let Some(stripper) = &mut r.stripper {
-                        stripper.feed(chunk, &mut out);
+                let host = self.host.as_ref();
+                match &mut r.stripper {
+                    None => response_body_slices(host, body_size, |chunk| scanner.feed(chunk)),
+                    Some(stripper) => {
+                        let mut rewritten = rewrite_response_body(host, body_size, |chunk, out| {
+                            scanner.feed(chunk);
+                            stripper.feed(chunk, out);
+                        });
+                        if end_of_stream {
+                            let mut rest = Vec::new();
+                            stripper.finish(&mut rest);
+                            rewritten &=
+                                rest.is_empty() || host.edit_response_body(APPEND, 0, &rest);
+                        }
+                        if !rewritten {
+                            log::warn!("could not take the injected usage out of the stream");
+                        }
                     }
-                });
+                }
                 if end_of_stream {
                     scanner.finish();
-                }
-                if let Some(stripper) = &mut r.stripper {
-                    if end_of_stream {
-                        stripper.finish(&mut out);
-                    }
-                    if !self.host.set_response_body(body_size, &out) {
-                        log::warn!("could not take the injected usage out of the stream");
-                    }
                 }
             }
             r.complete |= end_of_stream;

@@ -83,6 +83,8 @@ pub struct Metrics {
     pub upstream_errors: Counter,
     /// Tokens the service accepted reports for.
     pub tokens_reported: Counter,
+    /// Tokens an engine would not record past a limit (`envoy-rls` with Limitador).
+    pub tokens_over_limit: Counter,
     /// Reports the service accepted, sent again after a failure, given up after
     /// `MAX_ATTEMPTS` or refused, and dropped because the queue was full.
     pub reports_sent: Counter,
@@ -116,6 +118,7 @@ impl Metrics {
             usage_missing: counter("usage.missing"),
             upstream_errors: counter("usage.upstream_error"),
             tokens_reported: counter("tokens_reported"),
+            tokens_over_limit: counter("tokens_over_limit"),
             reports_sent: counter("reports.sent"),
             reports_retried: counter("reports.retried"),
             reports_failed: counter("reports.failed"),

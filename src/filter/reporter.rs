@@ -174,7 +174,7 @@ impl Reporter {
         };
         let call = self.flights.swap_remove(i).call;
         let outcome = self.service.protocol.wire().read_delivery(status, body);
-        if !matches!(outcome, Delivery::Answered(_)) {
+        if matches!(outcome, Delivery::Retry | Delivery::Refused) {
             log::warn!("usage report failed: status {status:?}");
         }
         self.settle(call, outcome, metrics);
@@ -194,6 +194,13 @@ impl Reporter {
         metrics.tokens_reported.add(s.tokens);
         metrics.reports_retried.add(s.retried);
         metrics.reports_failed.add(s.rejected);
+        if s.over_limit > 0 {
+            metrics.tokens_over_limit.add(s.over_limit);
+            log::warn!(
+                "the rate-limit service would not record {} token(s) past a limit; what still fitted is sent",
+                s.over_limit
+            );
+        }
         metrics.report_queue.set(self.queue.len() as u64);
     }
 }

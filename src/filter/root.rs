@@ -98,8 +98,9 @@ impl Context for Root {
         self.answered(token, status, &body);
     }
 
-    fn on_grpc_call_response(&mut self, token: u32, status_code: u32, _response_size: usize) {
-        self.answered(token, Some(status_code), &[]);
+    fn on_grpc_call_response(&mut self, token: u32, status_code: u32, response_size: usize) {
+        let body = self.host.grpc_body(response_size);
+        self.answered(token, Some(status_code), &body);
     }
 
     /// The configuration is gone (replaced, or the VM stops). Another root context of the VM

@@ -222,3 +222,53 @@ fn the_last_root_context_sends_what_is_queued_before_it_is_done() {
     assert!(host.state().done);
     assert_eq!(host.metric("reports.sent"), 1);
 }
+
+#[test]
+fn an_injected_stream_reaches_the_client_without_the_usage_it_did_not_ask_for() {
+    let host = Rc::new(FakeHost::default());
+    let mut root = root(&host, 1, &config(0, "allow"));
+    host.state().request_headers = [
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        ("x-user", "ann"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let body = br#"{"model":"m","stream":true}"#.to_vec();
+    let len = body.len();
+    host.state().request_body = body;
+    let mut http = root.http();
+    assert_eq!(http.on_http_request_headers(3, false), Action::Continue);
+    assert_eq!(http.on_http_request_body(len, true), Action::Pause);
+    let sent: Value = serde_json::from_slice(&host.state().request_body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true, "the plugin asked");
+    answer(&host, &mut http, host.token(0), 200, &allowed());
+    host.state().response_headers = vec![
+        (":status".into(), "200".into()),
+        ("content-type".into(), "text/event-stream".into()),
+        ("content-length".into(), "999".into()),
+    ];
+    assert_eq!(http.on_http_response_headers(3, false), Action::Continue);
+    assert_eq!(host.response_header("content-length"), None);
+    let stream = concat!(
+        "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n",
+        "data: [DONE]\n\n"
+    );
+    // Two chunks, the second starting inside the usage event.
+    let (a, b) = stream.as_bytes().split_at(70);
+    let mut received = Vec::new();
+    for (chunk, end) in [(a, false), (b, true)] {
+        host.state().response_body = chunk.to_vec();
+        assert_eq!(http.on_http_response_body(chunk.len(), end), Action::Continue);
+        received.extend_from_slice(&host.state().response_body);
+    }
+    assert_eq!(
+        String::from_utf8(received).unwrap(),
+        "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n"
+    );
+    http.on_log();
+    root.on_tick();
+    assert_eq!(host.call_json(1)["reports"][0]["tokens"], 7, "charged from what was sent");
+}
