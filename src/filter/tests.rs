@@ -242,7 +242,10 @@ fn an_injected_stream_reaches_the_client_without_the_usage_it_did_not_ask_for() 
     assert_eq!(http.on_http_request_headers(3, false), Action::Continue);
     assert_eq!(http.on_http_request_body(len, true), Action::Pause);
     let sent: Value = serde_json::from_slice(&host.state().request_body).unwrap();
-    assert_eq!(sent["stream_options"]["include_usage"], true, "the plugin asked");
+    assert_eq!(
+        sent["stream_options"]["include_usage"], true,
+        "the plugin asked"
+    );
     answer(&host, &mut http, host.token(0), 200, &allowed());
     host.state().response_headers = vec![
         (":status".into(), "200".into()),
@@ -261,7 +264,10 @@ fn an_injected_stream_reaches_the_client_without_the_usage_it_did_not_ask_for() 
     let mut received = Vec::new();
     for (chunk, end) in [(a, false), (b, true)] {
         host.state().response_body = chunk.to_vec();
-        assert_eq!(http.on_http_response_body(chunk.len(), end), Action::Continue);
+        assert_eq!(
+            http.on_http_response_body(chunk.len(), end),
+            Action::Continue
+        );
         received.extend_from_slice(&host.state().response_body);
     }
     assert_eq!(
@@ -270,5 +276,9 @@ fn an_injected_stream_reaches_the_client_without_the_usage_it_did_not_ask_for() 
     );
     http.on_log();
     root.on_tick();
-    assert_eq!(host.call_json(1)["reports"][0]["tokens"], 7, "charged from what was sent");
+    assert_eq!(
+        host.call_json(1)["reports"][0]["tokens"],
+        7,
+        "charged from what was sent"
+    );
 }
