@@ -211,6 +211,28 @@ fn higress_header_with_numeric_keys() {
     assert_eq!(s.ask(CHAT, &[("x-ca-key", "308239")], 10).status, 200);
 }
 
+/// The documentation's walk-through (`WasmPlugin` `default_limit_by_param_apikey`): the apikey
+/// `123456` (a YAML number there) gets 200 tokens a minute; the first answer used 46.
+#[test]
+fn higress_default_limit_by_param_apikey() {
+    let s = stack(&higress("higress/default-limit-by-param-apikey.json"));
+    let limited = "/v1/chat/completions?apikey=123456";
+    assert_eq!(s.ask(limited, &[], 46).status, 200);
+    s.settled(1);
+    assert_eq!(s.ask(limited, &[], 154).status, 200, "154 left");
+    s.settled(2);
+    let denied = s.ask(limited, &[], 1);
+    assert_eq!(denied.status, 429);
+    assert_eq!(denied.text(), "Too many requests");
+    // Another key, or none, is not limited by this rule.
+    assert_eq!(
+        s.ask("/v1/chat/completions?apikey=654321", &[], 500).status,
+        200
+    );
+    assert_eq!(s.ask(CHAT, &[], 500).status, 200);
+    assert_eq!(s.envoy.metric("requests_matched"), 5);
+}
+
 #[test]
 fn higress_forwarded_ip() {
     let mut config = higress("higress/forwarded-ip.json");

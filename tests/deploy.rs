@@ -309,3 +309,21 @@ fn the_oci_image_holds_the_plugin_as_istio_reads_it() {
         .success());
     assert_eq!(read_json(again.join("index.json")), index);
 }
+
+/// The ASM manifest is ASM's own: its `pluginConfig` is the example `compat.rs` runs end to end,
+/// and it sits where ASM puts the plugin (sidecar outbound traffic on port 80).
+#[test]
+fn the_asm_manifest_is_the_exercised_example_in_asms_placement() {
+    let doc = &yaml_documents(&repo().join("deploy/istio/wasmplugin-asm.yaml"))[0];
+    let example: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("examples/configs/asm/plugin-config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(doc["spec"]["pluginConfig"], example);
+    assert_eq!(
+        doc["spec"]["match"],
+        json!([{"mode": "CLIENT", "ports": [{"number": 80}]}])
+    );
+    assert!(doc["spec"]["priority"].is_u64(), "{doc}");
+    assert_eq!(doc["spec"]["phase"], "STATS");
+}
