@@ -3,6 +3,7 @@
 
 use regex::Regex;
 
+use crate::request::UNREADABLE_MODEL;
 use crate::template::{Attribute, AttributeSource};
 
 /// How one string is compared; the configuration names exactly one of these per matcher.
@@ -106,7 +107,8 @@ pub struct Condition {
     path: Option<StringMatch>,
     methods: Vec<String>,
     headers: Vec<(Attribute, StringMatch)>,
-    /// Compared with the JSON body's `model`; an absent model never matches.
+    /// Compared with the JSON body's `model`; an absent model never matches, one that could not
+    /// be read always does.
     model: Option<StringMatch>,
 }
 
@@ -149,10 +151,12 @@ impl Condition {
         self.path
             .as_ref()
             .map_or(true, |m| holds(&Attribute::Path, m))
-            && self
-                .model
-                .as_ref()
-                .map_or(true, |m| holds(&Attribute::Model, m))
+            && self.model.as_ref().map_or(true, |m| {
+                // A model that could not be read may be this one: the limit applies.
+                source
+                    .attribute(&Attribute::Model)
+                    .is_some_and(|v| v == UNREADABLE_MODEL || m.matches(&v))
+            })
             && self.headers.iter().all(|(attr, m)| holds(attr, m))
     }
 }
@@ -230,6 +234,27 @@ mod tests {
         let mut missing_header = m.clone();
         missing_header.headers = vec![("x-absent".into(), StringMatch::Prefix("".into()))];
         assert!(!missing_header.matches(&req()));
+    }
+
+    #[test]
+    fn a_model_condition_holds_for_a_model_nobody_could_read() {
+        struct Model(Option<&'static str>);
+        impl AttributeSource for Model {
+            fn attribute(&self, attr: &Attribute) -> Option<std::borrow::Cow<'_, str>> {
+                match attr {
+                    Attribute::Model => self.0.map(Into::into),
+                    _ => None,
+                }
+            }
+        }
+        let gpt4o = Condition::new(
+            RequestMatch::default(),
+            Some(StringMatch::Exact("gpt-4o".into())),
+        );
+        assert!(gpt4o.holds(&Model(Some("gpt-4o"))));
+        assert!(!gpt4o.holds(&Model(Some("gpt-4o-mini"))));
+        assert!(!gpt4o.holds(&Model(None)), "no model at all");
+        assert!(gpt4o.holds(&Model(Some(UNREADABLE_MODEL))));
     }
 
     #[test]

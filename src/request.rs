@@ -40,9 +40,14 @@ pub struct BodyFacts {
 }
 
 impl BodyFacts {
-    /// Parses a JSON request body; a body that is not JSON yields `None`.
+    /// Parses a JSON request body; a body that is not JSON yields `None`. A field given twice
+    /// takes its last value, as the upstreams' JSON parsers do (Python, Go, JavaScript): a
+    /// repeated `model` must not make the body unreadable to us and readable to them.
     pub fn parse(body: &[u8]) -> Option<BodyFacts> {
-        serde_json::from_slice(body).ok()
+        serde_json::from_slice(body).ok().or_else(|| {
+            let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+            serde_json::from_value(value).ok()
+        })
     }
 
     /// The most output tokens the request may produce, under whichever name its API uses;
@@ -151,10 +156,34 @@ pub trait Properties {
 }
 
 /// A request's attributes, looked up on demand so that unused ones cost nothing.
+/// What the plugin knows of the request body.
+#[derive(Debug, Clone, Copy)]
+pub enum RequestBody<'a> {
+    /// There is none, or no limit needs it.
+    Absent,
+    /// There is one but it could not be read (larger than `max_request_body_bytes`, not JSON,
+    /// ended by trailers): its model is unknown, not absent.
+    Unreadable,
+    Read(&'a BodyFacts),
+}
+
+impl<'a> RequestBody<'a> {
+    pub fn facts(self) -> Option<&'a BodyFacts> {
+        match self {
+            RequestBody::Read(facts) => Some(facts),
+            RequestBody::Absent | RequestBody::Unreadable => None,
+        }
+    }
+}
+
+/// `llm.model` of a request whose body could not be read. Such a request is not a way around a
+/// model's limit: `when.model` holds for it and a `{{llm.model}}` key counts it under this value.
+pub const UNREADABLE_MODEL: &str = "(unreadable)";
+
 pub struct RequestView<'a, P: Properties> {
     /// Request headers with lower-case names, pseudo-headers included.
     pub headers: &'a [(String, String)],
-    pub body: Option<&'a BodyFacts>,
+    pub body: RequestBody<'a>,
     pub client_ip: &'a ClientIpSource,
     pub consumer_header: &'a str,
     pub properties: &'a P,
@@ -192,7 +221,11 @@ impl<P: Properties> AttributeSource for RequestView<'_, P> {
                 .property(&["source", "address"])
                 .map(Cow::Owned),
             Attribute::Consumer => self.header(self.consumer_header).map(Cow::Borrowed),
-            Attribute::Model => self.body?.model.as_deref().map(Cow::Borrowed),
+            Attribute::Model => match self.body {
+                RequestBody::Read(facts) => facts.model.as_deref().map(Cow::Borrowed),
+                RequestBody::Unreadable => Some(Cow::Borrowed(UNREADABLE_MODEL)),
+                RequestBody::Absent => None,
+            },
             Attribute::Route => self
                 .properties
                 .property(&["xds", "route_name"])
@@ -297,7 +330,7 @@ mod tests {
         let remote = ClientIpSource::Remote;
         let view = RequestView {
             headers: &h,
-            body: Some(&body),
+            body: RequestBody::Read(&body),
             client_ip: &remote,
             consumer_header: "x-mse-consumer",
             properties: &Props,
@@ -332,11 +365,17 @@ mod tests {
         };
         let view = RequestView {
             client_ip: &xff,
-            body: None,
+            body: RequestBody::Absent,
             ..view
         };
         assert_eq!(get(&view, "source.ip").as_deref(), Some("7.7.7.7"));
         assert_eq!(get(&view, "llm.model"), None);
+        // A body that could not be read has a model nobody knows, not none.
+        let view = RequestView {
+            body: RequestBody::Unreadable,
+            ..view
+        };
+        assert_eq!(get(&view, "llm.model").as_deref(), Some(UNREADABLE_MODEL));
     }
 
     #[test]
@@ -359,6 +398,14 @@ mod tests {
         let newer = BodyFacts::parse(br#"{"max_completion_tokens":9}"#).unwrap();
         assert_eq!(newer.output_token_cap(), Some(9));
         assert_eq!(BodyFacts::parse(b"not json"), None);
+        // A repeated field: the last one, as the upstreams read it.
+        let twice =
+            BodyFacts::parse(br#"{"model":"cheap","stream":false,"model":"dear","stream":true}"#)
+                .unwrap();
+        assert_eq!(
+            (twice.model.as_deref(), twice.stream),
+            (Some("dear"), Some(true))
+        );
         assert_eq!(
             BodyFacts::parse(b"[1]").unwrap_or_default(),
             BodyFacts::default()

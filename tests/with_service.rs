@@ -176,6 +176,56 @@ fn a_limit_for_one_model_per_user() {
     assert_eq!(e.metric("requests_unlimited"), 2);
 }
 
+/// A client cannot step around a model's limit by making its body unreadable to the plugin: a
+/// body past `max_request_body_bytes` (which the upstream still serves) is counted by
+/// `when.model` limits and under `(unreadable)` in a `{{llm.model}}` key, and a repeated
+/// `model` is read as the upstream reads it, the last one.
+#[test]
+fn a_model_the_plugin_cannot_read_is_no_way_around_its_limit() {
+    let svc = Service::start(&[], &[]);
+    let up = Server::start(|_| {
+        json_reply(
+            200,
+            json!({"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 60, "total_tokens": 60}}),
+        )
+    });
+    let config = json!({
+        "service": {"cluster": "ratelimit"},
+        "max_request_body_bytes": 1024,
+        "limits": [
+            {"name": "gpt-4o-per-user", "key": "{{request.headers.x-user-id}}", "tokens": 100, "window": "1h",
+             "when": {"model": {"exact": "gpt-4o"}}},
+            {"name": "per-model", "key": "{{llm.model}}", "tokens": 1000, "window": "1h"}
+        ]
+    });
+    let e = Envoy::start(
+        &config,
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+    );
+    let send = |body: &[u8]| {
+        http::send(
+            e.port,
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", "application/json"), ("x-user-id", "ann")],
+            body,
+        )
+        .status
+    };
+    let padded =
+        json!({"messages": [{"role": "user", "content": "x".repeat(4096)}], "model": "gpt-4o"});
+    assert_eq!(send(padded.to_string().as_bytes()), 200);
+    svc.await_remaining("gpt-4o-per-user", "ann", 40);
+    svc.await_remaining("per-model", "(unreadable)", 940);
+    assert_eq!(e.metric("request_body_unreadable"), 1);
+    // Python, Go and JavaScript parsers take the last `model`.
+    assert_eq!(send(br#"{"model": "gpt-4o-mini", "model": "gpt-4o"}"#), 200);
+    svc.await_remaining("gpt-4o-per-user", "ann", 0);
+    svc.await_remaining("per-model", "gpt-4o", 940);
+    assert_eq!(send(br#"{"model": "gpt-4o"}"#), 429);
+    assert_eq!(e.metric("requests_unlimited"), 0);
+}
+
 /// Cached prompt tokens are their own count: OpenAI's `prompt_tokens_details.cached_tokens`
 /// weighs `cached_prompt` (here a tenth), and the report carries the breakdown, reasoning
 /// tokens included.

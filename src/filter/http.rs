@@ -15,7 +15,7 @@ use crate::protocol::{self, CheckFailure, Quota};
 use crate::reply;
 use crate::report::Spent;
 use crate::request::{
-    may_need_stream_usage, with_stream_usage, BodyFacts, Properties, RequestView,
+    may_need_stream_usage, with_stream_usage, BodyFacts, Properties, RequestBody, RequestView,
 };
 use crate::reserve::reserve;
 use crate::strip::Stripper;
@@ -157,7 +157,7 @@ impl Http {
         &mut self,
         shared: &Shared,
         headers: &[(String, String)],
-        body: Option<&BodyFacts>,
+        body: RequestBody<'_>,
     ) -> Action {
         let Some(config) = shared.plugin.config(self.policy) else {
             return Action::Continue;
@@ -179,7 +179,7 @@ impl Http {
             config.reserve,
             config.reserve_max,
             config.service.protocol,
-            body,
+            body.facts(),
             &descriptors,
         );
         // A reservation may need releasing later: its check carries the id its report will.
@@ -390,7 +390,7 @@ impl HttpContext for Http {
         let headers = self.host.request_headers();
         let view = RequestView {
             headers: &headers,
-            body: None,
+            body: RequestBody::Absent,
             client_ip: &config.client_ip,
             consumer_header: &config.consumer_header,
             properties: &HostProperties(self.host.as_ref()),
@@ -413,7 +413,7 @@ impl HttpContext for Http {
             self.state = State::AwaitingBody { headers, inject };
             return Action::Continue;
         }
-        self.check(&shared, &headers, None)
+        self.check(&shared, &headers, RequestBody::Absent)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -457,7 +457,11 @@ impl HttpContext for Http {
         if self.request_bytes.is_none() && !too_large {
             self.request_bytes = Some(body_size as u64);
         }
-        self.check(&shared, &headers, facts.as_ref())
+        let body = match &facts {
+            Some(facts) => RequestBody::Read(facts),
+            None => RequestBody::Unreadable,
+        };
+        self.check(&shared, &headers, body)
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
@@ -468,7 +472,7 @@ impl HttpContext for Http {
             // Trailers end a body whose last chunk did not say so.
             State::AwaitingBody { headers, .. } => {
                 shared.metrics.request_body_unreadable.inc();
-                self.check(&shared, &headers, None)
+                self.check(&shared, &headers, RequestBody::Unreadable)
             }
             other => {
                 let pause = matches!(other, State::Checking { .. });
