@@ -354,7 +354,8 @@ fn model_and_reserve_come_from_the_request_body() {
         "the upstream gets the body unchanged"
     );
 
-    // Over the bound or not JSON: the attribute is absent, the request still passes.
+    // Over the bound or not JSON: the request still passes, and its model, unknown, is not a
+    // way around the model's limit: it is counted under `(unreadable)`.
     let big = json!({"model": "gpt-4o", "messages": [{"content": "x".repeat(5000)}]});
     assert_eq!(
         http::post_json(e.port, "/v1/chat/completions", &[], &big).status,
@@ -364,7 +365,12 @@ fn model_and_reserve_come_from_the_request_body() {
         http::send(e.port, "POST", "/v1/chat/completions", &[], b"not json").status,
         200
     );
-    assert_eq!(svc.checks().len(), 1);
+    let checks = svc.checks();
+    assert_eq!(checks.len(), 3);
+    for check in &checks[1..] {
+        assert_eq!(check.json()["descriptors"][0]["value"], "(unreadable)");
+        assert_eq!(check.json()["reserve"], 0, "no output cap could be read");
+    }
     assert_eq!(up.requests().len(), 3);
     assert_eq!(up.requests()[1].json(), big);
     assert_eq!(e.metric("request_body_unreadable"), 2);
