@@ -438,6 +438,9 @@ mod tests {
             r#"{"stream":true,"stream_options":{"include_usage":false}}"#,
             r#"{"stream":true,"stream_options":null}"#,
             r#"{"stream":true,"stream_options":{"x":1}}"#,
+            // The upstream reads the last of a repeated field.
+            r#"{"stream":true,"stream_options":{"include_usage":true},"stream_options":null}"#,
+            r#"{"stream":false,"stream":true}"#,
         ] {
             let out: Value = serde_json::from_str(&inject(body).unwrap()).unwrap();
             assert_eq!(out["stream_options"]["include_usage"], true, "{body}");
