@@ -150,6 +150,35 @@ pub fn with_stream_usage(body: &[u8], facts: &BodyFacts) -> Option<Vec<u8>> {
     }
 }
 
+fn is_credentials_header(name: &str) -> bool {
+    name.eq_ignore_ascii_case("authorization") || name.eq_ignore_ascii_case("proxy-authorization")
+}
+
+/// `Authorization` as one spelling per credential. The scheme is case-insensitive and may be
+/// followed by several spaces (RFC 9110 §11.4), so `bEaReR   sk-1` reaches an upstream as the
+/// same key as `Bearer sk-1`; as a rate-limit key it must be the same too, or each spelling
+/// would be a fresh budget. Well-known schemes take their usual spelling, others are kept.
+fn canonical_credentials(value: &str) -> Cow<'_, str> {
+    let is_space = |c: char| c == ' ' || c == '\t';
+    let trimmed = value.trim_matches(is_space);
+    let Some((scheme, rest)) = trimmed.split_once(is_space) else {
+        return Cow::Borrowed(trimmed);
+    };
+    let credentials = rest.trim_start_matches(is_space);
+    let canonical = ["Bearer", "Basic", "Digest", "DPoP"]
+        .into_iter()
+        .find(|known| known.eq_ignore_ascii_case(scheme))
+        .unwrap_or(scheme);
+    // Already canonical: nothing around it, one space after the scheme.
+    if canonical == scheme
+        && value.len() == scheme.len() + 1 + credentials.len()
+        && value.as_bytes().get(scheme.len()) == Some(&b' ')
+    {
+        return Cow::Borrowed(value);
+    }
+    Cow::Owned(format!("{canonical} {credentials}"))
+}
+
 /// Reads Envoy attributes by path (`["source", "address"]`); the adapter supplies it.
 pub trait Properties {
     fn property(&self, path: &[&str]) -> Option<String>;
@@ -201,7 +230,14 @@ impl<P: Properties> RequestHeaders for RequestView<'_, P> {
 impl<P: Properties> AttributeSource for RequestView<'_, P> {
     fn attribute(&self, attr: &Attribute) -> Option<Cow<'_, str>> {
         match attr {
-            Attribute::Header(name) => self.header(name).map(Cow::Borrowed),
+            Attribute::Header(name) => {
+                let value = self.header(name)?;
+                Some(if is_credentials_header(name) {
+                    canonical_credentials(value)
+                } else {
+                    Cow::Borrowed(value)
+                })
+            }
             Attribute::Query(name) => query_param(self.header(":path")?, name),
             Attribute::Cookie(name) => cookie(self.header("cookie")?, name).map(Cow::Borrowed),
             Attribute::Host => self.header(":authority").map(Cow::Borrowed),
@@ -376,6 +412,32 @@ mod tests {
             ..view
         };
         assert_eq!(get(&view, "llm.model").as_deref(), Some(UNREADABLE_MODEL));
+    }
+
+    #[test]
+    fn every_spelling_of_a_credential_is_one_key() {
+        for spelling in [
+            "Bearer sk-1",
+            "bearer sk-1",
+            "BEARER  sk-1",
+            " bEaReR\t sk-1 ",
+        ] {
+            assert_eq!(
+                canonical_credentials(spelling),
+                "Bearer sk-1",
+                "{spelling:?}"
+            );
+        }
+        assert!(matches!(
+            canonical_credentials("Bearer sk-1"),
+            Cow::Borrowed(_)
+        ));
+        // The credential itself is case-sensitive; unknown schemes are kept as sent.
+        assert_eq!(canonical_credentials("Bearer SK-1"), "Bearer SK-1");
+        assert_eq!(canonical_credentials("Custom  x"), "Custom x");
+        assert_eq!(canonical_credentials("sk-1"), "sk-1");
+        assert_eq!(canonical_credentials(""), "");
+        assert!(is_credentials_header("Authorization"));
     }
 
     #[test]

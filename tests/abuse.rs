@@ -79,6 +79,44 @@ fn a_huge_key_value_is_still_limited() {
     assert_eq!(e.metric("failure_mode_allowed"), 0);
 }
 
+/// The scheme of `Authorization` is case-insensitive and may be followed by several spaces, so
+/// an upstream takes `bEaReR   sk-1` as `Bearer sk-1`: every spelling draws on one budget.
+#[test]
+fn respelling_the_authorization_header_is_not_a_fresh_budget() {
+    let (svc, llm) = (Service::start(&[], &[]), mock_llm());
+    let c = json!({
+        "service": {"cluster": "ratelimit"},
+        "limits": [{"name": "key", "key": "{{request.headers.authorization}}", "tokens": 10, "window": "1h"}]
+    });
+    let e = Envoy::start(
+        &c,
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    let ask = |authorization: &str| {
+        http::post_json(
+            e.port,
+            "/v1/chat/completions",
+            &[
+                ("authorization", authorization),
+                ("x-mock-prompt-tokens", "5"),
+                ("x-mock-completion-tokens", "5"),
+            ],
+            &json!({}),
+        )
+        .status
+    };
+    assert_eq!(ask("Bearer sk-1"), 200);
+    svc.await_remaining("key", "Bearer sk-1", 0);
+    for respelled in ["bearer sk-1", "BEARER    sk-1", "bEaReR \t sk-1"] {
+        assert_eq!(ask(respelled), 429, "{respelled:?}");
+    }
+    // Another credential is another budget.
+    assert_eq!(ask("Bearer sk-2"), 200);
+}
+
 #[test]
 fn separators_and_template_syntax_in_values_are_just_text() {
     let (svc, llm) = (Service::start(&[], &[]), mock_llm());
