@@ -184,7 +184,6 @@ pub trait Properties {
     fn property(&self, path: &[&str]) -> Option<String>;
 }
 
-/// A request's attributes, looked up on demand so that unused ones cost nothing.
 /// What the plugin knows of the request body.
 #[derive(Debug, Clone, Copy)]
 pub enum RequestBody<'a> {
@@ -209,6 +208,7 @@ impl<'a> RequestBody<'a> {
 /// model's limit: `when.model` holds for it and a `{{llm.model}}` key counts it under this value.
 pub const UNREADABLE_MODEL: &str = "(unreadable)";
 
+/// A request's attributes, looked up on demand so that unused ones cost nothing.
 pub struct RequestView<'a, P: Properties> {
     /// Request headers with lower-case names, pseudo-headers included.
     pub headers: &'a [(String, String)],
