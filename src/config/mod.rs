@@ -443,6 +443,24 @@ mod tests {
             Vec::<String>::new()
         );
         assert_eq!(names(Req("gpt-4o", "/v1/embeddings", Some(""))), ["tagged"]);
+        // The README's "a model and its dated snapshots" condition.
+        let snapshots = Config::parse(
+            br#"{"service": {"cluster": "rl"}, "limits": [{"name": "gpt4o", "key": "", "tokens": 1, "window": "1h",
+               "when": {"model": {"regex": "^gpt-4o(-[0-9]{4}-[0-9]{2}-[0-9]{2})?$"}}}]}"#,
+        )
+        .unwrap();
+        for (model, limited) in [
+            ("gpt-4o", true),
+            ("gpt-4o-2024-08-06", true),
+            ("gpt-4o-mini", false),
+        ] {
+            let r = Req(model, "/v1/chat/completions", None);
+            assert_eq!(
+                !descriptors(&snapshots.limits, &r).is_empty(),
+                limited,
+                "{model}"
+            );
+        }
         for (body, message) in [
             (
                 r#"{"service": {"cluster": "rl"}, "limits": [{"name": "a", "key": "", "when": {"modle": {}}}]}"#,
