@@ -135,18 +135,23 @@ fn service_stopped_follows_failure_mode() {
     assert_eq!(e.metric("failure_mode_denied"), 1);
 }
 
+/// An upstream whose every answer used 60 tokens.
+fn sixty_token_upstream() -> Server {
+    Server::start(|_| {
+        json_reply(
+            200,
+            json!({"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 60, "total_tokens": 60}}),
+        )
+    })
+}
+
 /// Envoy AI Gateway's "per user, for one model" rule (`x-user-id` and `x-ai-eg-model:
 /// gpt-4o` descriptors) written as a limit with a `when` condition: gpt-4o requests are capped
 /// per user, other models are not, and no composite key is needed.
 #[test]
 fn a_limit_for_one_model_per_user() {
     let svc = Service::start(&[], &[]);
-    let up = Server::start(|_| {
-        json_reply(
-            200,
-            json!({"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 60, "total_tokens": 60}}),
-        )
-    });
+    let up = sixty_token_upstream();
     let config = json!({
         "service": {"cluster": "ratelimit"},
         "limits": [{"name": "gpt-4o-per-user", "key": "{{request.headers.x-user-id}}", "tokens": 100, "window": "1h",
@@ -183,12 +188,7 @@ fn a_limit_for_one_model_per_user() {
 #[test]
 fn a_model_the_plugin_cannot_read_is_no_way_around_its_limit() {
     let svc = Service::start(&[], &[]);
-    let up = Server::start(|_| {
-        json_reply(
-            200,
-            json!({"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 60, "total_tokens": 60}}),
-        )
-    });
+    let up = sixty_token_upstream();
     let config = json!({
         "service": {"cluster": "ratelimit"},
         "max_request_body_bytes": 1024,
