@@ -437,7 +437,10 @@ mod tests {
         assert_eq!(canonical_credentials("Custom  x"), "Custom x");
         assert_eq!(canonical_credentials("sk-1"), "sk-1");
         assert_eq!(canonical_credentials(""), "");
-        assert!(is_credentials_header("Authorization"));
+        assert!(
+            is_credentials_header("Authorization") && is_credentials_header("proxy-authorization")
+        );
+        assert!(!is_credentials_header("x-api-key"));
     }
 
     #[test]

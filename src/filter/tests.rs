@@ -282,3 +282,30 @@ fn an_injected_stream_reaches_the_client_without_the_usage_it_did_not_ask_for() 
         "charged from what was sent"
     );
 }
+
+/// A body ended by trailers was never read whole: its model is unknown, and a model key counts
+/// the request under `(unreadable)` rather than letting it pass unlimited.
+#[test]
+fn a_body_ended_by_trailers_is_counted_under_the_unreadable_model() {
+    let host = Rc::new(FakeHost::default());
+    let config = json!({
+        "service": {"cluster": "rl"},
+        "limits": [{"name": "model", "key": "{{llm.model}}", "tokens": 1000, "window": "1h"}]
+    });
+    let root = root(&host, 1, &config);
+    host.state().request_headers = [(":method", "POST"), (":path", "/v1/chat/completions")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let body = br#"{"model":"gpt-4o"}"#.to_vec();
+    let len = body.len();
+    host.state().request_body = body;
+    let mut http = root.http();
+    assert_eq!(http.on_http_request_headers(2, false), Action::Continue);
+    assert_eq!(http.on_http_request_body(len, false), Action::Pause);
+    assert_eq!(http.on_http_request_trailers(1), Action::Pause);
+    assert_eq!(
+        host.call_json(0)["descriptors"][0]["value"],
+        crate::request::UNREADABLE_MODEL
+    );
+}
