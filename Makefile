@@ -15,7 +15,7 @@ export PLUGIN_WASM := $(CURDIR)/$(PLUGIN)
 export RATELIMIT_SERVICE_BIN := $(CURDIR)/target/release/ratelimit-service
 export MOCK_LLM_BIN := $(CURDIR)/target/release/mock-llm
 
-.PHONY: all deps build wasm run oci bench soak fuzz fuzz-build fuzz-smoke test lint unit clean
+.PHONY: all deps build wasm run oci bench soak fuzz fuzz-build fuzz-smoke test lint unit schema clean
 
 all: build
 
@@ -111,6 +111,13 @@ test: build lint
 
 unit:
 	$(CARGO) test -j$(JOBS) --workspace --lib
+
+## schema: regenerate deploy/schema/plugin-config.schema.json from the configuration types
+## (make test fails while the committed file differs).
+schema:
+	@mkdir -p target
+	$(CARGO) run -j$(JOBS) -q -p schema-gen > target/plugin-config.schema.json
+	mv target/plugin-config.schema.json deploy/schema/plugin-config.schema.json
 
 clean:
 	$(CARGO) clean

@@ -208,6 +208,17 @@ fn the_schema_refuses_what_the_plugin_refuses() {
         json!({"rateLimitKeys": ["{{request.headers.user-type}}"]}),
         json!({"service": {"cluster": "r", "protocol": "envoy-rls"}, "limits": [{"name": "a", "key": ""}]}),
         json!({"service": {"cluster": "r", "domain": "llm"}, "limits": [{"name": "a", "key": ""}]}),
+        json!({"service": ["r"], "limits": [{"name": "a", "key": ""}]}),
+        json!({"service": null, "limits": [{"name": "a", "key": ""}]}),
+        json!({"service": {"cluster": "r", "port": 80}, "limits": [{"name": "a", "key": ""}]}),
+        json!({"service": {"cluster": "r"}, "limits": [{"name": "a", "key": ""}], "matches": [{"model": {"exact": "gpt-4o"}}]}),
+        json!({"service": {"cluster": "r"}, "limits": [{"name": "a", "key": ""}], "matches": [{"path": {"prefix": "/", "exact": "/"}}]}),
+        json!({"service": {"cluster": "r"}, "limits": [{"name": "a", "key": "", "tokens": 5}]}),
+        json!({"service": {"cluster": "r"}, "limits": [{"name": "a", "key": ""}], "usage": {"count": {"prompt": -1}}}),
+        json!({"service": {"cluster": "r"}, "limits": [{"name": "a", "key": ""}], "reserve": {"tokens": "lots"}}),
+        json!({"service": {"cluster": "r"}, "limits": [{"name": "a", "key": ""}], "client_ip": {"header": "bad header"}}),
+        json!({"rateLimitKeys": [], "rateLimitService": {"service": "s"}}),
+        json!({"rule_name": "r", "service": {"cluster": "r"}, "rule_items": [{"limit_by_header": "x", "limit_keys": [{"key": "a"}]}]}),
     ] {
         assert!(!schema.is_valid(&bad), "the schema accepts {bad}");
         assert!(

@@ -12,112 +12,109 @@
 //! native options (`usage`, `reserve`, `deny`, …) may be added; other fields are ignored with a
 //! warning, as ASM itself would.
 
-use serde_json::Value;
+use serde::Deserialize;
 
-use super::fields::{kind, Object, Path};
-use super::native::{self, options};
+use super::de::Path;
+use super::native::{self, request_matches, MatchSpec, Port, TimeoutMs};
+use super::values::Name;
 use super::*;
 use crate::limits::LimitRates;
 use crate::template::Template;
 
-pub fn parse(value: &Value) -> Result<(Config, Vec<String>), ConfigError> {
-    let mut root = Object::new(Path::root(), value)?;
-    let matches = native::matches(&mut root, "matches")?;
-
-    let keys_path = root.path.field("rateLimitKeys");
-    let limits: Vec<Limit> = match root.array("rateLimitKeys")? {
-        None => {
-            return Err(keys_path.error(
-                "is required: list the key templates, e.g. [\"{{request.headers.user-type}}\"]",
-            ))
-        }
-        Some(items) if items.is_empty() => {
-            return Err(keys_path.error("is empty: list at least one key template"))
-        }
-        Some(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let path = keys_path.index(i);
-                let text = match v {
-                    Value::String(s) => s,
-                    other => {
-                        return Err(path.error(format!("expected a string, found {}", kind(other))))
-                    }
-                };
-                let key = Template::parse(text).map_err(|e| path.error(e))?;
-                Ok(Limit {
-                    name: text.clone(),
-                    key,
-                    rates: LimitRates::ServiceOwned,
-                    exclusive: false,
-                    when: None,
-                })
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    native::within_contract(&keys_path, &limits)?;
-    for (i, l) in limits.iter().enumerate() {
-        if limits[..i].iter().any(|o| o.name == l.name) {
-            return Err(keys_path.index(i).error("repeats an earlier key"));
-        }
-    }
-
-    let fall_open = root.bool("fallOpen")?.unwrap_or(true);
-    let service = match root.object("rateLimitService")? {
-        None => {
-            return Err(root
-                .path
-                .field("rateLimitService")
-                .error("is required: {\"service\": \"<rate-limit service host>\", \"port\": 80}"))
-        }
-        Some(s) => service(s, fall_open)?,
-    };
-    let options = options(&mut root)?;
-    let warnings = root
-        .leftovers()
-        .into_iter()
-        .map(|f| format!("`{f}`: not used by llm-token-ratelimit; ignored"))
-        .collect();
-    Ok((options.into_config(service, matches, limits), warnings))
+/// The ASM shape's own fields.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct Asm {
+    /// Which requests are limited, as in the native shape.
+    #[serde(default)]
+    matches: Vec<MatchSpec>,
+    /// Key templates; each is a limit whose budgets the service's `RATE_LIMIT_CONFIG` sets.
+    rate_limit_keys: Option<Vec<String>>,
+    rate_limit_service: Option<AsmService>,
+    /// Admit requests when the service cannot answer (`true`).
+    fall_open: Option<bool>,
 }
 
-fn service(mut s: Object<'_>, fall_open: bool) -> Result<ServiceConfig, ConfigError> {
-    let host = s.required_string("service")?;
-    if host.is_empty() {
-        return Err(s.path.field("service").error("must not be empty"));
-    }
-    let port = match s.u64_max("port", 65_535)? {
-        Some(0) => return Err(s.path.field("port").error("must be between 1 and 65535")),
-        Some(p) => p,
-        None => 80,
-    };
-    let protocol = match s.string("protocol")? {
-        None | Some("asm") => Protocol::Asm,
-        Some("v1") => Protocol::V1,
-        Some(other) => {
-            return Err(s
-                .path
-                .field("protocol")
-                .error(format!("\"{other}\" is not one of \"asm\", \"v1\"")))
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct AsmService {
+    /// The service's host, e.g. `asm-llm-token-rate-limit-example.default.svc.cluster.local`.
+    service: Name,
+    port: Option<Port>,
+    #[serde(default)]
+    protocol: AsmProtocol,
+    timeout_ms: Option<TimeoutMs>,
+}
+
+#[derive(Deserialize, Clone, Copy, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+enum AsmProtocol {
+    #[default]
+    Asm,
+    V1,
+}
+
+impl Asm {
+    pub fn into_config(self, path: &Path) -> Result<Config, ConfigError> {
+        let matches = request_matches(&path.field("matches"), self.matches)?;
+        let keys_path = path.field("rateLimitKeys");
+        let limits: Vec<Limit> = match self.rate_limit_keys {
+            None => {
+                return Err(keys_path.error(
+                    "is required: list the key templates, e.g. [\"{{request.headers.user-type}}\"]",
+                ))
+            }
+            Some(items) if items.is_empty() => {
+                return Err(keys_path.error("is empty: list at least one key template"))
+            }
+            Some(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    let key = Template::parse(&text).map_err(|e| keys_path.index(i).error(e))?;
+                    Ok(Limit {
+                        name: text,
+                        key,
+                        rates: LimitRates::ServiceOwned,
+                        exclusive: false,
+                        when: None,
+                    })
+                })
+                .collect::<Result<_, ConfigError>>()?,
+        };
+        native::within_contract(&keys_path, &limits)?;
+        for (i, l) in limits.iter().enumerate() {
+            if limits[..i].iter().any(|o| o.name == l.name) {
+                return Err(keys_path.index(i).error("repeats an earlier key"));
+            }
         }
-    };
-    let timeout_ms = native::timeout_ms(&mut s)?;
-    s.finish()?;
-    Ok(ServiceConfig {
-        cluster: format!("outbound|{port}||{host}"),
-        authority: host.to_string(),
-        protocol,
-        timeout_ms,
-        failure_mode: if fall_open {
-            FailureMode::Allow
-        } else {
-            FailureMode::Deny
-        },
-        failure_status: 503,
-        domain: String::new(),
-        descriptor_entries: Vec::new(),
-    })
+        let service = self.rate_limit_service.ok_or_else(|| {
+            path.field("rateLimitService")
+                .error("is required: {\"service\": \"<rate-limit service host>\", \"port\": 80}")
+        })?;
+        let port = service.port.map_or(80, |p| p.0);
+        let service = ServiceConfig {
+            cluster: format!("outbound|{port}||{}", service.service.0),
+            authority: service.service.0,
+            protocol: match service.protocol {
+                AsmProtocol::Asm => Protocol::Asm,
+                AsmProtocol::V1 => Protocol::V1,
+            },
+            timeout_ms: service.timeout_ms.map_or(500, |t| t.0),
+            failure_mode: if self.fall_open.unwrap_or(true) {
+                FailureMode::Allow
+            } else {
+                FailureMode::Deny
+            },
+            failure_status: 503,
+            domain: String::new(),
+            descriptor_entries: Vec::new(),
+        };
+        Ok(Config::new(service, matches, limits))
+    }
 }
 
 #[cfg(test)]

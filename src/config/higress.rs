@@ -20,11 +20,15 @@
 //! options (`usage`, `reserve`, `client_ip`, …) may be added; other unknown top-level fields are
 //! ignored with a warning.
 
+use std::cell::RefCell;
+
 use ipnet::IpNet;
+use serde::Deserialize;
 use serde_json::Value;
 
-use super::fields::{kind, Object, Path};
-use super::native::{self, options, regex, status, valid_header_name, MAX_TOKENS};
+use super::de::{self, Path};
+use super::native::{Port, ServiceSpec, Tokens};
+use super::values::{HeaderName, Name, Pattern, Status};
 use super::*;
 use crate::limits::{LimitRates, Rate, ValueMatch, ValueRule};
 use crate::template::Template;
@@ -32,282 +36,179 @@ use crate::template::Template;
 /// Higress accepts at most this many `rule_items`.
 const MAX_RULE_ITEMS: usize = 10;
 
-const WINDOWS: [(&str, u64); 4] = [
-    ("token_per_second", 1),
-    ("token_per_minute", 60),
-    ("token_per_hour", 3_600),
-    ("token_per_day", 86_400),
-];
+/// The top-level field listing scoped rules (Higress `matchRules`): each entry is a rule
+/// configuration plus a [`ScopeSpec`].
+pub const RULES: &str = "_rules_";
 
-pub fn parse(value: &Value) -> Result<(Vec<Policy>, Vec<String>), ConfigError> {
-    let root = Path::root();
-    let top_service = value.get("service");
-    let mut policies = Vec::new();
-    let mut warnings = Vec::new();
-    if let Some(rules) = value.get("_rules_") {
-        let path = root.field("_rules_");
-        let Value::Array(rules) = rules else {
-            return Err(path.error(format!("expected an array, found {}", kind(rules))));
+/// Which requests a `_rules_` entry applies to; at least one list is given.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ScopeSpec {
+    /// Route names (`xds.route_name`).
+    #[serde(rename = "_match_route_")]
+    routes: Option<Vec<Name>>,
+    /// Hosts, exact or `*.suffix`.
+    #[serde(rename = "_match_domain_")]
+    domains: Option<Vec<Name>>,
+    /// Upstream services: `host`, `host:port` or a cluster name.
+    #[serde(rename = "_match_service_")]
+    services: Option<Vec<Name>>,
+}
+
+impl ScopeSpec {
+    fn into_scope(self, path: &Path) -> Result<Scope, ConfigError> {
+        let names = |v: Option<Vec<Name>>| -> Vec<String> {
+            v.unwrap_or_default().into_iter().map(|n| n.0).collect()
         };
-        for (i, rule) in rules.iter().enumerate() {
-            let mut o = Object::new(path.index(i), rule)?;
-            let scope = scope(&mut o)?;
-            let config = one(o, top_service, &mut warnings)?;
-            policies.push(Policy {
-                scope: Some(scope),
-                config,
-            });
-        }
-    }
-    let mut top = Object::new(root.clone(), value)?;
-    top.allow("_rules_");
-    let has_default = ["rule_name", "rule_items", "global_threshold"]
-        .iter()
-        .any(|k| top.has(k));
-    if has_default {
-        policies.push(Policy {
-            scope: None,
-            config: one(top, None, &mut warnings)?,
-        });
-    } else if policies.is_empty() {
-        return Err(root.error(
-            "a Higress configuration needs `rule_name` with `rule_items` or `global_threshold`",
-        ));
-    }
-    // One report queue per VM: every policy must report to the same service.
-    if let Some(first) = policies.first() {
-        let service = &first.config.service;
-        if let Some(i) = policies.iter().position(|p| p.config.service != *service) {
-            let path = match policies.get(i).and_then(|p| p.scope.as_ref()) {
-                Some(_) => root.field("_rules_").index(i).field("service"),
-                None => root.field("service"),
-            };
+        let scope = Scope {
+            routes: names(self.routes),
+            domains: names(self.domains)
+                .into_iter()
+                .map(|d| d.to_ascii_lowercase())
+                .collect(),
+            services: names(self.services),
+        };
+        if scope == Scope::default() {
             return Err(path.error(
-                "differs from the service of the other rules; one plugin reports to one rate-limit service",
+                "needs `_match_route_`, `_match_domain_` or `_match_service_` (a list of names)",
             ));
         }
+        Ok(scope)
     }
-    Ok((policies, warnings))
 }
 
-fn strings(o: &mut Object<'_>, name: &'static str) -> Result<Vec<String>, ConfigError> {
-    let path = o.path.field(name);
-    match o.array(name)? {
-        None => Ok(Vec::new()),
-        Some(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::String(s) if !s.is_empty() => Ok(s.clone()),
-                other => Err(path.index(i).error(format!(
-                    "expected a non-empty string, found {}",
-                    kind(other)
-                ))),
+/// One Higress rule configuration: the top level, or one `_rules_` entry.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Rule {
+    /// Names the rule; limits are called `<rule_name>.<source>`.
+    rule_name: Option<Name>,
+    /// The rate-limit service (a `_rules_` entry inherits the top-level one).
+    service: Option<ServiceSpec>,
+    /// Higress's own Redis; not used (the counters live in the rate-limit service).
+    redis: Option<Redis>,
+    /// One budget for every request the rule applies to.
+    global_threshold: Option<Thresholds>,
+    /// Budgets per header, parameter, cookie, consumer or client address; the first that
+    /// applies to a request is the one checked.
+    rule_items: Option<Vec<RuleItem>>,
+    /// The status of a denial (429).
+    rejected_code: Option<Status>,
+    /// The body of a denial (`Too many requests`).
+    rejected_msg: Option<String>,
+    /// The quota headers, `X-TokenRateLimit-*` included (off).
+    show_limit_quota_header: Option<bool>,
+}
+
+/// The Higress `redis` block: read only to say what to run instead.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+struct Redis {
+    service_name: Option<String>,
+    service_port: Option<Port>,
+}
+
+/// `token_per_second|minute|hour|day`, one rate each; `key` only in `limit_keys`.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct Thresholds {
+    /// In `limit_keys`: the value (exact, `regexp:`, `*`, or an address or CIDR).
+    key: Option<KeyText>,
+    token_per_second: Option<Tokens>,
+    token_per_minute: Option<Tokens>,
+    token_per_hour: Option<Tokens>,
+    token_per_day: Option<Tokens>,
+}
+
+impl Thresholds {
+    fn rates(&self, path: &Path) -> Result<Vec<Rate>, ConfigError> {
+        let rates: Vec<Rate> = [
+            (self.token_per_second, 1),
+            (self.token_per_minute, 60),
+            (self.token_per_hour, 3_600),
+            (self.token_per_day, 86_400),
+        ]
+        .into_iter()
+        .filter_map(|(tokens, window_s)| {
+            tokens.map(|t| Rate {
+                tokens: t.0,
+                window_s,
             })
-            .collect(),
+        })
+        .collect();
+        if rates.is_empty() {
+            return Err(path.error(
+                "needs one of `token_per_second`, `token_per_minute`, `token_per_hour`, `token_per_day`",
+            ));
+        }
+        Ok(rates)
     }
 }
 
-fn scope(o: &mut Object<'_>) -> Result<Scope, ConfigError> {
-    let scope = Scope {
-        routes: strings(o, "_match_route_")?,
-        domains: strings(o, "_match_domain_")?
-            .into_iter()
-            .map(|d| d.to_ascii_lowercase())
-            .collect(),
-        services: strings(o, "_match_service_")?,
-    };
-    if scope == Scope::default() {
-        return Err(o.path.error(
-            "needs `_match_route_`, `_match_domain_` or `_match_service_` (a list of names)",
-        ));
-    }
-    Ok(scope)
-}
+/// A `limit_keys` key: text, or a number (YAML turns `key: 102234` into one; Higress reads text).
+struct KeyText(String);
 
-/// One Higress rule configuration (the top level, or one `_rules_` entry).
-fn one(
-    mut o: Object<'_>,
-    inherited_service: Option<&Value>,
-    warnings: &mut Vec<String>,
-) -> Result<Config, ConfigError> {
-    let rule_name = o.required_string("rule_name")?;
-    if rule_name.is_empty() {
-        return Err(o.path.field("rule_name").error("must not be empty"));
-    }
-    let service = match (o.value("service"), inherited_service) {
-        (Some(v), _) | (None, Some(v)) => {
-            native::service(Object::new(o.path.field("service"), v)?)?
-        }
-        (None, None) => return Err(missing_service(&mut o)),
-    };
-    if let Some(redis) = o.value("redis") {
-        if !redis.is_object() {
-            return Err(o
-                .path
-                .field("redis")
-                .error(format!("expected an object, found {}", kind(redis))));
-        }
-        warnings.push(format!(
-            "`{}`: not used: the counters live in the rate-limit service (cluster `{}`)",
-            o.path.field("redis"),
-            service.cluster
-        ));
-    }
-
-    let mut limits = Vec::new();
-    if let Some(mut g) = o.object("global_threshold")? {
-        let rates = rates(&mut g)?;
-        g.finish()?;
-        limits.push(Limit {
-            name: format!("{rule_name}.global"),
-            key: Template::parse("").map_err(|e| o.path.error(e))?,
-            rates: LimitRates::Fixed(rates),
-            exclusive: false,
-            when: None,
-        });
-    }
-    let mut ip_source: Option<(Path, ClientIpSource)> = None;
-    let mut item_names: Vec<String> = Vec::new();
-    let items_path = o.path.field("rule_items");
-    if let Some(items) = o.array("rule_items")? {
-        if items.is_empty() {
-            return Err(items_path.error("is empty: list at least one rule item"));
-        }
-        if items.len() > MAX_RULE_ITEMS {
-            return Err(items_path.error(format!(
-                "has {} items; Higress allows at most {MAX_RULE_ITEMS}",
-                items.len()
-            )));
-        }
-        for (i, item) in items.iter().enumerate() {
-            let path = items_path.index(i);
-            let (limit, ip) = rule_item(rule_name, Object::new(path.clone(), item)?)?;
-            if let Some(j) = item_names.iter().position(|n| *n == limit.name) {
-                return Err(path.error(format!(
-                    "limits the same source as rule_items[{j}]; merge their limit_keys"
-                )));
+impl<'a> Deserialize<'a> for KeyText {
+    fn deserialize<D: serde::Deserializer<'a>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = KeyText;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
             }
-            item_names.push(limit.name.clone());
-            if let Some(ip) = ip {
-                match &ip_source {
-                    Some((_, earlier)) if *earlier != ip => {
-                        return Err(path.field("limit_by_per_ip").error(
-                            "differs from an earlier limit_by_per_ip; all must read the client address from the same place",
-                        ))
-                    }
-                    _ => ip_source = Some((path.field("limit_by_per_ip"), ip)),
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<KeyText, E> {
+                match s {
+                    "" => Err(E::custom("must not be empty")),
+                    s => Ok(KeyText(s.to_string())),
                 }
             }
-            limits.push(limit);
-        }
-    }
-    if limits.is_empty() {
-        return Err(o
-            .path
-            .error("needs `rule_items` or `global_threshold` (at least one of them)"));
-    }
-
-    let rejected_code = status(&mut o, "rejected_code")?;
-    let rejected_msg = o.string("rejected_msg")?;
-    let show_quota = o.bool("show_limit_quota_header")?;
-    let has_deny = o.has("deny");
-    let has_quota_headers = o.has("quota_headers");
-    let mut options = options(&mut o)?;
-    if has_deny && (rejected_code.is_some() || rejected_msg.is_some()) {
-        return Err(o
-            .path
-            .field("deny")
-            .error("give either `deny` or `rejected_code` / `rejected_msg`, not both"));
-    }
-    if !has_deny {
-        options.deny = DenyConfig {
-            status: rejected_code.unwrap_or(429),
-            body: Some(rejected_msg.unwrap_or("Too many requests").to_string()),
-            headers: Vec::new(),
-        };
-    }
-    if !has_quota_headers {
-        options.quota_headers = show_quota.unwrap_or(false);
-    }
-    options.higress_headers = show_quota.unwrap_or(false);
-    if let Some((path, ip)) = ip_source {
-        options.client_ip = match (ip, &options.client_ip) {
-            // `client_ip.trusted_hops` applies to the header Higress names.
-            (
-                ClientIpSource::Header { name, .. },
-                ClientIpSource::Header {
-                    name: configured,
-                    trusted_hops,
-                },
-            ) if name == *configured => ClientIpSource::Header {
-                name,
-                trusted_hops: *trusted_hops,
-            },
-            (ip, ClientIpSource::Remote) => {
-                if let ClientIpSource::Header { name, .. } = &ip {
-                    warnings.push(format!(
-                        "`{path}`: takes the right-most `{name}` entry, the address the nearest proxy saw; behind a load balancer that is the balancer's own address. Set \"client_ip\": {{\"header\": \"{name}\", \"trusted_hops\": <proxies in front of Envoy, plus one>}}, or use `from-remote-addr` with Envoy's `xff_num_trusted_hops`"
-                    ));
-                }
-                ip
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<KeyText, E> {
+                Ok(KeyText(n.to_string()))
             }
-            _ => {
-                return Err(path.error(
-                    "reads the client address from another place than `client_ip`; remove one",
-                ))
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<KeyText, E> {
+                Ok(KeyText(n.to_string()))
             }
-        };
-    }
-    for field in o.leftovers() {
-        warnings.push(format!(
-            "`{field}`: not used by llm-token-ratelimit; ignored"
-        ));
-    }
-    Ok(options.into_config(service, Vec::new(), limits))
-}
-
-fn missing_service(o: &mut Object<'_>) -> ConfigError {
-    let redis = o.value("redis").and_then(Value::as_object);
-    let redis_hint = match redis
-        .and_then(|r| r.get("service_name"))
-        .and_then(Value::as_str)
-    {
-        Some(name) => {
-            let port = redis
-                .and_then(|r| r.get("service_port"))
-                .and_then(Value::as_u64)
-                .unwrap_or(if name.ends_with(".static") { 80 } else { 6379 });
-            format!(
-                " The `redis` block is not used by this plugin: run ratelimit-service with `--store redis --redis-url redis://{name}:{port}` and point `service` at it."
-            )
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<KeyText, E> {
+                Ok(KeyText(n.to_string()))
+            }
         }
-        None => String::new(),
-    };
-    o.path.field("service").error(format!(
-        "is required: this plugin keeps its counters in the rate-limit service; add \"service\": {{\"cluster\": \"<Envoy cluster of ratelimit-service>\"}} or {{\"host\": \"ratelimit.default.svc.cluster.local\", \"port\": 8080}}.{redis_hint}"
-    ))
+        d.deserialize_any(V)
+    }
 }
 
-/// `token_per_*` fields of `o` as rates.
-fn rates(o: &mut Object<'_>) -> Result<Vec<Rate>, ConfigError> {
-    let mut rates = Vec::new();
-    for (name, window_s) in WINDOWS {
-        match o.u64_max(name, MAX_TOKENS)? {
-            None => {}
-            Some(0) => return Err(o.path.field(name).error("must be a positive integer")),
-            Some(tokens) => rates.push(Rate { tokens, window_s }),
-        }
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for KeyText {
+    fn inline_schema() -> bool {
+        true
     }
-    if rates.is_empty() {
-        return Err(o.path.error(
-            "needs one of `token_per_second`, `token_per_minute`, `token_per_hour`, `token_per_day`",
-        ));
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "KeyText".into()
     }
-    Ok(rates)
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": ["string", "number"], "minLength": 1})
+    }
 }
 
-/// The `limit_by_*` kinds: (field, key attribute, what its `limit_keys` are).
+/// One `rule_items` entry: exactly one `limit_by_*` source and its `limit_keys`.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct RuleItem {
+    limit_by_header: Option<String>,
+    limit_by_param: Option<String>,
+    limit_by_cookie: Option<String>,
+    limit_by_consumer: Option<String>,
+    limit_by_per_header: Option<String>,
+    limit_by_per_param: Option<String>,
+    limit_by_per_cookie: Option<String>,
+    limit_by_per_consumer: Option<String>,
+    /// `from-remote-addr` or `from-header-<name>`.
+    limit_by_per_ip: Option<String>,
+    limit_keys: Option<Vec<Thresholds>>,
+}
+
+/// What a `limit_by_*` source's `limit_keys` are.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Keys {
     /// Exact values, each with its own budget.
@@ -318,142 +219,177 @@ enum Keys {
     Ip,
 }
 
-const KINDS: [(&str, &str, Keys); 9] = [
-    ("limit_by_header", "request.headers.", Keys::Exact),
-    ("limit_by_param", "request.query.", Keys::Exact),
-    ("limit_by_cookie", "request.cookies.", Keys::Exact),
-    ("limit_by_consumer", "consumer", Keys::Exact),
-    ("limit_by_per_header", "request.headers.", Keys::Pattern),
-    ("limit_by_per_param", "request.query.", Keys::Pattern),
-    ("limit_by_per_cookie", "request.cookies.", Keys::Pattern),
-    ("limit_by_per_consumer", "consumer", Keys::Pattern),
-    ("limit_by_per_ip", "source.ip", Keys::Ip),
-];
+impl RuleItem {
+    /// The sources given: (field, key attribute, what the keys are, the source's name).
+    fn sources(&self) -> Vec<(&'static str, &'static str, Keys, &str)> {
+        [
+            (
+                "limit_by_header",
+                "request.headers.",
+                Keys::Exact,
+                &self.limit_by_header,
+            ),
+            (
+                "limit_by_param",
+                "request.query.",
+                Keys::Exact,
+                &self.limit_by_param,
+            ),
+            (
+                "limit_by_cookie",
+                "request.cookies.",
+                Keys::Exact,
+                &self.limit_by_cookie,
+            ),
+            (
+                "limit_by_consumer",
+                "consumer",
+                Keys::Exact,
+                &self.limit_by_consumer,
+            ),
+            (
+                "limit_by_per_header",
+                "request.headers.",
+                Keys::Pattern,
+                &self.limit_by_per_header,
+            ),
+            (
+                "limit_by_per_param",
+                "request.query.",
+                Keys::Pattern,
+                &self.limit_by_per_param,
+            ),
+            (
+                "limit_by_per_cookie",
+                "request.cookies.",
+                Keys::Pattern,
+                &self.limit_by_per_cookie,
+            ),
+            (
+                "limit_by_per_consumer",
+                "consumer",
+                Keys::Pattern,
+                &self.limit_by_per_consumer,
+            ),
+            (
+                "limit_by_per_ip",
+                "source.ip",
+                Keys::Ip,
+                &self.limit_by_per_ip,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(field, attribute, keys, source)| {
+            source.as_deref().map(|s| (field, attribute, keys, s))
+        })
+        .collect()
+    }
 
-fn rule_item(
-    rule_name: &str,
-    mut o: Object<'_>,
-) -> Result<(Limit, Option<ClientIpSource>), ConfigError> {
-    let present: Vec<(&str, &str, Keys)> = KINDS
-        .iter()
-        .copied()
-        .filter(|(field, ..)| o.has(field))
-        .collect();
-    let (field, attribute, keys) = match present.as_slice() {
-        [one] => *one,
-        [] => {
-            return Err(o.path.error(format!(
-                "needs one of {}",
-                KINDS.map(|(f, ..)| format!("`{f}`")).join(", ")
-            )))
-        }
-        several => {
-            return Err(o.path.error(format!(
-                "names {} at once; give one `limit_by_*` per rule item",
-                several
-                    .iter()
-                    .map(|(f, ..)| format!("`{f}`"))
-                    .collect::<Vec<_>>()
-                    .join(" and ")
-            )))
-        }
-    };
-    let source_path = o.path.field(field);
-    let source = match o.value(field) {
-        Some(Value::String(s)) => s.as_str(),
-        Some(other) => {
-            return Err(source_path.error(format!("expected a string, found {}", kind(other))))
-        }
-        None => "",
-    };
-    let mut ip = None;
-    let template = match attribute {
-        "consumer" => "{{consumer}}".to_string(),
-        "source.ip" => {
-            ip = Some(if source == "from-remote-addr" {
-                ClientIpSource::Remote
-            } else if let Some(header) = source.strip_prefix("from-header-") {
-                if !valid_header_name(header) {
-                    return Err(source_path.error(format!(
-                        "\"{header}\" after `from-header-` is not a header name"
-                    )));
-                }
-                ClientIpSource::Header {
-                    name: header.to_ascii_lowercase(),
-                    trusted_hops: 1,
-                }
-            } else {
-                return Err(source_path.error(
-                    "must be `from-remote-addr` or `from-header-<header name>` (e.g. `from-header-x-forwarded-for`)",
-                ));
-            });
-            "{{source.ip}}".to_string()
-        }
-        prefix => {
-            if source.is_empty() {
-                return Err(
-                    source_path.error("names no source; give a header, parameter or cookie name")
-                );
+    fn into_limit(
+        self,
+        rule_name: &str,
+        path: &Path,
+    ) -> Result<(Limit, Option<ClientIpSource>), ConfigError> {
+        let (field, attribute, keys, source) = match self.sources().as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(path.error(
+                    "needs one of `limit_by_header`, `limit_by_param`, `limit_by_cookie`, `limit_by_consumer`, `limit_by_per_header`, `limit_by_per_param`, `limit_by_per_cookie`, `limit_by_per_consumer`, `limit_by_per_ip`",
+                ))
             }
-            if source.contains(['{', '}']) {
-                return Err(source_path.error("must not contain `{` or `}`"));
+            several => {
+                let names: Vec<String> = several.iter().map(|(f, ..)| format!("`{f}`")).collect();
+                return Err(path.error(format!(
+                    "names {} at once; give one `limit_by_*` per rule item",
+                    names.join(" and ")
+                )));
             }
-            let name = if prefix == "request.headers." {
-                source.to_ascii_lowercase()
-            } else {
-                source.to_string()
-            };
-            format!("{{{{{prefix}{name}}}}}")
-        }
-    };
-    let key = Template::parse(&template).map_err(|e| source_path.error(e))?;
-
-    let keys_path = o.path.field("limit_keys");
-    let rules = match o.array("limit_keys")? {
-        None => return Err(keys_path.error("is required")),
-        Some(items) if items.is_empty() => {
-            return Err(keys_path.error("is empty: list at least one key"))
-        }
-        Some(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| limit_key(field, keys, Object::new(keys_path.index(i), v)?))
-            .collect::<Result<Vec<_>, _>>()?,
-    };
-    o.finish()?;
-    let source_name = match attribute {
-        "consumer" | "source.ip" => field.to_string(),
-        _ => format!("{field}.{source}"),
-    };
-    Ok((
-        Limit {
+        };
+        let source_path = path.field(field);
+        let mut ip = None;
+        let template = match attribute {
+            "consumer" => "{{consumer}}".to_string(),
+            "source.ip" => {
+                ip = Some(if source == "from-remote-addr" {
+                    ClientIpSource::Remote
+                } else if let Some(header) = source.strip_prefix("from-header-") {
+                    if !HeaderName::valid(header) {
+                        return Err(source_path.error(format!(
+                            "\"{header}\" after `from-header-` is not a header name"
+                        )));
+                    }
+                    ClientIpSource::Header {
+                        name: header.to_ascii_lowercase(),
+                        trusted_hops: 1,
+                    }
+                } else {
+                    return Err(source_path.error(
+                        "must be `from-remote-addr` or `from-header-<header name>` (e.g. `from-header-x-forwarded-for`)",
+                    ));
+                });
+                "{{source.ip}}".to_string()
+            }
+            prefix => {
+                if source.is_empty() {
+                    return Err(source_path
+                        .error("names no source; give a header, parameter or cookie name"));
+                }
+                if source.contains(['{', '}']) {
+                    return Err(source_path.error("must not contain `{` or `}`"));
+                }
+                let name = if prefix == "request.headers." {
+                    source.to_ascii_lowercase()
+                } else {
+                    source.to_string()
+                };
+                format!("{{{{{prefix}{name}}}}}")
+            }
+        };
+        let key = Template::parse(&template).map_err(|e| source_path.error(e))?;
+        let source_name = match attribute {
+            "consumer" | "source.ip" => field.to_string(),
+            _ => format!("{field}.{source}"),
+        };
+        let keys_path = path.field("limit_keys");
+        let rules = match self.limit_keys {
+            None => return Err(keys_path.error("is required")),
+            Some(items) if items.is_empty() => {
+                return Err(keys_path.error("is empty: list at least one key"))
+            }
+            Some(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| limit_key(field, keys, t, &keys_path.index(i)))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let limit = Limit {
             name: format!("{rule_name}.{source_name}"),
             key,
             rates: LimitRates::PerValue(rules),
             // Higress: the first matching rule item applies, later ones are ignored.
             exclusive: true,
             when: None,
-        },
-        ip,
-    ))
+        };
+        Ok((limit, ip))
+    }
 }
 
-fn limit_key(field: &str, keys: Keys, mut o: Object<'_>) -> Result<ValueRule, ConfigError> {
-    let key_path = o.path.field("key");
-    // YAML turns `key: 102234` into a number; Higress reads it as text.
-    let key = match o.value("key") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(Value::String(_)) | None => return Err(key_path.error("is required")),
-        Some(other) => {
-            return Err(key_path.error(format!("expected a string, found {}", kind(other))))
-        }
+fn limit_key(
+    field: &str,
+    keys: Keys,
+    t: Thresholds,
+    path: &Path,
+) -> Result<ValueRule, ConfigError> {
+    let key_path = path.field("key");
+    let rates = t.rates(path)?;
+    let Some(KeyText(key)) = t.key else {
+        return Err(key_path.error("is required"));
     };
     let matcher = match keys {
         Keys::Exact => ValueMatch::Exact(key.clone()),
         Keys::Pattern if key == "*" => ValueMatch::Any,
         Keys::Pattern => match key.strip_prefix("regexp:") {
-            Some(re) => ValueMatch::Regex(regex(&key_path, re)?),
+            Some(re) => ValueMatch::Regex(Pattern::compile(re).map_err(|e| key_path.error(e))?),
             None => {
                 return Err(key_path.error(format!(
                     "\"{key}\": `{field}` keys must start with `regexp:` or be exactly `*` (for one exact value use `{}`)",
@@ -473,14 +409,215 @@ fn limit_key(field: &str, keys: Keys, mut o: Object<'_>) -> Result<ValueRule, Co
             },
         },
     };
-    let rates = rates(&mut o)?;
-    o.finish()?;
     Ok(ValueRule {
         matcher,
         pattern: key,
         rates,
         shared: false,
     })
+}
+
+pub fn parse(value: &Value, warnings: &RefCell<Vec<String>>) -> Result<Vec<Policy>, ConfigError> {
+    let root = Path::root();
+    let (top, options) = read_with_options::<Rule>(value, &root, &[RULES], warnings)?;
+    let mut policies = Vec::new();
+    let rules_path = root.field(RULES);
+    let rules = match value.get(RULES) {
+        None | Some(Value::Null) => &[][..],
+        Some(Value::Array(rules)) => rules.as_slice(),
+        Some(other) => {
+            return Err(rules_path.error(format!("expected an array, found {}", de::kind(other))))
+        }
+    };
+    for (i, entry) in rules.iter().enumerate() {
+        let path = rules_path.index(i);
+        let (scope, scope_fields) = de::read::<ScopeSpec>(entry, &path, &[], de::Unknown::Ignore)?;
+        let scope = scope.into_scope(&path)?;
+        let (rule, options) = read_with_options::<Rule>(entry, &path, scope_fields, warnings)?;
+        let inherited = top.service.as_ref().map(|s| (s, root.field("service")));
+        policies.push(Policy {
+            scope: Some(scope),
+            config: rule.into_config(&path, inherited, options, warnings)?,
+        });
+    }
+    let has_default =
+        top.rule_name.is_some() || top.rule_items.is_some() || top.global_threshold.is_some();
+    if has_default {
+        policies.push(Policy {
+            scope: None,
+            config: top.into_config(&root, None, options, warnings)?,
+        });
+    } else if policies.is_empty() {
+        return Err(root.error(
+            "a Higress configuration needs `rule_name` with `rule_items` or `global_threshold`",
+        ));
+    }
+    // One report queue per VM: every policy must report to the same service.
+    if let Some(first) = policies.first() {
+        let service = &first.config.service;
+        if let Some(i) = policies.iter().position(|p| p.config.service != *service) {
+            let path = match policies.get(i).and_then(|p| p.scope.as_ref()) {
+                Some(_) => rules_path.index(i).field("service"),
+                None => root.field("service"),
+            };
+            return Err(path.error(
+                "differs from the service of the other rules; one plugin reports to one rate-limit service",
+            ));
+        }
+    }
+    Ok(policies)
+}
+
+impl Rule {
+    fn into_config(
+        self,
+        path: &Path,
+        inherited_service: Option<(&ServiceSpec, Path)>,
+        options: options::Options,
+        warnings: &RefCell<Vec<String>>,
+    ) -> Result<Config, ConfigError> {
+        let rule_name = self
+            .rule_name
+            .ok_or_else(|| path.field("rule_name").error("is required"))?;
+        let service = match (self.service, inherited_service) {
+            (Some(s), _) => s.into_service(&path.field("service"))?,
+            (None, Some((s, at))) => s.clone().into_service(&at)?,
+            (None, None) => return Err(missing_service(path, self.redis.as_ref())),
+        };
+        if self.redis.is_some() {
+            warnings.borrow_mut().push(format!(
+                "`{}`: not used: the counters live in the rate-limit service (cluster `{}`)",
+                path.field("redis"),
+                service.cluster
+            ));
+        }
+
+        let mut limits = Vec::new();
+        if let Some(g) = &self.global_threshold {
+            let at = path.field("global_threshold");
+            if g.key.is_some() {
+                return Err(at.field("key").error("a global threshold has no key"));
+            }
+            limits.push(Limit {
+                name: format!("{}.global", rule_name.0),
+                key: Template::parse("").map_err(|e| at.error(e))?,
+                rates: LimitRates::Fixed(g.rates(&at)?),
+                exclusive: false,
+                when: None,
+            });
+        }
+        let mut ip_source: Option<(Path, ClientIpSource)> = None;
+        let mut item_names: Vec<String> = Vec::new();
+        let items_path = path.field("rule_items");
+        if let Some(items) = self.rule_items {
+            if items.is_empty() {
+                return Err(items_path.error("is empty: list at least one rule item"));
+            }
+            if items.len() > MAX_RULE_ITEMS {
+                return Err(items_path.error(format!(
+                    "has {} items; Higress allows at most {MAX_RULE_ITEMS}",
+                    items.len()
+                )));
+            }
+            for (i, item) in items.into_iter().enumerate() {
+                let at = items_path.index(i);
+                let (limit, ip) = item.into_limit(&rule_name, &at)?;
+                if let Some(j) = item_names.iter().position(|n| *n == limit.name) {
+                    return Err(at.error(format!(
+                        "limits the same source as rule_items[{j}]; merge their limit_keys"
+                    )));
+                }
+                item_names.push(limit.name.clone());
+                if let Some(ip) = ip {
+                    match &ip_source {
+                        Some((_, earlier)) if *earlier != ip => {
+                            return Err(at.field("limit_by_per_ip").error(
+                                "differs from an earlier limit_by_per_ip; all must read the client address from the same place",
+                            ))
+                        }
+                        _ => ip_source = Some((at.field("limit_by_per_ip"), ip)),
+                    }
+                }
+                limits.push(limit);
+            }
+        }
+        if limits.is_empty() {
+            return Err(
+                path.error("needs `rule_items` or `global_threshold` (at least one of them)")
+            );
+        }
+
+        let has_deny = options.has_deny();
+        if has_deny && (self.rejected_code.is_some() || self.rejected_msg.is_some()) {
+            return Err(path
+                .field("deny")
+                .error("give either `deny` or `rejected_code` / `rejected_msg`, not both"));
+        }
+        let has_quota_headers = options.has_quota_headers();
+        let mut config = Config::new(service, Vec::new(), limits);
+        options.apply(path, &mut config)?;
+        if !has_deny {
+            config.deny = DenyConfig {
+                status: self.rejected_code.map_or(429, |s| s.0),
+                body: Some(
+                    self.rejected_msg
+                        .unwrap_or_else(|| "Too many requests".into()),
+                ),
+                headers: Vec::new(),
+            };
+        }
+        let show_quota = self.show_limit_quota_header.unwrap_or(false);
+        if !has_quota_headers {
+            config.quota_headers = show_quota;
+        }
+        config.higress_headers = show_quota;
+        if let Some((at, ip)) = ip_source {
+            config.client_ip = match (ip, &config.client_ip) {
+                // `client_ip.trusted_hops` applies to the header Higress names.
+                (
+                    ClientIpSource::Header { name, .. },
+                    ClientIpSource::Header {
+                        name: configured,
+                        trusted_hops,
+                    },
+                ) if name == *configured => ClientIpSource::Header {
+                    name,
+                    trusted_hops: *trusted_hops,
+                },
+                (ip, ClientIpSource::Remote) => {
+                    if let ClientIpSource::Header { name, .. } = &ip {
+                        warnings.borrow_mut().push(format!(
+                            "`{at}`: takes the right-most `{name}` entry, the address the nearest proxy saw; behind a load balancer that is the balancer's own address. Set \"client_ip\": {{\"header\": \"{name}\", \"trusted_hops\": <proxies in front of Envoy, plus one>}}, or use `from-remote-addr` with Envoy's `xff_num_trusted_hops`"
+                        ));
+                    }
+                    ip
+                }
+                _ => {
+                    return Err(at.error(
+                        "reads the client address from another place than `client_ip`; remove one",
+                    ))
+                }
+            };
+        }
+        Ok(config)
+    }
+}
+
+fn missing_service(path: &Path, redis: Option<&Redis>) -> ConfigError {
+    let redis_hint = match redis.and_then(|r| r.service_name.as_deref()) {
+        Some(name) => {
+            let port = redis
+                .and_then(|r| r.service_port)
+                .map_or(if name.ends_with(".static") { 80 } else { 6379 }, |p| p.0);
+            format!(
+                " The `redis` block is not used by this plugin: run ratelimit-service with `--store redis --redis-url redis://{name}:{port}` and point `service` at it."
+            )
+        }
+        None => String::new(),
+    };
+    path.field("service").error(format!(
+        "is required: this plugin keeps its counters in the rate-limit service; add \"service\": {{\"cluster\": \"<Envoy cluster of ratelimit-service>\"}} or {{\"host\": \"ratelimit.default.svc.cluster.local\", \"port\": 8080}}.{redis_hint}"
+    ))
 }
 
 #[cfg(test)]
@@ -597,6 +734,18 @@ mod tests {
         assert_eq!(p.policies.len(), 2);
         assert_eq!(p.policies[0].scope.as_ref().unwrap().routes, ["chat"]);
         assert_eq!(p.policies[1].config.limits[0].name, "b.global");
+        // Fields of a rule nobody reads are warned about with their path; the options are read.
+        let p = parse(json!({
+            "service": {"cluster": "ratelimit"},
+            "_rules_": [{"_match_route_": ["chat"], "rule_name": "a", "global_threshold": {"token_per_minute": 5},
+                         "reserve": {"tokens": 7}, "future": 1}]
+        }))
+        .unwrap();
+        assert_eq!(p.policies[0].config.reserve, Reserve::Tokens(7));
+        assert_eq!(
+            p.warnings,
+            ["`_rules_[0].future`: not used by llm-token-ratelimit; ignored"]
+        );
     }
 
     #[test]
@@ -628,7 +777,7 @@ mod tests {
             ),
             (
                 with_service(json!({"rule_name": "r", "rule_items": [{"limit_by_header": "x", "limit_keys": [{"key": "a", "token_per_minute": 0}]}]})),
-                "`rule_items[0].limit_keys[0].token_per_minute`: must be a positive integer",
+                "`rule_items[0].limit_keys[0].token_per_minute`: must be at least 1",
             ),
             (
                 with_service(json!({"rule_name": "r", "rule_items": [{"limit_keys": []}]})),

@@ -5,14 +5,22 @@
 //! per scope (route, domain, upstream service).
 
 mod asm;
-mod fields;
+mod de;
 mod higress;
 mod native;
+mod options;
+#[cfg(feature = "schema")]
+pub mod schema;
 mod scope;
+mod values;
 
 pub use scope::{Scope, ScopeFacts};
 
+use std::cell::RefCell;
+
 use thiserror::Error;
+
+use de::{Path, Unknown};
 
 use crate::client_ip::ClientIpSource;
 use crate::limits::Limit;
@@ -186,30 +194,28 @@ impl Plugin {
     pub fn parse(bytes: &[u8]) -> Result<Plugin, ConfigError> {
         let value = json(bytes)?;
         let shape = Shape::of(&value);
-        let (mut policies, warnings) = match shape {
-            Shape::Native => (
+        let root = Path::root();
+        let warnings = RefCell::new(Vec::new());
+        let mut policies = match shape {
+            Shape::Native => vec![Policy {
+                scope: None,
+                config: read_native(&value)?,
+            }],
+            Shape::Asm => {
+                let (asm, options) = read_with_options::<asm::Asm>(&value, &root, &[], &warnings)?;
+                let mut config = asm.into_config(&root)?;
+                options.apply(&root, &mut config)?;
                 vec![Policy {
                     scope: None,
-                    config: native::parse(&value)?,
-                }],
-                Vec::new(),
-            ),
-            Shape::Asm => {
-                let (config, warnings) = asm::parse(&value)?;
-                (
-                    vec![Policy {
-                        scope: None,
-                        config,
-                    }],
-                    warnings,
-                )
+                    config,
+                }]
             }
-            Shape::Higress => higress::parse(&value)?,
+            Shape::Higress => higress::parse(&value, &warnings)?,
         };
         for p in &mut policies {
             p.config.derive();
         }
-        let mut warnings = warnings;
+        let mut warnings = warnings.into_inner();
         if policies
             .first()
             .is_some_and(|p| p.config.service.protocol == Protocol::EnvoyRls)
@@ -250,8 +256,35 @@ impl Plugin {
     }
 }
 
+/// Reads an object of a foreign shape in two passes: the shared options, then the shape's own
+/// fields, with `also` the fields a third pass reads. Fields none of them reads are warned about.
+fn read_with_options<T: serde::de::DeserializeOwned>(
+    value: &serde_json::Value,
+    path: &Path,
+    also: &[&'static str],
+    warnings: &RefCell<Vec<String>>,
+) -> Result<(T, options::Options), ConfigError> {
+    de::object(path, value)?;
+    let (options, option_fields) = de::read::<options::Options>(value, path, &[], Unknown::Ignore)?;
+    let others: Vec<&'static str> = option_fields.iter().chain(also).copied().collect();
+    let (shape, _) = de::read::<T>(value, path, &others, Unknown::Warn(warnings))?;
+    Ok((shape, options))
+}
+
+/// The native shape: its own fields and the options, every other field refused.
+fn read_native(value: &serde_json::Value) -> Result<Config, ConfigError> {
+    let root = Path::root();
+    de::object(&root, value)?;
+    let (options, option_fields) =
+        de::read::<options::Options>(value, &root, &[], Unknown::Ignore)?;
+    let (native, _) = de::read::<native::Native>(value, &root, option_fields, Unknown::Ignore)?;
+    let mut config = native.into_config(&root)?;
+    options.apply(&root, &mut config)?;
+    Ok(config)
+}
+
 fn json(bytes: &[u8]) -> Result<serde_json::Value, ConfigError> {
-    let root = fields::Path::root();
+    let root = Path::root();
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(root
             .error("the plugin configuration is empty; it needs at least `service` and `limits`"));
@@ -263,9 +296,36 @@ impl Config {
     /// Reads a configuration in the native shape (tests and tools; Envoy's goes through
     /// [`Plugin::parse`]).
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let mut config = native::parse(&json(bytes)?)?;
+        let mut config = read_native(&json(bytes)?)?;
         config.derive();
         Ok(config)
+    }
+
+    /// A configuration with these limits and every option at its default.
+    fn new(service: ServiceConfig, matches: Vec<RequestMatch>, limits: Vec<Limit>) -> Config {
+        Config {
+            service,
+            matches,
+            limits,
+            count: Count::Total,
+            on_missing: OnMissing::Estimate,
+            reserve: Reserve::Tokens(0),
+            reserve_max: native::MAX_TOKENS,
+            inject_stream_usage: true,
+            deny: DenyConfig {
+                status: 429,
+                body: None,
+                headers: Vec::new(),
+            },
+            quota_headers: true,
+            higress_headers: false,
+            client_ip: ClientIpSource::Remote,
+            consumer_header: "x-mse-consumer".into(),
+            max_request_body_bytes: 1024 * 1024,
+            max_pending_reports: crate::report::DEFAULT_CAPACITY,
+            needs_request_body: false,
+            match_headers: Vec::new(),
+        }
     }
 
     /// Computes what the hot path asks on every request.
@@ -615,6 +675,42 @@ mod tests {
                 "`quota_headers`: expected true or false",
             ),
             (&extra(r#""limts": []"#), "`limts`: unknown field"),
+            // A misspelt option is refused with the options among what is expected.
+            (
+                &extra(r#""quota_header": true"#),
+                "`quota_header`: unknown field; expected one of: service, matches, limits, usage, reserve",
+            ),
+            // serde would build a struct from an array by position; an object is required.
+            (
+                r#"{"service": ["rl"], "limits": [{"name": "g", "key": ""}]}"#,
+                "`service`: expected an object, found an array",
+            ),
+            (
+                &with_limits(
+                    r#"[{"name": "a", "key": "", "rates": [{"tokens": 1, "window": 1}, {"tokens": 1, "window": "soon"}]}]"#,
+                ),
+                "`limits[0].rates[1].window`: \"soon\" is not a window",
+            ),
+            (
+                &extra(r#""usage": {"count": {"prompt": -1}}"#),
+                "`usage.count.prompt`: must be a weight between 0 and 1000000",
+            ),
+            (
+                &extra(r#""usage": {"count": {"prompt": 1, "output": 2}}"#),
+                "`usage.count.output`: unknown field",
+            ),
+            (
+                &extra(r#""matches": [{"model": {"exact": "gpt-4o"}}]"#),
+                "`matches[0].model`: only a limit's `when` may name the model",
+            ),
+            (
+                &extra(r#""matches": [{"method": ["GET", 5]}]"#),
+                "`matches[0].method[1]`: expected a string, found a number",
+            ),
+            (
+                &extra(r#""client_ip": {"header": "x-forwarded-for", "trusted_hops": 65}"#),
+                "`client_ip.trusted_hops`: 65 is larger than the maximum 64",
+            ),
             (
                 r#"{"service": {"cluster": "a", "protocol": "envoy-rls"}, "limits": [{"name": "g", "key": ""}]}"#,
                 "`service.domain`: is required with protocol \"envoy-rls\"",
@@ -635,6 +731,17 @@ mod tests {
                 "for {json}\n  got:  {got}\n  want: {want}"
             );
         }
+    }
+
+    #[test]
+    fn null_is_absent() {
+        let c = parse(&extra(
+            r#""reserve": null, "usage": {"count": null}, "matches": null"#,
+        ))
+        .unwrap();
+        assert_eq!(c.reserve, Reserve::Tokens(0));
+        assert_eq!(c.count, Count::Total);
+        assert!(c.matches.is_empty());
     }
 
     #[test]

@@ -1,64 +1,80 @@
-//! The native configuration shape (DESIGN section 2.1).
+//! The native configuration shape: `service`, `matches`, `limits`, plus the shared options of
+//! [`super::options`]. Reading is two steps: serde checks the shape (types, unknown fields,
+//! each leaf value), then `into_*` checks what spans fields and builds the model, naming paths.
+
+use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use regex::Regex;
-use serde_json::Value;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
 
-use super::fields::{kind, whole_number, Object, Path};
+use super::de::Path;
+use super::values::{HeaderName, Name, Pattern, Status, Whole, Window};
 use super::*;
 use crate::limits::{LimitRates, Rate, ValueMatch, ValueRule};
 use crate::matcher::{Condition, StringMatch};
 use crate::template::Template;
 
-pub(super) use wire::{MAX_TOKENS, MAX_WINDOW_S};
-const MAX_TIMEOUT_MS: u64 = 60_000;
-const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+pub(super) use wire::MAX_TOKENS;
+/// A count of tokens: at least one, at most what the service stores.
+pub type Tokens = Whole<1, MAX_TOKENS>;
+pub type Port = Whole<1, 65_535>;
+/// `timeout_ms` of a service: 1 ms to 60 s.
+pub type TimeoutMs = Whole<1, 60_000>;
 
-pub fn parse(value: &Value) -> Result<Config, ConfigError> {
-    let mut root = Object::new(Path::root(), value)?;
+/// The native shape's own fields.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Native {
+    /// The rate-limit service: `{"cluster": "<Envoy cluster>"}` or `{"host": ..., "port": ...}`.
+    service: Option<ServiceSpec>,
+    /// Which requests are limited; absent or empty: every request.
+    #[serde(default)]
+    matches: Vec<MatchSpec>,
+    /// The budgets every admitted request is checked against.
+    limits: Option<Vec<LimitSpec>>,
+}
 
-    let service = match root.object("service")? {
-        Some(s) => service(s)?,
-        None => return Err(root.path.field("service").error(
+impl Native {
+    pub fn into_config(self, path: &Path) -> Result<Config, ConfigError> {
+        let service = self.service.ok_or_else(|| path.field("service").error(
             "is required: name the rate-limit service as {\"cluster\": \"<envoy cluster>\"} or {\"host\": \"<service host>\", \"port\": 80}",
-        )),
-    };
-    let matches = matches(&mut root, "matches")?;
-
-    let limits_path = root.path.field("limits");
-    let limits: Vec<Limit> = match root.array("limits")? {
-        None => return Err(limits_path.error("is required: list at least one limit")),
-        Some(items) if items.is_empty() => {
-            return Err(limits_path.error("is empty: list at least one limit"))
+        ))?.into_service(&path.field("service"))?;
+        let matches = request_matches(&path.field("matches"), self.matches)?;
+        let limits_path = path.field("limits");
+        let limits: Vec<Limit> = match self.limits {
+            None => return Err(limits_path.error("is required: list at least one limit")),
+            Some(items) if items.is_empty() => {
+                return Err(limits_path.error("is empty: list at least one limit"))
+            }
+            Some(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, l)| l.into_limit(&limits_path.index(i)))
+                .collect::<Result<_, _>>()?,
+        };
+        within_contract(&limits_path, &limits)?;
+        for (i, l) in limits.iter().enumerate() {
+            if limits[..i].iter().any(|o| o.name == l.name) {
+                return Err(limits_path.index(i).field("name").error(format!(
+                    "`{}` is used by another limit; names must be unique",
+                    l.name
+                )));
+            }
         }
-        Some(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, l)| limit(Object::new(limits_path.index(i), l)?))
-            .collect::<Result<_, _>>()?,
-    };
-    within_contract(&limits_path, &limits)?;
-    for (i, l) in limits.iter().enumerate() {
-        if limits[..i].iter().any(|o| o.name == l.name) {
-            return Err(limits_path.index(i).field("name").error(format!(
-                "`{}` is used by another limit; names must be unique",
-                l.name
-            )));
+        if service.protocol == Protocol::EnvoyRls {
+            if let Some(i) = limits
+                .iter()
+                .position(|l| !matches!(l.rates, LimitRates::ServiceOwned))
+            {
+                return Err(limits_path.index(i).error(
+                    "has rates or values, but with protocol \"envoy-rls\" the rate-limit service's own configuration defines the budgets; remove `tokens`/`window`/`rates`/`values`",
+                ));
+            }
         }
+        Ok(Config::new(service, matches, limits))
     }
-    if service.protocol == Protocol::EnvoyRls {
-        if let Some(i) = limits
-            .iter()
-            .position(|l| !matches!(l.rates, LimitRates::ServiceOwned))
-        {
-            return Err(limits_path.index(i).error(
-                "has rates or values, but with protocol \"envoy-rls\" the rate-limit service's own configuration defines the budgets; remove `tokens`/`window`/`rates`/`values`",
-            ));
-        }
-    }
-    let options = options(&mut root)?;
-    root.finish()?;
-    Ok(options.into_config(service, matches, limits))
 }
 
 /// Refuses limits the rate-limit service would refuse in every check (which `failure_mode:
@@ -94,689 +110,445 @@ pub(super) fn within_contract(path: &Path, limits: &[Limit]) -> Result<(), Confi
     Ok(())
 }
 
-/// The fields every shape shares (usage, reserve, deny, client IP, …), with their defaults.
-pub(super) struct Options {
-    pub count: Count,
-    pub on_missing: OnMissing,
-    pub reserve: Reserve,
-    pub reserve_max: u64,
-    pub inject_stream_usage: bool,
-    pub deny: DenyConfig,
-    pub quota_headers: bool,
-    pub higress_headers: bool,
-    pub client_ip: ClientIpSource,
-    pub consumer_header: String,
-    pub max_request_body_bytes: usize,
-    pub max_pending_reports: usize,
+/// Which wire protocol the rate-limit service speaks.
+#[derive(Deserialize, Clone, Copy, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum ProtocolSpec {
+    #[default]
+    V1,
+    Asm,
+    EnvoyRls,
 }
 
-impl Options {
-    pub fn into_config(
-        self,
-        service: ServiceConfig,
-        matches: Vec<RequestMatch>,
-        limits: Vec<Limit>,
-    ) -> Config {
-        Config {
-            service,
-            matches,
-            limits,
-            count: self.count,
-            on_missing: self.on_missing,
-            reserve: self.reserve,
-            reserve_max: self.reserve_max,
-            inject_stream_usage: self.inject_stream_usage,
-            deny: self.deny,
-            quota_headers: self.quota_headers,
-            higress_headers: self.higress_headers,
-            client_ip: self.client_ip,
-            consumer_header: self.consumer_header,
-            max_request_body_bytes: self.max_request_body_bytes,
-            max_pending_reports: self.max_pending_reports,
-            needs_request_body: false,
-            match_headers: Vec::new(),
+impl From<ProtocolSpec> for Protocol {
+    fn from(p: ProtocolSpec) -> Protocol {
+        match p {
+            ProtocolSpec::V1 => Protocol::V1,
+            ProtocolSpec::Asm => Protocol::Asm,
+            ProtocolSpec::EnvoyRls => Protocol::EnvoyRls,
         }
     }
 }
 
-/// Reads the shared fields of `root`.
-pub(super) fn options(root: &mut Object<'_>) -> Result<Options, ConfigError> {
-    let (count, on_missing) = match root.object("usage")? {
-        None => (Count::Total, OnMissing::Estimate),
-        Some(u) => usage(u)?,
-    };
+#[derive(Deserialize, Clone, Copy, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum FailureModeSpec {
+    /// Admit the request when the service cannot answer.
+    #[default]
+    Allow,
+    /// Refuse it with `failure_status`.
+    Deny,
+}
 
-    let (reserve, reserve_max) = match root.object("reserve")? {
-        None => (Reserve::Tokens(0), MAX_TOKENS),
-        Some(mut r) => {
-            let path = r.path.field("tokens");
-            let reserve = match r.value("tokens") {
-                None => Reserve::Tokens(0),
-                Some(Value::String(s)) if s == "max_tokens" => Reserve::MaxTokens,
-                Some(v @ Value::Number(_)) => Reserve::Tokens(whole_number(&path, v, MAX_TOKENS)?),
-                Some(other) => {
-                    return Err(path.error(format!(
-                        "expected a number of tokens or \"max_tokens\", found {}",
-                        describe(other)
-                    )))
+/// The rate-limit service.
+#[derive(Deserialize, Clone)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// The Envoy cluster of the service (give this or `host`).
+    cluster: Option<Name>,
+    /// The service's host; the cluster is Istio's `outbound|<port>||<host>`.
+    host: Option<Name>,
+    /// With `host`: its port (80).
+    port: Option<Port>,
+    #[serde(default)]
+    protocol: ProtocolSpec,
+    /// `envoy-rls`: the rate-limit domain (required there, refused otherwise).
+    domain: Option<String>,
+    /// `envoy-rls`: entries put before `(limit, value)` in every descriptor.
+    descriptor_entries: Option<BTreeMap<String, String>>,
+    /// How long a check may take, in milliseconds (500).
+    timeout_ms: Option<TimeoutMs>,
+    #[serde(default)]
+    failure_mode: FailureModeSpec,
+    /// The status of a request refused by `failure_mode: deny` (503).
+    failure_status: Option<Status>,
+}
+
+impl ServiceSpec {
+    pub fn into_service(self, path: &Path) -> Result<ServiceConfig, ConfigError> {
+        let (cluster, authority) = match (self.cluster, self.host) {
+            (Some(_), Some(_)) => {
+                return Err(path
+                    .field("host")
+                    .error("give either `cluster` or `host`, not both"))
+            }
+            (None, None) => {
+                return Err(
+                    path.error("needs `cluster` (an Envoy cluster name) or `host` (+ `port`)")
+                )
+            }
+            (Some(c), None) => {
+                if self.port.is_some() {
+                    return Err(path.field("port").error("only goes with `host`"));
                 }
-            };
-            let max = match r.u64_max("max", MAX_TOKENS)? {
-                Some(0) => return Err(r.path.field("max").error("must be at least 1")),
-                Some(max) => max,
-                None => MAX_TOKENS,
-            };
-            r.finish()?;
-            (reserve, max)
-        }
-    };
-
-    let inject_stream_usage = root.bool("inject_stream_usage")?.unwrap_or(true);
-
-    let deny = match root.object("deny")? {
-        None => DenyConfig {
-            status: 429,
-            body: None,
-            headers: Vec::new(),
-        },
-        Some(d) => deny(d)?,
-    };
-
-    let quota_headers = root.bool("quota_headers")?.unwrap_or(true);
-
-    let client_ip = match root.object("client_ip")? {
-        None => ClientIpSource::Remote,
-        Some(c) => client_ip(c)?,
-    };
-
-    let consumer_header = header_name(root, "consumer_header")?.unwrap_or("x-mse-consumer".into());
-
-    let max_pending_reports = match root.u64_max("max_pending_reports", 1_000_000)? {
-        Some(0) => {
-            return Err(root
-                .path
-                .field("max_pending_reports")
-                .error("must be at least 1"))
-        }
-        Some(n) => n as usize,
-        None => crate::report::DEFAULT_CAPACITY,
-    };
-    let max_request_body_bytes = match root.u64_max("max_request_body_bytes", MAX_BODY_BYTES)? {
-        Some(0) => {
-            return Err(root
-                .path
-                .field("max_request_body_bytes")
-                .error("must be at least 1"))
-        }
-        Some(n) => n as usize,
-        None => 1024 * 1024,
-    };
-    Ok(Options {
-        count,
-        on_missing,
-        reserve,
-        reserve_max,
-        inject_stream_usage,
-        deny,
-        quota_headers,
-        higress_headers: false,
-        client_ip,
-        consumer_header,
-        max_request_body_bytes,
-        max_pending_reports,
-    })
-}
-
-/// A list of request matchers under `name` (absent: every request).
-pub(super) fn matches(
-    root: &mut Object<'_>,
-    name: &'static str,
-) -> Result<Vec<RequestMatch>, ConfigError> {
-    match root.array(name)? {
-        None => Ok(Vec::new()),
-        Some(items) => {
-            let path = root.path.field(name);
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, m)| request_match(Object::new(path.index(i), m)?))
-                .collect()
-        }
-    }
-}
-
-fn describe(v: &Value) -> String {
-    match v {
-        Value::String(s) => format!("\"{s}\""),
-        other => kind(other).to_string(),
-    }
-}
-
-pub(super) fn service(mut s: Object<'_>) -> Result<ServiceConfig, ConfigError> {
-    let cluster = s.string("cluster")?;
-    let host = s.string("host")?;
-    let port = s.u64_max("port", 65_535)?;
-    let (cluster, authority) = match (cluster, host) {
-        (Some(_), Some(_)) => {
-            return Err(s
-                .path
-                .field("host")
-                .error("give either `cluster` or `host`, not both"))
-        }
-        (None, None) => {
-            return Err(s
-                .path
-                .error("needs `cluster` (an Envoy cluster name) or `host` (+ `port`)"))
-        }
-        (Some(""), _) => return Err(s.path.field("cluster").error("must not be empty")),
-        (Some(c), None) => {
-            if port.is_some() {
-                return Err(s.path.field("port").error("only goes with `host`"));
+                (c.0.clone(), c.0)
             }
-            (c.to_string(), c.to_string())
-        }
-        (None, Some(h)) => {
-            if h.is_empty() {
-                return Err(s.path.field("host").error("must not be empty"));
+            (None, Some(h)) => {
+                let port = self.port.map_or(80, |p| p.0);
+                (format!("outbound|{port}||{}", h.0), h.0)
             }
-            let port = port.unwrap_or(80);
-            if port == 0 {
-                return Err(s.path.field("port").error("must be between 1 and 65535"));
+        };
+        let protocol = Protocol::from(self.protocol);
+        let domain = match (protocol, self.domain) {
+            (Protocol::EnvoyRls, Some(d)) if !d.is_empty() => d,
+            (Protocol::EnvoyRls, _) => {
+                return Err(path.field("domain").error(
+                    "is required with protocol \"envoy-rls\": the domain of the rate-limit service's configuration",
+                ))
             }
-            (format!("outbound|{port}||{h}"), h.to_string())
-        }
-    };
-    let protocol = match s.string("protocol")? {
-        None | Some("v1") => Protocol::V1,
-        Some("asm") => Protocol::Asm,
-        Some("envoy-rls") => Protocol::EnvoyRls,
-        Some(other) => {
-            return Err(s.path.field("protocol").error(format!(
-                "\"{other}\" is not one of \"v1\", \"asm\", \"envoy-rls\""
-            )))
-        }
-    };
-    let domain = s.string("domain")?;
-    let domain = match (protocol, domain) {
-        (Protocol::EnvoyRls, Some(d)) if !d.is_empty() => d.to_string(),
-        (Protocol::EnvoyRls, _) => {
-            return Err(s.path.field("domain").error(
-                "is required with protocol \"envoy-rls\": the domain of the rate-limit service's configuration",
-            ))
-        }
-        (_, Some(_)) => {
-            return Err(s
-                .path
-                .field("domain")
-                .error("only goes with protocol \"envoy-rls\""))
-        }
-        (_, None) => String::new(),
-    };
-    let descriptor_entries = match s.object("descriptor_entries")? {
-        None => Vec::new(),
-        Some(_) if protocol != Protocol::EnvoyRls => {
-            return Err(s
-                .path
-                .field("descriptor_entries")
-                .error("only goes with protocol \"envoy-rls\""))
-        }
-        Some(o) => o
-            .entries()
-            .map(|(k, v)| match v {
-                Value::String(v) if !k.is_empty() => Ok((k.clone(), v.clone())),
-                other => Err(o
-                    .path
-                    .field(k)
-                    .error(format!("expected a string, found {}", kind(other)))),
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    let timeout_ms = timeout_ms(&mut s)?;
-    let failure_mode = match s.string("failure_mode")? {
-        None | Some("allow") => FailureMode::Allow,
-        Some("deny") => FailureMode::Deny,
-        Some(other) => {
-            return Err(s
-                .path
-                .field("failure_mode")
-                .error(format!("\"{other}\" is not one of \"allow\", \"deny\"")))
-        }
-    };
-    let failure_status = status(&mut s, "failure_status")?.unwrap_or(503);
-    s.finish()?;
-    Ok(ServiceConfig {
-        cluster,
-        authority,
-        protocol,
-        timeout_ms,
-        failure_mode,
-        failure_status,
-        domain,
-        descriptor_entries,
-    })
-}
-
-/// `timeout_ms` of a service block: 1 ms to 60 s, 500 by default.
-pub(super) fn timeout_ms(s: &mut Object<'_>) -> Result<u64, ConfigError> {
-    match s.u64_max("timeout_ms", MAX_TIMEOUT_MS)? {
-        Some(0) => Err(s.path.field("timeout_ms").error("must be at least 1")),
-        Some(n) => Ok(n),
-        None => Ok(500),
-    }
-}
-
-pub(super) fn status(o: &mut Object<'_>, name: &'static str) -> Result<Option<u32>, ConfigError> {
-    match o.u64_max(name, 599)? {
-        Some(n) if n < 200 => Err(o
-            .path
-            .field(name)
-            .error(format!("{n} is not an HTTP status between 200 and 599"))),
-        other => Ok(other.map(|n| n as u32)),
-    }
-}
-
-fn header_name(o: &mut Object<'_>, name: &'static str) -> Result<Option<String>, ConfigError> {
-    match o.string(name)? {
-        None => Ok(None),
-        Some(h) if valid_header_name(h) => Ok(Some(h.to_ascii_lowercase())),
-        Some(h) => Err(o
-            .path
-            .field(name)
-            .error(format!("\"{h}\" is not a valid header name"))),
-    }
-}
-
-pub(super) fn valid_header_name(h: &str) -> bool {
-    !h.is_empty()
-        && h.bytes().enumerate().all(|(i, b)| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b) || (i == 0 && b == b':')
+            (_, Some(_)) => {
+                return Err(path
+                    .field("domain")
+                    .error("only goes with protocol \"envoy-rls\""))
+            }
+            (_, None) => String::new(),
+        };
+        let descriptor_entries = match self.descriptor_entries {
+            None => Vec::new(),
+            Some(_) if protocol != Protocol::EnvoyRls => {
+                return Err(path
+                    .field("descriptor_entries")
+                    .error("only goes with protocol \"envoy-rls\""))
+            }
+            Some(entries) => {
+                if entries.contains_key("") {
+                    return Err(path.field("descriptor_entries").error("has an empty key"));
+                }
+                entries.into_iter().collect()
+            }
+        };
+        Ok(ServiceConfig {
+            cluster,
+            authority,
+            protocol,
+            timeout_ms: self.timeout_ms.map_or(500, |t| t.0),
+            failure_mode: match self.failure_mode {
+                FailureModeSpec::Allow => FailureMode::Allow,
+                FailureModeSpec::Deny => FailureMode::Deny,
+            },
+            failure_status: self.failure_status.map_or(503, |s| s.0),
+            domain,
+            descriptor_entries,
         })
+    }
 }
 
-fn string_match(path: Path, v: &Value) -> Result<StringMatch, ConfigError> {
-    let mut o = Object::new(path, v)?;
-    let mut found = Vec::new();
-    for kind in ["exact", "prefix", "suffix", "contains", "regex", "present"] {
-        if o.has(kind) {
-            found.push(kind);
-        }
-    }
-    let m = match found.as_slice() {
-        ["present"] => match o.bool("present")? {
-            Some(true) => StringMatch::Present,
-            _ => {
-                return Err(o
-                    .path
+/// How a string (host, path, header, model) is compared: exactly one of these.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(extend("minProperties" = 1, "maxProperties" = 1))
+)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatchSpec {
+    exact: Option<String>,
+    prefix: Option<String>,
+    suffix: Option<String>,
+    contains: Option<String>,
+    regex: Option<Pattern>,
+    /// Only `true`: the thing (a header) has to be there, with any value.
+    present: Option<bool>,
+}
+
+impl StringMatchSpec {
+    fn into_match(self, path: &Path) -> Result<StringMatch, ConfigError> {
+        let mut found = Vec::new();
+        let mut set = |name: &'static str, m: Option<StringMatch>| {
+            if let Some(m) = m {
+                found.push((name, m));
+            }
+        };
+        set("exact", self.exact.map(StringMatch::Exact));
+        set("prefix", self.prefix.map(StringMatch::Prefix));
+        set("suffix", self.suffix.map(StringMatch::Suffix));
+        set("contains", self.contains.map(StringMatch::Contains));
+        set("regex", self.regex.map(|r| StringMatch::Regex(r.0)));
+        match self.present {
+            Some(true) => set("present", Some(StringMatch::Present)),
+            Some(false) => {
+                return Err(path
                     .field("present")
                     .error("can only be true (a condition on something absent never holds)"))
             }
-        },
-        [kind] => {
-            let text = match *kind {
-                "exact" => o.required_string("exact")?,
-                "prefix" => o.required_string("prefix")?,
-                "suffix" => o.required_string("suffix")?,
-                "contains" => o.required_string("contains")?,
-                _ => o.required_string("regex")?,
-            };
-            match *kind {
-                "exact" => StringMatch::Exact(text.into()),
-                "prefix" => StringMatch::Prefix(text.into()),
-                "suffix" => StringMatch::Suffix(text.into()),
-                "contains" => StringMatch::Contains(text.into()),
-                _ => StringMatch::Regex(regex(&o.path.field("regex"), text)?),
+            None => {}
+        }
+        match found.len() {
+            0 => Err(path
+                .error("needs one of `exact`, `prefix`, `suffix`, `contains`, `regex`, `present`")),
+            1 => Ok(found.swap_remove(0).1),
+            _ => {
+                let names: Vec<&str> = found.iter().map(|(n, _)| *n).collect();
+                Err(path.error(format!(
+                    "names {} at once; give exactly one",
+                    names.join(" and ")
+                )))
             }
         }
-        [] => {
-            return Err(o
-                .path
-                .error("needs one of `exact`, `prefix`, `suffix`, `contains`, `regex`, `present`"))
-        }
-        several => {
-            return Err(o.path.error(format!(
-                "names {} at once; give exactly one",
-                several.join(" and ")
-            )))
-        }
-    };
-    o.finish()?;
-    Ok(m)
-}
-
-pub(super) fn regex(path: &Path, text: &str) -> Result<Regex, ConfigError> {
-    Regex::new(text).map_err(|e| path.error(format!("invalid regular expression: {e}")))
-}
-
-/// A limit's `when`: a `matches` entry that may also name the `model`.
-fn condition(mut o: Object<'_>) -> Result<Condition, ConfigError> {
-    let model = o
-        .value("model")
-        .map(|v| string_match(o.path.field("model"), v))
-        .transpose()?;
-    Ok(Condition::new(request_match(o)?, model))
-}
-
-fn request_match(mut m: Object<'_>) -> Result<RequestMatch, ConfigError> {
-    let host = m
-        .value("host")
-        .map(|v| string_match(m.path.field("host"), v))
-        .transpose()?;
-    let host = host.map(|h| match h {
-        StringMatch::Exact(s) => StringMatch::Exact(s.to_ascii_lowercase()),
-        StringMatch::Prefix(s) => StringMatch::Prefix(s.to_ascii_lowercase()),
-        StringMatch::Suffix(s) => StringMatch::Suffix(s.to_ascii_lowercase()),
-        StringMatch::Contains(s) => StringMatch::Contains(s.to_ascii_lowercase()),
-        re => re,
-    });
-    let path = m
-        .value("path")
-        .map(|v| string_match(m.path.field("path"), v))
-        .transpose()?;
-    let method_path = m.path.field("method");
-    let methods = match m.value("method") {
-        None => Vec::new(),
-        Some(Value::String(s)) => vec![s.to_ascii_uppercase()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::String(s) => Ok(s.to_ascii_uppercase()),
-                other => Err(method_path
-                    .index(i)
-                    .error(format!("expected a string, found {}", kind(other)))),
-            })
-            .collect::<Result<_, _>>()?,
-        Some(other) => {
-            return Err(method_path.error(format!(
-                "expected a method name or a list of them, found {}",
-                kind(other)
-            )))
-        }
-    };
-    let headers = match m.object("headers")? {
-        None => Vec::new(),
-        Some(h) => h
-            .entries()
-            .map(|(name, v)| {
-                let path = h.path.field(name);
-                if !valid_header_name(name) {
-                    return Err(path.error("is not a valid header name"));
-                }
-                Ok((name.to_ascii_lowercase(), string_match(path, v)?))
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    m.finish()?;
-    Ok(RequestMatch {
-        host,
-        path,
-        methods,
-        headers,
-    })
-}
-
-fn window(path: &Path, v: &Value) -> Result<u64, ConfigError> {
-    let seconds = match v {
-        Value::Number(_) => whole_number(path, v, MAX_WINDOW_S)?,
-        Value::String(s) => {
-            let (digits, unit) =
-                s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-            let scale = match unit {
-                "" | "s" => 1,
-                "m" => 60,
-                "h" => 3_600,
-                "d" => 86_400,
-                _ => 0,
-            };
-            match digits.parse::<u64>() {
-                Ok(n) if scale > 0 => n.saturating_mul(scale),
-                _ => {
-                    return Err(path.error(format!(
-                        "\"{s}\" is not a window; use \"1s\", \"1m\", \"1h\", \"1d\" (any count) or a number of seconds"
-                    )))
-                }
-            }
-        }
-        other => {
-            return Err(path.error(format!(
-                "expected a window such as \"1m\", found {}",
-                kind(other)
-            )))
-        }
-    };
-    match seconds {
-        0 => Err(path.error("must be at least one second")),
-        s if s > MAX_WINDOW_S => Err(path.error(format!(
-            "is longer than the maximum of {MAX_WINDOW_S} seconds"
-        ))),
-        s => Ok(s),
     }
 }
 
-fn rate(o: &mut Object<'_>) -> Result<Rate, ConfigError> {
-    let tokens = match o.u64_max("tokens", MAX_TOKENS)? {
-        None => return Err(o.path.field("tokens").error("is required")),
-        Some(0) => return Err(o.path.field("tokens").error("must be at least 1")),
-        Some(n) => n,
-    };
-    let window_s = match o.value("window") {
-        None => return Err(o.path.field("window").error("is required with `tokens`")),
-        Some(v) => window(&o.path.field("window"), v)?,
-    };
-    Ok(Rate { tokens, window_s })
+/// One method or a list of them.
+#[derive(Default)]
+pub struct Methods(Vec<String>);
+
+impl<'de> Deserialize<'de> for Methods {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Methods;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a method name or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Methods, E> {
+                Ok(Methods(vec![s.to_ascii_uppercase()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Methods, A::Error> {
+                let mut methods = Vec::new();
+                while let Some(m) = seq.next_element::<String>()? {
+                    methods.push(m.to_ascii_uppercase());
+                }
+                Ok(Methods(methods))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
-/// `tokens` + `window` or `rates: [...]`; `Ok(None)` when neither is given.
-fn rates(o: &mut Object<'_>) -> Result<Option<Vec<Rate>>, ConfigError> {
-    let short = o.has("tokens") || o.has("window");
-    let list = o.array("rates")?;
-    match (short, list) {
-        (true, Some(_)) => Err(o
+/// A request matcher (`matches` entries), or with `model` a limit's `when` condition.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    /// The request's host (`:authority` without the port), compared in lower case.
+    host: Option<StringMatchSpec>,
+    /// The request's path without the query string.
+    path: Option<StringMatchSpec>,
+    /// A method or a list of methods.
+    #[cfg_attr(feature = "schema", schemars(with = "Option<MethodsSchema>"))]
+    method: Option<Methods>,
+    /// Headers by name; an absent header never matches.
+    headers: Option<BTreeMap<String, StringMatchSpec>>,
+    /// Only in a limit's `when`: the model the request body names.
+    model: Option<StringMatchSpec>,
+}
+
+#[cfg(feature = "schema")]
+#[derive(schemars::JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum MethodsSchema {
+    One(String),
+    Several(Vec<String>),
+}
+
+impl MatchSpec {
+    fn into_parts(self, path: &Path) -> Result<(RequestMatch, Option<StringMatch>), ConfigError> {
+        let lower = |m: StringMatch| match m {
+            StringMatch::Exact(s) => StringMatch::Exact(s.to_ascii_lowercase()),
+            StringMatch::Prefix(s) => StringMatch::Prefix(s.to_ascii_lowercase()),
+            StringMatch::Suffix(s) => StringMatch::Suffix(s.to_ascii_lowercase()),
+            StringMatch::Contains(s) => StringMatch::Contains(s.to_ascii_lowercase()),
+            re => re,
+        };
+        let host = self
+            .host
+            .map(|h| h.into_match(&path.field("host")).map(lower))
+            .transpose()?;
+        let request_path = self
             .path
+            .map(|p| p.into_match(&path.field("path")))
+            .transpose()?;
+        let headers = self
+            .headers
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, m)| {
+                let at = path.field("headers").field(&name);
+                if !HeaderName::valid(&name) {
+                    return Err(at.error("is not a valid header name"));
+                }
+                Ok((name.to_ascii_lowercase(), m.into_match(&at)?))
+            })
+            .collect::<Result<_, _>>()?;
+        let model = self
+            .model
+            .map(|m| m.into_match(&path.field("model")))
+            .transpose()?;
+        let request = RequestMatch {
+            host,
+            path: request_path,
+            methods: self.method.unwrap_or_default().0,
+            headers,
+        };
+        Ok((request, model))
+    }
+
+    /// A `when` condition.
+    fn into_condition(self, path: &Path) -> Result<Condition, ConfigError> {
+        let (request, model) = self.into_parts(path)?;
+        Ok(Condition::new(request, model))
+    }
+}
+
+/// `matches` entries: decided on the headers alone, so they cannot name the model.
+pub(super) fn request_matches(
+    path: &Path,
+    items: Vec<MatchSpec>,
+) -> Result<Vec<RequestMatch>, ConfigError> {
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| match m.into_parts(&path.index(i))? {
+            (request, None) => Ok(request),
+            (_, Some(_)) => Err(path.index(i).field("model").error(
+                "only a limit's `when` may name the model: `matches` are decided before the body is read",
+            )),
+        })
+        .collect()
+}
+
+/// One budget of a limit.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RateSpec {
+    tokens: Tokens,
+    window: Window,
+}
+
+/// `tokens` + `window`, or `rates`; `Ok(None)` when neither is given.
+fn rates(
+    path: &Path,
+    tokens: Option<Tokens>,
+    window: Option<Window>,
+    list: Option<Vec<RateSpec>>,
+) -> Result<Option<Vec<Rate>>, ConfigError> {
+    let rate = |tokens: Tokens, window: Window| Rate {
+        tokens: tokens.0,
+        window_s: window.0,
+    };
+    match (tokens, window, list) {
+        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => Err(path
             .field("rates")
             .error("give either `tokens` + `window` or `rates`, not both")),
-        (true, None) => Ok(Some(vec![rate(o)?])),
-        (false, None) => {
-            o.allow("tokens");
-            o.allow("window");
-            Ok(None)
-        }
-        (false, Some(items)) => {
-            o.allow("tokens");
-            o.allow("window");
-            if items.is_empty() {
-                return Err(o
-                    .path
-                    .field("rates")
-                    .error("is empty: list at least one rate"));
+        (Some(t), Some(w), None) => Ok(Some(vec![rate(t, w)])),
+        (Some(_), None, None) => Err(path.field("window").error("is required with `tokens`")),
+        (None, Some(_), None) => Err(path.field("tokens").error("is required with `window`")),
+        (None, None, None) => Ok(None),
+        (None, None, Some(list)) if list.is_empty() => Err(path
+            .field("rates")
+            .error("is empty: list at least one rate")),
+        (None, None, Some(list)) => Ok(Some(
+            list.into_iter().map(|r| rate(r.tokens, r.window)).collect(),
+        )),
+    }
+}
+
+/// One limit: a key, and its budgets (or none: the service's own configuration decides).
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    /// Unique among the limits; the service's name for the budget.
+    name: Name,
+    /// A key template, e.g. `{{request.headers.x-user}}`; `""` is one global counter.
+    key: Option<String>,
+    /// Applies only to requests that match this (it may name the `model`).
+    when: Option<MatchSpec>,
+    tokens: Option<Tokens>,
+    window: Option<Window>,
+    /// Several budgets at once (give this or `tokens` + `window`).
+    rates: Option<Vec<RateSpec>>,
+    /// Budgets by key value (give this or rates on the limit).
+    values: Option<Vec<ValueRuleSpec>>,
+}
+
+impl LimitSpec {
+    fn into_limit(self, path: &Path) -> Result<Limit, ConfigError> {
+        let key_text = self.key.ok_or_else(|| {
+            path.field("key")
+                .error("is required (use \"\" for one global counter)")
+        })?;
+        let key = Template::parse(&key_text).map_err(|e| path.field("key").error(e))?;
+        let when = self
+            .when
+            .map(|w| w.into_condition(&path.field("when")))
+            .transpose()?;
+        let own_rates = rates(path, self.tokens, self.window, self.rates)?;
+        let values_path = path.field("values");
+        let rates = match (own_rates, self.values) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    values_path.error("give either rates on the limit or `values`, not both")
+                )
             }
-            let path = o.path.field("rates");
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    let mut r = Object::new(path.index(i), v)?;
-                    let rate = rate(&mut r)?;
-                    r.finish()?;
-                    Ok(rate)
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map(Some)
-        }
+            (Some(r), None) => LimitRates::Fixed(r),
+            (None, None) => LimitRates::ServiceOwned,
+            (None, Some(items)) if items.is_empty() => {
+                return Err(values_path.error("is empty: list at least one value rule"))
+            }
+            (None, Some(items)) => LimitRates::PerValue(
+                items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| v.into_rule(&values_path.index(i)))
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
+        Ok(Limit {
+            name: self.name.0,
+            key,
+            rates,
+            exclusive: false,
+            when,
+        })
     }
 }
 
-fn limit(mut l: Object<'_>) -> Result<Limit, ConfigError> {
-    let name = l.required_string("name")?;
-    if name.is_empty() {
-        return Err(l.path.field("name").error("must not be empty"));
-    }
-    let key_text = l.string("key")?.ok_or_else(|| {
-        l.path
-            .field("key")
-            .error("is required (use \"\" for one global counter)")
-    })?;
-    let key = Template::parse(key_text).map_err(|e| l.path.field("key").error(e))?;
-    let when = l.object("when")?.map(condition).transpose()?;
-    let own_rates = rates(&mut l)?;
-    let values_path = l.path.field("values");
-    let rates = match (own_rates, l.array("values")?) {
-        (Some(_), Some(_)) => {
-            return Err(values_path.error("give either rates on the limit or `values`, not both"))
-        }
-        (Some(r), None) => LimitRates::Fixed(r),
-        (None, None) => LimitRates::ServiceOwned,
-        (None, Some(items)) if items.is_empty() => {
-            return Err(values_path.error("is empty: list at least one value rule"))
-        }
-        (None, Some(items)) => LimitRates::PerValue(
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| value_rule(Object::new(values_path.index(i), v)?))
-                .collect::<Result<_, _>>()?,
-        ),
-    };
-    l.finish()?;
-    Ok(Limit {
-        name: name.to_string(),
-        key,
-        rates,
-        exclusive: false,
-        when,
-    })
+/// Budgets for the key values that match `match`.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ValueRuleSpec {
+    /// An exact value, `regexp:<re>`, an address or CIDR, or `*` (any value).
+    #[serde(rename = "match")]
+    pattern: String,
+    tokens: Option<Tokens>,
+    window: Option<Window>,
+    rates: Option<Vec<RateSpec>>,
+    /// Every value this rule matches draws on one pool, instead of each on its own.
+    shared: Option<bool>,
 }
 
-fn value_rule(mut v: Object<'_>) -> Result<ValueRule, ConfigError> {
-    let pattern = v.required_string("match")?;
-    let match_path = v.path.field("match");
-    let matcher = if pattern == "*" {
+impl ValueRuleSpec {
+    fn into_rule(self, path: &Path) -> Result<ValueRule, ConfigError> {
+        let matcher = value_match(&path.field("match"), &self.pattern)?;
+        let rates = rates(path, self.tokens, self.window, self.rates)?.ok_or_else(|| {
+            path.error("needs `tokens` + `window` or `rates` for the values it matches")
+        })?;
+        Ok(ValueRule {
+            matcher,
+            pattern: self.pattern,
+            rates,
+            shared: self.shared.unwrap_or(false),
+        })
+    }
+}
+
+fn value_match(path: &Path, pattern: &str) -> Result<ValueMatch, ConfigError> {
+    Ok(if pattern == "*" {
         ValueMatch::Any
     } else if let Some(re) = pattern.strip_prefix("regexp:") {
-        ValueMatch::Regex(regex(&match_path, re)?)
+        ValueMatch::Regex(Pattern::compile(re).map_err(|e| path.error(e))?)
     } else if let Ok(net) = pattern.parse::<IpNet>() {
         ValueMatch::Ip(net)
     } else if let Ok(ip) = pattern.parse::<std::net::IpAddr>() {
         ValueMatch::Ip(IpNet::from(ip))
     } else {
         ValueMatch::Exact(pattern.to_string())
-    };
-    let rates = rates(&mut v)?.ok_or_else(|| {
-        v.path
-            .error("needs `tokens` + `window` or `rates` for the values it matches")
-    })?;
-    let shared = v.bool("shared")?.unwrap_or(false);
-    v.finish()?;
-    Ok(ValueRule {
-        matcher,
-        pattern: pattern.to_string(),
-        rates,
-        shared,
     })
-}
-
-fn usage(mut u: Object<'_>) -> Result<(Count, OnMissing), ConfigError> {
-    let count_path = u.path.field("count");
-    let count = match u.value("count") {
-        None => Count::Total,
-        Some(Value::String(s)) => match s.as_str() {
-            "total" => Count::Total,
-            "prompt" => Count::Prompt,
-            "completion" => Count::Completion,
-            other => {
-                return Err(count_path.error(format!(
-                    "\"{other}\" is not one of \"total\", \"prompt\", \"completion\" or {{\"prompt\": w, \"cached_prompt\": w, \"completion\": w}}"
-                )))
-            }
-        },
-        Some(v @ Value::Object(_)) => {
-            let mut w = Object::new(count_path.clone(), v)?;
-            let mut weight = |name: &'static str| -> Result<Option<f64>, ConfigError> {
-                match w.value(name) {
-                    None => Ok(None),
-                    Some(Value::Number(n)) => match n.as_f64() {
-                        Some(f) if f.is_finite() && (0.0..=1_000_000.0).contains(&f) => Ok(Some(f)),
-                        _ => Err(count_path.field(name).error("must be a weight between 0 and 1000000")),
-                    },
-                    Some(other) => Err(count_path.field(name).error(format!("expected a number, found {}", kind(other)))),
-                }
-            };
-            let prompt = weight("prompt")?.unwrap_or(0.0);
-            let cached_prompt = weight("cached_prompt")?.unwrap_or(prompt);
-            let completion = weight("completion")?.unwrap_or(0.0);
-            w.finish()?;
-            Count::Weighted {
-                prompt,
-                cached_prompt,
-                completion,
-            }
-        }
-        Some(other) => return Err(count_path.error(format!("expected a string or an object, found {}", kind(other)))),
-    };
-    let on_missing = match u.string("on_missing")? {
-        None | Some("estimate") => OnMissing::Estimate,
-        Some("zero") => OnMissing::Zero,
-        Some(other) => {
-            return Err(u
-                .path
-                .field("on_missing")
-                .error(format!("\"{other}\" is not one of \"estimate\", \"zero\"")))
-        }
-    };
-    u.finish()?;
-    Ok((count, on_missing))
-}
-
-fn deny(mut d: Object<'_>) -> Result<DenyConfig, ConfigError> {
-    let status = status(&mut d, "status")?.unwrap_or(429);
-    let body = d.string("body")?.map(str::to_string);
-    let headers = match d.object("headers")? {
-        None => Vec::new(),
-        Some(h) => h
-            .entries()
-            .map(|(name, v)| {
-                let path = h.path.field(name);
-                if !valid_header_name(name) || name.starts_with(':') {
-                    return Err(path.error("is not a valid header name"));
-                }
-                match v {
-                    Value::String(s) if !s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) => {
-                        Ok((name.to_ascii_lowercase(), s.clone()))
-                    }
-                    Value::String(_) => Err(path.error("must not contain CR, LF or NUL")),
-                    other => Err(path.error(format!("expected a string, found {}", kind(other)))),
-                }
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    d.finish()?;
-    Ok(DenyConfig {
-        status,
-        body,
-        headers,
-    })
-}
-
-fn client_ip(mut c: Object<'_>) -> Result<ClientIpSource, ConfigError> {
-    let source = c.string("source")?;
-    let header = header_name(&mut c, "header")?;
-    let hops = c.u64_max("trusted_hops", 64)?;
-    let result = match (source, header) {
-        (Some(_), Some(_)) => return Err(c.path.field("header").error("give either `source` or `header`, not both")),
-        (None | Some("remote"), None) => {
-            if hops.is_some() {
-                return Err(c.path.field("trusted_hops").error("only goes with `header`"));
-            }
-            ClientIpSource::Remote
-        }
-        (Some(other), None) => {
-            return Err(c.path.field("source").error(format!("\"{other}\" is not \"remote\"; to read a header use {{\"header\": \"x-forwarded-for\", \"trusted_hops\": 1}}")))
-        }
-        (None, Some(name)) => match hops {
-            Some(0) => return Err(c.path.field("trusted_hops").error("must be at least 1 (1 is the right-most entry)")),
-            hops => ClientIpSource::Header { name, trusted_hops: hops.unwrap_or(1) as usize },
-        },
-    };
-    c.finish()?;
-    Ok(result)
 }

@@ -1,0 +1,357 @@
+//! The options every shape accepts beside its own fields (`usage`, `reserve`, `deny`,
+//! `client_ip`, …), read from the same object in a pass of their own and applied to the model
+//! over its defaults.
+
+use std::collections::BTreeMap;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use super::de::Path;
+use super::native::MAX_TOKENS;
+use super::values::{HeaderName, Status, Whole};
+use super::*;
+
+/// The shared options; every one is optional and has the default [`Config::new`] gives.
+#[derive(Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Options {
+    /// Which tokens a request is charged, and what a response without usage costs.
+    usage: Option<UsageSpec>,
+    /// Tokens taken from every budget at admission, before the usage is known.
+    reserve: Option<ReserveSpec>,
+    /// Ask streaming upstreams for a usage chunk (`stream_options.include_usage`); `true`.
+    inject_stream_usage: Option<bool>,
+    /// The reply to a denied request.
+    deny: Option<DenySpec>,
+    /// `X-RateLimit-*` headers on every limited response; `true`.
+    quota_headers: Option<bool>,
+    /// Where the client address (`{{source.ip}}`) comes from.
+    client_ip: Option<ClientIpSpec>,
+    /// The header the auth layer sets to the consumer's name (`x-mse-consumer`).
+    consumer_header: Option<HeaderName>,
+    /// The most of a request body read for the model and `max_tokens` (1 MiB).
+    max_request_body_bytes: Option<Whole<1, { 64 * 1024 * 1024 }>>,
+    /// Distinct keys waiting in the VM's report queue before new ones are dropped.
+    max_pending_reports: Option<Whole<1, 1_000_000>>,
+}
+
+impl Options {
+    /// Whether `deny` was given (the Higress shape has its own words for the denial).
+    pub fn has_deny(&self) -> bool {
+        self.deny.is_some()
+    }
+
+    pub fn has_quota_headers(&self) -> bool {
+        self.quota_headers.is_some()
+    }
+
+    /// Sets the options given on `config`, keeping its defaults for the others.
+    pub fn apply(self, path: &Path, config: &mut Config) -> Result<(), ConfigError> {
+        if let Some(u) = self.usage {
+            config.count = u.count.map_or(Count::Total, CountSpec::into_count);
+            config.on_missing = match u.on_missing {
+                None | Some(OnMissingSpec::Estimate) => OnMissing::Estimate,
+                Some(OnMissingSpec::Zero) => OnMissing::Zero,
+            };
+        }
+        if let Some(r) = self.reserve {
+            config.reserve = match r.tokens {
+                None => Reserve::Tokens(0),
+                Some(ReserveTokens(reserve)) => reserve,
+            };
+            config.reserve_max = r.max.map_or(MAX_TOKENS, |m| m.0);
+        }
+        if let Some(inject) = self.inject_stream_usage {
+            config.inject_stream_usage = inject;
+        }
+        if let Some(d) = self.deny {
+            config.deny = d.into_deny(&path.field("deny"))?;
+        }
+        if let Some(q) = self.quota_headers {
+            config.quota_headers = q;
+        }
+        if let Some(c) = self.client_ip {
+            config.client_ip = c.into_source(&path.field("client_ip"))?;
+        }
+        if let Some(h) = self.consumer_header {
+            config.consumer_header = h.0;
+        }
+        if let Some(n) = self.max_request_body_bytes {
+            config.max_request_body_bytes = n.0 as usize;
+        }
+        if let Some(n) = self.max_pending_reports {
+            config.max_pending_reports = n.0 as usize;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct UsageSpec {
+    /// `"total"` (default), `"prompt"`, `"completion"` or weights per kind of token.
+    count: Option<CountSpec>,
+    /// What a successful response without usage is charged: an `estimate` (default) or `zero`.
+    on_missing: Option<OnMissingSpec>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+enum OnMissingSpec {
+    Estimate,
+    Zero,
+}
+
+/// `"total"`, `"prompt"`, `"completion"`, or `{"prompt": w, "cached_prompt": w, "completion": w}`.
+enum CountSpec {
+    Named(Count),
+    Weighted(Weights),
+}
+
+impl CountSpec {
+    fn into_count(self) -> Count {
+        match self {
+            CountSpec::Named(c) => c,
+            CountSpec::Weighted(w) => {
+                let prompt = w.prompt.map_or(0.0, |w| w.0);
+                Count::Weighted {
+                    prompt,
+                    cached_prompt: w.cached_prompt.map_or(prompt, |w| w.0),
+                    completion: w.completion.map_or(0.0, |w| w.0),
+                }
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CountSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CountSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an object")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<CountSpec, E> {
+                match s {
+                    "total" => Ok(CountSpec::Named(Count::Total)),
+                    "prompt" => Ok(CountSpec::Named(Count::Prompt)),
+                    "completion" => Ok(CountSpec::Named(Count::Completion)),
+                    other => Err(E::custom(format!(
+                        "\"{other}\" is not one of \"total\", \"prompt\", \"completion\" or {{\"prompt\": w, \"cached_prompt\": w, \"completion\": w}}"
+                    ))),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<CountSpec, A::Error> {
+                Weights::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(CountSpec::Weighted)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What each kind of token weighs; cached prompt tokens weigh as `prompt` unless given.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct Weights {
+    prompt: Option<Weight>,
+    cached_prompt: Option<Weight>,
+    completion: Option<Weight>,
+}
+
+/// A weight from 0 to 1,000,000.
+struct Weight(f64);
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Weight;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_f64<E: de::Error>(self, f: f64) -> Result<Weight, E> {
+                if f.is_finite() && (0.0..=1_000_000.0).contains(&f) {
+                    Ok(Weight(f))
+                } else {
+                    Err(E::custom("must be a weight between 0 and 1000000"))
+                }
+            }
+        }
+        d.deserialize_f64(V)
+    }
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct ReserveSpec {
+    /// A number of tokens, or `"max_tokens"`: the request's own output cap.
+    tokens: Option<ReserveTokens>,
+    /// The largest reserve one check may ask, whatever the request says.
+    max: Option<Whole<1, MAX_TOKENS>>,
+}
+
+struct ReserveTokens(Reserve);
+
+impl<'de> Deserialize<'de> for ReserveTokens {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ReserveTokens;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of tokens or \"max_tokens\"")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ReserveTokens, E> {
+                match s {
+                    "max_tokens" => Ok(ReserveTokens(Reserve::MaxTokens)),
+                    other => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
+                }
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<ReserveTokens, E> {
+                if n > MAX_TOKENS {
+                    return Err(E::custom(format!(
+                        "{n} is larger than the maximum {MAX_TOKENS}"
+                    )));
+                }
+                Ok(ReserveTokens(Reserve::Tokens(n)))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<ReserveTokens, E> {
+                Err(E::custom(format!(
+                    "expected a non-negative whole number, found {n}"
+                )))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<ReserveTokens, E> {
+                Err(E::custom(format!(
+                    "expected a non-negative whole number, found {}",
+                    super::values::decimal(n)
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct DenySpec {
+    /// 429 unless given.
+    status: Option<Status>,
+    /// The body; absent: an OpenAI-style error JSON.
+    body: Option<String>,
+    /// Extra headers on the denial.
+    headers: Option<BTreeMap<String, String>>,
+}
+
+impl DenySpec {
+    fn into_deny(self, path: &Path) -> Result<DenyConfig, ConfigError> {
+        let headers = self
+            .headers
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, value)| {
+                let at = path.field("headers").field(&name);
+                if !HeaderName::valid(&name) || name.starts_with(':') {
+                    return Err(at.error("is not a valid header name"));
+                }
+                if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                    return Err(at.error("must not contain CR, LF or NUL"));
+                }
+                Ok((name.to_ascii_lowercase(), value))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(DenyConfig {
+            status: self.status.map_or(429, |s| s.0),
+            body: self.body,
+            headers,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct ClientIpSpec {
+    /// Only `"remote"`: the address of the connection's peer as Envoy sees it (the default).
+    source: Option<String>,
+    /// A header with a list of addresses, e.g. `x-forwarded-for`.
+    header: Option<HeaderName>,
+    /// With `header`: which entry from the right is the client's (1: the right-most).
+    trusted_hops: Option<Whole<1, 64>>,
+}
+
+impl ClientIpSpec {
+    fn into_source(self, path: &Path) -> Result<ClientIpSource, ConfigError> {
+        match (self.source.as_deref(), self.header) {
+            (Some(_), Some(_)) => Err(path
+                .field("header")
+                .error("give either `source` or `header`, not both")),
+            (None | Some("remote"), None) => match self.trusted_hops {
+                Some(_) => Err(path.field("trusted_hops").error("only goes with `header`")),
+                None => Ok(ClientIpSource::Remote),
+            },
+            (Some(other), None) => Err(path.field("source").error(format!(
+                "\"{other}\" is not \"remote\"; to read a header use {{\"header\": \"x-forwarded-for\", \"trusted_hops\": 1}}"
+            ))),
+            (None, Some(name)) => Ok(ClientIpSource::Header {
+                name: name.0,
+                trusted_hops: self.trusted_hops.map_or(1, |h| h.0 as usize),
+            }),
+        }
+    }
+}
+
+#[cfg(feature = "schema")]
+mod schema {
+    use std::borrow::Cow;
+
+    use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+
+    use super::*;
+
+    impl JsonSchema for CountSpec {
+        fn schema_name() -> Cow<'static, str> {
+            "count".into()
+        }
+        fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+            let weights = generator.subschema_for::<Weights>();
+            json_schema!({
+                "description": "\"total\" (default), \"prompt\", \"completion\", or a weight per kind of token",
+                "oneOf": [{"enum": ["total", "prompt", "completion"]}, weights]
+            })
+        }
+    }
+
+    impl JsonSchema for Weight {
+        fn inline_schema() -> bool {
+            true
+        }
+        fn schema_name() -> Cow<'static, str> {
+            "weight".into()
+        }
+        fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            json_schema!({"type": "number", "minimum": 0, "maximum": 1_000_000})
+        }
+    }
+
+    impl JsonSchema for ReserveTokens {
+        fn inline_schema() -> bool {
+            true
+        }
+        fn schema_name() -> Cow<'static, str> {
+            "reserve_tokens".into()
+        }
+        fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            json_schema!({"oneOf": [
+                {"type": "integer", "minimum": 0, "maximum": MAX_TOKENS},
+                {"const": "max_tokens"}
+            ]})
+        }
+    }
+}
