@@ -14,7 +14,7 @@
 
 use serde::Deserialize;
 
-use super::de::Path;
+use super::de::{each, Path};
 use super::native::{self, request_matches, MatchSpec, Port, TimeoutMs};
 use super::values::Name;
 use super::*;
@@ -61,30 +61,21 @@ impl Asm {
     pub fn into_config(self, path: &Path) -> Result<Config, ConfigError> {
         let matches = request_matches(&path.field("matches"), self.matches)?;
         let keys_path = path.field("rateLimitKeys");
-        let limits: Vec<Limit> = match self.rate_limit_keys {
-            None => {
-                return Err(keys_path.error(
-                    "is required: list the key templates, e.g. [\"{{request.headers.user-type}}\"]",
-                ))
-            }
-            Some(items) if items.is_empty() => {
-                return Err(keys_path.error("is empty: list at least one key template"))
-            }
-            Some(items) => items
-                .into_iter()
-                .enumerate()
-                .map(|(i, text)| {
-                    let key = Template::parse(&text).map_err(|e| keys_path.index(i).error(e))?;
-                    Ok(Limit {
-                        name: text,
-                        key,
-                        rates: LimitRates::ServiceOwned,
-                        exclusive: false,
-                        when: None,
-                    })
+        let limits = each(
+            &keys_path,
+            self.rate_limit_keys,
+            "is required: list the key templates, e.g. [\"{{request.headers.user-type}}\"]",
+            "is empty: list at least one key template",
+            |text, at| {
+                Ok(Limit {
+                    key: Template::parse(&text).map_err(|e| at.error(e))?,
+                    name: text,
+                    rates: LimitRates::ServiceOwned,
+                    exclusive: false,
+                    when: None,
                 })
-                .collect::<Result<_, ConfigError>>()?,
-        };
+            },
+        )?;
         native::within_contract(&keys_path, &limits)?;
         for (i, l) in limits.iter().enumerate() {
             if limits[..i].iter().any(|o| o.name == l.name) {

@@ -48,6 +48,26 @@ impl Path {
     }
 }
 
+/// A list that must be given and hold something, each item translated at its own path;
+/// `missing` and `empty` say what to write instead.
+pub fn each<T, U>(
+    path: &Path,
+    items: Option<Vec<T>>,
+    missing: &str,
+    empty: &str,
+    mut translate: impl FnMut(T, &Path) -> Result<U, ConfigError>,
+) -> Result<Vec<U>, ConfigError> {
+    match items {
+        None => Err(path.error(missing)),
+        Some(items) if items.is_empty() => Err(path.error(empty)),
+        Some(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| translate(item, &path.index(i)))
+            .collect(),
+    }
+}
+
 impl std::fmt::Display for Path {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_empty() { "(root)" } else { &self.0 })

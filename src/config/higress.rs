@@ -26,7 +26,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::de::{self, Path};
+use super::de::{self, each, Path};
 use super::native::{Port, ServiceSpec, Tokens};
 use super::values::{HeaderName, Name, Pattern, Status};
 use super::*;
@@ -350,18 +350,13 @@ impl RuleItem {
             "consumer" | "source.ip" => field.to_string(),
             _ => format!("{field}.{source}"),
         };
-        let keys_path = path.field("limit_keys");
-        let rules = match self.limit_keys {
-            None => return Err(keys_path.error("is required")),
-            Some(items) if items.is_empty() => {
-                return Err(keys_path.error("is empty: list at least one key"))
-            }
-            Some(items) => items
-                .into_iter()
-                .enumerate()
-                .map(|(i, t)| limit_key(field, keys, t, &keys_path.index(i)))
-                .collect::<Result<Vec<_>, _>>()?,
-        };
+        let rules = each(
+            &path.field("limit_keys"),
+            self.limit_keys,
+            "is required",
+            "is empty: list at least one key",
+            |t, at| limit_key(field, keys, t, at),
+        )?;
         let limit = Limit {
             name: format!("{rule_name}.{source_name}"),
             key,

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::de::Path;
+use super::de::{each, Path};
 use super::values::{HeaderName, Name, Pattern, Status, Whole, Window};
 use super::*;
 use crate::limits::{LimitRates, Rate, ValueMatch, ValueRule};
@@ -43,17 +43,13 @@ impl Native {
         ))?.into_service(&path.field("service"))?;
         let matches = request_matches(&path.field("matches"), self.matches)?;
         let limits_path = path.field("limits");
-        let limits: Vec<Limit> = match self.limits {
-            None => return Err(limits_path.error("is required: list at least one limit")),
-            Some(items) if items.is_empty() => {
-                return Err(limits_path.error("is empty: list at least one limit"))
-            }
-            Some(items) => items
-                .into_iter()
-                .enumerate()
-                .map(|(i, l)| l.into_limit(&limits_path.index(i)))
-                .collect::<Result<_, _>>()?,
-        };
+        let limits = each(
+            &limits_path,
+            self.limits,
+            "is required: list at least one limit",
+            "is empty: list at least one limit",
+            LimitSpec::into_limit,
+        )?;
         within_contract(&limits_path, &limits)?;
         for (i, l) in limits.iter().enumerate() {
             if limits[..i].iter().any(|o| o.name == l.name) {
