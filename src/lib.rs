@@ -9,6 +9,7 @@ pub mod config;
 pub mod filter;
 pub mod limits;
 pub mod matcher;
+pub mod pricing;
 pub mod protocol;
 pub mod reply;
 pub mod report;

@@ -63,6 +63,8 @@ pub struct Limit {
     pub exclusive: bool,
     /// `when`: the limit applies only to requests these conditions hold for.
     pub when: Option<Condition>,
+    /// A limit that counts money (`"unit": "cost"`): the price table's currency.
+    pub currency: Option<String>,
 }
 
 impl Limit {
@@ -93,6 +95,7 @@ impl Limit {
             value: bounded(value),
             rates,
             shared,
+            currency: self.currency.clone(),
         })
     }
 }
@@ -147,7 +150,11 @@ mod tests {
     }
 
     fn rate(tokens: u64, window_s: u64) -> Rate {
-        Rate { tokens, window_s }
+        Rate {
+            tokens,
+            window_s,
+            calendar: None,
+        }
     }
 
     fn per_value() -> Limit {
@@ -184,6 +191,7 @@ mod tests {
             ]),
             exclusive: false,
             when: None,
+            currency: None,
         }
     }
 
@@ -230,6 +238,7 @@ mod tests {
             rates: LimitRates::Fixed(vec![rate(1, 60)]),
             exclusive: false,
             when: None,
+            currency: None,
         };
         let long_a: &'static str = Box::leak(format!("é{}", "a".repeat(5000)).into_boxed_str());
         let long_b: &'static str = Box::leak(format!("é{}b", "a".repeat(4999)).into_boxed_str());
@@ -252,6 +261,7 @@ mod tests {
             rates: LimitRates::Fixed(vec![rate(1, 60)]),
             exclusive,
             when: None,
+            currency: None,
         };
         struct Headers;
         impl AttributeSource for Headers {
@@ -287,6 +297,7 @@ mod tests {
             rates: LimitRates::ServiceOwned,
             exclusive: false,
             when: None,
+            currency: None,
         };
         let d = l.descriptor(&Key(Some("regular-user"))).unwrap();
         assert_eq!(

@@ -36,6 +36,7 @@ pub trait Wire {
         service: &ServiceConfig,
         descriptors: &[Descriptor],
         reserve: u64,
+        reserve_cost: u64,
         id: Option<&str>,
     ) -> Outbound;
 
@@ -88,6 +89,7 @@ impl Wire for V1 {
         _service: &ServiceConfig,
         descriptors: &[Descriptor],
         reserve: u64,
+        reserve_cost: u64,
         id: Option<&str>,
     ) -> Outbound {
         Outbound::Http(Call {
@@ -97,6 +99,7 @@ impl Wire for V1 {
             body: serde_json::to_vec(&wire::CheckRequest {
                 descriptors,
                 reserve,
+                reserve_cost,
                 id: id.map(str::to_owned),
             })
             .ok(),
@@ -141,6 +144,7 @@ impl Wire for Asm {
         _service: &ServiceConfig,
         descriptors: &[Descriptor],
         _reserve: u64,
+        _reserve_cost: u64,
         _id: Option<&str>,
     ) -> Outbound {
         let keys: Vec<&str> = descriptors.iter().map(|d| d.value.as_str()).collect();
@@ -200,6 +204,7 @@ impl Wire for EnvoyRls {
         service: &ServiceConfig,
         descriptors: &[Descriptor],
         reserve: u64,
+        _reserve_cost: u64,
         _id: Option<&str>,
     ) -> Outbound {
         Outbound::Grpc(rls::check_message(
@@ -281,12 +286,32 @@ pub struct Quota {
     pub reset_ms: u64,
 }
 
+/// The most constrained budget in money, for the quota headers and the denial's words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoneyQuota {
+    /// Micro units.
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_ms: u64,
+    pub currency: String,
+    /// The limit's name and the key value it counts.
+    pub name: String,
+    pub value: String,
+    pub window_s: u64,
+    /// A calendar rate: its period, and when the current one ends, in its zone.
+    pub period: Option<wire::Period>,
+    pub resets_at: Option<String>,
+}
+
 /// The service's decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     pub allowed: bool,
-    /// `None` when the protocol carries no figures (ASM) or no rate applied.
+    /// The most constrained budget in tokens; `None` when the protocol carries no figures
+    /// (ASM) or no rate in tokens applied.
     pub quota: Option<Quota>,
+    /// The most constrained budget in money (the denying one, when a budget in money denied).
+    pub spend: Option<MoneyQuota>,
     pub retry_after_ms: u64,
     /// The limit that denied, when the service says.
     pub denied_by: Option<String>,
@@ -380,15 +405,35 @@ fn read_v1(body: &[u8]) -> Result<Verdict, CheckFailure> {
     let quota = a
         .limits
         .iter()
+        .filter(|l| l.currency.is_none())
         .map(|l| Quota {
             limit: l.tokens,
             remaining: l.remaining.min(l.tokens),
             reset_ms: l.reset_ms,
         })
         .min_by_key(|q| (q.remaining, std::cmp::Reverse(q.reset_ms)));
+    let denier = |l: &&wire::LimitStatus| a.allowed || a.denied_by.as_deref() == Some(&l.limit);
+    let spend = a
+        .limits
+        .iter()
+        .filter(|l| l.currency.is_some())
+        .filter(denier)
+        .min_by_key(|l| (l.remaining.min(l.tokens), std::cmp::Reverse(l.reset_ms)))
+        .map(|l| MoneyQuota {
+            limit: l.tokens,
+            remaining: l.remaining.min(l.tokens),
+            reset_ms: l.reset_ms,
+            currency: l.currency.clone().unwrap_or_default(),
+            name: l.limit.clone(),
+            value: l.value.clone(),
+            window_s: l.window_s,
+            period: l.period,
+            resets_at: l.resets_at.clone(),
+        });
     Ok(Verdict {
         allowed: a.allowed,
         quota,
+        spend,
         retry_after_ms: a.retry_after_ms,
         denied_by: a.denied_by,
         description: None,
@@ -401,6 +446,7 @@ fn read_asm(body: &[u8]) -> Result<Verdict, CheckFailure> {
     Ok(Verdict {
         allowed: a.allow,
         quota: None,
+        spend: None,
         retry_after_ms: 0,
         denied_by: None,
         description: Some(a.description).filter(|d| !d.is_empty()),
@@ -434,7 +480,10 @@ mod tests {
         reserve: u64,
         id: Option<&str>,
     ) -> Outbound {
-        service.protocol.wire().check_call(service, ds, reserve, id)
+        service
+            .protocol
+            .wire()
+            .check_call(service, ds, reserve, 0, id)
     }
 
     fn report_call(service: &ServiceConfig, reports: &[&Report]) -> Option<Outbound> {
@@ -453,14 +502,17 @@ mod tests {
                 rates: vec![Rate {
                     tokens: 10,
                     window_s: 60,
+                    ..Default::default()
                 }],
                 shared: false,
+                ..Default::default()
             },
             Descriptor {
                 limit: "user-type".into(),
                 value: "regular-user".into(),
                 rates: vec![],
                 shared: false,
+                ..Default::default()
             },
         ]
     }
@@ -525,6 +577,7 @@ mod tests {
                 total_tokens: 105,
                 ..Default::default()
             }),
+            ..Default::default()
         };
         let call = http(report_call(&service(Protocol::V1), &[&report]));
         assert_eq!((call.method, call.path.as_str()), ("POST", "/v1/report"));

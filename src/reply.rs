@@ -2,7 +2,8 @@
 //! quota headers on admitted responses. OpenAI SDKs read these headers and this error shape.
 
 use crate::config::Config;
-use crate::protocol::{Quota, Verdict};
+use crate::pricing::format_amount;
+use crate::protocol::{MoneyQuota, Quota, Verdict};
 
 /// A local reply for the adapter to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +28,17 @@ pub fn quota_headers(q: &Quota, higress: bool) -> Vec<(&'static str, String)> {
     headers
 }
 
+/// The same for the most constrained budget in money: amounts as decimals of the currency,
+/// which `x-ratelimit-currency` names.
+pub fn cost_headers(m: &MoneyQuota) -> Vec<(&'static str, String)> {
+    vec![
+        ("x-ratelimit-limit-cost", format_amount(m.limit)),
+        ("x-ratelimit-remaining-cost", format_amount(m.remaining)),
+        ("x-ratelimit-reset-cost", openai_duration(m.reset_ms)),
+        ("x-ratelimit-currency", m.currency.clone()),
+    ]
+}
+
 /// The reply to a request the service denied.
 pub fn denied(config: &Config, verdict: &Verdict) -> Reply {
     let retry_ms = retry_after_ms(verdict);
@@ -37,6 +49,9 @@ pub fn denied(config: &Config, verdict: &Verdict) -> Reply {
         ),
         ("retry-after-ms".to_string(), retry_ms.to_string()),
     ];
+    if let Some(m) = &verdict.spend {
+        headers.extend(cost_headers(m).into_iter().map(|(k, v)| (k.to_string(), v)));
+    }
     if let Some(q) = &verdict.quota {
         let higress = config.higress_headers;
         headers.extend(
@@ -98,6 +113,13 @@ fn retry_after_ms(v: &Verdict) -> u64 {
 }
 
 fn deny_message(v: &Verdict, retry_ms: u64) -> String {
+    if let Some(m) = v
+        .spend
+        .as_ref()
+        .filter(|m| v.denied_by.as_deref() == Some(&m.name))
+    {
+        return budget_message(m, retry_ms);
+    }
     let what = v
         .denied_by
         .as_deref()
@@ -109,6 +131,50 @@ fn deny_message(v: &Verdict, retry_ms: u64) -> String {
         "Rate limit reached for tokens{what}{figures}. Please try again in {}.",
         openai_duration(retry_ms)
     )
+}
+
+/// "Monthly budget of 20.00 USD for team-a reached; resets 2026-12-01T00:00:00+08:00".
+fn budget_message(m: &MoneyQuota, retry_ms: u64) -> String {
+    let amount = format!("{} {}", format_amount(m.limit), m.currency);
+    let whose = if m.value.is_empty() {
+        m.name.clone()
+    } else {
+        m.value.clone()
+    };
+    let when = match &m.resets_at {
+        Some(at) if !at.is_empty() => format!("resets {at}"),
+        _ => format!("try again in {}", openai_duration(retry_ms)),
+    };
+    match m.period {
+        Some(p) => {
+            let adjective = match p {
+                wire::Period::Hour => "Hourly",
+                wire::Period::Day => "Daily",
+                wire::Period::Week => "Weekly",
+                wire::Period::Month => "Monthly",
+            };
+            format!("{adjective} budget of {amount} for {whose} reached; {when}.")
+        }
+        None => format!(
+            "Budget of {amount} per {} for {whose} reached; {when}.",
+            openai_duration(m.window_s.saturating_mul(1000))
+        ),
+    }
+}
+
+/// The reply to a request whose model has no price while a limit counts money, under
+/// `unknown_model: deny`: refused, not counted as free.
+pub fn unpriced(model: Option<&str>) -> Reply {
+    let model = model.unwrap_or("(none)");
+    Reply {
+        status: 403,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: openai_error(
+            &format!("The model \"{model}\" has no price, and a budget in money applies to this request; ask the operator to add it to the price table."),
+            "invalid_request_error",
+            "model_not_priced",
+        ),
+    }
 }
 
 /// `{"error": {...}}` as the OpenAI API returns it.
@@ -150,6 +216,7 @@ mod tests {
     fn verdict() -> Verdict {
         Verdict {
             allowed: false,
+            spend: None,
             quota: Some(Quota {
                 limit: 10,
                 remaining: 0,

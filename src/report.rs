@@ -36,6 +36,10 @@ pub struct Spent {
     pub tokens: u64,
     /// Tokens the check asked the service to take.
     pub reserved: u64,
+    /// What the request cost in micro units (charged to the descriptors that count money),
+    /// and what the check reserved of it.
+    pub cost: u64,
+    pub reserved_cost: u64,
     /// When the service took them (its clock).
     pub reserved_at_ms: Option<u64>,
     /// The id of the check whose reservation this releases (its answer was never seen).
@@ -61,6 +65,8 @@ struct Pending {
     kind: Kind,
     tokens: u64,
     reserved: u64,
+    cost: u64,
+    reserved_cost: u64,
     reserved_at_ms: Option<u64>,
     usage: UsageFigures,
     /// Requests merged into this entry, and the tokens they used (for the metrics, which
@@ -85,6 +91,11 @@ impl Pending {
         self.reserved = self
             .reserved
             .saturating_add(other.reserved)
+            .min(wire::MAX_TOKENS);
+        self.cost = self.cost.saturating_add(other.cost).min(wire::MAX_TOKENS);
+        self.reserved_cost = self
+            .reserved_cost
+            .saturating_add(other.reserved_cost)
             .min(wire::MAX_TOKENS);
         self.usage.prompt_tokens = self
             .usage
@@ -234,30 +245,46 @@ impl ReportQueue {
             descriptors,
             tokens,
             reserved,
+            cost,
+            reserved_cost,
             reserved_at_ms,
             release,
             usage,
         } = spent;
         let tokens_used = tokens;
+        // (kind, [tokens, cost] charged, [tokens, cost] reserved, when reserved)
         let mut parts = Vec::with_capacity(2);
         if let Some(check) = release {
-            parts.push((Kind::Release(check), tokens, reserved, None));
+            parts.push((
+                Kind::Release(check),
+                [tokens, cost],
+                [reserved, reserved_cost],
+                None,
+            ));
         } else {
-            let excess = tokens.saturating_sub(reserved);
-            let refund = reserved.saturating_sub(tokens);
-            if excess > 0 {
-                parts.push((Kind::Charge, excess, 0, None));
+            let excess = [
+                tokens.saturating_sub(reserved),
+                cost.saturating_sub(reserved_cost),
+            ];
+            let refund = [
+                reserved.saturating_sub(tokens),
+                reserved_cost.saturating_sub(cost),
+            ];
+            if excess.iter().any(|n| *n > 0) {
+                parts.push((Kind::Charge, excess, [0, 0], None));
             }
-            if refund > 0 {
+            if refund.iter().any(|n| *n > 0) {
                 let second = reserved_at_ms.map(|t| t / 1000);
-                parts.push((Kind::Refund(second), 0, refund, reserved_at_ms));
+                parts.push((Kind::Refund(second), [0, 0], refund, reserved_at_ms));
             }
         }
         let mut dropped = 0;
         let mut usage = Some(usage);
         let last = parts.len().saturating_sub(1);
         let mut descriptors = Some(descriptors);
-        for (i, (kind, tokens, reserved, at)) in parts.into_iter().enumerate() {
+        for (i, (kind, [tokens, cost], [reserved, reserved_cost], at)) in
+            parts.into_iter().enumerate()
+        {
             let descriptors = if i == last {
                 descriptors.take().unwrap_or_default()
             } else {
@@ -268,6 +295,8 @@ impl ReportQueue {
                 kind,
                 tokens,
                 reserved,
+                cost,
+                reserved_cost,
                 reserved_at_ms: at,
                 // The usage, and the request itself, travel with the first part.
                 requests: u64::from(i == 0),
@@ -384,6 +413,8 @@ impl ReportQueue {
                         descriptors: p.descriptors,
                         tokens: p.tokens,
                         reserved: p.reserved,
+                        cost: p.cost,
+                        reserved_cost: p.reserved_cost,
                         reserved_at_ms: p.reserved_at_ms,
                         release: match p.kind {
                             Kind::Release(check) => Some(check),
@@ -537,8 +568,10 @@ mod tests {
             rates: vec![Rate {
                 tokens: 1000,
                 window_s: 60,
+                ..Default::default()
             }],
             shared: false,
+            ..Default::default()
         }
     }
 
@@ -547,6 +580,8 @@ mod tests {
             descriptors: vec![d(value)],
             tokens,
             reserved,
+            cost: 0,
+            reserved_cost: 0,
             reserved_at_ms: at,
             release: None,
             usage: UsageFigures {
@@ -787,6 +822,7 @@ mod tests {
             value: "\u{1}".repeat(256),
             rates: vec![],
             shared: false,
+            ..Default::default()
         };
         for i in 0..BATCH {
             let mut s = spent(&i.to_string(), 1, 0, None);

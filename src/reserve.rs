@@ -4,7 +4,9 @@
 
 use crate::config::{Protocol, Reserve};
 use crate::limits::Descriptor;
+use crate::pricing::Price;
 use crate::request::BodyFacts;
+use crate::usage::Usage;
 
 /// The tokens a check reserves for a request with `descriptors`.
 ///
@@ -22,21 +24,68 @@ pub fn reserve(
     body: Option<&BodyFacts>,
     descriptors: &[Descriptor],
 ) -> u64 {
+    let asked = output_cap(wanted, max, body);
+    let tokens: Vec<&Descriptor> = descriptors
+        .iter()
+        .filter(|d| d.currency.is_none())
+        .collect();
+    let bound = largest_budget(&tokens).unwrap_or(u64::MAX);
+    protocol.wire().reservation(asked.min(bound))
+}
+
+/// The output tokens a request asks for, as `reserve` configures it, at most `max`.
+fn output_cap(wanted: Reserve, max: u64, body: Option<&BodyFacts>) -> u64 {
     let asked = match wanted {
         Reserve::Tokens(n) => n,
         Reserve::MaxTokens => body.and_then(BodyFacts::output_token_cap).unwrap_or(0),
     };
-    let mut bound = max.min(wire::MAX_TOKENS);
-    if descriptors.iter().all(|d| !d.rates.is_empty()) {
-        let largest = descriptors
-            .iter()
-            .flat_map(|d| d.rates.iter().map(|r| r.tokens))
-            .max();
-        if let Some(largest) = largest {
-            bound = bound.min(largest);
-        }
+    asked.min(max).min(wire::MAX_TOKENS)
+}
+
+/// The largest budget among `descriptors` when every one carries its rates (a larger reserve
+/// could not be admitted any sooner, and would only deepen the debt).
+fn largest_budget(descriptors: &[&Descriptor]) -> Option<u64> {
+    if descriptors.iter().any(|d| d.rates.is_empty()) {
+        return None;
     }
-    protocol.wire().reservation(asked.min(bound))
+    descriptors
+        .iter()
+        .flat_map(|d| d.rates.iter().map(|r| r.tokens))
+        .max()
+}
+
+/// What a check reserves in money (micro units) when a budget in money applies: the output
+/// cap at the output price plus the prompt, estimated from the request body's size, at the
+/// input price; nothing without a `reserve`. At most the largest budget in money.
+pub fn reserve_cost(
+    price: &Price,
+    wanted: Reserve,
+    max: u64,
+    body: Option<&BodyFacts>,
+    request_bytes: Option<u64>,
+    descriptors: &[Descriptor],
+) -> u64 {
+    if wanted == Reserve::Tokens(0) {
+        return 0;
+    }
+    let prompt = request_bytes
+        .unwrap_or(0)
+        .div_ceil(crate::usage::BYTES_PER_TOKEN);
+    let completion = output_cap(wanted, max, body);
+    let usage = Usage {
+        prompt,
+        completion,
+        total: prompt.saturating_add(completion),
+        cached: 0,
+        reasoning: 0,
+    };
+    let money: Vec<&Descriptor> = descriptors
+        .iter()
+        .filter(|d| d.currency.is_some())
+        .collect();
+    price
+        .cost(&usage)
+        .min(largest_budget(&money).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -53,14 +102,44 @@ mod tests {
                 .map(|&tokens| Rate {
                     tokens,
                     window_s: 60,
+                    calendar: None,
                 })
                 .collect(),
             shared: false,
+            currency: None,
         }
     }
 
     fn facts(body: &str) -> BodyFacts {
         BodyFacts::parse(body.as_bytes()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_reserve_in_money_prices_the_output_cap_and_the_prompt() {
+        let price = Price {
+            input: 2_500_000,
+            cached_input: 1_250_000,
+            output: 10_000_000,
+            reasoning: 10_000_000,
+        };
+        let mut money = d(&[20_000]);
+        money.currency = Some("USD".into());
+        let ds = [d(&[1_000]), money];
+        let body = facts(r#"{"max_tokens": 500}"#);
+        // 500 output tokens at $10/M and 400 bytes of prompt (100 tokens) at $2.50/M.
+        let cost = |wanted, max, body| reserve_cost(&price, wanted, max, body, Some(400), &ds);
+        assert_eq!(cost(Reserve::MaxTokens, u64::MAX, Some(&body)), 5_000 + 250);
+        assert_eq!(cost(Reserve::Tokens(100), u64::MAX, None), 1_000 + 250);
+        // `reserve.max` caps the output priced; no reserve configured, nothing reserved.
+        assert_eq!(cost(Reserve::MaxTokens, 10, Some(&body)), 100 + 250);
+        assert_eq!(cost(Reserve::Tokens(0), u64::MAX, Some(&body)), 0);
+        // Never more than the largest budget in money; the token bound ignores money.
+        let huge = facts(r#"{"max_tokens": 100000000}"#);
+        assert_eq!(cost(Reserve::MaxTokens, u64::MAX, Some(&huge)), 20_000);
+        assert_eq!(
+            reserve(Reserve::MaxTokens, u64::MAX, Protocol::V1, Some(&huge), &ds),
+            1_000
+        );
     }
 
     #[test]

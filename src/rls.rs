@@ -205,6 +205,7 @@ pub fn read_check(grpc_status: u32, body: &[u8]) -> Result<Verdict, CheckFailure
     Ok(Verdict {
         allowed,
         quota,
+        spend: None,
         retry_after_ms,
         denied_by: None,
         description: None,
@@ -222,6 +223,7 @@ mod tests {
             value: "alice".into(),
             rates: vec![],
             shared: false,
+            ..Default::default()
         }]
     }
 

@@ -111,7 +111,7 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
         let wire = config.service.protocol.wire();
         let r = send(
             &svc,
-            wire.check_call(&config.service, &ds, reserved, Some(&id)),
+            wire.check_call(&config.service, &ds, reserved, MAX_TOKENS, Some(&id)),
         );
         assert_eq!(r.status, 200, "check (rates: {with_rates}): {}", r.text());
         let report = Report {
@@ -119,6 +119,8 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
             descriptors: ds.clone(),
             tokens: MAX_TOKENS,
             reserved: MAX_TOKENS,
+            cost: MAX_TOKENS,
+            reserved_cost: MAX_TOKENS,
             reserved_at_ms: Some(u64::MAX),
             release: Some(id.clone()),
             usage: Some(UsageFigures {

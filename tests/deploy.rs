@@ -218,6 +218,10 @@ fn the_schema_refuses_what_the_plugin_refuses() {
         json!({"service": {"cluster": "r"}, "limits": [{"name": "a", "key": ""}], "reserve": {"tokens": "lots"}}),
         json!({"service": {"cluster": "r"}, "limits": [{"name": "a", "key": ""}], "client_ip": {"header": "bad header"}}),
         json!({"rateLimitKeys": [], "rateLimitService": {"service": "s"}}),
+        json!({"service": {"cluster": "r"}, "prices": {"currency": "USD", "models": []}, "limits": [{"name": "a", "key": "", "unit": "cost", "tokens": 5, "window": "day"}]}),
+        json!({"service": {"cluster": "r"}, "limits": [{"name": "a", "key": "", "budget": "5", "window": "day"}]}),
+        json!({"service": {"cluster": "r"}, "prices": {"currency": "usd", "models": []}, "limits": [{"name": "a", "key": ""}]}),
+        json!({"service": {"cluster": "r"}, "limits": [{"name": "a", "key": "", "tokens": 5, "window": "monthly"}]}),
         json!({"rule_name": "r", "service": {"cluster": "r"}, "rule_items": [{"limit_by_header": "x", "limit_keys": [{"key": "a"}]}]}),
     ] {
         assert!(!schema.is_valid(&bad), "the schema accepts {bad}");
@@ -337,4 +341,22 @@ fn the_asm_manifest_is_the_exercised_example_in_asms_placement() {
     );
     assert!(doc["spec"]["priority"].is_u64(), "{doc}");
     assert_eq!(doc["spec"]["phase"], "STATS");
+}
+
+/// The README's "Budgets in money" example is the shipped configuration (which the schema and
+/// Envoy check above), so the example a reader copies loads.
+#[test]
+fn the_readme_budget_example_is_the_shipped_one() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let after = readme
+        .split_once("(`examples/configs/native/budgets-in-money.json`):\n\n```json\n")
+        .unwrap()
+        .1;
+    let example: Value = serde_json::from_str(after.split_once("```").unwrap().0).unwrap();
+    let shipped: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("examples/configs/native/budgets-in-money.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(example, shipped);
 }

@@ -73,6 +73,7 @@ impl Asm {
                     rates: LimitRates::ServiceOwned,
                     exclusive: false,
                     when: None,
+                    currency: None,
                 })
             },
         )?;

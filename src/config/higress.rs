@@ -134,6 +134,7 @@ impl Thresholds {
             tokens.map(|t| Rate {
                 tokens: t.0,
                 window_s,
+                calendar: None,
             })
         })
         .collect();
@@ -364,6 +365,7 @@ impl RuleItem {
             // Higress: the first matching rule item applies, later ones are ignored.
             exclusive: true,
             when: None,
+            currency: None,
         };
         Ok((limit, ip))
     }
@@ -499,6 +501,7 @@ impl Rule {
                 rates: LimitRates::Fixed(g.rates(&at)?),
                 exclusive: false,
                 when: None,
+                currency: None,
             });
         }
         let mut ip_source: Option<(Path, ClientIpSource)> = None;

@@ -130,6 +130,8 @@ pub struct Config {
     pub max_request_body_bytes: usize,
     /// `max_pending_reports`: distinct keys waiting in the VM's report queue.
     pub max_pending_reports: usize,
+    /// What each model costs, for limits that count money.
+    pub prices: Option<crate::pricing::Prices>,
     /// Derived once at load: the hot path asks it on every matched request.
     needs_request_body: bool,
     /// Derived once at load: the headers `matches` read, fetched alone so that a request that
@@ -323,6 +325,7 @@ impl Config {
             consumer_header: "x-mse-consumer".into(),
             max_request_body_bytes: 1024 * 1024,
             max_pending_reports: crate::report::DEFAULT_CAPACITY,
+            prices: None,
             needs_request_body: false,
             match_headers: Vec::new(),
         }
@@ -339,7 +342,9 @@ impl Config {
         self.match_headers = names;
         self.needs_request_body = self.reserve == Reserve::MaxTokens
             || self.limits.iter().any(|l| {
-                l.key.attributes().any(|a| *a == Attribute::Model)
+                // A limit in money prices the request's model.
+                l.currency.is_some()
+                    || l.key.attributes().any(|a| *a == Attribute::Model)
                     || l.when.as_ref().is_some_and(|c| c.reads_model())
             });
     }
@@ -730,6 +735,130 @@ mod tests {
                 got.contains(want),
                 "for {json}\n  got:  {got}\n  want: {want}"
             );
+        }
+    }
+
+    #[test]
+    fn budgets_in_money_and_calendar_windows() {
+        use wire::{Calendar, Period};
+        let c = parse(
+            r#"{"service": {"cluster": "rl"},
+              "prices": {"currency": "USD", "unknown_model": "free", "models": [
+                {"model": "gpt-4o", "input": "2.50", "cached_input": "1.25", "output": "10.00"},
+                {"model": "gpt-4o-mini*", "input": 0.15, "output": 0.6}]},
+              "limits": [
+                {"name": "team", "key": "{{request.headers.x-team}}", "unit": "cost", "budget": "500.00", "window": "month", "timezone": "Asia/Shanghai"},
+                {"name": "dev", "key": "{{request.headers.x-user}}", "unit": "cost", "rates": [{"budget": "20", "window": "month"}, {"budget": "2.5", "window": "1h"}]},
+                {"name": "tpm", "key": "{{request.headers.x-user}}", "tokens": 20000, "window": "1m"},
+                {"name": "daily", "key": "", "tokens": 1000000, "window": "day"}]}"#,
+        )
+        .unwrap();
+        let rates = |i: usize| match &c.limits[i].rates {
+            LimitRates::Fixed(r) => r.clone(),
+            _ => panic!("{i}"),
+        };
+        let month_in = |zone: &str| {
+            Some(Calendar {
+                period: Period::Month,
+                timezone: zone.into(),
+            })
+        };
+        assert_eq!(c.limits[0].currency.as_deref(), Some("USD"));
+        assert_eq!(rates(0)[0].tokens, 500_000_000);
+        assert_eq!(rates(0)[0].calendar, month_in("Asia/Shanghai"));
+        assert_eq!(rates(0)[0].window_s, Period::Month.longest_s());
+        let dev = rates(1);
+        assert_eq!(
+            (dev[0].tokens, dev[0].calendar.clone()),
+            (20_000_000, month_in("UTC"))
+        );
+        assert_eq!(
+            (dev[1].tokens, dev[1].window_s, dev[1].calendar.clone()),
+            (2_500_000, 3_600, None)
+        );
+        assert_eq!(c.limits[2].currency, None);
+        assert_eq!(
+            rates(3)[0].calendar.as_ref().map(|c| c.period),
+            Some(Period::Day)
+        );
+        assert!(
+            c.needs_request_body(),
+            "a limit in money prices the request's model"
+        );
+        let prices = c.prices.as_ref().unwrap();
+        assert_eq!(
+            prices
+                .price(Some("gpt-4o-mini-2024-07-18"), None)
+                .map(|p| p.output),
+            Some(600_000)
+        );
+        assert_eq!(
+            prices.price(None, Some("gpt-4o")).map(|p| p.cached_input),
+            Some(1_250_000)
+        );
+        assert_eq!(prices.price(None, Some("llama")).map(|p| p.input), Some(0));
+
+        let cost = |extra: &str, limit: &str| {
+            format!(r#"{{"service": {{"cluster": "rl"}}, {extra} "limits": [{limit}]}}"#)
+        };
+        let table = r#""prices": {"currency": "USD", "models": [{"model": "m", "input": "1", "output": "2"}]},"#;
+        for (json, want) in [
+            (
+                cost("", r#"{"name": "a", "key": "", "unit": "cost", "budget": "1", "window": "day"}"#),
+                "`limits[0].unit`: \"cost\" needs a `prices` table",
+            ),
+            (
+                cost(table, r#"{"name": "a", "key": "", "unit": "cost", "tokens": 5, "window": "day"}"#),
+                "`limits[0].tokens`: a limit with \"unit\": \"cost\" counts money",
+            ),
+            (
+                cost(table, r#"{"name": "a", "key": "", "budget": "5", "window": "day"}"#),
+                "`limits[0].budget`: only goes with \"unit\": \"cost\"",
+            ),
+            (
+                cost(table, r#"{"name": "a", "key": "", "unit": "cost", "budget": "20,00", "window": "day"}"#),
+                "`limits[0].budget`: \"20,00\" is not an amount",
+            ),
+            (
+                cost(table, r#"{"name": "a", "key": "", "unit": "cost", "budget": "0", "window": "day"}"#),
+                "`limits[0].budget`: must be more than 0",
+            ),
+            (
+                cost(table, r#"{"name": "a", "key": "", "unit": "cost", "rates": [{"budget": "1.0000001", "window": "day"}]}"#),
+                "`limits[0].rates[0].budget`: \"1.0000001\" has more than six decimals",
+            ),
+            (
+                cost(table, r#"{"name": "a", "key": "", "tokens": 1, "window": "monthly"}"#),
+                "`limits[0].window`: \"monthly\" is not a window",
+            ),
+            (
+                cost(table, r#"{"name": "a", "key": "", "tokens": 1, "window": "month", "timezone": "Asia Shanghai"}"#),
+                "`limits[0].timezone`: \"Asia Shanghai\" is not an IANA time zone name",
+            ),
+            (
+                cost(r#""prices": {"currency": "usd", "models": []},"#, r#"{"name": "a", "key": ""}"#),
+                "`prices.currency`: \"usd\" is not a currency code",
+            ),
+            (
+                cost(r#""prices": {"currency": "USD", "models": [{"input": "1", "output": "1"}]},"#, r#"{"name": "a", "key": ""}"#),
+                "`prices.models[0].model`: is required",
+            ),
+            (
+                cost(r#""prices": {"currency": "USD", "models": [{"model": "m", "input": "1"}]},"#, r#"{"name": "a", "key": ""}"#),
+                "`prices.models[0].output`: is required",
+            ),
+            (
+                cost(r#""prices": {"currency": "USD", "models": [], "unknown_model": "maybe"},"#, r#"{"name": "a", "key": ""}"#),
+                "`prices.unknown_model`: expected \"deny\", \"free\" or {\"price\": {...}}, found \"maybe\"",
+            ),
+            (
+                r#"{"service": {"cluster": "rl", "protocol": "asm"}, "prices": {"currency": "USD", "models": []},
+                   "limits": [{"name": "a", "key": "", "unit": "cost", "budget": "1", "window": "day"}]}"#.to_string(),
+                "`limits[0].unit`: \"cost\" needs protocol \"v1\"",
+            ),
+        ] {
+            let got = error(&json);
+            assert!(got.contains(want), "for {json}\n  got:  {got}\n  want: {want}");
         }
     }
 

@@ -9,7 +9,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::de::{each, Path};
-use super::values::{HeaderName, Name, Pattern, Status, Whole, Window};
+use super::values::{Amount, HeaderName, Name, Pattern, Status, Whole, Window, Zone};
 use super::*;
 use crate::limits::{LimitRates, Rate, ValueMatch, ValueRule};
 use crate::matcher::{Condition, StringMatch};
@@ -407,40 +407,113 @@ pub(super) fn request_matches(
         .collect()
 }
 
-/// One budget of a limit.
+/// One budget of a limit: `tokens` (or, for a limit in money, `budget`) per `window`.
 #[derive(Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RateSpec {
-    tokens: Tokens,
+    tokens: Option<Tokens>,
+    /// With `"unit": "cost"`: the amount of money, e.g. `"20.00"`.
+    budget: Option<Amount>,
     window: Window,
 }
 
-/// `tokens` + `window`, or `rates`; `Ok(None)` when neither is given.
-fn rates(
-    path: &Path,
-    tokens: Option<Tokens>,
-    window: Option<Window>,
-    list: Option<Vec<RateSpec>>,
-) -> Result<Option<Vec<Rate>>, ConfigError> {
-    let rate = |tokens: Tokens, window: Window| Rate {
-        tokens: tokens.0,
-        window_s: window.0,
-    };
-    match (tokens, window, list) {
-        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => Err(path
-            .field("rates")
-            .error("give either `tokens` + `window` or `rates`, not both")),
-        (Some(t), Some(w), None) => Ok(Some(vec![rate(t, w)])),
-        (Some(_), None, None) => Err(path.field("window").error("is required with `tokens`")),
-        (None, Some(_), None) => Err(path.field("tokens").error("is required with `window`")),
-        (None, None, None) => Ok(None),
-        (None, None, Some(list)) if list.is_empty() => Err(path
-            .field("rates")
-            .error("is empty: list at least one rate")),
-        (None, None, Some(list)) => Ok(Some(
-            list.into_iter().map(|r| rate(r.tokens, r.window)).collect(),
-        )),
+/// What a limit counts.
+#[derive(Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum UnitSpec {
+    /// Tokens, as `usage.count` says (the default).
+    #[default]
+    Tokens,
+    /// Money: what the request cost by the `prices` table, in its currency.
+    Cost,
+}
+
+/// How a limit's rates are written: in tokens or in money, calendar periods in which zone.
+#[derive(Clone, Copy)]
+struct Counting<'a> {
+    cost: bool,
+    timezone: &'a str,
+}
+
+impl Counting<'_> {
+    /// The budget of one rate: `tokens`, or for a limit in money `budget`, in micro units.
+    fn amount(
+        &self,
+        path: &Path,
+        tokens: Option<Tokens>,
+        budget: Option<Amount>,
+    ) -> Result<u64, ConfigError> {
+        match (self.cost, tokens, budget) {
+            (false, Some(t), None) => Ok(t.0),
+            (true, None, Some(Amount(0))) => Err(path.field("budget").error("must be more than 0")),
+            (true, None, Some(b)) => Ok(b.0),
+            (false, _, Some(_)) => Err(path
+                .field("budget")
+                .error("only goes with \"unit\": \"cost\"; a limit in tokens has `tokens`")),
+            (true, Some(_), _) => Err(path.field("tokens").error(
+                "a limit with \"unit\": \"cost\" counts money: give `budget` (e.g. \"20.00\")",
+            )),
+            (false, None, None) => Err(path.field("tokens").error("is required with `window`")),
+            (true, None, None) => Err(path.field("budget").error("is required with `window`")),
+        }
+    }
+
+    fn rate(&self, amount: u64, window: Window) -> Rate {
+        match window {
+            Window::Rolling(window_s) => Rate {
+                tokens: amount,
+                window_s,
+                calendar: None,
+            },
+            Window::Calendar(period) => Rate {
+                tokens: amount,
+                window_s: period.longest_s(),
+                calendar: Some(wire::Calendar {
+                    period,
+                    timezone: self.timezone.to_string(),
+                }),
+            },
+        }
+    }
+
+    /// `tokens`/`budget` + `window`, or `rates`; `Ok(None)` when neither is given.
+    fn rates(
+        &self,
+        path: &Path,
+        tokens: Option<Tokens>,
+        budget: Option<Amount>,
+        window: Option<Window>,
+        list: Option<Vec<RateSpec>>,
+    ) -> Result<Option<Vec<Rate>>, ConfigError> {
+        let short = tokens.is_some() || budget.is_some() || window.is_some();
+        match (short, window, list) {
+            (true, _, Some(_)) => Err(path
+                .field("rates")
+                .error("give either `tokens` + `window` or `rates`, not both")),
+            (true, None, None) => Err(path.field("window").error(if self.cost {
+                "is required with `budget`"
+            } else {
+                "is required with `tokens`"
+            })),
+            (true, Some(w), None) => {
+                Ok(Some(vec![self.rate(self.amount(path, tokens, budget)?, w)]))
+            }
+            (false, _, None) => Ok(None),
+            (false, _, Some(list)) if list.is_empty() => Err(path
+                .field("rates")
+                .error("is empty: list at least one rate")),
+            (false, _, Some(list)) => list
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let at = path.field("rates").index(i);
+                    Ok(self.rate(self.amount(&at, r.tokens, r.budget)?, r.window))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+        }
     }
 }
 
@@ -455,8 +528,15 @@ pub struct LimitSpec {
     key: Option<String>,
     /// Applies only to requests that match this (it may name the `model`).
     when: Option<MatchSpec>,
+    /// `"tokens"` (default) or `"cost"`: money, priced by the `prices` table.
+    #[serde(default)]
+    unit: UnitSpec,
     tokens: Option<Tokens>,
+    /// With `"unit": "cost"`: the amount of money per window, e.g. `"20.00"`.
+    budget: Option<Amount>,
     window: Option<Window>,
+    /// The IANA time zone of calendar windows (`"month"`, …): `UTC` unless given.
+    timezone: Option<Zone>,
     /// Several budgets at once (give this or `tokens` + `window`).
     rates: Option<Vec<RateSpec>>,
     /// Budgets by key value (give this or rates on the limit).
@@ -474,7 +554,11 @@ impl LimitSpec {
             .when
             .map(|w| w.into_condition(&path.field("when")))
             .transpose()?;
-        let own_rates = rates(path, self.tokens, self.window, self.rates)?;
+        let counting = Counting {
+            cost: self.unit == UnitSpec::Cost,
+            timezone: self.timezone.as_ref().map_or("UTC", |z| z.0.as_str()),
+        };
+        let own_rates = counting.rates(path, self.tokens, self.budget, self.window, self.rates)?;
         let values_path = path.field("values");
         let rates = match (own_rates, self.values) {
             (Some(_), Some(_)) => {
@@ -491,7 +575,7 @@ impl LimitSpec {
                 items
                     .into_iter()
                     .enumerate()
-                    .map(|(i, v)| v.into_rule(&values_path.index(i)))
+                    .map(|(i, v)| v.into_rule(&values_path.index(i), counting))
                     .collect::<Result<_, _>>()?,
             ),
         };
@@ -501,6 +585,8 @@ impl LimitSpec {
             rates,
             exclusive: false,
             when,
+            // Set from the price table once the options are read.
+            currency: counting.cost.then(String::new),
         })
     }
 }
@@ -514,6 +600,8 @@ pub struct ValueRuleSpec {
     #[serde(rename = "match")]
     pattern: String,
     tokens: Option<Tokens>,
+    /// With `"unit": "cost"` on the limit: the amount of money per window.
+    budget: Option<Amount>,
     window: Option<Window>,
     rates: Option<Vec<RateSpec>>,
     /// Every value this rule matches draws on one pool, instead of each on its own.
@@ -521,11 +609,13 @@ pub struct ValueRuleSpec {
 }
 
 impl ValueRuleSpec {
-    fn into_rule(self, path: &Path) -> Result<ValueRule, ConfigError> {
+    fn into_rule(self, path: &Path, counting: Counting<'_>) -> Result<ValueRule, ConfigError> {
         let matcher = value_match(&path.field("match"), &self.pattern)?;
-        let rates = rates(path, self.tokens, self.window, self.rates)?.ok_or_else(|| {
-            path.error("needs `tokens` + `window` or `rates` for the values it matches")
-        })?;
+        let rates = counting
+            .rates(path, self.tokens, self.budget, self.window, self.rates)?
+            .ok_or_else(|| {
+                path.error("needs `tokens` + `window` or `rates` for the values it matches")
+            })?;
         Ok(ValueRule {
             matcher,
             pattern: self.pattern,

@@ -9,8 +9,9 @@ use serde::Deserialize;
 
 use super::de::Path;
 use super::native::MAX_TOKENS;
-use super::values::{HeaderName, Status, Whole};
+use super::values::{Amount, Currency, HeaderName, Pattern, Status, Whole};
 use super::*;
+use crate::pricing::{ModelMatch, Price, Prices, UnknownModel};
 
 /// The shared options; every one is optional and has the default [`Config::new`] gives.
 #[derive(Deserialize, Default)]
@@ -34,6 +35,8 @@ pub struct Options {
     max_request_body_bytes: Option<Whole<1, { 64 * 1024 * 1024 }>>,
     /// Distinct keys waiting in the VM's report queue before new ones are dropped.
     max_pending_reports: Option<Whole<1, 1_000_000>>,
+    /// What each model costs, for limits with `"unit": "cost"`.
+    prices: Option<PricesSpec>,
 }
 
 impl Options {
@@ -83,7 +86,154 @@ impl Options {
         if let Some(n) = self.max_pending_reports {
             config.max_pending_reports = n.0 as usize;
         }
+        if let Some(p) = self.prices {
+            config.prices = Some(p.into_prices(&path.field("prices"))?);
+        }
+        // Limits in money count in the table's currency; they need one, and protocol v1.
+        let currency = config.prices.as_ref().map(|p| p.currency.clone());
+        let protocol = config.service.protocol;
+        for (i, limit) in config.limits.iter_mut().enumerate() {
+            if limit.currency.is_none() {
+                continue;
+            }
+            let at = path.field("limits").index(i).field("unit");
+            match (&currency, protocol) {
+                (None, _) => {
+                    return Err(at.error(
+                        "\"cost\" needs a `prices` table: {\"currency\": \"USD\", \"models\": [{\"model\": \"gpt-4o\", \"input\": \"2.50\", \"output\": \"10.00\"}]}",
+                    ))
+                }
+                (Some(_), p) if p != Protocol::V1 => {
+                    return Err(at.error(
+                        "\"cost\" needs protocol \"v1\": the other protocols count tokens only",
+                    ))
+                }
+                (Some(c), _) => limit.currency = Some(c.clone()),
+            }
+        }
         Ok(())
+    }
+}
+
+/// The price table: prices per million tokens, in one currency.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct PricesSpec {
+    /// ISO 4217, e.g. `USD`: the unit of every price and of every budget in money.
+    currency: Currency,
+    /// The first entry whose `model` fits is the price; `model` is an exact name, a prefix
+    /// ending in `*` (`gpt-4o*`) or `regexp:<re>`.
+    models: Vec<PriceSpec>,
+    /// A model the table does not list: `"deny"` (the default: the request is refused),
+    /// `"free"`, or `{"price": {"input": ..., "output": ...}}`.
+    unknown_model: Option<UnknownModelSpec>,
+}
+
+/// Prices per million tokens of one model (or, under `unknown_model`, of any other).
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct PriceSpec {
+    /// In `models`: which models this price is for.
+    model: Option<String>,
+    input: Amount,
+    /// Prompt tokens read from the provider's cache (`input` unless given).
+    cached_input: Option<Amount>,
+    output: Amount,
+    /// Reasoning tokens (`output` unless given).
+    reasoning: Option<Amount>,
+}
+
+impl PriceSpec {
+    fn price(&self) -> Price {
+        Price {
+            input: self.input.0,
+            cached_input: self.cached_input.unwrap_or(self.input).0,
+            output: self.output.0,
+            reasoning: self.reasoning.unwrap_or(self.output).0,
+        }
+    }
+}
+
+enum UnknownModelSpec {
+    Deny,
+    Free,
+    Price(PriceSpec),
+}
+
+/// `{"price": {...}}` under `unknown_model`.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct UnknownPrice {
+    price: PriceSpec,
+}
+
+impl<'de> Deserialize<'de> for UnknownModelSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = UnknownModelSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"deny\", \"free\" or {\"price\": {...}}")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<UnknownModelSpec, E> {
+                match s {
+                    "deny" => Ok(UnknownModelSpec::Deny),
+                    "free" => Ok(UnknownModelSpec::Free),
+                    other => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<UnknownModelSpec, A::Error> {
+                UnknownPrice::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|u| UnknownModelSpec::Price(u.price))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl PricesSpec {
+    fn into_prices(self, path: &Path) -> Result<Prices, ConfigError> {
+        let models = self
+            .models
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let at = path.field("models").index(i).field("model");
+                let matcher = match p.model.as_deref() {
+                    None | Some("") => return Err(at.error("is required")),
+                    Some(m) => match (m.strip_prefix("regexp:"), m.strip_suffix('*')) {
+                        (Some(re), _) => {
+                            ModelMatch::Regex(Pattern::compile(re).map_err(|e| at.error(e))?)
+                        }
+                        (None, Some(prefix)) => ModelMatch::Prefix(prefix.to_string()),
+                        (None, None) => ModelMatch::Exact(m.to_string()),
+                    },
+                };
+                Ok((matcher, p.price()))
+            })
+            .collect::<Result<_, _>>()?;
+        let unknown_model = match self.unknown_model {
+            None | Some(UnknownModelSpec::Deny) => UnknownModel::Deny,
+            Some(UnknownModelSpec::Free) => UnknownModel::Free,
+            Some(UnknownModelSpec::Price(p)) if p.model.is_some() => {
+                return Err(path
+                    .field("unknown_model")
+                    .field("price")
+                    .field("model")
+                    .error(
+                    "names no model here: this price is for every model the table does not list",
+                ))
+            }
+            Some(UnknownModelSpec::Price(p)) => UnknownModel::Price(p.price()),
+        };
+        Ok(Prices {
+            currency: self.currency.0,
+            models,
+            unknown_model,
+        })
     }
 }
 
@@ -337,6 +487,16 @@ mod schema {
         }
         fn json_schema(_: &mut SchemaGenerator) -> Schema {
             json_schema!({"type": "number", "minimum": 0, "maximum": 1_000_000})
+        }
+    }
+
+    impl JsonSchema for UnknownModelSpec {
+        fn schema_name() -> Cow<'static, str> {
+            "unknown_model".into()
+        }
+        fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+            let price = generator.subschema_for::<UnknownPrice>();
+            json_schema!({"oneOf": [{"enum": ["deny", "free"]}, price]})
         }
     }
 

@@ -196,15 +196,27 @@ fn cross_field_rules(defs: &mut Map<String, Value>) {
         json!([
             {"not": {"required": ["rates", "tokens"]}},
             {"not": {"required": ["rates", "window"]}},
-            {"dependentRequired": {"tokens": ["window"], "window": ["tokens"]}},
+            {"dependentRequired": {"tokens": ["window"], "budget": ["window"]}},
+            {"if": {"required": ["window"]}, "then": {"anyOf": [{"required": ["tokens"]}, {"required": ["budget"]}]}},
+            {"not": {"required": ["tokens", "budget"]}},
+            {
+                "if": {"required": ["unit"], "properties": {"unit": {"const": "cost"}}},
+                "then": {"not": {"required": ["tokens"]}},
+                "else": {"not": {"required": ["budget"]}}
+            },
             {"properties": {"rates": {"minItems": 1}, "values": {"minItems": 1}}}
         ]),
     );
     add(
         "ValueRuleSpec",
         json!([
-            {"anyOf": [{"required": ["tokens", "window"]}, {"required": ["rates"]}]},
-            {"not": {"required": ["rates", "tokens"]}}
+            {"anyOf": [{"required": ["tokens", "window"]}, {"required": ["budget", "window"]}, {"required": ["rates"]}]},
+            {"not": {"required": ["rates", "tokens"]}},
+            {"not": {"required": ["rates", "budget"]}}
         ]),
+    );
+    add(
+        "RateSpec",
+        json!([{"oneOf": [{"required": ["tokens"]}, {"required": ["budget"]}]}]),
     );
 }

@@ -95,9 +95,13 @@ impl<'de> Deserialize<'de> for Status {
     }
 }
 
-/// A window in seconds, written as a number of seconds or `"<count><s|m|h|d>"`.
+/// A rolling window in seconds, written as a number of seconds or `"<count><s|m|h|d>"`, or a
+/// calendar period (`"hour"`, `"day"`, `"week"`, `"month"`) that resets at its start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window(pub u64);
+pub enum Window {
+    Rolling(u64),
+    Calendar(wire::Period),
+}
 
 impl<'de> Deserialize<'de> for Window {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -113,7 +117,7 @@ impl Window {
                 "is longer than the maximum of {} seconds",
                 wire::MAX_WINDOW_S
             ))),
-            s => Ok(Window(s)),
+            s => Ok(Window::Rolling(s)),
         }
     }
 }
@@ -132,14 +136,28 @@ impl Visitor<'_> for WindowVisitor {
     }
 
     fn visit_i64<E: de::Error>(self, n: i64) -> Result<Window, E> {
-        WholeNumber { min: 0, max: 0 }.visit_i64(n).map(Window)
+        WholeNumber { min: 0, max: 0 }
+            .visit_i64(n)
+            .map(Window::Rolling)
     }
 
     fn visit_f64<E: de::Error>(self, n: f64) -> Result<Window, E> {
-        WholeNumber { min: 0, max: 0 }.visit_f64(n).map(Window)
+        WholeNumber { min: 0, max: 0 }
+            .visit_f64(n)
+            .map(Window::Rolling)
     }
 
     fn visit_str<E: de::Error>(self, s: &str) -> Result<Window, E> {
+        let period = match s {
+            "hour" => Some(wire::Period::Hour),
+            "day" => Some(wire::Period::Day),
+            "week" => Some(wire::Period::Week),
+            "month" => Some(wire::Period::Month),
+            _ => None,
+        };
+        if let Some(p) = period {
+            return Ok(Window::Calendar(p));
+        }
         let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
         let scale = match unit {
             "" | "s" => 1,
@@ -151,9 +169,82 @@ impl Visitor<'_> for WindowVisitor {
         match digits.parse::<u64>() {
             Ok(n) if scale > 0 => Window::new(n.saturating_mul(scale)),
             _ => Err(E::custom(format!(
-                "\"{s}\" is not a window; use \"1s\", \"1m\", \"1h\", \"1d\" (any count) or a number of seconds"
+                "\"{s}\" is not a window; use \"1s\", \"1m\", \"1h\", \"1d\" (any count) or a number of seconds, or a calendar period: \"hour\", \"day\", \"week\", \"month\""
             ))),
         }
+    }
+}
+
+/// An amount of money, written as a decimal (`"20.00"`; a JSON number is read by its
+/// decimal text), in micro units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Amount(pub u64);
+
+impl<'de> Deserialize<'de> for Amount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Amount;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an amount such as \"20.00\"")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Amount, E> {
+                crate::pricing::parse_amount(s, wire::MAX_TOKENS)
+                    .map(Amount)
+                    .map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Amount, E> {
+                self.visit_str(&n.to_string())
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Amount, E> {
+                self.visit_str(&decimal(n))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Amount, E> {
+                self.visit_str(&n.to_string())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// An ISO 4217 currency code: three capital letters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Currency(pub String);
+
+impl<'de> Deserialize<'de> for Currency {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(Text(|s: &str| {
+            if s.len() == 3 && s.bytes().all(|b| b.is_ascii_uppercase()) {
+                Ok(Currency(s.to_string()))
+            } else {
+                Err(format!(
+                    "\"{s}\" is not a currency code; use three capital letters (ISO 4217) such as \"USD\""
+                ))
+            }
+        }))
+    }
+}
+
+/// An IANA time zone name (`Asia/Shanghai`, `UTC`). The plugin checks its spelling; the
+/// rate-limit service, which holds the zone database, refuses a zone it does not know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone(pub String);
+
+impl<'de> Deserialize<'de> for Zone {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(Text(|s: &str| {
+            let valid = !s.is_empty()
+                && s.len() <= wire::MAX_ZONE
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b));
+            if valid {
+                Ok(Zone(s.to_string()))
+            } else {
+                Err(format!(
+                    "\"{s}\" is not an IANA time zone name such as \"Asia/Shanghai\" or \"UTC\""
+                ))
+            }
+        }))
     }
 }
 
@@ -274,12 +365,54 @@ mod schema {
         }
         fn json_schema(_: &mut SchemaGenerator) -> Schema {
             json_schema!({
-                "description": "\"1s\", \"1m\", \"1h\", \"1d\" (any count) or a number of seconds",
+                "description": "A rolling window: \"1s\", \"1m\", \"1h\", \"1d\" (any count) or a number of seconds; or a calendar period that resets at its start: \"hour\", \"day\", \"week\", \"month\"",
                 "oneOf": [
                     {"type": "integer", "minimum": 1, "maximum": wire::MAX_WINDOW_S},
-                    {"type": "string", "pattern": "^[0-9]+[smhd]?$"}
+                    {"type": "string", "pattern": "^([0-9]+[smhd]?|hour|day|week|month)$"}
                 ]
             })
+        }
+    }
+
+    impl JsonSchema for Amount {
+        fn inline_schema() -> bool {
+            true
+        }
+        fn schema_name() -> Cow<'static, str> {
+            "Amount".into()
+        }
+        fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            json_schema!({
+                "description": "A decimal amount of money, at most six decimals, e.g. \"20.00\"",
+                "oneOf": [
+                    {"type": "string", "pattern": "^[0-9]+(\\.[0-9]{1,6})?$"},
+                    {"type": "number", "minimum": 0}
+                ]
+            })
+        }
+    }
+
+    impl JsonSchema for Currency {
+        fn inline_schema() -> bool {
+            true
+        }
+        fn schema_name() -> Cow<'static, str> {
+            "Currency".into()
+        }
+        fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            json_schema!({"type": "string", "pattern": "^[A-Z]{3}$"})
+        }
+    }
+
+    impl JsonSchema for Zone {
+        fn inline_schema() -> bool {
+            true
+        }
+        fn schema_name() -> Cow<'static, str> {
+            "Zone".into()
+        }
+        fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            json_schema!({"type": "string", "pattern": "^[A-Za-z0-9/_+-]{1,64}$"})
         }
     }
 

@@ -11,13 +11,13 @@ use super::root::Shared;
 use crate::config::{Config, FailureMode, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};
 use crate::matcher::{any_matches, HeaderList, RequestHeaders};
-use crate::protocol::{self, CheckFailure, Quota};
+use crate::protocol::{self, CheckFailure, MoneyQuota, Quota};
 use crate::reply;
 use crate::report::Spent;
 use crate::request::{
     may_need_stream_usage, with_stream_usage, BodyFacts, Properties, RequestBody, RequestView,
 };
-use crate::reserve::reserve;
+use crate::reserve::{reserve, reserve_cost};
 use crate::strip::Stripper;
 use crate::usage::{settle, Charge, Observed, UsageScanner};
 
@@ -80,6 +80,7 @@ enum State {
     Admitted {
         spend: Spend,
         quota: Option<Quota>,
+        money: Option<Box<MoneyQuota>>,
         response: Option<Box<Response>>,
     },
 }
@@ -97,12 +98,22 @@ struct Spend {
     /// The check's answer was never seen after it left: whether `reserved` was taken is the
     /// service's to say, so the report releases it by `id`.
     release: bool,
+    /// A limit in money applies: the model the request named (for its price) and the micro
+    /// units the check reserved.
+    priced: Option<Priced>,
+}
+
+struct Priced {
+    request_model: Option<String>,
+    reserved_cost: u64,
 }
 
 impl Spend {
-    /// What this request cost, for the report queue; `None` when there is nothing to settle.
-    fn spent(self, charge: &Charge) -> Option<Spent> {
-        if charge.tokens == 0 && self.reserved == 0 {
+    /// What this request cost, for the report queue (`cost`: in micro units, for the limits
+    /// in money); `None` when there is nothing to settle.
+    fn spent(self, charge: &Charge, cost: u64) -> Option<Spent> {
+        let reserved_cost = self.priced.as_ref().map_or(0, |p| p.reserved_cost);
+        if charge.tokens == 0 && self.reserved == 0 && cost == 0 && reserved_cost == 0 {
             return None;
         }
         Some(Spent {
@@ -110,6 +121,8 @@ impl Spend {
             // A lying upstream cannot turn the report into one the service refuses.
             tokens: charge.tokens.min(wire::MAX_TOKENS),
             reserved: self.reserved,
+            cost: cost.min(wire::MAX_TOKENS),
+            reserved_cost,
             reserved_at_ms: self.reserved_at_ms,
             release: if self.release { self.id } else { None },
             usage: charge.usage.into(),
@@ -182,9 +195,37 @@ impl Http {
             body.facts(),
             &descriptors,
         );
+        // A limit in money: the request's model must have a price (or `unknown_model` one).
+        let mut priced = None;
+        if let Some(prices) = config
+            .prices
+            .as_ref()
+            .filter(|_| descriptors.iter().any(|d| d.currency.is_some()))
+        {
+            let request_model = body.facts().and_then(|f| f.model.clone());
+            let Some(price) = prices.price(None, request_model.as_deref()) else {
+                shared.metrics.requests_unpriced.inc();
+                self.host
+                    .send_reply(&reply::unpriced(request_model.as_deref()));
+                self.state = State::Passthrough;
+                return Action::Pause;
+            };
+            priced = Some(Priced {
+                reserved_cost: reserve_cost(
+                    &price,
+                    config.reserve,
+                    config.reserve_max,
+                    body.facts(),
+                    self.request_bytes,
+                    &descriptors,
+                ),
+                request_model,
+            });
+        }
+        let reserve_cost = priced.as_ref().map_or(0, |p| p.reserved_cost);
         // A reservation may need releasing later: its check carries the id its report will.
         let wire = config.service.protocol.wire();
-        let id = (reserve > 0 && wire.releases())
+        let id = ((reserve > 0 || reserve_cost > 0) && wire.releases())
             .then(|| {
                 shared
                     .reporter
@@ -193,13 +234,20 @@ impl Http {
                     .map(|mut r| r.next_check_id())
             })
             .flatten();
-        let call = wire.check_call(&config.service, &descriptors, reserve, id.as_deref());
+        let call = wire.check_call(
+            &config.service,
+            &descriptors,
+            reserve,
+            reserve_cost,
+            id.as_deref(),
+        );
         let spend = Spend {
             descriptors,
             reserved: reserve,
             reserved_at_ms: None,
             id,
             release: false,
+            priced,
         };
         match self
             .host
@@ -235,6 +283,10 @@ impl Http {
         let spend = Spend {
             reserved: if unseen { spend.reserved } else { 0 },
             release: unseen,
+            priced: spend.priced.map(|p| Priced {
+                reserved_cost: if unseen { p.reserved_cost } else { 0 },
+                ..p
+            }),
             ..spend
         };
         let mode = match kind {
@@ -247,6 +299,7 @@ impl Http {
                 self.state = State::Admitted {
                     spend,
                     quota: None,
+                    money: None,
                     response: None,
                 };
                 Action::Continue
@@ -267,7 +320,8 @@ impl Http {
 /// Queues the release of a reservation whose request will never be charged (refused after
 /// its check failed, or gone while the check was in flight).
 fn release_unsettled(shared: &Shared, spend: Spend) {
-    if !(spend.release && spend.reserved > 0) {
+    let reserved_cost = spend.priced.as_ref().map_or(0, |p| p.reserved_cost);
+    if !(spend.release && (spend.reserved > 0 || reserved_cost > 0)) {
         return;
     }
     let nothing = Charge {
@@ -275,7 +329,7 @@ fn release_unsettled(shared: &Shared, spend: Spend) {
         usage: Default::default(),
         basis: crate::usage::Basis::UpstreamError,
     };
-    submit(shared, spend.spent(&nothing));
+    submit(shared, spend.spent(&nothing, 0));
 }
 
 /// Hands what a request spent to the VM's report queue.
@@ -342,6 +396,7 @@ impl Http {
                         ..spend
                     },
                     quota: verdict.quota,
+                    money: verdict.spend.map(Box::new),
                     response: None,
                 };
                 Action::Continue
@@ -491,7 +546,10 @@ impl HttpContext for Http {
             return Action::Continue;
         };
         let State::Admitted {
-            quota, response, ..
+            quota,
+            money,
+            response,
+            ..
         } = &mut self.state
         else {
             return Action::Continue;
@@ -503,6 +561,11 @@ impl HttpContext for Http {
             .map(|c| c.higress_headers);
         if let (Some(q), Some(higress)) = (quota, headers) {
             for (name, value) in reply::quota_headers(q, higress) {
+                self.host.set_response_header(name, &value);
+            }
+        }
+        if let (Some(m), Some(_)) = (money, headers) {
+            for (name, value) in reply::cost_headers(m) {
                 self.host.set_response_header(name, &value);
             }
         }
@@ -613,10 +676,23 @@ impl HttpContext for Http {
         };
         let charge = settle(config.count, config.on_missing, &seen);
         shared.metrics.charged(charge.basis);
+        // Priced by the model the response names when the table lists it, else the request's.
+        let cost = match (&spend.priced, &config.prices) {
+            (Some(p), Some(prices)) => {
+                let answered = response
+                    .as_ref()
+                    .and_then(|r| r.scanner.as_ref())
+                    .and_then(UsageScanner::model);
+                prices
+                    .price(answered, p.request_model.as_deref())
+                    .map_or(0, |price| price.cost(&charge.usage))
+            }
+            _ => 0,
+        };
         shared
             .metrics
             .vm_memory_bytes
             .set(self.host.vm_memory_bytes());
-        submit(&shared, spend.spent(&charge));
+        submit(&shared, spend.spent(&charge, cost));
     }
 }

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub requests_matched: Counter,
     /// Matched requests to which no limit applied (every key absent or unmatched).
     pub requests_unlimited: Counter,
+    /// Refused because a limit in money applied and the model had no price.
+    pub requests_unpriced: Counter,
     pub checks_allowed: Counter,
     pub checks_denied: Counter,
     check_failures: [Counter; CheckFailure::ALL.len()],
@@ -104,6 +106,7 @@ impl Metrics {
         Metrics {
             requests_matched: counter("requests_matched"),
             requests_unlimited: counter("requests_unlimited"),
+            requests_unpriced: counter("requests_unpriced"),
             checks_allowed: counter("checks_allowed"),
             checks_denied: counter("checks_denied"),
             check_failures: CheckFailure::ALL

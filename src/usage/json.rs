@@ -42,17 +42,20 @@ enum Detail {
     Completion,
 }
 
+/// Longest model name kept (Bedrock's `anthropic.claude-3-5-sonnet-20240620-v1:0` is 41).
+const MODEL: usize = 96;
+
 /// A short byte string that remembers whether it overflowed.
 #[derive(Clone, Copy)]
-struct Short {
-    bytes: [u8; SHORT],
+struct Short<const N: usize = SHORT> {
+    bytes: [u8; N],
     len: u8,
     overflow: bool,
 }
 
-impl Short {
-    const EMPTY: Short = Short {
-        bytes: [0; SHORT],
+impl<const N: usize> Short<N> {
+    const EMPTY: Short<N> = Short {
+        bytes: [0; N],
         len: 0,
         overflow: false,
     };
@@ -104,6 +107,11 @@ pub struct JsonScanner {
     detail: Detail,
     /// The current string value is generated text.
     counting_text: bool,
+    /// The current string value is the response's `model` (`modelVersion` for Gemini).
+    reading_model: bool,
+    /// The last model the response named; `model_read` once its string ended within bounds.
+    model_text: Short<MODEL>,
+    model_read: bool,
     /// What was found so far; later values of a field replace earlier ones (providers send
     /// cumulative figures).
     pub fields: UsageFields,
@@ -123,6 +131,9 @@ impl Default for JsonScanner {
             usage_depth: 0,
             detail: Detail::None,
             counting_text: false,
+            reading_model: false,
+            model_text: Short::EMPTY,
+            model_read: false,
             fields: UsageFields::default(),
             text_bytes: 0,
         }
@@ -142,8 +153,20 @@ impl JsonScanner {
         *self = JsonScanner {
             fields: self.fields,
             text_bytes: self.text_bytes,
+            model_text: self.model_text,
+            model_read: self.model_read,
             ..JsonScanner::default()
         };
+    }
+
+    /// The model the response names (`model` near the top of a document, as OpenAI, Anthropic
+    /// and Qwen write it; Gemini's `modelVersion`), if it fits in 96 bytes.
+    pub fn model(&self) -> Option<&str> {
+        self.model_text
+            .get()
+            .filter(|_| self.model_read)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .filter(|m| !m.is_empty())
     }
 
     fn in_object(&self) -> bool {
@@ -164,6 +187,9 @@ impl JsonScanner {
                 } else if b == b'"' {
                     self.lex = Lex::Between;
                     self.counting_text = false;
+                    if std::mem::take(&mut self.reading_model) {
+                        self.model_read = true;
+                    }
                 } else {
                     self.string_byte(key, b);
                 }
@@ -188,6 +214,8 @@ impl JsonScanner {
             self.key.push(b);
         } else if self.counting_text {
             self.text_bytes += 1;
+        } else if self.reading_model {
+            self.model_text.push(b);
         }
     }
 
@@ -205,6 +233,17 @@ impl JsonScanner {
                     self.counting_text = self.usage_depth == 0
                         && self.in_object()
                         && self.key.get().is_some_and(|k| TEXT_KEYS.contains(&k));
+                    self.reading_model = self.usage_depth == 0
+                        && self.in_object()
+                        && self.depth <= MAX_USAGE_DEPTH
+                        && self
+                            .key
+                            .get()
+                            .is_some_and(|k| k == b"model" || k == b"modelVersion");
+                    if self.reading_model {
+                        self.model_text = Short::EMPTY;
+                        self.model_read = false;
+                    }
                 }
                 self.lex = Lex::Str {
                     key,
@@ -318,6 +357,45 @@ mod tests {
         s.feed(doc.as_bytes());
         s.next_document();
         s
+    }
+
+    #[test]
+    fn the_model_the_response_names_is_kept() {
+        // OpenAI and Qwen at the top, Anthropic's stream in `message`, Gemini's `modelVersion`.
+        for (doc, want) in [
+            (
+                r#"{"id": "x", "model": "gpt-4o-2024-08-06", "usage": {"total_tokens": 1}}"#,
+                Some("gpt-4o-2024-08-06"),
+            ),
+            (
+                r#"{"type": "message_start", "message": {"model": "claude-3-5-sonnet-20241022"}}"#,
+                Some("claude-3-5-sonnet-20241022"),
+            ),
+            (
+                r#"{"candidates": [], "modelVersion": "gemini-1.5-pro-002"}"#,
+                Some("gemini-1.5-pro-002"),
+            ),
+            // A model named deep in someone's data, a number, or a name too long: not kept.
+            (
+                r#"{"choices": [{"message": {"tool_calls": [{"function": {"arguments": {"model": "x"}}}]}}]}"#,
+                None,
+            ),
+            (r#"{"model": 5}"#, None),
+            (&format!(r#"{{"model": "{}"}}"#, "m".repeat(200)), None),
+        ] {
+            assert_eq!(scan(doc).model(), want, "{doc}");
+        }
+        // Cut anywhere, and kept across the documents of a stream.
+        let doc = r#"{"model": "qwen-max"}"#;
+        for cut in 0..doc.len() {
+            let mut s = JsonScanner::default();
+            s.feed(&doc.as_bytes()[..cut]);
+            s.feed(&doc.as_bytes()[cut..]);
+            s.next_document();
+            s.feed(br#"{"usage": {"total_tokens": 3}}"#);
+            s.next_document();
+            assert_eq!(s.model(), Some("qwen-max"), "cut at {cut}");
+        }
     }
 
     #[test]

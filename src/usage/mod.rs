@@ -152,7 +152,7 @@ pub struct Charge {
 }
 
 /// Bytes per token for estimates: the usual rule of thumb for English text and JSON.
-const BYTES_PER_TOKEN: u64 = 4;
+pub const BYTES_PER_TOKEN: u64 = 4;
 
 /// Settles what a response costs.
 ///

@@ -98,6 +98,11 @@ impl UsageScanner {
         self.json().map(|j| j.fields).unwrap_or_default()
     }
 
+    /// The model the response names, if it names one.
+    pub fn model(&self) -> Option<&str> {
+        self.json().and_then(JsonScanner::model)
+    }
+
     pub fn text_bytes(&self) -> u64 {
         self.json().map_or(0, |j| j.text_bytes)
     }

@@ -45,6 +45,13 @@ impl CounterId {
     }
 }
 
+/// FNV-1a, 64 bits: stable across processes and versions (Redis hash tags).
+pub fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// One counter and the meters a request asks of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {

@@ -5,8 +5,10 @@
 //! `meter`; `settings` turns flags and environment into a running configuration.
 
 pub mod api;
+pub mod calendar;
 pub mod clock;
 pub mod counter;
+pub mod insights;
 pub mod limiter;
 pub mod meter;
 pub mod metrics;

@@ -4,13 +4,14 @@
 use std::time::Instant;
 
 use crate::api::*;
+use crate::calendar;
 use crate::clock::Clock;
 use crate::counter::{CounterId, Plan};
-use crate::meter::{Meter, Status};
+use crate::meter::{Meter, Money, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
 use crate::store::sources::Mark;
-use crate::store::{Applied, Settlement, Store, StoreError};
+use crate::store::{Amounts, Applied, Settlement, Store, StoreError};
 
 /// Why a request got no decision.
 #[derive(Debug)]
@@ -46,28 +47,63 @@ impl Limiter {
     }
 
     /// The counters a descriptor spends; `None` when it is not limited (a service-owned limit
-    /// no rule matches).
-    fn plan(&self, d: &Descriptor) -> Option<Plan> {
+    /// no rule matches). A calendar rate is planned for the period that holds now; a zone the
+    /// service does not know refuses the request.
+    fn plan(&self, d: &Descriptor) -> Result<Option<Plan>, BadRequest> {
+        let money: Money = match d.currency.as_deref().map(str::as_bytes) {
+            Some(&[a, b, c]) => Some([a, b, c]),
+            _ => None,
+        };
         let meters = if d.rates.is_empty() {
-            vec![self.rules.meter_for(&d.value)?]
+            match self.rules.meter_for(&d.value) {
+                Some(m) => vec![m],
+                None => return Ok(None),
+            }
         } else {
             d.rates
                 .iter()
-                .map(|r| Meter::Window {
-                    tokens: r.tokens as i64,
-                    window_ms: r.window_s as i64 * 1000,
-                    sliding: self.sliding,
+                .map(|r| match &r.calendar {
+                    None => Ok(Meter::Window {
+                        tokens: r.tokens as i64,
+                        window_ms: r.window_s as i64 * 1000,
+                        sliding: self.sliding,
+                        money,
+                    }),
+                    Some(c) => {
+                        let tz = calendar::zone(&c.timezone).map_err(|e| BadRequest(e.0))?;
+                        let (start_ms, end_ms) =
+                            calendar::bounds(c.period, &tz, self.clock.now_ms())
+                                .map_err(|e| BadRequest(e.0))?;
+                        Ok(Meter::Calendar {
+                            tokens: r.tokens as i64,
+                            start_ms,
+                            end_ms,
+                            zone: calendar::zone_id(c.period, &c.timezone),
+                            money,
+                        })
+                    }
                 })
-                .collect()
+                .collect::<Result<_, BadRequest>>()?
         };
-        Some(Plan {
+        Ok(Some(Plan {
             id: CounterId {
                 limit: d.limit.clone(),
                 value: d.value.clone(),
                 shared: d.shared,
             },
             meters,
-        })
+        }))
+    }
+
+    /// The plans of a request's descriptors, each beside the descriptor it came from.
+    fn plans<'d>(&self, ds: &'d [Descriptor]) -> Result<Vec<(&'d Descriptor, Plan)>, BadRequest> {
+        let mut plans = Vec::with_capacity(ds.len());
+        for d in ds {
+            if let Some(p) = self.plan(d)? {
+                plans.push((d, p));
+            }
+        }
+        Ok(plans)
     }
 
     fn store_failed(&self, e: StoreError) -> Failure {
@@ -79,12 +115,11 @@ impl Limiter {
     pub async fn check(&self, req: &CheckRequest) -> Result<CheckResponse, Failure> {
         let started = Instant::now();
         validate_check(req).inspect_err(|_| inc(&self.metrics.bad_requests))?;
-        let plans: Vec<Plan> = req
-            .descriptors
-            .iter()
-            .filter_map(|d| self.plan(d))
-            .collect();
-        let reserve = req.reserve as i64;
+        let planned = self
+            .plans(&req.descriptors)
+            .inspect_err(|_| inc(&self.metrics.bad_requests))?;
+        let plans: Vec<Plan> = planned.iter().map(|(_, p)| p.clone()).collect();
+        let reserve: Amounts = [req.reserve as i64, req.reserve_cost as i64];
         let now = self.clock.for_store();
         let outcome = match self.store.check(&plans, reserve, now).await {
             Ok(o) => o,
@@ -93,7 +128,8 @@ impl Limiter {
                 return Err(self.store_failed(e));
             }
         };
-        let mut reserved_at_ms = (outcome.allowed && reserve > 0).then_some(outcome.at_ms as u64);
+        let reserves = reserve.iter().any(|r| *r > 0);
+        let mut reserved_at_ms = (outcome.allowed && reserves).then_some(outcome.at_ms as u64);
         if let (Some(_), Some(id)) = (reserved_at_ms, req.id.as_deref().and_then(SeqId::parse)) {
             match self.store.mark_reserved(id).await {
                 Ok(Mark::Recorded) => {}
@@ -102,7 +138,7 @@ impl Limiter {
                     // The plugin gave this check up and released it before it arrived: the
                     // reservation must not stand (nobody will settle it).
                     let undo = Settlement {
-                        excess: 0,
+                        excess: [0, 0],
                         refund: reserve,
                         refund_at: Some(outcome.at_ms),
                     };
@@ -120,9 +156,10 @@ impl Limiter {
         }
         let mut limits = Vec::new();
         let mut worst: Option<(i64, &str)> = None;
-        for (plan, statuses) in plans.iter().zip(&outcome.statuses) {
-            for (meter, st) in plan.meters.iter().zip(statuses) {
-                limits.push(limit_status(&plan.id, meter, st));
+        for ((d, plan), statuses) in planned.iter().zip(&outcome.statuses) {
+            for (j, (meter, st)) in plan.meters.iter().zip(statuses).enumerate() {
+                let calendar = d.rates.get(j).and_then(|r| r.calendar.as_ref());
+                limits.push(limit_status(&plan.id, meter, st, calendar));
                 if !outcome.allowed && st.retry_ms > worst.map_or(0, |w| w.0) {
                     worst = Some((st.retry_ms, plan.id.limit.as_str()));
                 }
@@ -131,7 +168,8 @@ impl Limiter {
         if outcome.allowed {
             inc(&self.metrics.checks_allowed);
             if reserved_at_ms.is_some() {
-                self.metrics.charged(reserve);
+                self.metrics.charged(reserve[0]);
+                self.spent(&planned, reserve[1]);
             }
         } else {
             inc(&self.metrics.checks_denied);
@@ -165,7 +203,16 @@ impl Limiter {
                 answer.results.push(ReportResult::rejected(why));
                 continue;
             }
-            let plans: Vec<Plan> = r.descriptors.iter().filter_map(|d| self.plan(d)).collect();
+            let planned = match self.plans(&r.descriptors) {
+                Ok(p) => p,
+                Err(BadRequest(why)) => {
+                    inc(&self.metrics.reports_rejected);
+                    tracing::warn!("report refused: reports[{i}]: {why}");
+                    answer.results.push(ReportResult::rejected(why));
+                    continue;
+                }
+            };
+            let plans: Vec<Plan> = planned.iter().map(|(_, p)| p.clone()).collect();
             let id = SeqId::parse(&r.id);
             let applied = match self.reserved(r).await {
                 Ok(settlement) => self
@@ -178,7 +225,9 @@ impl Limiter {
             let result = match applied {
                 Ok((Applied::Yes, settlement)) => {
                     inc(&self.metrics.reports_accepted);
-                    self.metrics.charged(settlement.excess - settlement.refund);
+                    self.metrics
+                        .charged(settlement.excess[0] - settlement.refund[0]);
+                    self.spent(&planned, settlement.excess[1] - settlement.refund[1]);
                     answer.accepted += 1;
                     ReportResult::of(Outcome::Applied)
                 }
@@ -219,9 +268,11 @@ impl Limiter {
     /// What a report settles. A release counts its reservation only if the store recorded
     /// it and this is the first release; its refund then goes to the current window.
     async fn reserved(&self, r: &Report) -> Result<Settlement, StoreError> {
+        let used: Amounts = [r.tokens as i64, r.cost as i64];
+        let reserved: Amounts = [r.reserved as i64, r.reserved_cost as i64];
         let Some(check) = &r.release else {
             let at = r.reserved_at_ms.map(|t| t.min(i64::MAX as u64) as i64);
-            return Ok(Settlement::of(r.tokens, r.reserved, at));
+            return Ok(Settlement::of(used, reserved, at));
         };
         let taken = match SeqId::parse(check) {
             Some(id) => self.store.release(id).await?,
@@ -233,8 +284,8 @@ impl Limiter {
             &self.metrics.releases_without_reservation
         });
         Ok(Settlement::of(
-            r.tokens,
-            if taken { r.reserved } else { 0 },
+            used,
+            if taken { reserved } else { [0, 0] },
             None,
         ))
     }
@@ -260,7 +311,11 @@ impl Limiter {
         let started = Instant::now();
         validate_asm_keys(keys).inspect_err(|_| inc(&self.metrics.bad_requests))?;
         let plans = self.asm_plans(keys);
-        let outcome = match self.store.check(&plans, 0, self.clock.for_store()).await {
+        let outcome = match self
+            .store
+            .check(&plans, [0, 0], self.clock.for_store())
+            .await
+        {
             Ok(o) => o,
             Err(e) => {
                 inc(&self.metrics.checks_failed);
@@ -299,7 +354,7 @@ impl Limiter {
         let tokens = tokens.min(MAX_TOKENS) as i64;
         let plans = self.asm_plans(&u.ratelimit_keys);
         let charge = Settlement {
-            excess: tokens,
+            excess: [tokens, 0],
             ..Settlement::default()
         };
         match self
@@ -342,15 +397,43 @@ impl Limiter {
             .map_err(|e| self.store_failed(e))?;
         Ok(meters
             .iter()
-            .map(|(m, st)| limit_status(&id, m, st))
+            .map(|(m, st)| limit_status(&id, m, st, None))
             .collect())
+    }
+
+    /// Counts money spent (or, negative, given back) per limit that counts it.
+    fn spent(&self, planned: &[(&Descriptor, Plan)], micros: i64) {
+        if micros == 0 {
+            return;
+        }
+        for (d, _) in planned {
+            if let Some(currency) = &d.currency {
+                self.metrics.spent(&d.limit, currency, micros);
+            }
+        }
     }
 }
 
-fn limit_status(id: &CounterId, meter: &Meter, st: &Status) -> LimitStatus {
+/// One meter's state as the wire states it; a calendar rate also says when its period ends, in
+/// its zone (`calendar`: the rate as the check gave it; `/v1/quota` knows only the stored state).
+fn limit_status(
+    id: &CounterId,
+    meter: &Meter,
+    st: &Status,
+    calendar: Option<&wire::Calendar>,
+) -> LimitStatus {
     let window_ms = match *meter {
         Meter::Window { window_ms, .. } => window_ms,
+        Meter::Calendar {
+            start_ms, end_ms, ..
+        } => end_ms - start_ms,
         Meter::Bucket { interval_ms, .. } => interval_ms,
+    };
+    let resets_at = match (meter, calendar) {
+        (Meter::Calendar { end_ms, .. }, Some(c)) => calendar::zone(&c.timezone)
+            .ok()
+            .map(|tz| calendar::rfc3339(*end_ms, &tz)),
+        _ => None,
     };
     LimitStatus {
         limit: id.limit.clone(),
@@ -359,5 +442,10 @@ fn limit_status(id: &CounterId, meter: &Meter, st: &Status) -> LimitStatus {
         window_s: (window_ms / 1000).max(0) as u64,
         remaining: st.remaining.max(0) as u64,
         reset_ms: st.reset_ms.max(0) as u64,
+        currency: meter
+            .money()
+            .map(|c| String::from_utf8_lossy(&c).into_owned()),
+        period: calendar.map(|c| c.period),
+        resets_at,
     }
 }

@@ -33,7 +33,14 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    let limiter = Arc::new(limiter(&settings, Clock::System));
+    let clock = match settings.manual_clock_ms {
+        Some(start) => {
+            tracing::warn!("counting on a manual clock (--manual-clock): for tests only");
+            Clock::manual(start)
+        }
+        None => Clock::System,
+    };
+    let limiter = Arc::new(limiter(&settings, clock));
     spawn_sweeper(&limiter);
     tracing::info!(
         "listening on {} (store: {}, {} service-owned rule(s), {} windows)",

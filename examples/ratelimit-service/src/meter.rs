@@ -4,6 +4,14 @@
 //! All arithmetic is in integers except the sliding window's weight of the previous window,
 //! which both implementations compute with the same IEEE double operations.
 
+/// What a meter counts: tokens (`None`), or micro units of a currency (an ISO 4217 code).
+pub type Money = Option<[u8; 3]>;
+
+/// Which of a request's amounts a meter is charged: its tokens, or its cost.
+pub fn unit(money: Money) -> usize {
+    usize::from(money.is_some())
+}
+
 /// How one budget is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Meter {
@@ -13,6 +21,17 @@ pub enum Meter {
         tokens: i64,
         window_ms: i64,
         sliding: bool,
+        money: Money,
+    },
+    /// Plugin-owned calendar rate: `tokens` in the period `[start_ms, end_ms)` that holds now
+    /// (the service computed it in the rate's time zone); `zone` names the period and zone so
+    /// that every month of one rate shares one stored state. State: `[start, used, end]`.
+    Calendar {
+        tokens: i64,
+        start_ms: i64,
+        end_ms: i64,
+        zone: i64,
+        money: Money,
     },
     /// Service-owned rule: a bucket of `max` that starts full and gains `per_fill` every
     /// `interval_ms`, keeping partial intervals; it may go into debt.
@@ -44,32 +63,54 @@ pub struct Status {
 impl Meter {
     pub fn limit(&self) -> i64 {
         match *self {
-            Meter::Window { tokens, .. } => tokens,
+            Meter::Window { tokens, .. } | Meter::Calendar { tokens, .. } => tokens,
             Meter::Bucket { max, .. } => max,
         }
     }
 
-    /// The name under which the meter's state is stored inside its counter.
-    pub fn field(&self) -> String {
+    /// The currency a meter counts in, if it counts money.
+    pub fn money(&self) -> Money {
         match *self {
+            Meter::Window { money, .. } | Meter::Calendar { money, .. } => money,
+            Meter::Bucket { .. } => None,
+        }
+    }
+
+    /// The name under which the meter's state is stored inside its counter; a meter that
+    /// counts money starts with `$<currency>:`.
+    pub fn field(&self) -> String {
+        let plain = match *self {
             Meter::Window {
                 tokens,
                 window_ms,
                 sliding,
+                ..
             } => {
                 format!("{}:{tokens}:{window_ms}", if sliding { "w" } else { "f" })
             }
+            Meter::Calendar { tokens, zone, .. } => format!("c:{tokens}:{zone}"),
             Meter::Bucket {
                 max,
                 per_fill,
                 interval_ms,
                 ..
             } => format!("b:{max}:{per_fill}:{interval_ms}"),
+        };
+        match self.money() {
+            Some(c) => format!("${}:{plain}", String::from_utf8_lossy(&c)),
+            None => plain,
         }
     }
 
     /// The meter a stored field name describes (for read-only lookups).
     pub fn from_field(field: &str) -> Option<Meter> {
+        let (money, field) = match field.strip_prefix('$') {
+            Some(rest) => {
+                let (code, field) = rest.split_once(':')?;
+                (Some(<[u8; 3]>::try_from(code.as_bytes()).ok()?), field)
+            }
+            None => (None, field),
+        };
         let mut parts = field.split(':');
         let kind = parts.next()?;
         let nums: Vec<i64> = parts.map(|p| p.parse().ok()).collect::<Option<_>>()?;
@@ -79,8 +120,17 @@ impl Meter {
                     tokens: *tokens,
                     window_ms: *window_ms,
                     sliding: kind == "w",
+                    money,
                 })
             }
+            // The period's bounds are in the stored state.
+            ("c", [tokens, zone]) if *tokens > 0 => Some(Meter::Calendar {
+                tokens: *tokens,
+                start_ms: 0,
+                end_ms: 0,
+                zone: *zone,
+                money,
+            }),
             ("b", [max, per_fill, interval_ms])
                 if *max > 0 && *per_fill > 0 && *interval_ms > 0 =>
             {
@@ -108,6 +158,9 @@ impl Meter {
             Meter::Window {
                 window_ms, sliding, ..
             } => window_ms * if sliding { 2 } else { 1 },
+            Meter::Calendar {
+                start_ms, end_ms, ..
+            } => (end_ms - start_ms).max(1),
             Meter::Bucket { expire_ms, .. } => expire_ms,
         }
     }
@@ -130,6 +183,14 @@ impl Meter {
                     0
                 };
                 *s = [start, 0, previous];
+            }
+            Meter::Calendar {
+                start_ms, end_ms, ..
+            } => {
+                // As with windows, a period never moves back.
+                if start_ms > s[0] {
+                    *s = [start_ms, 0, end_ms];
+                }
             }
             Meter::Bucket {
                 max,
@@ -166,6 +227,7 @@ impl Meter {
                 tokens,
                 window_ms: w,
                 sliding,
+                ..
             } => {
                 let elapsed = (now - s[0]).clamp(0, w);
                 let used = window_used(s, elapsed, w, sliding);
@@ -201,6 +263,25 @@ impl Meter {
                     retry_ms,
                 }
             }
+            Meter::Calendar { tokens, .. } => {
+                if now >= s[2] {
+                    // The stored period is over (read-only lookups): a full budget.
+                    return Status {
+                        limit,
+                        remaining: tokens,
+                        reset_ms: 0,
+                        retry_ms: 0,
+                    };
+                }
+                let remaining = (tokens - s[1].max(0)).clamp(0, tokens);
+                let until_end = (s[2] - now).max(1);
+                Status {
+                    limit,
+                    remaining,
+                    reset_ms: if s[1] > 0 { until_end } else { 0 },
+                    retry_ms: if remaining >= need { 0 } else { until_end },
+                }
+            }
             Meter::Bucket {
                 max,
                 per_fill,
@@ -228,7 +309,7 @@ impl Meter {
     /// Spends `delta` tokens now (negative refunds, for a reservation taken in this window).
     pub fn charge(&self, s: &mut State, delta: i64) {
         match self {
-            Meter::Window { .. } => s[1] = s[1].saturating_add(delta),
+            Meter::Window { .. } | Meter::Calendar { .. } => s[1] = s[1].saturating_add(delta),
             Meter::Bucket { max, .. } => s[0] = s[0].saturating_sub(delta).min(*max),
         }
     }
@@ -255,6 +336,12 @@ impl Meter {
                 };
                 if s[slot] > 0 {
                     s[slot] = (s[slot] - amount).max(0);
+                }
+            }
+            Meter::Calendar { .. } => {
+                // Only the period that holds the reservation gets it back.
+                if reserved_at >= s[0] && s[1] > 0 {
+                    s[1] = (s[1] - amount).max(0);
                 }
             }
             Meter::Bucket { max, .. } => s[0] = s[0].saturating_add(amount).min(max),
@@ -292,6 +379,7 @@ mod tests {
             tokens,
             window_ms: MIN,
             sliding: true,
+            money: None,
         }
     }
 
@@ -359,6 +447,7 @@ mod tests {
             tokens: 10,
             window_ms: MIN,
             sliding: false,
+            money: None,
         };
         let mut s = State::default();
         at(&m, &mut s, 5_000, 1);

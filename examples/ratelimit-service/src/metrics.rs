@@ -1,8 +1,10 @@
 //! Prometheus counters for `/metrics`: plain atomics, rendered as text on demand, so the hot
 //! path pays one relaxed increment per figure.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Upper bounds of the check latency histogram, in seconds.
@@ -31,10 +33,16 @@ pub struct Metrics {
     /// Reservations taken without being recorded for a release (store error, or a sequence
     /// older than the source's ring).
     pub reservations_unrecorded: AtomicU64,
+    /// Money charged and refunded per limit that counts it, in micro units, by (limit,
+    /// currency); at most [`MAX_SPEND_SERIES`] series (limit names come from plugin configs).
+    spend: Mutex<BTreeMap<(String, String), (u64, u64)>>,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
 }
+
+/// The most (limit, currency) series of the spend counters; more are summed under `limit=""`.
+pub const MAX_SPEND_SERIES: usize = 1000;
 
 pub fn inc(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
@@ -59,6 +67,21 @@ impl Metrics {
         } else {
             self.tokens_refunded
                 .fetch_add(delta.unsigned_abs(), Relaxed);
+        }
+    }
+
+    /// Money spent under a limit (negative: given back), in micro units of `currency`.
+    pub fn spent(&self, limit: &str, currency: &str, micros: i64) {
+        let mut spend = self.spend.lock().unwrap_or_else(|p| p.into_inner());
+        let mut key = (limit.to_string(), currency.to_string());
+        if !spend.contains_key(&key) && spend.len() >= MAX_SPEND_SERIES {
+            key.0 = String::new();
+        }
+        let (charged, refunded) = spend.entry(key).or_default();
+        if micros >= 0 {
+            *charged += micros as u64;
+        } else {
+            *refunded += micros.unsigned_abs();
         }
     }
 
@@ -132,6 +155,37 @@ impl Metrics {
             "counter",
             &[("", g(&self.bad_requests))],
         );
+        {
+            let spend = self.spend.lock().unwrap_or_else(|p| p.into_inner());
+            let series = |pick: fn(&(u64, u64)) -> u64| -> Vec<(String, u64)> {
+                spend
+                    .iter()
+                    .map(|((limit, currency), v)| {
+                        let limit = limit.replace('\\', "\\\\").replace('"', "\\\"");
+                        (
+                            format!("{{limit=\"{limit}\",currency=\"{currency}\"}}"),
+                            pick(v),
+                        )
+                    })
+                    .collect()
+            };
+            let charged = series(|v| v.0);
+            let refunded = series(|v| v.1);
+            let lines: Vec<(&str, u64)> = charged.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+            family(
+                "ratelimit_spend_micros_total",
+                "Money charged to limits that count it, in millionths of the currency (reservations and reports).",
+                "counter",
+                &lines,
+            );
+            let lines: Vec<(&str, u64)> = refunded.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+            family(
+                "ratelimit_spend_refunded_micros_total",
+                "Money given back to limits that count it (unused reservations), in millionths.",
+                "counter",
+                &lines,
+            );
+        }
         if let Some((counters, evicted, sources)) = memory {
             family(
                 "ratelimit_memory_counters",

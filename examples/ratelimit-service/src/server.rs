@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::api::{AsmUpdate, BadRequest, CheckRequest, ReportRequest};
+use crate::clock::Clock;
 use crate::limiter::{Failure, Limiter};
 use crate::store::Store;
 
@@ -216,6 +217,22 @@ async fn route(limiter: &Limiter, req: Request<Incoming>) -> Reply {
                     &serde_json::json!({"limit": limit, "value": value, "shared": shared, "meters": meters}),
                 ),
                 Err(f) => failure(f),
+            }
+        }
+        // Only with --manual-clock: the system clock cannot be moved.
+        (Method::POST, "/v1/clock") if matches!(limiter.clock, Clock::Manual(_)) => {
+            match query_param(&req, "advance_ms").and_then(|v| v.parse::<i64>().ok()) {
+                Some(ms) if ms >= 0 => {
+                    limiter.clock.advance(ms);
+                    json(
+                        StatusCode::OK,
+                        &serde_json::json!({"now_ms": limiter.clock.now_ms()}),
+                    )
+                }
+                _ => error(
+                    StatusCode::BAD_REQUEST,
+                    "give advance_ms=<milliseconds ≥ 0>",
+                ),
             }
         }
         (Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),

@@ -88,6 +88,12 @@ pub struct Cli {
     /// Log filter (tracing syntax: info, debug, ratelimit_service=debug…).
     #[arg(long, env = "RATELIMIT_LOG", default_value = "info")]
     pub log: String,
+
+    /// For tests and drills only: count on a manual clock that starts at this instant
+    /// (RFC 3339, e.g. 2026-11-30T23:59:00+08:00) and moves only by
+    /// `POST /v1/clock?advance_ms=N`, so a month's end can be crossed in a second.
+    #[arg(long = "manual-clock", env = "RATELIMIT_MANUAL_CLOCK")]
+    pub manual_clock: Option<String>,
 }
 
 /// What the flags decide.
@@ -98,6 +104,8 @@ pub struct Settings {
     pub rules: Rules,
     pub sliding: bool,
     pub log: String,
+    /// `--manual-clock`: where the manual clock starts (ms since the epoch).
+    pub manual_clock_ms: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -178,12 +186,21 @@ impl Cli {
                 }
             }
         };
+        let manual_clock_ms = match &self.manual_clock {
+            None => None,
+            Some(text) => Some(
+                text.parse::<jiff::Timestamp>()
+                    .map_err(|e| format!("--manual-clock {text}: {e}; write an RFC 3339 time"))?
+                    .as_millisecond(),
+            ),
+        };
         Ok(Settings {
             listen: self.listen,
             store,
             rules,
             sliding: self.window == WindowKind::Sliding,
             log: self.log,
+            manual_clock_ms,
         })
     }
 }

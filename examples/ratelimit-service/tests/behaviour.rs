@@ -97,6 +97,7 @@ impl Ctx {
             descriptors: ds.to_vec(),
             reserve,
             id: Some(id.to_string()),
+            ..Default::default()
         };
         match self.limiter.check(&req).await {
             Ok(r) => r,
@@ -120,9 +121,14 @@ impl Ctx {
             value: value.to_string(),
             rates: rates
                 .iter()
-                .map(|&(tokens, window_s)| Rate { tokens, window_s })
+                .map(|&(tokens, window_s)| Rate {
+                    tokens,
+                    window_s,
+                    calendar: None,
+                })
                 .collect(),
             shared: false,
+            ..Default::default()
         }
     }
 
@@ -131,6 +137,7 @@ impl Ctx {
             descriptors: ds.to_vec(),
             reserve,
             id: None,
+            ..Default::default()
         };
         match self.limiter.check(&req).await {
             Ok(r) => r,
@@ -155,6 +162,7 @@ impl Ctx {
                 usage: None,
                 reserved_at_ms: None,
                 release: None,
+                ..Default::default()
             }],
         };
         match self.limiter.report(&req).await {
@@ -197,7 +205,8 @@ async fn admits_down_to_the_last_token(ctx: &Ctx) {
             tokens: 10,
             window_s: 60,
             remaining: 10,
-            reset_ms: 0
+            reset_ms: 0,
+            ..Default::default()
         }]
     );
     assert_eq!(
@@ -290,6 +299,7 @@ async fn retried_reports_are_charged_once(ctx: &Ctx) {
                 usage: None,
                 reserved_at_ms: None,
                 release: None,
+                ..Default::default()
             },
             Report {
                 id: ctx.report_id("other"),
@@ -299,6 +309,7 @@ async fn retried_reports_are_charged_once(ctx: &Ctx) {
                 usage: None,
                 reserved_at_ms: None,
                 release: None,
+                ..Default::default()
             },
         ],
     };
@@ -414,6 +425,7 @@ async fn concurrent_reports_balance_exactly(ctx: &Ctx) {
                     usage: None,
                     reserved_at_ms: None,
                     release: None,
+                    ..Default::default()
                 }],
             };
             assert!(limiter.report(&req).await.is_ok());
@@ -439,6 +451,7 @@ async fn concurrent_reservations_never_overshoot(ctx: &Ctx) {
                     descriptors: vec![d],
                     reserve: 100,
                     id: None,
+                    ..Default::default()
                 })
                 .await;
             matches!(r, Ok(r) if r.allowed)
@@ -530,6 +543,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
             descriptors: vec![d.clone()],
             reserve: 0,
             id: None,
+            ..Default::default()
         })
         .await;
     assert!(
@@ -538,6 +552,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
     d.rates[0] = Rate {
         tokens: 1,
         window_s: 0,
+        calendar: None,
     };
     let r = ctx
         .limiter
@@ -545,6 +560,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
             descriptors: vec![d.clone()],
             reserve: 0,
             id: None,
+            ..Default::default()
         })
         .await;
     assert!(matches!(r, Err(Failure::Bad(BadRequest(m))) if m.contains("window_s")));
@@ -554,6 +570,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
             descriptors: vec![ctx.d("x", "y", &[]); 65],
             reserve: 0,
             id: None,
+            ..Default::default()
         })
         .await;
     assert!(matches!(r, Err(Failure::Bad(_))));
@@ -566,6 +583,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
             usage: None,
             reserved_at_ms: None,
             release: None,
+            ..Default::default()
         }],
     };
     // A bad report is refused on its own; the rest of its batch is applied.
@@ -601,6 +619,145 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
     assert!(
         matches!(ctx.limiter.report(&too_many).await, Err(Failure::Bad(BadRequest(m))) if m.contains("reports: more than"))
     );
+}
+
+/// A descriptor counting in calendar periods (`period` in `zone`), optionally in money.
+fn calendar(d: &Descriptor, period: Period, zone: &str, currency: Option<&str>) -> Descriptor {
+    let mut d = d.clone();
+    for r in &mut d.rates {
+        r.window_s = period.longest_s();
+        r.calendar = Some(Calendar {
+            period,
+            timezone: zone.into(),
+        });
+    }
+    d.currency = currency.map(str::to_string);
+    d
+}
+
+async fn calendar_months_reset_at_their_start_in_their_zone(ctx: &Ctx) {
+    // T0 is 2024-10-04T00:00Z; October ends in Shanghai at 2024-10-31T16:00Z.
+    let d = calendar(
+        &ctx.d("monthly", "team-a", &[(100, 0)]),
+        Period::Month,
+        "Asia/Shanghai",
+        None,
+    );
+    ctx.report("m1", std::slice::from_ref(&d), 100, 0).await;
+    let r = ctx.check(std::slice::from_ref(&d), 0).await;
+    assert!(!r.allowed);
+    let end = T0 + 27 * 86_400_000 + 16 * 3_600_000;
+    assert_eq!(
+        r.limits[0].resets_at.as_deref(),
+        Some("2024-11-01T00:00:00+08:00")
+    );
+    assert_eq!(r.limits[0].period, Some(Period::Month));
+    assert_eq!(r.retry_after_ms as i64, end - T0);
+    ctx.advance(end - T0 - 1);
+    assert!(!ctx.check(std::slice::from_ref(&d), 0).await.allowed);
+    ctx.advance(1);
+    let r = ctx.check(std::slice::from_ref(&d), 0).await;
+    assert!(r.allowed);
+    assert_eq!(r.limits[0].remaining, 100);
+    assert_eq!(
+        r.limits[0].resets_at.as_deref(),
+        Some("2024-12-01T00:00:00+08:00")
+    );
+    // A refund of a reservation taken in October does not enlarge November.
+    ctx.report("m2", std::slice::from_ref(&d), 30, 0).await;
+    let late = Report {
+        id: ctx.report_id("m3"),
+        descriptors: vec![d.clone()],
+        tokens: 0,
+        reserved: 50,
+        reserved_at_ms: Some((end - 1) as u64),
+        ..Default::default()
+    };
+    ctx.settle(late.clone()).await;
+    assert_eq!(ctx.remaining(&d).await, [70]);
+    // Unknown zones are refused by name.
+    let unknown = calendar(&d, Period::Day, "Mars/Olympus", None);
+    let r = ctx
+        .limiter
+        .check(&CheckRequest {
+            descriptors: vec![unknown],
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        matches!(r, Err(Failure::Bad(BadRequest(m))) if m.contains("unknown time zone \"Mars/Olympus\""))
+    );
+}
+
+async fn money_and_tokens_are_counted_apart(ctx: &Ctx) {
+    let tokens = ctx.d("tokens", "alice", &[(1_000, 60)]);
+    // 20.00 USD a day, in micro units.
+    let money = calendar(
+        &ctx.d("spend", "alice", &[(20_000_000, 0)]),
+        Period::Day,
+        "UTC",
+        Some("USD"),
+    );
+    let both = [tokens.clone(), money.clone()];
+    let r = ctx
+        .limiter
+        .check(&CheckRequest {
+            descriptors: both.to_vec(),
+            reserve: 100,
+            reserve_cost: 5_000_000,
+            ..Default::default()
+        })
+        .await
+        .ok()
+        .unwrap();
+    assert!(r.allowed);
+    assert_eq!(
+        r.limits
+            .iter()
+            .map(|l| (l.remaining, l.currency.clone()))
+            .collect::<Vec<_>>(),
+        [(900, None), (15_000_000, Some("USD".to_string()))]
+    );
+    // Used 40 tokens costing 1.234567 USD: each unit gets its own refund.
+    ctx.settle(Report {
+        id: ctx.report_id("spend-1"),
+        descriptors: both.to_vec(),
+        tokens: 40,
+        reserved: 100,
+        cost: 1_234_567,
+        reserved_cost: 5_000_000,
+        reserved_at_ms: r.reserved_at_ms,
+        ..Default::default()
+    })
+    .await;
+    let left = ctx.check(&both, 0).await;
+    assert_eq!(
+        left.limits.iter().map(|l| l.remaining).collect::<Vec<_>>(),
+        [960, 20_000_000 - 1_234_567]
+    );
+    // A reserve in money larger than what is left is refused, whatever the tokens say.
+    let r = ctx
+        .limiter
+        .check(&CheckRequest {
+            descriptors: both.to_vec(),
+            reserve: 1,
+            reserve_cost: 19_000_000,
+            ..Default::default()
+        })
+        .await
+        .ok()
+        .unwrap();
+    assert!(!r.allowed);
+    assert_eq!(r.denied_by.as_deref(), Some(money.limit.as_str()));
+    // An operator's lookup names the currency.
+    let q = ctx
+        .limiter
+        .quota(&money.limit, "alice", false)
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!(q[0].currency.as_deref(), Some("USD"));
+    assert_eq!(q[0].remaining, 20_000_000 - 1_234_567);
 }
 
 macro_rules! suite {
@@ -666,6 +823,7 @@ async fn late_refunds_never_enlarge_the_next_window(ctx: &Ctx) {
             reserved_at_ms: Some(at),
             release: None,
             usage: None,
+            ..Default::default()
         })
         .await;
         let mut admitted = 0;
@@ -713,6 +871,7 @@ async fn releases_give_back_only_reservations_taken(ctx: &Ctx) {
         reserved_at_ms: None,
         release: Some(ctx.id(seq)),
         usage: None,
+        ..Default::default()
     };
     // Taken, then released: all back.
     assert!(ctx.check_as(ds, 300, &ctx.id(1)).await.allowed);
@@ -746,6 +905,8 @@ async fn releases_give_back_only_reservations_taken(ctx: &Ctx) {
 }
 
 suite!(
+    calendar_months_reset_at_their_start_in_their_zone,
+    money_and_tokens_are_counted_apart,
     late_refunds_never_enlarge_the_next_window,
     a_clock_behind_never_moves_a_window_back,
     releases_give_back_only_reservations_taken,
@@ -823,6 +984,7 @@ async fn memory_and_redis_agree_on_a_random_history() {
                             reserved_at_ms: Some((T0 + 1) as u64),
                             release: (what == 7).then(|| ctx.id(check_id)),
                             usage: None,
+                            ..Default::default()
                         })
                         .await;
                     json!(r.results.iter().map(|o| o.outcome).collect::<Vec<_>>())
@@ -851,6 +1013,7 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
             descriptors: vec![d.clone()],
             reserve: 0,
             id: None,
+            ..Default::default()
         })
         .await;
     assert!(
@@ -867,6 +1030,7 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
                 descriptors: vec![d.clone()],
                 reserve: 0,
                 id: None,
+                ..Default::default()
             })
             .await
             .is_ok()

@@ -26,16 +26,63 @@ pub const MAX_ID: usize = 256;
 /// The largest request body the service reads; the plugin's report batches stay well below.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
-/// One budget: `tokens` per `window_s` seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// The longest IANA time zone name a calendar rate may carry.
+pub const MAX_ZONE: usize = 64;
+
+/// One budget: `tokens` per `window_s` seconds, or per calendar period.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Rate {
     pub tokens: u64,
+    /// The window; for a calendar rate, the period's longest length (a month: 31 days).
     pub window_s: u64,
+    /// Counts in calendar periods (the current month, week, day or hour in a time zone),
+    /// resetting at each period's start, instead of a rolling window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calendar: Option<Calendar>,
+}
+
+/// A calendar period in an IANA time zone; the service does the calendar arithmetic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Calendar {
+    pub period: Period,
+    /// An IANA name (`Asia/Shanghai`, `UTC`).
+    pub timezone: String,
+}
+
+/// A calendar period; weeks start on Monday (ISO 8601).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Hour,
+    Day,
+    Week,
+    Month,
+}
+
+impl Period {
+    /// The longest a period lasts, in seconds (a DST day is 25 hours).
+    pub fn longest_s(self) -> u64 {
+        match self {
+            Period::Hour => 3_600,
+            Period::Day => 25 * 3_600,
+            Period::Week => 7 * 86_400 + 3_600,
+            Period::Month => 31 * 86_400 + 3_600,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Period::Hour => "hour",
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
 }
 
 /// What one limit asks of the service for one request: a counter (`limit`, `value`) and the
 /// rates it is held to. No rates: the service's own rules decide (service-owned limit).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Descriptor {
     pub limit: String,
     pub value: String,
@@ -45,6 +92,10 @@ pub struct Descriptor {
     /// apart from a client whose own key happens to equal the rule's pattern.
     #[serde(default, skip_serializing_if = "is_false")]
     pub shared: bool,
+    /// Set when the limit counts money: its rates and every amount charged to it are micro
+    /// units (millionths) of this currency (an ISO 4217 code such as `USD`), not tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -53,12 +104,15 @@ fn is_false(b: &bool) -> bool {
 
 /// `POST /v1/check`. Generic over how the descriptors are held, so the plugin serialises a
 /// borrowed slice and the service reads an owned vector.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckRequest<D = Vec<Descriptor>> {
     pub descriptors: D,
     /// Tokens taken from every descriptor on admission.
     #[serde(default)]
     pub reserve: u64,
+    /// Micro units taken from every descriptor that counts money, on admission.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reserve_cost: u64,
     /// The id the request's report will carry (`<source>-<sequence>`): lets a later release
     /// find out whether this check's reservation was applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,6 +131,14 @@ pub struct LimitStatus {
     #[serde(deserialize_with = "non_negative")]
     pub remaining: u64,
     pub reset_ms: u64,
+    /// A limit that counts money: `tokens` and `remaining` are micro units of this currency.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    /// A calendar rate: its period, and when the current one ends (RFC 3339, in its zone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub period: Option<Period>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<String>,
 }
 
 /// The answer to a check: always HTTP 200 when there is a decision.
@@ -116,7 +178,7 @@ fn is_zero(n: &u64) -> bool {
 
 /// What one request (or, merged, several) spent. The service charges `tokens − reserved`:
 /// an excess now, a refund in the window of `reserved_at_ms`, never below zero.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report<D = Vec<Descriptor>> {
     /// Unique per report, stable across retries (`<source>-<sequence>`).
     pub id: String,
@@ -124,6 +186,11 @@ pub struct Report<D = Vec<Descriptor>> {
     pub tokens: u64,
     #[serde(default)]
     pub reserved: u64,
+    /// What the request cost, in micro units, charged to the descriptors that count money.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cost: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reserved_cost: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved_at_ms: Option<u64>,
     /// The id of a check whose answer the plugin never saw (the stream ended during the
@@ -293,7 +360,21 @@ pub fn validate_descriptors(ds: &[Descriptor], at: &str) -> Result<(), BadReques
         if d.rates.len() > MAX_RATES {
             return Err(BadRequest(format!("{here}.rates: more than {MAX_RATES}")));
         }
+        if let Some(c) = &d.currency {
+            if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(BadRequest(format!(
+                    "{here}.currency must be three capital letters (ISO 4217)"
+                )));
+            }
+        }
         for (j, r) in d.rates.iter().enumerate() {
+            if let Some(c) = &r.calendar {
+                if c.timezone.is_empty() || c.timezone.len() > MAX_ZONE {
+                    return Err(BadRequest(format!(
+                        "{here}.rates[{j}].calendar.timezone must be 1 to {MAX_ZONE} bytes"
+                    )));
+                }
+            }
             if r.tokens == 0 || r.tokens > MAX_TOKENS {
                 return Err(BadRequest(format!(
                     "{here}.rates[{j}].tokens must be between 1 and {MAX_TOKENS}"
@@ -317,8 +398,10 @@ fn validate_id(id: &str, at: &str) -> Result<(), BadRequest> {
 }
 
 pub fn validate_check(req: &CheckRequest) -> Result<(), BadRequest> {
-    if req.reserve > MAX_TOKENS {
-        return Err(BadRequest(format!("reserve must be at most {MAX_TOKENS}")));
+    if req.reserve > MAX_TOKENS || req.reserve_cost > MAX_TOKENS {
+        return Err(BadRequest(format!(
+            "reserve and reserve_cost must be at most {MAX_TOKENS}"
+        )));
     }
     if let Some(id) = &req.id {
         validate_id(id, "")?;
@@ -344,9 +427,12 @@ pub fn validate_report(r: &Report, at: &str) -> Result<(), BadRequest> {
             "{at}id must be <16 hex digits>-<sequence>"
         )));
     }
-    if r.tokens > MAX_TOKENS || r.reserved > MAX_TOKENS {
+    if [r.tokens, r.reserved, r.cost, r.reserved_cost]
+        .iter()
+        .any(|n| *n > MAX_TOKENS)
+    {
         return Err(BadRequest(format!(
-            "{at}tokens and reserved must be at most {MAX_TOKENS}"
+            "{at}tokens, reserved, cost and reserved_cost must be at most {MAX_TOKENS}"
         )));
     }
     validate_descriptors(&r.descriptors, at)
@@ -379,13 +465,16 @@ mod tests {
             rates: vec![Rate {
                 tokens: 1,
                 window_s: 60,
+                ..Default::default()
             }],
             shared: true,
+            ..Default::default()
         }];
         let sent = CheckRequest {
             descriptors: ds.as_slice(),
             reserve: 7,
             id: Some("00000000000000ab-9".into()),
+            ..Default::default()
         };
         let read: CheckRequest =
             serde_json::from_slice(&serde_json::to_vec(&sent).unwrap()).unwrap();
@@ -429,6 +518,7 @@ mod tests {
             value: String::new(),
             rates: vec![],
             shared: false,
+            ..Default::default()
         };
         assert!(validate_descriptors(&vec![d(1); MAX_DESCRIPTORS], "").is_ok());
         assert!(validate_descriptors(&vec![d(1); MAX_DESCRIPTORS + 1], "").is_err());
@@ -437,6 +527,7 @@ mod tests {
             descriptors: vec![],
             reserve: MAX_TOKENS + 1,
             id: None,
+            ..Default::default()
         };
         assert!(validate_check(&big).is_err());
     }

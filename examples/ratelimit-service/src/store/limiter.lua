@@ -7,8 +7,11 @@
 --       mark (src/store/sources.rs mirrors it).
 -- ARGV: mode ("check" | "settle"), now_ms (-1: Redis's own clock, so every replica of the
 --       service counts on one clock), amount (reserve | excess charged now), refund,
---       refund_at_ms (-1: now), report seq (-1: none), ring slots, ring ttl_ms,
---       then per counter: meter count, and per meter: field, kind (w|f|b), p1, p2, p3, ttl_ms.
+--       refund_at_ms (-1: now), report seq (-1: none), ring slots, ring ttl_ms, then the
+--       amount and refund in money (micro units), then per counter: meter count, and per
+--       meter: field, kind (w|f|c|b), p1, p2, p3, ttl_ms, unit (0 tokens, 1 money).
+--       A calendar meter (c): p1 tokens, p2 the period's start, p3 its end; state
+--       {start, used, end}.
 -- Returns: check: {allowed, now, then remaining, reset, retry per meter};
 --          settle: {1 applied | 0 duplicate | 2 stale id, now}.
 
@@ -18,8 +21,8 @@ if now < 0 then
   local t = redis.call("TIME")
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local amount = tonumber(ARGV[3])
-local refund = tonumber(ARGV[4])
+local amounts = {tonumber(ARGV[3]), tonumber(ARGV[9])}
+local refunds = {tonumber(ARGV[4]), tonumber(ARGV[10])}
 local refund_at = tonumber(ARGV[5])
 if refund_at < 0 then refund_at = now end
 local seq = tonumber(ARGV[6])
@@ -81,6 +84,9 @@ local function advance(m, s)
       s[2] = s[2] + intervals * m.p3
       if s[1] >= m.p1 then s[2] = now end
     end
+  elseif m.kind == "c" then
+    -- A period never moves back.
+    if m.p2 > s[1] then s[1] = m.p2; s[2] = 0; s[3] = m.p3 end
   else
     local w = m.p2
     local start = now - (now % w)
@@ -103,6 +109,16 @@ local function status(m, s, need)
       return math.max(s[2] + n * m.p3 - now, 1)
     end
     return math.max(0, math.min(limit, s[1])), until_at(limit), until_at(need)
+  end
+  if m.kind == "c" then
+    if now >= s[3] then return limit, 0, 0 end
+    local remaining = math.max(0, math.min(limit, limit - math.max(s[2], 0)))
+    local until_end = math.max(s[3] - now, 1)
+    local reset = 0
+    if s[2] > 0 then reset = until_end end
+    local retry = 0
+    if remaining < need then retry = until_end end
+    return remaining, reset, retry
   end
   local w = m.p2
   local sliding = m.kind == "w"
@@ -141,6 +157,10 @@ end
 local function give_back(m, s, tokens, at)
   if tokens <= 0 then return end
   if m.kind == "b" then s[1] = math.min(m.p1, s[1] + tokens); return end
+  if m.kind == "c" then
+    if at >= s[1] and s[2] > 0 then s[2] = math.max(0, s[2] - tokens) end
+    return
+  end
   local w = m.p2
   local start = at - (at % w)
   local slot
@@ -152,14 +172,15 @@ end
 
 -- Load every meter's state.
 local counters = {}
-local arg = 9
+local arg = 11
 for c = 1, ncounters do
   local n = tonumber(ARGV[arg]); arg = arg + 1
   local meters = {}
   for i = 1, n do
     local m = {field = ARGV[arg], kind = ARGV[arg + 1], p1 = tonumber(ARGV[arg + 2]),
-               p2 = tonumber(ARGV[arg + 3]), p3 = tonumber(ARGV[arg + 4]), ttl = tonumber(ARGV[arg + 5])}
-    arg = arg + 6
+               p2 = tonumber(ARGV[arg + 3]), p3 = tonumber(ARGV[arg + 4]), ttl = tonumber(ARGV[arg + 5]),
+               unit = tonumber(ARGV[arg + 6]) + 1}
+    arg = arg + 7
     local raw = redis.call("HGET", KEYS[c], m.field)
     local s = {0, 0, 0}
     if raw then
@@ -175,27 +196,27 @@ end
 
 local out
 if mode == "check" then
-  local need = math.max(amount, 1)
   local allowed = 1
   for c = 1, ncounters do
     for _, m in ipairs(counters[c]) do
-      local _, _, retry = status(m, m.state, need)
+      local _, _, retry = status(m, m.state, math.max(amounts[m.unit], 1))
       if retry > 0 then allowed = 0 end
     end
   end
   out = {allowed, now}
   for c = 1, ncounters do
     for _, m in ipairs(counters[c]) do
+      local amount = amounts[m.unit]
       if allowed == 1 and amount > 0 then charge(m, m.state, amount) end
-      local remaining, reset, retry = status(m, m.state, need)
+      local remaining, reset, retry = status(m, m.state, math.max(amount, 1))
       out[#out + 1] = remaining; out[#out + 1] = reset; out[#out + 1] = retry
     end
   end
 else
   for c = 1, ncounters do
     for _, m in ipairs(counters[c]) do
-      charge(m, m.state, amount)
-      give_back(m, m.state, refund, refund_at)
+      charge(m, m.state, amounts[m.unit])
+      give_back(m, m.state, refunds[m.unit], refund_at)
     end
   end
   out = {1, now}

@@ -8,9 +8,10 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
 use super::sources::{self, Dedup, Mark, SourceLog};
-use super::{check_states, settle_states, Applied, CheckOutcome, Settlement};
+use super::{check_states, settle_states, Amounts, Applied, CheckOutcome, Settlement};
 use crate::clock::system_ms;
 use crate::counter::Plan;
+use crate::insights::Insights;
 use crate::meter::{Meter, State, Status};
 use wire::SeqId;
 
@@ -70,6 +71,8 @@ pub struct MemoryStore {
     sources: Mutex<HashMap<u64, SourceLog>>,
     /// Counters evicted to make room (for metrics).
     evicted: std::sync::atomic::AtomicU64,
+    /// What the operator console shows.
+    pub insights: Insights,
 }
 
 fn shard_of(key: &str) -> usize {
@@ -86,6 +89,39 @@ impl MemoryStore {
             per_shard: max_counters.div_ceil(SHARDS).max(1),
             sources: Mutex::new(HashMap::new()),
             evicted: Default::default(),
+            insights: Insights::default(),
+        }
+    }
+
+    /// Grants `amount` more to every meter the counter has now (taken off what each window
+    /// has used; a bucket gains it), or resets the counter (`None`); `limiter.lua`'s
+    /// `adjust.lua` twin. Returns the meters changed.
+    pub fn adjust(&self, plan: &Plan, grant: Option<i64>, now: Option<i64>) -> usize {
+        let now = now.unwrap_or_else(system_ms);
+        let key = plan.id.storage_key();
+        let mut guards = self.lock(&[&key]);
+        let Some((_, shard)) = guards.first_mut() else {
+            return 0;
+        };
+        let Some(entry) = shard.counters.get_mut(&key).filter(|e| e.expires_at > now) else {
+            return 0;
+        };
+        match grant {
+            None => {
+                let n = entry.meters.len();
+                shard.counters.remove(&key);
+                n
+            }
+            Some(amount) => {
+                for (field, state) in &mut entry.meters {
+                    if Meter::from_field(field).is_some_and(|m| matches!(m, Meter::Bucket { .. })) {
+                        state[0] = state[0].saturating_add(amount);
+                    } else {
+                        state[1] = state[1].saturating_sub(amount);
+                    }
+                }
+                entry.meters.len()
+            }
         }
     }
 
@@ -174,7 +210,7 @@ impl MemoryStore {
         out
     }
 
-    pub fn check(&self, plans: &[Plan], reserve: i64, now: Option<i64>) -> CheckOutcome {
+    pub fn check(&self, plans: &[Plan], reserve: Amounts, now: Option<i64>) -> CheckOutcome {
         let now = now.unwrap_or_else(system_ms);
         self.with_states(plans, now, |states| {
             (check_states(plans, states, reserve, now), true)
@@ -301,20 +337,21 @@ mod tests {
                 tokens: 10,
                 window_ms: 1_000_000,
                 sliding: true,
+                money: None,
             }],
         }
     }
 
     fn spend(store: &MemoryStore, value: &str, now: i64) {
         let charge = Settlement {
-            excess: 4,
+            excess: [4, 0],
             ..Settlement::default()
         };
         store.settle(None, &[plan(value)], &charge, Some(now));
     }
 
     fn left(store: &MemoryStore, value: &str, now: i64) -> i64 {
-        store.check(&[plan(value)], 0, Some(now)).statuses[0][0].remaining
+        store.check(&[plan(value)], [0, 0], Some(now)).statuses[0][0].remaining
     }
 
     #[test]
@@ -340,7 +377,7 @@ mod tests {
     fn report_ids_are_remembered_per_source_not_as_counters() {
         let store = MemoryStore::new(SHARDS);
         let charge = Settlement {
-            excess: 1,
+            excess: [1, 0],
             ..Settlement::default()
         };
         for seq in 1..=50_000 {

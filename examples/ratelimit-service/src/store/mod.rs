@@ -8,7 +8,8 @@ pub mod sources;
 use thiserror::Error;
 
 use crate::counter::Plan;
-use crate::meter::{Meter, State, Status};
+use crate::insights::{Denial, Minute, Ranking};
+use crate::meter::{unit, Meter, State, Status};
 use sources::Mark;
 use wire::SeqId;
 
@@ -41,24 +42,28 @@ pub struct CheckOutcome {
     pub at_ms: i64,
 }
 
+/// One amount per unit a meter may count, indexed by [`crate::meter::unit`]: tokens, then
+/// micro units of money (a meter that counts money is charged the request's cost).
+pub type Amounts = [i64; 2];
+
 /// What a report does to its counters once its usage is known.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Settlement {
-    /// Tokens beyond the reservation: charged now, in the current window.
-    pub excess: i64,
-    /// Reserved tokens not used: given back to the window the reservation was taken in.
-    pub refund: i64,
+    /// Beyond the reservation: charged now, in the current window.
+    pub excess: Amounts,
+    /// Reserved but not used: given back to the window the reservation was taken in.
+    pub refund: Amounts,
     /// When the reservation was taken; `None`: now.
     pub refund_at: Option<i64>,
 }
 
 impl Settlement {
-    /// A request that used `tokens` after `reserved` were taken at `reserved_at`.
-    pub fn of(tokens: u64, reserved: u64, reserved_at: Option<i64>) -> Settlement {
-        let (tokens, reserved) = (tokens as i64, reserved as i64);
+    /// A request that used `used` after `reserved` were taken at `reserved_at`.
+    pub fn of(used: Amounts, reserved: Amounts, reserved_at: Option<i64>) -> Settlement {
+        let part = |f: fn(i64, i64) -> i64| [f(used[0], reserved[0]), f(used[1], reserved[1])];
         Settlement {
-            excess: (tokens - reserved).max(0),
-            refund: (reserved - tokens).max(0),
+            excess: part(|u, r| (u - r).max(0)),
+            refund: part(|u, r| (r - u).max(0)),
             refund_at: reserved_at,
         }
     }
@@ -71,13 +76,14 @@ pub enum Store {
 }
 
 impl Store {
-    /// Admits iff every meter has `remaining ≥ max(1, reserve)` (capped at its budget), and
-    /// then takes `reserve` from every meter at once. `now`: a test's manual clock, or `None`
-    /// for the store's own clock (Redis's `TIME`, so replicas never disagree).
+    /// Admits iff every meter has `remaining ≥ max(1, reserve)` (capped at its budget; the
+    /// reserve of its unit), and then takes the reserve from every meter at once. `now`: a
+    /// test's manual clock, or `None` for the store's own clock (Redis's `TIME`, so replicas
+    /// never disagree).
     pub async fn check(
         &self,
         plans: &[Plan],
-        reserve: i64,
+        reserve: Amounts,
         now: Option<i64>,
     ) -> Result<CheckOutcome, StoreError> {
         match self {
@@ -135,6 +141,78 @@ impl Store {
         }
     }
 
+    /// Tokens used under `limit` by `value`, for the console's heavy hitters.
+    pub async fn used(&self, limit: &str, value: &str, tokens: u64) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.insights.used(limit, value, tokens);
+                Ok(())
+            }
+            Store::Redis(r) => r.used(limit, value, tokens).await,
+        }
+    }
+
+    /// Tokens used and money spent now, for the console's timeline.
+    pub async fn per_minute(
+        &self,
+        now_ms: i64,
+        tokens: u64,
+        spend: &std::collections::BTreeMap<String, i64>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.insights.per_minute(now_ms, tokens, spend);
+                Ok(())
+            }
+            Store::Redis(r) => r.per_minute(now_ms, tokens, spend).await,
+        }
+    }
+
+    pub async fn denied(&self, denial: Denial) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.insights.denied(denial);
+                Ok(())
+            }
+            Store::Redis(r) => r.denied(&denial).await,
+        }
+    }
+
+    pub async fn denials(&self) -> Result<Vec<Denial>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.insights.denials()),
+            Store::Redis(r) => r.denials().await,
+        }
+    }
+
+    /// Every limit seen and its `n` heaviest keys: (key, tokens counted, overestimate).
+    pub async fn top(&self, n: usize) -> Result<Ranking, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.insights.top(n)),
+            Store::Redis(r) => r.top(n).await,
+        }
+    }
+
+    pub async fn timeline(&self, now_ms: i64) -> Result<Vec<Minute>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.insights.timeline(now_ms)),
+            Store::Redis(r) => r.timeline(now_ms).await,
+        }
+    }
+
+    /// The admin API's grant (`Some(amount)`) or reset (`None`) of one counter.
+    pub async fn adjust(
+        &self,
+        plan: &Plan,
+        grant: Option<i64>,
+        now: Option<i64>,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.adjust(plan, grant, now)),
+            Store::Redis(r) => r.adjust(plan, grant).await,
+        }
+    }
+
     /// Whether the store can serve (`/readyz`).
     pub async fn ready(&self) -> Result<(), StoreError> {
         match self {
@@ -155,15 +233,15 @@ impl Store {
 pub fn check_states(
     plans: &[Plan],
     states: &mut [Vec<State>],
-    reserve: i64,
+    reserve: Amounts,
     now: i64,
 ) -> CheckOutcome {
-    let need = reserve.max(1);
+    let need = |m: &Meter| reserve[unit(m.money())].max(1);
     let mut allowed = true;
     for (plan, states) in plans.iter().zip(states.iter_mut()) {
         for (meter, state) in plan.meters.iter().zip(states.iter_mut()) {
             meter.advance(state, now);
-            if meter.status(state, now, need).retry_ms > 0 {
+            if meter.status(state, now, need(meter)).retry_ms > 0 {
                 allowed = false;
             }
         }
@@ -176,10 +254,11 @@ pub fn check_states(
                 .iter()
                 .zip(states.iter_mut())
                 .map(|(meter, state)| {
+                    let reserve = reserve[unit(meter.money())];
                     if allowed && reserve > 0 {
                         meter.charge(state, reserve);
                     }
-                    meter.status(state, now, need)
+                    meter.status(state, now, need(meter))
                 })
                 .collect()
         })
@@ -195,9 +274,10 @@ pub fn check_states(
 pub fn settle_states(plans: &[Plan], states: &mut [Vec<State>], s: &Settlement, now: i64) {
     for (plan, states) in plans.iter().zip(states.iter_mut()) {
         for (meter, state) in plan.meters.iter().zip(states.iter_mut()) {
+            let u = unit(meter.money());
             meter.advance(state, now);
-            meter.charge(state, s.excess);
-            meter.refund(state, s.refund, s.refund_at.unwrap_or(now));
+            meter.charge(state, s.excess[u]);
+            meter.refund(state, s.refund[u], s.refund_at.unwrap_or(now));
         }
     }
 }

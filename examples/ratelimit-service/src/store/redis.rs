@@ -16,10 +16,11 @@ use redis::{Script, Value};
 use tokio::sync::OnceCell;
 
 use super::sources::{self, Dedup, Mark};
-use super::{Applied, CheckOutcome, Settlement, StoreError};
+use super::{Amounts, Applied, CheckOutcome, Settlement, StoreError};
 use crate::clock::system_ms;
 use crate::counter::Plan;
-use crate::meter::{Meter, State, Status};
+use crate::insights;
+use crate::meter::{unit, Meter, State, Status};
 use wire::SeqId;
 
 #[derive(Clone)]
@@ -34,6 +35,8 @@ pub struct RedisStore {
     conn: OnceCell<Conn>,
     script: Script,
     ring: Script,
+    insights: Script,
+    adjust: Script,
     timeout: Duration,
 }
 
@@ -74,6 +77,12 @@ impl RedisTarget {
     }
 }
 
+/// The console's keys: the limits it has seen, the recent denials (shared by every replica).
+const CONSOLE_LIMITS: &str = "ltr:console:limits";
+const CONSOLE_DENIALS: &str = "ltr:console:denials";
+/// How long the console's data outlives the last write: a day.
+const CONSOLE_TTL_MS: i64 = 86_400_000;
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -87,6 +96,8 @@ impl RedisStore {
             conn: OnceCell::new(),
             script: Script::new(include_str!("limiter.lua")),
             ring: Script::new(include_str!("ring.lua")),
+            insights: Script::new(include_str!("insights.lua")),
+            adjust: Script::new(include_str!("adjust.lua")),
             timeout,
         }
     }
@@ -167,20 +178,22 @@ impl RedisStore {
     fn args(
         mode: &str,
         now: Option<i64>,
-        amount: i64,
-        refund: (i64, Option<i64>),
+        amount: Amounts,
+        refund: (Amounts, Option<i64>),
         dedup: Option<u64>,
         plans: &[Plan],
     ) -> Vec<String> {
         let mut args = vec![
             mode.to_string(),
             now.unwrap_or(-1).to_string(),
-            amount.to_string(),
-            refund.0.to_string(),
+            amount[0].to_string(),
+            refund.0[0].to_string(),
             refund.1.unwrap_or(-1).to_string(),
             dedup.map_or(-1, |seq| seq as i64).to_string(),
             wire::REPORT_WINDOW.to_string(),
             sources::TTL_MS.to_string(),
+            amount[1].to_string(),
+            refund.0[1].to_string(),
         ];
         for plan in plans {
             args.push(plan.meters.len().to_string());
@@ -190,7 +203,14 @@ impl RedisStore {
                         tokens,
                         window_ms,
                         sliding,
+                        ..
                     } => (if sliding { "w" } else { "f" }, tokens, window_ms, 0),
+                    Meter::Calendar {
+                        tokens,
+                        start_ms,
+                        end_ms,
+                        ..
+                    } => ("c", tokens, start_ms, end_ms),
                     Meter::Bucket {
                         max,
                         per_fill,
@@ -205,6 +225,7 @@ impl RedisStore {
                     p2.to_string(),
                     p3.to_string(),
                     m.ttl_ms().to_string(),
+                    unit(m.money()).to_string(),
                 ]);
             }
         }
@@ -224,7 +245,7 @@ impl RedisStore {
     pub async fn check(
         &self,
         plans: &[Plan],
-        reserve: i64,
+        reserve: Amounts,
         now: Option<i64>,
     ) -> Result<CheckOutcome, StoreError> {
         let groups = self.groups(plans);
@@ -232,7 +253,7 @@ impl RedisStore {
             let keys = group.iter().map(|p| p.id.storage_key()).collect();
             self.run(
                 keys,
-                Self::args("check", now, reserve, (0, None), None, group),
+                Self::args("check", now, reserve, ([0, 0], None), None, group),
             )
         });
         let answers = join_all(calls).await;
@@ -269,7 +290,7 @@ impl RedisStore {
             self.refund(&groups, &answers, reserve, at_ms, now).await;
             return Err(unavailable(error));
         }
-        if !allowed && reserve > 0 {
+        if !allowed && reserve.iter().any(|r| *r > 0) {
             self.refund(&groups, &answers, reserve, at_ms, now).await;
         }
         Ok(CheckOutcome {
@@ -285,17 +306,17 @@ impl RedisStore {
         &self,
         groups: &[&[Plan]],
         answers: &[Result<Vec<i64>, StoreError>],
-        reserve: i64,
+        reserve: Amounts,
         at_ms: i64,
         now: Option<i64>,
     ) {
-        if reserve <= 0 {
+        if reserve.iter().all(|r| *r <= 0) {
             return;
         }
         for (group, answer) in groups.iter().zip(answers) {
             if matches!(answer, Ok(a) if a.first() == Some(&1)) {
                 let keys = group.iter().map(|p| p.id.storage_key()).collect();
-                let args = Self::args("settle", now, 0, (reserve, Some(at_ms)), None, group);
+                let args = Self::args("settle", now, [0, 0], (reserve, Some(at_ms)), None, group);
                 if let Err(e) = self.run(keys, args).await {
                     tracing::warn!("could not refund a reservation: {e}");
                 }
@@ -409,6 +430,180 @@ impl RedisStore {
                 Meter::inspect(field, state, now)
             })
             .collect())
+    }
+
+    /// One command, with the store's deadline.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
+        let conn = self.conn().await?;
+        let call = async {
+            match conn {
+                Conn::Single(mut c) => cmd.query_async::<T>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<T>(&mut c).await,
+            }
+        };
+        tokio::time::timeout(self.timeout * 2, call)
+            .await
+            .map_err(|_| unavailable("Redis did not answer in time"))?
+            .map_err(unavailable)
+    }
+
+    /// The keys of a limit's heavy hitters (one slot).
+    fn top_keys(limit: &str) -> Vec<String> {
+        let tag = crate::counter::fnv(limit.as_bytes());
+        vec![
+            format!("ltr:console:{{{tag:016x}}}:top"),
+            format!("ltr:console:{{{tag:016x}}}:over"),
+        ]
+    }
+
+    pub async fn used(&self, limit: &str, value: &str, tokens: u64) -> Result<(), StoreError> {
+        // Limit names come from plugin configurations, not from clients.
+        self.query::<()>(redis::cmd("SADD").arg(CONSOLE_LIMITS).arg(limit).clone())
+            .await?;
+        let args = vec![
+            insights::bounded(value).to_string(),
+            tokens.to_string(),
+            insights::TOP_K.to_string(),
+            CONSOLE_TTL_MS.to_string(),
+        ];
+        self.run_script(&self.insights, Self::top_keys(limit), args)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn per_minute(
+        &self,
+        now_ms: i64,
+        tokens: u64,
+        spend: &std::collections::BTreeMap<String, i64>,
+    ) -> Result<(), StoreError> {
+        let key = format!("ltr:console:minute:{}", insights::minute_of(now_ms));
+        let mut pipe = redis::pipe();
+        pipe.cmd("HINCRBY")
+            .arg(&key)
+            .arg("tokens")
+            .arg(tokens)
+            .ignore();
+        for (currency, micros) in spend {
+            pipe.cmd("HINCRBY")
+                .arg(&key)
+                .arg(format!("spend:{currency}"))
+                .arg(*micros)
+                .ignore();
+        }
+        pipe.cmd("PEXPIRE").arg(&key).arg(CONSOLE_TTL_MS).ignore();
+        self.query_pipe(pipe).await
+    }
+
+    async fn query_pipe(&self, pipe: redis::Pipeline) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        let call = async {
+            match conn {
+                Conn::Single(mut c) => pipe.query_async::<()>(&mut c).await,
+                Conn::Cluster(mut c) => pipe.query_async::<()>(&mut c).await,
+            }
+        };
+        tokio::time::timeout(self.timeout * 2, call)
+            .await
+            .map_err(|_| unavailable("Redis did not answer in time"))?
+            .map_err(unavailable)
+    }
+
+    pub async fn denied(&self, denial: &insights::Denial) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("LPUSH")
+            .arg(CONSOLE_DENIALS)
+            .arg(serde_json::to_string(denial).unwrap_or_default())
+            .ignore();
+        pipe.cmd("LTRIM")
+            .arg(CONSOLE_DENIALS)
+            .arg(0)
+            .arg(insights::DENIALS - 1)
+            .ignore();
+        self.query_pipe(pipe).await
+    }
+
+    pub async fn denials(&self) -> Result<Vec<insights::Denial>, StoreError> {
+        let raw: Vec<String> = self
+            .query(
+                redis::cmd("LRANGE")
+                    .arg(CONSOLE_DENIALS)
+                    .arg(0)
+                    .arg(-1)
+                    .clone(),
+            )
+            .await?;
+        Ok(raw
+            .iter()
+            .filter_map(|r| serde_json::from_str(r).ok())
+            .collect())
+    }
+
+    pub async fn top(&self, n: usize) -> Result<insights::Ranking, StoreError> {
+        let mut limits: Vec<String> = self
+            .query(redis::cmd("SMEMBERS").arg(CONSOLE_LIMITS).clone())
+            .await?;
+        limits.sort();
+        let mut out = Vec::with_capacity(limits.len());
+        for limit in limits {
+            let [top, over] = <[String; 2]>::try_from(Self::top_keys(&limit)).unwrap_or_default();
+            let scored: Vec<(String, f64)> = self
+                .query(
+                    redis::cmd("ZREVRANGE")
+                        .arg(&top)
+                        .arg(0)
+                        .arg(n.saturating_sub(1))
+                        .arg("WITHSCORES")
+                        .clone(),
+                )
+                .await?;
+            let mut keys = Vec::with_capacity(scored.len());
+            for (value, count) in scored {
+                let over: Option<u64> = self
+                    .query(redis::cmd("HGET").arg(&over).arg(&value).clone())
+                    .await?;
+                keys.push(insights::Heavy {
+                    value,
+                    tokens: count as u64,
+                    over: over.unwrap_or(0),
+                });
+            }
+            out.push((limit, keys));
+        }
+        Ok(out)
+    }
+
+    pub async fn timeline(&self, now_ms: i64) -> Result<Vec<insights::Minute>, StoreError> {
+        let mut known = Vec::new();
+        for m in insights::timeline(now_ms, std::iter::empty()) {
+            let key = format!("ltr:console:minute:{}", m.minute_ms);
+            let fields: Vec<(String, i64)> =
+                self.query(redis::cmd("HGETALL").arg(&key).clone()).await?;
+            let mut minute = m;
+            for (field, v) in fields {
+                match field.strip_prefix("spend:") {
+                    Some(currency) => {
+                        minute.spend.insert(currency.to_string(), v);
+                    }
+                    None if field == "tokens" => minute.tokens = v.max(0) as u64,
+                    None => {}
+                }
+            }
+            known.push(minute);
+        }
+        Ok(known)
+    }
+
+    /// Grants `amount` more to every meter of the counter now, or resets it (`None`).
+    pub async fn adjust(&self, plan: &Plan, grant: Option<i64>) -> Result<usize, StoreError> {
+        let args = match grant {
+            Some(amount) => vec!["grant".to_string(), amount.to_string()],
+            None => vec!["reset".to_string(), "0".to_string()],
+        };
+        let n = self
+            .run_script(&self.adjust, vec![plan.id.storage_key()], args)
+            .await?;
+        Ok(n.first().copied().unwrap_or(0).max(0) as usize)
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

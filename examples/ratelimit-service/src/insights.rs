@@ -1,0 +1,292 @@
+//! What the operator console shows, kept bounded whatever the traffic: the heaviest keys per
+//! limit (a space-saving summary), the most recent denials, and tokens and money per minute.
+//! The memory store keeps them here; the Redis store keeps the same shapes in Redis, shared by
+//! every replica (`store/insights.lua`).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// Keys kept per limit: any key that used more than 1/64 of a limit's tokens is among them.
+pub const TOP_K: usize = 64;
+/// Limits tracked (limit names come from plugin configurations).
+pub const MAX_LIMITS: usize = 256;
+/// Denials kept, newest first.
+pub const DENIALS: usize = 100;
+/// Minutes of history.
+pub const MINUTES: usize = 15;
+/// The longest key value kept in the console's data (longer ones are cut, as the plugin cuts
+/// what it sends).
+pub const MAX_VALUE: usize = 256;
+
+/// The space-saving summary (Metwally et al.): at most `capacity` keys; a new key, when full,
+/// replaces the one counted least and inherits its count as its possible overestimate. Every
+/// key whose true count exceeds `total / capacity` is kept, and no count is under its true one.
+#[derive(Debug, Clone, Default)]
+pub struct SpaceSaving {
+    capacity: usize,
+    /// key → (count, overestimate).
+    entries: HashMap<String, (u64, u64)>,
+}
+
+impl SpaceSaving {
+    pub fn new(capacity: usize) -> SpaceSaving {
+        SpaceSaving {
+            capacity: capacity.max(1),
+            entries: HashMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, key: &str, amount: u64) {
+        if let Some((count, _)) = self.entries.get_mut(key) {
+            *count = count.saturating_add(amount);
+            return;
+        }
+        if self.entries.len() < self.capacity {
+            self.entries.insert(key.to_string(), (amount, 0));
+            return;
+        }
+        let Some((least, (floor, _))) = self
+            .entries
+            .iter()
+            .min_by_key(|(k, (c, _))| (*c, k.as_str()))
+            .map(|(k, v)| (k.clone(), *v))
+        else {
+            return;
+        };
+        self.entries.remove(&least);
+        self.entries
+            .insert(key.to_string(), (floor.saturating_add(amount), floor));
+    }
+
+    /// The `n` heaviest keys, heaviest first.
+    pub fn top(&self, n: usize) -> Vec<Heavy> {
+        let mut all: Vec<Heavy> = self
+            .entries
+            .iter()
+            .map(|(k, (c, e))| Heavy {
+                value: k.clone(),
+                tokens: *c,
+                over: *e,
+            })
+            .collect();
+        all.sort_by(|a, b| b.tokens.cmp(&a.tokens).then_with(|| a.value.cmp(&b.value)));
+        all.truncate(n);
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// One of a limit's heaviest keys: the tokens counted for it, of which at most `over` may be
+/// another key's (space-saving's bound).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Heavy {
+    pub value: String,
+    pub tokens: u64,
+    pub over: u64,
+}
+
+/// Every limit seen, with its heaviest keys, heaviest first.
+pub type Ranking = Vec<(String, Vec<Heavy>)>;
+
+/// One denied check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Denial {
+    pub at_ms: i64,
+    pub limit: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// Tokens used and money spent in one minute.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Minute {
+    /// The minute's start, ms since the epoch.
+    pub minute_ms: i64,
+    pub tokens: u64,
+    /// Micro units spent (net of refunds) per currency.
+    pub spend: BTreeMap<String, i64>,
+}
+
+/// The memory store's console data.
+#[derive(Default)]
+pub struct Insights {
+    top: Mutex<BTreeMap<String, SpaceSaving>>,
+    denials: Mutex<VecDeque<Denial>>,
+    minutes: Mutex<VecDeque<Minute>>,
+}
+
+/// The start of the minute holding `now_ms`.
+pub fn minute_of(now_ms: i64) -> i64 {
+    now_ms - now_ms.rem_euclid(60_000)
+}
+
+/// `value` cut to [`MAX_VALUE`] bytes at a character boundary.
+pub fn bounded(value: &str) -> &str {
+    let mut cut = value.len().min(MAX_VALUE);
+    while !value.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    value.get(..cut).unwrap_or_default()
+}
+
+impl Insights {
+    /// `tokens` used under `limit` by `value`.
+    pub fn used(&self, limit: &str, value: &str, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        let mut top = self.top.lock().unwrap_or_else(|p| p.into_inner());
+        if !top.contains_key(limit) && top.len() >= MAX_LIMITS {
+            return;
+        }
+        top.entry(limit.to_string())
+            .or_insert_with(|| SpaceSaving::new(TOP_K))
+            .add(bounded(value), tokens);
+    }
+
+    /// Tokens used and money spent (micro units per currency) now, for the timeline.
+    pub fn per_minute(&self, now_ms: i64, tokens: u64, spend: &BTreeMap<String, i64>) {
+        let minute_ms = minute_of(now_ms);
+        let mut minutes = self.minutes.lock().unwrap_or_else(|p| p.into_inner());
+        if minutes.back().is_none_or(|m| m.minute_ms < minute_ms) {
+            minutes.push_back(Minute {
+                minute_ms,
+                ..Minute::default()
+            });
+            while minutes.len() > MINUTES {
+                minutes.pop_front();
+            }
+        }
+        // A report from a clock behind lands in the newest minute.
+        if let Some(m) = minutes.back_mut() {
+            m.tokens = m.tokens.saturating_add(tokens);
+            for (currency, micros) in spend {
+                *m.spend.entry(currency.clone()).or_default() += micros;
+            }
+        }
+    }
+
+    pub fn denied(&self, denial: Denial) {
+        let mut d = self.denials.lock().unwrap_or_else(|p| p.into_inner());
+        d.push_front(denial);
+        d.truncate(DENIALS);
+    }
+
+    /// The limits seen, and the `n` heaviest keys of each.
+    pub fn top(&self, n: usize) -> Ranking {
+        let top = self.top.lock().unwrap_or_else(|p| p.into_inner());
+        top.iter().map(|(l, s)| (l.clone(), s.top(n))).collect()
+    }
+
+    pub fn denials(&self) -> Vec<Denial> {
+        let d = self.denials.lock().unwrap_or_else(|p| p.into_inner());
+        d.iter().cloned().collect()
+    }
+
+    /// The last [`MINUTES`] minutes up to `now_ms`, oldest first, empty minutes included.
+    pub fn timeline(&self, now_ms: i64) -> Vec<Minute> {
+        let minutes = self.minutes.lock().unwrap_or_else(|p| p.into_inner());
+        timeline(now_ms, minutes.iter().cloned())
+    }
+
+    /// Entries held (keys across limits, denials, minutes): the memory bound's measure.
+    pub fn size(&self) -> usize {
+        let top = self.top.lock().unwrap_or_else(|p| p.into_inner());
+        top.values().map(SpaceSaving::len).sum::<usize>()
+            + self.denials.lock().map_or(0, |d| d.len())
+            + self.minutes.lock().map_or(0, |m| m.len())
+    }
+}
+
+/// Fills the last [`MINUTES`] minutes up to `now_ms` from the minutes known.
+pub fn timeline(now_ms: i64, known: impl Iterator<Item = Minute>) -> Vec<Minute> {
+    let known: BTreeMap<i64, Minute> = known.map(|m| (m.minute_ms, m)).collect();
+    let last = minute_of(now_ms);
+    (0..MINUTES as i64)
+        .rev()
+        .map(|i| last - i * 60_000)
+        .map(|minute_ms| {
+            known.get(&minute_ms).cloned().unwrap_or(Minute {
+                minute_ms,
+                ..Minute::default()
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_flood_of_distinct_keys_stays_within_the_bound_and_keeps_the_heavy_ones() {
+        let insights = Insights::default();
+        // Two heavy users among a million one-token keys, across more limits than are kept.
+        for i in 0..1_000_000u64 {
+            insights.used("per-user", &format!("flood-{i}"), 1);
+            if i % 100 == 0 {
+                insights.used("per-user", "alice", 50);
+                insights.used("per-user", "bob", 20);
+            }
+            if i % 1000 == 0 {
+                insights.used(&format!("limit-{i}"), "x", 1);
+            }
+        }
+        let top = insights.top(2);
+        let per_user = &top.iter().find(|(l, _)| l == "per-user").unwrap().1;
+        assert_eq!(per_user[0].value, "alice");
+        assert_eq!(per_user[1].value, "bob");
+        // Never under the true count, and over it by at most total / capacity.
+        let total = 1_000_000 + 10_000 * 70;
+        let alice = per_user[0].tokens;
+        assert!(
+            (500_000..=500_000 + total / TOP_K as u64).contains(&alice),
+            "{alice}"
+        );
+        assert!(per_user[0].over <= total / TOP_K as u64);
+        assert!(insights.size() <= MAX_LIMITS * TOP_K, "{}", insights.size());
+        assert_eq!(insights.top(1).len(), MAX_LIMITS);
+        // A key of any length is kept at a bounded length.
+        insights.used("per-user", &"k".repeat(10_000), u64::MAX);
+        let top = insights.top(1);
+        let per_user = &top.iter().find(|(l, _)| l == "per-user").unwrap().1;
+        assert_eq!(per_user[0].value.len(), MAX_VALUE);
+    }
+
+    #[test]
+    fn denials_and_minutes_are_bounded_rings() {
+        let insights = Insights::default();
+        for i in 0..1_000 {
+            insights.denied(Denial {
+                at_ms: i,
+                limit: "l".into(),
+                value: format!("v{i}"),
+                reason: "r".into(),
+            });
+            insights.per_minute(i * 30_000, 10, &BTreeMap::from([("USD".to_string(), 5)]));
+        }
+        let d = insights.denials();
+        assert_eq!((d.len(), d[0].at_ms), (DENIALS, 999));
+        let now = 999 * 30_000;
+        let t = insights.timeline(now);
+        assert_eq!(t.len(), MINUTES);
+        assert_eq!(t.last().unwrap().minute_ms, minute_of(now));
+        assert!(
+            t.iter().all(|m| m.tokens == 20 && m.spend["USD"] == 10),
+            "{t:?}"
+        );
+        // Minutes without traffic are there, empty.
+        let later = insights.timeline(now + 5 * 60_000);
+        assert_eq!(later.iter().filter(|m| m.tokens == 0).count(), 5);
+    }
+}

@@ -1,0 +1,277 @@
+//! Money: a price table per model, what a request's usage costs, and amounts written as
+//! decimals. Costs are whole micro units (millionths of the currency) and prices are micro
+//! units per million tokens, so every figure is an integer and nothing drifts through rounding:
+//! a request's cost is rounded up once, to the next micro unit.
+
+use regex::Regex;
+
+use crate::usage::Usage;
+
+/// Prices per million tokens, in micro units of the table's currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Price {
+    pub input: u64,
+    /// Prompt tokens read from the provider's cache (the input price unless given).
+    pub cached_input: u64,
+    pub output: u64,
+    /// Reasoning tokens (the output price unless given).
+    pub reasoning: u64,
+}
+
+impl Price {
+    /// What `usage` costs, in micro units, rounded up; at most the wire's bound.
+    pub fn cost(&self, usage: &Usage) -> u64 {
+        let cached = usage.cached.min(usage.prompt);
+        let reasoning = usage.reasoning.min(usage.completion);
+        let parts = [
+            (usage.prompt - cached, self.input),
+            (cached, self.cached_input),
+            (usage.completion - reasoning, self.output),
+            (reasoning, self.reasoning),
+        ];
+        let total: u128 = parts
+            .iter()
+            .map(|(tokens, price)| u128::from(*tokens) * u128::from(*price))
+            .sum();
+        let micros = total.div_ceil(1_000_000);
+        u64::try_from(micros)
+            .unwrap_or(u64::MAX)
+            .min(wire::MAX_TOKENS)
+    }
+}
+
+/// How a table entry names models.
+#[derive(Debug, Clone)]
+pub enum ModelMatch {
+    Exact(String),
+    /// `gpt-4o*`: every name that starts so.
+    Prefix(String),
+    /// `regexp:^claude-3-5-sonnet`.
+    Regex(Regex),
+}
+
+impl ModelMatch {
+    pub fn matches(&self, model: &str) -> bool {
+        match self {
+            ModelMatch::Exact(m) => m == model,
+            ModelMatch::Prefix(p) => model.starts_with(p.as_str()),
+            ModelMatch::Regex(re) => re.is_match(model),
+        }
+    }
+}
+
+/// What a model missing from the table costs under a limit that counts money.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownModel {
+    /// The request is refused: a limit in money must never count something as free by
+    /// accident.
+    Deny,
+    /// This price.
+    Price(Price),
+    /// Nothing (self-hosted models, say), on purpose.
+    Free,
+}
+
+/// The price table.
+#[derive(Debug, Clone)]
+pub struct Prices {
+    /// ISO 4217, e.g. `USD`.
+    pub currency: String,
+    /// First match wins.
+    pub models: Vec<(ModelMatch, Price)>,
+    pub unknown_model: UnknownModel,
+}
+
+impl Prices {
+    fn listed(&self, model: &str) -> Option<Price> {
+        self.models
+            .iter()
+            .find(|(m, _)| m.matches(model))
+            .map(|(_, p)| *p)
+    }
+
+    /// The price of a request: the model the response names when the table lists it (a
+    /// `gpt-4o` request answered by `gpt-4o-2024-08-06`), else the model the request names,
+    /// else `unknown_model`. `None`: refuse (`unknown_model: deny`).
+    pub fn price(
+        &self,
+        response_model: Option<&str>,
+        request_model: Option<&str>,
+    ) -> Option<Price> {
+        let listed = response_model
+            .and_then(|m| self.listed(m))
+            .or_else(|| request_model.and_then(|m| self.listed(m)));
+        match (listed, self.unknown_model) {
+            (Some(p), _) => Some(p),
+            (None, UnknownModel::Price(p)) => Some(p),
+            (None, UnknownModel::Free) => Some(Price::default()),
+            (None, UnknownModel::Deny) => None,
+        }
+    }
+}
+
+/// Micro units in one unit of currency.
+pub const MICROS: u64 = 1_000_000;
+
+/// A decimal amount (`"20.00"`, `"0.075"`, `"500"`) in micro units: at most six decimals, no
+/// sign, no exponent, at most `max` micro units.
+pub fn parse_amount(text: &str, max: u64) -> Result<u64, String> {
+    let bad = || format!("\"{text}\" is not an amount; write it as a decimal such as \"20.00\"");
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty()
+        || !digits(whole)
+        || !digits(fraction)
+        || (text.contains('.') && fraction.is_empty())
+    {
+        return Err(bad());
+    }
+    if fraction.len() > 6 {
+        return Err(format!(
+            "\"{text}\" has more than six decimals (amounts are counted in millionths)"
+        ));
+    }
+    let whole: u64 = whole.parse().map_err(|_| bad())?;
+    let mut micros_text = fraction.to_string();
+    while micros_text.len() < 6 {
+        micros_text.push('0');
+    }
+    let fraction: u64 = micros_text.parse().map_err(|_| bad())?;
+    match whole
+        .checked_mul(MICROS)
+        .and_then(|w| w.checked_add(fraction))
+    {
+        Some(n) if n <= max => Ok(n),
+        _ => Err(format!("\"{text}\" is larger than the maximum")),
+    }
+}
+
+/// Micro units as a decimal with at least two decimals: `20000000` → `"20.00"`,
+/// `75000` → `"0.075"`.
+pub fn format_amount(micros: u64) -> String {
+    let whole = micros / MICROS;
+    let mut fraction = format!("{:06}", micros % MICROS);
+    while fraction.len() > 2 && fraction.ends_with('0') {
+        fraction.pop();
+    }
+    format!("{whole}.{fraction}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usd(input: &str, cached: &str, output: &str) -> Price {
+        let m = |s: &str| parse_amount(s, u64::MAX).unwrap();
+        Price {
+            input: m(input),
+            cached_input: m(cached),
+            output: m(output),
+            reasoning: m(output),
+        }
+    }
+
+    #[test]
+    fn amounts_are_exact_decimals() {
+        assert_eq!(parse_amount("20.00", u64::MAX), Ok(20_000_000));
+        assert_eq!(parse_amount("0.075", u64::MAX), Ok(75_000));
+        assert_eq!(parse_amount("500", u64::MAX), Ok(500_000_000));
+        assert_eq!(parse_amount("0.000001", u64::MAX), Ok(1));
+        for bad in [
+            "",
+            "-1",
+            "1e3",
+            "1.",
+            ".5",
+            "1,5",
+            "1.0000001",
+            " 1",
+            "99999999999999999999",
+        ] {
+            assert!(parse_amount(bad, u64::MAX).is_err(), "{bad}");
+        }
+        assert!(parse_amount("2", 1_000_000).is_err());
+        assert_eq!(format_amount(20_000_000), "20.00");
+        assert_eq!(format_amount(75_000), "0.075");
+        assert_eq!(format_amount(1), "0.000001");
+        assert_eq!(format_amount(12_345_600_000), "12345.60");
+    }
+
+    #[test]
+    fn each_kind_of_token_has_its_price() {
+        // gpt-4o: $2.50 in, $1.25 cached, $10 out per million.
+        let p = usd("2.50", "1.25", "10.00");
+        let u = |prompt, cached, completion, reasoning| Usage {
+            prompt,
+            completion,
+            total: prompt.saturating_add(completion),
+            cached,
+            reasoning,
+        };
+        // 1,000 prompt tokens and 500 completion: 2,500 + 5,000 micro dollars.
+        assert_eq!(p.cost(&u(1_000, 0, 500, 0)), 7_500);
+        // 400 of the prompt from the cache: 600 × 2.5 + 400 × 1.25 + 5,000.
+        assert_eq!(p.cost(&u(1_000, 400, 500, 0)), 7_000);
+        // Reasoning priced apart when it has its own price.
+        let o1 = Price {
+            reasoning: 60_000_000,
+            ..usd("15.00", "7.50", "60.00")
+        };
+        assert_eq!(o1.cost(&u(0, 0, 1_000, 800)), 60_000);
+        let cheap_reasoning = Price { reasoning: 0, ..o1 };
+        assert_eq!(cheap_reasoning.cost(&u(0, 0, 1_000, 800)), 12_000);
+        // A fraction of a micro unit rounds up, once per request.
+        assert_eq!(usd("0.15", "0.15", "0.60").cost(&u(1, 0, 0, 0)), 1);
+        assert_eq!(usd("0.15", "0.15", "0.60").cost(&u(10, 0, 0, 0)), 2);
+        // A lying upstream's figures stay within the wire's bound.
+        assert_eq!(p.cost(&u(u64::MAX, 0, u64::MAX, 0)), wire::MAX_TOKENS);
+    }
+
+    #[test]
+    fn the_answering_model_is_priced_first_then_the_asked_one_then_the_policy() {
+        let table = |unknown_model| Prices {
+            currency: "USD".into(),
+            models: vec![
+                (
+                    ModelMatch::Exact("gpt-4o".into()),
+                    usd("2.50", "1.25", "10.00"),
+                ),
+                (
+                    ModelMatch::Prefix("gpt-4o-mini".into()),
+                    usd("0.15", "0.075", "0.60"),
+                ),
+                (
+                    ModelMatch::Regex(Regex::new("^gpt-4o-[0-9]{4}").unwrap()),
+                    usd("5.00", "5.00", "15.00"),
+                ),
+            ],
+            unknown_model,
+        };
+        let t = table(UnknownModel::Deny);
+        let input = |p: Option<Price>| p.map(|p| p.input);
+        assert_eq!(
+            input(t.price(Some("gpt-4o-2024-05-13"), Some("gpt-4o"))),
+            Some(5_000_000)
+        );
+        assert_eq!(
+            input(t.price(Some("gpt-4o-mini-2024-07-18"), None)),
+            Some(150_000)
+        );
+        assert_eq!(
+            input(t.price(Some("unlisted"), Some("gpt-4o"))),
+            Some(2_500_000)
+        );
+        assert_eq!(input(t.price(None, Some("gpt-4o"))), Some(2_500_000));
+        assert_eq!(t.price(None, Some("llama")), None);
+        assert_eq!(t.price(None, None), None);
+        assert_eq!(
+            table(UnknownModel::Free).price(None, Some("llama")),
+            Some(Price::default())
+        );
+        let flat = usd("1", "1", "1");
+        assert_eq!(
+            table(UnknownModel::Price(flat)).price(None, Some("llama")),
+            Some(flat)
+        );
+    }
+}
