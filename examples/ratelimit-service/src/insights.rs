@@ -38,11 +38,16 @@ impl SpaceSaving {
         }
     }
 
-    pub fn add(&mut self, key: &str, amount: u64) {
+    /// Counts `amount` for `key`; a negative amount (a refund) lowers a key already kept, and
+    /// is dropped for one that is not.
+    pub fn add(&mut self, key: &str, amount: i64) {
         if let Some((count, _)) = self.entries.get_mut(key) {
-            *count = count.saturating_add(amount);
+            *count = count.saturating_add_signed(amount);
             return;
         }
+        let Ok(amount) = u64::try_from(amount) else {
+            return;
+        };
         if self.entries.len() < self.capacity {
             self.entries.insert(key.to_string(), (amount, 0));
             return;
@@ -111,7 +116,8 @@ pub struct Denial {
 pub struct Minute {
     /// The minute's start, ms since the epoch.
     pub minute_ms: i64,
-    pub tokens: u64,
+    /// Net of refunds: a minute may give back more than it took.
+    pub tokens: i64,
     /// Micro units spent (net of refunds) per currency.
     pub spend: BTreeMap<String, i64>,
 }
@@ -139,8 +145,9 @@ pub fn bounded(value: &str) -> &str {
 }
 
 impl Insights {
-    /// `tokens` used under `limit` by `value`.
-    pub fn used(&self, limit: &str, value: &str, tokens: u64) {
+    /// `tokens` (or micro units, for a limit in money) charged under `limit` to `value`;
+    /// negative: given back.
+    pub fn used(&self, limit: &str, value: &str, tokens: i64) {
         if tokens == 0 {
             return;
         }
@@ -154,7 +161,7 @@ impl Insights {
     }
 
     /// Tokens used and money spent (micro units per currency) now, for the timeline.
-    pub fn per_minute(&self, now_ms: i64, tokens: u64, spend: &BTreeMap<String, i64>) {
+    pub fn per_minute(&self, now_ms: i64, tokens: i64, spend: &BTreeMap<String, i64>) {
         let minute_ms = minute_of(now_ms);
         let mut minutes = self.minutes.lock().unwrap_or_else(|p| p.into_inner());
         if minutes.back().is_none_or(|m| m.minute_ms < minute_ms) {
@@ -257,7 +264,7 @@ mod tests {
         assert!(insights.size() <= MAX_LIMITS * TOP_K, "{}", insights.size());
         assert_eq!(insights.top(1).len(), MAX_LIMITS);
         // A key of any length is kept at a bounded length.
-        insights.used("per-user", &"k".repeat(10_000), u64::MAX);
+        insights.used("per-user", &"k".repeat(10_000), i64::MAX);
         let top = insights.top(1);
         let per_user = &top.iter().find(|(l, _)| l == "per-user").unwrap().1;
         assert_eq!(per_user[0].value.len(), MAX_VALUE);

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod calendar;
 pub mod clock;
+pub mod console;
 pub mod counter;
 pub mod insights;
 pub mod limiter;
@@ -33,7 +34,9 @@ pub fn limiter(settings: &Settings, clock: Clock) -> Limiter {
             Store::Redis(RedisStore::new(target.clone(), *timeout))
         }
     };
-    Limiter::new(store, settings.rules.clone(), clock, settings.sliding)
+    let mut limiter = Limiter::new(store, settings.rules.clone(), clock, settings.sliding);
+    limiter.admin_token = settings.admin_token.clone();
+    limiter
 }
 
 /// Sweeps the memory store of expired counters until the limiter is dropped.

@@ -33,6 +33,8 @@ pub struct Limiter {
     pub metrics: Metrics,
     /// Plugin-owned rates: sliding windows (default) or fixed windows.
     pub sliding: bool,
+    /// The admin API's bearer token; `None`: the admin API is disabled.
+    pub admin_token: Option<String>,
 }
 
 impl Limiter {
@@ -43,6 +45,7 @@ impl Limiter {
             clock,
             metrics: Metrics::default(),
             sliding,
+            admin_token: None,
         }
     }
 
@@ -170,9 +173,14 @@ impl Limiter {
             if reserved_at_ms.is_some() {
                 self.metrics.charged(reserve[0]);
                 self.spent(&planned, reserve[1]);
+                let mut tally = Tally::default();
+                tally.charge(&planned, reserve);
+                self.record(tally).await;
             }
         } else {
             inc(&self.metrics.checks_denied);
+            self.record_denial(&planned, &outcome.statuses, reserve)
+                .await;
         }
         self.metrics.observe_check(started.elapsed());
         Ok(CheckResponse {
@@ -192,6 +200,7 @@ impl Limiter {
         let now = self.clock.for_store();
         let mut answer = ReportResponse::default();
         let mut store_down = None;
+        let mut tally = Tally::default();
         for (i, r) in req.reports.iter().enumerate() {
             if store_down.is_some() {
                 answer.results.push(ReportResult::of(Outcome::Retry));
@@ -228,6 +237,13 @@ impl Limiter {
                     self.metrics
                         .charged(settlement.excess[0] - settlement.refund[0]);
                     self.spent(&planned, settlement.excess[1] - settlement.refund[1]);
+                    tally.charge(
+                        &planned,
+                        [
+                            settlement.excess[0] - settlement.refund[0],
+                            settlement.excess[1] - settlement.refund[1],
+                        ],
+                    );
                     answer.accepted += 1;
                     ReportResult::of(Outcome::Applied)
                 }
@@ -253,6 +269,7 @@ impl Limiter {
             };
             answer.results.push(result);
         }
+        self.record(tally).await;
         match store_down {
             Some(e) if answer.results.first() == Some(&ReportResult::of(Outcome::Retry)) => {
                 Err(self.store_failed(e))
@@ -401,6 +418,138 @@ impl Limiter {
             .collect())
     }
 
+    /// Hands the console what a check or a batch of reports did. The console is never worth a
+    /// failed request: a store error here is logged and forgotten.
+    async fn record(&self, tally: Tally) {
+        if tally.tokens == 0 && tally.spend.is_empty() {
+            return;
+        }
+        let now = self.clock.now_ms();
+        let mut result = self.store.per_minute(now, tally.tokens, &tally.spend).await;
+        for ((limit, value), tokens) in &tally.used {
+            if result.is_ok() {
+                result = self.store.used(limit, value, *tokens).await;
+            }
+        }
+        if let Err(e) = result {
+            tracing::debug!("console data not recorded: {e}");
+        }
+    }
+
+    /// Keeps a denied check for the console: the limit that denied, its key, and why.
+    async fn record_denial(
+        &self,
+        planned: &[(&Descriptor, Plan)],
+        statuses: &[Vec<Status>],
+        reserve: Amounts,
+    ) {
+        let denying = planned.iter().zip(statuses).find_map(|((d, plan), st)| {
+            let (meter, status) = plan
+                .meters
+                .iter()
+                .zip(st)
+                .filter(|(_, s)| s.retry_ms > 0)
+                .max_by_key(|(_, s)| s.retry_ms)?;
+            Some((d, meter, status))
+        });
+        let Some((d, meter, status)) = denying else {
+            return;
+        };
+        let need = reserve[crate::meter::unit(meter.money())].max(1);
+        let amount = |n: i64| match meter.money() {
+            Some(c) => format!(
+                "{}.{:06} {}",
+                n / 1_000_000,
+                n % 1_000_000,
+                String::from_utf8_lossy(&c)
+            ),
+            None => format!("{n} tokens"),
+        };
+        let denial = crate::insights::Denial {
+            at_ms: self.clock.now_ms(),
+            limit: d.limit.clone(),
+            value: crate::insights::bounded(&d.value).to_string(),
+            reason: format!(
+                "{} left of {}, {} needed; retry in {} s",
+                amount(status.remaining),
+                amount(status.limit),
+                amount(need),
+                (status.retry_ms.max(0) + 999) / 1000
+            ),
+        };
+        if let Err(e) = self.store.denied(denial).await {
+            tracing::debug!("console data not recorded: {e}");
+        }
+    }
+
+    /// Every meter of one counter, for the console and the admin API.
+    pub async fn meters(
+        &self,
+        limit: &str,
+        value: &str,
+        shared: bool,
+    ) -> Result<Vec<LimitStatus>, Failure> {
+        self.quota(limit, value, shared).await
+    }
+
+    /// The console's ranking: every limit seen, its `n` heaviest keys, and each one's meters now.
+    pub async fn ranking(&self, n: usize) -> Result<Vec<RankedLimit>, Failure> {
+        let top = self.store.top(n).await.map_err(|e| self.store_failed(e))?;
+        let mut out = Vec::with_capacity(top.len());
+        for (limit, keys) in top {
+            let mut ranked = Vec::with_capacity(keys.len());
+            for heavy in keys {
+                let meters = self.quota(&limit, &heavy.value, false).await?;
+                ranked.push(RankedKey { heavy, meters });
+            }
+            out.push(RankedLimit { limit, top: ranked });
+        }
+        Ok(out)
+    }
+
+    /// Every meter a key value has, under every limit the console has seen.
+    pub async fn search(&self, value: &str) -> Result<Vec<Found>, Failure> {
+        let limits = self.store.top(0).await.map_err(|e| self.store_failed(e))?;
+        let mut found = Vec::new();
+        for (limit, _) in limits {
+            for shared in [false, true] {
+                let meters = self.quota(&limit, value, shared).await?;
+                if !meters.is_empty() {
+                    found.push(Found {
+                        limit: limit.clone(),
+                        shared,
+                        meters,
+                    });
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The admin API: `amount` more for the counter's current windows, or (`None`) a reset.
+    /// Returns the meters changed.
+    pub async fn adjust(
+        &self,
+        limit: &str,
+        value: &str,
+        shared: bool,
+        grant: Option<u64>,
+    ) -> Result<usize, Failure> {
+        let plan = Plan {
+            id: CounterId {
+                limit: limit.to_string(),
+                value: value.to_string(),
+                shared,
+            },
+            meters: Vec::new(),
+        };
+        let grant = grant.map(|g| g.min(MAX_TOKENS) as i64);
+        self.store
+            .adjust(&plan, grant, self.clock.for_store())
+            .await
+            .map_err(|e| self.store_failed(e))
+    }
+
     /// Counts money spent (or, negative, given back) per limit that counts it.
     fn spent(&self, planned: &[(&Descriptor, Plan)], micros: i64) {
         if micros == 0 {
@@ -412,6 +561,64 @@ impl Limiter {
             }
         }
     }
+}
+
+/// What one check or batch of reports adds to the console: tokens per key and in all, money
+/// per currency.
+#[derive(Default)]
+struct Tally {
+    used: std::collections::BTreeMap<(String, String), i64>,
+    tokens: i64,
+    spend: std::collections::BTreeMap<String, i64>,
+}
+
+impl Tally {
+    /// What reached the counters: a check's reservation, or a report's excess less its refund
+    /// (so a request's figures add up to what it used, whether or not it sent a report).
+    fn charge(&mut self, planned: &[(&Descriptor, Plan)], amounts: Amounts) {
+        self.tokens += amounts[0];
+        for (d, _) in planned {
+            let amount = amounts[usize::from(d.currency.is_some())];
+            if amount != 0 {
+                *self
+                    .used
+                    .entry((d.limit.clone(), d.value.clone()))
+                    .or_default() += amount;
+            }
+        }
+        if amounts[1] != 0 {
+            // Once per currency, however many limits count it.
+            let currencies: std::collections::BTreeSet<&String> = planned
+                .iter()
+                .filter_map(|(d, _)| d.currency.as_ref())
+                .collect();
+            for c in currencies {
+                *self.spend.entry(c.clone()).or_default() += amounts[1];
+            }
+        }
+    }
+}
+
+/// A limit's heaviest keys with their meters now.
+#[derive(Debug, serde::Serialize)]
+pub struct RankedLimit {
+    pub limit: String,
+    pub top: Vec<RankedKey>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct RankedKey {
+    #[serde(flatten)]
+    pub heavy: crate::insights::Heavy,
+    pub meters: Vec<LimitStatus>,
+}
+
+/// A counter a searched value has.
+#[derive(Debug, serde::Serialize)]
+pub struct Found {
+    pub limit: String,
+    pub shared: bool,
+    pub meters: Vec<LimitStatus>,
 }
 
 /// One meter's state as the wire states it; a calendar rate also says when its period ends, in

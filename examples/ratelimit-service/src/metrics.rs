@@ -33,6 +33,10 @@ pub struct Metrics {
     /// Reservations taken without being recorded for a release (store error, or a sequence
     /// older than the source's ring).
     pub reservations_unrecorded: AtomicU64,
+    /// Admin API actions, and requests refused for a missing or wrong token.
+    pub admin_grants: AtomicU64,
+    pub admin_resets: AtomicU64,
+    pub admin_unauthorized: AtomicU64,
     /// Money charged and refunded per limit that counts it, in micro units, by (limit,
     /// currency); at most [`MAX_SPEND_SERIES`] series (limit names come from plugin configs).
     spend: Mutex<BTreeMap<(String, String), (u64, u64)>>,
@@ -142,6 +146,16 @@ impl Metrics {
             "Reservations a release could not give back (not recorded).",
             "counter",
             &[("", g(&self.reservations_unrecorded))],
+        );
+        family(
+            "ratelimit_admin_actions_total",
+            "Admin API actions (--admin-token), and requests refused without a valid token.",
+            "counter",
+            &[
+                ("{action=\"grant\"}", g(&self.admin_grants)),
+                ("{action=\"reset\"}", g(&self.admin_resets)),
+                ("{action=\"unauthorized\"}", g(&self.admin_unauthorized)),
+            ],
         );
         family(
             "ratelimit_store_errors_total",

@@ -109,6 +109,10 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Reply {
     r
 }
 
+fn answer((status, body): crate::console::Answer) -> Reply {
+    json(status, &body)
+}
+
 fn failure(f: Failure) -> Reply {
     match f {
         Failure::Bad(BadRequest(m)) => error(StatusCode::BAD_REQUEST, &m),
@@ -219,6 +223,40 @@ async fn route(limiter: &Limiter, req: Request<Incoming>) -> Reply {
                 Err(f) => failure(f),
             }
         }
+        (Method::GET, "/console") => {
+            let mut r = text(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                crate::console::PAGE.to_string(),
+            );
+            r.headers_mut().insert(
+                "content-security-policy",
+                hyper::header::HeaderValue::from_static(
+                    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'",
+                ),
+            );
+            r
+        }
+        (Method::GET, "/v1/console/overview") => answer(crate::console::overview(limiter).await),
+        (Method::GET, "/v1/console/top") => {
+            let k = query_param(&req, "k");
+            answer(crate::console::top(limiter, k.as_deref()).await)
+        }
+        (Method::GET, "/v1/console/denials") => answer(crate::console::denials(limiter).await),
+        (Method::GET, "/v1/console/search") => {
+            let value = query_param(&req, "value");
+            answer(crate::console::search(limiter, value.as_deref()).await)
+        }
+        (Method::POST, "/v1/admin/grant" | "/v1/admin/reset") => {
+            if let Err(refused) = crate::console::authorize(limiter, &req) {
+                return answer(refused);
+            }
+            let method = req.method().clone();
+            match body_json::<crate::console::Action>(limiter, req).await {
+                Ok(action) => answer(crate::console::act(limiter, &method, &path, action).await),
+                Err(reply) => reply,
+            }
+        }
         // Only with --manual-clock: the system clock cannot be moved.
         (Method::POST, "/v1/clock") if matches!(limiter.clock, Clock::Manual(_)) => {
             match query_param(&req, "advance_ms").and_then(|v| v.parse::<i64>().ok()) {
@@ -258,6 +296,13 @@ async fn route(limiter: &Limiter, req: Request<Incoming>) -> Reply {
             | "/ratelimit"
             | "/update_ratelimit_record"
             | "/v1/quota"
+            | "/console"
+            | "/v1/console/overview"
+            | "/v1/console/top"
+            | "/v1/console/denials"
+            | "/v1/console/search"
+            | "/v1/admin/grant"
+            | "/v1/admin/reset"
             | "/healthz"
             | "/readyz"
             | "/metrics",

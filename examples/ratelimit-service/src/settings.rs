@@ -94,6 +94,15 @@ pub struct Cli {
     /// `POST /v1/clock?advance_ms=N`, so a month's end can be crossed in a second.
     #[arg(long = "manual-clock", env = "RATELIMIT_MANUAL_CLOCK")]
     pub manual_clock: Option<String>,
+
+    /// Enables the admin API (grant extra budget to a key, reset it) for requests carrying
+    /// `Authorization: Bearer <this token>`; without it the admin API is disabled.
+    #[arg(
+        long = "admin-token",
+        env = "RATELIMIT_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
 }
 
 /// What the flags decide.
@@ -106,6 +115,7 @@ pub struct Settings {
     pub log: String,
     /// `--manual-clock`: where the manual clock starts (ms since the epoch).
     pub manual_clock_ms: Option<i64>,
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug)]
@@ -201,6 +211,12 @@ impl Cli {
             sliding: self.window == WindowKind::Sliding,
             log: self.log,
             manual_clock_ms,
+            admin_token: match self.admin_token {
+                Some(t) if t.len() < 16 => {
+                    return Err("--admin-token must be at least 16 characters".into())
+                }
+                other => other,
+            },
         })
     }
 }

@@ -5,7 +5,7 @@
 if ARGV[1] == "reset" then
   local n = redis.call("HLEN", KEYS[1])
   redis.call("DEL", KEYS[1])
-  return n
+  return {n}
 end
 local amount = tonumber(ARGV[2])
 local fields = redis.call("HGETALL", KEYS[1])
@@ -21,4 +21,4 @@ for i = 1, #fields, 2 do
     n = n + 1
   end
 end
-return n
+return {n}

@@ -3,8 +3,12 @@
 -- KEYS[1]: the limit's counts (sorted set), KEYS[2]: their overestimates (hash), one slot.
 -- ARGV: key value, amount, capacity, ttl_ms.
 local value, amount, capacity, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call("ZSCORE", KEYS[1], value) then
-  redis.call("ZINCRBY", KEYS[1], amount, value)
+local count = redis.call("ZSCORE", KEYS[1], value)
+if count then
+  -- A refund lowers a key kept (never below zero); one not kept is dropped.
+  redis.call("ZADD", KEYS[1], math.max(0, tonumber(count) + amount), value)
+elseif amount <= 0 then
+  return {0}
 elseif redis.call("ZCARD", KEYS[1]) < capacity then
   redis.call("ZADD", KEYS[1], amount, value)
 else
@@ -18,4 +22,4 @@ else
 end
 redis.call("PEXPIRE", KEYS[1], ttl)
 redis.call("PEXPIRE", KEYS[2], ttl)
-return 1
+return {1}

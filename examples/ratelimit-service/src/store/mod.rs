@@ -142,7 +142,7 @@ impl Store {
     }
 
     /// Tokens used under `limit` by `value`, for the console's heavy hitters.
-    pub async fn used(&self, limit: &str, value: &str, tokens: u64) -> Result<(), StoreError> {
+    pub async fn used(&self, limit: &str, value: &str, tokens: i64) -> Result<(), StoreError> {
         match self {
             Store::Memory(m) => {
                 m.insights.used(limit, value, tokens);
@@ -156,7 +156,7 @@ impl Store {
     pub async fn per_minute(
         &self,
         now_ms: i64,
-        tokens: u64,
+        tokens: i64,
         spend: &std::collections::BTreeMap<String, i64>,
     ) -> Result<(), StoreError> {
         match self {

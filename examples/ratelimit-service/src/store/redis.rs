@@ -456,7 +456,7 @@ impl RedisStore {
         ]
     }
 
-    pub async fn used(&self, limit: &str, value: &str, tokens: u64) -> Result<(), StoreError> {
+    pub async fn used(&self, limit: &str, value: &str, tokens: i64) -> Result<(), StoreError> {
         // Limit names come from plugin configurations, not from clients.
         self.query::<()>(redis::cmd("SADD").arg(CONSOLE_LIMITS).arg(limit).clone())
             .await?;
@@ -474,7 +474,7 @@ impl RedisStore {
     pub async fn per_minute(
         &self,
         now_ms: i64,
-        tokens: u64,
+        tokens: i64,
         spend: &std::collections::BTreeMap<String, i64>,
     ) -> Result<(), StoreError> {
         let key = format!("ltr:console:minute:{}", insights::minute_of(now_ms));
@@ -585,7 +585,7 @@ impl RedisStore {
                     Some(currency) => {
                         minute.spend.insert(currency.to_string(), v);
                     }
-                    None if field == "tokens" => minute.tokens = v.max(0) as u64,
+                    None if field == "tokens" => minute.tokens = v,
                     None => {}
                 }
             }

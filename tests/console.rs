@@ -1,0 +1,153 @@
+//! The operator console as an operator sees it: known traffic through Envoy, the plugin and the
+//! service, then the page rendered by a headless Chromium (Debian's `chromium`, which `make
+//! test` installs), and the rendered DOM read back: the top consumer, its numbers and its
+//! denial are on the page. A screenshot is kept in `target/console/console.png`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::process::Command;
+
+use serde_json::json;
+use testkit::envoy::{cluster, Envoy};
+use testkit::http::{self, json_reply, Server};
+use testkit::service::Service;
+
+/// Rendered DOM of `url` after its script has run, and a screenshot at `png`.
+fn render(url: &str, png: &std::path::Path) -> String {
+    let chromium = std::env::var("CHROMIUM_BIN").unwrap_or_else(|_| "chromium".into());
+    let base = [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--virtual-time-budget=5000",
+        "--window-size=1400,1100",
+    ];
+    let shot = Command::new(&chromium)
+        .args(base)
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(url)
+        .output()
+        .unwrap_or_else(|e| panic!("{chromium}: {e} (make test installs Debian's chromium)"));
+    assert!(
+        shot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
+    let dom = Command::new(&chromium)
+        .args(base)
+        .arg("--dump-dom")
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        dom.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    String::from_utf8(dom.stdout).unwrap()
+}
+
+/// The rows of the table body `id`, each as its cells' texts.
+fn rows(dom: &str, id: &str) -> Vec<Vec<String>> {
+    let start = dom
+        .find(&format!("<tbody id=\"{id}\">"))
+        .unwrap_or_else(|| panic!("no #{id} in\n{dom}"));
+    let body = &dom[start..start + dom[start..].find("</tbody>").unwrap()];
+    body.split("<tr")
+        .skip(1)
+        .map(|row| {
+            row.split("<td")
+                .skip(1)
+                .map(|c| {
+                    let text = &c[c.find('>').unwrap() + 1..];
+                    let text = &text[..text.find("</td>").unwrap_or(text.len())];
+                    // Cells hold text only (the page never parses values as HTML).
+                    text.split('<')
+                        .next()
+                        .unwrap_or("")
+                        .replace("&lt;", "<")
+                        .replace("&gt;", ">")
+                        .replace("&amp;", "&")
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn the_console_shows_the_top_consumer_and_its_denial() {
+    let svc = Service::start(&[], &[]);
+    let up = Server::start(|req| {
+        let used = req.json()["max_tokens"].as_u64().unwrap_or(0);
+        json_reply(
+            200,
+            json!({"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": used, "total_tokens": used}}),
+        )
+    });
+    let config = json!({
+        "service": {"cluster": "ratelimit"},
+        "limits": [{"name": "per-user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"}],
+        "reserve": {"tokens": "max_tokens"}
+    });
+    let e = Envoy::start(
+        &config,
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+    );
+    let ask = |user: &str, max_tokens: u64| {
+        http::post_json(
+            e.port,
+            "/v1/chat/completions",
+            &[("x-user", user)],
+            &json!({"model": "m", "max_tokens": max_tokens}),
+        )
+        .status
+    };
+    // alice spends 900 of 1,000 and is then denied; bob and a key that is HTML spend a little.
+    assert_eq!(ask("alice", 600), 200);
+    assert_eq!(ask("alice", 300), 200);
+    assert_eq!(ask("bob", 40), 200);
+    assert_eq!(ask("<img src=x onerror=alert(1)>", 7), 200);
+    svc.await_remaining("per-user", "alice", 100);
+    svc.await_remaining("per-user", "bob", 960);
+    assert_eq!(ask("alice", 500), 429);
+
+    let dir = testkit::repo().join("target/console");
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = dir.join("console.png");
+    let _ = std::fs::remove_file(&png);
+    let dom = render(&format!("http://127.0.0.1:{}/console", svc.port), &png);
+    assert!(
+        dom.contains("data-loaded=\"true\""),
+        "the page's script did not load its data:\n{dom}"
+    );
+
+    let top = rows(&dom, "top");
+    // limit, key, used, remaining, budget, reset, counted
+    assert_eq!(
+        top[0][..5],
+        ["per-user", "alice", "900", "100", "1,000"],
+        "{top:?}"
+    );
+    assert_eq!(top[0][6], "900 tokens");
+    assert_eq!(top[1][..4], ["per-user", "bob", "40", "960"], "{top:?}");
+    assert!(
+        top.iter().any(|r| r[1] == "<img src=x onerror=alert(1)>"),
+        "a key that is HTML is shown as text: {top:?}"
+    );
+    assert!(
+        !dom.contains("<img src=\"x\""),
+        "no element was made from a key value"
+    );
+    let denials = rows(&dom, "denials");
+    assert_eq!(denials[0][1..3], ["per-user", "alice"], "{denials:?}");
+    assert!(
+        denials[0][3].contains("100 tokens left of 1000 tokens, 500 tokens needed"),
+        "{denials:?}"
+    );
+    assert!(
+        std::fs::metadata(&png).unwrap().len() > 10_000,
+        "a screenshot was kept"
+    );
+}
