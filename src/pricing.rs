@@ -146,16 +146,7 @@ pub fn parse_amount(text: &str, max: u64) -> Result<u64, String> {
     }
 }
 
-/// Micro units as a decimal with at least two decimals: `20000000` → `"20.00"`,
-/// `75000` → `"0.075"`.
-pub fn format_amount(micros: u64) -> String {
-    let whole = micros / MICROS;
-    let mut fraction = format!("{:06}", micros % MICROS);
-    while fraction.len() > 2 && fraction.ends_with('0') {
-        fraction.pop();
-    }
-    format!("{whole}.{fraction}")
-}
+pub use wire::format_micros as format_amount;
 
 #[cfg(test)]
 mod tests {

@@ -101,6 +101,9 @@ fn a_budget_in_money_admits_what_it_pays_for_and_the_next_month_restores_it() {
     .json();
     assert_eq!(quota["meters"][0]["currency"], "USD");
     assert_eq!(quota["meters"][0]["tokens"], 30_000);
+    assert_eq!(quota["meters"][0]["budget_amount"], "0.03");
+    assert_eq!(quota["meters"][0]["spent_amount"], "0.03");
+    assert_eq!(quota["meters"][0]["remaining_amount"], "0.00");
     let metrics = http::send(svc.port, "GET", "/metrics", &[], b"").text();
     let series = |name: &str| -> u64 {
         metrics

@@ -192,3 +192,61 @@ fn a_multi_megabyte_event_is_scanned_in_constant_memory() {
     assert_eq!(s.text_bytes(), 64 * 64 * 1024);
     assert!(std::mem::size_of::<UsageScanner>() < 512);
 }
+
+/// Each provider's real response shape, priced: by the model the response names (the dated
+/// snapshot, Anthropic's model in `message_start`, Gemini's `modelVersion`), cached prompt
+/// tokens at their own price, reasoning (Gemini's thoughts) at the output price. The costs are
+/// worked out by hand from the fixtures' figures.
+#[test]
+fn every_provider_is_priced_by_the_model_it_names() {
+    use llm_token_ratelimit::pricing::{ModelMatch, Price, Prices, UnknownModel};
+    let per_million = |input: u64, cached: u64, output: u64| Price {
+        input,
+        cached_input: cached,
+        output,
+        reasoning: output,
+    };
+    let table = Prices {
+        currency: "USD".into(),
+        models: vec![
+            // $2.50 / $1.25 cached / $10 per million, in micro units.
+            (
+                ModelMatch::Exact("gpt-4o-2024-08-06".into()),
+                per_million(2_500_000, 1_250_000, 10_000_000),
+            ),
+            // $3 / $0.30 cached / $15.
+            (
+                ModelMatch::Prefix("claude-sonnet-4".into()),
+                per_million(3_000_000, 300_000, 15_000_000),
+            ),
+            // $0.30 / $0.075 cached / $2.50.
+            (
+                ModelMatch::Prefix("gemini-2.5-flash".into()),
+                per_million(300_000, 75_000, 2_500_000),
+            ),
+        ],
+        unknown_model: UnknownModel::Deny,
+    };
+    for (file, model, micros) in [
+        // 1117 prompt of which 1024 cached, 46 completion:
+        // 93 × 2.5 + 1024 × 1.25 + 46 × 10 = 1972.5 → 1973.
+        ("openai_chat.json", "gpt-4o-2024-08-06", 1973),
+        // 25 input + 10 cache reads, 15 output: 25 × 3 + 10 × 0.3 + 15 × 15 = 303.
+        ("anthropic_stream.sse", "claude-sonnet-4-20250514", 303),
+        // 8 prompt, 7 candidates + 30 thoughts: 8 × 0.3 + 37 × 2.5 = 94.9 → 95.
+        ("gemini.json", "gemini-2.5-flash", 95),
+    ] {
+        let body = fixture(file);
+        for cut in [1, body.len() / 2, body.len() - 1] {
+            let mut s = UsageScanner::new(None);
+            s.feed(&body[..cut]);
+            s.feed(&body[cut..]);
+            s.finish();
+            assert_eq!(s.model(), Some(model), "{file} cut at {cut}");
+            let price = table
+                .price(s.model(), Some("what-the-client-asked"))
+                .unwrap();
+            assert_eq!(price.cost(&s.fields().normalise()), micros, "{file}");
+        }
+    }
+}

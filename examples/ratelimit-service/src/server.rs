@@ -216,10 +216,27 @@ async fn route(limiter: &Limiter, req: Request<Incoming>) -> Reply {
             };
             let shared = query_param(&req, "shared").is_some_and(|s| s == "true");
             match limiter.quota(&limit, &value, shared).await {
-                Ok(meters) => json(
-                    StatusCode::OK,
-                    &serde_json::json!({"limit": limit, "value": value, "shared": shared, "meters": meters}),
-                ),
+                Ok(meters) => {
+                    // A meter in money also states its figures as decimals of its currency.
+                    let meters: Vec<serde_json::Value> = meters
+                        .iter()
+                        .map(|m| {
+                            let mut v = serde_json::to_value(m).unwrap_or_default();
+                            if m.currency.is_some() {
+                                v["budget_amount"] = wire::format_micros(m.tokens).into();
+                                v["remaining_amount"] = wire::format_micros(m.remaining).into();
+                                v["spent_amount"] =
+                                    wire::format_micros(m.tokens.saturating_sub(m.remaining))
+                                        .into();
+                            }
+                            v
+                        })
+                        .collect();
+                    json(
+                        StatusCode::OK,
+                        &serde_json::json!({"limit": limit, "value": value, "shared": shared, "meters": meters}),
+                    )
+                }
                 Err(f) => failure(f),
             }
         }

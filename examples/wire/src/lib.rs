@@ -283,6 +283,18 @@ pub struct AsmUpdate<K = Vec<String>> {
     pub total_tokens: u64,
 }
 
+/// Micro units (millionths) of a currency as a decimal with at least two decimals:
+/// `20000000` → `"20.00"`, `75000` → `"0.075"`. The plugin's denials and headers and the
+/// service's `/v1/quota` write money so.
+pub fn format_micros(micros: u64) -> String {
+    let whole = micros / 1_000_000;
+    let mut fraction = format!("{:06}", micros % 1_000_000);
+    while fraction.len() > 2 && fraction.ends_with('0') {
+        fraction.pop();
+    }
+    format!("{whole}.{fraction}")
+}
+
 /// Reads any JSON integer, clamping negatives to 0 (a counter in debt is "nothing left").
 fn non_negative<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
