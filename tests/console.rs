@@ -9,7 +9,7 @@ use std::process::Command;
 
 use serde_json::json;
 use testkit::envoy::{cluster, Envoy};
-use testkit::http::{self, json_reply, Server};
+use testkit::http;
 use testkit::service::Service;
 
 /// Rendered DOM of `url` after its script has run, and a screenshot at `png`.
@@ -79,13 +79,7 @@ fn rows(dom: &str, id: &str) -> Vec<Vec<String>> {
 #[test]
 fn the_console_shows_the_top_consumer_and_its_denial() {
     let svc = Service::start(&[], &[]);
-    let up = Server::start(|req| {
-        let used = req.json()["max_tokens"].as_u64().unwrap_or(0);
-        json_reply(
-            200,
-            json!({"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": used, "total_tokens": used}}),
-        )
-    });
+    let up = http::uses_max_tokens();
     let config = json!({
         "service": {"cluster": "ratelimit"},
         "limits": [{"name": "per-user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"}],

@@ -8,16 +8,8 @@ use testkit::envoy::{cluster, Envoy};
 use testkit::http::{self, json_reply, Server};
 use testkit::service::Service;
 
-/// An upstream that uses exactly the `max_tokens` it is given, so reports settle each
-/// reservation at its own size.
 fn upstream() -> Server {
-    Server::start(|req| {
-        let used = req.json()["max_tokens"].as_u64().unwrap_or(0);
-        json_reply(
-            200,
-            json!({"id": "chatcmpl-1", "choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": used, "total_tokens": used}}),
-        )
-    })
+    http::uses_max_tokens()
 }
 
 #[test]

@@ -79,6 +79,18 @@ pub fn json_reply(status: u16, value: serde_json::Value) -> Behaviour {
     reply(status, "application/json", value.to_string())
 }
 
+/// An upstream that uses exactly the `max_tokens` it is given (as completion tokens), so a
+/// reservation of `max_tokens` is settled at its own size.
+pub fn uses_max_tokens() -> Server {
+    Server::start(|req| {
+        let used = req.json()["max_tokens"].as_u64().unwrap_or(0);
+        json_reply(
+            200,
+            serde_json::json!({"id": "chatcmpl-1", "choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": used, "total_tokens": used}}),
+        )
+    })
+}
+
 /// Relays `req` to the JSON server on `port` and answers what it answered: a stand-in that
 /// sits in front of the real service to delay or refuse some of its traffic.
 pub fn forward(port: u16, req: &Request) -> Behaviour {
