@@ -30,9 +30,9 @@ use store::{MemoryStore, RedisStore, Store};
 pub fn limiter(settings: &Settings, clock: Clock) -> Limiter {
     let store = match &settings.store {
         StoreChoice::Memory { max_counters } => Store::Memory(MemoryStore::new(*max_counters)),
-        StoreChoice::Redis { target, timeout } => {
-            Store::Redis(RedisStore::new(target.clone(), *timeout))
-        }
+        StoreChoice::Redis { target, timeout } => Store::Redis(std::sync::Arc::new(
+            RedisStore::new(target.clone(), *timeout),
+        )),
     };
     let mut limiter = Limiter::new(store, settings.rules.clone(), clock, settings.sliding);
     limiter.admin_token = settings.admin_token.clone();

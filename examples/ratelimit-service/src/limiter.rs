@@ -11,7 +11,7 @@ use crate::meter::{Meter, Money, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
 use crate::store::sources::Mark;
-use crate::store::{Amounts, Applied, Settlement, Store, StoreError};
+use crate::store::{Amounts, Applied, ConsoleEvent, Settlement, Store, StoreError};
 
 /// Why a request got no decision.
 #[derive(Debug)]
@@ -175,12 +175,11 @@ impl Limiter {
                 self.spent(&planned, reserve[1]);
                 let mut tally = Tally::default();
                 tally.charge(&planned, reserve);
-                self.record(tally).await;
+                self.record(tally);
             }
         } else {
             inc(&self.metrics.checks_denied);
-            self.record_denial(&planned, &outcome.statuses, reserve)
-                .await;
+            self.record_denial(&planned, &outcome.statuses, reserve);
         }
         self.metrics.observe_check(started.elapsed());
         Ok(CheckResponse {
@@ -269,7 +268,7 @@ impl Limiter {
             };
             answer.results.push(result);
         }
-        self.record(tally).await;
+        self.record(tally);
         match store_down {
             Some(e) if answer.results.first() == Some(&ReportResult::of(Outcome::Retry)) => {
                 Err(self.store_failed(e))
@@ -418,26 +417,21 @@ impl Limiter {
             .collect())
     }
 
-    /// Hands the console what a check or a batch of reports did. The console is never worth a
-    /// failed request: a store error here is logged and forgotten.
-    async fn record(&self, tally: Tally) {
-        if tally.tokens == 0 && tally.spend.is_empty() {
+    /// Hands the console what a check or a batch of reports did; never waits on it.
+    fn record(&self, tally: Tally) {
+        if tally.tokens == 0 && tally.spend.is_empty() && tally.used.is_empty() {
             return;
         }
-        let now = self.clock.now_ms();
-        let mut result = self.store.per_minute(now, tally.tokens, &tally.spend).await;
-        for ((limit, value), tokens) in &tally.used {
-            if result.is_ok() {
-                result = self.store.used(limit, value, *tokens).await;
-            }
-        }
-        if let Err(e) = result {
-            tracing::debug!("console data not recorded: {e}");
-        }
+        self.store.record(ConsoleEvent::Charged {
+            now_ms: self.clock.now_ms(),
+            tokens: tally.tokens,
+            spend: tally.spend,
+            used: tally.used,
+        });
     }
 
     /// Keeps a denied check for the console: the limit that denied, its key, and why.
-    async fn record_denial(
+    fn record_denial(
         &self,
         planned: &[(&Descriptor, Plan)],
         statuses: &[Vec<Status>],
@@ -477,9 +471,7 @@ impl Limiter {
                 (status.retry_ms.max(0) + 999) / 1000
             ),
         };
-        if let Err(e) = self.store.denied(denial).await {
-            tracing::debug!("console data not recorded: {e}");
-        }
+        self.store.record(ConsoleEvent::Denied(denial));
     }
 
     /// Every meter of one counter, for the console and the admin API.

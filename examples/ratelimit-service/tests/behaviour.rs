@@ -67,7 +67,10 @@ impl Ctx {
         Ctx {
             urls: Some(urls.to_vec()),
             ..Ctx::new(
-                Store::Redis(RedisStore::new(target, Duration::from_millis(1000))),
+                Store::Redis(Arc::new(RedisStore::new(
+                    target,
+                    Duration::from_millis(1000),
+                ))),
                 sliding,
                 ns,
             )

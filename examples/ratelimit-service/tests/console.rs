@@ -51,12 +51,28 @@ fn admin(s: &Service, path: &str, token: Option<&str>, body: &Value) -> http::Re
     send(s.port, "POST", path, &headers, body.to_string().as_bytes())
 }
 
+/// Polls `path` until `ready` holds for its JSON (the Redis store writes the console's data in
+/// the background), failing after 10 s with what it last said.
+fn eventually(s: &Service, path: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let v = send(s.port, "GET", path, &[], b"").json();
+        if ready(&v) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{path}: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn scenario(s: &Service) {
     report(s, 1, "alice", 90);
     report(s, 2, "bob", 10);
     report(s, 3, "alice", 5);
     // Ranked by the tokens they used, with their meters now.
-    let top = send(s.port, "GET", "/v1/console/top", &[], b"").json();
+    let top = eventually(s, "/v1/console/top", |v| {
+        v["limits"][0]["top"][0]["tokens"] == 95 && v["limits"][0]["top"][1]["tokens"] == 10
+    });
     let per_user = top["limits"]
         .as_array()
         .unwrap()
@@ -70,7 +86,7 @@ fn scenario(s: &Service) {
     assert_eq!(per_user["top"][1]["value"], "bob");
     // A denial is kept with its reason.
     assert_eq!(check(s, "alice", 10)["allowed"], false);
-    let denials = send(s.port, "GET", "/v1/console/denials", &[], b"").json();
+    let denials = eventually(s, "/v1/console/denials", |v| v["denials"][0].is_object());
     let last = &denials["denials"][0];
     assert_eq!(
         (last["limit"].as_str(), last["value"].as_str()),
@@ -84,7 +100,9 @@ fn scenario(s: &Service) {
         "{last}"
     );
     // The timeline counts the tokens of this minute.
-    let overview = send(s.port, "GET", "/v1/console/overview", &[], b"").json();
+    let overview = eventually(s, "/v1/console/overview", |v| {
+        v["timeline"][14]["tokens"] == 105
+    });
     assert_eq!(overview["timeline"].as_array().unwrap().len(), 15);
     assert_eq!(overview["timeline"][14]["tokens"], 105);
     assert!(overview["counters"]["checks_denied"].as_u64().unwrap() >= 1);

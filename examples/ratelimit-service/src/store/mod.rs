@@ -8,6 +8,9 @@ pub mod sources;
 use thiserror::Error;
 
 use crate::counter::Plan;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use crate::insights::{Denial, Minute, Ranking};
 use crate::meter::{unit, Meter, State, Status};
 use sources::Mark;
@@ -72,7 +75,19 @@ impl Settlement {
 /// The memory or Redis store; an enum rather than a trait object keeps async calls plain.
 pub enum Store {
     Memory(MemoryStore),
-    Redis(RedisStore),
+    /// Shared with the console's background writes.
+    Redis(Arc<RedisStore>),
+}
+
+/// What the console is told: what reached the counters, or a denial.
+pub enum ConsoleEvent {
+    Charged {
+        now_ms: i64,
+        tokens: i64,
+        spend: BTreeMap<String, i64>,
+        used: BTreeMap<(String, String), i64>,
+    },
+    Denied(Denial),
 }
 
 impl Store {
@@ -141,40 +156,55 @@ impl Store {
         }
     }
 
-    /// Tokens used under `limit` by `value`, for the console's heavy hitters.
-    pub async fn used(&self, limit: &str, value: &str, tokens: i64) -> Result<(), StoreError> {
+    /// Tells the console, without waiting: in process for the memory store; for Redis in a
+    /// background task (at most [`redis::CONSOLE_WRITES`] at once), so no check or report waits
+    /// on it.
+    pub fn record(&self, event: ConsoleEvent) {
         match self {
-            Store::Memory(m) => {
-                m.insights.used(limit, value, tokens);
-                Ok(())
+            Store::Memory(m) => match event {
+                ConsoleEvent::Charged {
+                    now_ms,
+                    tokens,
+                    spend,
+                    used,
+                } => {
+                    m.insights.per_minute(now_ms, tokens, &spend);
+                    for ((limit, value), amount) in &used {
+                        m.insights.used(limit, value, *amount);
+                    }
+                }
+                ConsoleEvent::Denied(d) => m.insights.denied(d),
+            },
+            Store::Redis(r) => {
+                let Ok(permit) = r.console_write() else {
+                    tracing::debug!("console write dropped: too many in flight");
+                    return;
+                };
+                let r = Arc::clone(r);
+                tokio::spawn(async move {
+                    let result = match event {
+                        ConsoleEvent::Charged {
+                            now_ms,
+                            tokens,
+                            spend,
+                            used,
+                        } => {
+                            let mut result = r.per_minute(now_ms, tokens, &spend).await;
+                            for ((limit, value), amount) in &used {
+                                if result.is_ok() {
+                                    result = r.used(limit, value, *amount).await;
+                                }
+                            }
+                            result
+                        }
+                        ConsoleEvent::Denied(d) => r.denied(&d).await,
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!("console data not recorded: {e}");
+                    }
+                    drop(permit);
+                });
             }
-            Store::Redis(r) => r.used(limit, value, tokens).await,
-        }
-    }
-
-    /// Tokens used and money spent now, for the console's timeline.
-    pub async fn per_minute(
-        &self,
-        now_ms: i64,
-        tokens: i64,
-        spend: &std::collections::BTreeMap<String, i64>,
-    ) -> Result<(), StoreError> {
-        match self {
-            Store::Memory(m) => {
-                m.insights.per_minute(now_ms, tokens, spend);
-                Ok(())
-            }
-            Store::Redis(r) => r.per_minute(now_ms, tokens, spend).await,
-        }
-    }
-
-    pub async fn denied(&self, denial: Denial) -> Result<(), StoreError> {
-        match self {
-            Store::Memory(m) => {
-                m.insights.denied(denial);
-                Ok(())
-            }
-            Store::Redis(r) => r.denied(&denial).await,
         }
     }
 

@@ -7,6 +7,7 @@
 //! over-denial is possible under contention, an overshoot is not), and each counter
 //! remembers report ids on its own, so a retried report is applied exactly once per counter.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -38,6 +39,8 @@ pub struct RedisStore {
     insights: Script,
     adjust: Script,
     timeout: Duration,
+    /// Console writes in flight (see `Store::record`).
+    console: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where the Redis store connects: one server or a cluster's seed nodes.
@@ -80,6 +83,9 @@ impl RedisTarget {
 /// The console's keys: the limits it has seen, the recent denials (shared by every replica).
 const CONSOLE_LIMITS: &str = "ltr:console:limits";
 const CONSOLE_DENIALS: &str = "ltr:console:denials";
+/// Console writes to Redis in flight at once; past it, new ones are dropped (the console is
+/// never worth slowing a check).
+pub const CONSOLE_WRITES: usize = 64;
 /// How long the console's data outlives the last write: a day.
 const CONSOLE_TTL_MS: i64 = 86_400_000;
 
@@ -99,6 +105,7 @@ impl RedisStore {
             insights: Script::new(include_str!("insights.lua")),
             adjust: Script::new(include_str!("adjust.lua")),
             timeout,
+            console: Arc::new(tokio::sync::Semaphore::new(CONSOLE_WRITES)),
         }
     }
 
@@ -430,6 +437,14 @@ impl RedisStore {
                 Meter::inspect(field, state, now)
             })
             .collect())
+    }
+
+    /// A slot for one background console write, if fewer than [`CONSOLE_WRITES`] are in
+    /// flight.
+    pub fn console_write(
+        &self,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::TryAcquireError> {
+        Arc::clone(&self.console).try_acquire_owned()
     }
 
     /// One command, with the store's deadline.
