@@ -156,9 +156,8 @@ impl Store {
         }
     }
 
-    /// Tells the console, without waiting: in process for the memory store; for Redis in a
-    /// background task (at most [`redis::CONSOLE_WRITES`] at once), so no check or report waits
-    /// on it.
+    /// Tells the console, without waiting: in process for the memory store; for Redis through
+    /// a queue that one background writer drains in batches, so no check or report waits on it.
     pub fn record(&self, event: ConsoleEvent) {
         match self {
             Store::Memory(m) => match event {
@@ -175,36 +174,7 @@ impl Store {
                 }
                 ConsoleEvent::Denied(d) => m.insights.denied(d),
             },
-            Store::Redis(r) => {
-                let Ok(permit) = r.console_write() else {
-                    tracing::debug!("console write dropped: too many in flight");
-                    return;
-                };
-                let r = Arc::clone(r);
-                tokio::spawn(async move {
-                    let result = match event {
-                        ConsoleEvent::Charged {
-                            now_ms,
-                            tokens,
-                            spend,
-                            used,
-                        } => {
-                            let mut result = r.per_minute(now_ms, tokens, &spend).await;
-                            for ((limit, value), amount) in &used {
-                                if result.is_ok() {
-                                    result = r.used(limit, value, *amount).await;
-                                }
-                            }
-                            result
-                        }
-                        ConsoleEvent::Denied(d) => r.denied(&d).await,
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!("console data not recorded: {e}");
-                    }
-                    drop(permit);
-                });
-            }
+            Store::Redis(r) => r.record_console(event),
         }
     }
 

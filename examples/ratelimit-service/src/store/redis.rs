@@ -17,7 +17,7 @@ use redis::{Script, Value};
 use tokio::sync::OnceCell;
 
 use super::sources::{self, Dedup, Mark};
-use super::{Amounts, Applied, CheckOutcome, Settlement, StoreError};
+use super::{Amounts, Applied, CheckOutcome, ConsoleEvent, Settlement, StoreError};
 use crate::clock::system_ms;
 use crate::counter::Plan;
 use crate::insights;
@@ -39,8 +39,8 @@ pub struct RedisStore {
     insights: Script,
     adjust: Script,
     timeout: Duration,
-    /// Console writes in flight (see `Store::record`).
-    console: Arc<tokio::sync::Semaphore>,
+    /// The console's queue, drained by one background writer (started on first use).
+    console: std::sync::OnceLock<tokio::sync::mpsc::Sender<ConsoleEvent>>,
 }
 
 /// Where the Redis store connects: one server or a cluster's seed nodes.
@@ -83,9 +83,11 @@ impl RedisTarget {
 /// The console's keys: the limits it has seen, the recent denials (shared by every replica).
 const CONSOLE_LIMITS: &str = "ltr:console:limits";
 const CONSOLE_DENIALS: &str = "ltr:console:denials";
-/// Console writes to Redis in flight at once; past it, new ones are dropped (the console is
-/// never worth slowing a check).
-pub const CONSOLE_WRITES: usize = 64;
+/// Console events waiting for the writer; past it, new ones are dropped (the console is never
+/// worth slowing a check).
+pub const CONSOLE_QUEUE: usize = 4096;
+/// How long the writer gathers events into one batch.
+const CONSOLE_BATCH: Duration = Duration::from_millis(100);
 /// How long the console's data outlives the last write: a day.
 const CONSOLE_TTL_MS: i64 = 86_400_000;
 
@@ -105,7 +107,7 @@ impl RedisStore {
             insights: Script::new(include_str!("insights.lua")),
             adjust: Script::new(include_str!("adjust.lua")),
             timeout,
-            console: Arc::new(tokio::sync::Semaphore::new(CONSOLE_WRITES)),
+            console: std::sync::OnceLock::new(),
         }
     }
 
@@ -439,12 +441,32 @@ impl RedisStore {
             .collect())
     }
 
-    /// A slot for one background console write, if fewer than [`CONSOLE_WRITES`] are in
-    /// flight.
-    pub fn console_write(
-        &self,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::TryAcquireError> {
-        Arc::clone(&self.console).try_acquire_owned()
+    /// Queues a console event for the background writer; dropped when the queue is full.
+    pub fn record_console(self: &Arc<Self>, event: ConsoleEvent) {
+        let tx = self.console.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_QUEUE);
+            tokio::spawn(console_writer(Arc::downgrade(self), rx));
+            tx
+        });
+        if tx.try_send(event).is_err() {
+            tracing::debug!("console event dropped: the writer is {CONSOLE_QUEUE} behind");
+        }
+    }
+
+    /// Writes one batch: a pipeline per minute, a script per key, the denials oldest first.
+    async fn write_console(&self, batch: ConsoleBatch) -> Result<(), StoreError> {
+        for (minute_ms, (tokens, spend)) in &batch.minutes {
+            self.per_minute(*minute_ms, *tokens, spend).await?;
+        }
+        for ((limit, value), amount) in &batch.used {
+            if *amount != 0 {
+                self.used(limit, value, *amount).await?;
+            }
+        }
+        for denial in &batch.denials {
+            self.denied(denial).await?;
+        }
+        Ok(())
     }
 
     /// One command, with the store's deadline.
@@ -634,6 +656,70 @@ impl RedisStore {
             .map_err(|_| unavailable("Redis did not answer in time"))?
             .map(|_| ())
             .map_err(unavailable)
+    }
+}
+
+/// Console events merged over one batch: figures per minute and per key add up, the newest
+/// denials are kept.
+#[derive(Default)]
+struct ConsoleBatch {
+    minutes: std::collections::BTreeMap<i64, (i64, std::collections::BTreeMap<String, i64>)>,
+    used: std::collections::BTreeMap<(String, String), i64>,
+    denials: std::collections::VecDeque<insights::Denial>,
+    events: usize,
+}
+
+impl ConsoleBatch {
+    fn add(&mut self, event: ConsoleEvent) {
+        self.events += 1;
+        match event {
+            ConsoleEvent::Charged {
+                now_ms,
+                tokens,
+                spend,
+                used,
+            } => {
+                let minute = self.minutes.entry(insights::minute_of(now_ms)).or_default();
+                minute.0 += tokens;
+                for (currency, micros) in spend {
+                    *minute.1.entry(currency).or_default() += micros;
+                }
+                for (key, amount) in used {
+                    *self.used.entry(key).or_default() += amount;
+                }
+            }
+            ConsoleEvent::Denied(d) => {
+                self.denials.push_back(d);
+                if self.denials.len() > insights::DENIALS {
+                    self.denials.pop_front();
+                }
+            }
+        }
+    }
+}
+
+/// Drains the console's queue: gathers what arrives within [`CONSOLE_BATCH`] of the first
+/// event, merges it, writes it; ends with the store (which holds the only sender).
+async fn console_writer(
+    store: std::sync::Weak<RedisStore>,
+    mut rx: tokio::sync::mpsc::Receiver<ConsoleEvent>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = ConsoleBatch::default();
+        batch.add(first);
+        let deadline = tokio::time::Instant::now() + CONSOLE_BATCH;
+        while batch.events < CONSOLE_QUEUE {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(event)) => batch.add(event),
+                _ => break,
+            }
+        }
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        if let Err(e) = store.write_console(batch).await {
+            tracing::debug!("console data not recorded: {e}");
+        }
     }
 }
 
