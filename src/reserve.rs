@@ -25,11 +25,7 @@ pub fn reserve(
     descriptors: &[Descriptor],
 ) -> u64 {
     let asked = output_cap(wanted, max, body);
-    let tokens: Vec<&Descriptor> = descriptors
-        .iter()
-        .filter(|d| d.currency.is_none())
-        .collect();
-    let bound = largest_budget(&tokens).unwrap_or(u64::MAX);
+    let bound = largest_budget(descriptors, false).unwrap_or(u64::MAX);
     protocol.wire().reservation(asked.min(bound))
 }
 
@@ -42,14 +38,19 @@ fn output_cap(wanted: Reserve, max: u64, body: Option<&BodyFacts>) -> u64 {
     asked.min(max).min(wire::MAX_TOKENS)
 }
 
-/// The largest budget among `descriptors` when every one carries its rates (a larger reserve
-/// could not be admitted any sooner, and would only deepen the debt).
-fn largest_budget(descriptors: &[&Descriptor]) -> Option<u64> {
-    if descriptors.iter().any(|d| d.rates.is_empty()) {
+/// The largest budget among the descriptors in money (`money`) or in tokens, when every one
+/// of them carries its rates (a larger reserve could not be admitted any sooner, and would
+/// only deepen the debt).
+fn largest_budget(descriptors: &[Descriptor], money: bool) -> Option<u64> {
+    let of_unit = || {
+        descriptors
+            .iter()
+            .filter(move |d| d.currency.is_some() == money)
+    };
+    if of_unit().any(|d| d.rates.is_empty()) {
         return None;
     }
-    descriptors
-        .iter()
+    of_unit()
         .flat_map(|d| d.rates.iter().map(|r| r.tokens))
         .max()
 }
@@ -79,13 +80,9 @@ pub fn reserve_cost(
         cached: 0,
         reasoning: 0,
     };
-    let money: Vec<&Descriptor> = descriptors
-        .iter()
-        .filter(|d| d.currency.is_some())
-        .collect();
     price
         .cost(&usage)
-        .min(largest_budget(&money).unwrap_or(u64::MAX))
+        .min(largest_budget(descriptors, true).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

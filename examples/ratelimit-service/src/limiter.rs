@@ -452,9 +452,8 @@ impl Limiter {
         let need = reserve[crate::meter::unit(meter.money())].max(1);
         let amount = |n: i64| match meter.money() {
             Some(c) => format!(
-                "{}.{:06} {}",
-                n / 1_000_000,
-                n % 1_000_000,
+                "{} {}",
+                wire::format_micros(n.max(0) as u64),
                 String::from_utf8_lossy(&c)
             ),
             None => format!("{n} tokens"),
@@ -472,16 +471,6 @@ impl Limiter {
             ),
         };
         self.store.record(ConsoleEvent::Denied(denial));
-    }
-
-    /// Every meter of one counter, for the console and the admin API.
-    pub async fn meters(
-        &self,
-        limit: &str,
-        value: &str,
-        shared: bool,
-    ) -> Result<Vec<LimitStatus>, Failure> {
-        self.quota(limit, value, shared).await
     }
 
     /// The console's ranking: every limit seen, its `n` heaviest keys, and each one's meters now.
