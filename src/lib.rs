@@ -18,4 +18,5 @@ pub mod reserve;
 pub mod rls;
 pub mod strip;
 pub mod template;
+pub mod text;
 pub mod usage;

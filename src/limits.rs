@@ -21,7 +21,12 @@ pub enum ValueMatch {
 }
 
 impl ValueMatch {
+    /// A value whose bytes were not UTF-8 is counted by `*` only: an exact or pattern rule
+    /// (a cheaper tier) never fits it.
     fn matches(&self, value: &str, as_ip: &mut Option<Option<IpAddr>>) -> bool {
+        if crate::text::is_opaque(value) {
+            return matches!(self, ValueMatch::Any);
+        }
         match self {
             ValueMatch::Exact(s) => s == value,
             ValueMatch::Regex(re) => re.is_match(value),

@@ -19,7 +19,12 @@ pub enum StringMatch {
 }
 
 impl StringMatch {
+    /// Whether `value` fits. A value whose bytes were not UTF-8 ([`crate::text::is_opaque`]) is
+    /// there, and matches nothing but [`StringMatch::Present`].
     pub fn matches(&self, value: &str) -> bool {
+        if crate::text::is_opaque(value) {
+            return matches!(self, StringMatch::Present);
+        }
         match self {
             StringMatch::Present => true,
             StringMatch::Exact(s) => value == s,
@@ -125,6 +130,18 @@ impl Condition {
                 .collect(),
             model,
         }
+    }
+
+    /// The attributes the conditions read (the model aside).
+    pub fn attributes(&self) -> impl Iterator<Item = &Attribute> {
+        [
+            self.host.as_ref().map(|_| &Attribute::Host),
+            self.path.as_ref().map(|_| &Attribute::Path),
+            (!self.methods.is_empty()).then_some(&Attribute::Method),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.headers.iter().map(|(attr, _)| attr))
     }
 
     /// Whether the request body must be read to tell.

@@ -8,6 +8,7 @@ use serde_json::Value;
 use crate::client_ip::{client_ip, ClientIpSource};
 use crate::matcher::{strip_query, RequestHeaders};
 use crate::template::{Attribute, AttributeSource};
+use crate::text::{from_wire, to_bytes};
 
 /// What the JSON request body says that matters for limiting. Unknown or ill-typed fields are
 /// ignored: a body the plugin cannot read must never fail the request.
@@ -157,26 +158,35 @@ fn is_credentials_header(name: &str) -> bool {
 /// `Authorization` as one spelling per credential. The scheme is case-insensitive and may be
 /// followed by several spaces (RFC 9110 §11.4), so `bEaReR   sk-1` reaches an upstream as the
 /// same key as `Bearer sk-1`; as a rate-limit key it must be the same too, or each spelling
-/// would be a fresh budget. Well-known schemes take their usual spelling, others are kept.
+/// would be a fresh budget. Well-known schemes take their usual spelling, others are kept. Read
+/// from the header's bytes: a credential that is not UTF-8 is keyed by its bytes.
 fn canonical_credentials(value: &str) -> Cow<'_, str> {
-    let is_space = |c: char| c == ' ' || c == '\t';
-    let trimmed = value.trim_matches(is_space);
-    let Some((scheme, rest)) = trimmed.split_once(is_space) else {
-        return Cow::Borrowed(trimmed);
+    let bytes = to_bytes(value);
+    let is_space = |b: &u8| *b == b' ' || *b == b'\t';
+    let trimmed = trim_bytes(&bytes);
+    let Some(cut) = trimmed.iter().position(is_space) else {
+        return if trimmed.len() == bytes.len() {
+            Cow::Borrowed(value)
+        } else {
+            Cow::Owned(from_wire(trimmed.to_vec()))
+        };
     };
-    let credentials = rest.trim_start_matches(is_space);
+    let (scheme, rest) = trimmed.split_at(cut);
+    let start = rest.iter().position(|b| !is_space(b)).unwrap_or(rest.len());
+    let credentials = rest.get(start..).unwrap_or_default();
     let canonical = ["Bearer", "Basic", "Digest", "DPoP"]
         .into_iter()
+        .map(str::as_bytes)
         .find(|known| known.eq_ignore_ascii_case(scheme))
         .unwrap_or(scheme);
     // Already canonical: nothing around it, one space after the scheme.
     if canonical == scheme
-        && value.len() == scheme.len() + 1 + credentials.len()
-        && value.as_bytes().get(scheme.len()) == Some(&b' ')
+        && bytes.len() == scheme.len() + 1 + credentials.len()
+        && bytes.get(scheme.len()) == Some(&b' ')
     {
         return Cow::Borrowed(value);
     }
-    Cow::Owned(format!("{canonical} {credentials}"))
+    Cow::Owned(from_wire([canonical, b" ", credentials].concat()))
 }
 
 /// Reads Envoy attributes by path (`["source", "address"]`); the adapter supplies it.
@@ -238,8 +248,8 @@ impl<P: Properties> AttributeSource for RequestView<'_, P> {
                     Cow::Borrowed(value)
                 })
             }
-            Attribute::Query(name) => query_param(self.header(":path")?, name),
-            Attribute::Cookie(name) => cookie(self.header("cookie")?, name).map(Cow::Borrowed),
+            Attribute::Query(name) => query_param(self.header(":path")?, name).map(Cow::Owned),
+            Attribute::Cookie(name) => cookie(self.header("cookie")?, name).map(Cow::Owned),
             Attribute::Host => self.header(":authority").map(Cow::Borrowed),
             Attribute::Path => self.header(":path").map(|p| Cow::Borrowed(strip_query(p))),
             Attribute::Method => self.header(":method").map(Cow::Borrowed),
@@ -249,7 +259,10 @@ impl<P: Properties> AttributeSource for RequestView<'_, P> {
                     ClientIpSource::Remote => None,
                     ClientIpSource::Header { name, .. } => self.header(name),
                 };
-                client_ip(self.client_ip, peer.as_deref(), forwarded)
+                // Only the chosen entry must be an address: bytes elsewhere change nothing.
+                let forwarded =
+                    forwarded.map(|f| String::from_utf8_lossy(&to_bytes(f)).into_owned());
+                client_ip(self.client_ip, peer.as_deref(), forwarded.as_deref())
                     .map(|ip| Cow::Owned(ip.to_string()))
             }
             Attribute::SourceAddress => self
@@ -275,35 +288,86 @@ impl<P: Properties> AttributeSource for RequestView<'_, P> {
     }
 }
 
-/// The first value of query parameter `name` in `path`, percent-decoded (`+` is a space).
-pub fn query_param<'p>(path: &'p str, name: &str) -> Option<Cow<'p, str>> {
-    let (_, query) = path.split_once('?')?;
-    let query = query.split_once('#').map_or(query, |(q, _)| q);
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k) == name).then(|| percent_decode(v))
+/// The request headers [`RequestView::attribute`] reads for `attr` (it reads no other): the
+/// shell asks the proxy for these alone, never for the whole header map. Keep the two in step.
+pub fn headers_read<'a>(
+    attr: &'a Attribute,
+    client_ip: &'a ClientIpSource,
+    consumer_header: &'a str,
+) -> Option<&'a str> {
+    match attr {
+        Attribute::Header(name) => Some(name),
+        Attribute::Query(_) | Attribute::Path => Some(":path"),
+        Attribute::Cookie(_) => Some("cookie"),
+        Attribute::Host => Some(":authority"),
+        Attribute::Method => Some(":method"),
+        Attribute::SourceIp => match client_ip {
+            ClientIpSource::Remote => None,
+            ClientIpSource::Header { name, .. } => Some(name),
+        },
+        Attribute::Consumer => Some(consumer_header),
+        Attribute::SourceAddress | Attribute::Model | Attribute::Route | Attribute::Property(_) => {
+            None
+        }
+    }
+}
+
+/// `bytes` split at the first `sep`.
+fn split_at_byte(bytes: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
+    let i = bytes.iter().position(|&b| b == sep)?;
+    Some((&bytes[..i], &bytes[i + 1..]))
+}
+
+fn trim_bytes(bytes: &[u8]) -> &[u8] {
+    let is_space = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = bytes
+        .iter()
+        .position(|b| !is_space(b))
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !is_space(b))
+        .map_or(start, |e| e + 1);
+    bytes.get(start..end).unwrap_or_default()
+}
+
+/// The first value of query parameter `name` in `path`, percent-decoded (`+` is a space). It
+/// is read from the path's bytes, so a byte that is not UTF-8 elsewhere in the path changes
+/// nothing, and a value that is not UTF-8 is keyed by its bytes ([`from_wire`]).
+pub fn query_param(path: &str, name: &str) -> Option<String> {
+    let path = to_bytes(path);
+    let (_, query) = split_at_byte(&path, b'?')?;
+    let query = split_at_byte(query, b'#').map_or(query, |(q, _)| q);
+    query.split(|&b| b == b'&').find_map(|pair| {
+        let (k, v) = split_at_byte(pair, b'=').unwrap_or((pair, b""));
+        (*percent_decode(k) == *name.as_bytes()).then(|| from_wire(percent_decode(v).into_owned()))
     })
 }
 
-/// The value of cookie `name` in a `Cookie` header.
-pub fn cookie<'h>(header: &'h str, name: &str) -> Option<&'h str> {
-    header.split(';').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k.trim() == name).then(|| v.trim().trim_matches('"'))
+/// The value of cookie `name` in a `Cookie` header, read from its bytes.
+pub fn cookie(header: &str, name: &str) -> Option<String> {
+    let header = to_bytes(header);
+    header.split(|&b| b == b';').find_map(|pair| {
+        let (k, v) = split_at_byte(pair, b'=')?;
+        (trim_bytes(k) == name.as_bytes()).then(|| {
+            let v = trim_bytes(v);
+            let v = v.strip_prefix(b"\"").unwrap_or(v);
+            let v = v.strip_suffix(b"\"").unwrap_or(v);
+            from_wire(v.to_vec())
+        })
     })
 }
 
-fn percent_decode(s: &str) -> Cow<'_, str> {
-    if !s.contains(['%', '+']) {
+fn percent_decode(s: &[u8]) -> Cow<'_, [u8]> {
+    if !s.iter().any(|&b| b == b'%' || b == b'+') {
         return Cow::Borrowed(s);
     }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+    let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
+    while let Some(&b) = s.get(i) {
+        match b {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+            b'%' => match (s.get(i + 1).and_then(hex), s.get(i + 2).and_then(hex)) {
                 (Some(h), Some(l)) => {
                     out.push(h << 4 | l);
                     i += 2;
@@ -314,11 +378,11 @@ fn percent_decode(s: &str) -> Cow<'_, str> {
         }
         i += 1;
     }
-    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+    Cow::Owned(out)
 }
 
-fn hex(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).map(|d| d as u8)
+fn hex(b: &u8) -> Option<u8> {
+    (*b as char).to_digit(16).map(|d| d as u8)
 }
 
 #[cfg(test)]
@@ -545,9 +609,12 @@ mod tests {
 
     #[test]
     fn percent_decoding_is_safe() {
-        assert_eq!(percent_decode("%41%zz%4"), "A%zz%4");
-        assert_eq!(percent_decode("%"), "%");
-        assert_eq!(percent_decode("%e4%b8%ad"), "中");
-        assert_eq!(percent_decode("%ff"), "\u{fffd}");
+        let decode = |s: &str| from_wire(percent_decode(s.as_bytes()).into_owned());
+        assert_eq!(decode("%41%zz%4"), "A%zz%4");
+        assert_eq!(decode("%"), "%");
+        assert_eq!(decode("%e4%b8%ad"), "中");
+        // Bytes that are not UTF-8 are kept apart, not merged into U+FFFD.
+        assert_ne!(decode("%ff"), decode("%fe"));
+        assert!(crate::text::is_opaque(&decode("%ff")));
     }
 }

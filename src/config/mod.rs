@@ -137,6 +137,9 @@ pub struct Config {
     /// Derived once at load: the headers `matches` read, fetched alone so that a request that
     /// matches nothing costs a few header lookups.
     match_headers: Vec<String>,
+    /// Derived once at load: every request header a limited request's keys, conditions and
+    /// accounting read, asked for by name (a header map is never read whole).
+    request_headers: Vec<String>,
 }
 
 /// Which dialect a configuration is written in.
@@ -328,6 +331,7 @@ impl Config {
             prices: None,
             needs_request_body: false,
             match_headers: Vec::new(),
+            request_headers: Vec::new(),
         }
     }
 
@@ -340,6 +344,25 @@ impl Config {
             }
         }
         self.match_headers = names;
+        // What the shell itself reads (the body's size, usage injection's route) and what
+        // every key and condition reads.
+        let mut read: Vec<String> = [":method", ":path", "content-length"]
+            .map(String::from)
+            .into();
+        for limit in &self.limits {
+            let attributes = limit
+                .key
+                .attributes()
+                .chain(limit.when.iter().flat_map(|c| c.attributes()));
+            for attr in attributes {
+                let name =
+                    crate::request::headers_read(attr, &self.client_ip, &self.consumer_header);
+                if let Some(name) = name.filter(|n| !read.iter().any(|r| r == n)) {
+                    read.push(name.to_string());
+                }
+            }
+        }
+        self.request_headers = read;
         self.needs_request_body = self.reserve == Reserve::MaxTokens
             || self.limits.iter().any(|l| {
                 // A limit in money prices the request's model.
@@ -352,6 +375,11 @@ impl Config {
     /// The headers `matches` read (empty when every request matches).
     pub fn match_headers(&self) -> &[String] {
         &self.match_headers
+    }
+
+    /// The request headers a limited request's keys, conditions and accounting read.
+    pub fn request_headers(&self) -> &[String] {
+        &self.request_headers
     }
 
     /// Whether the JSON request body must be read before the check can be made.

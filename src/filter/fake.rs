@@ -14,11 +14,14 @@ use crate::reply::Reply;
 
 #[derive(Default)]
 pub struct State {
-    pub request_headers: Vec<(String, String)>,
+    /// Values as bytes, as a client may send them.
+    pub request_headers: Vec<(String, Vec<u8>)>,
     pub request_body: Vec<u8>,
-    pub response_headers: Vec<(String, String)>,
+    pub response_headers: Vec<(String, Vec<u8>)>,
     pub response_body: Vec<u8>,
-    pub properties: HashMap<String, String>,
+    pub properties: HashMap<String, Vec<u8>>,
+    /// Every request header the shell asked for, in order.
+    pub headers_read: Vec<String>,
     pub config: Vec<u8>,
     pub now_ms: u64,
     pub tick_ms: u64,
@@ -78,19 +81,24 @@ impl FakeHost {
     }
 }
 
-fn find(map: &[(String, String)], name: &str) -> Option<String> {
+/// Pairs from `&str`s, for tests.
+pub fn pairs(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+fn find(map: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
     map.iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.clone())
 }
 
 impl Host for FakeHost {
-    fn request_header(&self, name: &str) -> Option<String> {
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.state().headers_read.push(name.to_string());
         find(&self.0.borrow().request_headers, name)
-    }
-
-    fn request_headers(&self) -> Vec<(String, String)> {
-        self.0.borrow().request_headers.clone()
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
@@ -109,14 +117,15 @@ impl Host for FakeHost {
         true
     }
 
-    fn response_header(&self, name: &str) -> Option<String> {
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
         find(&self.0.borrow().response_headers, name)
     }
 
     fn set_response_header(&self, name: &str, value: &str) {
         let mut s = self.state();
         s.response_headers.retain(|(k, _)| k != name);
-        s.response_headers.push((name.into(), value.into()));
+        s.response_headers
+            .push((name.into(), value.as_bytes().to_vec()));
     }
 
     fn response_body(&self, offset: usize, len: usize) -> Option<Vec<u8>> {
@@ -146,7 +155,7 @@ impl Host for FakeHost {
             .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
 
-    fn property(&self, path: &[&str]) -> Option<String> {
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.0.borrow().properties.get(&path.join(".")).cloned()
     }
 

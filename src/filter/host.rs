@@ -20,15 +20,17 @@ pub const MAX_CALL_BODY: usize = 64 * 1024;
 /// that the plugin's memory does not grow with Envoy's buffer sizes.
 pub const BODY_SLICE: usize = 64 * 1024;
 
-/// Everything the shell asks of the proxy.
+/// Everything the shell asks of the proxy. Headers and properties come as bytes, exactly as
+/// the client or upstream sent them ([`crate::text::from_wire`] makes them text): no value can
+/// make a host call fail, and a request's header map is never read whole (only the headers the
+/// configuration names are asked for, by name).
 pub trait Host {
-    fn request_header(&self, name: &str) -> Option<String>;
-    fn request_headers(&self) -> Vec<(String, String)>;
+    fn request_header(&self, name: &str) -> Option<Vec<u8>>;
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
     fn remove_request_header(&self, name: &str);
     /// Replaces the buffered request body (`size` bytes) with `body`.
     fn set_request_body(&self, size: usize, body: &[u8]) -> bool;
-    fn response_header(&self, name: &str) -> Option<String>;
+    fn response_header(&self, name: &str) -> Option<Vec<u8>>;
     fn set_response_header(&self, name: &str, value: &str);
     /// Bytes `offset..offset + len` of the current response body chunk.
     fn response_body(&self, offset: usize, len: usize) -> Option<Vec<u8>>;
@@ -37,7 +39,7 @@ pub trait Host {
     /// edits Envoy supports.
     fn edit_response_body(&self, start: usize, drain: usize, data: &[u8]) -> bool;
     fn remove_response_header(&self, name: &str);
-    fn property(&self, path: &[&str]) -> Option<String>;
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     fn plugin_configuration(&self, size: usize) -> Option<Vec<u8>>;
     /// Milliseconds since the epoch by the host's clock (0 if it cannot tell).
     fn now_ms(&self) -> u64;
@@ -144,15 +146,15 @@ fn buffer(kind: BufferType, offset: usize, size: usize) -> Option<Vec<u8>> {
     hostcalls::get_buffer(kind, offset, size).ok().flatten()
 }
 
-impl Host for Envoy {
-    fn request_header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
-    }
+/// One header's value as bytes. `get_map_value` (and `get_map`, whose names are unwrapped as
+/// well) would panic on a byte that is not UTF-8, which a client or an upstream can send.
+fn header_bytes(map: MapType, name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(map, name).ok().flatten()
+}
 
-    fn request_headers(&self) -> Vec<(String, String)> {
-        hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+impl Host for Envoy {
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        header_bytes(MapType::HttpRequestHeaders, name)
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
@@ -167,10 +169,8 @@ impl Host for Envoy {
         hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body).is_ok()
     }
 
-    fn response_header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
-            .ok()
-            .flatten()
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        header_bytes(MapType::HttpResponseHeaders, name)
     }
 
     fn set_response_header(&self, name: &str, value: &str) {
@@ -189,9 +189,8 @@ impl Host for Envoy {
         let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, name);
     }
 
-    fn property(&self, path: &[&str]) -> Option<String> {
-        let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
-        String::from_utf8(bytes).ok()
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
     }
 
     fn plugin_configuration(&self, size: usize) -> Option<Vec<u8>> {
@@ -255,10 +254,8 @@ impl Host for Envoy {
         if num_headers == 0 {
             return None;
         }
-        hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| s.parse().ok())
+        let status = header_bytes(MapType::HttpCallResponseHeaders, ":status")?;
+        std::str::from_utf8(&status).ok()?.parse().ok()
     }
 
     fn call_body(&self, size: usize) -> Vec<u8> {

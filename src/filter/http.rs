@@ -19,6 +19,7 @@ use crate::request::{
 };
 use crate::reserve::{reserve, reserve_cost};
 use crate::strip::Stripper;
+use crate::text::from_wire;
 use crate::usage::{settle, Charge, Observed, UsageScanner};
 
 /// Envoy attributes, read through the host on demand.
@@ -26,7 +27,7 @@ struct HostProperties<'h>(&'h dyn Host);
 
 impl Properties for HostProperties<'_> {
     fn property(&self, path: &[&str]) -> Option<String> {
-        self.0.property(path)
+        self.0.property(path).map(from_wire)
     }
 }
 
@@ -37,18 +38,20 @@ impl ScopeFacts for HostScope<'_> {
     fn route(&mut self) -> Option<String> {
         self.0
             .property(&["xds", "route_name"])
+            .map(from_wire)
             .filter(|r| !r.is_empty())
     }
 
     fn host(&mut self) -> Option<String> {
         self.0
             .request_header(":authority")
-            .map(|a| crate::matcher::normalize_host(&a))
+            .map(|a| crate::matcher::normalize_host(&from_wire(a)))
     }
 
     fn cluster(&mut self) -> Option<String> {
         self.0
             .property(&["xds", "cluster_name"])
+            .map(from_wire)
             .filter(|c| !c.is_empty())
     }
 }
@@ -58,12 +61,19 @@ fn selected(host: &dyn Host, config: &Config) -> bool {
     if config.matches.is_empty() {
         return true;
     }
-    let probe: Vec<(String, String)> = config
-        .match_headers()
-        .iter()
-        .filter_map(|name| host.request_header(name).map(|v| (name.clone(), v)))
-        .collect();
+    let probe = read_headers(host, config.match_headers());
     any_matches(&config.matches, &HeaderList(&probe))
+}
+
+/// The request headers `names`, each asked for by name, as text ([`from_wire`]).
+fn read_headers(host: &dyn Host, names: &[String]) -> Vec<(String, String)> {
+    names
+        .iter()
+        .filter_map(|name| {
+            host.request_header(name)
+                .map(|v| (name.clone(), from_wire(v)))
+        })
+        .collect()
 }
 
 enum State {
@@ -442,7 +452,7 @@ impl HttpContext for Http {
         if !selected(self.host.as_ref(), config) {
             return Action::Continue;
         }
-        let headers = self.host.request_headers();
+        let headers = read_headers(self.host.as_ref(), config.request_headers());
         let view = RequestView {
             headers: &headers,
             body: RequestBody::Absent,
@@ -572,15 +582,16 @@ impl HttpContext for Http {
         let status = self
             .host
             .response_header(":status")
-            .and_then(|s| s.parse().ok())
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok())
             .unwrap_or(0);
         let ok = (200..300).contains(&status);
-        let encoding = self.host.response_header("content-encoding");
+        // Upstream bytes: an encoding that is not UTF-8 is one the scanner cannot read.
+        let encoding = self.host.response_header("content-encoding").map(from_wire);
         let scanner = ok.then(|| UsageScanner::new(encoding.as_deref()));
-        let event_stream = self
-            .host
-            .response_header("content-type")
-            .is_some_and(|t| t.to_ascii_lowercase().starts_with("text/event-stream"));
+        let event_stream = self.host.response_header("content-type").is_some_and(|t| {
+            t.get(..17)
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
+        });
         let stripper = (ok && self.injected && event_stream && encoding.is_none()).then(|| {
             // What the client receives changes length.
             self.host.remove_response_header("content-length");

@@ -12,7 +12,7 @@ use super::http::Http;
 use proxy_wasm::types::Action;
 use serde_json::{json, Value};
 
-use super::fake::FakeHost;
+use super::fake::{pairs, FakeHost};
 use super::host::Host;
 use super::root::Root;
 
@@ -35,15 +35,12 @@ fn root(host: &Rc<FakeHost>, id: u32, config: &Value) -> Root {
 
 /// A stream of `root` whose request (no body) has arrived: its check is in flight.
 fn request(host: &Rc<FakeHost>, root: &Root, user: &str) -> Http {
-    host.state().request_headers = [
+    host.state().request_headers = pairs(&[
         (":method", "POST"),
         (":path", "/v1/chat/completions"),
         (":authority", "llm.test"),
         ("x-user", user),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    ]);
     let mut http = root.http();
     assert_eq!(http.on_http_request_headers(4, true), Action::Pause);
     http
@@ -59,7 +56,7 @@ fn answer(host: &FakeHost, ctx: &mut impl Context, token: u32, status: u32, body
 
 /// The upstream answers 200 with `total` tokens of usage, and the stream ends.
 fn respond_and_end(host: &FakeHost, http: &mut Http, total: u64) {
-    host.state().response_headers = vec![(":status".into(), "200".into())];
+    host.state().response_headers = pairs(&[(":status", "200")]);
     let body =
         json!({"usage": {"prompt_tokens": 0, "completion_tokens": total, "total_tokens": total}})
             .to_string()
@@ -227,14 +224,11 @@ fn the_last_root_context_sends_what_is_queued_before_it_is_done() {
 fn an_injected_stream_reaches_the_client_without_the_usage_it_did_not_ask_for() {
     let host = Rc::new(FakeHost::default());
     let mut root = root(&host, 1, &config(0, "allow"));
-    host.state().request_headers = [
+    host.state().request_headers = pairs(&[
         (":method", "POST"),
         (":path", "/v1/chat/completions"),
         ("x-user", "ann"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    ]);
     let body = br#"{"model":"m","stream":true}"#.to_vec();
     let len = body.len();
     host.state().request_body = body;
@@ -247,11 +241,11 @@ fn an_injected_stream_reaches_the_client_without_the_usage_it_did_not_ask_for() 
         "the plugin asked"
     );
     answer(&host, &mut http, host.token(0), 200, &allowed());
-    host.state().response_headers = vec![
-        (":status".into(), "200".into()),
-        ("content-type".into(), "text/event-stream".into()),
-        ("content-length".into(), "999".into()),
-    ];
+    host.state().response_headers = pairs(&[
+        (":status", "200"),
+        ("content-type", "text/event-stream"),
+        ("content-length", "999"),
+    ]);
     assert_eq!(http.on_http_response_headers(3, false), Action::Continue);
     assert_eq!(host.response_header("content-length"), None);
     let stream = concat!(
@@ -293,10 +287,7 @@ fn a_body_ended_by_trailers_is_counted_under_the_unreadable_model() {
         "limits": [{"name": "model", "key": "{{llm.model}}", "tokens": 1000, "window": "1h"}]
     });
     let root = root(&host, 1, &config);
-    host.state().request_headers = [(":method", "POST"), (":path", "/v1/chat/completions")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    host.state().request_headers = pairs(&[(":method", "POST"), (":path", "/v1/chat/completions")]);
     let body = br#"{"model":"gpt-4o"}"#.to_vec();
     let len = body.len();
     host.state().request_body = body;
@@ -307,5 +298,138 @@ fn a_body_ended_by_trailers_is_counted_under_the_unreadable_model() {
     assert_eq!(
         host.call_json(0)["descriptors"][0]["value"],
         crate::request::UNREADABLE_MODEL
+    );
+}
+
+/// Bytes that are not UTF-8 in every header and property the plugin reads: proxy-wasm's string
+/// getters would panic on them (a trapped VM fails every route). They are data: keyed by their
+/// bytes, matching no condition, and the request is still checked, served and charged.
+#[test]
+fn header_bytes_that_are_not_utf8_are_data() {
+    let host = Rc::new(FakeHost::default());
+    let config = json!({
+        "service": {"cluster": "rl"},
+        "matches": [{"headers": {"x-route": {"present": true}}}],
+        "client_ip": {"header": "x-forwarded-for", "trusted_hops": 1},
+        "consumer_header": "x-consumer",
+        "limits": [
+            {"name": "user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"},
+            {"name": "auth", "key": "{{request.headers.authorization}}", "tokens": 1000, "window": "1h"},
+            {"name": "query", "key": "{{request.query.k}}", "tokens": 1000, "window": "1h"},
+            {"name": "cookie", "key": "{{request.cookies.sid}}", "tokens": 1000, "window": "1h"},
+            {"name": "consumer", "key": "{{consumer}}", "tokens": 1000, "window": "1h"},
+            {"name": "ip", "key": "{{source.ip}}", "tokens": 1000, "window": "1h"},
+            {"name": "where", "key": "{{request.host}}{{request.method}}{{request.path}}", "tokens": 1000, "window": "1h"},
+            {"name": "prop", "key": "{{xds.cluster_name}}", "tokens": 1000, "window": "1h"},
+            {"name": "tier", "key": "{{request.headers.x-tier}}", "values": [
+                {"match": "free", "tokens": 10, "window": "1h"},
+                {"match": "*", "tokens": 1000, "window": "1h"}]},
+            {"name": "free-only", "key": "", "tokens": 5, "window": "1h",
+             "when": {"headers": {"x-tier": {"regex": ".*"}}}}
+        ]
+    });
+    let mut root = root(&host, 1, &config);
+    let junk = |prefix: &str| [prefix.as_bytes(), b"\xff\xfe\x80"].concat();
+    host.state().request_headers = vec![
+        (":method".into(), junk("POST")),
+        (
+            ":path".into(),
+            [b"/v1/\xff?k=".as_slice(), &junk("q")].concat(),
+        ),
+        (":authority".into(), junk("llm")),
+        ("x-route".into(), junk("r")),
+        ("x-user".into(), junk("ann")),
+        ("authorization".into(), junk("Bearer sk-")),
+        ("cookie".into(), [b"sid=".as_slice(), &junk("c")].concat()),
+        ("x-consumer".into(), junk("team")),
+        // The client's own entry is junk, the trusted proxy's is the address.
+        (
+            "x-forwarded-for".into(),
+            [junk("6.6.6.6").as_slice(), b", 1.2.3.4"].concat(),
+        ),
+        ("x-tier".into(), junk("free")),
+        ("content-length".into(), junk("12")),
+    ];
+    host.state()
+        .properties
+        .insert("xds.cluster_name".into(), junk("openai"));
+    let mut http = root.http();
+    assert_eq!(http.on_http_request_headers(11, true), Action::Pause);
+    let check = host.call_json(0);
+    let values: Vec<(String, String)> = check["descriptors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["limit"].as_str().unwrap().to_string(),
+                d["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let value = |limit: &str| {
+        values
+            .iter()
+            .find(|(l, _)| l == limit)
+            .map(|(_, v)| v.clone())
+    };
+    // Keyed by their bytes, never dropped.
+    assert_eq!(value("user").as_deref(), Some("\0ann\\xff\\xfe\\x80"));
+    assert!(crate::text::is_opaque(&value("auth").unwrap()));
+    assert!(crate::text::is_opaque(&value("consumer").unwrap()));
+    assert!(crate::text::is_opaque(&value("prop").unwrap()));
+    assert!(value("where").is_some());
+    // The query and cookie are read from their headers' bytes: the junk elsewhere in the path
+    // changes nothing, the value keeps its own.
+    assert_eq!(value("query").as_deref(), Some("\0q\\xff\\xfe\\x80"));
+    assert_eq!(value("cookie").as_deref(), Some("\0c\\xff\\xfe\\x80"));
+    assert_eq!(value("ip").as_deref(), Some("1.2.3.4"));
+    // As a condition it matches nothing: not the free tier, and not `when`'s regex.
+    let tier = check["descriptors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["limit"] == "tier")
+        .unwrap();
+    assert_eq!(tier["rates"][0]["tokens"], 1000, "the `*` rule, not `free`");
+    assert_eq!(value("free-only"), None);
+    answer(&host, &mut http, host.token(0), 200, &allowed());
+    assert_eq!(host.state().resumed, 1);
+    // An upstream's bytes: a status, a type and an encoding that are not UTF-8.
+    host.state().response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), junk("application/json")),
+        ("x-other".into(), junk("x")),
+    ];
+    let body = json!({"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
+        .to_string()
+        .into_bytes();
+    let len = body.len();
+    host.state().response_body = body;
+    assert_eq!(http.on_http_response_headers(3, false), Action::Continue);
+    assert_eq!(http.on_http_response_body(len, true), Action::Continue);
+    http.on_log();
+    root.on_tick();
+    assert_eq!(host.call_json(1)["reports"][0]["tokens"], 3);
+    // Only headers the configuration names were asked for.
+    assert!(!host.state().headers_read.iter().any(|h| h == "x-other"));
+}
+
+/// A response whose `:status` is not UTF-8 (or not a number) is no 2xx: nothing is read, and
+/// the request is charged as an upstream error would be.
+#[test]
+fn an_unreadable_status_is_not_a_success() {
+    let host = Rc::new(FakeHost::default());
+    let mut root = root(&host, 1, &config(0, "allow"));
+    let mut http = request(&host, &root, "ann");
+    answer(&host, &mut http, host.token(0), 200, &allowed());
+    host.state().response_headers = vec![(":status".into(), b"2\xff0".to_vec())];
+    assert_eq!(http.on_http_response_headers(1, true), Action::Continue);
+    http.on_log();
+    root.on_tick();
+    assert_eq!(
+        host.calls(),
+        1,
+        "no usage, nothing reserved: nothing to report"
     );
 }

@@ -2,7 +2,7 @@
 //! number of chunks cut anywhere, in constant memory.
 //!
 //! It is a lexer, not a parser: it tracks the container depth, the last object key and whether
-//! it is inside a usage object (`usage` or `usageMetadata` near the top of a document), and
+//! it is inside a usage object (`usage` or `usageMetadata` where an API puts it: see [`Holder`]), and
 //! records the numbers whose keys name a usage field. Strings are never stored; the bytes of
 //! generated-text strings (`content`, `text`, `delta`, …) are only counted, for the estimate used
 //! when no usage arrives. Malformed input is skipped, never an error.
@@ -12,10 +12,6 @@ use super::UsageFields;
 /// Deepest container whose kind (object or array) is remembered; deeper nesting is still
 /// counted, but holds nothing the scanner looks for.
 const TRACKED_DEPTH: u32 = 128;
-/// A usage object deeper than this is someone's data (a tool call's arguments), not the API's
-/// accounting: `{"usage": …}` is at depth 2, `{"response": {"usage": …}}` and a streamed array
-/// of Gemini objects at depth 3.
-const MAX_USAGE_DEPTH: u32 = 3;
 /// Longest key or number the scanner keeps; longer ones cannot be a usage field or count.
 const SHORT: usize = 32;
 
@@ -40,6 +36,22 @@ enum Detail {
     Prompt,
     /// `completion_tokens_details` / `output_tokens_details`: `reasoning_tokens`.
     Completion,
+}
+
+/// What holds the container at depth 2. An API puts its model and usage at the top of a
+/// document, or one level down in exactly these places; anywhere else is data a client may
+/// have filled (the Responses API echoes the client's `metadata`), never the price.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    Other,
+    /// `response` (Responses API stream events).
+    Response,
+    /// `message` (Anthropic's `message_start`).
+    Message,
+    /// `x_groq` (Groq's stream: usage only).
+    Groq,
+    /// An item of a top-level array (Gemini's streamed JSON array).
+    Item,
 }
 
 /// Longest model name kept (Bedrock's `anthropic.claude-3-5-sonnet-20240620-v1:0` is 41).
@@ -105,6 +117,8 @@ pub struct JsonScanner {
     usage_depth: u32,
     /// Inside the usage object's `…_tokens_details` object, which one.
     detail: Detail,
+    /// What holds the current container at depth 2.
+    holder: Holder,
     /// The current string value is generated text.
     counting_text: bool,
     /// The current string value is the response's `model` (`modelVersion` for Gemini).
@@ -130,6 +144,7 @@ impl Default for JsonScanner {
             bare: Short::EMPTY,
             usage_depth: 0,
             detail: Detail::None,
+            holder: Holder::Other,
             counting_text: false,
             reading_model: false,
             model_text: Short::EMPTY,
@@ -235,7 +250,14 @@ impl JsonScanner {
                         && self.key.get().is_some_and(|k| TEXT_KEYS.contains(&k));
                     self.reading_model = self.usage_depth == 0
                         && self.in_object()
-                        && self.depth <= MAX_USAGE_DEPTH
+                        && match self.depth {
+                            1 => true,
+                            2 => matches!(
+                                self.holder,
+                                Holder::Response | Holder::Message | Holder::Item
+                            ),
+                            _ => false,
+                        }
                         && self
                             .key
                             .get()
@@ -271,11 +293,23 @@ impl JsonScanner {
         };
         let opens_usage = self.usage_depth == 0
             && self.in_object()
-            && self.depth < MAX_USAGE_DEPTH
+            && (self.depth == 1 || (self.depth == 2 && self.holder != Holder::Other))
             && self
                 .key
                 .get()
                 .is_some_and(|k| k == b"usage" || k == b"usageMetadata");
+        if self.depth == 1 {
+            self.holder = if !self.in_object() {
+                Holder::Item
+            } else {
+                match self.key.get() {
+                    Some(b"response") => Holder::Response,
+                    Some(b"message") => Holder::Message,
+                    Some(b"x_groq") => Holder::Groq,
+                    _ => Holder::Other,
+                }
+            };
+        }
         self.depth = self.depth.saturating_add(1);
         if self.depth <= TRACKED_DEPTH {
             let bit = 1u128 << (self.depth - 1);
@@ -396,6 +430,57 @@ mod tests {
             s.next_document();
             assert_eq!(s.model(), Some("qwen-max"), "cut at {cut}");
         }
+    }
+
+    /// The Responses API echoes the client's `metadata`; a compatible server may echo anything
+    /// it was sent. A model or usage the client wrote there is not the price.
+    #[test]
+    fn a_model_or_usage_the_client_filled_in_is_not_read() {
+        for (doc, want) in [
+            // Responses JSON: `metadata` comes after `model` and after `usage`.
+            (
+                r#"{"object":"response","model":"gpt-4o","usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12},
+                   "metadata":{"model":"gpt-4o-mini","usage":{"input_tokens":0,"output_tokens":0,"total_tokens":0}}}"#,
+                "gpt-4o",
+            ),
+            // Responses stream: `response.metadata` is one level deeper still.
+            (
+                r#"{"type":"response.completed","response":{"model":"gpt-4o","usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12},
+                   "metadata":{"model":"gpt-4o-mini","usage":{"total_tokens":0}}}}"#,
+                "gpt-4o",
+            ),
+            // Chat completions echoing `metadata` at the top.
+            (
+                r#"{"model":"gpt-4o","usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12},
+                   "metadata":{"model":"gpt-4o-mini","usage":{"total_tokens":0}},
+                   "choices":[{"message":{"model":"x","usage":{"total_tokens":0}}}]}"#,
+                "gpt-4o",
+            ),
+            // Anthropic's `message_start` with an echoed field inside `message`.
+            (
+                r#"{"type":"message_start","message":{"model":"claude-opus-4","usage":{"input_tokens":5,"output_tokens":7},
+                   "metadata":{"model":"claude-haiku","usage":{"input_tokens":0}}}}"#,
+                "claude-opus-4",
+            ),
+        ] {
+            let s = scan(doc);
+            assert_eq!(s.model(), Some(want), "{doc}");
+            assert_eq!(
+                s.fields.total.or(s.fields.completion.map(|c| c + 5)),
+                Some(12),
+                "{doc}"
+            );
+        }
+        // Gemini's streamed array and Groq's `x_groq` are still read one level down.
+        let s = scan(
+            r#"[{"modelVersion":"gemini-2.5-pro","usageMetadata":{"totalTokenCount":9},"metadata":{"modelVersion":"flash"}}]"#,
+        );
+        assert_eq!(
+            (s.model(), s.fields.total),
+            (Some("gemini-2.5-pro"), Some(9))
+        );
+        let s = scan(r#"{"model":"llama","x_groq":{"usage":{"total_tokens":4}}}"#);
+        assert_eq!(s.fields.total, Some(4));
     }
 
     #[test]

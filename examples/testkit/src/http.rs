@@ -222,16 +222,18 @@ fn serve(conn: TcpStream, handler: Handler, reqs: Arc<Mutex<Vec<Request>>>, stop
 }
 
 fn read_head(reader: &mut impl BufRead) -> Option<(String, Vec<(String, String)>)> {
-    let mut first = String::new();
-    if reader.read_line(&mut first).ok()? == 0 {
-        return None;
-    }
+    // Lines as bytes: a header value need not be UTF-8 (it is read lossily here).
+    let line = |reader: &mut dyn BufRead| {
+        let mut bytes = Vec::new();
+        match reader.read_until(b'\n', &mut bytes) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+        }
+    };
+    let first = line(reader)?;
     let mut headers = Vec::new();
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
+        let line = line(reader)?;
         let line = line.trim_end();
         if line.is_empty() {
             break;
@@ -364,6 +366,51 @@ pub fn try_send_to(
         headers,
         body,
     })
+}
+
+/// Sends `request` (a whole HTTP/1.1 request, as bytes: for header values that are not UTF-8)
+/// and reads the whole response.
+pub fn send_raw(port: u16, request: &[u8]) -> Response {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn.write_all(request).unwrap();
+    let mut reader = BufReader::new(conn);
+    let (first, headers) = read_head(&mut reader).expect("no response head");
+    let status = first
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let body = read_body(&mut reader, &headers, true).unwrap_or_default();
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A `POST path` with a JSON body and `headers` whose values are any bytes, as
+/// [`send_raw`] sends it.
+pub fn raw_post(path: &[u8], headers: &[(&str, &[u8])], body: &serde_json::Value) -> Vec<u8> {
+    let body = body.to_string();
+    let mut req = [b"POST ", path, b" HTTP/1.1\r\n"].concat();
+    req.extend_from_slice(
+        format!(
+            "host: llm.test\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    for (k, v) in headers {
+        req.extend_from_slice(k.as_bytes());
+        req.extend_from_slice(b": ");
+        req.extend_from_slice(v);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body.as_bytes());
+    req
 }
 
 pub fn post_json(
