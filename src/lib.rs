@@ -4,6 +4,7 @@
 //! tested natively) and a thin proxy-wasm shell in [`filter`] that only moves data between
 //! Envoy and that core.
 
+pub mod body;
 pub mod client_ip;
 pub mod config;
 pub mod filter;

@@ -2,153 +2,17 @@
 
 use std::borrow::Cow;
 
-use serde::{Deserialize, Deserializer};
-use serde_json::Value;
-
+pub use crate::body::BodyFacts;
 use crate::client_ip::{client_ip, ClientIpSource};
 use crate::matcher::{strip_query, RequestHeaders};
 use crate::template::{Attribute, AttributeSource};
 use crate::text::{from_wire, to_bytes};
-
-/// What the JSON request body says that matters for limiting. Unknown or ill-typed fields are
-/// ignored: a body the plugin cannot read must never fail the request.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
-pub struct BodyFacts {
-    #[serde(default, deserialize_with = "lenient_string")]
-    pub model: Option<String>,
-    /// OpenAI chat and completions, Anthropic Messages.
-    #[serde(default, deserialize_with = "lenient_cap")]
-    pub max_tokens: Option<u64>,
-    /// OpenAI's newer name for `max_tokens`.
-    #[serde(default, deserialize_with = "lenient_cap")]
-    pub max_completion_tokens: Option<u64>,
-    /// OpenAI Responses API.
-    #[serde(default, deserialize_with = "lenient_cap")]
-    pub max_output_tokens: Option<u64>,
-    /// Gemini: `generationConfig.maxOutputTokens` (the REST API also takes snake case).
-    #[serde(
-        default,
-        rename = "generationConfig",
-        alias = "generation_config",
-        deserialize_with = "generation_cap"
-    )]
-    pub generation_config: Option<u64>,
-    #[serde(default, deserialize_with = "lenient_bool")]
-    pub stream: Option<bool>,
-    /// `stream_options` as sent (`Some(Null)` for an explicit `null`), for usage injection.
-    #[serde(default, deserialize_with = "present")]
-    pub stream_options: Option<Value>,
-}
-
-impl BodyFacts {
-    /// Parses a JSON request body; a body that is not JSON yields `None`. A field given twice
-    /// takes its last value, as the upstreams' JSON parsers do (Python, Go, JavaScript): a
-    /// repeated `model` must not make the body unreadable to us and readable to them.
-    pub fn parse(body: &[u8]) -> Option<BodyFacts> {
-        serde_json::from_slice(body).ok().or_else(|| {
-            let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-            serde_json::from_value(value).ok()
-        })
-    }
-
-    /// The most output tokens the request may produce, under whichever name its API uses;
-    /// the largest when several are given (an upstream may honour any of them).
-    pub fn output_token_cap(&self) -> Option<u64> {
-        [
-            self.max_tokens,
-            self.max_completion_tokens,
-            self.max_output_tokens,
-            self.generation_config,
-        ]
-        .into_iter()
-        .flatten()
-        .max()
-    }
-}
-
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
-}
-
-/// An output cap as a client may write it: any JSON number (negative → 0, fractions round
-/// up, too large saturates) or a string holding one; anything else is no cap at all.
-fn cap(v: &Value) -> Option<u64> {
-    match v {
-        Value::Number(n) => n.as_u64().or_else(|| n.as_f64().and_then(whole)),
-        Value::String(s) => s.trim().parse::<f64>().ok().and_then(whole),
-        _ => None,
-    }
-}
-
-/// `as` saturates: negatives become 0, huge values `u64::MAX`.
-fn whole(f: f64) -> Option<u64> {
-    (!f.is_nan()).then(|| f.ceil() as u64)
-}
-
-fn lenient_cap<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    Ok(cap(&Value::deserialize(d)?))
-}
-
-fn generation_cap<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let v = Value::deserialize(d)?;
-    Ok(v.get("maxOutputTokens")
-        .or_else(|| v.get("max_output_tokens"))
-        .and_then(cap))
-}
-
-fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(match Value::deserialize(d)? {
-        Value::String(s) => Some(s),
-        _ => None,
-    })
-}
-
-fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
-    Ok(Value::deserialize(d)?.as_bool())
-}
 
 /// Whether a request may be an OpenAI-style (chat) completion, whose stream carries usage only
 /// when asked: `POST …/completions`. Anthropic, Gemini and the Responses API always report
 /// usage and reject the extra field, so they are left alone.
 pub fn may_need_stream_usage(method: Option<&str>, path: Option<&str>) -> bool {
     method == Some("POST") && path.is_some_and(|p| strip_query(p).ends_with("/completions"))
-}
-
-/// The request body rewritten to ask for usage in the stream
-/// (`stream_options.include_usage: true`), or `None` when it needs no change: not streaming,
-/// already asking, or not a JSON object. A client's explicit `false` is overridden, else it
-/// could stream without being charged.
-pub fn with_stream_usage(body: &[u8], facts: &BodyFacts) -> Option<Vec<u8>> {
-    const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
-    if facts.stream != Some(true) {
-        return None;
-    }
-    match &facts.stream_options {
-        Some(Value::Object(o)) if o.get("include_usage") == Some(&Value::Bool(true)) => None,
-        // Absent: insert the field first, leaving every other byte as the client sent it.
-        None => {
-            let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
-            if body.get(open) != Some(&b'{') {
-                return None;
-            }
-            let (head, tail) = body.split_at(open + 1);
-            Some([head, FIELD, tail].concat())
-        }
-        Some(_) => {
-            let mut value: Value = serde_json::from_slice(body).ok()?;
-            let root = value.as_object_mut()?;
-            let options = root
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Default::default()));
-            if !options.is_object() {
-                *options = Value::Object(Default::default());
-            }
-            options
-                .as_object_mut()?
-                .insert("include_usage".into(), Value::Bool(true));
-            serde_json::to_vec(&value).ok()
-        }
-    }
 }
 
 fn is_credentials_header(name: &str) -> bool {
@@ -423,10 +287,7 @@ mod tests {
     #[test]
     fn every_attribute_resolves() {
         let h = headers();
-        let body = BodyFacts {
-            model: Some("gpt-4o".into()),
-            ..Default::default()
-        };
+        let body = BodyFacts::parse(br#"{"model":"gpt-4o"}"#).unwrap();
         let remote = ClientIpSource::Remote;
         let view = RequestView {
             headers: &h,
@@ -508,89 +369,7 @@ mod tests {
     }
 
     #[test]
-    fn body_facts_are_lenient() {
-        let f = BodyFacts::parse(
-            br#"{"model":"m","max_tokens":50,"stream":true,"messages":[{"a":[1,2]}]}"#,
-        )
-        .unwrap();
-        assert_eq!(f.model.as_deref(), Some("m"));
-        assert_eq!(f.output_token_cap(), Some(50));
-        assert_eq!(f.stream, Some(true));
-        let odd = BodyFacts::parse(br#"{"model":7,"max_tokens":-3,"stream":"yes"}"#).unwrap();
-        assert_eq!(
-            odd,
-            BodyFacts {
-                max_tokens: Some(0),
-                ..BodyFacts::default()
-            }
-        );
-        let newer = BodyFacts::parse(br#"{"max_completion_tokens":9}"#).unwrap();
-        assert_eq!(newer.output_token_cap(), Some(9));
-        assert_eq!(BodyFacts::parse(b"not json"), None);
-        // A repeated field: the last one, as the upstreams read it.
-        let twice =
-            BodyFacts::parse(br#"{"model":"cheap","stream":false,"model":"dear","stream":true}"#)
-                .unwrap();
-        assert_eq!(
-            (twice.model.as_deref(), twice.stream),
-            (Some("dear"), Some(true))
-        );
-        assert_eq!(
-            BodyFacts::parse(b"[1]").unwrap_or_default(),
-            BodyFacts::default()
-        );
-        // Deep nesting must neither overflow the stack nor produce facts.
-        let deep = format!(
-            r#"{{"x":{}{}, "model": {}"m"{}}}"#,
-            "[".repeat(100_000),
-            "]".repeat(100_000),
-            "[".repeat(200),
-            "]".repeat(200)
-        );
-        assert_eq!(
-            BodyFacts::parse(deep.as_bytes()).unwrap_or_default().model,
-            None
-        );
-    }
-
-    #[test]
-    fn stream_usage_is_requested_when_missing() {
-        let inject = |body: &str| {
-            let facts = BodyFacts::parse(body.as_bytes()).unwrap_or_default();
-            with_stream_usage(body.as_bytes(), &facts).map(|b| String::from_utf8(b).unwrap())
-        };
-        assert_eq!(
-            inject(" {\"model\":\"m\",\"stream\":true}").as_deref(),
-            Some(r#" {"stream_options":{"include_usage":true},"model":"m","stream":true}"#)
-        );
-        for body in [
-            r#"{"stream":true,"stream_options":{"include_usage":false}}"#,
-            r#"{"stream":true,"stream_options":null}"#,
-            r#"{"stream":true,"stream_options":{"x":1}}"#,
-            // The upstream reads the last of a repeated field.
-            r#"{"stream":true,"stream_options":{"include_usage":true},"stream_options":null}"#,
-            r#"{"stream":false,"stream":true}"#,
-        ] {
-            let out: Value = serde_json::from_str(&inject(body).unwrap()).unwrap();
-            assert_eq!(out["stream_options"]["include_usage"], true, "{body}");
-            assert_eq!(out["stream"], true);
-        }
-        assert_eq!(
-            serde_json::from_str::<Value>(
-                &inject(r#"{"stream":true,"stream_options":{"x":1}}"#).unwrap()
-            )
-            .unwrap()["stream_options"]["x"],
-            1
-        );
-        for unchanged in [
-            r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
-            r#"{"stream":false}"#,
-            r#"{"model":"m"}"#,
-            r#"[{"stream":true}]"#,
-            "not json",
-        ] {
-            assert_eq!(inject(unchanged), None, "{unchanged}");
-        }
+    fn stream_usage_is_for_completions() {
         assert!(may_need_stream_usage(
             Some("POST"),
             Some("/v1/chat/completions?x=1")

@@ -8,34 +8,71 @@ use crate::pricing::Price;
 use crate::request::BodyFacts;
 use crate::usage::Usage;
 
+/// How requests reserve: `reserve.tokens`, `reserve.max` and `reserve.default`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub wanted: Reserve,
+    pub max: u64,
+    pub default: u64,
+}
+
+/// What a check reserves for a request, and the output each choice may produce within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reservation {
+    /// Tokens the check asks the service to take.
+    pub tokens: u64,
+    /// Output tokens per choice the reservation pays for (what `reserve.write_cap` writes into
+    /// the request); 0 without a reservation.
+    pub per_choice: u64,
+}
+
 /// The tokens a check reserves for a request with `descriptors`.
 ///
-/// * `Reserve::Tokens(n)`: `n`; `Reserve::MaxTokens`: the body's output cap (absent or
-///   unreadable: 0, the request is then charged from its usage alone).
-/// * Never more than `max` (the configured `reserve.max`, at most the wire's token bound),
-///   nor, when every descriptor carries its rates, than the largest budget among them: a
-///   larger reserve could not be admitted any sooner, and would only deepen the debt.
+/// * `Reserve::Tokens(n)`: `n`. `Reserve::MaxTokens`: the body's output cap, or
+///   `rule.default` when it states none or cannot be read (a request never opts out of its
+///   reservation by leaving the cap out), times the choices it asks for (`n`, `best_of`,
+///   `candidateCount`: each is an answer the upstream bills).
+/// * Never more than `rule.max` (at most the wire's token bound), nor, when every descriptor
+///   carries its rates, than the largest budget among them: a larger reserve could not be
+///   admitted any sooner, and would only deepen the debt.
 /// * The protocol's own rule last ([`crate::protocol::Wire::reservation`]: the ASM protocol
 ///   has no reservations, the RLS API counts every check as at least one hit).
 pub fn reserve(
-    wanted: Reserve,
-    max: u64,
+    rule: Rule,
     protocol: Protocol,
     body: Option<&BodyFacts>,
     descriptors: &[Descriptor],
-) -> u64 {
-    let asked = output_cap(wanted, max, body);
+) -> Reservation {
+    let asked = output_cap(rule, body);
     let bound = largest_budget(descriptors, false).unwrap_or(u64::MAX);
-    protocol.wire().reservation(asked.min(bound))
+    let tokens = protocol.wire().reservation(asked.min(bound));
+    let choices = choices(rule, body);
+    let per_choice = if tokens == 0 {
+        0
+    } else {
+        (tokens / choices).max(1)
+    };
+    Reservation { tokens, per_choice }
 }
 
-/// The output tokens a request asks for, as `reserve` configures it, at most `max`.
-fn output_cap(wanted: Reserve, max: u64, body: Option<&BodyFacts>) -> u64 {
-    let asked = match wanted {
+/// The outputs a reservation covers: one for a fixed reserve, else the request's choices.
+fn choices(rule: Rule, body: Option<&BodyFacts>) -> u64 {
+    match rule.wanted {
+        Reserve::Tokens(_) => 1,
+        Reserve::MaxTokens => body.map_or(1, BodyFacts::choices),
+    }
+}
+
+/// The output tokens a request asks for, as `reserve` configures it, at most `rule.max`.
+fn output_cap(rule: Rule, body: Option<&BodyFacts>) -> u64 {
+    let asked = match rule.wanted {
         Reserve::Tokens(n) => n,
-        Reserve::MaxTokens => body.and_then(BodyFacts::output_token_cap).unwrap_or(0),
+        Reserve::MaxTokens => body
+            .and_then(BodyFacts::output_token_cap)
+            .unwrap_or(rule.default)
+            .saturating_mul(choices(rule, body)),
     };
-    asked.min(max).min(wire::MAX_TOKENS)
+    asked.min(rule.max).min(wire::MAX_TOKENS)
 }
 
 /// The largest budget among the descriptors in money (`money`) or in tokens, when every one
@@ -56,23 +93,22 @@ fn largest_budget(descriptors: &[Descriptor], money: bool) -> Option<u64> {
 }
 
 /// What a check reserves in money (micro units) when a budget in money applies: the output
-/// cap at the output price plus the prompt, estimated from the request body's size, at the
+/// cap (as [`reserve`] takes it) at the output price plus the prompt, estimated from the request body's size, at the
 /// input price; nothing without a `reserve`. At most the largest budget in money.
 pub fn reserve_cost(
     price: &Price,
-    wanted: Reserve,
-    max: u64,
+    rule: Rule,
     body: Option<&BodyFacts>,
     request_bytes: Option<u64>,
     descriptors: &[Descriptor],
 ) -> u64 {
-    if wanted == Reserve::Tokens(0) {
+    if rule.wanted == Reserve::Tokens(0) {
         return 0;
     }
     let prompt = request_bytes
         .unwrap_or(0)
         .div_ceil(crate::usage::BYTES_PER_TOKEN);
-    let completion = output_cap(wanted, max, body);
+    let completion = output_cap(rule, body);
     let usage = Usage {
         prompt,
         completion,
@@ -111,6 +147,18 @@ mod tests {
         BodyFacts::parse(body.as_bytes()).unwrap_or_default()
     }
 
+    fn rule(wanted: Reserve, max: u64) -> Rule {
+        Rule {
+            wanted,
+            max,
+            default: 4096,
+        }
+    }
+
+    fn tokens(wanted: Reserve, max: u64, body: Option<&BodyFacts>, ds: &[Descriptor]) -> u64 {
+        reserve(rule(wanted, max), Protocol::V1, body, ds).tokens
+    }
+
     #[test]
     fn a_reserve_in_money_prices_the_output_cap_and_the_prompt() {
         let price = Price {
@@ -124,7 +172,8 @@ mod tests {
         let ds = [d(&[1_000]), money];
         let body = facts(r#"{"max_tokens": 500}"#);
         // 500 output tokens at $10/M and 400 bytes of prompt (100 tokens) at $2.50/M.
-        let cost = |wanted, max, body| reserve_cost(&price, wanted, max, body, Some(400), &ds);
+        let cost =
+            |wanted, max, body| reserve_cost(&price, rule(wanted, max), body, Some(400), &ds);
         assert_eq!(cost(Reserve::MaxTokens, u64::MAX, Some(&body)), 5_000 + 250);
         assert_eq!(cost(Reserve::Tokens(100), u64::MAX, None), 1_000 + 250);
         // `reserve.max` caps the output priced; no reserve configured, nothing reserved.
@@ -134,7 +183,7 @@ mod tests {
         let huge = facts(r#"{"max_tokens": 100000000}"#);
         assert_eq!(cost(Reserve::MaxTokens, u64::MAX, Some(&huge)), 20_000);
         assert_eq!(
-            reserve(Reserve::MaxTokens, u64::MAX, Protocol::V1, Some(&huge), &ds),
+            tokens(Reserve::MaxTokens, u64::MAX, Some(&huge), &ds),
             1_000
         );
     }
@@ -142,15 +191,7 @@ mod tests {
     #[test]
     fn every_output_cap_a_client_can_write_yields_a_valid_reserve() {
         let ds = [d(&[1000, 5000]), d(&[200])];
-        let r = |body: &str| {
-            reserve(
-                Reserve::MaxTokens,
-                u64::MAX,
-                Protocol::V1,
-                Some(&facts(body)),
-                &ds,
-            )
-        };
+        let r = |body: &str| tokens(Reserve::MaxTokens, u64::MAX, Some(&facts(body)), &ds);
         for (body, want) in [
             (r#"{"max_tokens": 100}"#, 100),
             (r#"{"max_tokens": 100000000000000000}"#, 5000),
@@ -162,18 +203,26 @@ mod tests {
             (r#"{"max_tokens": -5}"#, 0),
             (r#"{"max_tokens": 10.2}"#, 11),
             (r#"{"max_tokens": "250"}"#, 250),
-            (r#"{"max_tokens": "lots"}"#, 0),
-            (r#"{"max_tokens": null}"#, 0),
-            (r#"{"max_tokens": [1]}"#, 0),
+            // No cap stated: `reserve.default`, never nothing.
+            (r#"{"max_tokens": "lots"}"#, 4096),
+            (r#"{"max_tokens": null}"#, 4096),
+            (r#"{"max_tokens": [1]}"#, 4096),
+            (r#"{"max_tokens": NaN}"#, 4096),
             (r#"{"max_tokens": 99999999999999999999999999}"#, 5000),
-            (r#"{}"#, 0),
+            (r#"{}"#, 4096),
+            // Every choice is an answer: the cap times `n`, `best_of` or `candidateCount`.
+            (r#"{"max_tokens": 100, "n": 3}"#, 300),
+            (r#"{"max_tokens": 100, "n": 2, "best_of": 4}"#, 400),
+            (
+                r#"{"generationConfig": {"maxOutputTokens": 100, "candidateCount": 2}}"#,
+                200,
+            ),
+            (r#"{"max_tokens": 100, "n": 1000}"#, 5000),
         ] {
             assert_eq!(r(body), want, "{body}");
         }
-        assert_eq!(
-            reserve(Reserve::MaxTokens, u64::MAX, Protocol::V1, None, &ds),
-            0
-        );
+        // A body that cannot be read reserves the default too.
+        assert_eq!(tokens(Reserve::MaxTokens, u64::MAX, None, &ds), 4096);
     }
 
     #[test]
@@ -182,9 +231,7 @@ mod tests {
         let plugin_owned = [d(&[1000])];
         let service_owned = [d(&[])];
         let mixed = [d(&[1000]), d(&[])];
-        let r = |max, ds: &[Descriptor]| {
-            reserve(Reserve::MaxTokens, max, Protocol::V1, Some(&huge), ds)
-        };
+        let r = |max, ds: &[Descriptor]| tokens(Reserve::MaxTokens, max, Some(&huge), ds);
         assert_eq!(r(u64::MAX, &plugin_owned), 1000);
         assert_eq!(r(300, &plugin_owned), 300);
         assert_eq!(r(u64::MAX, &service_owned), wire::MAX_TOKENS);
@@ -195,15 +242,18 @@ mod tests {
             "a bucket may be larger"
         );
         assert_eq!(
-            reserve(
-                Reserve::Tokens(50_000),
-                u64::MAX,
-                Protocol::V1,
-                None,
-                &plugin_owned
-            ),
+            tokens(Reserve::Tokens(50_000), u64::MAX, None, &plugin_owned),
             1000
         );
+        // The output each choice may produce within the reservation.
+        let three = facts(r#"{"max_tokens": 500, "n": 3}"#);
+        let r = reserve(
+            rule(Reserve::MaxTokens, u64::MAX),
+            Protocol::V1,
+            Some(&three),
+            &plugin_owned,
+        );
+        assert_eq!((r.tokens, r.per_choice), (1000, 333));
     }
 
     #[test]

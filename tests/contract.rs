@@ -10,7 +10,7 @@ use llm_token_ratelimit::config::{Config, Reserve};
 use llm_token_ratelimit::limits::descriptors;
 use llm_token_ratelimit::protocol::Outbound;
 use llm_token_ratelimit::request::BodyFacts;
-use llm_token_ratelimit::reserve::reserve;
+use llm_token_ratelimit::reserve::{reserve, Rule};
 use llm_token_ratelimit::template::{Attribute, AttributeSource};
 use serde_json::json;
 use testkit::http;
@@ -95,13 +95,12 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
         let config = config(limits(MAX_DESCRIPTORS, with_rates)).unwrap();
         let ds = descriptors(&config.limits, &Hostile);
         assert_eq!(ds.len(), MAX_DESCRIPTORS);
-        let reserved = reserve(
-            Reserve::MaxTokens,
-            config.reserve_max,
-            config.service.protocol,
-            Some(&huge),
-            &ds,
-        );
+        let rule = Rule {
+            wanted: Reserve::MaxTokens,
+            max: config.reserve_max,
+            default: config.reserve_default,
+        };
+        let reserved = reserve(rule, config.service.protocol, Some(&huge), &ds).tokens;
         assert_eq!(reserved, MAX_TOKENS);
         let id = SeqId {
             source: u64::MAX,

@@ -199,3 +199,289 @@ fn a_client_cannot_choose_its_price_through_echoed_metadata() {
         assert_eq!(ask().status, 429, "{user}: the budget is spent");
     }
 }
+
+/// An upstream as lenient as Python's `json`: it streams whenever the body says `"stream":
+/// true` (whatever else is in it, `NaN` included), sends usage only when asked
+/// (`"include_usage":true`), and otherwise uses `tokens` completion tokens whatever the cap.
+fn lenient_upstream(tokens: u64) -> Server {
+    Server::start(move |req| {
+        let body = String::from_utf8_lossy(&req.body).replace(' ', "");
+        let usage =
+            json!({"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": tokens + 10});
+        if body.contains("\"stream\":true") {
+            let mut sse = String::new();
+            for _ in 0..tokens / 10 {
+                sse.push_str(&format!(
+                    "data: {}\n\n",
+                    json!({"choices": [{"delta": {"content": "0123456789".repeat(4)}}]})
+                ));
+            }
+            if body.contains("\"include_usage\":true") {
+                sse.push_str(&format!(
+                    "data: {}\n\n",
+                    json!({"choices": [], "usage": usage})
+                ));
+            }
+            sse.push_str("data: [DONE]\n\n");
+            http::reply(200, "text/event-stream", sse)
+        } else {
+            http::json_reply(200, json!({"choices": [], "usage": usage}))
+        }
+    })
+}
+
+/// Sends `body` (raw bytes) as user `user` to `path`.
+fn post(port: u16, path: &str, user: &str, body: &[u8]) -> Response {
+    http::send(
+        port,
+        "POST",
+        path,
+        &[("content-type", "application/json"), ("x-user", user)],
+        body,
+    )
+}
+
+/// A body that Python's `json` accepts and serde refuses (`NaN`) used to be "unreadable": no
+/// usage was asked for, and with `on_missing: zero` every stream was free. It is read as the
+/// upstream reads it now: usage is asked for and charged, and the budget holds.
+#[test]
+fn a_body_only_lenient_parsers_accept_is_read_as_they_read_it() {
+    let svc = Service::start(&[], &[]);
+    let up = lenient_upstream(200);
+    let c = json!({
+        "service": {"cluster": "ratelimit"},
+        "usage": {"on_missing": "zero"},
+        "limits": [{"name": "user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"}]
+    });
+    let e = Envoy::start(
+        &c,
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+    );
+    let bodies: [&[u8]; 3] = [
+        br#"{"model":"m","temperature":NaN,"stream":true,"messages":[]}"#,
+        b"\xef\xbb\xbf{\"model\":\"m\",\"stream\":true,\"top_p\":Infinity}",
+        br#"{"model":"m","user":"\ud800","stream":true}"#,
+    ];
+    for (i, body) in bodies.iter().enumerate() {
+        let user = format!("u{i}");
+        let mut served = 0;
+        for _ in 0..8 {
+            let r = post(e.port, "/v1/chat/completions", &user, body);
+            if r.status == 200 {
+                served += 1;
+                svc.await_remaining("user", &user, 1000u64.saturating_sub(210 * served));
+            }
+        }
+        // 1,000 tokens pay for four of 210; the fifth is admitted on the 160 left.
+        assert_eq!(served, 5, "body {i}");
+    }
+    assert_eq!(e.metric("request_body_unreadable"), 0);
+    // Every request was asked to stream its usage, the refused ones included.
+    assert_eq!(e.metric("stream_usage_injected"), 24);
+}
+
+/// A body the plugin cannot read at all is never free: without usage it is charged the
+/// estimate, whatever `on_missing` says, and it reserves `reserve.default`.
+#[test]
+fn an_unreadable_body_is_charged_at_least_the_estimate() {
+    let svc = Service::start(&[], &[]);
+    let up = lenient_upstream(200);
+    let c = json!({
+        "service": {"cluster": "ratelimit"},
+        "usage": {"on_missing": "zero"},
+        "limits": [{"name": "user", "key": "{{request.headers.x-user}}", "tokens": 100000, "window": "1h"}]
+    });
+    let e = Envoy::start(
+        &c,
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+    );
+    // Not JSON to the plugin (trailing bytes); streamed by the upstream, without usage.
+    let r = post(
+        e.port,
+        "/v1/chat/completions",
+        "ann",
+        br#"{"stream":true} trailing"#,
+    );
+    assert_eq!(r.status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // 20 events of 40 bytes of text: about 200 tokens by the estimate.
+    while svc.remaining("user", "ann").unwrap_or(100_000) > 100_000 - 150 {
+        assert!(std::time::Instant::now() < deadline, "charged nothing");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(e.metric("request_body_unreadable"), 1);
+}
+
+/// With reservations, a request that states no cap reserves `reserve.default`, and one that
+/// asks for several choices reserves for each: neither slips past a budget another request
+/// holds. `reserve.write_cap` writes the reservation into the request, so the upstream cannot
+/// produce more than was reserved.
+#[test]
+fn no_request_opts_out_of_its_reservation() {
+    let svc = Service::start(&[], &[]);
+    // Each answer takes a second: the requests overlap.
+    let slow = Server::start(|req| {
+        let asked = req.json();
+        let cap = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|f| asked[f].as_u64())
+            .unwrap_or(500);
+        let n = asked["n"].as_u64().unwrap_or(1);
+        let used = cap.min(500) * n;
+        Behaviour::Delay(
+            std::time::Duration::from_millis(1000),
+            Box::new(http::json_reply(
+                200,
+                json!({"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": used, "total_tokens": used}}),
+            )),
+        )
+    });
+    let c = |write_cap: bool| {
+        let mut c = json!({
+            "service": {"cluster": "ratelimit"},
+            "reserve": {"tokens": "max_tokens"},
+            "limits": [{"name": "user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"}]
+        });
+        if write_cap {
+            c["reserve"]["write_cap"] = json!(true);
+        }
+        c
+    };
+    let e = Envoy::start(
+        &c(false),
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", slow.port),
+        ],
+    );
+    let concurrently = |user: &str, body: serde_json::Value, k: usize| -> usize {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..k)
+                .map(|_| {
+                    let body = body.clone();
+                    s.spawn(move || {
+                        post(
+                            e.port,
+                            "/v1/chat/completions",
+                            user,
+                            body.to_string().as_bytes(),
+                        )
+                        .status
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().ok())
+                .filter(|status| *status == 200)
+                .count()
+        })
+    };
+    // Twenty requests of 500 tokens without a cap: one holds the whole budget at a time.
+    let served = concurrently("nocap", json!({"model": "m"}), 20);
+    assert!(served <= 2, "{served} served of 500 tokens each on 1,000");
+    // Three choices of 200: 600 reserved each, so two cannot be in flight at once.
+    let served = concurrently(
+        "choices",
+        json!({"model": "m", "max_tokens": 200, "n": 3}),
+        2,
+    );
+    assert_eq!(served, 1, "600 + 600 > 1,000");
+    svc.await_remaining("user", "choices", 400);
+    drop(e);
+
+    let e = Envoy::start(
+        &c(true),
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", slow.port),
+        ],
+    );
+    let r = post(
+        e.port,
+        "/v1/chat/completions",
+        "capped",
+        br#"{"model":"m"}"#,
+    );
+    assert_eq!(r.status, 200);
+    let r = post(
+        e.port,
+        "/v1/messages",
+        "capped2",
+        br#"{"model":"m","max_tokens":5000}"#,
+    );
+    assert_eq!(r.status, 200);
+    let seen: Vec<serde_json::Value> = slow
+        .requests()
+        .iter()
+        .rev()
+        .take(2)
+        .map(|r| r.json())
+        .collect();
+    assert_eq!(
+        seen[1]["max_completion_tokens"], 1000,
+        "the default, within the budget"
+    );
+    assert_eq!(
+        seen[0]["max_tokens"], 1000,
+        "5,000 lowered to what was reserved"
+    );
+    assert_eq!(e.metric("request_caps_written"), 2);
+}
+
+/// Bodies of 16 MiB with repeated keys and `"stream_options": null` (which a document-tree
+/// parser turned into hundreds of MiB of Wasm memory that never shrinks): read and rewritten in
+/// memory bounded by a small multiple of the body, request after request.
+#[test]
+fn large_bodies_with_repeated_keys_keep_the_vm_small() {
+    let svc = Service::start(&[], &[]);
+    let up = Server::start(|req| {
+        // The upstream reads the last `stream_options`: the plugin's.
+        let streams = req.json()["stream_options"]["include_usage"] == true;
+        http::json_reply(
+            200,
+            json!({"streamed": streams, "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}),
+        )
+    });
+    let mut c = json!({
+        "service": {"cluster": "ratelimit"},
+        "max_request_body_bytes": 32 << 20,
+        "limits": [{"name": "model", "key": "{{llm.model}}", "tokens": 1000000, "window": "1h"}]
+    });
+    c["reserve"] = json!({"tokens": "max_tokens"});
+    let mut config = testkit::envoy::bootstrap(
+        &c.to_string(),
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+        &testkit::envoy::plugin_wasm(),
+        "127.0.0.1",
+    );
+    // Envoy holds the whole request while the plugin reads it.
+    config["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] =
+        json!(64 << 20);
+    let e = Envoy::try_start_bootstrap(&config).unwrap_or_else(|log| panic!("{log}"));
+    let ask = |body: &[u8]| post(e.port, "/v1/chat/completions", "big", body);
+    assert_eq!(ask(br#"{"model":"m","stream":true}"#).status, 200);
+    let before = e.metric("vm_memory_bytes");
+    let mib = 1 << 20;
+    let filler = "x".repeat(16 * mib);
+    for i in 0..3 {
+        let body = format!(
+            r#"{{"model":"a","stream":true,"stream_options":null,"messages":[{{"role":"user","content":"{filler}"}}],"model":"m{i}","stream_options":null,"max_tokens":5,"max_tokens":7}}"#
+        );
+        let r = ask(body.as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.json()["streamed"],
+            true,
+            "usage asked for in the last stream_options"
+        );
+        svc.await_remaining("model", &format!("m{i}"), 1_000_000 - 2);
+    }
+    let after = e.metric("vm_memory_bytes");
+    // The body, its rewritten copy and change: never a document of it.
+    assert!(
+        after <= before + 40 * mib as u64,
+        "VM memory grew by {} MiB for 16 MiB bodies",
+        (after - before) >> 20
+    );
+}

@@ -369,7 +369,11 @@ fn model_and_reserve_come_from_the_request_body() {
     assert_eq!(checks.len(), 3);
     for check in &checks[1..] {
         assert_eq!(check.json()["descriptors"][0]["value"], "(unreadable)");
-        assert_eq!(check.json()["reserve"], 0, "no output cap could be read");
+        assert_eq!(
+            check.json()["reserve"],
+            4096,
+            "no output cap could be read: `reserve.default`"
+        );
     }
     assert_eq!(up.requests().len(), 3);
     assert_eq!(up.requests()[1].json(), big);

@@ -99,6 +99,14 @@ pub enum Reserve {
     MaxTokens,
 }
 
+/// `reserve.default` unless configured: what a request without an output cap reserves.
+pub const DEFAULT_RESERVE: u64 = 4096;
+
+/// `reserve.max` under envoy-rls unless configured. envoyproxy/ratelimit counts a check's hits
+/// even when it answers OVER_LIMIT, so one request asking for 10^12 tokens would otherwise spend
+/// a shared counter's whole window.
+pub const RLS_RESERVE_MAX: u64 = 4096;
+
 /// The reply to a denied request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DenyConfig {
@@ -117,8 +125,15 @@ pub struct Config {
     pub count: Count,
     pub on_missing: OnMissing,
     pub reserve: Reserve,
-    /// `reserve.max`: the largest reserve a check may ask (the wire's bound when not set).
+    /// `reserve.max`: the largest reserve a check may ask. Not set (0) until [`Config::derive`]
+    /// gives it its default: the wire's bound, or [`RLS_RESERVE_MAX`] under envoy-rls.
     pub reserve_max: u64,
+    /// `reserve.default`: what a request that states no output cap (or whose body cannot be
+    /// read) reserves under `"max_tokens"`.
+    pub reserve_default: u64,
+    /// `reserve.write_cap`: write the reserved cap into the request, so the upstream cannot
+    /// produce more than was reserved.
+    pub write_cap: bool,
     pub inject_stream_usage: bool,
     pub deny: DenyConfig,
     pub quota_headers: bool,
@@ -315,7 +330,9 @@ impl Config {
             count: Count::Total,
             on_missing: OnMissing::Estimate,
             reserve: Reserve::Tokens(0),
-            reserve_max: native::MAX_TOKENS,
+            reserve_max: 0,
+            reserve_default: DEFAULT_RESERVE,
+            write_cap: false,
             inject_stream_usage: true,
             deny: DenyConfig {
                 status: 429,
@@ -337,6 +354,12 @@ impl Config {
 
     /// Computes what the hot path asks on every request.
     fn derive(&mut self) {
+        if self.reserve_max == 0 {
+            self.reserve_max = match self.service.protocol {
+                Protocol::EnvoyRls => RLS_RESERVE_MAX,
+                _ => native::MAX_TOKENS,
+            };
+        }
         let mut names: Vec<String> = Vec::new();
         for name in self.matches.iter().flat_map(RequestMatch::header_names) {
             if !names.iter().any(|n| n == name) {

@@ -63,7 +63,12 @@ impl Options {
                 None => Reserve::Tokens(0),
                 Some(ReserveTokens(reserve)) => reserve,
             };
-            config.reserve_max = r.max.map_or(MAX_TOKENS, |m| m.0);
+            // Not set: `derive` gives the protocol's default.
+            config.reserve_max = r.max.map_or(0, |m| m.0);
+            if let Some(d) = r.default {
+                config.reserve_default = d.0;
+            }
+            config.write_cap = r.write_cap.unwrap_or(false);
         }
         if let Some(inject) = self.inject_stream_usage {
             config.inject_stream_usage = inject;
@@ -343,8 +348,14 @@ impl<'de> Deserialize<'de> for Weight {
 struct ReserveSpec {
     /// A number of tokens, or `"max_tokens"`: the request's own output cap.
     tokens: Option<ReserveTokens>,
-    /// The largest reserve one check may ask, whatever the request says.
+    /// The largest reserve one check may ask, whatever the request says (the wire's bound;
+    /// 4096 under envoy-rls).
     max: Option<Whole<1, MAX_TOKENS>>,
+    /// What a request that states no output cap, or whose body cannot be read, reserves under
+    /// `"max_tokens"` (4096).
+    default: Option<Whole<1, MAX_TOKENS>>,
+    /// Write the reserved cap into the request, in the field its API reads (`false`).
+    write_cap: Option<bool>,
 }
 
 struct ReserveTokens(Reserve);

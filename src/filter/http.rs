@@ -8,16 +8,16 @@ use proxy_wasm::types::Action;
 
 use super::host::{response_body_slices, rewrite_response_body, Host, APPEND};
 use super::root::Shared;
-use crate::config::{Config, FailureMode, ScopeFacts};
+use crate::body::{self, Api, BodyFacts, Edits};
+use crate::config::{Config, FailureMode, OnMissing, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};
+use crate::matcher::strip_query;
 use crate::matcher::{any_matches, HeaderList, RequestHeaders};
 use crate::protocol::{self, CheckFailure, MoneyQuota, Quota};
 use crate::reply;
 use crate::report::Spent;
-use crate::request::{
-    may_need_stream_usage, with_stream_usage, BodyFacts, Properties, RequestBody, RequestView,
-};
-use crate::reserve::{reserve, reserve_cost};
+use crate::request::{may_need_stream_usage, Properties, RequestBody, RequestView};
+use crate::reserve::{reserve, reserve_cost, Rule};
 use crate::strip::Stripper;
 use crate::text::from_wire;
 use crate::usage::{settle, Charge, Observed, UsageScanner};
@@ -160,6 +160,17 @@ pub struct Http {
     request_bytes: Option<u64>,
     /// The plugin rewrote the request to ask for usage in the stream.
     injected: bool,
+    /// The request had a body the plugin could not read: it is charged at least the estimate.
+    unreadable_body: bool,
+}
+
+/// The buffered request body, for the plugin's edits once the reservation is known.
+struct HeldBody<'a> {
+    bytes: &'a [u8],
+    /// Its size as Envoy buffered it.
+    size: usize,
+    /// Ask for usage in the stream (`inject_stream_usage` on a completions route).
+    inject: bool,
 }
 
 impl Http {
@@ -171,6 +182,7 @@ impl Http {
             state: State::Passthrough,
             request_bytes: None,
             injected: false,
+            unreadable_body: false,
         }
     }
 
@@ -181,6 +193,7 @@ impl Http {
         shared: &Shared,
         headers: &[(String, String)],
         body: RequestBody<'_>,
+        held: Option<HeldBody<'_>>,
     ) -> Action {
         let Some(config) = shared.plugin.config(self.policy) else {
             return Action::Continue;
@@ -196,15 +209,21 @@ impl Http {
         if descriptors.is_empty() {
             shared.metrics.requests_unlimited.inc();
             self.state = State::Passthrough;
+            // Usage is still asked for: a limit that does not apply now may on the response's
+            // model, and the client's stream is unchanged either way.
+            self.edit_body(shared, config, headers, body.facts(), held, None);
             return Action::Continue;
         }
-        let reserve = reserve(
-            config.reserve,
-            config.reserve_max,
-            config.service.protocol,
-            body.facts(),
-            &descriptors,
-        );
+        let rule = Rule {
+            wanted: config.reserve,
+            max: config.reserve_max,
+            default: config.reserve_default,
+        };
+        let reservation = reserve(rule, config.service.protocol, body.facts(), &descriptors);
+        let reserve = reservation.tokens;
+        let cap =
+            (config.write_cap && reservation.per_choice > 0).then_some(reservation.per_choice);
+        self.edit_body(shared, config, headers, body.facts(), held, cap);
         // A limit in money: the request's model must have a price (or `unknown_model` one).
         let mut priced = None;
         if let Some(prices) = config
@@ -223,8 +242,7 @@ impl Http {
             priced = Some(Priced {
                 reserved_cost: reserve_cost(
                     &price,
-                    config.reserve,
-                    config.reserve_max,
+                    rule,
                     body.facts(),
                     self.request_bytes,
                     &descriptors,
@@ -273,6 +291,43 @@ impl Http {
                     config.service.cluster
                 );
                 self.fail(shared, config, spend, CheckFailure::Dispatch)
+            }
+        }
+    }
+
+    /// Makes the plugin's edits to the held request body: usage asked for in the stream, and
+    /// the output cap per choice (`cap`, under `reserve.write_cap`) written where the API reads
+    /// it. The edits must happen before the request resumes.
+    fn edit_body(
+        &mut self,
+        shared: &Shared,
+        config: &Config,
+        headers: &[(String, String)],
+        facts: Option<&BodyFacts>,
+        held: Option<HeldBody<'_>>,
+        cap: Option<u64>,
+    ) {
+        let (Some(held), Some(facts)) = (held, facts) else {
+            return;
+        };
+        let path = headers
+            .iter()
+            .find(|(k, _)| k == ":path")
+            .map_or("", |(_, p)| strip_query(p));
+        let edits = Edits {
+            stream_usage: held.inject && config.inject_stream_usage && facts.needs_stream_usage(),
+            cap: cap.map(|c| (c, Api::of(path))),
+        };
+        let Some(rewritten) = body::rewrite(held.bytes, facts, edits) else {
+            return;
+        };
+        if self.host.set_request_body(held.size, &rewritten) {
+            if edits.stream_usage {
+                shared.metrics.stream_usage_injected.inc();
+                self.injected = true;
+            }
+            if edits.cap.is_some() {
+                shared.metrics.request_caps_written.inc();
             }
         }
     }
@@ -470,15 +525,15 @@ impl HttpContext for Http {
             && !end_of_stream
             && may_need_stream_usage(view.header(":method"), view.header(":path"));
         if (config.needs_request_body() || inject) && !end_of_stream {
-            if inject {
-                // The body may grow; the upstream then gets it chunked.
+            if inject || config.write_cap {
+                // The body may change size; the upstream then gets it chunked.
                 self.host.remove_request_header("content-length");
             }
             // Pausing here would stop Envoy's body callbacks; the body is held back instead.
             self.state = State::AwaitingBody { headers, inject };
             return Action::Continue;
         }
-        self.check(&shared, &headers, RequestBody::Absent)
+        self.check(&shared, &headers, RequestBody::Absent, None)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -510,23 +565,21 @@ impl HttpContext for Http {
         let facts = body.as_deref().and_then(BodyFacts::parse);
         if facts.is_none() {
             shared.metrics.request_body_unreadable.inc();
-        }
-        if let (true, Some(body), Some(facts)) = (inject, &body, &facts) {
-            if let Some(rewritten) = with_stream_usage(body, facts) {
-                if self.host.set_request_body(body_size, &rewritten) {
-                    shared.metrics.stream_usage_injected.inc();
-                    self.injected = true;
-                }
-            }
+            self.unreadable_body = true;
         }
         if self.request_bytes.is_none() && !too_large {
             self.request_bytes = Some(body_size as u64);
         }
-        let body = match &facts {
+        let read = match &facts {
             Some(facts) => RequestBody::Read(facts),
             None => RequestBody::Unreadable,
         };
-        self.check(&shared, &headers, body)
+        let held = body.as_deref().map(|bytes| HeldBody {
+            bytes,
+            size: body_size,
+            inject,
+        });
+        self.check(&shared, &headers, read, held)
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
@@ -537,7 +590,8 @@ impl HttpContext for Http {
             // Trailers end a body whose last chunk did not say so.
             State::AwaitingBody { headers, .. } => {
                 shared.metrics.request_body_unreadable.inc();
-                self.check(&shared, &headers, RequestBody::Unreadable)
+                self.unreadable_body = true;
+                self.check(&shared, &headers, RequestBody::Unreadable, None)
             }
             other => {
                 let pause = matches!(other, State::Checking { .. });
@@ -685,7 +739,13 @@ impl HttpContext for Http {
             },
             None => Observed::default(),
         };
-        let charge = settle(config.count, config.on_missing, &seen);
+        // A body the plugin could not read is never free: without usage, the estimate.
+        let on_missing = if self.unreadable_body {
+            OnMissing::Estimate
+        } else {
+            config.on_missing
+        };
+        let charge = settle(config.count, on_missing, &seen);
         shared.metrics.charged(charge.basis);
         // Priced by the model the response names when the table lists it, else the request's.
         let cost = match (&spend.priced, &config.prices) {

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub request_body_unreadable: Counter,
     /// Streaming requests rewritten to ask for `stream_options.include_usage`.
     pub stream_usage_injected: Counter,
+    /// Requests whose output cap the plugin wrote (`reserve.write_cap`).
+    pub request_caps_written: Counter,
     /// Responses charged from the provider's usage, from an estimate, or nothing because
     /// usage was missing (`on_missing: zero`) or the upstream failed.
     pub usage_reported: Counter,
@@ -116,6 +118,7 @@ impl Metrics {
             failure_mode_denied: counter("failure_mode_denied"),
             request_body_unreadable: counter("request_body_unreadable"),
             stream_usage_injected: counter("stream_usage_injected"),
+            request_caps_written: counter("request_caps_written"),
             usage_reported: counter("usage.reported"),
             usage_estimated: counter("usage.estimated"),
             usage_missing: counter("usage.missing"),
