@@ -236,6 +236,17 @@ fn over_limit_denies_with_retry_after() {
     let seen = rls.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].hits_addend, 100);
+    // envoyproxy/ratelimit counts a denied check's hits: one request asking for 10^12 tokens
+    // must not spend a shared counter's window. `reserve.max` is 4,096 under envoy-rls.
+    let r = http::post_json(
+        e.port,
+        "/v1/chat/completions",
+        &[("x-user", "bob")],
+        &json!({"model": "m", "max_tokens": 1e12}),
+    );
+    assert_eq!(r.status, 429);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rls.seen()[1].hits_addend, 4096);
 }
 
 #[test]
