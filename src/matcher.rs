@@ -88,7 +88,7 @@ impl RequestMatch {
         }
         if let Some(path) = &self.path {
             let full = req.header(":path").unwrap_or_default();
-            if !path.matches(strip_query(full)) {
+            if !path.matches(&normalize_path(full)) {
                 return false;
             }
         }
@@ -204,6 +204,61 @@ pub fn strip_query(path: &str) -> &str {
     path.split_once('?').map_or(path, |(p, _)| p)
 }
 
+/// `:path` as the upstreams route it, whatever Envoy's own normalisation settings: without its
+/// query, percent-escapes decoded once (`%76%31` is `v1`, `%2F` is `/`), slashes merged, dot
+/// segments removed (RFC 3986 §5.2.4) and a trailing slash dropped. nginx, uvicorn and most
+/// servers serve every such spelling as one route, so a match, a condition or a key on the path
+/// sees one spelling too. A decoded byte that is not UTF-8 is kept as [`crate::text::from_wire`] writes it.
+pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let raw = strip_query(path);
+    let raw = raw.split_once('#').map_or(raw, |(p, _)| p);
+    let plain = !raw.contains('%')
+        && !raw.contains("//")
+        && !raw.contains("/.")
+        && (raw.len() <= 1 || !raw.ends_with('/'));
+    if plain && !crate::text::is_opaque(raw) {
+        return Cow::Borrowed(raw);
+    }
+    let bytes = crate::text::to_bytes(raw);
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let hex = |j: usize| bytes.get(j).and_then(|h| (*h as char).to_digit(16));
+        match (b, hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                decoded.push((h << 4 | l) as u8);
+                i += 3;
+            }
+            _ => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    // Segments, with `.` dropped and `..` taking the previous one away; empty ones (`//`)
+    // merged.
+    let mut segments: Vec<&[u8]> = Vec::new();
+    for segment in decoded.split(|&b| b == b'/') {
+        match segment {
+            b"" | b"." => {}
+            b".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = Vec::with_capacity(decoded.len() + 1);
+    for segment in &segments {
+        out.push(b'/');
+        out.extend_from_slice(segment);
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    Cow::Owned(crate::text::from_wire(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +339,46 @@ mod tests {
         let yes = RequestMatch::default();
         assert!(!any_matches(std::slice::from_ref(&no), &req()));
         assert!(any_matches(&[no, yes], &req()));
+    }
+
+    /// Every spelling nginx or uvicorn serves as `/v1/chat/completions` is that path.
+    #[test]
+    fn paths_are_normalised_as_upstreams_route_them() {
+        for spelling in [
+            "/v1/chat/completions",
+            "/v1/chat/completions?x=1",
+            "//v1/chat/completions",
+            "/v1//chat/completions",
+            "/v1/./chat/completions",
+            "/v1/x/../chat/completions",
+            "/%76%31/chat/completions",
+            "/v1/chat%2Fcompletions",
+            "/v1/chat%2fcompletions",
+            "/v1/%2e/chat/completions",
+            "/v1/x/%2E%2E/chat/completions",
+            "/v1/chat/completions/",
+            "/../v1/chat/completions",
+            "/v1/chat/completions#frag",
+        ] {
+            assert_eq!(
+                normalize_path(spelling),
+                "/v1/chat/completions",
+                "{spelling}"
+            );
+        }
+        assert!(matches!(
+            normalize_path("/v1/chat/completions?a=%2F"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(normalize_path("/"), "/");
+        assert_eq!(normalize_path("/.."), "/");
+        assert_eq!(normalize_path("/a%zz"), "/a%zz");
+        assert!(crate::text::is_opaque(&normalize_path("/a%ff")));
+        let m = RequestMatch {
+            path: Some(StringMatch::Prefix("/v1/chat/".into())),
+            ..Default::default()
+        };
+        assert!(m.matches(&H(vec![(":path", "/v1//chat/../chat/completions")])));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 
 pub use crate::body::BodyFacts;
 use crate::client_ip::{client_ip, ClientIpSource};
-use crate::matcher::{strip_query, RequestHeaders};
+use crate::matcher::{normalize_path, RequestHeaders};
 use crate::template::{Attribute, AttributeSource};
 use crate::text::{from_wire, to_bytes};
 
@@ -12,7 +12,7 @@ use crate::text::{from_wire, to_bytes};
 /// when asked: `POST …/completions`. Anthropic, Gemini and the Responses API always report
 /// usage and reject the extra field, so they are left alone.
 pub fn may_need_stream_usage(method: Option<&str>, path: Option<&str>) -> bool {
-    method == Some("POST") && path.is_some_and(|p| strip_query(p).ends_with("/completions"))
+    method == Some("POST") && path.is_some_and(|p| normalize_path(p).ends_with("/completions"))
 }
 
 fn is_credentials_header(name: &str) -> bool {
@@ -115,7 +115,7 @@ impl<P: Properties> AttributeSource for RequestView<'_, P> {
             Attribute::Query(name) => query_param(self.header(":path")?, name).map(Cow::Owned),
             Attribute::Cookie(name) => cookie(self.header("cookie")?, name).map(Cow::Owned),
             Attribute::Host => self.header(":authority").map(Cow::Borrowed),
-            Attribute::Path => self.header(":path").map(|p| Cow::Borrowed(strip_query(p))),
+            Attribute::Path => self.header(":path").map(normalize_path),
             Attribute::Method => self.header(":method").map(Cow::Borrowed),
             Attribute::SourceIp => {
                 let peer = self.properties.property(&["source", "address"]);

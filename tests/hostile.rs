@@ -485,3 +485,57 @@ fn large_bodies_with_repeated_keys_keep_the_vm_small() {
         (after - before) >> 20
     );
 }
+
+/// Every spelling of a path that nginx or uvicorn serve as one route is that route to the
+/// plugin too, whatever Envoy's normalisation settings (the test Envoy has none): a spent
+/// budget on `/v1/chat/` is spent for all of them.
+#[test]
+fn another_spelling_of_the_path_is_the_same_route() {
+    let (svc, llm) = (Service::start(&[], &[]), mock_llm());
+    let c = json!({
+        "service": {"cluster": "ratelimit"},
+        "matches": [{"path": {"prefix": "/v1/chat/"}}],
+        "limits": [
+            {"name": "user", "key": "{{request.headers.x-user}}", "tokens": 20, "window": "1h"},
+            {"name": "path", "key": "{{request.path}}", "tokens": 1000000, "window": "1h"}
+        ]
+    });
+    let e = Envoy::start(
+        &c,
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    let ask = |path: &str| {
+        http::post_json(
+            e.port,
+            path,
+            &[
+                ("x-user", "ann"),
+                ("x-mock-prompt-tokens", "10"),
+                ("x-mock-completion-tokens", "10"),
+            ],
+            &json!({"model": "m"}),
+        )
+        .status
+    };
+    assert_eq!(ask("/v1/chat/completions"), 200);
+    svc.await_remaining("user", "ann", 0);
+    for spelling in [
+        "//v1/chat/completions",
+        "/v1//chat/completions",
+        "/v1/./chat/completions",
+        "/v1/x/../chat/completions",
+        "/%76%31/chat/completions",
+        "/v1/chat%2Fcompletions",
+    ] {
+        assert_eq!(ask(spelling), 429, "{spelling}");
+    }
+    // Keys on the path see the one spelling too.
+    assert_eq!(
+        svc.remaining("path", "/v1/chat/completions"),
+        Some(1_000_000 - 20)
+    );
+    assert_eq!(e.metric("requests_matched"), 7);
+}

@@ -11,7 +11,7 @@ use super::root::Shared;
 use crate::body::{self, Api, BodyFacts, Edits};
 use crate::config::{Config, FailureMode, OnMissing, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};
-use crate::matcher::strip_query;
+use crate::matcher::normalize_path;
 use crate::matcher::{any_matches, HeaderList, RequestHeaders};
 use crate::protocol::{self, CheckFailure, MoneyQuota, Quota};
 use crate::reply;
@@ -313,10 +313,11 @@ impl Http {
         let path = headers
             .iter()
             .find(|(k, _)| k == ":path")
-            .map_or("", |(_, p)| strip_query(p));
+            .map(|(_, p)| normalize_path(p))
+            .unwrap_or_default();
         let edits = Edits {
             stream_usage: held.inject && config.inject_stream_usage && facts.needs_stream_usage(),
-            cap: cap.map(|c| (c, Api::of(path))),
+            cap: cap.map(|c| (c, Api::of(&path))),
         };
         let Some(rewritten) = body::rewrite(held.bytes, facts, edits) else {
             return;
