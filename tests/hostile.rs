@@ -539,3 +539,55 @@ fn another_spelling_of_the_path_is_the_same_route() {
     );
     assert_eq!(e.metric("requests_matched"), 7);
 }
+
+/// A client that times out before the response begins: the upstream goes on generating and
+/// bills it, so the reservation stands (it used to be refunded: the request was free).
+#[test]
+fn disconnecting_before_the_response_is_not_free() {
+    use std::io::Write;
+    let svc = Service::start(&[], &[]);
+    let slow = Server::start(|_| {
+        Behaviour::Delay(
+            std::time::Duration::from_secs(2),
+            Box::new(http::json_reply(
+                200,
+                json!({"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}),
+            )),
+        )
+    });
+    let c = json!({
+        "service": {"cluster": "ratelimit"},
+        "reserve": {"tokens": "max_tokens"},
+        "limits": [{"name": "user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"}]
+    });
+    let e = Envoy::start(
+        &c,
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", slow.port),
+        ],
+    );
+    let body = json!({"model": "m", "max_tokens": 100}).to_string();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", e.port)).unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: llm.test\r\nx-user: ann\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Admitted (100 reserved), then the client gives up while the upstream works.
+    svc.await_remaining("user", "ann", 900);
+    drop(conn);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Settled (the previous plugin counted it an upstream error, and refunded it).
+    while e.metric("usage.abandoned") + e.metric("usage.upstream_error") < 1 {
+        assert!(std::time::Instant::now() < deadline, "never settled");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        svc.remaining("user", "ann"),
+        Some(900),
+        "the reservation stands"
+    );
+}

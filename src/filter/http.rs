@@ -20,7 +20,7 @@ use crate::request::{may_need_stream_usage, Properties, RequestBody, RequestView
 use crate::reserve::{reserve, reserve_cost, Rule};
 use crate::strip::Stripper;
 use crate::text::from_wire;
-use crate::usage::{settle, Charge, Observed, UsageScanner};
+use crate::usage::{abandoned, settle, Charge, Observed, UsageScanner};
 
 /// Envoy attributes, read through the host on demand.
 struct HostProperties<'h>(&'h dyn Host);
@@ -729,24 +729,27 @@ impl HttpContext for Http {
         let Some(config) = shared.plugin.config(self.policy) else {
             return;
         };
-        let seen = match &response {
-            Some(r) => match &r.scanner {
-                Some(scanner) => scanner.observed(r.status, r.complete, self.request_bytes),
-                // A status other than 2xx: its body was not read.
-                None => Observed {
-                    status: Some(r.status),
-                    ..Observed::default()
-                },
-            },
-            None => Observed::default(),
+        let charge = match &response {
+            Some(r) => {
+                let seen = match &r.scanner {
+                    Some(scanner) => scanner.observed(r.status, r.complete, self.request_bytes),
+                    // A status other than 2xx: its body was not read.
+                    None => Observed {
+                        status: Some(r.status),
+                        ..Observed::default()
+                    },
+                };
+                // A body the plugin could not read is never free: without usage, the estimate.
+                let on_missing = if self.unreadable_body {
+                    OnMissing::Estimate
+                } else {
+                    config.on_missing
+                };
+                settle(config.count, on_missing, &seen)
+            }
+            // Admitted and gone before any response: the upstream may bill it all the same.
+            None => abandoned(config.count, self.request_bytes, spend.reserved),
         };
-        // A body the plugin could not read is never free: without usage, the estimate.
-        let on_missing = if self.unreadable_body {
-            OnMissing::Estimate
-        } else {
-            config.on_missing
-        };
-        let charge = settle(config.count, on_missing, &seen);
         shared.metrics.charged(charge.basis);
         // Priced by the model the response names when the table lists it, else the request's.
         let cost = match (&spend.priced, &config.prices) {

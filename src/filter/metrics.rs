@@ -85,6 +85,8 @@ pub struct Metrics {
     pub usage_estimated: Counter,
     pub usage_missing: Counter,
     pub upstream_errors: Counter,
+    /// Requests whose client left before the response began (charged their reservation).
+    pub usage_abandoned: Counter,
     /// Tokens the service accepted reports for.
     pub tokens_reported: Counter,
     /// Tokens an engine would not record past a limit (`envoy-rls` with Limitador).
@@ -123,6 +125,7 @@ impl Metrics {
             usage_estimated: counter("usage.estimated"),
             usage_missing: counter("usage.missing"),
             upstream_errors: counter("usage.upstream_error"),
+            usage_abandoned: counter("usage.abandoned"),
             tokens_reported: counter("tokens_reported"),
             tokens_over_limit: counter("tokens_over_limit"),
             reports_sent: counter("reports.sent"),
@@ -140,6 +143,7 @@ impl Metrics {
             Basis::Estimated => &self.usage_estimated,
             Basis::Missing => &self.usage_missing,
             Basis::UpstreamError => &self.upstream_errors,
+            Basis::Abandoned => &self.usage_abandoned,
         }
         .inc();
     }

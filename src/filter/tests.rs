@@ -433,3 +433,19 @@ fn an_unreadable_status_is_not_a_success() {
         "no usage, nothing reserved: nothing to report"
     );
 }
+
+/// A client that leaves after admission and before any response is charged its reservation:
+/// the upstream saw the request and may bill it whole.
+#[test]
+fn a_client_gone_before_the_response_is_charged_its_reservation() {
+    let host = Rc::new(FakeHost::default());
+    let mut root = root(&host, 1, &config(50, "allow"));
+    let mut http = request(&host, &root, "ann");
+    answer(&host, &mut http, host.token(0), 200, &allowed());
+    http.on_log();
+    root.on_tick();
+    // Charged exactly what was reserved: the reservation stands, nothing is refunded.
+    assert_eq!(host.calls(), 1, "no refund report");
+    assert_eq!(host.metric("usage.abandoned"), 1);
+    assert_eq!(host.metric("usage.upstream_error"), 0);
+}

@@ -139,8 +139,11 @@ pub enum Basis {
     Estimated,
     /// No usage and `on_missing: zero`.
     Missing,
-    /// The upstream failed (a status other than 2xx) or never answered: nothing is charged.
+    /// The upstream failed (a status other than 2xx): nothing is charged.
     UpstreamError,
+    /// The client went away before any response headers: the upstream may go on generating
+    /// (and billing), so the reservation, or the prompt's estimate, is charged.
+    Abandoned,
 }
 
 /// The tokens one request is charged.
@@ -202,6 +205,30 @@ pub fn settle(count: Count, on_missing: OnMissing, seen: &Observed) -> Charge {
         tokens: charge(count, &usage),
         usage,
         basis: Basis::Estimated,
+    }
+}
+
+/// What a request costs whose client left before the response began: its reservation
+/// (`reserved` output tokens), or without one the prompt as estimated from the request's size.
+/// The upstream saw the request and may bill it whole; nothing less is ever charged for it.
+pub fn abandoned(count: Count, request_bytes: Option<u64>, reserved: u64) -> Charge {
+    let prompt = request_bytes.unwrap_or(0).div_ceil(BYTES_PER_TOKEN);
+    let usage = Usage {
+        prompt,
+        completion: reserved,
+        total: prompt.saturating_add(reserved),
+        cached: 0,
+        reasoning: 0,
+    };
+    let tokens = if reserved > 0 {
+        reserved
+    } else {
+        charge(count, &usage)
+    };
+    Charge {
+        tokens,
+        usage,
+        basis: Basis::Abandoned,
     }
 }
 
@@ -325,6 +352,16 @@ mod tests {
                 reasoning: 20,
             }
         );
+    }
+
+    #[test]
+    fn a_request_abandoned_before_its_response_is_charged() {
+        let reserved = abandoned(Count::Total, Some(400), 50);
+        assert_eq!((reserved.tokens, reserved.basis), (50, Basis::Abandoned));
+        // Without a reservation: the prompt, estimated from the request's 400 bytes.
+        let c = abandoned(Count::Total, Some(400), 0);
+        assert_eq!((c.tokens, c.usage.prompt), (100, 100));
+        assert_eq!(abandoned(Count::Completion, Some(400), 0).tokens, 0);
     }
 
     #[test]
