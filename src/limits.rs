@@ -73,12 +73,25 @@ pub struct Limit {
 }
 
 impl Limit {
-    /// The descriptor for this request, or `None` when the limit does not apply to it.
-    pub fn descriptor(&self, source: &impl AttributeSource) -> Option<Descriptor> {
+    /// The descriptors for this request: none when the limit does not apply to it, one per
+    /// value of its key (a repeated query parameter or cookie is counted against each value).
+    pub fn descriptors(&self, source: &impl AttributeSource) -> Vec<Descriptor> {
         if self.when.as_ref().is_some_and(|c| !c.holds(source)) {
-            return None;
+            return Vec::new();
         }
-        let value = self.key.render(source)?;
+        let mut out: Vec<Descriptor> = Vec::new();
+        for value in self.key.render_all(source) {
+            if let Some(d) = self.descriptor_of(value) {
+                if !out.iter().any(|o| o.value == d.value) {
+                    out.push(d);
+                }
+            }
+        }
+        out
+    }
+
+    /// The descriptor for one value of the key, or `None` when no value rule takes it.
+    fn descriptor_of(&self, value: String) -> Option<Descriptor> {
         let (value, rates, shared) = match &self.rates {
             LimitRates::Fixed(rates) => (value, rates.clone(), false),
             LimitRates::ServiceOwned => (value, Vec::new(), false),
@@ -134,16 +147,21 @@ pub fn descriptors(limits: &[Limit], source: &impl AttributeSource) -> Vec<Descr
             if l.exclusive && exclusive_taken {
                 return None;
             }
-            let d = l.descriptor(source)?;
-            exclusive_taken |= l.exclusive;
-            Some(d)
+            let ds = l.descriptors(source);
+            exclusive_taken |= l.exclusive && !ds.is_empty();
+            Some(ds)
         })
+        .flatten()
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn one(l: &Limit, source: &impl AttributeSource) -> Option<Descriptor> {
+        l.descriptors(source).into_iter().next()
+    }
     use crate::template::Attribute;
     use std::borrow::Cow;
 
@@ -203,7 +221,7 @@ mod tests {
     #[test]
     fn first_matching_value_rule_wins() {
         let l = per_value();
-        let d = |v| l.descriptor(&Key(Some(v))).unwrap();
+        let d = |v| one(&l, &Key(Some(v))).unwrap();
         assert_eq!(d("vip").rates, vec![rate(1, 60)]);
         assert_eq!(d("10.2.3.4").rates, vec![rate(2, 60)]);
         assert_eq!(d("2001:db8::7").rates, vec![rate(3, 60)]);
@@ -214,14 +232,14 @@ mod tests {
     #[test]
     fn shared_rules_use_one_counter() {
         let l = per_value();
-        let a = l.descriptor(&Key(Some("10.2.3.4"))).unwrap();
-        let b = l.descriptor(&Key(Some("10.9.9.9"))).unwrap();
+        let a = one(&l, &Key(Some("10.2.3.4"))).unwrap();
+        let b = one(&l, &Key(Some("10.9.9.9"))).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.value, "10.0.0.0/8");
         assert!(a.shared);
         let json = serde_json::to_string(&a).unwrap();
         assert!(json.contains("\"shared\":true"), "{json}");
-        let not_shared = serde_json::to_string(&l.descriptor(&Key(Some("zzz"))).unwrap()).unwrap();
+        let not_shared = serde_json::to_string(&one(&l, &Key(Some("zzz"))).unwrap()).unwrap();
         assert!(!not_shared.contains("shared"), "{not_shared}");
     }
 
@@ -231,8 +249,8 @@ mod tests {
         if let LimitRates::PerValue(rules) = &mut l.rates {
             rules.pop();
         }
-        assert_eq!(l.descriptor(&Key(Some("zzz"))), None);
-        assert_eq!(l.descriptor(&Key(None)), None);
+        assert_eq!(one(&l, &Key(Some("zzz"))), None);
+        assert_eq!(one(&l, &Key(None)), None);
     }
 
     #[test]
@@ -247,15 +265,15 @@ mod tests {
         };
         let long_a: &'static str = Box::leak(format!("é{}", "a".repeat(5000)).into_boxed_str());
         let long_b: &'static str = Box::leak(format!("é{}b", "a".repeat(4999)).into_boxed_str());
-        let a = l.descriptor(&Key(Some(long_a))).unwrap().value;
-        let b = l.descriptor(&Key(Some(long_b))).unwrap().value;
+        let a = one(&l, &Key(Some(long_a))).unwrap().value;
+        let b = one(&l, &Key(Some(long_b))).unwrap().value;
         assert!(a.len() <= MAX_VALUE_BYTES && b.len() <= MAX_VALUE_BYTES);
         assert_ne!(a, b);
-        assert_eq!(a, l.descriptor(&Key(Some(long_a))).unwrap().value, "stable");
+        assert_eq!(a, one(&l, &Key(Some(long_a))).unwrap().value, "stable");
         assert!(a.starts_with('é') && a.contains("…#"));
         let short = "x".repeat(MAX_VALUE_BYTES);
         let s: &'static str = Box::leak(short.clone().into_boxed_str());
-        assert_eq!(l.descriptor(&Key(Some(s))).unwrap().value, short);
+        assert_eq!(one(&l, &Key(Some(s))).unwrap().value, short);
     }
 
     #[test]
@@ -304,7 +322,7 @@ mod tests {
             when: None,
             currency: None,
         };
-        let d = l.descriptor(&Key(Some("regular-user"))).unwrap();
+        let d = one(&l, &Key(Some("regular-user"))).unwrap();
         assert_eq!(
             serde_json::to_string(&d).unwrap(),
             r#"{"limit":"user-type","value":"regular-user"}"#

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 pub use crate::body::BodyFacts;
 use crate::client_ip::{client_ip, ClientIpSource};
 use crate::matcher::{normalize_path, RequestHeaders};
-use crate::template::{Attribute, AttributeSource};
+use crate::template::{Attribute, AttributeSource, MAX_RENDERINGS};
 use crate::text::{from_wire, to_bytes};
 
 /// Whether a request may be an OpenAI-style (chat) completion, whose stream carries usage only
@@ -43,6 +43,13 @@ fn canonical_credentials(value: &str) -> Cow<'_, str> {
         .map(str::as_bytes)
         .find(|known| known.eq_ignore_ascii_case(scheme))
         .unwrap_or(scheme);
+    // HTTP Basic: every base64 spelling of one `user:password` (padding or not, stray bytes a
+    // lenient decoder skips, the URL-safe alphabet) is one credential, keyed by its user.
+    if canonical == b"Basic" {
+        let decoded = lenient_base64(credentials);
+        let user = split_at_byte(&decoded, b':').map_or(decoded.as_slice(), |(user, _)| user);
+        return Cow::Owned(from_wire([b"Basic ".as_slice(), user].concat()));
+    }
     // Already canonical: nothing around it, one space after the scheme.
     if canonical == scheme
         && bytes.len() == scheme.len() + 1 + credentials.len()
@@ -51,6 +58,31 @@ fn canonical_credentials(value: &str) -> Cow<'_, str> {
         return Cow::Borrowed(value);
     }
     Cow::Owned(from_wire([canonical, b" ", credentials].concat()))
+}
+
+/// Base64 as lenient decoders read it (Python's `b64decode` without `validate`): bytes outside
+/// the alphabet are skipped, padding is optional, `-` and `_` are read as `+` and `/`.
+fn lenient_base64(text: &[u8]) -> Vec<u8> {
+    let sextet = |b: u8| match b {
+        b'A'..=b'Z' => Some(b - b'A'),
+        b'a'..=b'z' => Some(b - b'a' + 26),
+        b'0'..=b'9' => Some(b - b'0' + 52),
+        b'+' | b'-' => Some(62),
+        b'/' | b'_' => Some(63),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for v in text.iter().copied().filter_map(sextet) {
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
 }
 
 /// Reads Envoy attributes by path (`["source", "address"]`); the adapter supplies it.
@@ -102,6 +134,23 @@ impl<P: Properties> RequestHeaders for RequestView<'_, P> {
 }
 
 impl<P: Properties> AttributeSource for RequestView<'_, P> {
+    /// A query parameter or cookie a client repeats with different values is counted against
+    /// each of them: upstreams disagree on which one they read (Starlette and Python's
+    /// `SimpleCookie` take the last, Go and Node the first), so whichever it is, its budget is
+    /// checked and charged.
+    fn attribute_values(&self, attr: &Attribute) -> Vec<Cow<'_, str>> {
+        let values = match attr {
+            Attribute::Query(name) => self
+                .header(":path")
+                .map_or_else(Vec::new, |p| query_values(p, name)),
+            Attribute::Cookie(name) => self
+                .header("cookie")
+                .map_or_else(Vec::new, |c| cookie_values(c, name)),
+            _ => return self.attribute(attr).into_iter().collect(),
+        };
+        values.into_iter().map(Cow::Owned).collect()
+    }
+
     fn attribute(&self, attr: &Attribute) -> Option<Cow<'_, str>> {
         match attr {
             Attribute::Header(name) => {
@@ -195,23 +244,44 @@ fn trim_bytes(bytes: &[u8]) -> &[u8] {
     bytes.get(start..end).unwrap_or_default()
 }
 
-/// The first value of query parameter `name` in `path`, percent-decoded (`+` is a space). It
-/// is read from the path's bytes, so a byte that is not UTF-8 elsewhere in the path changes
-/// nothing, and a value that is not UTF-8 is keyed by its bytes ([`from_wire`]).
-pub fn query_param(path: &str, name: &str) -> Option<String> {
-    let path = to_bytes(path);
-    let (_, query) = split_at_byte(&path, b'?')?;
-    let query = split_at_byte(query, b'#').map_or(query, |(q, _)| q);
-    query.split(|&b| b == b'&').find_map(|pair| {
-        let (k, v) = split_at_byte(pair, b'=').unwrap_or((pair, b""));
-        (*percent_decode(k) == *name.as_bytes()).then(|| from_wire(percent_decode(v).into_owned()))
-    })
+/// Distinct values in order, at most [`MAX_RENDERINGS`].
+fn distinct(values: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for v in values {
+        if out.len() == MAX_RENDERINGS {
+            break;
+        }
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    out
 }
 
-/// The value of cookie `name` in a `Cookie` header, read from its bytes.
-pub fn cookie(header: &str, name: &str) -> Option<String> {
+/// The values of query parameter `name` in `path`, percent-decoded (`+` is a space), distinct,
+/// in order. Read from the path's bytes, so a byte that is not UTF-8 elsewhere in the path
+/// changes nothing, and a value that is not UTF-8 is keyed by its bytes ([`from_wire`]).
+pub fn query_values(path: &str, name: &str) -> Vec<String> {
+    let path = to_bytes(path);
+    let Some((_, query)) = split_at_byte(&path, b'?') else {
+        return Vec::new();
+    };
+    let query = split_at_byte(query, b'#').map_or(query, |(q, _)| q);
+    distinct(query.split(|&b| b == b'&').filter_map(|pair| {
+        let (k, v) = split_at_byte(pair, b'=').unwrap_or((pair, b""));
+        (*percent_decode(k) == *name.as_bytes()).then(|| from_wire(percent_decode(v).into_owned()))
+    }))
+}
+
+/// The first value of query parameter `name` (see [`query_values`]).
+pub fn query_param(path: &str, name: &str) -> Option<String> {
+    query_values(path, name).into_iter().next()
+}
+
+/// The values of cookie `name` in a `Cookie` header, read from its bytes, distinct, in order.
+pub fn cookie_values(header: &str, name: &str) -> Vec<String> {
     let header = to_bytes(header);
-    header.split(|&b| b == b';').find_map(|pair| {
+    distinct(header.split(|&b| b == b';').filter_map(|pair| {
         let (k, v) = split_at_byte(pair, b'=')?;
         (trim_bytes(k) == name.as_bytes()).then(|| {
             let v = trim_bytes(v);
@@ -219,7 +289,12 @@ pub fn cookie(header: &str, name: &str) -> Option<String> {
             let v = v.strip_suffix(b"\"").unwrap_or(v);
             from_wire(v.to_vec())
         })
-    })
+    }))
+}
+
+/// The first value of cookie `name` (see [`cookie_values`]).
+pub fn cookie(header: &str, name: &str) -> Option<String> {
+    cookie_values(header, name).into_iter().next()
 }
 
 fn percent_decode(s: &[u8]) -> Cow<'_, [u8]> {
@@ -362,10 +437,63 @@ mod tests {
         assert_eq!(canonical_credentials("Custom  x"), "Custom x");
         assert_eq!(canonical_credentials("sk-1"), "sk-1");
         assert_eq!(canonical_credentials(""), "");
+        // Basic: one user, however its base64 is spelled; the password is not part of the key.
+        for spelling in [
+            "Basic YWxpY2U6c2VjcmV0",     // alice:secret
+            "basic YWxpY2U6c2VjcmV0====", // padded
+            "BASIC  YWxp Y2U6\tc2VjcmV0", // stray spaces and a tab
+            "Basic YWxpY2U6b3RoZXI=",     // alice:other
+            "Basic YWxpY2U=",             // alice, no password
+        ] {
+            assert_eq!(
+                canonical_credentials(spelling),
+                "Basic alice",
+                "{spelling:?}"
+            );
+        }
+        assert_eq!(lenient_base64(b"Ym9i-_8"), b"bob\xfb\xff");
+        assert!(crate::text::is_opaque(&canonical_credentials("Basic //79")));
         assert!(
             is_credentials_header("Authorization") && is_credentials_header("proxy-authorization")
         );
         assert!(!is_credentials_header("x-api-key"));
+    }
+
+    #[test]
+    fn repeated_query_parameters_and_cookies_have_every_value() {
+        assert_eq!(
+            query_values("/x?k=a&j=1&k=b&k=a&k=%62&k", "k"),
+            ["a", "b", ""]
+        );
+        assert_eq!(query_param("/x?k=a&k=b", "k").as_deref(), Some("a"));
+        assert_eq!(
+            cookie_values("sid=a; x=1; sid=\"b\"; sid=a", "sid"),
+            ["a", "b"]
+        );
+        let many: String = (0..10).map(|i| format!("k={i}&")).collect();
+        assert_eq!(
+            query_values(&format!("/x?{many}"), "k").len(),
+            MAX_RENDERINGS
+        );
+        let h: Vec<(String, String)> = vec![
+            (":path".into(), "/v1/chat?apikey=random&apikey=real".into()),
+            ("cookie".into(), "sid=s1; sid=s2".into()),
+        ];
+        let remote = ClientIpSource::Remote;
+        let view = RequestView {
+            headers: &h,
+            body: RequestBody::Absent,
+            client_ip: &remote,
+            consumer_header: "x",
+            properties: &Props,
+        };
+        let key =
+            crate::template::Template::parse("{{request.query.apikey}}/{{request.cookies.sid}}")
+                .unwrap();
+        assert_eq!(
+            key.render_all(&view),
+            ["random/s1", "random/s2", "real/s1", "real/s2"]
+        );
     }
 
     #[test]

@@ -88,7 +88,18 @@ pub struct Template {
 /// Where templates get attribute values from; `None` means the attribute is absent.
 pub trait AttributeSource {
     fn attribute(&self, attr: &Attribute) -> Option<Cow<'_, str>>;
+
+    /// Every value the attribute has, distinct, the one [`AttributeSource::attribute`] gives
+    /// first: a source a client may repeat with different values (a query parameter, a cookie)
+    /// has several, since upstreams disagree on which one counts.
+    fn attribute_values(&self, attr: &Attribute) -> Vec<Cow<'_, str>> {
+        self.attribute(attr).into_iter().collect()
+    }
 }
+
+/// The most values one key renders to for one request (a repeated query parameter or cookie
+/// is counted against each of its values, up to this many).
+pub const MAX_RENDERINGS: usize = 4;
 
 impl Template {
     pub fn parse(text: &str) -> Result<Template, String> {
@@ -119,6 +130,34 @@ impl Template {
             Part::Attr(a) => Some(a),
             Part::Literal(_) => None,
         })
+    }
+
+    /// Every value of the key for this request, at most [`MAX_RENDERINGS`]: one per combination
+    /// of the values its attributes have (usually exactly one); none when an attribute is absent.
+    pub fn render_all(&self, source: &impl AttributeSource) -> Vec<String> {
+        let mut outs = vec![String::new()];
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => outs.iter_mut().for_each(|o| o.push_str(s)),
+                Part::Attr(a) => {
+                    let values = source.attribute_values(a);
+                    if let [only] = values.as_slice() {
+                        outs.iter_mut().for_each(|o| o.push_str(only));
+                        continue;
+                    }
+                    let mut next = Vec::new();
+                    for o in &outs {
+                        for v in &values {
+                            if next.len() < MAX_RENDERINGS {
+                                next.push(format!("{o}{v}"));
+                            }
+                        }
+                    }
+                    outs = next;
+                }
+            }
+        }
+        outs
     }
 
     /// The key's value, or `None` when any attribute it names is absent (the limit is skipped).

@@ -591,3 +591,68 @@ fn disconnecting_before_the_response_is_not_free() {
         "the reservation stands"
     );
 }
+
+/// Key sources read as every upstream might read them: a repeated query parameter or cookie is
+/// counted against each of its values (upstreams disagree on first or last), and every base64
+/// spelling of one Basic credential is one user.
+#[test]
+fn repeating_or_respelling_a_key_source_is_not_a_fresh_budget() {
+    let (svc, llm) = (Service::start(&[], &[]), mock_llm());
+    let c = json!({
+        "service": {"cluster": "ratelimit"},
+        "limits": [
+            {"name": "apikey", "key": "{{request.query.apikey}}", "tokens": 20, "window": "1h"},
+            {"name": "session", "key": "{{request.cookies.sid}}", "tokens": 20, "window": "1h"},
+            {"name": "basic", "key": "{{request.headers.authorization}}", "tokens": 20, "window": "1h"}
+        ]
+    });
+    let e = Envoy::start(
+        &c,
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    let ask = |path: &str, headers: &[(&str, &str)]| {
+        let mut h = vec![
+            ("x-mock-prompt-tokens", "10"),
+            ("x-mock-completion-tokens", "10"),
+        ];
+        h.extend_from_slice(headers);
+        http::post_json(e.port, path, &h, &json!({})).status
+    };
+    assert_eq!(ask("/v1/chat/completions?apikey=real", &[]), 200);
+    svc.await_remaining("apikey", "real", 0);
+    for path in [
+        "/v1/chat/completions?apikey=fresh1&apikey=real",
+        "/v1/chat/completions?apikey=real&apikey=fresh2",
+    ] {
+        assert_eq!(ask(path, &[]), 429, "{path}");
+    }
+    assert_eq!(ask("/v1/chat/completions", &[("cookie", "sid=mine")]), 200);
+    svc.await_remaining("session", "mine", 0);
+    assert_eq!(
+        ask("/v1/chat/completions", &[("cookie", "sid=fresh; sid=mine")]),
+        429
+    );
+    // alice:secret, then other spellings and passwords of alice.
+    assert_eq!(
+        ask(
+            "/v1/chat/completions",
+            &[("authorization", "Basic YWxpY2U6c2VjcmV0")]
+        ),
+        200
+    );
+    svc.await_remaining("basic", "Basic alice", 0);
+    for spelling in [
+        "basic YWxpY2U6c2VjcmV0==",
+        "Basic YWxp Y2U6c2VjcmV0",
+        "Basic YWxpY2U6b3RoZXI=",
+    ] {
+        assert_eq!(
+            ask("/v1/chat/completions", &[("authorization", spelling)]),
+            429,
+            "{spelling}"
+        );
+    }
+}
