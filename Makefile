@@ -74,7 +74,7 @@ soak: build
 
 # Coverage-guided fuzzing with libFuzzer on stable Rust: the sanitizer-coverage passes are
 # enabled through RUSTFLAGS (what cargo-fuzz does, without its nightly-only sanitizers).
-FUZZ_TARGETS := config template client_ip json_usage sse_usage strip request_body
+FUZZ_TARGETS := config template client_ip json_usage sse_usage strip request_body headers
 FUZZ_SECONDS ?= 60
 FUZZ_SMOKE_SECONDS ?= 6
 FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \

@@ -6,8 +6,10 @@ mod metrics;
 mod reporter;
 mod root;
 
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 mod fake;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 #[cfg(test)]
 mod tests;
 
