@@ -7,6 +7,7 @@ mod reporter;
 mod root;
 
 #[cfg(any(test, fuzzing))]
+#[cfg_attr(not(test), allow(dead_code))] // the fuzz target uses part of it
 mod fake;
 #[cfg(fuzzing)]
 pub mod fuzzing;
