@@ -527,6 +527,7 @@ mod tests {
             failure_status: 503,
             domain: "llm".into(),
             descriptor_entries: vec![],
+            api_key: None,
         }
     }
 

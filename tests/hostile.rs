@@ -656,3 +656,91 @@ fn repeating_or_respelling_a_key_source_is_not_a_fresh_budget() {
         );
     }
 }
+
+/// A service that requires its API key (`--api-key`): the plugin's `service.api_key` is sent on
+/// every check and report (v1 and asm), so requests are served and charged; a plugin without
+/// the key is refused by the service, and a refused check is never failed open.
+#[test]
+fn the_plugin_sends_the_services_api_key() {
+    const KEY: &str = "plugin-key-0123456789";
+    let svc = Service::start(&["--api-key", KEY], &[]);
+    let llm = mock_llm();
+    let remaining = |limit: &str, value: &str| {
+        let r = http::send(
+            svc.port,
+            "GET",
+            &format!("/v1/quota?limit={limit}&value={value}"),
+            &[("authorization", &format!("Bearer {KEY}"))],
+            b"",
+        );
+        r.json()["meters"][0]["remaining"].as_u64()
+    };
+    let ask = |e: &Envoy| {
+        http::post_json(
+            e.port,
+            "/v1/chat/completions",
+            &[
+                ("x-user", "ann"),
+                ("x-mock-prompt-tokens", "10"),
+                ("x-mock-completion-tokens", "10"),
+            ],
+            &json!({}),
+        )
+        .status
+    };
+    let with_key = json!({
+        "service": {"cluster": "ratelimit", "api_key": KEY, "failure_mode": "allow"},
+        "limits": [{"name": "user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"}]
+    });
+    let e = Envoy::start(
+        &with_key,
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    assert_eq!(ask(&e), 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while remaining("user", "ann") != Some(980) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the report never arrived"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(e);
+    // Without the key: refused (401 is a refusal, not an outage: never failed open).
+    let mut without = with_key.clone();
+    without["service"]
+        .as_object_mut()
+        .unwrap()
+        .remove("api_key");
+    let e = Envoy::start(
+        &without,
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    assert_eq!(ask(&e), 503);
+    assert_eq!(e.metric("failure_mode_allowed"), 0);
+    drop(e);
+    // The ASM protocol carries it too.
+    let asm = json!({
+        "service": {"cluster": "ratelimit", "api_key": KEY, "protocol": "asm"},
+        "limits": [{"name": "asm-user", "key": "{{request.headers.x-user}}"}]
+    });
+    let e = Envoy::start(
+        &asm,
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    assert_eq!(ask(&e), 200);
+    assert_eq!(
+        e.metric("checks_allowed"),
+        1,
+        "answered by the service, not failed open"
+    );
+}

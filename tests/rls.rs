@@ -35,6 +35,8 @@ type Handler = Arc<dyn Fn(&RateLimitRequest) -> Answer + Send + Sync>;
 struct Rls {
     port: u16,
     seen: Arc<Mutex<Vec<RateLimitRequest>>>,
+    /// The `authorization` metadata of each call.
+    authorizations: Arc<Mutex<Vec<Option<String>>>>,
 }
 
 impl Rls {
@@ -45,6 +47,8 @@ impl Rls {
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
         let record = seen.clone();
+        let authorizations = Arc::new(Mutex::new(Vec::new()));
+        let auth = authorizations.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -56,9 +60,15 @@ impl Rls {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
-                    let (handler, record) = (handler.clone(), record.clone());
+                    let (handler, record, auth) = (handler.clone(), record.clone(), auth.clone());
                     tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
+                        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                            auth.lock().unwrap().push(
+                                req.headers()
+                                    .get("authorization")
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(String::from),
+                            );
                             answer(req, handler.clone(), record.clone())
                         });
                         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -68,7 +78,11 @@ impl Rls {
                 }
             });
         });
-        Rls { port, seen }
+        Rls {
+            port,
+            seen,
+            authorizations,
+        }
     }
 
     fn seen(&self) -> Vec<RateLimitRequest> {
@@ -208,6 +222,34 @@ fn allowed_checks_carry_quota_and_reports_the_tokens_used() {
     assert_eq!(seen[1].hits_addend, 25);
     wait_for("the report counted", || e.metric("reports.sent") == 1);
     assert_eq!(e.metric("tokens_reported"), 26);
+}
+
+/// `service.api_key` under envoy-rls: the `authorization` entry of each call's gRPC metadata.
+#[test]
+fn the_api_key_travels_as_grpc_metadata() {
+    let rls = Rls::start(|_| {
+        Answer::Reply(RateLimitResponse {
+            overall_code: CODE_OK,
+            statuses: vec![status(CODE_OK, 1000, 900, 60)],
+        })
+    });
+    let llm = mock_llm();
+    let mut c = config("deny", json!(0));
+    c["service"]["api_key"] = json!("rls-key-0123456789");
+    let e = Envoy::start(
+        &c,
+        &[
+            cluster_h2("ratelimit", rls.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    assert_eq!(ask(&e, "ann").status, 200);
+    wait_for("the report", || rls.seen().len() >= 2);
+    let auth = rls.authorizations.lock().unwrap().clone();
+    assert!(auth.len() >= 2);
+    assert!(auth
+        .iter()
+        .all(|a| a.as_deref() == Some("Bearer rls-key-0123456789")));
 }
 
 #[test]

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::de::{each, Path};
 use super::native::{self, request_matches, MatchSpec, Port, TimeoutMs};
-use super::values::Name;
+use super::values::{ApiKey, Name};
 use super::*;
 use crate::limits::LimitRates;
 use crate::template::Template;
@@ -46,6 +46,8 @@ struct AsmService {
     #[serde(default)]
     protocol: AsmProtocol,
     timeout_ms: Option<TimeoutMs>,
+    /// The service's API key, sent as `authorization: Bearer <key>`.
+    api_key: Option<ApiKey>,
 }
 
 #[derive(Deserialize, Clone, Copy, Default)]
@@ -104,6 +106,7 @@ impl Asm {
             failure_status: 503,
             domain: String::new(),
             descriptor_entries: Vec::new(),
+            api_key: service.api_key.map(|k| k.0),
         };
         Ok(Config::new(service, matches, limits))
     }

@@ -67,6 +67,8 @@ pub struct ServiceConfig {
     pub domain: String,
     /// `envoy-rls`: entries put before `(limit, value)` in every descriptor.
     pub descriptor_entries: Vec<(String, String)>,
+    /// Sent on every call as `authorization: Bearer <key>` (gRPC metadata under envoy-rls).
+    pub api_key: Option<String>,
 }
 
 /// Which tokens a request is charged.
@@ -692,6 +694,18 @@ mod tests {
                     r#"[{"name": "a", "key": "", "tokens": 1, "window": 1, "values": [{"match": "*", "tokens": 1, "window": 1}]}]"#,
                 ),
                 "`limits[0].values`: give either",
+            ),
+            (
+                r#"{"service": {"cluster": "a", "api_key": "two words"}, "limits": [{"name": "g", "key": ""}]}"#,
+                "`service.api_key`: must be visible ASCII characters only",
+            ),
+            (
+                r#"{"service": {"cluster": "a", "api_key": ""}, "limits": [{"name": "g", "key": ""}]}"#,
+                "`service.api_key`: must not be empty",
+            ),
+            (
+                &extra(r#""reserve": {"tokens": "max_tokens", "default": 0}"#),
+                "`reserve.default`",
             ),
             (
                 &extra(r#""matches": [{"path": {"prefix": "/", "exact": "/"}}]"#),

@@ -9,7 +9,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::de::{each, Path};
-use super::values::{Amount, HeaderName, Name, Pattern, Status, Whole, Window, Zone};
+use super::values::{Amount, ApiKey, HeaderName, Name, Pattern, Status, Whole, Window, Zone};
 use super::*;
 use crate::limits::{LimitRates, Rate, ValueMatch, ValueRule};
 use crate::matcher::{Condition, StringMatch};
@@ -161,6 +161,9 @@ pub struct ServiceSpec {
     failure_mode: FailureModeSpec,
     /// The status of a request refused by `failure_mode: deny` (503).
     failure_status: Option<Status>,
+    /// The service's API key (`--api-key`), sent on every call as
+    /// `authorization: Bearer <key>`.
+    api_key: Option<ApiKey>,
 }
 
 impl ServiceSpec {
@@ -228,6 +231,7 @@ impl ServiceSpec {
             failure_status: self.failure_status.map_or(503, |s| s.0),
             domain,
             descriptor_entries,
+            api_key: self.api_key.map(|k| k.0),
         })
     }
 }

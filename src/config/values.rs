@@ -320,6 +320,28 @@ impl<'de> Deserialize<'de> for Name {
     }
 }
 
+/// A credential sent in a header: visible ASCII only (no spaces, no control characters), so it
+/// can never split or forge a header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey(pub String);
+
+impl<'de> Deserialize<'de> for ApiKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(Text(|s: &str| {
+            if s.is_empty() {
+                Err("must not be empty".to_string())
+            } else if !s.bytes().all(|b| b.is_ascii_graphic()) {
+                Err(
+                    "must be visible ASCII characters only (no spaces or control characters)"
+                        .to_string(),
+                )
+            } else {
+                Ok(ApiKey(s.to_string()))
+            }
+        }))
+    }
+}
+
 impl std::ops::Deref for Name {
     type Target = str;
     fn deref(&self) -> &str {
@@ -437,6 +459,18 @@ mod schema {
         }
         fn json_schema(_: &mut SchemaGenerator) -> Schema {
             json_schema!({"type": "string", "format": "regex"})
+        }
+    }
+
+    impl JsonSchema for ApiKey {
+        fn inline_schema() -> bool {
+            true
+        }
+        fn schema_name() -> Cow<'static, str> {
+            "ApiKey".into()
+        }
+        fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            json_schema!({"type": "string", "pattern": "^[!-~]+$"})
         }
     }
 

@@ -119,22 +119,21 @@ pub fn response_body_slices(host: &dyn Host, size: usize, mut f: impl FnMut(&[u8
 /// Envoy, through the proxy-wasm host calls.
 pub struct Envoy;
 
-fn dispatch_http(
-    cluster: &str,
-    authority: &str,
-    call: &Call,
-    timeout_ms: u64,
-) -> Result<u32, Status> {
+fn dispatch_http(service: &ServiceConfig, call: &Call, timeout_ms: u64) -> Result<u32, Status> {
     let mut headers = vec![
         (":method", call.method),
         (":path", call.path.as_str()),
-        (":authority", authority),
+        (":authority", service.authority.as_str()),
     ];
     if call.body.is_some() {
         headers.push(("content-type", "application/json"));
     }
+    let authorization = service.api_key.as_ref().map(|k| format!("Bearer {k}"));
+    if let Some(a) = &authorization {
+        headers.push(("authorization", a.as_str()));
+    }
     hostcalls::dispatch_http_call(
-        cluster,
+        &service.cluster,
         headers,
         call.body.as_deref(),
         Vec::new(),
@@ -236,17 +235,23 @@ impl Host for Envoy {
         timeout_ms: u64,
     ) -> Result<u32, Status> {
         match outbound {
-            Outbound::Http(call) => {
-                dispatch_http(&service.cluster, &service.authority, call, timeout_ms)
+            Outbound::Http(call) => dispatch_http(service, call, timeout_ms),
+            Outbound::Grpc(message) => {
+                // gRPC carries the key as the same header, in the call's initial metadata.
+                let authorization = service.api_key.as_ref().map(|k| format!("Bearer {k}"));
+                let metadata: Vec<(&str, &[u8])> = authorization
+                    .iter()
+                    .map(|a| ("authorization", a.as_bytes()))
+                    .collect();
+                hostcalls::dispatch_grpc_call(
+                    &service.cluster,
+                    rls::SERVICE,
+                    rls::METHOD,
+                    metadata,
+                    Some(message),
+                    Duration::from_millis(timeout_ms),
+                )
             }
-            Outbound::Grpc(message) => hostcalls::dispatch_grpc_call(
-                &service.cluster,
-                rls::SERVICE,
-                rls::METHOD,
-                Vec::new(),
-                Some(message),
-                Duration::from_millis(timeout_ms),
-            ),
         }
     }
 

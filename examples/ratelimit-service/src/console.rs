@@ -91,19 +91,20 @@ pub struct Action {
 
 /// Whether a request may act: `Err` is the answer when it may not.
 pub fn authorize<B>(limiter: &Limiter, req: &Request<B>) -> Result<(), Answer> {
-    let Some(token) = limiter.admin_token.as_deref() else {
+    if !limiter.access.admin_enabled() {
         return Err((
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "the admin API is disabled; start the service with --admin-token (RATELIMIT_ADMIN_TOKEN)"}),
         ));
-    };
-    let given = req
+    }
+    let header = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        .map(|v| v.as_bytes());
+    if limiter
+        .access
+        .allows(crate::auth::Need::Admin, crate::auth::bearer(header))
+    {
         Ok(())
     } else {
         inc(&limiter.metrics.admin_unauthorized);
@@ -149,10 +150,6 @@ pub async fn act(limiter: &Limiter, method: &Method, path: &str, action: Action)
         }
         Err(f) => failure(f),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn bad(message: &str) -> Answer {

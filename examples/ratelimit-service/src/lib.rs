@@ -5,6 +5,7 @@
 //! `meter`; `settings` turns flags and environment into a running configuration.
 
 pub mod api;
+pub mod auth;
 pub mod calendar;
 pub mod clock;
 pub mod console;
@@ -35,7 +36,7 @@ pub fn limiter(settings: &Settings, clock: Clock) -> Limiter {
         )),
     };
     let mut limiter = Limiter::new(store, settings.rules.clone(), clock, settings.sliding);
-    limiter.admin_token = settings.admin_token.clone();
+    limiter.access = auth::Access::new(&settings.api_keys, settings.admin_token.as_deref());
     limiter
 }
 

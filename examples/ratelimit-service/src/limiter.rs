@@ -33,8 +33,9 @@ pub struct Limiter {
     pub metrics: Metrics,
     /// Plugin-owned rates: sliding windows (default) or fixed windows.
     pub sliding: bool,
-    /// The admin API's bearer token; `None`: the admin API is disabled.
-    pub admin_token: Option<String>,
+    /// Who may call: API keys and the admin token (none: checks and reads are open and the
+    /// admin API is disabled).
+    pub access: crate::auth::Access,
 }
 
 impl Limiter {
@@ -45,7 +46,7 @@ impl Limiter {
             clock,
             metrics: Metrics::default(),
             sliding,
-            admin_token: None,
+            access: crate::auth::Access::default(),
         }
     }
 

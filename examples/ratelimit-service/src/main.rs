@@ -51,7 +51,7 @@ async fn main() -> std::process::ExitCode {
         limiter.rules.len(),
         if settings.sliding { "sliding" } else { "fixed" }
     );
-    server::serve(listener, limiter, shutdown_signal()).await;
+    server::serve(listener, limiter, settings.connections, shutdown_signal()).await;
     tracing::info!("stopped");
     std::process::ExitCode::SUCCESS
 }

@@ -37,6 +37,14 @@ pub struct Metrics {
     pub admin_grants: AtomicU64,
     pub admin_resets: AtomicU64,
     pub admin_unauthorized: AtomicU64,
+    /// Requests refused for a missing or wrong API key (`--api-key`).
+    pub unauthorized: AtomicU64,
+    /// Connections accepted and closed, those closed for stalling (no request head in time,
+    /// idle too long), and request bodies not sent in time (408).
+    pub connections_opened: AtomicU64,
+    pub connections_closed: AtomicU64,
+    pub connections_timed_out: AtomicU64,
+    pub bodies_timed_out: AtomicU64,
     /// Money charged and refunded per limit that counts it, in micro units, by (limit,
     /// currency); at most [`MAX_SPEND_SERIES`] series (limit names come from plugin configs).
     spend: Mutex<BTreeMap<(String, String), (u64, u64)>>,
@@ -155,6 +163,23 @@ impl Metrics {
                 ("{action=\"grant\"}", g(&self.admin_grants)),
                 ("{action=\"reset\"}", g(&self.admin_resets)),
                 ("{action=\"unauthorized\"}", g(&self.admin_unauthorized)),
+            ],
+        );
+        family(
+            "ratelimit_unauthorized_total",
+            "Requests refused with 401 for a missing or wrong API key (--api-key).",
+            "counter",
+            &[("", g(&self.unauthorized))],
+        );
+        family(
+            "ratelimit_connections_total",
+            "Connections opened, closed, and closed for stalling (no request head in time, idle too long); request bodies not sent in time (408).",
+            "counter",
+            &[
+                ("{event=\"opened\"}", g(&self.connections_opened)),
+                ("{event=\"closed\"}", g(&self.connections_closed)),
+                ("{event=\"timed_out\"}", g(&self.connections_timed_out)),
+                ("{event=\"body_timed_out\"}", g(&self.bodies_timed_out)),
             ],
         );
         family(

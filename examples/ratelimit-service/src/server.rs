@@ -3,8 +3,9 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -17,17 +18,18 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::api::{AsmUpdate, BadRequest, CheckRequest, ReportRequest};
+use crate::auth::Need;
 use crate::clock::Clock;
 use crate::limiter::{Failure, Limiter};
+use crate::metrics::inc;
+use crate::settings::ConnectionLimits;
 use crate::store::Store;
 
 /// The largest request body read; larger ones get 413 without being buffered.
 pub const MAX_BODY: usize = wire::MAX_BODY_BYTES;
-
-/// How long a client may take to send its request head.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -35,9 +37,15 @@ const DRAIN: Duration = Duration::from_secs(10);
 type Reply = Response<Full<Bytes>>;
 
 /// Serves until `shutdown` resolves, then drains in-flight requests.
+///
+/// Connections are bounded (`limits`): at most `max_connections` at once (a semaphore; more
+/// wait in the listen backlog), each closed when it stalls: a new connection that sends no
+/// request head within `head_timeout`, a head trickled slower than that, a body not read
+/// within `body_timeout` (408), a kept-alive connection idle for `idle_timeout`.
 pub async fn serve(
     listener: TcpListener,
     limiter: Arc<Limiter>,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -46,9 +54,17 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.head_timeout);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let stream = match accepted {
@@ -60,15 +76,29 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let limiter = limiter.clone();
+                let activity = Arc::new(Activity::new());
+                let metrics = limiter.clone();
+                let (limiter, seen) = (limiter.clone(), activity.clone());
                 let service = service_fn(move |req| {
-                    let limiter = limiter.clone();
-                    async move { Ok::<_, Infallible>(route(&limiter, req).await) }
+                    let (limiter, seen) = (limiter.clone(), seen.clone());
+                    async move {
+                        let _busy = seen.begin();
+                        Ok::<_, Infallible>(route(&limiter, limits.body_timeout, req).await)
+                    }
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    inc(&metrics.metrics.connections_opened);
+                    tokio::select! {
+                        _ = conn => {}
+                        () = activity.stalled(limits) => {
+                            // Dropping the connection closes its socket.
+                            inc(&metrics.metrics.connections_timed_out);
+                        }
+                    }
+                    inc(&metrics.metrics.connections_closed);
+                    drop(permit);
                 });
             }
             _ = &mut shutdown => break,
@@ -81,6 +111,64 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some connections were still open after {DRAIN:?}");
+    }
+}
+
+/// What a connection is doing, for its watchdog: requests under way, requests begun, and when
+/// it last finished one.
+struct Activity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    begun: AtomicU64,
+    /// Milliseconds after `opened` when the last request finished.
+    last_done_ms: AtomicU64,
+}
+
+/// Marks a request finished when dropped (however its handler ends).
+struct Busy<'a>(&'a Activity);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let at = self.0.opened.elapsed().as_millis() as u64;
+        self.0.last_done_ms.store(at, Relaxed);
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            begun: AtomicU64::new(0),
+            last_done_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(&self) -> Busy<'_> {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.begun.fetch_add(1, Relaxed);
+        Busy(self)
+    }
+
+    /// Resolves when the connection has stalled: no request head within `head_timeout` of
+    /// opening, or none within `idle_timeout` of the last request. A request under way is the
+    /// handler's to bound (its body read has `body_timeout`).
+    async fn stalled(&self, limits: ConnectionLimits) {
+        loop {
+            let deadline = if self.in_flight.load(Relaxed) > 0 {
+                self.opened.elapsed() + limits.idle_timeout.min(limits.body_timeout)
+            } else if self.begun.load(Relaxed) == 0 {
+                limits.head_timeout
+            } else {
+                Duration::from_millis(self.last_done_ms.load(Relaxed)) + limits.idle_timeout
+            };
+            let now = self.opened.elapsed();
+            if now >= deadline && self.in_flight.load(Relaxed) == 0 {
+                return;
+            }
+            tokio::time::sleep(deadline.saturating_sub(now).max(Duration::from_millis(100))).await;
+        }
     }
 }
 
@@ -125,15 +213,30 @@ fn failure(f: Failure) -> Reply {
     }
 }
 
-/// Reads and parses a JSON body, refusing one over [`MAX_BODY`].
+/// Reads and parses a JSON body, refusing one over [`MAX_BODY`] (413) or one not read within
+/// `timeout` (408; the connection then closes).
 async fn body_json<T: serde::de::DeserializeOwned>(
     limiter: &Limiter,
+    timeout: Duration,
     req: Request<Incoming>,
 ) -> Result<T, Reply> {
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+    let read = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect());
+    let Ok(read) = read.await else {
+        inc(&limiter.metrics.bodies_timed_out);
+        let mut r = error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!("the body was not sent within {timeout:?}"),
+        );
+        r.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        return Err(r);
+    };
+    let bytes = match read {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            crate::metrics::inc(&limiter.metrics.bad_requests);
+            inc(&limiter.metrics.bad_requests);
             return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("body larger than {MAX_BODY} bytes"),
@@ -147,7 +250,7 @@ async fn body_json<T: serde::de::DeserializeOwned>(
         }
     };
     serde_json::from_slice(&bytes).map_err(|e| {
-        crate::metrics::inc(&limiter.metrics.bad_requests);
+        inc(&limiter.metrics.bad_requests);
         error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"))
     })
 }
@@ -158,23 +261,58 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-async fn route(limiter: &Limiter, req: Request<Incoming>) -> Reply {
+/// What each endpoint asks of its caller (see [`crate::auth`]).
+fn need(path: &str) -> Need {
+    match path {
+        "/healthz" | "/readyz" | "/metrics" | "/console" => Need::Open,
+        "/v1/quota"
+        | "/v1/console/overview"
+        | "/v1/console/top"
+        | "/v1/console/denials"
+        | "/v1/console/search" => Need::Read,
+        // The admin API checks its own token (and answers 404 when it is disabled).
+        "/v1/admin/grant" | "/v1/admin/reset" => Need::Open,
+        _ => Need::Data,
+    }
+}
+
+async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>) -> Reply {
     let path = req.uri().path().to_string();
+    let header = req.headers().get(hyper::header::AUTHORIZATION);
+    if !limiter.access.allows(
+        need(&path),
+        crate::auth::bearer(header.map(|v| v.as_bytes())),
+    ) {
+        inc(&limiter.metrics.unauthorized);
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "a valid `Authorization: Bearer <API key>` is required",
+        );
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
     match (req.method().clone(), path.as_str()) {
-        (Method::POST, "/v1/check") => match body_json::<CheckRequest>(limiter, req).await {
-            Ok(body) => limiter
-                .check(&body)
-                .await
-                .map_or_else(failure, |a| json(StatusCode::OK, &a)),
-            Err(reply) => reply,
-        },
-        (Method::POST, "/v1/report") => match body_json::<ReportRequest>(limiter, req).await {
-            Ok(body) => limiter
-                .report(&body)
-                .await
-                .map_or_else(failure, |a| json(StatusCode::OK, &a)),
-            Err(reply) => reply,
-        },
+        (Method::POST, "/v1/check") => {
+            match body_json::<CheckRequest>(limiter, body_timeout, req).await {
+                Ok(body) => limiter
+                    .check(&body)
+                    .await
+                    .map_or_else(failure, |a| json(StatusCode::OK, &a)),
+                Err(reply) => reply,
+            }
+        }
+        (Method::POST, "/v1/report") => {
+            match body_json::<ReportRequest>(limiter, body_timeout, req).await {
+                Ok(body) => limiter
+                    .report(&body)
+                    .await
+                    .map_or_else(failure, |a| json(StatusCode::OK, &a)),
+                Err(reply) => reply,
+            }
+        }
         (Method::GET, "/ratelimit") => {
             let Some(raw) = query_param(&req, "ratelimit_keys") else {
                 return error(
@@ -188,7 +326,7 @@ async fn route(limiter: &Limiter, req: Request<Incoming>) -> Reply {
                     .await
                     .map_or_else(failure, |a| json(StatusCode::OK, &a)),
                 Err(_) => {
-                    crate::metrics::inc(&limiter.metrics.bad_requests);
+                    inc(&limiter.metrics.bad_requests);
                     error(
                         StatusCode::BAD_REQUEST,
                         "ratelimit_keys must be a JSON array of strings",
@@ -197,7 +335,7 @@ async fn route(limiter: &Limiter, req: Request<Incoming>) -> Reply {
             }
         }
         (Method::POST, "/update_ratelimit_record") => {
-            match body_json::<AsmUpdate>(limiter, req).await {
+            match body_json::<AsmUpdate>(limiter, body_timeout, req).await {
                 Ok(body) => limiter
                     .asm_update(&body)
                     .await
@@ -269,7 +407,7 @@ async fn route(limiter: &Limiter, req: Request<Incoming>) -> Reply {
                 return answer(refused);
             }
             let method = req.method().clone();
-            match body_json::<crate::console::Action>(limiter, req).await {
+            match body_json::<crate::console::Action>(limiter, body_timeout, req).await {
                 Ok(action) => answer(crate::console::act(limiter, &method, &path, action).await),
                 Err(reply) => reply,
             }

@@ -103,6 +103,71 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+
+    /// Requires `Authorization: Bearer <key>` on every endpoint but /healthz, /readyz and
+    /// /metrics (the console's reads also take the admin token). Several keys, comma-separated,
+    /// for a rotation; each at least 16 characters.
+    #[arg(
+        long = "api-key",
+        env = "RATELIMIT_API_KEY",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_keys: Vec<String>,
+
+    /// Seconds a connection may take to send a whole request head (a new connection: its first
+    /// one); slower ones are closed.
+    #[arg(
+        long = "head-timeout",
+        env = "RATELIMIT_HEAD_TIMEOUT_S",
+        default_value_t = 10
+    )]
+    pub head_timeout_s: u64,
+
+    /// Seconds a request may take to send its whole body; then 408 and the connection closes.
+    #[arg(
+        long = "body-timeout",
+        env = "RATELIMIT_BODY_TIMEOUT_S",
+        default_value_t = 10
+    )]
+    pub body_timeout_s: u64,
+
+    /// Seconds a kept-alive connection may sit idle between requests before it is closed.
+    #[arg(
+        long = "idle-timeout",
+        env = "RATELIMIT_IDLE_TIMEOUT_S",
+        default_value_t = 300
+    )]
+    pub idle_timeout_s: u64,
+
+    /// The most connections served at once; more wait to be accepted.
+    #[arg(
+        long = "max-connections",
+        env = "RATELIMIT_MAX_CONNECTIONS",
+        default_value_t = 4096
+    )]
+    pub max_connections: usize,
+}
+
+/// How connections are bounded: none can hold the service's file descriptors for long
+/// without sending a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub head_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            head_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 4096,
+        }
+    }
 }
 
 /// What the flags decide.
@@ -116,6 +181,8 @@ pub struct Settings {
     /// `--manual-clock`: where the manual clock starts (ms since the epoch).
     pub manual_clock_ms: Option<i64>,
     pub admin_token: Option<String>,
+    pub api_keys: Vec<String>,
+    pub connections: ConnectionLimits,
 }
 
 #[derive(Debug)]
@@ -216,6 +283,36 @@ impl Cli {
                     return Err("--admin-token must be at least 16 characters".into())
                 }
                 other => other,
+            },
+            api_keys: {
+                let keys: Vec<String> = self
+                    .api_keys
+                    .into_iter()
+                    .map(|k| k.trim().to_string())
+                    .filter(|k| !k.is_empty())
+                    .collect();
+                if keys.iter().any(|k| k.len() < 16) {
+                    return Err("--api-key: each key must be at least 16 characters".into());
+                }
+                keys
+            },
+            connections: {
+                let secs = |flag: &str, s: u64| {
+                    if s == 0 {
+                        Err(format!("--{flag} must be at least 1 second"))
+                    } else {
+                        Ok(Duration::from_secs(s))
+                    }
+                };
+                if self.max_connections == 0 {
+                    return Err("--max-connections must be at least 1".into());
+                }
+                ConnectionLimits {
+                    head_timeout: secs("head-timeout", self.head_timeout_s)?,
+                    body_timeout: secs("body-timeout", self.body_timeout_s)?,
+                    idle_timeout: secs("idle-timeout", self.idle_timeout_s)?,
+                    max_connections: self.max_connections,
+                }
             },
         })
     }
