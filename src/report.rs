@@ -255,11 +255,12 @@ impl ReportQueue {
         // (kind, [tokens, cost] charged, [tokens, cost] reserved, when reserved)
         let mut parts = Vec::with_capacity(2);
         if let Some(check) = release {
+            // A release settles as a refund does: in the window its reservation was taken in.
             parts.push((
                 Kind::Release(check),
                 [tokens, cost],
                 [reserved, reserved_cost],
-                None,
+                reserved_at_ms,
             ));
         } else {
             let excess = [

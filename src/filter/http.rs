@@ -108,6 +108,8 @@ struct Spend {
     /// The check's answer was never seen after it left: whether `reserved` was taken is the
     /// service's to say, so the report releases it by `id`.
     release: bool,
+    /// When the check left, by this VM's clock.
+    dispatched_ms: u64,
     /// A limit in money applies: the model the request named (for its price) and the micro
     /// units the check reserved.
     priced: Option<Priced>,
@@ -275,6 +277,7 @@ impl Http {
             reserved_at_ms: None,
             id,
             release: false,
+            dispatched_ms: self.host.now_ms(),
             priced,
         };
         match self
@@ -348,6 +351,7 @@ impl Http {
         let unseen = kind.after_dispatch() && spend.id.is_some();
         let spend = Spend {
             reserved: if unseen { spend.reserved } else { 0 },
+            reserved_at_ms: unseen.then(|| reserved_when(shared, &spend)),
             release: unseen,
             priced: spend.priced.map(|p| Priced {
                 reserved_cost: if unseen { p.reserved_cost } else { 0 },
@@ -381,6 +385,18 @@ impl Http {
             }
         }
     }
+}
+
+/// When a reservation whose answer was never seen was taken, by the service's clock: when its
+/// check left, moved by the offset between the clocks the last answer showed.
+fn reserved_when(shared: &Shared, spend: &Spend) -> u64 {
+    let offset = shared
+        .reporter
+        .try_borrow()
+        .ok()
+        .and_then(|r| r.service_offset_ms)
+        .unwrap_or(0);
+    (spend.dispatched_ms as i64).saturating_add(offset).max(0) as u64
 }
 
 /// Queues the release of a reservation whose request will never be charged (refused after
@@ -453,7 +469,14 @@ impl Http {
         else {
             return;
         };
-        let action = match config.service.protocol.wire().read_check(status, body) {
+        let verdict = config.service.protocol.wire().read_check(status, body);
+        if let (Ok(Some(at)), Ok(mut reporter)) = (
+            verdict.as_ref().map(|v| v.reserved_at_ms),
+            shared.reporter.try_borrow_mut(),
+        ) {
+            reporter.service_offset_ms = Some(at as i64 - self.host.now_ms() as i64);
+        }
+        let action = match verdict {
             Ok(verdict) if verdict.allowed => {
                 shared.metrics.checks_allowed.inc();
                 self.state = State::Admitted {
@@ -721,7 +744,15 @@ impl HttpContext for Http {
             // reservation the service may have taken is released.
             State::Checking { spend, .. } => {
                 let release = spend.id.is_some();
-                release_unsettled(&shared, Spend { release, ..spend });
+                let reserved_at_ms = Some(reserved_when(&shared, &spend));
+                release_unsettled(
+                    &shared,
+                    Spend {
+                        release,
+                        reserved_at_ms,
+                        ..spend
+                    },
+                );
                 return;
             }
             State::Passthrough | State::AwaitingBody { .. } => return,

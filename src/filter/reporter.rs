@@ -38,6 +38,10 @@ pub struct Reporter {
     next_call: u64,
     /// The root context whose timer is armed, if any.
     ticking: Option<u32>,
+    /// The service's clock less this VM's, as the last check answer showed it: a release
+    /// (whose check was never answered) says when its reservation was taken in the service's
+    /// time, so its refund settles in that window.
+    pub service_offset_ms: Option<i64>,
 }
 
 impl Reporter {
@@ -52,6 +56,7 @@ impl Reporter {
             flights: Vec::new(),
             next_call: 0,
             ticking: None,
+            service_offset_ms: None,
         }
     }
 

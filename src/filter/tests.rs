@@ -100,6 +100,7 @@ fn an_admitted_request_is_reported_with_its_usage() {
 fn a_stream_gone_during_its_check_releases_its_reservation() {
     let host = Rc::new(FakeHost::default());
     let mut root = root(&host, 1, &config(50, "allow"));
+    host.state().now_ms = 7_000;
     let mut http = request(&host, &root, "ann");
     let check = host.call_json(0);
     assert_eq!(check["reserve"], 50);
@@ -113,6 +114,9 @@ fn a_stream_gone_during_its_check_releases_its_reservation() {
         (report["tokens"].clone(), report["reserved"].clone()),
         (json!(0), json!(50))
     );
+    // It settles in the window of its reservation: when its check left (no answer has shown
+    // the service's clock yet, so by this VM's).
+    assert_eq!(report["reserved_at_ms"], 7_000);
     // The late answer finds nobody: ignored, counted.
     answer(&host, &mut http, host.token(0), 200, &allowed());
     assert_eq!(host.state().resumed, 0);
@@ -123,21 +127,28 @@ fn a_stream_gone_during_its_check_releases_its_reservation() {
 fn a_check_that_timed_out_fails_open_and_its_report_releases_the_reservation() {
     let host = Rc::new(FakeHost::default());
     let mut root = root(&host, 1, &config(50, "allow"));
+    // An earlier answer (at 0 by this VM's clock) showed the service's at 5 s.
+    let mut earlier = request(&host, &root, "bob");
+    answer(&host, &mut earlier, host.token(0), 200, &allowed());
+    host.state().now_ms = 3_000;
     let mut http = request(&host, &root, "ann");
-    let id = host.call_json(0)["id"].as_str().unwrap().to_string();
+    let id = host.call_json(1)["id"].as_str().unwrap().to_string();
     // Envoy's answer for a callout past its deadline.
-    answer(&host, &mut http, host.token(0), 504, &json!(null));
-    assert_eq!(host.state().resumed, 1);
+    answer(&host, &mut http, host.token(1), 504, &json!(null));
+    assert_eq!(host.state().resumed, 2);
     assert_eq!(host.metric("check_failures.timeout"), 1);
     assert_eq!(host.metric("failure_mode_allowed"), 1);
     respond_and_end(&host, &mut http, 30);
     root.on_tick();
-    let report = &host.call_json(1)["reports"][0];
+    let report = &host.call_json(2)["reports"][0];
     assert_eq!(report["release"], json!(id));
     assert_eq!(
         (report["tokens"].clone(), report["reserved"].clone()),
         (json!(30), json!(50))
     );
+    // Settled in the window of its reservation, by the service's clock: sent at 3 s here,
+    // 8 s there.
+    assert_eq!(report["reserved_at_ms"], 8_000);
 }
 
 #[test]

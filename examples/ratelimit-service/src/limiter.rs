@@ -283,12 +283,13 @@ impl Limiter {
     }
 
     /// What a report settles. A release counts its reservation only if the store recorded
-    /// it and this is the first release; its refund then goes to the current window.
+    /// it and this is the first release; it settles as a refund does, in the window the
+    /// reservation was taken in (`reserved_at_ms`; the current one when not given).
     async fn reserved(&self, r: &Report) -> Result<Settlement, StoreError> {
         let used: Amounts = [r.tokens as i64, r.cost as i64];
         let reserved: Amounts = [r.reserved as i64, r.reserved_cost as i64];
+        let at = r.reserved_at_ms.map(|t| t.min(i64::MAX as u64) as i64);
         let Some(check) = &r.release else {
-            let at = r.reserved_at_ms.map(|t| t.min(i64::MAX as u64) as i64);
             return Ok(Settlement::of(used, reserved, at));
         };
         let taken = match SeqId::parse(check) {
@@ -303,7 +304,7 @@ impl Limiter {
         Ok(Settlement::of(
             used,
             if taken { reserved } else { [0, 0] },
-            None,
+            at,
         ))
     }
 

@@ -907,7 +907,45 @@ async fn releases_give_back_only_reservations_taken(ctx: &Ctx) {
     assert_eq!(ctx.remaining(&d).await, vec![800]);
 }
 
+/// A release settles as a refund does: in the period its reservation was taken in. Reserve on
+/// the last day of a month, spend in the next, then release the old reservation: the new
+/// month's spending stands (it used to be given the release, its budget whole again).
+async fn a_release_refunds_the_window_of_its_reservation(ctx: &Ctx) {
+    // T0 is 2024-10-04T00:00Z; October ends in UTC 27 days and 24 hours later.
+    let d = calendar(
+        &ctx.d("release-month", "team", &[(1000, 0)]),
+        Period::Month,
+        "UTC",
+        None,
+    );
+    let ds = std::slice::from_ref(&d);
+    let end = T0 + 28 * 86_400_000;
+    ctx.advance(end - T0 - 60_000);
+    let taken = ctx.check_as(ds, 1000, &ctx.id(7)).await;
+    assert!(taken.allowed);
+    let reserved_at = taken.reserved_at_ms.unwrap();
+    ctx.advance(120_000);
+    ctx.report("december-spend", ds, 900, 0).await;
+    assert_eq!(ctx.remaining(&d).await, [100]);
+    ctx.settle(Report {
+        id: ctx.report_id("release-7"),
+        descriptors: vec![d.clone()],
+        tokens: 0,
+        reserved: 1000,
+        reserved_at_ms: Some(reserved_at),
+        release: Some(ctx.id(7)),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        ctx.remaining(&d).await,
+        [100],
+        "the new month keeps what it spent"
+    );
+}
+
 suite!(
+    a_release_refunds_the_window_of_its_reservation,
     calendar_months_reset_at_their_start_in_their_zone,
     money_and_tokens_are_counted_apart,
     late_refunds_never_enlarge_the_next_window,
