@@ -16,6 +16,9 @@ pub fn system_ms() -> i64 {
 pub enum Clock {
     System,
     Manual(Arc<AtomicI64>),
+    /// The system clock moved by this many ms, with stores on their own clock: a service host
+    /// whose clock is off (tests and drills of clock skew against Redis).
+    Skewed(i64),
 }
 
 impl Clock {
@@ -28,6 +31,7 @@ impl Clock {
         match self {
             Clock::System => system_ms(),
             Clock::Manual(t) => t.load(Ordering::SeqCst),
+            Clock::Skewed(offset) => system_ms().saturating_add(*offset),
         }
     }
 
@@ -35,7 +39,7 @@ impl Clock {
     /// own clock (Redis's `TIME`: one clock for every replica).
     pub fn for_store(&self) -> Option<i64> {
         match self {
-            Clock::System => None,
+            Clock::System | Clock::Skewed(_) => None,
             Clock::Manual(t) => Some(t.load(Ordering::SeqCst)),
         }
     }

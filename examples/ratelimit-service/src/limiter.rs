@@ -36,6 +36,9 @@ pub struct Limiter {
     /// Who may call: API keys and the admin token (none: checks and reads are open and the
     /// admin API is disabled).
     pub access: crate::auth::Access,
+    /// Redis's clock less this limiter's, as the last script answer showed it: calendar periods
+    /// are planned at Redis's time, the one the store counts on.
+    redis_offset_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Limiter {
@@ -47,13 +50,52 @@ impl Limiter {
             metrics: Metrics::default(),
             sliding,
             access: crate::auth::Access::default(),
+            redis_offset_ms: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// When a request is planned (the calendar period that holds): the store's time. The
+    /// memory store counts on this very time; Redis on its own `TIME`, which the last answer
+    /// showed (and a script that finds another period asks for a new plan, see
+    /// [`StoreError::Replan`]).
+    fn planning_now(&self) -> i64 {
+        if self.counts_on_redis_time() {
+            self.clock.now_ms().saturating_add(
+                self.redis_offset_ms
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+        } else {
+            self.clock.now_ms()
+        }
+    }
+
+    /// Whether the store keeps its own time (Redis `TIME`) rather than the limiter's clock.
+    fn counts_on_redis_time(&self) -> bool {
+        self.clock.for_store().is_none() && matches!(self.store, Store::Redis(_))
+    }
+
+    /// The time handed to the store with a plan made at `planned`: the memory store counts on
+    /// the same instant; Redis on its own clock (`None`) unless the clock is manual.
+    fn store_now(&self, planned: i64) -> Option<i64> {
+        match (self.clock.for_store(), &self.store) {
+            (None, Store::Memory(_)) => Some(planned),
+            (now, _) => now,
+        }
+    }
+
+    /// Remembers Redis's time as an answer showed it.
+    fn saw_store_time(&self, store_ms: i64) {
+        if self.counts_on_redis_time() {
+            let offset = store_ms - self.clock.now_ms();
+            self.redis_offset_ms
+                .store(offset, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
     /// The counters a descriptor spends; `None` when it is not limited (a service-owned limit
     /// no rule matches). A calendar rate is planned for the period that holds now; a zone the
     /// service does not know refuses the request.
-    fn plan(&self, d: &Descriptor) -> Result<Option<Plan>, BadRequest> {
+    fn plan(&self, d: &Descriptor, now: i64) -> Result<Option<Plan>, BadRequest> {
         let money: Money = match d.currency.as_deref().map(str::as_bytes) {
             Some(&[a, b, c]) => Some([a, b, c]),
             _ => None,
@@ -76,8 +118,7 @@ impl Limiter {
                     Some(c) => {
                         let tz = calendar::zone(&c.timezone).map_err(|e| BadRequest(e.0))?;
                         let (start_ms, end_ms) =
-                            calendar::bounds(c.period, &tz, self.clock.now_ms())
-                                .map_err(|e| BadRequest(e.0))?;
+                            calendar::bounds(c.period, &tz, now).map_err(|e| BadRequest(e.0))?;
                         Ok(Meter::Calendar {
                             tokens: r.tokens as i64,
                             start_ms,
@@ -100,10 +141,14 @@ impl Limiter {
     }
 
     /// The plans of a request's descriptors, each beside the descriptor it came from.
-    fn plans<'d>(&self, ds: &'d [Descriptor]) -> Result<Vec<(&'d Descriptor, Plan)>, BadRequest> {
+    fn plans<'d>(
+        &self,
+        ds: &'d [Descriptor],
+        now: i64,
+    ) -> Result<Vec<(&'d Descriptor, Plan)>, BadRequest> {
         let mut plans = Vec::with_capacity(ds.len());
         for d in ds {
-            if let Some(p) = self.plan(d)? {
+            if let Some(p) = self.plan(d, now)? {
                 plans.push((d, p));
             }
         }
@@ -119,17 +164,30 @@ impl Limiter {
     pub async fn check(&self, req: &CheckRequest) -> Result<CheckResponse, Failure> {
         let started = Instant::now();
         validate_check(req).inspect_err(|_| inc(&self.metrics.bad_requests))?;
-        let planned = self
-            .plans(&req.descriptors)
-            .inspect_err(|_| inc(&self.metrics.bad_requests))?;
-        let plans: Vec<Plan> = planned.iter().map(|(_, p)| p.clone()).collect();
         let reserve: Amounts = [req.reserve as i64, req.reserve_cost as i64];
-        let now = self.clock.for_store();
-        let outcome = match self.store.check(&plans, reserve, now).await {
-            Ok(o) => o,
-            Err(e) => {
-                inc(&self.metrics.checks_failed);
-                return Err(self.store_failed(e));
+        let mut planned_at = self.planning_now();
+        let mut retried = false;
+        let (planned, plans, now, outcome) = loop {
+            let planned = self
+                .plans(&req.descriptors, planned_at)
+                .inspect_err(|_| inc(&self.metrics.bad_requests))?;
+            let plans: Vec<Plan> = planned.iter().map(|(_, p)| p.clone()).collect();
+            let now = self.store_now(planned_at);
+            match self.store.check(&plans, reserve, now).await {
+                Ok(o) => {
+                    self.saw_store_time(o.at_ms);
+                    break (planned, plans, now, o);
+                }
+                // Redis's clock is in another calendar period: plan once more at its time.
+                Err(StoreError::Replan(at)) if !retried => {
+                    self.saw_store_time(at);
+                    planned_at = at;
+                    retried = true;
+                }
+                Err(e) => {
+                    inc(&self.metrics.checks_failed);
+                    return Err(self.store_failed(e));
+                }
             }
         };
         let reserves = reserve.iter().any(|r| *r > 0);
@@ -197,7 +255,6 @@ impl Limiter {
     /// twice). Only a batch whose first report meets a store failure fails as a whole (503).
     pub async fn report(&self, req: &ReportRequest) -> Result<ReportResponse, Failure> {
         validate_reports(req).inspect_err(|_| inc(&self.metrics.bad_requests))?;
-        let now = self.clock.for_store();
         let mut answer = ReportResponse::default();
         let mut store_down = None;
         let mut tally = Tally::default();
@@ -212,7 +269,8 @@ impl Limiter {
                 answer.results.push(ReportResult::rejected(why));
                 continue;
             }
-            let planned = match self.plans(&r.descriptors) {
+            let planned_at = self.planning_now();
+            let planned = match self.plans(&r.descriptors, planned_at) {
                 Ok(p) => p,
                 Err(BadRequest(why)) => {
                     inc(&self.metrics.reports_rejected);
@@ -221,12 +279,10 @@ impl Limiter {
                     continue;
                 }
             };
-            let plans: Vec<Plan> = planned.iter().map(|(_, p)| p.clone()).collect();
             let id = SeqId::parse(&r.id);
             let applied = match self.reserved(r).await {
                 Ok(settlement) => self
-                    .store
-                    .settle(id, &plans, &settlement, now)
+                    .settle_planned(id, &r.descriptors, &planned, &settlement, planned_at)
                     .await
                     .map(|a| (a, settlement)),
                 Err(e) => Err(e),
@@ -279,6 +335,31 @@ impl Limiter {
                 Ok(answer)
             }
             None => Ok(answer),
+        }
+    }
+
+    /// Settles `planned`; when Redis's clock is in another calendar period than the plan's, plans
+    /// once more at its time (the groups already settled count the retry as a duplicate).
+    async fn settle_planned(
+        &self,
+        id: Option<SeqId>,
+        ds: &[Descriptor],
+        planned: &[(&Descriptor, Plan)],
+        settlement: &Settlement,
+        planned_at: i64,
+    ) -> Result<Applied, StoreError> {
+        let plans: Vec<Plan> = planned.iter().map(|(_, p)| p.clone()).collect();
+        let now = self.store_now(planned_at);
+        match self.store.settle(id, &plans, settlement, now).await {
+            Err(StoreError::Replan(at)) => {
+                self.saw_store_time(at);
+                let again = self
+                    .plans(ds, at)
+                    .map_err(|BadRequest(why)| StoreError::Unavailable(why))?;
+                let plans: Vec<Plan> = again.into_iter().map(|(_, p)| p).collect();
+                self.store.settle(id, &plans, settlement, now).await
+            }
+            other => other,
         }
     }
 

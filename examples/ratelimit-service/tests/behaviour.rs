@@ -1113,3 +1113,74 @@ async fn script_cache_flush_is_survived() {
         .contains("OK"));
     assert_eq!(ctx.remaining(&d).await, vec![90]);
 }
+
+/// One clock: the service's clock runs 5 s behind Redis's, just after an hour began by Redis's
+/// time. The service would plan the hour that has ended (whose spending Redis's time no longer
+/// counts, so every check looked fresh); the script finds Redis's time in another period and
+/// the service plans again at it, so the hour's budget holds from the first check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_clock_behind_redis_plans_redis_periods() {
+    let server = RedisServer::start();
+    let now = ratelimit_service::clock::system_ms();
+    // Far enough into the hour that the test ends in it; the service 5 s before it began.
+    let into_hour = now.rem_euclid(3_600_000);
+    if into_hour > 3_500_000 {
+        tokio::time::sleep(Duration::from_millis((3_600_000 - into_hour + 1000) as u64)).await;
+    }
+    let into_hour = ratelimit_service::clock::system_ms().rem_euclid(3_600_000);
+    let skew = -(into_hour + 5_000);
+    let limiter = Limiter::new(
+        Store::Redis(Arc::new(RedisStore::new(
+            RedisTarget::parse(&[server.url()]).unwrap(),
+            Duration::from_millis(1000),
+        ))),
+        Rules::default(),
+        Clock::Skewed(skew),
+        true,
+    );
+    let d = Descriptor {
+        limit: "skew".into(),
+        value: "team".into(),
+        rates: vec![Rate {
+            tokens: 100,
+            window_s: Period::Hour.longest_s(),
+            calendar: Some(Calendar {
+                period: Period::Hour,
+                timezone: "UTC".into(),
+            }),
+        }],
+        ..Default::default()
+    };
+    let check = |reserve: u64| CheckRequest {
+        descriptors: vec![d.clone()],
+        reserve,
+        ..Default::default()
+    };
+    let spent = limiter.check(&check(100)).await.ok().unwrap();
+    assert!(spent.allowed);
+    let again = limiter.check(&check(1)).await.ok().unwrap();
+    assert!(!again.allowed, "the hour's budget is spent: {again:?}");
+    assert_eq!(again.limits[0].remaining, 0);
+    // Reports land in Redis's hour too.
+    let report = Report {
+        id: SeqId { source: 77, seq: 1 }.format(),
+        descriptors: vec![d.clone()],
+        tokens: 0,
+        reserved: 100,
+        reserved_at_ms: spent.reserved_at_ms,
+        ..Default::default()
+    };
+    let r = limiter
+        .report(&ReportRequest {
+            reports: vec![report],
+        })
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!(r.accepted, 1);
+    assert_eq!(
+        limiter.check(&check(0)).await.ok().unwrap().limits[0].remaining,
+        100,
+        "the refund went back to the hour it was reserved in"
+    );
+}

@@ -13,7 +13,8 @@
 --       A calendar meter (c): p1 tokens, p2 the period's start, p3 its end; state
 --       {start, used, end}.
 -- Returns: check: {allowed, now, then remaining, reset, retry per meter};
---          settle: {1 applied | 0 duplicate | 2 stale id, now}.
+--          settle: {1 applied | 0 duplicate | 2 stale id, now};
+--          either: {-1, now} when a calendar meter's period does not hold at Redis's time.
 
 local mode = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -30,6 +31,22 @@ local slots = tonumber(ARGV[7])
 local ring_ttl = tonumber(ARGV[8])
 local ncounters = #KEYS
 if seq >= 0 then ncounters = ncounters - 2 end
+
+-- One clock: a calendar meter was planned for the period that holds at the service's time; if
+-- Redis's time is in another one, nothing is done and the service plans again at Redis's
+-- time ({-1, now}). Checked before anything is written (the report ring included).
+do
+  local a = 11
+  for _ = 1, ncounters do
+    local n = tonumber(ARGV[a]); a = a + 1
+    for _ = 1, n do
+      if ARGV[a + 1] == "c" and (now < tonumber(ARGV[a + 3]) or now >= tonumber(ARGV[a + 4])) then
+        return {-1, now}
+      end
+      a = a + 7
+    end
+  end
+end
 
 -- Whether report `seq` is new to its source's ring (marking it seen): 1 new, 0 seen, 2 stale.
 local function first_time(bits, highkey)

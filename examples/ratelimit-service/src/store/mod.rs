@@ -23,6 +23,10 @@ pub use memory::MemoryStore;
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store's clock (Redis `TIME`, in ms) is in another calendar period than the one the
+    /// request was planned for: plan again at that time. Nothing was written.
+    #[error("the store's clock is in another calendar period")]
+    Replan(i64),
 }
 
 /// What a settlement did.

@@ -292,6 +292,10 @@ impl RedisStore {
             }
         }
         let at_ms = at_ms.or(now).unwrap_or_else(system_ms);
+        if let Some(redis_now) = replan(&answers) {
+            self.refund(&groups, &answers, reserve, at_ms, now).await;
+            return Err(StoreError::Replan(redis_now));
+        }
         let failed = answers
             .iter()
             .find_map(|a| a.as_ref().err().map(|e| e.to_string()));
@@ -310,7 +314,7 @@ impl RedisStore {
     }
 
     /// Gives back reservations taken by the groups that admitted, when the request as a whole
-    /// did not.
+    /// did not (denied, failed, or to be planned again).
     async fn refund(
         &self,
         groups: &[&[Plan]],
@@ -358,8 +362,13 @@ impl RedisStore {
             );
             self.run(keys, args)
         });
+        let answers = join_all(calls).await;
+        // Groups that settled stay settled (their ids are marked): a retry is a duplicate there.
+        if let Some(redis_now) = replan(&answers) {
+            return Err(StoreError::Replan(redis_now));
+        }
         let mut outcome = Applied::Stale;
-        for answer in join_all(calls).await {
+        for answer in answers {
             match Dedup::from_code(answer?.first().copied().unwrap_or(-1)) {
                 Dedup::First => outcome = Applied::Yes,
                 Dedup::Duplicate if outcome == Applied::Stale => outcome = Applied::Duplicate,
@@ -721,6 +730,14 @@ async fn console_writer(
             tracing::debug!("console data not recorded: {e}");
         }
     }
+}
+
+/// Redis's time, when a script answered that a calendar meter must be planned again at it.
+fn replan(answers: &[Result<Vec<i64>, StoreError>]) -> Option<i64> {
+    answers.iter().find_map(|a| match a.as_deref() {
+        Ok([-1, now, ..]) => Some(*now),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
