@@ -70,11 +70,7 @@ impl SpaceSaving {
         let mut all: Vec<Heavy> = self
             .entries
             .iter()
-            .map(|(k, (c, e))| Heavy {
-                value: k.clone(),
-                tokens: *c,
-                over: *e,
-            })
+            .map(|(k, (c, e))| Heavy::stored(k, *c, *e))
             .collect();
         all.sort_by(|a, b| b.tokens.cmp(&a.tokens).then_with(|| a.value.cmp(&b.value)));
         all.truncate(n);
@@ -95,8 +91,35 @@ impl SpaceSaving {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Heavy {
     pub value: String,
+    /// The counter of a `shared` rule (its value is the rule's pattern): grants and resets
+    /// must name it so, or they change another counter.
+    pub shared: bool,
     pub tokens: u64,
     pub over: u64,
+}
+
+impl Heavy {
+    /// A heavy hitter as stored: a [`member`] name and its counts.
+    pub fn stored(member: &str, tokens: u64, over: u64) -> Heavy {
+        let (value, shared) = match member.split_at_checked(1) {
+            Some(("s", value)) => (value, true),
+            Some(("v", value)) => (value, false),
+            // Written before members said whether they are shared.
+            _ => (member, false),
+        };
+        Heavy {
+            value: value.to_string(),
+            shared,
+            tokens,
+            over,
+        }
+    }
+}
+
+/// The name a counter is ranked under: its value, marked shared (`s`) or not (`v`), so a shared
+/// pool and a client whose own value equals the pool's pattern rank apart.
+pub fn member(value: &str, shared: bool) -> String {
+    format!("{}{value}", if shared { 's' } else { 'v' })
 }
 
 /// Every limit seen, with its heaviest keys, heaviest first.

@@ -560,10 +560,17 @@ impl Limiter {
     pub async fn ranking(&self, n: usize) -> Result<Vec<RankedLimit>, Failure> {
         let top = self.store.top(n).await.map_err(|e| self.store_failed(e))?;
         let mut out = Vec::with_capacity(top.len());
+        // One store lookup per key shown: at most this many per page, whatever the limits.
+        let mut lookups = MAX_RANKING_LOOKUPS;
         for (limit, keys) in top {
             let mut ranked = Vec::with_capacity(keys.len());
             for heavy in keys {
-                let meters = self.quota(&limit, &heavy.value, false).await?;
+                let meters = if lookups > 0 {
+                    lookups -= 1;
+                    self.quota(&limit, &heavy.value, heavy.shared).await?
+                } else {
+                    Vec::new()
+                };
                 ranked.push(RankedKey { heavy, meters });
             }
             out.push(RankedLimit { limit, top: ranked });
@@ -646,7 +653,7 @@ impl Tally {
             if amount != 0 {
                 *self
                     .used
-                    .entry((d.limit.clone(), d.value.clone()))
+                    .entry((d.limit.clone(), crate::insights::member(&d.value, d.shared)))
                     .or_default() += amount;
             }
         }
@@ -662,6 +669,10 @@ impl Tally {
         }
     }
 }
+
+/// The most meter lookups one ranking makes (the console's top list): the keys past it are
+/// listed with their counts and without meters.
+pub const MAX_RANKING_LOOKUPS: usize = 100;
 
 /// A limit's heaviest keys with their meters now.
 #[derive(Debug, serde::Serialize)]

@@ -159,6 +159,72 @@ fn scenario(s: &Service) {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
     assert!(s.log().contains("admin grant"), "{}", s.log());
+    shared_pools(s);
+}
+
+/// A shared pool (every value a `shared` rule matches spends the rule's pattern) and a client
+/// whose own value is that pattern text rank apart, and the top list says which is shared, so
+/// a grant or a reset from it changes the counter it shows.
+fn shared_pools(s: &Service) {
+    let pool = |shared: bool| json!({"limit": "per-ip", "value": "10.0.0.0/8", "shared": shared, "rates": [{"tokens": 100, "window_s": 3600}]});
+    for (seq, shared, tokens) in [(10, true, 80), (11, false, 30)] {
+        let r = http::post_json(
+            s.port,
+            "/v1/report",
+            &[],
+            &json!({"reports": [{"id": format!("00000000000000c0-{seq}"), "descriptors": [pool(shared)], "tokens": tokens}]}),
+        );
+        assert_eq!(r.json()["accepted"], 1, "{}", r.text());
+    }
+    let top = eventually(s, "/v1/console/top", |v| {
+        v["limits"].as_array().is_some_and(|ls| {
+            ls.iter()
+                .any(|l| l["limit"] == "per-ip" && l["top"][1].is_object())
+        })
+    });
+    let per_ip = top["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["limit"] == "per-ip")
+        .unwrap()
+        .clone();
+    let (first, second) = (&per_ip["top"][0], &per_ip["top"][1]);
+    assert_eq!(
+        (
+            first["value"].as_str(),
+            first["shared"].as_bool(),
+            first["tokens"].as_u64()
+        ),
+        (Some("10.0.0.0/8"), Some(true), Some(80))
+    );
+    assert_eq!(first["meters"][0]["remaining"], 20, "the pool's own meter");
+    assert_eq!(
+        (
+            second["shared"].as_bool(),
+            second["meters"][0]["remaining"].as_u64()
+        ),
+        (Some(false), Some(70))
+    );
+    // A reset of the pool, as the console sends it, gives the pool its budget back, and only it.
+    let r = admin(
+        s,
+        "/v1/admin/reset",
+        Some(TOKEN),
+        &json!({"limit": "per-ip", "value": "10.0.0.0/8", "shared": first["shared"]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let remaining = |shared: bool| {
+        http::post_json(
+            s.port,
+            "/v1/check",
+            &[],
+            &json!({"descriptors": [pool(shared)]}),
+        )
+        .json()["limits"][0]["remaining"]
+            .as_u64()
+    };
+    assert_eq!((remaining(true), remaining(false)), (Some(100), Some(70)));
 }
 
 #[test]
@@ -176,7 +242,14 @@ fn console_and_admin_api_on_redis_shared_by_replicas() {
     // Another replica sees the same ranking and denials.
     let other = Service::start_binary(bin(), &["--redis-url", &url], &[]);
     let top = send(other.port, "GET", "/v1/console/top", &[], b"").json();
-    assert_eq!(top["limits"][0]["top"][0]["value"], "alice");
+    let per_user = top["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["limit"] == "per-user")
+        .unwrap()
+        .clone();
+    assert_eq!(per_user["top"][0]["value"], "alice");
     let denials = send(other.port, "GET", "/v1/console/denials", &[], b"").json();
     assert_eq!(denials["denials"][0]["value"], "alice");
     // Without a token the admin API is not there at all.
@@ -225,4 +298,36 @@ fn the_console_page_is_served_whole_and_needs_nothing_from_elsewhere() {
         out.contains("--admin-token must be at least 16 characters"),
         "{out}"
     );
+}
+
+/// The top list looks up at most 100 counters per page, however many limits and keys there are:
+/// the rest are listed with their counts and no meters.
+#[test]
+fn the_top_list_is_bounded() {
+    let s = Service::start_binary(bin(), &[], &[]);
+    let mut reports = Vec::new();
+    for l in 0..30 {
+        for k in 0..5 {
+            reports.push(json!({"id": format!("00000000000000d0-{}", l * 5 + k + 1),
+                "descriptors": [{"limit": format!("limit-{l:02}"), "value": format!("key-{k}"), "rates": [{"tokens": 100, "window_s": 3600}]}],
+                "tokens": 1 + k}));
+        }
+    }
+    for batch in reports.chunks(50) {
+        let r = http::post_json(s.port, "/v1/report", &[], &json!({"reports": batch}));
+        assert_eq!(r.json()["accepted"], 50, "{}", r.text());
+    }
+    let top = send(s.port, "GET", "/v1/console/top?k=5", &[], b"").json();
+    let keys: Vec<&Value> = top["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["top"].as_array().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 150);
+    let looked_up = keys
+        .iter()
+        .filter(|k| !k["meters"].as_array().unwrap().is_empty())
+        .count();
+    assert_eq!(looked_up, ratelimit_service::limiter::MAX_RANKING_LOOKUPS);
 }

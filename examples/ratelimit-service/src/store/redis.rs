@@ -603,17 +603,21 @@ impl RedisStore {
                         .clone(),
                 )
                 .await?;
-            let mut keys = Vec::with_capacity(scored.len());
-            for (value, count) in scored {
-                let over: Option<u64> = self
-                    .query(redis::cmd("HGET").arg(&over).arg(&value).clone())
-                    .await?;
-                keys.push(insights::Heavy {
-                    value,
-                    tokens: count as u64,
-                    over: over.unwrap_or(0),
-                });
-            }
+            // One round trip for the whole list's error bounds.
+            let members: Vec<&str> = scored.iter().map(|(m, _)| m.as_str()).collect();
+            let overs: Vec<Option<u64>> = if members.is_empty() {
+                Vec::new()
+            } else {
+                self.query(redis::cmd("HMGET").arg(&over).arg(&members).clone())
+                    .await?
+            };
+            let keys = scored
+                .iter()
+                .zip(overs.into_iter().chain(std::iter::repeat(None)))
+                .map(|((member, count), over)| {
+                    insights::Heavy::stored(member, *count as u64, over.unwrap_or(0))
+                })
+                .collect();
             out.push((limit, keys));
         }
         Ok(out)
