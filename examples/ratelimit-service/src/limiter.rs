@@ -491,7 +491,7 @@ impl Limiter {
         };
         let meters = self
             .store
-            .peek(&plan, self.clock.for_store())
+            .peek(&plan, self.clock.for_store(), self.sliding)
             .await
             .map_err(|e| self.store_failed(e))?;
         Ok(meters

@@ -76,19 +76,15 @@ impl Meter {
         }
     }
 
-    /// The name under which the meter's state is stored inside its counter; a meter that
-    /// counts money starts with `$<currency>:`.
+    /// The name under which the meter's state is stored inside its counter: its identity,
+    /// which is the window's length or the calendar period, never its budget. A budget edited
+    /// mid-window (or two Envoys of a rolling deploy with different budgets, or a service
+    /// restarted with another `--window`) keeps counting what was spent; the budget is applied
+    /// when checking. A meter that counts money starts with `$<currency>:`.
     pub fn field(&self) -> String {
         let plain = match *self {
-            Meter::Window {
-                tokens,
-                window_ms,
-                sliding,
-                ..
-            } => {
-                format!("{}:{tokens}:{window_ms}", if sliding { "w" } else { "f" })
-            }
-            Meter::Calendar { tokens, zone, .. } => format!("c:{tokens}:{zone}"),
+            Meter::Window { window_ms, .. } => format!("t:{window_ms}"),
+            Meter::Calendar { zone, .. } => format!("c:{zone}"),
             Meter::Bucket {
                 max,
                 per_fill,
@@ -102,8 +98,26 @@ impl Meter {
         }
     }
 
-    /// The meter a stored field name describes (for read-only lookups).
-    pub fn from_field(field: &str) -> Option<Meter> {
+    /// The field a stored field is counted under now: itself, or for a field written before
+    /// budgets left the identity (`w:<tokens>:<ms>`, `f:<tokens>:<ms>`, `c:<tokens>:<zone>`),
+    /// the field that replaces it (the Redis script adopts such a state the first time).
+    pub fn identity(field: &str) -> String {
+        let (prefix, rest) = match field.strip_prefix('$').and_then(|r| r.split_once(':')) {
+            Some((code, rest)) => (format!("${code}:"), rest),
+            None => (String::new(), field),
+        };
+        let parts: Vec<&str> = rest.split(':').collect();
+        match parts.as_slice() {
+            ["w" | "f", _, ms] => format!("{prefix}t:{ms}"),
+            ["c", _, zone] => format!("{prefix}c:{zone}"),
+            _ => field.to_string(),
+        }
+    }
+
+    /// The meter a stored field describes (for read-only lookups): `budget` is the one stored
+    /// beside its state (fields written before that name theirs), `sliding` how the service
+    /// counts windows now.
+    pub fn from_field(field: &str, budget: Option<i64>, sliding: bool) -> Option<Meter> {
         let (money, field) = match field.strip_prefix('$') {
             Some(rest) => {
                 let (code, field) = rest.split_once(':')?;
@@ -114,7 +128,14 @@ impl Meter {
         let mut parts = field.split(':');
         let kind = parts.next()?;
         let nums: Vec<i64> = parts.map(|p| p.parse().ok()).collect::<Option<_>>()?;
+        let budget = budget.filter(|b| *b > 0);
         match (kind, nums.as_slice()) {
+            ("t", [window_ms]) if *window_ms > 0 => Some(Meter::Window {
+                tokens: budget?,
+                window_ms: *window_ms,
+                sliding,
+                money,
+            }),
             ("w" | "f", [tokens, window_ms]) if *tokens > 0 && *window_ms > 0 => {
                 Some(Meter::Window {
                     tokens: *tokens,
@@ -124,6 +145,13 @@ impl Meter {
                 })
             }
             // The period's bounds are in the stored state.
+            ("c", [zone]) => Some(Meter::Calendar {
+                tokens: budget?,
+                start_ms: 0,
+                end_ms: 0,
+                zone: *zone,
+                money,
+            }),
             ("c", [tokens, zone]) if *tokens > 0 => Some(Meter::Calendar {
                 tokens: *tokens,
                 start_ms: 0,
@@ -146,8 +174,14 @@ impl Meter {
     }
 
     /// A stored meter as it stands at `now`, without changing what is stored (`/v1/quota`).
-    pub fn inspect(field: &str, mut state: State, now: i64) -> Option<(Meter, Status)> {
-        let meter = Meter::from_field(field)?;
+    pub fn inspect(
+        field: &str,
+        mut state: State,
+        budget: Option<i64>,
+        now: i64,
+        sliding: bool,
+    ) -> Option<(Meter, Status)> {
+        let meter = Meter::from_field(field, budget, sliding)?;
         meter.advance(&mut state, now);
         Some((meter, meter.status(&state, now, 1)))
     }

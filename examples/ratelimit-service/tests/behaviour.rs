@@ -944,7 +944,54 @@ async fn a_release_refunds_the_window_of_its_reservation(ctx: &Ctx) {
     );
 }
 
+/// A counter's identity is (limit, value, window or period), never its budget: raising or
+/// lowering a budget mid-window (an edit, or a rolling deploy where old and new Envoys send
+/// different budgets) keeps what was spent. It used to hand the key a fresh window.
+async fn editing_a_budget_keeps_what_was_spent(ctx: &Ctx) {
+    let at = |tokens: u64| ctx.d("edited", "ann", &[(tokens, 3600)]);
+    ctx.report("edit-1", &[at(1000)], 1000, 0).await;
+    assert!(!ctx.check(&[at(1000)], 0).await.allowed);
+    assert_eq!(
+        ctx.remaining(&at(1001)).await,
+        [1],
+        "raised by one: one left"
+    );
+    assert!(
+        !ctx.check(&[at(500)], 0).await.allowed,
+        "lowered: still spent"
+    );
+    assert_eq!(ctx.remaining(&at(1000)).await, [0]);
+    // A monthly budget in money, edited mid-month.
+    let month = |budget: u64| {
+        calendar(
+            &ctx.d("edited-spend", "team", &[(budget, 0)]),
+            Period::Month,
+            "UTC",
+            Some("USD"),
+        )
+    };
+    ctx.settle(Report {
+        id: ctx.report_id("edit-2"),
+        descriptors: vec![month(20_000_000)],
+        cost: 15_000_000,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(ctx.remaining(&month(20_000_000)).await, [5_000_000]);
+    assert_eq!(ctx.remaining(&month(25_000_000)).await, [10_000_000]);
+    assert_eq!(ctx.remaining(&month(10_000_000)).await, [0]);
+    // What an operator reads is the budget last applied.
+    let q = ctx
+        .limiter
+        .quota(&format!("{}edited", ctx.ns), "ann", false)
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!((q[0].tokens, q[0].remaining), (1000, 0));
+}
+
 suite!(
+    editing_a_budget_keeps_what_was_spent,
     a_release_refunds_the_window_of_its_reservation,
     calendar_months_reset_at_their_start_in_their_zone,
     money_and_tokens_are_counted_apart,
@@ -1182,5 +1229,44 @@ async fn a_service_clock_behind_redis_plans_redis_periods() {
         limiter.check(&check(0)).await.ok().unwrap().limits[0].remaining,
         100,
         "the refund went back to the hour it was reserved in"
+    );
+}
+
+/// Restarting the service with the other `--window` keeps what was spent (the state is the same
+/// for sliding and fixed windows), and a state written under the name that held the budget
+/// (before budgets left a counter's identity) is adopted, not lost, by the first check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_outlive_a_window_change_and_an_upgrade() {
+    let server = RedisServer::start();
+    let sliding = Ctx::redis_with(&[server.url()], "w/", true);
+    let d = sliding.d("per-user", "ann", &[(1000, 3600)]);
+    sliding
+        .report("w-1", std::slice::from_ref(&d), 600, 0)
+        .await;
+    let fixed = Ctx::redis_with(&[server.url()], "w/", false);
+    fixed
+        .clock
+        .advance(sliding.clock.now_ms() - fixed.clock.now_ms());
+    assert_eq!(fixed.remaining(&d).await, [400]);
+    // An older service's field: the budget in its name, no budget beside its state.
+    let old = sliding.d("per-team", "blue", &[(1000, 3600)]);
+    let key = ratelimit_service::counter::CounterId {
+        limit: old.limit.clone(),
+        value: old.value.clone(),
+        shared: false,
+    }
+    .storage_key();
+    let state = format!("{T0},700,0");
+    testkit::redis::command(server.port, &["HSET", &key, "w:1000:3600000", &state]).unwrap();
+    assert_eq!(sliding.remaining(&old).await, [300], "adopted");
+    let has = |field: &str| {
+        testkit::redis::command(server.port, &["HEXISTS", &key, field])
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        (has("t:3600000"), has("w:1000:3600000")),
+        (":1".into(), ":0".into())
     );
 }

@@ -13,11 +13,12 @@ local n = 0
 for i = 1, #fields, 2 do
   local field, raw = fields[i], fields[i + 1]
   local kind = string.match(field, "^%$%u%u%u:(%a)") or string.sub(field, 1, 1)
-  local a, b, c = string.match(raw, "^(-?%d+),(-?%d+),(-?%d+)$")
+  local a, b, c, rest = string.match(raw, "^(-?%d+),(-?%d+),(-?%d+)(.*)$")
   if a then
     a, b, c = tonumber(a), tonumber(b), tonumber(c)
     if kind == "b" then a = a + amount else b = b - amount end
-    redis.call("HSET", KEYS[1], field, string.format("%.0f,%.0f,%.0f", a, b, c))
+    -- `rest`: the budget stored beside the state, kept as it is.
+    redis.call("HSET", KEYS[1], field, string.format("%.0f,%.0f,%.0f", a, b, c) .. rest)
     n = n + 1
   end
 end

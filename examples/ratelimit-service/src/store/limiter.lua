@@ -2,7 +2,8 @@
 -- It mirrors src/meter.rs and src/store/mod.rs exactly; the behavioural suite runs the same
 -- cases against both stores.
 --
--- KEYS: one hash per counter (field = meter, value = "a,b,c" state), then, when ARGV[6] is a
+-- KEYS: one hash per counter (field = meter, value = "a,b,c,budget": its state and the
+--       budget last applied), then, when ARGV[6] is a
 --       report's sequence number, its source's report ring: a bit string and its high-water
 --       mark (src/store/sources.rs mirrors it).
 -- ARGV: mode ("check" | "settle"), now_ms (-1: Redis's own clock, so every replica of the
@@ -187,6 +188,17 @@ local function give_back(m, s, tokens, at)
   if s[slot] > 0 then s[slot] = math.max(0, s[slot] - tokens) end
 end
 
+-- The field a stored field is counted under now (mirrors Meter::identity): fields written
+-- before budgets left the identity (w|f:<tokens>:<ms>, c:<tokens>:<zone>) are adopted.
+local function identity(f)
+  local prefix, rest = string.match(f, "^(%$%u%u%u:)(.*)$")
+  if not prefix then prefix = ""; rest = f end
+  local k, _, last = string.match(rest, "^(%a):(-?%d+):(-?%d+)$")
+  if k == "w" or k == "f" then return prefix .. "t:" .. last end
+  if k == "c" then return prefix .. "c:" .. last end
+  return f
+end
+
 -- Load every meter's state.
 local counters = {}
 local arg = 11
@@ -199,9 +211,20 @@ for c = 1, ncounters do
                unit = tonumber(ARGV[arg + 6]) + 1}
     arg = arg + 7
     local raw = redis.call("HGET", KEYS[c], m.field)
+    if not raw and m.kind ~= "b" then
+      -- A state stored under an older name of this meter carries on under the new one.
+      local all = redis.call("HGETALL", KEYS[c])
+      for j = 1, #all, 2 do
+        if all[j] ~= m.field and identity(all[j]) == m.field then
+          raw = all[j + 1]
+          redis.call("HDEL", KEYS[c], all[j])
+          break
+        end
+      end
+    end
     local s = {0, 0, 0}
     if raw then
-      local a, b, d = string.match(raw, "^(-?%d+),(-?%d+),(-?%d+)$")
+      local a, b, d = string.match(raw, "^(-?%d+),(-?%d+),(-?%d+)")
       if a then s = {tonumber(a), tonumber(b), tonumber(d)} end
     end
     advance(m, s)
@@ -244,7 +267,10 @@ for c = 1, ncounters do
   local ttl = 0
   for _, m in ipairs(counters[c]) do
     local s = m.state
-    redis.call("HSET", KEYS[c], m.field, string.format("%.0f,%.0f,%.0f", s[1], s[2], s[3]))
+    -- The budget applied goes beside the state, for read-only lookups (it is no part of the
+    -- meter's identity).
+    redis.call("HSET", KEYS[c], m.field,
+      string.format("%.0f,%.0f,%.0f,%.0f", s[1], s[2], s[3], m.p1))
     if m.ttl > ttl then ttl = m.ttl end
   end
   local current = redis.call("PTTL", KEYS[c])

@@ -23,8 +23,9 @@ pub const MAX_SOURCES: usize = 1024;
 
 #[derive(Default)]
 struct Entry {
-    /// Meter field name → state; a counter rarely has more than two meters.
-    meters: Vec<(String, State)>,
+    /// Meter field name → state, and the budget last applied to it (for read-only lookups);
+    /// a counter rarely has more than two meters.
+    meters: Vec<(String, State, i64)>,
     expires_at: i64,
     /// When the counter was last used, for eviction.
     used_at: i64,
@@ -113,8 +114,8 @@ impl MemoryStore {
                 n
             }
             Some(amount) => {
-                for (field, state) in &mut entry.meters {
-                    if Meter::from_field(field).is_some_and(|m| matches!(m, Meter::Bucket { .. })) {
+                for (field, state, _) in &mut entry.meters {
+                    if field.starts_with("b:") {
                         state[0] = state[0].saturating_add(amount);
                     } else {
                         state[1] = state[1].saturating_sub(amount);
@@ -175,8 +176,8 @@ impl MemoryStore {
                     .map(|m| {
                         let field = m.field();
                         entry
-                            .and_then(|e| e.meters.iter().find(|(f, _)| *f == field))
-                            .map_or(State::default(), |(_, s)| *s)
+                            .and_then(|e| e.meters.iter().find(|(f, _, _)| *f == field))
+                            .map_or(State::default(), |(_, s, _)| *s)
                     })
                     .collect::<Vec<State>>(),
             );
@@ -200,9 +201,10 @@ impl MemoryStore {
             entry.used_at = now;
             for (meter, state) in plan.meters.iter().zip(states) {
                 let field = meter.field();
-                match entry.meters.iter_mut().find(|(f, _)| *f == field) {
-                    Some((_, s)) => *s = state,
-                    None => entry.meters.push((field, state)),
+                let budget = meter.limit();
+                match entry.meters.iter_mut().find(|(f, _, _)| *f == field) {
+                    Some((_, s, b)) => (*s, *b) = (state, budget),
+                    None => entry.meters.push((field, state, budget)),
                 }
                 entry.expires_at = entry.expires_at.max(now + meter.ttl_ms());
             }
@@ -268,7 +270,7 @@ impl MemoryStore {
     }
 
     /// Every meter stored under the plan's counter (the plan's own meters are ignored).
-    pub fn peek(&self, plan: &Plan, now: Option<i64>) -> Vec<(Meter, Status)> {
+    pub fn peek(&self, plan: &Plan, now: Option<i64>, sliding: bool) -> Vec<(Meter, Status)> {
         let now = now.unwrap_or_else(system_ms);
         let key = plan.id.storage_key();
         let guards = self.lock(&[&key]);
@@ -281,7 +283,9 @@ impl MemoryStore {
         entry
             .meters
             .iter()
-            .filter_map(|(field, state)| Meter::inspect(field, *state, now))
+            .filter_map(|(field, state, budget)| {
+                Meter::inspect(field, *state, Some(*budget), now, sliding)
+            })
             .collect()
     }
 

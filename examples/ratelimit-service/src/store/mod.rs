@@ -153,10 +153,11 @@ impl Store {
         &self,
         plan: &Plan,
         now: Option<i64>,
+        sliding: bool,
     ) -> Result<Vec<(Meter, Status)>, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.peek(plan, now)),
-            Store::Redis(r) => r.peek(plan, now).await,
+            Store::Memory(m) => Ok(m.peek(plan, now, sliding)),
+            Store::Redis(r) => r.peek(plan, now, sliding).await,
         }
     }
 

@@ -425,6 +425,7 @@ impl RedisStore {
         &self,
         plan: &Plan,
         now: Option<i64>,
+        sliding: bool,
     ) -> Result<Vec<(Meter, Status)>, StoreError> {
         let now = now.unwrap_or_else(system_ms);
         let key = plan.id.storage_key();
@@ -445,7 +446,9 @@ impl RedisStore {
             .filter_map(|(field, raw)| {
                 let mut parts = raw.split(',').map(|p| p.parse::<i64>().ok());
                 let state: State = [parts.next()??, parts.next()??, parts.next()??];
-                Meter::inspect(field, state, now)
+                // The budget last applied; states written before it was stored have none.
+                let budget = parts.next().flatten();
+                Meter::inspect(field, state, budget, now, sliding)
             })
             .collect())
     }
