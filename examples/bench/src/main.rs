@@ -329,11 +329,21 @@ fn service_section(s: &Settings) -> Section {
         ],
     );
     let redis = RedisServer::start();
-    for store in ["memory", "redis"] {
+    // "memory, API key": every call carries the key the service requires (--api-key), so the
+    // two memory rows tell what checking it costs.
+    const KEY: &str = "bench-api-key-0123456789";
+    let bearer = format!("Bearer {KEY}");
+    for store in ["memory", "memory, API key", "redis"] {
         let url = redis.url();
         let args: Vec<&str> = match store {
             "redis" => vec!["--store", "redis", "--redis-url", url.as_str()],
+            "memory, API key" => vec!["--api-key", KEY],
             _ => vec![],
+        };
+        let headers: Vec<(&str, &str)> = if store.ends_with("API key") {
+            vec![("authorization", bearer.as_str())]
+        } else {
+            vec![]
         };
         let svc = Service::start(&args, &[]);
         let checks: Vec<Call> = users(1000)
@@ -341,7 +351,7 @@ fn service_section(s: &Settings) -> Section {
             .map(|u| {
                 Call::post_json(
                     "/v1/check",
-                    &[],
+                    &headers,
                     &json!({"descriptors": [{"limit": "bench", "value": u, "rates": [{"tokens": 1_000_000_000_000u64, "window_s": 3600}]}], "reserve": 0}),
                 )
             })
@@ -350,7 +360,7 @@ fn service_section(s: &Settings) -> Section {
             .map(|i| {
                 Call::post_json(
                     "/v1/report",
-                    &[],
+                    &headers,
                     &json!({"reports": [{"id": format!("{:016x}-{}", i % 16, i / 16 + 1), "descriptors": [{"limit": "bench", "value": format!("user-{}", i % 1000), "rates": [{"tokens": 1_000_000_000_000u64, "window_s": 3600}]}], "tokens": 26, "reserved": 0}]}),
                 )
             })
