@@ -75,8 +75,10 @@ pub struct BodyFacts {
     stream_options: Option<StreamOptions>,
     /// Every output cap field's value, with what it says (`None`: not a number).
     caps: Vec<(CapField, Span, Option<u64>)>,
-    /// The last `generationConfig` object.
+    /// The last `generationConfig` object, or the span of a last one that is not an object.
     gemini_config: Option<Object>,
+    gemini_other: Option<Span>,
+    spellings: Spellings,
 }
 
 /// The most choices a request is reserved for: OpenAI allows `n` up to 128.
@@ -88,18 +90,23 @@ impl BodyFacts {
         Reader { b: body, i: 0 }.document()
     }
 
-    /// The most output tokens one choice may produce, under whichever name its API uses; the
-    /// largest when several are given (an upstream may honour any of them).
-    pub fn output_token_cap(&self) -> Option<u64> {
-        [
-            self.max_tokens,
-            self.max_completion_tokens,
-            self.max_output_tokens,
-            self.generation_config,
-        ]
-        .into_iter()
-        .flatten()
-        .max()
+    /// The most output tokens one choice may produce, read from the fields `api` reads (a
+    /// cap in a field the endpoint ignores caps nothing): the largest when several are given.
+    /// For an API the plugin does not know, every field counts (the largest).
+    pub fn output_token_cap(&self, api: Api) -> Option<u64> {
+        let fields = match api {
+            Api::Chat => [self.max_tokens, self.max_completion_tokens, None, None],
+            Api::Completions | Api::Messages => [self.max_tokens, None, None, None],
+            Api::Responses => [self.max_output_tokens, None, None, None],
+            Api::Gemini => [self.generation_config, None, None, None],
+            Api::Other => [
+                self.max_tokens,
+                self.max_completion_tokens,
+                self.max_output_tokens,
+                self.generation_config,
+            ],
+        };
+        fields.into_iter().flatten().max()
     }
 
     /// How many outputs the request is billed for: the largest of `n`, `best_of` and
@@ -111,6 +118,10 @@ impl BodyFacts {
             .max()
             .unwrap_or(1)
             .clamp(1, MAX_CHOICES)
+    }
+
+    fn spelled(&mut self, name: &'static str, key: &[u8]) {
+        self.spellings.note(name, key);
     }
 
     /// Whether a streamed answer would carry usage without the plugin's help: the last
@@ -202,14 +213,31 @@ pub fn rewrite(body: &[u8], facts: &BodyFacts, edits: Edits) -> Option<Vec<u8>> 
         }
     }
     if let Some((cap, api)) = edits.cap {
-        if facts.caps.is_empty() {
+        // The API's own field, in any spelling, is rewritten where it is (below); only when
+        // the request has none is it added (a second spelling would make the body ambiguous).
+        let own = |field: CapField| match api {
+            Api::Chat => matches!(field, CapField::MaxTokens | CapField::MaxCompletionTokens),
+            Api::Completions | Api::Messages => field == CapField::MaxTokens,
+            Api::Responses => field == CapField::MaxOutputTokens,
+            Api::Gemini => field == CapField::GeminiMaxOutputTokens,
+            Api::Other => true,
+        };
+        if !facts.caps.iter().any(|(field, _, _)| own(*field)) {
             match api {
                 Api::Chat => front.push(format!(r#""max_completion_tokens":{cap}"#)),
                 Api::Completions | Api::Messages => front.push(format!(r#""max_tokens":{cap}"#)),
                 Api::Responses => front.push(format!(r#""max_output_tokens":{cap}"#)),
-                Api::Gemini => match facts.gemini_config {
-                    Some(at) => add_member(&mut splices, at, format!(r#""maxOutputTokens":{cap}"#)),
-                    None => {
+                Api::Gemini => match (facts.gemini_config, facts.gemini_other) {
+                    (Some(at), _) => {
+                        add_member(&mut splices, at, format!(r#""maxOutputTokens":{cap}"#))
+                    }
+                    // Not an object: replaced by one (in its own spelling of the key).
+                    (None, Some(span)) => replace(
+                        &mut splices,
+                        span,
+                        format!(r#"{{"maxOutputTokens":{cap}}}"#),
+                    ),
+                    (None, None) => {
                         front.push(format!(r#""generationConfig":{{"maxOutputTokens":{cap}}}"#))
                     }
                 },
@@ -243,8 +271,14 @@ pub fn rewrite(body: &[u8], facts: &BodyFacts, edits: Edits) -> Option<Vec<u8>> 
     Some(out)
 }
 
-/// An output cap or a count as a client may write it: any JSON number (negative → 0, fractions
-/// round up, too large or `Infinity` saturates, `NaN` is none) or a string holding one.
+/// An output cap as a client may write it: a count (below) of at least 1. Zero or less is no
+/// cap at all (Ollama and llama.cpp read `-1` as "no limit"), so it reserves the default.
+fn cap(text: &[u8]) -> Option<u64> {
+    count(text).filter(|n| *n > 0)
+}
+
+/// A count as a client may write it: any JSON number (negative → 0, fractions round up, too
+/// large or `Infinity` saturates, `NaN` is none) or a string holding one.
 fn count(text: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(text).ok()?.trim();
     if let Ok(n) = text.parse::<u64>() {
@@ -259,9 +293,13 @@ fn count(text: &[u8]) -> Option<u64> {
 fn lax_bool(text: &[u8]) -> Option<bool> {
     let t = std::str::from_utf8(text).ok()?.trim().to_ascii_lowercase();
     match t.as_str() {
-        "true" | "1" | "1.0" | "yes" | "y" | "on" | "t" => Some(true),
-        "false" | "0" | "0.0" | "no" | "n" | "off" | "f" => Some(false),
-        _ => None,
+        "true" | "yes" | "y" | "on" | "t" => Some(true),
+        "false" | "no" | "n" | "off" | "f" => Some(false),
+        // Numbers: 1 and 0 however written (`1.00`, `1e0`).
+        number => {
+            let n = number.parse::<f64>().ok()?;
+            (n == 1.0 || n == 0.0).then_some(n == 1.0)
+        }
     }
 }
 
@@ -284,6 +322,56 @@ impl Scalar {
 
 /// Longest key compared with the field names (longer ones are someone else's).
 const MAX_KEY: usize = 32;
+
+/// The top-level fields the reader looks at, by the name it gives them.
+const TOP_FIELDS: &[&str] = &[
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "best_of",
+    "stream",
+    "stream_options",
+    "generation_config",
+];
+
+/// Inside `generationConfig`.
+const GEMINI_FIELDS: &[&str] = &["max_output_tokens", "candidate_count"];
+
+/// The field `key` names, if any of `names`. Go's `encoding/json` (Ollama, many gateways)
+/// matches keys to fields without regard to case, and Gemini's JSON takes camelCase and
+/// snake_case alike, so a key is compared with ASCII case and underscores ignored:
+/// `"Model"`, `"MAX_TOKENS"`, `"maxOutputTokens"` are fields too.
+fn field_name(key: &[u8], names: &[&'static str]) -> Option<&'static str> {
+    let folded: Vec<u8> = key
+        .iter()
+        .filter(|b| **b != b'_')
+        .map(u8::to_ascii_lowercase)
+        .collect();
+    names
+        .iter()
+        .copied()
+        .find(|n| n.bytes().filter(|b| *b != b'_').eq(folded.iter().copied()))
+}
+
+/// The spellings each field was given. One field under two spellings (`"model"` and `"Model"`)
+/// is read one way by a case-sensitive parser (Python) and another by a case-insensitive one
+/// (Go): the plugin cannot tell which the upstream takes, so the body is unreadable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Spellings {
+    seen: Vec<(&'static str, Vec<u8>)>,
+    conflict: bool,
+}
+
+impl Spellings {
+    fn note(&mut self, name: &'static str, key: &[u8]) {
+        match self.seen.iter().find(|(n, _)| *n == name) {
+            Some((_, spelling)) => self.conflict |= spelling.as_slice() != key,
+            None => self.seen.push((name, key.to_vec())),
+        }
+    }
+}
 
 struct Reader<'a> {
     b: &'a [u8],
@@ -323,7 +411,7 @@ impl Reader<'_> {
         };
         f.top = self.members(|r, key| r.top_member(&mut f, key))?;
         self.ws();
-        (self.i == self.b.len()).then_some(f)
+        (self.i == self.b.len() && !f.spellings.conflict).then_some(f)
     }
 
     /// An object's members after its `{`, each handed to `member` (which reads the value);
@@ -361,18 +449,22 @@ impl Reader<'_> {
 
     fn top_member(&mut self, f: &mut BodyFacts, key: &[u8]) -> Option<()> {
         let start = self.i;
-        match key {
-            b"model" => {
+        let Some(name) = field_name(key, TOP_FIELDS) else {
+            return self.skip();
+        };
+        f.spelled(name, key);
+        match name {
+            "model" => {
                 f.model = match self.scalar()? {
                     Scalar::Str(s) => Some(from_wire(s)),
                     _ => None,
                 };
             }
-            b"max_tokens" | b"max_completion_tokens" | b"max_output_tokens" => {
-                let value = self.scalar()?.text().and_then(count);
-                let (field, slot) = match key {
-                    b"max_tokens" => (CapField::MaxTokens, &mut f.max_tokens),
-                    b"max_completion_tokens" => {
+            "max_tokens" | "max_completion_tokens" | "max_output_tokens" => {
+                let value = self.scalar()?.text().and_then(cap);
+                let (field, slot) = match name {
+                    "max_tokens" => (CapField::MaxTokens, &mut f.max_tokens),
+                    "max_completion_tokens" => {
                         (CapField::MaxCompletionTokens, &mut f.max_completion_tokens)
                     }
                     _ => (CapField::MaxOutputTokens, &mut f.max_output_tokens),
@@ -381,22 +473,25 @@ impl Reader<'_> {
                 let span = Span { start, end: self.i };
                 f.caps.push((field, span, value));
             }
-            b"n" => f.n = self.scalar()?.text().and_then(count),
-            b"best_of" => f.best_of = self.scalar()?.text().and_then(count),
-            b"stream" => f.stream = self.scalar()?.text().and_then(lax_bool),
-            b"stream_options" => {
+            "n" => f.n = self.scalar()?.text().and_then(count),
+            "best_of" => f.best_of = self.scalar()?.text().and_then(count),
+            "stream" => f.stream = self.scalar()?.text().and_then(lax_bool),
+            "stream_options" => {
                 if self.peek()? == b'{' {
                     self.i += 1;
                     let (mut spans, mut asks) = (Vec::new(), false);
+                    let mut spellings = Spellings::default();
                     let at = self.members(|r, k| {
-                        if k != b"include_usage" {
+                        let Some(inner) = field_name(k, &["include_usage"]) else {
                             return r.skip();
-                        }
+                        };
+                        spellings.note(inner, k);
                         let start = r.i;
                         asks = r.scalar()?.text().and_then(lax_bool) == Some(true);
                         spans.push(Span { start, end: r.i });
                         Some(())
                     })?;
+                    f.spellings.conflict |= spellings.conflict;
                     f.stream_options = Some(StreamOptions::Object {
                         at,
                         include_usage: spans,
@@ -407,39 +502,50 @@ impl Reader<'_> {
                     f.stream_options = Some(StreamOptions::Other(Span { start, end: self.i }));
                 }
             }
-            b"generationConfig" | b"generation_config" => {
+            _ => {
+                // generationConfig (or its snake-case spelling)
                 if self.peek()? == b'{' {
                     self.i += 1;
                     let (mut max, mut candidates) = (None, None);
                     let mut caps = Vec::new();
-                    let at = self.members(|r, k| match k {
-                        b"maxOutputTokens" | b"max_output_tokens" => {
-                            let start = r.i;
-                            max = r.scalar()?.text().and_then(count);
-                            caps.push((
-                                CapField::GeminiMaxOutputTokens,
-                                Span { start, end: r.i },
-                                max,
-                            ));
-                            Some(())
+                    let mut spellings = Spellings::default();
+                    let at = self.members(|r, k| {
+                        let inner = field_name(k, GEMINI_FIELDS);
+                        if let Some(inner) = inner {
+                            spellings.note(inner, k);
                         }
-                        b"candidateCount" | b"candidate_count" => {
-                            candidates = r.scalar()?.text().and_then(count);
-                            Some(())
+                        match inner {
+                            Some("max_output_tokens") => {
+                                let start = r.i;
+                                max = r.scalar()?.text().and_then(cap);
+                                caps.push((
+                                    CapField::GeminiMaxOutputTokens,
+                                    Span { start, end: r.i },
+                                    max,
+                                ));
+                                Some(())
+                            }
+                            Some(_) => {
+                                candidates = r.scalar()?.text().and_then(count);
+                                Some(())
+                            }
+                            None => r.skip(),
                         }
-                        _ => r.skip(),
                     })?;
+                    f.spellings.conflict |= spellings.conflict;
                     f.generation_config = max;
                     f.candidate_count = candidates;
                     f.caps.extend(caps);
                     f.gemini_config = Some(at);
+                    f.gemini_other = None;
                 } else {
                     self.skip()?;
                     f.generation_config = None;
                     f.candidate_count = None;
+                    f.gemini_config = None;
+                    f.gemini_other = Some(Span { start, end: self.i });
                 }
             }
-            _ => self.skip()?,
         }
         Some(())
     }
@@ -589,20 +695,19 @@ mod tests {
             r#"{"model":"m","max_tokens":50,"stream":true,"messages":[{"a":[1,2,{"model":"x"}]}]}"#,
         );
         assert_eq!(f.model.as_deref(), Some("m"));
-        assert_eq!(f.output_token_cap(), Some(50));
+        assert_eq!(f.output_token_cap(Api::Other), Some(50));
         assert_eq!(f.stream, Some(true));
+        // A cap of zero or less is no cap (Ollama reads -1 as "no limit").
         let odd = facts(r#"{"model":7,"max_tokens":-3,"stream":"maybe"}"#);
+        assert_eq!((odd.model, odd.max_tokens, odd.stream), (None, None, None));
+        assert_eq!(facts(r#"{"max_tokens":0}"#).max_tokens, None);
         assert_eq!(
-            (odd.model, odd.max_tokens, odd.stream),
-            (None, Some(0), None)
-        );
-        assert_eq!(
-            facts(r#"{"max_completion_tokens":9}"#).output_token_cap(),
+            facts(r#"{"max_completion_tokens":9}"#).output_token_cap(Api::Other),
             Some(9)
         );
         assert_eq!(
             facts(r#"{"generationConfig":{"maxOutputTokens":"70","candidateCount":3}}"#)
-                .output_token_cap(),
+                .output_token_cap(Api::Other),
             Some(70)
         );
         for unreadable in [
@@ -642,10 +747,17 @@ mod tests {
         );
         // Lax booleans, caps as strings, NaN as no cap, Infinity as the largest.
         assert_eq!(facts(r#"{"stream":1}"#).stream, Some(true));
+        for one in ["1.00", "1e0", "\"True\""] {
+            let f = facts(&format!(r#"{{"stream":{one}}}"#));
+            assert_eq!(f.stream, Some(true), "{one}");
+        }
         assert_eq!(facts(r#"{"stream":"off"}"#).stream, Some(false));
-        assert_eq!(facts(r#"{"max_tokens":NaN}"#).output_token_cap(), None);
         assert_eq!(
-            facts(r#"{"max_tokens":Infinity}"#).output_token_cap(),
+            facts(r#"{"max_tokens":NaN}"#).output_token_cap(Api::Other),
+            None
+        );
+        assert_eq!(
+            facts(r#"{"max_tokens":Infinity}"#).output_token_cap(Api::Other),
             Some(u64::MAX)
         );
         // A surrogate pair is one character; a lone one is U+FFFD.
@@ -654,6 +766,64 @@ mod tests {
                 .model
                 .as_deref(),
             Some("a😀b\u{fffd}")
+        );
+    }
+
+    /// Go matches keys to fields whatever their case; Python does not. One field under two
+    /// spellings reads differently to each: unreadable. Under one spelling it is the field.
+    #[test]
+    fn keys_are_read_as_case_insensitive_parsers_read_them() {
+        let f = facts(r#"{"MODEL":"gpt-4o","Max_Tokens":7,"Stream":true}"#);
+        assert_eq!(
+            (f.model.as_deref(), f.max_tokens, f.stream),
+            (Some("gpt-4o"), Some(7), Some(true))
+        );
+        let f = facts(r#"{"generation_config":{"max_output_tokens":9,"candidateCount":2}}"#);
+        assert_eq!((f.generation_config, f.candidate_count), (Some(9), Some(2)));
+        for conflicting in [
+            r#"{"model":"gpt-4o-mini","Model":"gpt-4o"}"#,
+            r#"{"max_tokens":5,"MAX_TOKENS":5000}"#,
+            r#"{"generationConfig":{},"generation_config":{}}"#,
+            r#"{"stream_options":{"include_usage":false,"Include_Usage":true}}"#,
+        ] {
+            assert_eq!(
+                BodyFacts::parse(conflicting.as_bytes()),
+                None,
+                "{conflicting}"
+            );
+        }
+        // The same spelling twice is a repeated key (the last), not a conflict.
+        assert_eq!(
+            facts(r#"{"model":"a","model":"b"}"#).model.as_deref(),
+            Some("b")
+        );
+    }
+
+    /// A cap counts only in a field the endpoint reads: `max_output_tokens` caps nothing on
+    /// chat completions.
+    #[test]
+    fn caps_count_in_the_fields_each_api_reads() {
+        let f = facts(r#"{"max_output_tokens":1,"generationConfig":{"maxOutputTokens":1}}"#);
+        assert_eq!(f.output_token_cap(Api::Chat), None);
+        assert_eq!(f.output_token_cap(Api::Responses), Some(1));
+        assert_eq!(f.output_token_cap(Api::Gemini), Some(1));
+        let f = facts(r#"{"max_tokens":10,"max_completion_tokens":300}"#);
+        assert_eq!(f.output_token_cap(Api::Chat), Some(300));
+        assert_eq!(f.output_token_cap(Api::Messages), Some(10));
+        // With `write_cap`, chat's own field is written beside the one it ignores.
+        let body = r#"{"max_output_tokens":1}"#;
+        let out = rewrite(
+            body.as_bytes(),
+            &facts(body),
+            Edits {
+                stream_usage: false,
+                cap: Some((64, Api::Chat)),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"max_completion_tokens":64,"max_output_tokens":1}"#
         );
     }
 

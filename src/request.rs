@@ -60,15 +60,16 @@ fn canonical_credentials(value: &str) -> Cow<'_, str> {
     Cow::Owned(from_wire([canonical, b" ", credentials].concat()))
 }
 
-/// Base64 as lenient decoders read it (Python's `b64decode` without `validate`): bytes outside
-/// the alphabet are skipped, padding is optional, `-` and `_` are read as `+` and `/`.
+/// Base64 as lenient decoders read it (Python's `b64decode` without `validate`, as FastAPI's
+/// `HTTPBasic` does): bytes outside the standard alphabet (`-` and `_` included) are skipped,
+/// padding is optional.
 fn lenient_base64(text: &[u8]) -> Vec<u8> {
     let sextet = |b: u8| match b {
         b'A'..=b'Z' => Some(b - b'A'),
         b'a'..=b'z' => Some(b - b'a' + 26),
         b'0'..=b'9' => Some(b - b'0' + 52),
-        b'+' | b'-' => Some(62),
-        b'/' | b'_' => Some(63),
+        b'+' => Some(62),
+        b'/' => Some(63),
         _ => None,
     };
     let mut out = Vec::with_capacity(text.len() * 3 / 4);
@@ -244,17 +245,23 @@ fn trim_bytes(bytes: &[u8]) -> &[u8] {
     bytes.get(start..end).unwrap_or_default()
 }
 
-/// Distinct values in order, at most [`MAX_RENDERINGS`].
+/// Distinct values in order, at most [`MAX_RENDERINGS`]: past that, the first ones and always
+/// the last (the two an upstream reads: Go and Node take the first, Starlette the last), so
+/// padding a parameter with throw-away values never leaves the real one uncounted.
 fn distinct(values: impl Iterator<Item = String>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
+    let mut last: Option<String> = None;
     for v in values {
-        if out.len() == MAX_RENDERINGS {
-            break;
+        if out.contains(&v) {
+            continue;
         }
-        if !out.contains(&v) {
+        if out.len() < MAX_RENDERINGS - 1 {
             out.push(v);
+        } else {
+            last = Some(v);
         }
     }
+    out.extend(last);
     out
 }
 
@@ -451,7 +458,11 @@ mod tests {
                 "{spelling:?}"
             );
         }
-        assert_eq!(lenient_base64(b"Ym9i-_8"), b"bob\xfb\xff");
+        assert_eq!(lenient_base64(b"Ym9i-_"), b"bob");
+        assert_eq!(
+            canonical_credentials("Basic -YWxp_Y2U6c2VjcmV0"),
+            "Basic alice"
+        );
         assert!(crate::text::is_opaque(&canonical_credentials("Basic //79")));
         assert!(
             is_credentials_header("Authorization") && is_credentials_header("proxy-authorization")

@@ -2,10 +2,10 @@
 //! what could ever be admitted, so no request body can produce a reserve the service refuses
 //! or one that buries a budget in debt.
 
+use crate::body::{Api, BodyFacts};
 use crate::config::{Protocol, Reserve};
 use crate::limits::Descriptor;
 use crate::pricing::Price;
-use crate::request::BodyFacts;
 use crate::usage::Usage;
 
 /// How requests reserve: `reserve.tokens`, `reserve.max` and `reserve.default`.
@@ -28,7 +28,8 @@ pub struct Reservation {
 
 /// The tokens a check reserves for a request with `descriptors`.
 ///
-/// * `Reserve::Tokens(n)`: `n`. `Reserve::MaxTokens`: the body's output cap, or
+/// * `Reserve::Tokens(n)`: `n`. `Reserve::MaxTokens`: the body's output cap (in the fields its
+///   API reads: `body` is the facts and the API of the request's path), or
 ///   `rule.default` when it states none or cannot be read (a request never opts out of its
 ///   reservation by leaving the cap out), times the choices it asks for (`n`, `best_of`,
 ///   `candidateCount`: each is an answer the upstream bills).
@@ -40,7 +41,7 @@ pub struct Reservation {
 pub fn reserve(
     rule: Rule,
     protocol: Protocol,
-    body: Option<&BodyFacts>,
+    body: Option<(&BodyFacts, Api)>,
     descriptors: &[Descriptor],
 ) -> Reservation {
     let asked = output_cap(rule, body);
@@ -56,19 +57,19 @@ pub fn reserve(
 }
 
 /// The outputs a reservation covers: one for a fixed reserve, else the request's choices.
-fn choices(rule: Rule, body: Option<&BodyFacts>) -> u64 {
+fn choices(rule: Rule, body: Option<(&BodyFacts, Api)>) -> u64 {
     match rule.wanted {
         Reserve::Tokens(_) => 1,
-        Reserve::MaxTokens => body.map_or(1, BodyFacts::choices),
+        Reserve::MaxTokens => body.map_or(1, |(facts, _)| facts.choices()),
     }
 }
 
 /// The output tokens a request asks for, as `reserve` configures it, at most `rule.max`.
-fn output_cap(rule: Rule, body: Option<&BodyFacts>) -> u64 {
+fn output_cap(rule: Rule, body: Option<(&BodyFacts, Api)>) -> u64 {
     let asked = match rule.wanted {
         Reserve::Tokens(n) => n,
         Reserve::MaxTokens => body
-            .and_then(BodyFacts::output_token_cap)
+            .and_then(|(facts, api)| facts.output_token_cap(api))
             .unwrap_or(rule.default)
             .saturating_mul(choices(rule, body)),
     };
@@ -98,7 +99,7 @@ fn largest_budget(descriptors: &[Descriptor], money: bool) -> Option<u64> {
 pub fn reserve_cost(
     price: &Price,
     rule: Rule,
-    body: Option<&BodyFacts>,
+    body: Option<(&BodyFacts, Api)>,
     request_bytes: Option<u64>,
     descriptors: &[Descriptor],
 ) -> u64 {
@@ -156,6 +157,7 @@ mod tests {
     }
 
     fn tokens(wanted: Reserve, max: u64, body: Option<&BodyFacts>, ds: &[Descriptor]) -> u64 {
+        let body = body.map(|f| (f, Api::Other));
         reserve(rule(wanted, max), Protocol::V1, body, ds).tokens
     }
 
@@ -172,8 +174,10 @@ mod tests {
         let ds = [d(&[1_000]), money];
         let body = facts(r#"{"max_tokens": 500}"#);
         // 500 output tokens at $10/M and 400 bytes of prompt (100 tokens) at $2.50/M.
-        let cost =
-            |wanted, max, body| reserve_cost(&price, rule(wanted, max), body, Some(400), &ds);
+        let cost = |wanted, max, body: Option<&BodyFacts>| {
+            let body = body.map(|f| (f, Api::Other));
+            reserve_cost(&price, rule(wanted, max), body, Some(400), &ds)
+        };
         assert_eq!(cost(Reserve::MaxTokens, u64::MAX, Some(&body)), 5_000 + 250);
         assert_eq!(cost(Reserve::Tokens(100), u64::MAX, None), 1_000 + 250);
         // `reserve.max` caps the output priced; no reserve configured, nothing reserved.
@@ -200,7 +204,7 @@ mod tests {
             (r#"{"generationConfig": {"maxOutputTokens": 7000}}"#, 5000),
             (r#"{"generation_config": {"max_output_tokens": 70}}"#, 70),
             (r#"{"max_tokens": 10, "max_completion_tokens": 300}"#, 300),
-            (r#"{"max_tokens": -5}"#, 0),
+            (r#"{"max_tokens": -5}"#, 4096),
             (r#"{"max_tokens": 10.2}"#, 11),
             (r#"{"max_tokens": "250"}"#, 250),
             // No cap stated: `reserve.default`, never nothing.
@@ -250,7 +254,7 @@ mod tests {
         let r = reserve(
             rule(Reserve::MaxTokens, u64::MAX),
             Protocol::V1,
-            Some(&three),
+            Some((&three, Api::Chat)),
             &plugin_owned,
         );
         assert_eq!((r.tokens, r.per_choice), (1000, 333));

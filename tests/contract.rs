@@ -100,7 +100,8 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
             max: config.reserve_max,
             default: config.reserve_default,
         };
-        let reserved = reserve(rule, config.service.protocol, Some(&huge), &ds).tokens;
+        let asked = Some((&huge, llm_token_ratelimit::body::Api::Chat));
+        let reserved = reserve(rule, config.service.protocol, asked, &ds).tokens;
         assert_eq!(reserved, MAX_TOKENS);
         let id = SeqId {
             source: u64::MAX,

@@ -626,6 +626,8 @@ fn repeating_or_respelling_a_key_source_is_not_a_fresh_budget() {
     for path in [
         "/v1/chat/completions?apikey=fresh1&apikey=real",
         "/v1/chat/completions?apikey=real&apikey=fresh2",
+        // Padded past the values counted: the last is always among them.
+        "/v1/chat/completions?apikey=j1&apikey=j2&apikey=j3&apikey=j4&apikey=j5&apikey=real",
     ] {
         assert_eq!(ask(path, &[]), 429, "{path}");
     }

@@ -166,6 +166,15 @@ pub struct Http {
     unreadable_body: bool,
 }
 
+/// The request's path, normalised (see [`normalize_path`]); empty when it has none.
+fn request_path(headers: &[(String, String)]) -> String {
+    headers
+        .iter()
+        .find(|(k, _)| k == ":path")
+        .map(|(_, p)| normalize_path(p).into_owned())
+        .unwrap_or_default()
+}
+
 /// The buffered request body, for the plugin's edits once the reservation is known.
 struct HeldBody<'a> {
     bytes: &'a [u8],
@@ -221,7 +230,9 @@ impl Http {
             max: config.reserve_max,
             default: config.reserve_default,
         };
-        let reservation = reserve(rule, config.service.protocol, body.facts(), &descriptors);
+        let api = Api::of(&request_path(headers));
+        let asked = body.facts().map(|facts| (facts, api));
+        let reservation = reserve(rule, config.service.protocol, asked, &descriptors);
         let reserve = reservation.tokens;
         let cap =
             (config.write_cap && reservation.per_choice > 0).then_some(reservation.per_choice);
@@ -242,13 +253,7 @@ impl Http {
                 return Action::Pause;
             };
             priced = Some(Priced {
-                reserved_cost: reserve_cost(
-                    &price,
-                    rule,
-                    body.facts(),
-                    self.request_bytes,
-                    &descriptors,
-                ),
+                reserved_cost: reserve_cost(&price, rule, asked, self.request_bytes, &descriptors),
                 request_model,
             });
         }
@@ -313,11 +318,7 @@ impl Http {
         let (Some(held), Some(facts)) = (held, facts) else {
             return;
         };
-        let path = headers
-            .iter()
-            .find(|(k, _)| k == ":path")
-            .map(|(_, p)| normalize_path(p))
-            .unwrap_or_default();
+        let path = request_path(headers);
         let edits = Edits {
             stream_usage: held.inject && config.inject_stream_usage && facts.needs_stream_usage(),
             cap: cap.map(|c| (c, Api::of(&path))),
@@ -573,6 +574,9 @@ impl HttpContext for Http {
             return Action::Continue;
         };
         let too_large = body_size > config.max_request_body_bytes;
+        // The body's size so far (a chunked body states none): the prompt's estimate, even for
+        // a body the plugin will not read.
+        self.request_bytes = Some(self.request_bytes.unwrap_or(0).max(body_size as u64));
         if !end_of_stream && !too_large {
             return Action::Pause;
         }
@@ -590,9 +594,6 @@ impl HttpContext for Http {
         if facts.is_none() {
             shared.metrics.request_body_unreadable.inc();
             self.unreadable_body = true;
-        }
-        if self.request_bytes.is_none() && !too_large {
-            self.request_bytes = Some(body_size as u64);
         }
         let read = match &facts {
             Some(facts) => RequestBody::Read(facts),

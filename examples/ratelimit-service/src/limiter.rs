@@ -351,7 +351,9 @@ impl Limiter {
         let plans: Vec<Plan> = planned.iter().map(|(_, p)| p.clone()).collect();
         let now = self.store_now(planned_at);
         match self.store.settle(id, &plans, settlement, now).await {
-            Err(StoreError::Replan(at)) => {
+            // Only a report with an id is settled again: the groups that settled the first
+            // time know it and count the retry as a duplicate.
+            Err(StoreError::Replan(at)) if id.is_some() => {
                 self.saw_store_time(at);
                 let again = self
                     .plans(ds, at)

@@ -292,6 +292,11 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
             hyper::header::WWW_AUTHENTICATE,
             hyper::header::HeaderValue::from_static("Bearer"),
         );
+        // A caller without the key keeps no connection open.
+        r.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
         return r;
     }
     match (req.method().clone(), path.as_str()) {

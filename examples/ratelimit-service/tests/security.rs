@@ -54,6 +54,11 @@ fn without_the_key_nobody_checks_reports_or_reads() {
     let refused = http::post_json(s.port, "/v1/check", &[], &check);
     assert_eq!(refused.status, 401, "{}", refused.text());
     assert_eq!(refused.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(
+        refused.header("connection"),
+        Some("close"),
+        "no connection kept"
+    );
     let wrong = bearer("key-one-aaaaaaaaaaab");
     for auth in [wrong.as_str(), "key-one-aaaaaaaaaaaa", "Basic a2V5", ""] {
         let r = http::post_json(s.port, "/v1/check", &[("authorization", auth)], &check);
