@@ -51,6 +51,17 @@ fn admin(s: &Service, path: &str, token: Option<&str>, body: &Value) -> http::Re
     send(s.port, "POST", path, &headers, body.to_string().as_bytes())
 }
 
+/// The entry of `limit` in a `/v1/console/top` answer.
+fn limit_in(top: &Value, limit: &str) -> Value {
+    top["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["limit"] == limit)
+        .unwrap_or_else(|| panic!("no {limit} in {top}"))
+        .clone()
+}
+
 /// Polls `path` until `ready` holds for its JSON (the Redis store writes the console's data in
 /// the background), failing after 10 s with what it last said.
 fn eventually(s: &Service, path: &str, ready: impl Fn(&Value) -> bool) -> Value {
@@ -73,13 +84,7 @@ fn scenario(s: &Service) {
     let top = eventually(s, "/v1/console/top", |v| {
         v["limits"][0]["top"][0]["tokens"] == 95 && v["limits"][0]["top"][1]["tokens"] == 10
     });
-    let per_user = top["limits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["limit"] == "per-user")
-        .unwrap()
-        .clone();
+    let per_user = limit_in(&top, "per-user");
     assert_eq!(per_user["top"][0]["value"], "alice");
     assert_eq!(per_user["top"][0]["tokens"], 95);
     assert_eq!(per_user["top"][0]["meters"][0]["remaining"], 5);
@@ -182,13 +187,7 @@ fn shared_pools(s: &Service) {
                 .any(|l| l["limit"] == "per-ip" && l["top"][1].is_object())
         })
     });
-    let per_ip = top["limits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["limit"] == "per-ip")
-        .unwrap()
-        .clone();
+    let per_ip = limit_in(&top, "per-ip");
     let (first, second) = (&per_ip["top"][0], &per_ip["top"][1]);
     assert_eq!(
         (
@@ -242,13 +241,7 @@ fn console_and_admin_api_on_redis_shared_by_replicas() {
     // Another replica sees the same ranking and denials.
     let other = Service::start_binary(bin(), &["--redis-url", &url], &[]);
     let top = send(other.port, "GET", "/v1/console/top", &[], b"").json();
-    let per_user = top["limits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["limit"] == "per-user")
-        .unwrap()
-        .clone();
+    let per_user = limit_in(&top, "per-user");
     assert_eq!(per_user["top"][0]["value"], "alice");
     let denials = send(other.port, "GET", "/v1/console/denials", &[], b"").json();
     assert_eq!(denials["denials"][0]["value"], "alice");
