@@ -602,3 +602,59 @@ fn usage_the_client_did_not_ask_for_is_taken_out_of_its_stream() {
     assert!(r.text().contains("\"choices\":[]"), "asked for: kept");
     assert_spent(svc.port, "asked", 55);
 }
+
+/// What providers bill beyond the top-level figures: Anthropic's `usage.iterations` (every step
+/// of a compacted or advised answer; the top level is the last step's only) and Gemini's
+/// `toolUsePromptTokenCount` (in its total, not in its prompt count).
+#[test]
+fn every_billed_step_and_tool_prompt_is_charged() {
+    let svc = Service::start(&[], &[]);
+    let upstream = http::Server::start(|req| {
+        if req.path.contains("generateContent") {
+            return http::json_reply(
+                200,
+                json!({"candidates": [{"content": {"parts": [{"text": "ok"}]}}],
+                       "usageMetadata": {"promptTokenCount": 100, "toolUsePromptTokenCount": 4610,
+                                          "candidatesTokenCount": 20, "totalTokenCount": 4730},
+                       "modelVersion": "gemini-2.5-flash"}),
+            );
+        }
+        let start = json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+            "model": "claude-opus-4", "content": [], "usage": {"input_tokens": 23000, "output_tokens": 1}}});
+        let delta = json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+            "usage": {"input_tokens": 23000, "output_tokens": 1000,
+                      "iterations": [{"type": "compaction", "input_tokens": 180000, "output_tokens": 3500},
+                                     {"type": "message", "input_tokens": 23000, "output_tokens": 1000}]}});
+        http::reply(
+            200,
+            "text/event-stream",
+            format!("event: message_start\ndata: {start}\n\nevent: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"Hi\"}}}}\n\nevent: message_delta\ndata: {delta}\n\nevent: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n"),
+        )
+    });
+    // Prompt tokens are what both miss: charge them alone.
+    let e = Envoy::start(
+        &config(json!({"usage": {"count": "prompt"}})),
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", upstream.port),
+        ],
+    );
+    let r = http::post_json(
+        e.port,
+        "/v1/messages",
+        &[("x-user", "compacted")],
+        &json!({"model": "claude-opus-4", "stream": true, "max_tokens": 4000}),
+    );
+    assert_eq!(r.status, 200);
+    // 180,000 + 23,000 input: the previous build charged 23,000.
+    assert_spent(svc.port, "compacted", 203_000);
+    let r = http::post_json(
+        e.port,
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        &[("x-user", "tools")],
+        &json!({"contents": []}),
+    );
+    assert_eq!(r.status, 200);
+    // 100 + 4,610 tool-use prompt tokens: the previous build charged 100.
+    assert_spent(svc.port, "tools", 4710);
+}

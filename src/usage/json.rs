@@ -119,6 +119,10 @@ pub struct JsonScanner {
     detail: Detail,
     /// What holds the current container at depth 2.
     holder: Holder,
+    /// Depth of the usage object's `iterations` array (Anthropic), 0 outside one, and what
+    /// its steps add up to so far.
+    iterations_depth: u32,
+    steps: super::Iterations,
     /// The current string value is generated text.
     counting_text: bool,
     /// The current string value is the response's `model` (`modelVersion` for Gemini).
@@ -145,6 +149,8 @@ impl Default for JsonScanner {
             usage_depth: 0,
             detail: Detail::None,
             holder: Holder::Other,
+            iterations_depth: 0,
+            steps: super::Iterations::default(),
             counting_text: false,
             reading_model: false,
             model_text: Short::EMPTY,
@@ -322,6 +328,19 @@ impl JsonScanner {
         if opens_usage && object {
             self.usage_depth = self.depth;
         }
+        if object && self.iterations_depth != 0 && self.depth == self.iterations_depth + 1 {
+            self.steps.steps += 1;
+        }
+        // Anthropic's `usage.iterations`: a new array starts a new sum (later ones replace
+        // earlier ones, as every usage figure does).
+        if !object
+            && self.usage_depth != 0
+            && self.depth == self.usage_depth + 1
+            && self.key.get() == Some(b"iterations")
+        {
+            self.iterations_depth = self.depth;
+            self.steps = super::Iterations::default();
+        }
         if detail != Detail::None {
             self.detail = detail;
         }
@@ -338,6 +357,10 @@ impl JsonScanner {
         }
         if self.usage_depth != 0 && self.depth == self.usage_depth + 1 {
             self.detail = Detail::None;
+        }
+        if self.iterations_depth != 0 && self.depth == self.iterations_depth {
+            self.iterations_depth = 0;
+            self.fields.iterations = Some(self.steps);
         }
         self.depth -= 1;
         self.expect_key = false;
@@ -360,6 +383,8 @@ impl JsonScanner {
         };
         if self.depth == self.usage_depth {
             self.fields.set(key, n);
+        } else if self.iterations_depth != 0 && self.depth == self.iterations_depth + 1 {
+            self.steps.add(key, n);
         } else if self.depth == self.usage_depth + 1 {
             match (self.detail, key) {
                 (Detail::Prompt, b"cached_tokens") => self.fields.cached = Some(n),
@@ -481,6 +506,48 @@ mod tests {
         );
         let s = scan(r#"{"model":"llama","x_groq":{"usage":{"total_tokens":4}}}"#);
         assert_eq!(s.fields.total, Some(4));
+    }
+
+    /// Anthropic bills every step of `usage.iterations` (context compaction, the advisor); the
+    /// top-level figures are the last step's only. Gemini's tool-use prompt is in its total but
+    /// not in its prompt count.
+    #[test]
+    fn every_billed_step_is_counted() {
+        let delta = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},
+            "usage":{"input_tokens":45000,"output_tokens":1234,"cache_read_input_tokens":500,
+              "iterations":[{"type":"compaction","input_tokens":180000,"output_tokens":3500},
+                            {"type":"message","input_tokens":23000,"output_tokens":1000}]}}"#;
+        for cut in [0, 60, 150, delta.len() - 3] {
+            let mut s = JsonScanner::default();
+            s.feed(&delta.as_bytes()[..cut]);
+            s.feed(&delta.as_bytes()[cut..]);
+            s.next_document();
+            let u = s.fields.normalise();
+            assert_eq!(
+                (u.prompt, u.completion, u.cached),
+                (203_500, 4500, 500),
+                "cut {cut}"
+            );
+        }
+        // Steps that give their own cache figures; an empty list leaves the top level.
+        let s = scan(
+            r#"{"usage":{"input_tokens":10,"output_tokens":5,"cache_read_input_tokens":7,
+               "iterations":[{"input_tokens":100,"output_tokens":50,"cache_read_input_tokens":20},
+                             {"input_tokens":10,"output_tokens":5,"cache_read_input_tokens":7}]}}"#,
+        );
+        assert_eq!(s.fields.normalise().prompt, 110 + 27);
+        let s = scan(r#"{"usage":{"input_tokens":10,"output_tokens":5,"iterations":[]}}"#);
+        assert_eq!(s.fields.normalise().total, 15);
+        // An `iterations` a client filled elsewhere is not usage.
+        let s = scan(
+            r#"{"metadata":{"iterations":[{"input_tokens":0}]},"usage":{"input_tokens":10,"output_tokens":5}}"#,
+        );
+        assert_eq!(s.fields.normalise().total, 15);
+        let s = scan(
+            r#"{"usageMetadata":{"promptTokenCount":100,"toolUsePromptTokenCount":4610,"candidatesTokenCount":20,"totalTokenCount":4730}}"#,
+        );
+        let u = s.fields.normalise();
+        assert_eq!((u.prompt, u.completion, u.total), (4710, 20, 4730));
     }
 
     #[test]

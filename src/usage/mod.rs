@@ -33,6 +33,38 @@ pub struct UsageFields {
     /// Of the completion, spent reasoning: OpenAI `completion_tokens_details.reasoning_tokens`
     /// (`output_tokens_details`).
     pub reasoning: Option<u64>,
+    /// Gemini's `toolUsePromptTokenCount`: prompt tokens of tool results, in
+    /// `totalTokenCount` but not in `promptTokenCount`.
+    pub tool_prompt: Option<u64>,
+    /// Anthropic's `usage.iterations`: every billed step (context compaction, the advisor),
+    /// summed. When present, the top-level figures are the last step's only, and these are
+    /// the bill.
+    pub iterations: Option<Iterations>,
+}
+
+/// Anthropic's per-iteration usage, summed over the steps of one answer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Iterations {
+    /// Steps listed (an empty list says nothing: the top-level figures stand).
+    pub steps: u64,
+    pub input: u64,
+    pub output: u64,
+    pub cache_read: u64,
+    pub cache_creation: u64,
+}
+
+impl Iterations {
+    /// Adds one step's `key` figure.
+    pub fn add(&mut self, key: &[u8], value: u64) {
+        let slot = match key {
+            b"input_tokens" => &mut self.input,
+            b"output_tokens" => &mut self.output,
+            b"cache_read_input_tokens" => &mut self.cache_read,
+            b"cache_creation_input_tokens" => &mut self.cache_creation,
+            _ => return,
+        };
+        *slot = slot.saturating_add(value);
+    }
 }
 
 impl UsageFields {
@@ -48,22 +80,44 @@ impl UsageFields {
             b"thoughtsTokenCount" => &mut self.thoughts,
             b"total_tokens" | b"totalTokenCount" => &mut self.total,
             b"cachedContentTokenCount" => &mut self.cached,
+            b"toolUsePromptTokenCount" => &mut self.tool_prompt,
             _ => return,
         };
         *slot = Some(value);
     }
 
     fn found(&self) -> bool {
-        self.prompt.is_some() || self.completion.is_some() || self.total.is_some()
+        self.prompt.is_some()
+            || self.completion.is_some()
+            || self.total.is_some()
+            || self.iterations.is_some()
     }
 
     /// The provider's figures normalised to prompt / completion / total.
     pub fn normalise(&self) -> Usage {
+        if let Some(steps) = self.iterations.filter(|i| i.steps > 0) {
+            // Every step's input and output; cache figures per step when the steps give them,
+            // else the top level's (which then stand for the whole answer).
+            let cache_read = steps.cache_read.max(self.cache_read.unwrap_or(0));
+            let cache_creation = steps.cache_creation.max(self.cache_creation.unwrap_or(0));
+            let prompt = steps
+                .input
+                .saturating_add(cache_read)
+                .saturating_add(cache_creation);
+            return Usage {
+                prompt,
+                completion: steps.output,
+                total: prompt.saturating_add(steps.output),
+                cached: cache_read.min(prompt),
+                reasoning: 0,
+            };
+        }
         let prompt = self
             .prompt
             .unwrap_or(0)
             .saturating_add(self.cache_creation.unwrap_or(0))
-            .saturating_add(self.cache_read.unwrap_or(0));
+            .saturating_add(self.cache_read.unwrap_or(0))
+            .saturating_add(self.tool_prompt.unwrap_or(0));
         let completion = self
             .completion
             .unwrap_or(0)
