@@ -119,10 +119,9 @@ pub struct JsonScanner {
     detail: Detail,
     /// What holds the current container at depth 2.
     holder: Holder,
-    /// Depth of the usage object's `iterations` array (Anthropic), 0 outside one, and what
-    /// its steps add up to so far.
+    /// Depth of the usage object's `iterations` array (Anthropic), 0 outside one; its steps
+    /// are summed into `fields.iterations` as they come.
     iterations_depth: u32,
-    steps: super::Iterations,
     /// The current string value is generated text.
     counting_text: bool,
     /// The current string value is the response's `model` (`modelVersion` for Gemini).
@@ -150,7 +149,6 @@ impl Default for JsonScanner {
             detail: Detail::None,
             holder: Holder::Other,
             iterations_depth: 0,
-            steps: super::Iterations::default(),
             counting_text: false,
             reading_model: false,
             model_text: Short::EMPTY,
@@ -329,7 +327,9 @@ impl JsonScanner {
             self.usage_depth = self.depth;
         }
         if object && self.iterations_depth != 0 && self.depth == self.iterations_depth + 1 {
-            self.steps.steps += 1;
+            if let Some(steps) = &mut self.fields.iterations {
+                steps.steps += 1;
+            }
         }
         // Anthropic's `usage.iterations`: a new array starts a new sum (later ones replace
         // earlier ones, as every usage figure does).
@@ -339,7 +339,7 @@ impl JsonScanner {
             && self.key.get() == Some(b"iterations")
         {
             self.iterations_depth = self.depth;
-            self.steps = super::Iterations::default();
+            self.fields.iterations = Some(super::Iterations::default());
         }
         if detail != Detail::None {
             self.detail = detail;
@@ -360,7 +360,6 @@ impl JsonScanner {
         }
         if self.iterations_depth != 0 && self.depth == self.iterations_depth {
             self.iterations_depth = 0;
-            self.fields.iterations = Some(self.steps);
         }
         self.depth -= 1;
         self.expect_key = false;
@@ -384,7 +383,9 @@ impl JsonScanner {
         if self.depth == self.usage_depth {
             self.fields.set(key, n);
         } else if self.iterations_depth != 0 && self.depth == self.iterations_depth + 1 {
-            self.steps.add(key, n);
+            if let Some(steps) = &mut self.fields.iterations {
+                steps.add(key, n);
+            }
         } else if self.depth == self.usage_depth + 1 {
             match (self.detail, key) {
                 (Detail::Prompt, b"cached_tokens") => self.fields.cached = Some(n),

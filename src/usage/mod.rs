@@ -46,7 +46,7 @@ pub struct UsageFields {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Iterations {
     /// Steps listed (an empty list says nothing: the top-level figures stand).
-    pub steps: u64,
+    pub steps: u32,
     pub input: u64,
     pub output: u64,
     pub cache_read: u64,
@@ -95,23 +95,32 @@ impl UsageFields {
 
     /// The provider's figures normalised to prompt / completion / total.
     pub fn normalise(&self) -> Usage {
-        if let Some(steps) = self.iterations.filter(|i| i.steps > 0) {
-            // Every step's input and output; cache figures per step when the steps give them,
-            // else the top level's (which then stand for the whole answer).
-            let cache_read = steps.cache_read.max(self.cache_read.unwrap_or(0));
-            let cache_creation = steps.cache_creation.max(self.cache_creation.unwrap_or(0));
-            let prompt = steps
-                .input
-                .saturating_add(cache_read)
-                .saturating_add(cache_creation);
-            return Usage {
-                prompt,
-                completion: steps.output,
-                total: prompt.saturating_add(steps.output),
-                cached: cache_read.min(prompt),
-                reasoning: 0,
-            };
+        let top = self.top_level();
+        let Some(steps) = self.iterations.filter(|i| i.steps > 0) else {
+            return top;
+        };
+        // Every step's input and output; cache figures per step when the steps give them, else
+        // the top level's (which then stand for the whole answer). Never less than the top
+        // level says (a stream cut inside the list has summed only some steps).
+        let cache_read = steps.cache_read.max(self.cache_read.unwrap_or(0));
+        let cache_creation = steps.cache_creation.max(self.cache_creation.unwrap_or(0));
+        let prompt = steps
+            .input
+            .saturating_add(cache_read)
+            .saturating_add(cache_creation)
+            .max(top.prompt);
+        let completion = steps.output.max(top.completion);
+        Usage {
+            prompt,
+            completion,
+            total: prompt.saturating_add(completion).max(top.total),
+            cached: cache_read.min(prompt),
+            reasoning: top.reasoning.min(completion),
         }
+    }
+
+    /// The top-level figures normalised (without `iterations`).
+    fn top_level(&self) -> Usage {
         let prompt = self
             .prompt
             .unwrap_or(0)
