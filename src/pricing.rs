@@ -16,16 +16,25 @@ pub struct Price {
     pub output: u64,
     /// Reasoning tokens (the output price unless given).
     pub reasoning: u64,
+    /// Prompt tokens written to the provider's cache for 5 minutes, and for an hour (Anthropic
+    /// bills them at 1.25× and 2× the input price: those are the defaults).
+    pub cache_write: u64,
+    pub cache_write_1h: u64,
 }
 
 impl Price {
     /// What `usage` costs, in micro units, rounded up; at most the wire's bound.
     pub fn cost(&self, usage: &Usage) -> u64 {
         let cached = usage.cached.min(usage.prompt);
+        let written = usage.prompt - cached;
+        let hour = usage.cache_write_1h.min(written);
+        let minutes = usage.cache_write.min(written - hour);
         let reasoning = usage.reasoning.min(usage.completion);
         let parts = [
-            (usage.prompt - cached, self.input),
+            (written - hour - minutes, self.input),
             (cached, self.cached_input),
+            (minutes, self.cache_write),
+            (hour, self.cache_write_1h),
             (usage.completion - reasoning, self.output),
             (reasoning, self.reasoning),
         ];
@@ -159,6 +168,8 @@ mod tests {
             cached_input: m(cached),
             output: m(output),
             reasoning: m(output),
+            cache_write: m(input),
+            cache_write_1h: m(input),
         }
     }
 
@@ -188,6 +199,32 @@ mod tests {
         assert_eq!(format_amount(12_345_600_000), "12345.60");
     }
 
+    /// Anthropic bills cache writes at 1.25× input (5 minutes) and 2× (an hour): 1,000 prompt
+    /// tokens of which 300 written for 5 minutes and 200 for an hour, at $3 / M input.
+    #[test]
+    fn cache_writes_have_their_prices() {
+        let p = Price {
+            cache_write: 3_750_000,
+            cache_write_1h: 6_000_000,
+            ..usd("3.00", "0.30", "15.00")
+        };
+        let u = Usage {
+            prompt: 1_000,
+            cache_write: 300,
+            cache_write_1h: 200,
+            ..Usage::default()
+        };
+        // 500 × 3 + 300 × 3.75 + 200 × 6 = 1,500 + 1,125 + 1,200 micro dollars.
+        assert_eq!(p.cost(&u), 3_825);
+        // Never more tokens priced than the prompt has.
+        let odd = Usage {
+            cache_write: 5_000,
+            cache_write_1h: 5_000,
+            ..u
+        };
+        assert_eq!(p.cost(&odd), 6_000);
+    }
+
     #[test]
     fn each_kind_of_token_has_its_price() {
         // gpt-4o: $2.50 in, $1.25 cached, $10 out per million.
@@ -198,6 +235,7 @@ mod tests {
             total: prompt.saturating_add(completion),
             cached,
             reasoning,
+            ..Usage::default()
         };
         // 1,000 prompt tokens and 500 completion: 2,500 + 5,000 micro dollars.
         assert_eq!(p.cost(&u(1_000, 0, 500, 0)), 7_500);

@@ -114,8 +114,7 @@ pub fn reserve_cost(
         prompt,
         completion,
         total: prompt.saturating_add(completion),
-        cached: 0,
-        reasoning: 0,
+        ..Usage::default()
     };
     price
         .cost(&usage)
@@ -168,6 +167,8 @@ mod tests {
             cached_input: 1_250_000,
             output: 10_000_000,
             reasoning: 10_000_000,
+            cache_write: 2_500_000,
+            cache_write_1h: 2_500_000,
         };
         let mut money = d(&[20_000]);
         money.currency = Some("USD".into());

@@ -861,6 +861,9 @@ mod tests {
             prices.price(None, Some("gpt-4o")).map(|p| p.cached_input),
             Some(1_250_000)
         );
+        // Cache writes: 1.25× and 2× input unless given.
+        let p = prices.price(None, Some("gpt-4o")).unwrap();
+        assert_eq!((p.cache_write, p.cache_write_1h), (3_125_000, 5_000_000));
         assert_eq!(prices.price(None, Some("llama")).map(|p| p.input), Some(0));
 
         let cost = |extra: &str, limit: &str| {

@@ -148,15 +148,25 @@ struct PriceSpec {
     output: Amount,
     /// Reasoning tokens (`output` unless given).
     reasoning: Option<Amount>,
+    /// Prompt tokens written to the provider's cache for 5 minutes (1.25 × `input` unless
+    /// given, as Anthropic bills them).
+    cache_write: Option<Amount>,
+    /// Prompt tokens written to the cache for an hour (2 × `input` unless given).
+    cache_write_1h: Option<Amount>,
 }
 
 impl PriceSpec {
     fn price(&self) -> Price {
+        let input = self.input.0;
         Price {
-            input: self.input.0,
+            input,
             cached_input: self.cached_input.unwrap_or(self.input).0,
             output: self.output.0,
             reasoning: self.reasoning.unwrap_or(self.output).0,
+            cache_write: self
+                .cache_write
+                .map_or(input.saturating_add(input / 4), |a| a.0),
+            cache_write_1h: self.cache_write_1h.map_or(input.saturating_mul(2), |a| a.0),
         }
     }
 }

@@ -36,6 +36,8 @@ enum Detail {
     Prompt,
     /// `completion_tokens_details` / `output_tokens_details`: `reasoning_tokens`.
     Completion,
+    /// Anthropic's `cache_creation`: `ephemeral_1h_input_tokens` (billed at another price).
+    CacheCreation,
 }
 
 /// What holds the container at depth 2. An API puts its model and usage at the top of a
@@ -290,6 +292,7 @@ impl JsonScanner {
             match self.key.get() {
                 Some(b"prompt_tokens_details" | b"input_tokens_details") => Detail::Prompt,
                 Some(b"completion_tokens_details" | b"output_tokens_details") => Detail::Completion,
+                Some(b"cache_creation") => Detail::CacheCreation,
                 _ => Detail::None,
             }
         } else {
@@ -390,6 +393,9 @@ impl JsonScanner {
             match (self.detail, key) {
                 (Detail::Prompt, b"cached_tokens") => self.fields.cached = Some(n),
                 (Detail::Completion, b"reasoning_tokens") => self.fields.reasoning = Some(n),
+                (Detail::CacheCreation, b"ephemeral_1h_input_tokens") => {
+                    self.fields.cache_write_1h = Some(n)
+                }
                 _ => {}
             }
         }
@@ -549,6 +555,16 @@ mod tests {
         );
         let u = s.fields.normalise();
         assert_eq!((u.prompt, u.completion, u.total), (4710, 20, 4730));
+        // Anthropic's cache writes, split into 5-minute and 1-hour ones.
+        let s = scan(
+            r#"{"usage":{"input_tokens":100,"cache_creation_input_tokens":500,"cache_read_input_tokens":50,
+               "cache_creation":{"ephemeral_5m_input_tokens":300,"ephemeral_1h_input_tokens":200},"output_tokens":9}}"#,
+        );
+        let u = s.fields.normalise();
+        assert_eq!(
+            (u.prompt, u.cached, u.cache_write, u.cache_write_1h),
+            (650, 50, 300, 200)
+        );
     }
 
     #[test]

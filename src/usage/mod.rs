@@ -19,6 +19,9 @@ pub struct UsageFields {
     pub prompt: Option<u64>,
     /// Anthropic's `cache_creation_input_tokens`, billed as input beside `input_tokens`.
     pub cache_creation: Option<u64>,
+    /// Of those, written for an hour (`cache_creation.ephemeral_1h_input_tokens`): billed at
+    /// another price than the 5-minute writes.
+    pub cache_write_1h: Option<u64>,
     /// Anthropic's `cache_read_input_tokens`.
     pub cache_read: Option<u64>,
     /// `completion_tokens`, `output_tokens`, `candidatesTokenCount`.
@@ -110,13 +113,26 @@ impl UsageFields {
             .saturating_add(cache_creation)
             .max(top.prompt);
         let completion = steps.output.max(top.completion);
+        let cached = cache_read.min(prompt);
+        let (cache_write, cache_write_1h) =
+            self.cache_writes(cache_creation, prompt.saturating_sub(cached));
         Usage {
             prompt,
             completion,
             total: prompt.saturating_add(completion).max(top.total),
-            cached: cache_read.min(prompt),
+            cached,
+            cache_write,
+            cache_write_1h,
             reasoning: top.reasoning.min(completion),
         }
+    }
+
+    /// `written` cache tokens split into 5-minute and 1-hour writes, within `room` (the prompt
+    /// not read from the cache).
+    fn cache_writes(&self, written: u64, room: u64) -> (u64, u64) {
+        let written = written.min(room);
+        let hour = self.cache_write_1h.unwrap_or(0).min(written);
+        (written - hour, hour)
     }
 
     /// The top-level figures normalised (without `iterations`).
@@ -135,12 +151,19 @@ impl UsageFields {
             .total
             .unwrap_or(0)
             .max(prompt.saturating_add(completion));
+        // Anthropic's cache reads are part of the prompt once added to it above.
+        let cached = self.cached.or(self.cache_read).unwrap_or(0).min(prompt);
+        let (cache_write, cache_write_1h) = self.cache_writes(
+            self.cache_creation.unwrap_or(0),
+            prompt.saturating_sub(cached),
+        );
         Usage {
             prompt,
             completion,
             total,
-            // Anthropic's cache reads are part of the prompt once added to it above.
-            cached: self.cached.or(self.cache_read).unwrap_or(0).min(prompt),
+            cached,
+            cache_write,
+            cache_write_1h,
             // Gemini's thoughts are added to the completion above.
             reasoning: self
                 .reasoning
@@ -159,6 +182,10 @@ pub struct Usage {
     pub total: u64,
     /// Of `prompt`, read from the provider's prompt cache.
     pub cached: u64,
+    /// Of `prompt`, written to the provider's prompt cache for 5 minutes (Anthropic), and for
+    /// an hour.
+    pub cache_write: u64,
+    pub cache_write_1h: u64,
     /// Of `completion`, spent on reasoning.
     pub reasoning: u64,
 }
@@ -280,8 +307,7 @@ pub fn abandoned(count: Count, request_bytes: Option<u64>, reserved: u64) -> Cha
         prompt,
         completion: reserved,
         total: prompt.saturating_add(reserved),
-        cached: 0,
-        reasoning: 0,
+        ..Usage::default()
     };
     let tokens = if reserved > 0 {
         reserved
@@ -369,6 +395,7 @@ mod tests {
             completion: 50,
             total: 150,
             reasoning: 30,
+            ..Usage::default()
         };
         assert_eq!(
             charge(
@@ -397,7 +424,9 @@ mod tests {
                 completion: 7,
                 total: 122,
                 cached: 100,
+                cache_write: 5,
                 reasoning: 0,
+                ..Usage::default()
             }
         );
         let mut g = UsageFields::default();
@@ -412,6 +441,8 @@ mod tests {
                 completion: 26,
                 total: 30,
                 cached: 0,
+                cache_write: 0,
+                cache_write_1h: 0,
                 reasoning: 20,
             }
         );
