@@ -89,6 +89,9 @@ pub struct Prices {
     /// First match wins.
     pub models: Vec<(ModelMatch, Price)>,
     pub unknown_model: UnknownModel,
+    /// `service_tiers`: what an answer billed at a tier costs, as a multiple of its price in
+    /// micro units (2,000,000: twice); a tier not listed costs the price.
+    pub tiers: Vec<(String, u64)>,
 }
 
 impl Prices {
@@ -116,6 +119,19 @@ impl Prices {
             (None, UnknownModel::Free) => Some(Price::default()),
             (None, UnknownModel::Deny) => None,
         }
+    }
+}
+
+impl Prices {
+    /// `cost` at the tier the response names (`priority`, `flex`…), rounded up.
+    pub fn at_tier(&self, cost: u64, tier: Option<&str>) -> u64 {
+        let Some(factor) = tier.and_then(|t| self.tiers.iter().find(|(name, _)| name == t)) else {
+            return cost;
+        };
+        let scaled = (u128::from(cost) * u128::from(factor.1)).div_ceil(u128::from(MICROS));
+        u64::try_from(scaled)
+            .unwrap_or(u64::MAX)
+            .min(wire::MAX_TOKENS)
     }
 }
 
@@ -225,6 +241,21 @@ mod tests {
         assert_eq!(p.cost(&odd), 6_000);
     }
 
+    /// An answer billed at a tier costs a multiple of its price (OpenAI's priority and flex).
+    #[test]
+    fn service_tiers_multiply_the_cost() {
+        let prices = Prices {
+            currency: "USD".into(),
+            models: Vec::new(),
+            unknown_model: UnknownModel::Free,
+            tiers: vec![("priority".into(), 2 * MICROS), ("flex".into(), MICROS / 2)],
+        };
+        assert_eq!(prices.at_tier(7_501, Some("priority")), 15_002);
+        assert_eq!(prices.at_tier(7_501, Some("flex")), 3_751, "rounded up");
+        assert_eq!(prices.at_tier(7_501, Some("default")), 7_501);
+        assert_eq!(prices.at_tier(7_501, None), 7_501);
+    }
+
     #[test]
     fn each_kind_of_token_has_its_price() {
         // gpt-4o: $2.50 in, $1.25 cached, $10 out per million.
@@ -275,6 +306,7 @@ mod tests {
                 ),
             ],
             unknown_model,
+            tiers: Vec::new(),
         };
         let t = table(UnknownModel::Deny);
         let input = |p: Option<Price>| p.map(|p| p.input);

@@ -165,3 +165,41 @@ fn a_model_without_a_price_is_refused_under_a_budget_in_money() {
     assert_eq!(e.metric("requests_unpriced"), 3);
     assert_eq!(ask(br#"{"model": "gpt-4o"}"#).status, 200);
 }
+
+/// An answer billed at a service tier costs the tier's multiple of its price: OpenAI's
+/// `service_tier: "priority"` at 2× with `prices.service_tiers`.
+#[test]
+fn a_service_tier_multiplies_the_price() {
+    let svc = Service::start(&[], &[]);
+    let up = Server::start(|req| {
+        let tier = req.json()["service_tier"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        json_reply(
+            200,
+            json!({"id": "chatcmpl-1", "model": "gpt-4o-2024-08-06", "service_tier": tier, "choices": [],
+                   "usage": {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500}}),
+        )
+    });
+    let mut c = config();
+    c["prices"]["service_tiers"] = json!({"priority": "2", "flex": "0.5"});
+    let e = Envoy::start(
+        &c,
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+    );
+    let ask = |user: &str, tier: &str| {
+        http::post_json(
+            e.port,
+            "/v1/chat/completions",
+            &[("x-team", "team-t"), ("x-user", user)],
+            &json!({"model": "gpt-4o", "service_tier": tier}),
+        )
+        .status
+    };
+    // 0.0075 USD at the default tier: 0.015 at priority, 0.00375 at flex.
+    assert_eq!(ask("pri", "priority"), 200);
+    svc.await_remaining("user", "pri", 0);
+    assert_eq!(ask("flx", "flex"), 200);
+    svc.await_remaining("user", "flx", 15_000 - 3_750);
+}

@@ -229,6 +229,7 @@ fn every_provider_is_priced_by_the_model_it_names() {
             ),
         ],
         unknown_model: UnknownModel::Deny,
+        tiers: Vec::new(),
     };
     for (file, model, micros) in [
         // 1117 prompt of which 1024 cached, 46 completion:

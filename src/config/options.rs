@@ -133,6 +133,9 @@ struct PricesSpec {
     /// A model the table does not list: `"deny"` (the default: the request is refused),
     /// `"free"`, or `{"price": {"input": ..., "output": ...}}`.
     unknown_model: Option<UnknownModelSpec>,
+    /// What an answer costs at a service tier the response names, as a multiple of its price:
+    /// `{"priority": "2", "flex": "0.5"}`. A tier not listed costs the price.
+    service_tiers: Option<BTreeMap<String, Amount>>,
 }
 
 /// Prices per million tokens of one model (or, under `unknown_model`, of any other).
@@ -244,10 +247,17 @@ impl PricesSpec {
             }
             Some(UnknownModelSpec::Price(p)) => UnknownModel::Price(p.price()),
         };
+        let tiers = self
+            .service_tiers
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(tier, factor)| (tier, factor.0))
+            .collect();
         Ok(Prices {
             currency: self.currency.0,
             models,
             unknown_model,
+            tiers,
         })
     }
 }

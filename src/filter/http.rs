@@ -786,13 +786,12 @@ impl HttpContext for Http {
         // Priced by the model the response names when the table lists it, else the request's.
         let cost = match (&spend.priced, &config.prices) {
             (Some(p), Some(prices)) => {
-                let answered = response
-                    .as_ref()
-                    .and_then(|r| r.scanner.as_ref())
-                    .and_then(UsageScanner::model);
+                let scanner = response.as_ref().and_then(|r| r.scanner.as_ref());
+                let answered = scanner.and_then(UsageScanner::model);
+                let tier = scanner.and_then(UsageScanner::service_tier);
                 prices
                     .price(answered, p.request_model.as_deref())
-                    .map_or(0, |price| price.cost(&charge.usage))
+                    .map_or(0, |price| prices.at_tier(price.cost(&charge.usage), tier))
             }
             _ => 0,
         };

@@ -56,8 +56,11 @@ enum Holder {
     Item,
 }
 
+/// Longest service tier kept (`priority`, `standard_only`: longer ones are none).
+const TIER: usize = 16;
+
 /// Longest model name kept (Bedrock's `anthropic.claude-3-5-sonnet-20240620-v1:0` is 41).
-const MODEL: usize = 96;
+const MODEL: usize = 80;
 
 /// A short byte string that remembers whether it overflowed.
 #[derive(Clone, Copy)]
@@ -131,6 +134,11 @@ pub struct JsonScanner {
     /// The last model the response named; `model_read` once its string ended within bounds.
     model_text: Short<MODEL>,
     model_read: bool,
+    /// The service tier the answer was billed at (OpenAI's `service_tier`, Anthropic's
+    /// `usage.service_tier`), read as the model is.
+    reading_tier: bool,
+    tier_text: Short<TIER>,
+    tier_read: bool,
     /// What was found so far; later values of a field replace earlier ones (providers send
     /// cumulative figures).
     pub fields: UsageFields,
@@ -155,6 +163,9 @@ impl Default for JsonScanner {
             reading_model: false,
             model_text: Short::EMPTY,
             model_read: false,
+            reading_tier: false,
+            tier_text: Short::EMPTY,
+            tier_read: false,
             fields: UsageFields::default(),
             text_bytes: 0,
         }
@@ -176,18 +187,29 @@ impl JsonScanner {
             text_bytes: self.text_bytes,
             model_text: self.model_text,
             model_read: self.model_read,
+            tier_text: self.tier_text,
+            tier_read: self.tier_read,
             ..JsonScanner::default()
         };
     }
 
     /// The model the response names (`model` near the top of a document, as OpenAI, Anthropic
-    /// and Qwen write it; Gemini's `modelVersion`), if it fits in 96 bytes.
+    /// and Qwen write it; Gemini's `modelVersion`), if it fits in 80 bytes.
     pub fn model(&self) -> Option<&str> {
         self.model_text
             .get()
             .filter(|_| self.model_read)
             .and_then(|b| std::str::from_utf8(b).ok())
             .filter(|m| !m.is_empty())
+    }
+
+    /// The service tier the answer names, if any.
+    pub fn service_tier(&self) -> Option<&str> {
+        self.tier_text
+            .get()
+            .filter(|_| self.tier_read)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .filter(|t| !t.is_empty())
     }
 
     fn in_object(&self) -> bool {
@@ -210,6 +232,9 @@ impl JsonScanner {
                     self.counting_text = false;
                     if std::mem::take(&mut self.reading_model) {
                         self.model_read = true;
+                    }
+                    if std::mem::take(&mut self.reading_tier) {
+                        self.tier_read = true;
                     }
                 } else {
                     self.string_byte(key, b);
@@ -237,6 +262,8 @@ impl JsonScanner {
             self.text_bytes += 1;
         } else if self.reading_model {
             self.model_text.push(b);
+        } else if self.reading_tier {
+            self.tier_text.push(b);
         }
     }
 
@@ -271,6 +298,17 @@ impl JsonScanner {
                     if self.reading_model {
                         self.model_text = Short::EMPTY;
                         self.model_read = false;
+                    }
+                    self.reading_tier = self.in_object()
+                        && self.key.get() == Some(b"service_tier")
+                        && if self.usage_depth == 0 {
+                            self.depth == 1 || (self.depth == 2 && self.holder == Holder::Response)
+                        } else {
+                            self.depth == self.usage_depth
+                        };
+                    if self.reading_tier {
+                        self.tier_text = Short::EMPTY;
+                        self.tier_read = false;
                     }
                 }
                 self.lex = Lex::Str {
@@ -513,6 +551,33 @@ mod tests {
         );
         let s = scan(r#"{"model":"llama","x_groq":{"usage":{"total_tokens":4}}}"#);
         assert_eq!(s.fields.total, Some(4));
+    }
+
+    /// The tier an answer was billed at, where each API says it: OpenAI's top-level (and the
+    /// Responses stream's `response.service_tier`), Anthropic's `usage.service_tier`; never a
+    /// client's echoed field.
+    #[test]
+    fn the_service_tier_is_read_where_the_api_puts_it() {
+        for (doc, want) in [
+            (
+                r#"{"model":"gpt-4o","service_tier":"priority","usage":{"total_tokens":1}}"#,
+                Some("priority"),
+            ),
+            (
+                r#"{"type":"response.completed","response":{"service_tier":"flex"}}"#,
+                Some("flex"),
+            ),
+            (
+                r#"{"type":"message_delta","usage":{"output_tokens":3,"service_tier":"priority"}}"#,
+                Some("priority"),
+            ),
+            (
+                r#"{"metadata":{"service_tier":"flex"},"choices":[{"service_tier":"flex"}]}"#,
+                None,
+            ),
+        ] {
+            assert_eq!(scan(doc).service_tier(), want, "{doc}");
+        }
     }
 
     /// Anthropic bills every step of `usage.iterations` (context compaction, the advisor); the

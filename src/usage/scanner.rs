@@ -103,6 +103,11 @@ impl UsageScanner {
         self.json().and_then(JsonScanner::model)
     }
 
+    /// The service tier the response names, if it names one.
+    pub fn service_tier(&self) -> Option<&str> {
+        self.json().and_then(JsonScanner::service_tier)
+    }
+
     pub fn text_bytes(&self) -> u64 {
         self.json().map_or(0, |j| j.text_bytes)
     }
