@@ -20,23 +20,66 @@ pub struct Price {
     /// bills them at 1.25× and 2× the input price: those are the defaults).
     pub cache_write: u64,
     pub cache_write_1h: u64,
+    /// Other prices for an answer whose prompt is larger than a size.
+    pub long_context: Option<LongContext>,
+}
+
+/// Prices for an answer whose prompt has more than `above_prompt_tokens` tokens: Gemini and
+/// Anthropic bill every token of such a request at higher prices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LongContext {
+    pub above_prompt_tokens: u64,
+    pub input: u64,
+    pub cached_input: u64,
+    pub output: u64,
+    pub reasoning: u64,
+    pub cache_write: u64,
+    pub cache_write_1h: u64,
 }
 
 impl Price {
-    /// What `usage` costs, in micro units, rounded up; at most the wire's bound.
+    /// What `usage` costs, in micro units, rounded up; at most the wire's bound. A prompt
+    /// above the long-context size prices every token of the answer at those prices.
     pub fn cost(&self, usage: &Usage) -> u64 {
+        let rates = match self.long_context {
+            Some(l) if usage.prompt > l.above_prompt_tokens => [
+                l.input,
+                l.cached_input,
+                l.cache_write,
+                l.cache_write_1h,
+                l.output,
+                l.reasoning,
+            ],
+            _ => [
+                self.input,
+                self.cached_input,
+                self.cache_write,
+                self.cache_write_1h,
+                self.output,
+                self.reasoning,
+            ],
+        };
+        cost_at(rates, usage)
+    }
+}
+
+/// What `usage` costs at `[input, cached input, 5-minute cache write, 1-hour cache write,
+/// output, reasoning]` per million tokens.
+fn cost_at(rates: [u64; 6], usage: &Usage) -> u64 {
+    let [input, cached_input, cache_write, cache_write_1h, output, reasoning_price] = rates;
+    {
         let cached = usage.cached.min(usage.prompt);
         let written = usage.prompt - cached;
         let hour = usage.cache_write_1h.min(written);
         let minutes = usage.cache_write.min(written - hour);
         let reasoning = usage.reasoning.min(usage.completion);
         let parts = [
-            (written - hour - minutes, self.input),
-            (cached, self.cached_input),
-            (minutes, self.cache_write),
-            (hour, self.cache_write_1h),
-            (usage.completion - reasoning, self.output),
-            (reasoning, self.reasoning),
+            (written - hour - minutes, input),
+            (cached, cached_input),
+            (minutes, cache_write),
+            (hour, cache_write_1h),
+            (usage.completion - reasoning, output),
+            (reasoning, reasoning_price),
         ];
         let total: u128 = parts
             .iter()
@@ -186,6 +229,7 @@ mod tests {
             reasoning: m(output),
             cache_write: m(input),
             cache_write_1h: m(input),
+            long_context: None,
         }
     }
 
@@ -239,6 +283,33 @@ mod tests {
             ..u
         };
         assert_eq!(p.cost(&odd), 6_000);
+    }
+
+    /// Above 200,000 prompt tokens every token of the answer is billed at the long-context
+    /// prices (Gemini 2.5 Pro: $1.25 / $10 below, $2.50 / $15 above).
+    #[test]
+    fn a_long_prompt_is_priced_at_the_long_context_prices() {
+        let p = Price {
+            long_context: Some(LongContext {
+                above_prompt_tokens: 200_000,
+                input: 2_500_000,
+                cached_input: 2_500_000,
+                output: 15_000_000,
+                reasoning: 15_000_000,
+                cache_write: 2_500_000,
+                cache_write_1h: 2_500_000,
+            }),
+            ..usd("1.25", "1.25", "10.00")
+        };
+        let u = |prompt| Usage {
+            prompt,
+            completion: 1_000,
+            total: prompt + 1_000,
+            ..Usage::default()
+        };
+        // 200,000 × 1.25 + 1,000 × 10 micro dollars; one token more: every token above.
+        assert_eq!(p.cost(&u(200_000)), 250_000 + 10_000);
+        assert_eq!(p.cost(&u(200_001)), 500_003 + 15_000);
     }
 
     /// An answer billed at a tier costs a multiple of its price (OpenAI's priority and flex).

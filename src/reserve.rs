@@ -169,6 +169,7 @@ mod tests {
             reasoning: 10_000_000,
             cache_write: 2_500_000,
             cache_write_1h: 2_500_000,
+            long_context: None,
         };
         let mut money = d(&[20_000]);
         money.currency = Some("USD".into());

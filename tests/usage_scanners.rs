@@ -208,6 +208,7 @@ fn every_provider_is_priced_by_the_model_it_names() {
         reasoning: output,
         cache_write: input,
         cache_write_1h: input,
+        long_context: None,
     };
     let table = Prices {
         currency: "USD".into(),

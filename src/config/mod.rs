@@ -440,6 +440,34 @@ mod tests {
             .unwrap_or_else(|| panic!("accepted: {json}"))
     }
 
+    /// A long-context price, with its own defaults, in an entry of the price table.
+    #[test]
+    fn long_context_prices_are_read() {
+        let c = parse(&extra(
+            r#""prices": {"currency": "USD", "models": [{"model": "gemini-2.5-pro*", "input": "1.25", "output": "10.00",
+                 "long_context": {"above_prompt_tokens": 200000, "input": "2.50", "output": "15.00"}}]}"#,
+        ))
+        .unwrap();
+        let p = c
+            .prices
+            .as_ref()
+            .unwrap()
+            .price(Some("gemini-2.5-pro-002"), None)
+            .unwrap();
+        let l = p.long_context.unwrap();
+        assert_eq!(
+            (l.above_prompt_tokens, l.input, l.output, l.cache_write),
+            (200_000, 2_500_000, 15_000_000, 3_125_000)
+        );
+        let err = parse(&extra(
+            r#""prices": {"currency": "USD", "models": [{"model": "m", "input": "1", "output": "1",
+                 "long_context": {"input": "2", "output": "2"}}]}"#,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("above_prompt_tokens"), "{err}");
+    }
+
     #[test]
     fn design_example_parses() {
         let c = parse(
@@ -864,6 +892,7 @@ mod tests {
         // Cache writes: 1.25× and 2× input unless given.
         let p = prices.price(None, Some("gpt-4o")).unwrap();
         assert_eq!((p.cache_write, p.cache_write_1h), (3_125_000, 5_000_000));
+        assert_eq!(p.long_context, None);
         assert_eq!(prices.price(None, Some("llama")).map(|p| p.input), Some(0));
 
         let cost = |extra: &str, limit: &str| {

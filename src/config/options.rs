@@ -11,7 +11,7 @@ use super::de::Path;
 use super::native::MAX_TOKENS;
 use super::values::{Amount, Currency, HeaderName, Pattern, Status, Whole};
 use super::*;
-use crate::pricing::{ModelMatch, Price, Prices, UnknownModel};
+use crate::pricing::{LongContext, ModelMatch, Price, Prices, UnknownModel};
 
 /// The shared options; every one is optional and has the default [`Config::new`] gives.
 #[derive(Deserialize, Default)]
@@ -156,20 +156,84 @@ struct PriceSpec {
     cache_write: Option<Amount>,
     /// Prompt tokens written to the cache for an hour (2 × `input` unless given).
     cache_write_1h: Option<Amount>,
+    /// Other prices for an answer whose prompt is larger than `above_prompt_tokens` (Gemini's
+    /// and Anthropic's long-context prices apply to every token of such a request).
+    long_context: Option<LongContextSpec>,
+}
+
+/// `long_context`: prices as in an entry (the same defaults, from these prices), and the
+/// prompt size above which they apply.
+#[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct LongContextSpec {
+    above_prompt_tokens: Whole<1, MAX_TOKENS>,
+    input: Amount,
+    cached_input: Option<Amount>,
+    output: Amount,
+    reasoning: Option<Amount>,
+    cache_write: Option<Amount>,
+    cache_write_1h: Option<Amount>,
+}
+
+/// The prices of an entry (or of its long-context part) with their defaults: cached input at
+/// the input price, reasoning at the output price, cache writes at 1.25× and 2× input.
+fn rates(
+    input: Amount,
+    cached_input: Option<Amount>,
+    output: Amount,
+    reasoning: Option<Amount>,
+    cache_write: Option<Amount>,
+    cache_write_1h: Option<Amount>,
+) -> [u64; 6] {
+    let i = input.0;
+    [
+        i,
+        cached_input.unwrap_or(input).0,
+        output.0,
+        reasoning.unwrap_or(output).0,
+        cache_write.map_or(i.saturating_add(i / 4), |a| a.0),
+        cache_write_1h.map_or(i.saturating_mul(2), |a| a.0),
+    ]
 }
 
 impl PriceSpec {
     fn price(&self) -> Price {
-        let input = self.input.0;
+        let [input, cached_input, output, reasoning, cache_write, cache_write_1h] = rates(
+            self.input,
+            self.cached_input,
+            self.output,
+            self.reasoning,
+            self.cache_write,
+            self.cache_write_1h,
+        );
+        let long_context = self.long_context.as_ref().map(|l| {
+            let [input, cached_input, output, reasoning, cache_write, cache_write_1h] = rates(
+                l.input,
+                l.cached_input,
+                l.output,
+                l.reasoning,
+                l.cache_write,
+                l.cache_write_1h,
+            );
+            LongContext {
+                above_prompt_tokens: l.above_prompt_tokens.0,
+                input,
+                cached_input,
+                output,
+                reasoning,
+                cache_write,
+                cache_write_1h,
+            }
+        });
         Price {
             input,
-            cached_input: self.cached_input.unwrap_or(self.input).0,
-            output: self.output.0,
-            reasoning: self.reasoning.unwrap_or(self.output).0,
-            cache_write: self
-                .cache_write
-                .map_or(input.saturating_add(input / 4), |a| a.0),
-            cache_write_1h: self.cache_write_1h.map_or(input.saturating_mul(2), |a| a.0),
+            cached_input,
+            output,
+            reasoning,
+            cache_write,
+            cache_write_1h,
+            long_context,
         }
     }
 }
