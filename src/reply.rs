@@ -1,6 +1,7 @@
 //! What the client sees when the plugin answers itself: the 429, the fail-closed reply, and the
 //! quota headers on admitted responses. OpenAI SDKs read these headers and this error shape.
 
+use crate::body::Api;
 use crate::config::Config;
 use crate::pricing::format_amount;
 use crate::protocol::{MoneyQuota, Quota, Verdict};
@@ -39,8 +40,12 @@ pub fn cost_headers(m: &MoneyQuota) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// The reply to a request the service denied.
-pub fn denied(config: &Config, verdict: &Verdict) -> Reply {
+/// The reply to a request the service denied, in the error shape of the request's API (so
+/// each SDK raises its own rate-limit error with our message): Anthropic's on `…/messages`
+/// (with its `anthropic-ratelimit-tokens-*` headers), Gemini's on `…:generateContent`, else
+/// OpenAI's (`insufficient_quota` when a budget in money or a calendar period is spent).
+/// `now_ms` dates Anthropic's reset header.
+pub fn denied(config: &Config, verdict: &Verdict, api: Api, now_ms: u64) -> Reply {
     let retry_ms = retry_after_ms(verdict);
     let mut headers = vec![
         (
@@ -74,11 +79,32 @@ pub fn denied(config: &Config, verdict: &Verdict) -> Reply {
         }
         (None, None) => {
             headers.push(("content-type".into(), "application/json".into()));
-            openai_error(
-                &deny_message(verdict, retry_ms),
-                "tokens",
-                "rate_limit_exceeded",
-            )
+            let message = deny_message(verdict, retry_ms);
+            match api {
+                Api::Messages => {
+                    if let Some(q) = &verdict.quota {
+                        let reset = rfc3339_utc(now_ms.saturating_add(q.reset_ms));
+                        headers.extend([
+                            ("anthropic-ratelimit-tokens-limit".into(), q.limit.to_string()),
+                            (
+                                "anthropic-ratelimit-tokens-remaining".into(),
+                                q.remaining.to_string(),
+                            ),
+                            ("anthropic-ratelimit-tokens-reset".into(), reset),
+                        ]);
+                    }
+                    serde_json::json!({"type": "error", "error": {"type": "rate_limit_error", "message": message}})
+                        .to_string()
+                        .into_bytes()
+                }
+                Api::Gemini => serde_json::json!({"error": {"code": config.deny.status, "message": message, "status": "RESOURCE_EXHAUSTED"}})
+                    .to_string()
+                    .into_bytes(),
+                _ if spent_budget(verdict) => {
+                    openai_error(&message, "insufficient_quota", "insufficient_quota")
+                }
+                _ => openai_error(&message, "tokens", "rate_limit_exceeded"),
+            }
         }
     };
     headers.extend(config.deny.headers.iter().cloned());
@@ -103,6 +129,36 @@ pub fn unavailable(config: &Config) -> Reply {
             "rate_limit_service_unavailable",
         ),
     }
+}
+
+/// Whether the denial is a spent budget (in money, or of a calendar period) rather than a rate:
+/// OpenAI answers those with `insufficient_quota`, which its SDKs do not retry.
+fn spent_budget(v: &Verdict) -> bool {
+    v.spend
+        .as_ref()
+        .is_some_and(|m| v.denied_by.as_deref() == Some(&m.name))
+}
+
+/// `ms` since the epoch as RFC 3339 in UTC, to the second (`2026-12-01T00:00:00Z`).
+pub fn rfc3339_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 fn retry_after_ms(v: &Verdict) -> u64 {
@@ -236,9 +292,49 @@ mod tests {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Each SDK reads its own provider's error shape: Anthropic's on `/v1/messages` (with its
+    /// rate-limit headers, the reset in RFC 3339), Gemini's on `:generateContent`.
+    #[test]
+    fn each_api_is_denied_in_its_own_shape() {
+        // 2026-12-01T00:00:00Z, and the budget whole again 42 s later.
+        let now = 1_796_083_200_000;
+        let r = denied(&config(""), &verdict(), Api::Messages, now);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Rate limit reached"));
+        assert_eq!(header(&r, "anthropic-ratelimit-tokens-limit"), Some("10"));
+        assert_eq!(
+            header(&r, "anthropic-ratelimit-tokens-remaining"),
+            Some("0")
+        );
+        assert_eq!(
+            header(&r, "anthropic-ratelimit-tokens-reset"),
+            Some("2026-12-01T00:00:42Z")
+        );
+        assert_eq!(header(&r, "retry-after"), Some("42"));
+        let r = denied(&config(""), &verdict(), Api::Gemini, now);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            (
+                body["error"]["code"].clone(),
+                body["error"]["status"].clone()
+            ),
+            (
+                serde_json::json!(429),
+                serde_json::json!("RESOURCE_EXHAUSTED")
+            )
+        );
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
+
     #[test]
     fn default_deny_is_openai_shaped() {
-        let r = denied(&config(""), &verdict());
+        let r = denied(&config(""), &verdict(), Api::Chat, 0);
         assert_eq!(r.status, 429);
         assert_eq!(header(&r, "retry-after"), Some("42"));
         assert_eq!(header(&r, "retry-after-ms"), Some("41500"));
@@ -257,7 +353,7 @@ mod tests {
     fn configured_deny_reply_wins() {
         let c =
             config(r#", "deny": {"status": 403, "body": "no", "headers": {"X-Why": "budget"}}"#);
-        let r = denied(&c, &verdict());
+        let r = denied(&c, &verdict(), Api::Chat, 0);
         assert_eq!((r.status, r.body.as_slice()), (403, b"no".as_slice()));
         assert_eq!(header(&r, "x-why"), Some("budget"));
         assert_eq!(header(&r, "retry-after"), Some("42"));
@@ -272,7 +368,7 @@ mod tests {
             description: Some("u is being rate-limited".into()),
             ..verdict()
         };
-        let r = denied(&c, &v);
+        let r = denied(&c, &v, Api::Chat, 0);
         assert_eq!(r.body, b"u is being rate-limited");
         assert_eq!(header(&r, "retry-after"), Some("1"));
         assert_eq!(header(&r, "x-ratelimit-limit-tokens"), None);

@@ -73,6 +73,8 @@ fn a_budget_in_money_admits_what_it_pays_for_and_the_next_month_restores_it() {
         "Monthly budget of 0.015 USD for bob reached; resets 2026-12-01T00:00:00+08:00."
     );
     assert_eq!(denied.header("x-ratelimit-remaining-cost"), Some("0.00"));
+    // A spent budget is OpenAI's insufficient_quota (which its SDKs do not retry).
+    assert_eq!(denied.json()["error"]["code"], "insufficient_quota");
     // The team's budget pays for two more, whoever spends it, then nobody in the team.
     svc.await_remaining("team", "team-a", 15_000);
     assert_eq!(ask("carol", "gpt-4o").status, 200);

@@ -262,3 +262,51 @@ fn cached_prompt_tokens_weigh_what_the_configuration_says() {
                "cached_prompt_tokens": 80, "reasoning_tokens": 30})
     );
 }
+
+/// A denial in the error shape of the request's API: Anthropic's on `/v1/messages`, with its
+/// rate-limit headers; Gemini's on `…:generateContent`; OpenAI's elsewhere.
+#[test]
+fn each_api_is_denied_in_its_own_shape() {
+    let (svc, llm) = (Service::start(&[], &[]), testkit::service::mock_llm());
+    let c = serde_json::json!({
+        "service": {"cluster": "ratelimit"},
+        "limits": [{"name": "user", "key": "{{request.headers.x-user}}", "tokens": 1, "window": "1h"}]
+    });
+    let e = testkit::envoy::Envoy::start(
+        &c,
+        &[
+            testkit::envoy::cluster("ratelimit", svc.port),
+            testkit::envoy::cluster("upstream", llm.port),
+        ],
+    );
+    let ask = |path: &str| {
+        testkit::http::post_json(
+            e.port,
+            path,
+            &[
+                ("x-user", "ann"),
+                ("x-mock-prompt-tokens", "5"),
+                ("x-mock-completion-tokens", "5"),
+            ],
+            &serde_json::json!({"model": "m"}),
+        )
+    };
+    assert_eq!(ask("/v1/chat/completions").status, 200);
+    svc.await_remaining("user", "ann", 0);
+    let anthropic = ask("/v1/messages");
+    assert_eq!(anthropic.status, 429);
+    assert_eq!(anthropic.json()["type"], "error");
+    assert_eq!(anthropic.json()["error"]["type"], "rate_limit_error");
+    assert_eq!(
+        anthropic.header("anthropic-ratelimit-tokens-remaining"),
+        Some("0")
+    );
+    assert!(anthropic
+        .header("anthropic-ratelimit-tokens-reset")
+        .is_some_and(|t| t.ends_with('Z') && t.contains('T')));
+    let gemini = ask("/v1beta/models/gemini-2.5-flash:generateContent");
+    assert_eq!(gemini.status, 429);
+    assert_eq!(gemini.json()["error"]["status"], "RESOURCE_EXHAUSTED");
+    let openai = ask("/v1/chat/completions");
+    assert_eq!(openai.json()["error"]["code"], "rate_limit_exceeded");
+}

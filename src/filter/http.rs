@@ -110,6 +110,8 @@ struct Spend {
     release: bool,
     /// When the check left, by this VM's clock.
     dispatched_ms: u64,
+    /// The request's API (from its path): the shape of a denial.
+    api: Api,
     /// A limit in money applies: the model the request named (for its price) and the micro
     /// units the check reserved.
     priced: Option<Priced>,
@@ -283,6 +285,7 @@ impl Http {
             id,
             release: false,
             dispatched_ms: self.host.now_ms(),
+            api,
             priced,
         };
         match self
@@ -493,7 +496,9 @@ impl Http {
             }
             Ok(verdict) => {
                 shared.metrics.checks_denied.inc();
-                self.host.send_reply(&reply::denied(config, &verdict));
+                let now = self.host.now_ms();
+                self.host
+                    .send_reply(&reply::denied(config, &verdict, spend.api, now));
                 Action::Pause
             }
             Err(CheckFailure::Rejected) => {
