@@ -395,7 +395,8 @@ impl Reader<'_> {
         }
     }
 
-    fn expect(&mut self, c: u8) -> Option<()> {
+    /// Consumes `c`, or `None` when the next byte is another.
+    fn eat(&mut self, c: u8) -> Option<()> {
         (self.next()? == c).then_some(())
     }
 
@@ -404,7 +405,7 @@ impl Reader<'_> {
             self.i = 3;
         }
         self.ws();
-        self.expect(b'{')?;
+        self.eat(b'{')?;
         let mut f = BodyFacts {
             open: self.i,
             ..BodyFacts::default()
@@ -430,7 +431,7 @@ impl Reader<'_> {
             self.ws();
             let key = self.key()?;
             self.ws();
-            self.expect(b':')?;
+            self.eat(b':')?;
             self.ws();
             member(self, &key)?;
             self.ws();
@@ -563,7 +564,7 @@ impl Reader<'_> {
     /// `keep` bytes. Escapes are decoded as Python's `json` does; a lone surrogate becomes
     /// U+FFFD.
     fn string(&mut self, keep: usize) -> Option<Vec<u8>> {
-        self.expect(b'"')?;
+        self.eat(b'"')?;
         let mut out = Vec::new();
         let push = |out: &mut Vec<u8>, bytes: &[u8]| {
             let room = keep.saturating_sub(out.len());
@@ -668,7 +669,7 @@ impl Reader<'_> {
     }
 
     fn skip_string(&mut self) -> Option<()> {
-        self.expect(b'"')?;
+        self.eat(b'"')?;
         loop {
             match self.next()? {
                 b'"' => return Some(()),

@@ -9,7 +9,7 @@ use crate::usage::Usage;
 
 /// Prices per million tokens, in micro units of the table's currency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Price {
+pub struct Rates {
     pub input: u64,
     /// Prompt tokens read from the provider's cache (the input price unless given).
     pub cached_input: u64,
@@ -20,66 +20,59 @@ pub struct Price {
     /// bills them at 1.25× and 2× the input price: those are the defaults).
     pub cache_write: u64,
     pub cache_write_1h: u64,
-    /// Other prices for an answer whose prompt is larger than a size.
+}
+
+/// What one model costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Price {
+    pub rates: Rates,
+    /// Other rates for an answer whose prompt is larger than a size.
     pub long_context: Option<LongContext>,
 }
 
-/// Prices for an answer whose prompt has more than `above_prompt_tokens` tokens: Gemini and
+/// Rates for an answer whose prompt has more than `above_prompt_tokens` tokens: Gemini and
 /// Anthropic bill every token of such a request at higher prices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LongContext {
     pub above_prompt_tokens: u64,
-    pub input: u64,
-    pub cached_input: u64,
-    pub output: u64,
-    pub reasoning: u64,
-    pub cache_write: u64,
-    pub cache_write_1h: u64,
+    pub rates: Rates,
+}
+
+impl From<Rates> for Price {
+    fn from(rates: Rates) -> Price {
+        Price {
+            rates,
+            long_context: None,
+        }
+    }
 }
 
 impl Price {
     /// What `usage` costs, in micro units, rounded up; at most the wire's bound. A prompt
-    /// above the long-context size prices every token of the answer at those prices.
+    /// above the long-context size prices every token of the answer at those rates.
     pub fn cost(&self, usage: &Usage) -> u64 {
-        let rates = match self.long_context {
-            Some(l) if usage.prompt > l.above_prompt_tokens => [
-                l.input,
-                l.cached_input,
-                l.cache_write,
-                l.cache_write_1h,
-                l.output,
-                l.reasoning,
-            ],
-            _ => [
-                self.input,
-                self.cached_input,
-                self.cache_write,
-                self.cache_write_1h,
-                self.output,
-                self.reasoning,
-            ],
-        };
-        cost_at(rates, usage)
+        match self.long_context {
+            Some(l) if usage.prompt > l.above_prompt_tokens => l.rates.cost(usage),
+            _ => self.rates.cost(usage),
+        }
     }
 }
 
-/// What `usage` costs at `[input, cached input, 5-minute cache write, 1-hour cache write,
-/// output, reasoning]` per million tokens.
-fn cost_at(rates: [u64; 6], usage: &Usage) -> u64 {
-    let [input, cached_input, cache_write, cache_write_1h, output, reasoning_price] = rates;
-    {
+impl Rates {
+    /// What `usage` costs at these rates, in micro units, rounded up; at most the wire's bound.
+    pub fn cost(&self, usage: &Usage) -> u64 {
         let cached = usage.cached.min(usage.prompt);
         let written = usage.prompt - cached;
         let hour = usage.cache_write_1h.min(written);
         let minutes = usage.cache_write.min(written - hour);
         let reasoning = usage.reasoning.min(usage.completion);
         let parts = [
-            (written - hour - minutes, input),
-            (cached, cached_input),
-            (minutes, cache_write),
-            (hour, cache_write_1h),
-            (usage.completion - reasoning, output),
-            (reasoning, reasoning_price),
+            (written - hour - minutes, self.input),
+            (cached, self.cached_input),
+            (minutes, self.cache_write),
+            (hour, self.cache_write_1h),
+            (usage.completion - reasoning, self.output),
+            (reasoning, self.reasoning),
         ];
         let total: u128 = parts
             .iter()
@@ -220,16 +213,15 @@ pub use wire::format_micros as format_amount;
 mod tests {
     use super::*;
 
-    fn usd(input: &str, cached: &str, output: &str) -> Price {
+    fn usd(input: &str, cached: &str, output: &str) -> Rates {
         let m = |s: &str| parse_amount(s, u64::MAX).unwrap();
-        Price {
+        Rates {
             input: m(input),
             cached_input: m(cached),
             output: m(output),
             reasoning: m(output),
             cache_write: m(input),
             cache_write_1h: m(input),
-            long_context: None,
         }
     }
 
@@ -263,7 +255,7 @@ mod tests {
     /// tokens of which 300 written for 5 minutes and 200 for an hour, at $3 / M input.
     #[test]
     fn cache_writes_have_their_prices() {
-        let p = Price {
+        let p = Rates {
             cache_write: 3_750_000,
             cache_write_1h: 6_000_000,
             ..usd("3.00", "0.30", "15.00")
@@ -290,16 +282,11 @@ mod tests {
     #[test]
     fn a_long_prompt_is_priced_at_the_long_context_prices() {
         let p = Price {
+            rates: usd("1.25", "1.25", "10.00"),
             long_context: Some(LongContext {
                 above_prompt_tokens: 200_000,
-                input: 2_500_000,
-                cached_input: 2_500_000,
-                output: 15_000_000,
-                reasoning: 15_000_000,
-                cache_write: 2_500_000,
-                cache_write_1h: 2_500_000,
+                rates: usd("2.50", "2.50", "15.00"),
             }),
-            ..usd("1.25", "1.25", "10.00")
         };
         let u = |prompt| Usage {
             prompt,
@@ -344,12 +331,12 @@ mod tests {
         // 400 of the prompt from the cache: 600 × 2.5 + 400 × 1.25 + 5,000.
         assert_eq!(p.cost(&u(1_000, 400, 500, 0)), 7_000);
         // Reasoning priced apart when it has its own price.
-        let o1 = Price {
+        let o1 = Rates {
             reasoning: 60_000_000,
             ..usd("15.00", "7.50", "60.00")
         };
         assert_eq!(o1.cost(&u(0, 0, 1_000, 800)), 60_000);
-        let cheap_reasoning = Price { reasoning: 0, ..o1 };
+        let cheap_reasoning = Rates { reasoning: 0, ..o1 };
         assert_eq!(cheap_reasoning.cost(&u(0, 0, 1_000, 800)), 12_000);
         // A fraction of a micro unit rounds up, once per request.
         assert_eq!(usd("0.15", "0.15", "0.60").cost(&u(1, 0, 0, 0)), 1);
@@ -365,22 +352,22 @@ mod tests {
             models: vec![
                 (
                     ModelMatch::Exact("gpt-4o".into()),
-                    usd("2.50", "1.25", "10.00"),
+                    usd("2.50", "1.25", "10.00").into(),
                 ),
                 (
                     ModelMatch::Prefix("gpt-4o-mini".into()),
-                    usd("0.15", "0.075", "0.60"),
+                    usd("0.15", "0.075", "0.60").into(),
                 ),
                 (
                     ModelMatch::Regex(Regex::new("^gpt-4o-[0-9]{4}").unwrap()),
-                    usd("5.00", "5.00", "15.00"),
+                    usd("5.00", "5.00", "15.00").into(),
                 ),
             ],
             unknown_model,
             tiers: Vec::new(),
         };
         let t = table(UnknownModel::Deny);
-        let input = |p: Option<Price>| p.map(|p| p.input);
+        let input = |p: Option<Price>| p.map(|p| p.rates.input);
         assert_eq!(
             input(t.price(Some("gpt-4o-2024-05-13"), Some("gpt-4o"))),
             Some(5_000_000)
@@ -400,7 +387,7 @@ mod tests {
             table(UnknownModel::Free).price(None, Some("llama")),
             Some(Price::default())
         );
-        let flat = usd("1", "1", "1");
+        let flat = Price::from(usd("1", "1", "1"));
         assert_eq!(
             table(UnknownModel::Price(flat)).price(None, Some("llama")),
             Some(flat)

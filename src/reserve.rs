@@ -125,6 +125,7 @@ pub fn reserve_cost(
 mod tests {
     use super::*;
     use crate::limits::Rate;
+    use crate::pricing::Rates;
 
     fn d(rates: &[u64]) -> Descriptor {
         Descriptor {
@@ -162,15 +163,14 @@ mod tests {
 
     #[test]
     fn a_reserve_in_money_prices_the_output_cap_and_the_prompt() {
-        let price = Price {
+        let price = Price::from(Rates {
             input: 2_500_000,
             cached_input: 1_250_000,
             output: 10_000_000,
             reasoning: 10_000_000,
             cache_write: 2_500_000,
             cache_write_1h: 2_500_000,
-            long_context: None,
-        };
+        });
         let mut money = d(&[20_000]);
         money.currency = Some("USD".into());
         let ds = [d(&[1_000]), money];

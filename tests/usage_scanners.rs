@@ -199,16 +199,17 @@ fn a_multi_megabyte_event_is_scanned_in_constant_memory() {
 /// worked out by hand from the fixtures' figures.
 #[test]
 fn every_provider_is_priced_by_the_model_it_names() {
-    use llm_token_ratelimit::pricing::{ModelMatch, Price, Prices, UnknownModel};
+    use llm_token_ratelimit::pricing::{ModelMatch, Price, Prices, Rates, UnknownModel};
     // Cache writes at the input price here (this test is about which model prices them).
-    let per_million = |input: u64, cached: u64, output: u64| Price {
-        input,
-        cached_input: cached,
-        output,
-        reasoning: output,
-        cache_write: input,
-        cache_write_1h: input,
-        long_context: None,
+    let per_million = |input: u64, cached: u64, output: u64| {
+        Price::from(Rates {
+            input,
+            cached_input: cached,
+            output,
+            reasoning: output,
+            cache_write: input,
+            cache_write_1h: input,
+        })
     };
     let table = Prices {
         currency: "USD".into(),

@@ -456,7 +456,12 @@ mod tests {
             .unwrap();
         let l = p.long_context.unwrap();
         assert_eq!(
-            (l.above_prompt_tokens, l.input, l.output, l.cache_write),
+            (
+                l.above_prompt_tokens,
+                l.rates.input,
+                l.rates.output,
+                l.rates.cache_write
+            ),
             (200_000, 2_500_000, 15_000_000, 3_125_000)
         );
         let err = parse(&extra(
@@ -882,18 +887,26 @@ mod tests {
         assert_eq!(
             prices
                 .price(Some("gpt-4o-mini-2024-07-18"), None)
-                .map(|p| p.output),
+                .map(|p| p.rates.output),
             Some(600_000)
         );
         assert_eq!(
-            prices.price(None, Some("gpt-4o")).map(|p| p.cached_input),
+            prices
+                .price(None, Some("gpt-4o"))
+                .map(|p| p.rates.cached_input),
             Some(1_250_000)
         );
         // Cache writes: 1.25× and 2× input unless given.
         let p = prices.price(None, Some("gpt-4o")).unwrap();
-        assert_eq!((p.cache_write, p.cache_write_1h), (3_125_000, 5_000_000));
+        assert_eq!(
+            (p.rates.cache_write, p.rates.cache_write_1h),
+            (3_125_000, 5_000_000)
+        );
         assert_eq!(p.long_context, None);
-        assert_eq!(prices.price(None, Some("llama")).map(|p| p.input), Some(0));
+        assert_eq!(
+            prices.price(None, Some("llama")).map(|p| p.rates.input),
+            Some(0)
+        );
 
         let cost = |extra: &str, limit: &str| {
             format!(r#"{{"service": {{"cluster": "rl"}}, {extra} "limits": [{limit}]}}"#)

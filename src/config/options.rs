@@ -11,7 +11,7 @@ use super::de::Path;
 use super::native::MAX_TOKENS;
 use super::values::{Amount, Currency, HeaderName, Pattern, Status, Whole};
 use super::*;
-use crate::pricing::{LongContext, ModelMatch, Price, Prices, UnknownModel};
+use crate::pricing::{LongContext, ModelMatch, Price, Prices, Rates, UnknownModel};
 
 /// The shared options; every one is optional and has the default [`Config::new`] gives.
 #[derive(Deserialize, Default)]
@@ -176,7 +176,7 @@ struct LongContextSpec {
     cache_write_1h: Option<Amount>,
 }
 
-/// The prices of an entry (or of its long-context part) with their defaults: cached input at
+/// The rates of an entry (or of its long-context part) with their defaults: cached input at
 /// the input price, reasoning at the output price, cache writes at 1.25× and 2× input.
 fn rates(
     input: Amount,
@@ -185,54 +185,40 @@ fn rates(
     reasoning: Option<Amount>,
     cache_write: Option<Amount>,
     cache_write_1h: Option<Amount>,
-) -> [u64; 6] {
+) -> Rates {
     let i = input.0;
-    [
-        i,
-        cached_input.unwrap_or(input).0,
-        output.0,
-        reasoning.unwrap_or(output).0,
-        cache_write.map_or(i.saturating_add(i / 4), |a| a.0),
-        cache_write_1h.map_or(i.saturating_mul(2), |a| a.0),
-    ]
+    Rates {
+        input: i,
+        cached_input: cached_input.unwrap_or(input).0,
+        output: output.0,
+        reasoning: reasoning.unwrap_or(output).0,
+        cache_write: cache_write.map_or(i.saturating_add(i / 4), |a| a.0),
+        cache_write_1h: cache_write_1h.map_or(i.saturating_mul(2), |a| a.0),
+    }
 }
 
 impl PriceSpec {
     fn price(&self) -> Price {
-        let [input, cached_input, output, reasoning, cache_write, cache_write_1h] = rates(
-            self.input,
-            self.cached_input,
-            self.output,
-            self.reasoning,
-            self.cache_write,
-            self.cache_write_1h,
-        );
-        let long_context = self.long_context.as_ref().map(|l| {
-            let [input, cached_input, output, reasoning, cache_write, cache_write_1h] = rates(
+        let long_context = self.long_context.as_ref().map(|l| LongContext {
+            above_prompt_tokens: l.above_prompt_tokens.0,
+            rates: rates(
                 l.input,
                 l.cached_input,
                 l.output,
                 l.reasoning,
                 l.cache_write,
                 l.cache_write_1h,
-            );
-            LongContext {
-                above_prompt_tokens: l.above_prompt_tokens.0,
-                input,
-                cached_input,
-                output,
-                reasoning,
-                cache_write,
-                cache_write_1h,
-            }
+            ),
         });
         Price {
-            input,
-            cached_input,
-            output,
-            reasoning,
-            cache_write,
-            cache_write_1h,
+            rates: rates(
+                self.input,
+                self.cached_input,
+                self.output,
+                self.reasoning,
+                self.cache_write,
+                self.cache_write_1h,
+            ),
             long_context,
         }
     }
