@@ -70,6 +70,8 @@ pub struct Limit {
     pub when: Option<Condition>,
     /// A limit that counts money (`"unit": "cost"`): the price table's currency.
     pub currency: Option<String>,
+    /// The status of a request this limit denies, when not the plugin's `deny.status`.
+    pub deny_status: Option<u32>,
 }
 
 impl Limit {
@@ -215,6 +217,7 @@ mod tests {
             exclusive: false,
             when: None,
             currency: None,
+            deny_status: None,
         }
     }
 
@@ -262,6 +265,7 @@ mod tests {
             exclusive: false,
             when: None,
             currency: None,
+            deny_status: None,
         };
         let long_a: &'static str = Box::leak(format!("é{}", "a".repeat(5000)).into_boxed_str());
         let long_b: &'static str = Box::leak(format!("é{}b", "a".repeat(4999)).into_boxed_str());
@@ -285,6 +289,7 @@ mod tests {
             exclusive,
             when: None,
             currency: None,
+            deny_status: None,
         };
         struct Headers;
         impl AttributeSource for Headers {
@@ -321,6 +326,7 @@ mod tests {
             exclusive: false,
             when: None,
             currency: None,
+            deny_status: None,
         };
         let d = one(&l, &Key(Some("regular-user"))).unwrap();
         assert_eq!(

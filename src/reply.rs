@@ -46,6 +46,12 @@ pub fn cost_headers(m: &MoneyQuota) -> Vec<(&'static str, String)> {
 /// OpenAI's (`insufficient_quota` when a budget in money or a calendar period is spent).
 /// `now_ms` dates Anthropic's reset header.
 pub fn denied(config: &Config, verdict: &Verdict, api: Api, now_ms: u64) -> Reply {
+    let status = verdict
+        .denied_by
+        .as_deref()
+        .and_then(|name| config.limits.iter().find(|l| l.name == name))
+        .and_then(|l| l.deny_status)
+        .unwrap_or(config.deny.status);
     let retry_ms = retry_after_ms(verdict);
     let mut headers = vec![
         (
@@ -93,11 +99,13 @@ pub fn denied(config: &Config, verdict: &Verdict, api: Api, now_ms: u64) -> Repl
                             ("anthropic-ratelimit-tokens-reset".into(), reset),
                         ]);
                     }
-                    serde_json::json!({"type": "error", "error": {"type": "rate_limit_error", "message": message}})
+                    // Anthropic's type for a 403 is `permission_error`.
+                    let kind = if status == 403 { "permission_error" } else { "rate_limit_error" };
+                    serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
                         .to_string()
                         .into_bytes()
                 }
-                Api::Gemini => serde_json::json!({"error": {"code": config.deny.status, "message": message, "status": "RESOURCE_EXHAUSTED"}})
+                Api::Gemini => serde_json::json!({"error": {"code": status, "message": message, "status": if status == 403 { "PERMISSION_DENIED" } else { "RESOURCE_EXHAUSTED" }}})
                     .to_string()
                     .into_bytes(),
                 _ if spent_budget(verdict) => {
@@ -109,7 +117,7 @@ pub fn denied(config: &Config, verdict: &Verdict, api: Api, now_ms: u64) -> Repl
     };
     headers.extend(config.deny.headers.iter().cloned());
     Reply {
-        status: config.deny.status,
+        status,
         headers,
         body,
     }
@@ -347,6 +355,39 @@ mod tests {
         assert_eq!(body["error"]["type"], "tokens");
         let msg = body["error"]["message"].as_str().unwrap();
         assert!(msg.contains("per-key") && msg.contains("limit 10"), "{msg}");
+    }
+
+    /// A limit's `deny_status` answers the requests it denies (403 as Azure API Management
+    /// answers a spent quota); other limits keep the plugin's status.
+    #[test]
+    fn a_limit_may_deny_with_its_own_status() {
+        let c = Config::parse(
+            br#"{"service": {"cluster": "rl"}, "limits": [
+                {"name": "per-key", "key": "", "deny_status": 403},
+                {"name": "other", "key": ""}]}"#,
+        )
+        .unwrap();
+        let r = denied(&c, &verdict(), Api::Chat, 0);
+        assert_eq!(r.status, 403);
+        let r = denied(&c, &verdict(), Api::Gemini, 0);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["code"], 403);
+        assert_eq!(body["error"]["status"], "PERMISSION_DENIED");
+        let r = denied(&c, &verdict(), Api::Messages, 0);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["type"], "permission_error");
+        let other = Verdict {
+            denied_by: Some("other".into()),
+            ..verdict()
+        };
+        assert_eq!(denied(&c, &other, Api::Chat, 0).status, 429);
+        let err = Config::parse(
+            br#"{"service": {"cluster": "rl"}, "limits": [{"name": "g", "key": "", "deny_status": 99}]}"#,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("limits[0].deny_status"), "{err}");
     }
 
     #[test]

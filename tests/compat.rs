@@ -202,6 +202,47 @@ fn higress_apikey_param() {
     );
 }
 
+/// Higress since its PR #4011 (June 2026): with `"rule_items_match": "all"` every rule item
+/// that applies is checked and charged, any one of them denies, and `global_threshold` is
+/// layered on top of them.
+#[test]
+fn higress_all_match_layers_every_item_and_the_global_threshold() {
+    let mut config = higress("higress/apikey-param.json");
+    config["rule_items_match"] = json!("all");
+    config["global_threshold"] = json!({"token_per_minute": 1000});
+    let s = stack(&config);
+    let exact_key = "9a342114-ba8a-11ec-b1bf-00163e1250b5";
+    let exact = format!("/v1/chat/completions?apikey={exact_key}");
+    assert_eq!(s.ask(&exact, &[], 10).status, 200);
+    s.settled(1);
+    // Charged on both items (its exact rule, and the `*` rule of the per-value item) and on
+    // the global threshold.
+    assert_eq!(
+        s.svc
+            .remaining("default_rule.limit_by_param.apikey", exact_key),
+        Some(0)
+    );
+    assert_eq!(
+        s.svc
+            .remaining("default_rule.limit_by_per_param.apikey", exact_key),
+        Some(990)
+    );
+    assert_eq!(s.svc.remaining("default_rule.global", ""), Some(990));
+    // The exact rule is spent: it denies, though the per-value item has budget left.
+    let denied = s.ask(&exact, &[], 1);
+    assert_eq!(denied.status, 429);
+    assert_eq!(denied.text(), "Too many requests");
+    // Another key: only the per-value item applies.
+    assert_eq!(s.ask("/v1/chat/completions?apikey=zzz", &[], 5).status, 200);
+    s.settled(2);
+    assert_eq!(s.svc.remaining("default_rule.global", ""), Some(985));
+    assert_eq!(
+        s.svc
+            .remaining("default_rule.limit_by_per_param.apikey", "zzz"),
+        Some(995)
+    );
+}
+
 #[test]
 fn higress_header_with_numeric_keys() {
     let s = stack(&higress("higress/x-ca-key-header.json"));

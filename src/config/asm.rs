@@ -76,6 +76,7 @@ impl Asm {
                     exclusive: false,
                     when: None,
                     currency: None,
+                    deny_status: None,
                 })
             },
         )?;

@@ -5,8 +5,9 @@
 //!   per `limit_keys` entry (exact values for `limit_by_*`; `regexp:` or `*` for
 //!   `limit_by_per_*`, each distinct value counted apart; addresses or CIDRs for
 //!   `limit_by_per_ip`); `global_threshold` is one global limit;
-//! * every matching item and the global threshold are checked together, and any one that is
-//!   exhausted denies (Higress 2.x semantics);
+//! * the global threshold is checked beside the items; of the items, the first that applies
+//!   (`rule_items_match: "first"`, Higress before June 2026) or every one that applies
+//!   (`"all"`, Higress since its PR #4011) is checked, and any one that is exhausted denies;
 //! * `token_per_second|minute|hour|day` are rates; several in one entry are several rates;
 //! * `rejected_code` (429) and `rejected_msg` (`Too many requests`) make the denial;
 //!   `show_limit_quota_header` turns on the quota headers (off by default, as in Higress);
@@ -89,15 +90,30 @@ pub struct Rule {
     redis: Option<Redis>,
     /// One budget for every request the rule applies to.
     global_threshold: Option<Thresholds>,
-    /// Budgets per header, parameter, cookie, consumer or client address; the first that
-    /// applies to a request is the one checked.
+    /// Budgets per header, parameter, cookie, consumer or client address; which of those that
+    /// apply to a request are checked is `rule_items_match`'s choice.
     rule_items: Option<Vec<RuleItem>>,
+    /// `"first"` (default): the first rule item that applies decides, as Higress did before
+    /// its PR #4011 (June 2026); `"all"`: every item that applies is checked and any one can
+    /// deny, as Higress does since.
+    rule_items_match: Option<RuleItemsMatch>,
     /// The status of a denial (429).
     rejected_code: Option<Status>,
     /// The body of a denial (`Too many requests`).
     rejected_msg: Option<String>,
     /// The quota headers, `X-TokenRateLimit-*` included (off).
     show_limit_quota_header: Option<bool>,
+}
+
+/// Which rule items a request is checked against.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+enum RuleItemsMatch {
+    /// The first item that applies (Higress before June 2026).
+    First,
+    /// Every item that applies (Higress since PR #4011).
+    All,
 }
 
 /// The Higress `redis` block: read only to say what to run instead.
@@ -362,10 +378,11 @@ impl RuleItem {
             name: format!("{rule_name}.{source_name}"),
             key,
             rates: LimitRates::PerValue(rules),
-            // Higress: the first matching rule item applies, later ones are ignored.
-            exclusive: true,
+            // First-match (set by the caller): later items are ignored once one applies.
+            exclusive: false,
             when: None,
             currency: None,
+            deny_status: None,
         };
         Ok((limit, ip))
     }
@@ -502,6 +519,7 @@ impl Rule {
                 exclusive: false,
                 when: None,
                 currency: None,
+                deny_status: None,
             });
         }
         let mut ip_source: Option<(Path, ClientIpSource)> = None;
@@ -519,7 +537,8 @@ impl Rule {
             }
             for (i, item) in items.into_iter().enumerate() {
                 let at = items_path.index(i);
-                let (limit, ip) = item.into_limit(&rule_name, &at)?;
+                let (mut limit, ip) = item.into_limit(&rule_name, &at)?;
+                limit.exclusive = self.rule_items_match != Some(RuleItemsMatch::All);
                 if let Some(j) = item_names.iter().position(|n| *n == limit.name) {
                     return Err(at.error(format!(
                         "limits the same source as rule_items[{j}]; merge their limit_keys"
@@ -658,6 +677,39 @@ mod tests {
         assert!(!warned(
             json!({"client_ip": {"header": "x-forwarded-for", "trusted_hops": 2}})
         ));
+    }
+
+    /// `rule_items_match`: `first` (the default) makes the items exclusive, `all` checks each
+    /// item that applies; the global threshold is layered either way.
+    #[test]
+    fn rule_items_match_first_or_all() {
+        let config = |mode: Value| {
+            let mut c = with_service(json!({
+                "rule_name": "r",
+                "global_threshold": {"token_per_minute": 1000},
+                "rule_items": [
+                    {"limit_by_header": "x-a", "limit_keys": [{"key": "k", "token_per_minute": 10}]},
+                    {"limit_by_per_header": "x-b", "limit_keys": [{"key": "*", "token_per_minute": 10}]}
+                ]
+            }));
+            if !mode.is_null() {
+                c["rule_items_match"] = mode;
+            }
+            c
+        };
+        let exclusive = |mode: Value| -> Vec<bool> {
+            parse(config(mode)).unwrap().policies[0]
+                .config
+                .limits
+                .iter()
+                .map(|l| l.exclusive)
+                .collect()
+        };
+        assert_eq!(exclusive(Value::Null), [false, true, true]);
+        assert_eq!(exclusive(json!("first")), [false, true, true]);
+        assert_eq!(exclusive(json!("all")), [false, false, false]);
+        let e = error(config(json!("any")));
+        assert!(e.contains("rule_items_match"), "{e}");
     }
 
     #[test]

@@ -545,6 +545,9 @@ pub struct LimitSpec {
     rates: Option<Vec<RateSpec>>,
     /// Budgets by key value (give this or rates on the limit).
     values: Option<Vec<ValueRuleSpec>>,
+    /// The status of a request this limit denies (default: `deny.status`, 429), e.g. 403 as
+    /// Azure API Management answers a spent quota.
+    deny_status: Option<Status>,
 }
 
 impl LimitSpec {
@@ -591,6 +594,7 @@ impl LimitSpec {
             when,
             // Set from the price table once the options are read.
             currency: counting.cost.then(String::new),
+            deny_status: self.deny_status.map(|s| s.0),
         })
     }
 }
