@@ -170,6 +170,19 @@ impl Api {
     }
 }
 
+/// The model a Gemini or Vertex AI request names in its path
+/// (`/v1beta/models/gemini-2.5-flash:generateContent`,
+/// `…/publishers/google/models/gemini-2.5-pro:streamGenerateContent`): those APIs route by it,
+/// and their bodies name none. `path` is normalised (no query).
+pub fn path_model(path: &str) -> Option<&str> {
+    if Api::of(path) != Api::Gemini {
+        return None;
+    }
+    let (_, last) = path.rsplit_once('/')?;
+    let (model, _) = last.rsplit_once(':')?;
+    (!model.is_empty() && model.len() <= 256).then_some(model)
+}
+
 /// What the plugin changes in a request body.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Edits {
@@ -985,5 +998,22 @@ mod tests {
             Api::Gemini
         );
         assert_eq!(Api::of("/v1/embeddings"), Api::Other);
+    }
+
+    /// Gemini and Vertex AI name the model in the path; other APIs do not.
+    #[test]
+    fn gemini_paths_name_their_model() {
+        for (path, want) in [
+            ("/v1beta/models/gemini-2.5-flash:generateContent", Some("gemini-2.5-flash")),
+            (
+                "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro:streamGenerateContent",
+                Some("gemini-2.5-pro"),
+            ),
+            ("/v1beta/models/:generateContent", None),
+            ("/v1/chat/completions", None),
+            ("/v1beta/models/gemini-2.5-flash:countTokens", None),
+        ] {
+            assert_eq!(path_model(path), want, "{path}");
+        }
     }
 }

@@ -159,9 +159,14 @@ impl Prices {
 }
 
 impl Prices {
-    /// `cost` at the tier the response names (`priority`, `flex`…), rounded up.
+    /// `cost` at the tier the response names (`priority`, `flex`…), rounded up. Each
+    /// provider's spelling is read as one name: Vertex AI's `ON_DEMAND_PRIORITY` and Gemini's
+    /// `SERVICE_TIER_PRIORITY` are `priority`, `ON_DEMAND` is `standard`; case is ignored.
     pub fn at_tier(&self, cost: u64, tier: Option<&str>) -> u64 {
-        let Some(factor) = tier.and_then(|t| self.tiers.iter().find(|(name, _)| name == t)) else {
+        let Some(factor) = tier.and_then(|t| {
+            let t = tier_name(t);
+            self.tiers.iter().find(|(name, _)| tier_name(name) == t)
+        }) else {
             return cost;
         };
         let scaled = (u128::from(cost) * u128::from(factor.1)).div_ceil(u128::from(MICROS));
@@ -169,6 +174,19 @@ impl Prices {
             .unwrap_or(u64::MAX)
             .min(wire::MAX_TOKENS)
     }
+}
+
+/// A tier's name in one spelling: lower case, without Vertex AI's `on_demand_` and Gemini's
+/// `service_tier_` prefixes (`ON_DEMAND` alone is `standard`).
+fn tier_name(tier: &str) -> String {
+    let t = tier.to_ascii_lowercase();
+    if t == "on_demand" {
+        return "standard".into();
+    }
+    ["on_demand_", "service_tier_"]
+        .iter()
+        .find_map(|p| t.strip_prefix(p))
+        .map_or_else(|| t.clone(), str::to_string)
 }
 
 /// Micro units in one unit of currency.
@@ -312,6 +330,11 @@ mod tests {
         assert_eq!(prices.at_tier(7_501, Some("flex")), 3_751, "rounded up");
         assert_eq!(prices.at_tier(7_501, Some("default")), 7_501);
         assert_eq!(prices.at_tier(7_501, None), 7_501);
+        // Vertex AI's and Gemini's spellings of the same tiers.
+        assert_eq!(prices.at_tier(7_501, Some("ON_DEMAND_PRIORITY")), 15_002);
+        assert_eq!(prices.at_tier(7_501, Some("SERVICE_TIER_FLEX")), 3_751);
+        assert_eq!(prices.at_tier(7_501, Some("Priority")), 15_002);
+        assert_eq!(prices.at_tier(7_501, Some("ON_DEMAND")), 7_501);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 
+use crate::body::path_model;
 pub use crate::body::BodyFacts;
 use crate::client_ip::{client_ip, ClientIpSource};
 use crate::matcher::{normalize_path, RequestHeaders};
@@ -184,11 +185,18 @@ impl<P: Properties> AttributeSource for RequestView<'_, P> {
                 .property(&["source", "address"])
                 .map(Cow::Owned),
             Attribute::Consumer => self.header(self.consumer_header).map(Cow::Borrowed),
-            Attribute::Model => match self.body {
-                RequestBody::Read(facts) => facts.model.as_deref().map(Cow::Borrowed),
-                RequestBody::Unreadable => Some(Cow::Borrowed(UNREADABLE_MODEL)),
-                RequestBody::Absent => None,
-            },
+            Attribute::Model => {
+                // Gemini and Vertex AI name the model in the path, which they route by.
+                let path = self.header(":path").map(normalize_path);
+                if let Some(model) = path.as_deref().and_then(path_model) {
+                    return Some(Cow::Owned(model.to_string()));
+                }
+                match self.body {
+                    RequestBody::Read(facts) => facts.model.as_deref().map(Cow::Borrowed),
+                    RequestBody::Unreadable => Some(Cow::Borrowed(UNREADABLE_MODEL)),
+                    RequestBody::Absent => None,
+                }
+            }
             Attribute::Route => self
                 .properties
                 .property(&["xds", "route_name"])
@@ -419,6 +427,16 @@ mod tests {
             ..view
         };
         assert_eq!(get(&view, "llm.model").as_deref(), Some(UNREADABLE_MODEL));
+        // Gemini's path names the model, whatever the body says (or fails to).
+        let gemini = vec![(
+            ":path".to_string(),
+            "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse".to_string(),
+        )];
+        let view = RequestView {
+            headers: &gemini,
+            ..view
+        };
+        assert_eq!(get(&view, "llm.model").as_deref(), Some("gemini-2.5-pro"));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 use testkit::envoy::{cluster, Envoy};
-use testkit::http::{self, json_reply, Server};
+use testkit::http::{self, json_reply, Behaviour, Response, Server};
 use testkit::service::Service;
 
 /// Every answer names the dated snapshot and uses 1,000 prompt and 500 completion tokens.
@@ -178,6 +178,26 @@ fn a_service_tier_multiplies_the_price() {
             .as_str()
             .unwrap_or("default")
             .to_string();
+        // Gemini's API names the tier it served in a header, Vertex AI in `trafficType`.
+        if req.path.contains(":generateContent") {
+            let usage = json!({"promptTokenCount": 1000, "candidatesTokenCount": 500,
+                               "totalTokenCount": 1500});
+            let mut body = json!({"candidates": [], "modelVersion": "gemini-2.5-flash",
+                                  "usageMetadata": usage});
+            let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
+            match tier.as_str() {
+                "gemini-priority" => {
+                    headers.push(("x-gemini-service-tier".into(), "priority".into()))
+                }
+                "vertex-flex" => body["usageMetadata"]["trafficType"] = json!("ON_DEMAND_FLEX"),
+                _ => {}
+            }
+            return Behaviour::Reply(Response {
+                status: 200,
+                headers,
+                body: body.to_string().into_bytes(),
+            });
+        }
         json_reply(
             200,
             json!({"id": "chatcmpl-1", "model": "gpt-4o-2024-08-06", "service_tier": tier, "choices": [],
@@ -186,6 +206,10 @@ fn a_service_tier_multiplies_the_price() {
     });
     let mut c = config();
     c["prices"]["service_tiers"] = json!({"priority": "2", "flex": "0.5"});
+    c["prices"]["models"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"model": "gemini-2.5-flash", "input": "2.50", "output": "10.00"}));
     let e = Envoy::start(
         &c,
         &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
@@ -204,4 +228,19 @@ fn a_service_tier_multiplies_the_price() {
     svc.await_remaining("user", "pri", 0);
     assert_eq!(ask("flx", "flex"), 200);
     svc.await_remaining("user", "flx", 15_000 - 3_750);
+    let gemini = |user: &str, tier: &str| {
+        http::post_json(
+            e.port,
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            &[("x-team", "team-g"), ("x-user", user)],
+            &json!({"contents": [], "service_tier": tier}),
+        )
+        .status
+    };
+    assert_eq!(gemini("gpri", "gemini-priority"), 200);
+    svc.await_remaining("user", "gpri", 0);
+    assert_eq!(gemini("vflx", "vertex-flex"), 200);
+    svc.await_remaining("user", "vflx", 15_000 - 3_750);
+    assert_eq!(gemini("gstd", "standard"), 200);
+    svc.await_remaining("user", "gstd", 15_000 - 7_500);
 }

@@ -8,7 +8,7 @@ use proxy_wasm::types::Action;
 
 use super::host::{response_body_slices, rewrite_response_body, Host, APPEND};
 use super::root::Shared;
-use crate::body::{self, Api, BodyFacts, Edits};
+use crate::body::{self, path_model, Api, BodyFacts, Edits};
 use crate::config::{Config, FailureMode, OnMissing, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};
 use crate::matcher::normalize_path;
@@ -152,6 +152,9 @@ struct Response {
     /// Takes the usage the plugin asked for (and the client did not) out of the stream.
     stripper: Option<Stripper>,
     complete: bool,
+    /// The tier Gemini's API says it served the request at (`x-gemini-service-tier`), when
+    /// the body does not say.
+    tier_header: Option<String>,
 }
 
 pub struct Http {
@@ -232,7 +235,8 @@ impl Http {
             max: config.reserve_max,
             default: config.reserve_default,
         };
-        let api = Api::of(&request_path(headers));
+        let path = request_path(headers);
+        let api = Api::of(&path);
         let asked = body.facts().map(|facts| (facts, api));
         let reservation = reserve(rule, config.service.protocol, asked, &descriptors);
         let reserve = reservation.tokens;
@@ -246,7 +250,9 @@ impl Http {
             .as_ref()
             .filter(|_| descriptors.iter().any(|d| d.currency.is_some()))
         {
-            let request_model = body.facts().and_then(|f| f.model.clone());
+            let request_model = path_model(&path)
+                .map(str::to_string)
+                .or_else(|| body.facts().and_then(|f| f.model.clone()));
             let Some(price) = prices.price(None, request_model.as_deref()) else {
                 shared.metrics.requests_unpriced.inc();
                 self.host
@@ -681,11 +687,17 @@ impl HttpContext for Http {
             self.host.remove_response_header("content-length");
             Stripper::new()
         });
+        let tier_header = self
+            .host
+            .response_header("x-gemini-service-tier")
+            .and_then(|t| String::from_utf8(t).ok())
+            .filter(|t| t.len() <= 64);
         *response = Some(Box::new(Response {
             status,
             scanner,
             stripper,
             complete: end_of_stream,
+            tier_header,
         }));
         Action::Continue
     }
@@ -793,7 +805,9 @@ impl HttpContext for Http {
             (Some(p), Some(prices)) => {
                 let scanner = response.as_ref().and_then(|r| r.scanner.as_ref());
                 let answered = scanner.and_then(UsageScanner::model);
-                let tier = scanner.and_then(UsageScanner::service_tier);
+                let tier = scanner
+                    .and_then(UsageScanner::service_tier)
+                    .or_else(|| response.as_ref().and_then(|r| r.tier_header.as_deref()));
                 prices
                     .price(answered, p.request_model.as_deref())
                     .map_or(0, |price| prices.at_tier(price.cost(&charge.usage), tier))

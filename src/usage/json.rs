@@ -135,7 +135,7 @@ pub struct JsonScanner {
     model_text: Short<MODEL>,
     model_read: bool,
     /// The service tier the answer was billed at (OpenAI's `service_tier`, Anthropic's
-    /// `usage.service_tier`), read as the model is.
+    /// `usage.service_tier`, Vertex AI's `usageMetadata.trafficType`), read as the model is.
     reading_tier: bool,
     tier_text: Short<TIER>,
     tier_read: bool,
@@ -299,12 +299,21 @@ impl JsonScanner {
                         self.model_text = Short::EMPTY;
                         self.model_read = false;
                     }
+                    // Vertex AI names the tier in `usageMetadata.trafficType`.
                     self.reading_tier = self.in_object()
-                        && self.key.get() == Some(b"service_tier")
-                        && if self.usage_depth == 0 {
-                            self.depth == 1 || (self.depth == 2 && self.holder == Holder::Response)
-                        } else {
-                            self.depth == self.usage_depth
+                        && match self.key.get() {
+                            Some(b"service_tier") => {
+                                if self.usage_depth == 0 {
+                                    self.depth == 1
+                                        || (self.depth == 2 && self.holder == Holder::Response)
+                                } else {
+                                    self.depth == self.usage_depth
+                                }
+                            }
+                            Some(b"trafficType") => {
+                                self.usage_depth != 0 && self.depth == self.usage_depth
+                            }
+                            _ => false,
                         };
                     if self.reading_tier {
                         self.tier_text = Short::EMPTY;
@@ -554,8 +563,8 @@ mod tests {
     }
 
     /// The tier an answer was billed at, where each API says it: OpenAI's top-level (and the
-    /// Responses stream's `response.service_tier`), Anthropic's `usage.service_tier`; never a
-    /// client's echoed field.
+    /// Responses stream's `response.service_tier`), Anthropic's `usage.service_tier`, Vertex
+    /// AI's `usageMetadata.trafficType`; never a client's echoed field.
     #[test]
     fn the_service_tier_is_read_where_the_api_puts_it() {
         for (doc, want) in [
@@ -573,6 +582,14 @@ mod tests {
             ),
             (
                 r#"{"metadata":{"service_tier":"flex"},"choices":[{"service_tier":"flex"}]}"#,
+                None,
+            ),
+            (
+                r#"{"usageMetadata":{"totalTokenCount":3,"trafficType":"ON_DEMAND_FLEX"}}"#,
+                Some("ON_DEMAND_FLEX"),
+            ),
+            (
+                r#"{"trafficType":"ON_DEMAND_FLEX","usageMetadata":{}}"#,
                 None,
             ),
         ] {
