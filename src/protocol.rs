@@ -233,12 +233,13 @@ impl Wire for EnvoyRls {
 
     /// INVALID_ARGUMENT and UNIMPLEMENTED cannot get better. An OVER_LIMIT answer to a report
     /// may mean it was not counted (Limitador refuses hits past a limit; envoyproxy/ratelimit
-    /// counts them and answers 0 remaining): what the statuses say still fits is sent again.
+    /// counts them and answers 0 remaining): what still fits is sent again (see
+    /// [`Delivery::OverLimit`]).
     fn read_delivery(&self, status: Option<u32>, body: &[u8]) -> Delivery {
         match status.unwrap_or(GRPC_UNAVAILABLE) {
-            0 => match rls::over_limit_fits(body) {
-                Some(fits) => Delivery::OverLimit { fits },
-                None => Delivery::Answered(Vec::new()),
+            0 => match rls::report_answer(body) {
+                rls::ReportAnswer::OverLimit(fits) => Delivery::OverLimit { fits },
+                rls::ReportAnswer::Counted => Delivery::Answered(Vec::new()),
             },
             3 | 12 => Delivery::Refused,
             _ => Delivery::Retry,

@@ -131,6 +131,9 @@ struct Sealed {
     used: u64,
     /// Sent alone, to find which report of a refused batch the service cannot take.
     solo: bool,
+    /// Part of what an engine refused past a limit, sent to find what still fits (see
+    /// [`Delivery::OverLimit`]): the most that may still fit, this part included.
+    probe: Option<u64>,
 }
 
 /// Makes ids: a per-VM random source and a sequence number.
@@ -163,6 +166,18 @@ impl ReportIds {
     }
 }
 
+/// The next part of a refused report to send: `next` tokens (none reserved), with at most
+/// `bound` still fitting; `None` when nothing more can fit.
+fn probe(sealed: Sealed, bound: u64, next: u64) -> Option<Sealed> {
+    (bound > 0 && next > 0).then(|| {
+        let mut part = sealed;
+        part.report.tokens = next.min(bound);
+        part.report.reserved = 0;
+        part.probe = Some(bound);
+        part
+    })
+}
+
 /// How a report call ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
@@ -173,8 +188,11 @@ pub enum Delivery {
     /// The call as a whole was refused as malformed (4xx).
     Refused,
     /// An engine that refuses a hit past the limit (Limitador) did not count the call's one
-    /// report; `fits` tokens were still left under the limit.
-    OverLimit { fits: u64 },
+    /// report. `fits`: the tokens still left under the limit, when the engine says. What fits
+    /// is sent again so the budget ends exactly spent: the amount the engine named, or, when
+    /// it names none (Limitador), half of what may fit, halving again on each refusal, so the
+    /// search ends within about log2(tokens) calls.
+    OverLimit { fits: Option<u64> },
 }
 
 /// What settling a call did, for the metrics, in requests (an entry may hold several).
@@ -427,6 +445,7 @@ impl ReportQueue {
                     requests: p.requests,
                     used: p.used,
                     solo: false,
+                    probe: None,
                 });
             }
         }
@@ -449,6 +468,7 @@ impl ReportQueue {
         let single = batch.len() == 1;
         let mut again = Vec::new();
         for (j, sealed) in batch.into_iter().enumerate() {
+            let requests = sealed.requests;
             let outcome = match &delivery {
                 Delivery::Answered(outcomes) => {
                     outcomes.get(j).copied().unwrap_or(Outcome::Applied)
@@ -463,23 +483,33 @@ impl ReportQueue {
                     });
                     continue;
                 }
-                // What still fits under the limit is sent again on its own, so the budget ends
-                // spent; the rest cannot be recorded by this engine.
                 Delivery::OverLimit { fits } => {
-                    let tokens = sealed.report.tokens;
-                    let fits = (*fits).min(tokens.saturating_sub(1));
-                    settled.over_limit += tokens - fits;
-                    if fits > 0 {
-                        let mut smaller = sealed;
-                        smaller.report.tokens = fits;
-                        smaller.report.reserved = 0;
-                        again.push(smaller);
+                    // The hits this call sent; at most `bound` of them could have fitted.
+                    let sent = sealed.report.tokens.saturating_sub(sealed.report.reserved);
+                    let bound = sealed.probe.unwrap_or(sent);
+                    let may_fit = sent.saturating_sub(1).min(fits.unwrap_or(u64::MAX));
+                    settled.over_limit += bound.saturating_sub(may_fit);
+                    let next = if fits.is_some() {
+                        may_fit
                     } else {
-                        settled.sent += sealed.requests;
+                        may_fit.div_ceil(2)
+                    };
+                    match probe(sealed, may_fit, next) {
+                        Some(smaller) => again.push(smaller),
+                        None => settled.sent += requests,
                     }
                     continue;
                 }
             };
+            // A part of a refused report was counted: look for room for the rest.
+            if let (Outcome::Applied, Some(bound)) = (outcome, sealed.probe) {
+                let left = bound.saturating_sub(sealed.report.tokens);
+                match probe(sealed, left, left.div_ceil(2)) {
+                    Some(smaller) => again.push(smaller),
+                    None => settled.sent += requests,
+                }
+                continue;
+            }
             match outcome {
                 Outcome::Applied | Outcome::Duplicate => {
                     settled.sent += sealed.requests;
@@ -740,12 +770,51 @@ mod tests {
         assert!(q.is_empty());
     }
 
+    /// Limitador refuses a hit past a limit and says nothing of what remains: the queue
+    /// halves its way to what fits, so the counter ends exactly at its limit, within about
+    /// log2 of the report's tokens in calls, whatever the room left and the report's size.
+    #[test]
+    fn a_refused_report_halves_its_way_to_what_fits() {
+        for (used, limit, tokens, reserved) in [
+            (91, 100, 30, 1),
+            (0, 100, 1_000, 0),
+            (99, 100, 50, 0),
+            (100, 100, 7, 0),
+            (0, 1_000_000, 4_000_000, 17),
+            (12_345, 65_536, 1 << 20, 0),
+        ] {
+            let mut q = ReportQueue::new(ReportIds::new(1), 1, 8, 100);
+            q.push(spent("ann", tokens, reserved, None));
+            let mut counter = used;
+            let (mut calls, mut over) = (0, 0);
+            let mut call = 0;
+            while let Some(batch) = q.start_batch(0, call + 1) {
+                call += 1;
+                calls += 1;
+                let hits = (batch[0].tokens - batch[0].reserved).max(1);
+                let delivery = if counter + hits > limit {
+                    Delivery::OverLimit { fits: None }
+                } else {
+                    counter += hits;
+                    Delivery::Answered(vec![])
+                };
+                over += q.finish_batch(call, delivery, 0).over_limit;
+            }
+            let add = tokens - reserved;
+            assert_eq!(counter, limit.min(used + add), "{used}/{limit} + {add}");
+            assert_eq!(over, (used + add).saturating_sub(limit), "uncounted");
+            let log2 = 64 - add.leading_zeros();
+            assert!(calls <= u64::from(log2) + 2, "{calls} calls for {add}");
+            assert!(q.is_empty());
+        }
+    }
+
     #[test]
     fn a_report_refused_past_the_limit_is_sent_again_with_what_fits() {
         let mut q = ReportQueue::new(ReportIds::new(1), 1, 8, 100);
         q.push(spent("ann", 29, 0, None));
         q.start_batch(0, 1).unwrap();
-        let s = q.finish_batch(1, Delivery::OverLimit { fits: 9 }, 0);
+        let s = q.finish_batch(1, Delivery::OverLimit { fits: Some(9) }, 0);
         assert_eq!(s.over_limit, 20);
         let again = q.start_batch(0, 2).unwrap();
         assert_eq!(again[0].tokens, 9);
@@ -755,7 +824,7 @@ mod tests {
         // Nothing fits: the limit is spent already; nothing more to send.
         q.push(spent("bob", 5, 0, None));
         q.start_batch(0, 3).unwrap();
-        let s = q.finish_batch(3, Delivery::OverLimit { fits: 0 }, 0);
+        let s = q.finish_batch(3, Delivery::OverLimit { fits: Some(0) }, 0);
         assert_eq!((s.over_limit, s.sent), (5, 1));
         assert!(q.is_empty());
     }

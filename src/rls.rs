@@ -1,7 +1,6 @@
 //! Envoy's rate-limit gRPC protocol (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`),
-//! spoken to envoyproxy/ratelimit, Limitador or any RLS: the messages the plugin needs, declared
-//! with prost's derive (field numbers from `envoy/service/ratelimit/v3/rls.proto`), and the
-//! mapping to the plugin's checks and reports.
+//! spoken to envoyproxy/ratelimit, Limitador or any RLS: the mapping of the plugin's checks and
+//! reports to its messages (declared in the wire crate, `wire::rls`).
 //!
 //! * A check is one `ShouldRateLimit` with one descriptor per applicable limit — the configured
 //!   extra entries, then `(limit name, value)` — and `hits_addend` = the reservation. The RLS API
@@ -11,81 +10,10 @@
 //!   nothing). The API has no request ids: a report retried after a lost answer is counted
 //!   again (at least once).
 
-pub use prost::Message;
+pub use wire::rls::*;
 
 use crate::limits::Descriptor;
 use crate::protocol::{CheckFailure, Quota, Verdict};
-
-pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
-pub const METHOD: &str = "ShouldRateLimit";
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RateLimitRequest {
-    #[prost(string, tag = "1")]
-    pub domain: String,
-    #[prost(message, repeated, tag = "2")]
-    pub descriptors: Vec<RateLimitDescriptor>,
-    #[prost(uint32, tag = "3")]
-    pub hits_addend: u32,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RateLimitDescriptor {
-    #[prost(message, repeated, tag = "1")]
-    pub entries: Vec<Entry>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Entry {
-    #[prost(string, tag = "1")]
-    pub key: String,
-    #[prost(string, tag = "2")]
-    pub value: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RateLimitResponse {
-    /// `Code`: 0 UNKNOWN, 1 OK, 2 OVER_LIMIT.
-    #[prost(int32, tag = "1")]
-    pub overall_code: i32,
-    #[prost(message, repeated, tag = "2")]
-    pub statuses: Vec<DescriptorStatus>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct DescriptorStatus {
-    #[prost(int32, tag = "1")]
-    pub code: i32,
-    #[prost(message, optional, tag = "2")]
-    pub current_limit: Option<RateLimit>,
-    #[prost(uint32, tag = "3")]
-    pub limit_remaining: u32,
-    #[prost(message, optional, tag = "4")]
-    pub duration_until_reset: Option<Duration>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RateLimit {
-    #[prost(uint32, tag = "1")]
-    pub requests_per_unit: u32,
-    /// `Unit`: 1 SECOND, 2 MINUTE, 3 HOUR, 4 DAY, 5 MONTH, 6 YEAR.
-    #[prost(int32, tag = "2")]
-    pub unit: i32,
-    #[prost(string, tag = "3")]
-    pub name: String,
-}
-
-/// `google.protobuf.Duration`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Duration {
-    #[prost(int64, tag = "1")]
-    pub seconds: i64,
-    #[prost(int32, tag = "2")]
-    pub nanos: i32,
-}
-
-pub const CODE_OK: i32 = 1;
-pub const CODE_OVER_LIMIT: i32 = 2;
 
 /// The descriptors of one request in RLS form.
 fn descriptors(extra: &[(String, String)], descriptors: &[Descriptor]) -> Vec<RateLimitDescriptor> {
@@ -146,18 +74,52 @@ pub fn report_message(
     })
 }
 
-/// For an answer to a report: `None` when it is OK (counted); when it is OVER_LIMIT, the hits
-/// that still fit under every limit (the smallest `limit_remaining`).
-pub fn over_limit_fits(body: &[u8]) -> Option<u64> {
-    let answer = RateLimitResponse::decode(body).ok()?;
-    (answer.overall_code == CODE_OVER_LIMIT).then(|| {
-        answer
-            .statuses
+/// An answer to a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportAnswer {
+    /// Counted (or an answer the plugin cannot read, taken as counted).
+    Counted,
+    /// OVER_LIMIT: not counted. What still fits under every limit when the engine says
+    /// (the smallest `limit_remaining`, or Limitador's `X-RateLimit-Remaining`); Limitador
+    /// without its headers says nothing.
+    OverLimit(Option<u64>),
+}
+
+pub fn report_answer(body: &[u8]) -> ReportAnswer {
+    let Ok(answer) = RateLimitResponse::decode(body) else {
+        return ReportAnswer::Counted;
+    };
+    if answer.overall_code != CODE_OVER_LIMIT {
+        return ReportAnswer::Counted;
+    }
+    let from_statuses = answer
+        .statuses
+        .iter()
+        .filter(|s| s.current_limit.is_some())
+        .map(|s| u64::from(s.limit_remaining))
+        .min();
+    ReportAnswer::OverLimit(from_statuses.or_else(|| header_quota(&answer).map(|q| q.remaining)))
+}
+
+/// The figures Limitador puts in `response_headers_to_add` (`X-RateLimit-Limit: 100, 100;w=3600`,
+/// `-Remaining`, `-Reset` in seconds): the most constrained of its counters. Both limit and
+/// remaining must be there.
+fn header_quota(answer: &RateLimitResponse) -> Option<Quota> {
+    let number = |name: &str| {
+        let value = answer
+            .response_headers_to_add
             .iter()
-            .filter(|s| s.current_limit.is_some())
-            .map(|s| u64::from(s.limit_remaining))
-            .min()
-            .unwrap_or(0)
+            .find(|h| h.key.eq_ignore_ascii_case(name))?
+            .value
+            .trim_start();
+        let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+        value.get(..digits)?.parse::<u64>().ok()
+    };
+    let limit = number("x-ratelimit-limit")?;
+    Some(Quota {
+        limit,
+        remaining: number("x-ratelimit-remaining")?.min(limit),
+        reset_ms: number("x-ratelimit-reset").map_or(0, |s| s.saturating_mul(1000)),
     })
 }
 
@@ -194,13 +156,16 @@ pub fn read_check(grpc_status: u32, body: &[u8]) -> Result<Verdict, CheckFailure
                 reset_ms: reset_ms(s),
             })
         })
-        .min_by_key(|q| (q.remaining, std::cmp::Reverse(q.reset_ms)));
+        .min_by_key(|q| (q.remaining, std::cmp::Reverse(q.reset_ms)))
+        .or_else(|| header_quota(&answer));
     let retry_after_ms = answer
         .statuses
         .iter()
         .filter(|s| s.code == CODE_OVER_LIMIT)
         .map(reset_ms)
         .max()
+        // Limitador names no status; its headers give the most constrained counter's reset.
+        .or_else(|| quota.filter(|_| !allowed).map(|q| q.reset_ms))
         .unwrap_or(0);
     Ok(Verdict {
         allowed,
@@ -252,6 +217,72 @@ mod tests {
         assert_eq!(m.hits_addend, 1);
         assert_eq!(m.descriptors[0].entries[0].key, "generic_key");
         assert_eq!(m.descriptors[0].entries[1].value, "alice");
+    }
+
+    fn answer(code: i32, statuses: Vec<DescriptorStatus>, headers: &[(&str, &str)]) -> Vec<u8> {
+        RateLimitResponse {
+            overall_code: code,
+            statuses,
+            response_headers_to_add: headers
+                .iter()
+                .map(|(k, v)| HeaderValue {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
+    /// What each engine says when it refuses: envoyproxy/ratelimit fills `statuses`, Limitador
+    /// fills nothing, or only its `X-RateLimit-*` headers when run with them.
+    #[test]
+    fn what_still_fits_is_read_from_whatever_the_engine_says() {
+        let status = DescriptorStatus {
+            code: CODE_OVER_LIMIT,
+            current_limit: Some(RateLimit {
+                requests_per_unit: 100,
+                unit: 3,
+                name: String::new(),
+            }),
+            limit_remaining: 9,
+            duration_until_reset: None,
+        };
+        assert_eq!(
+            report_answer(&answer(CODE_OVER_LIMIT, vec![status], &[])),
+            ReportAnswer::OverLimit(Some(9))
+        );
+        assert_eq!(
+            report_answer(&answer(CODE_OVER_LIMIT, vec![], &[])),
+            ReportAnswer::OverLimit(None)
+        );
+        let limitador = [
+            ("X-RateLimit-Limit", "100, 100;w=3600"),
+            ("X-RateLimit-Remaining", "7"),
+            ("X-RateLimit-Reset", "3595"),
+        ];
+        assert_eq!(
+            report_answer(&answer(CODE_OVER_LIMIT, vec![], &limitador)),
+            ReportAnswer::OverLimit(Some(7))
+        );
+        assert_eq!(
+            report_answer(&answer(CODE_OK, vec![], &[])),
+            ReportAnswer::Counted
+        );
+        // A check: the headers are the quota, their reset the retry.
+        let v = read_check(0, &answer(CODE_OVER_LIMIT, vec![], &limitador)).unwrap();
+        assert!(!v.allowed);
+        assert_eq!(
+            v.quota,
+            Some(Quota {
+                limit: 100,
+                remaining: 7,
+                reset_ms: 3_595_000
+            })
+        );
+        assert_eq!(v.retry_after_ms, 3_595_000);
+        let v = read_check(0, &answer(CODE_OVER_LIMIT, vec![], &[])).unwrap();
+        assert_eq!((v.quota, v.retry_after_ms), (None, 0));
     }
 
     #[test]

@@ -183,6 +183,7 @@ fn allowed_checks_carry_quota_and_reports_the_tokens_used() {
         Answer::Reply(RateLimitResponse {
             overall_code: CODE_OK,
             statuses: vec![status(CODE_OK, 1000, 900, 30)],
+            ..Default::default()
         })
     });
     let llm = mock_llm();
@@ -231,6 +232,7 @@ fn the_api_key_travels_as_grpc_metadata() {
         Answer::Reply(RateLimitResponse {
             overall_code: CODE_OK,
             statuses: vec![status(CODE_OK, 1000, 900, 60)],
+            ..Default::default()
         })
     });
     let llm = mock_llm();
@@ -258,6 +260,7 @@ fn over_limit_denies_with_retry_after() {
         Answer::Reply(RateLimitResponse {
             overall_code: CODE_OVER_LIMIT,
             statuses: vec![status(CODE_OVER_LIMIT, 1000, 0, 42)],
+            ..Default::default()
         })
     });
     let llm = mock_llm();
@@ -319,6 +322,7 @@ fn reservations_cover_the_usage_then_nothing_more_is_reported() {
         Answer::Reply(RateLimitResponse {
             overall_code: CODE_OK,
             statuses: vec![],
+            ..Default::default()
         })
     });
     let llm = mock_llm();
@@ -365,6 +369,7 @@ fn reports_past_a_limit_an_engine_refuses_still_spend_the_budget() {
         Answer::Reply(RateLimitResponse {
             overall_code: code,
             statuses: vec![status(code, 100, remaining, 3600)],
+            ..Default::default()
         })
     });
     let llm = mock_llm();

@@ -6,6 +6,8 @@
 //! configuration and clamps what clients send. Protocol v1 is JSON over HTTP:
 //! `POST /v1/check` and `POST /v1/report`; the ASM endpoints are here too.
 
+pub mod rls;
+
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The most descriptors (limits that apply to one request) in one check or report.
