@@ -72,6 +72,10 @@ pub struct Limit {
     pub currency: Option<String>,
     /// The status of a request this limit denies, when not the plugin's `deny.status`.
     pub deny_status: Option<u32>,
+    /// Under envoy-rls, the engine's window for this limit in seconds, as declared by a
+    /// `window` without `tokens`: the retry a denial states when the engine gives none
+    /// (Limitador names no reset).
+    pub engine_window_s: Option<u64>,
 }
 
 impl Limit {
@@ -218,6 +222,7 @@ mod tests {
             when: None,
             currency: None,
             deny_status: None,
+            engine_window_s: None,
         }
     }
 
@@ -266,6 +271,7 @@ mod tests {
             when: None,
             currency: None,
             deny_status: None,
+            engine_window_s: None,
         };
         let long_a: &'static str = Box::leak(format!("é{}", "a".repeat(5000)).into_boxed_str());
         let long_b: &'static str = Box::leak(format!("é{}b", "a".repeat(4999)).into_boxed_str());
@@ -290,6 +296,7 @@ mod tests {
             when: None,
             currency: None,
             deny_status: None,
+            engine_window_s: None,
         };
         struct Headers;
         impl AttributeSource for Headers {
@@ -327,6 +334,7 @@ mod tests {
             when: None,
             currency: None,
             deny_status: None,
+            engine_window_s: None,
         };
         let d = one(&l, &Key(Some("regular-user"))).unwrap();
         assert_eq!(

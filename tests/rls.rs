@@ -1,134 +1,23 @@
-//! `service.protocol: "envoy-rls"` in a real Envoy against a gRPC stand-in of Envoy's rate-limit
-//! service (`ShouldRateLimit` over h2c, written here with hyper and the plugin's own prost
-//! messages): allow with quota headers, deny with Retry-After, gRPC errors under both failure
-//! modes, and reports carrying the right `hits_addend`.
+//! `service.protocol: "envoy-rls"` in a real Envoy against engines of Envoy's rate-limit gRPC
+//! service (`ShouldRateLimit` over h2c, `testkit::rls`): a stand-in that answers as told (allow
+//! with quota headers, deny with Retry-After, gRPC errors under both failure modes, reports
+//! carrying the right `hits_addend`), and Limitador itself (the `limitador` crate behind the
+//! same RPC, answering as `limitador-server` does).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use llm_token_ratelimit::rls::{
-    DescriptorStatus, Duration as PbDuration, Message, RateLimit, RateLimitRequest,
-    RateLimitResponse, CODE_OK, CODE_OVER_LIMIT,
+    DescriptorStatus, Duration as PbDuration, RateLimit, RateLimitRequest, RateLimitResponse,
+    CODE_OK, CODE_OVER_LIMIT,
 };
 use serde_json::json;
 use testkit::envoy::{cluster, cluster_h2, Envoy};
 use testkit::http;
+use testkit::rls::{limitador, limitador_count, Answer, LimitadorLimit, Rls};
 use testkit::service::mock_llm;
-
-/// What the stand-in answers: a response, or a gRPC error status.
-#[derive(Clone)]
-enum Answer {
-    Reply(RateLimitResponse),
-    Error(u32),
-}
-
-type Handler = Arc<dyn Fn(&RateLimitRequest) -> Answer + Send + Sync>;
-
-struct Rls {
-    port: u16,
-    seen: Arc<Mutex<Vec<RateLimitRequest>>>,
-    /// The `authorization` metadata of each call.
-    authorizations: Arc<Mutex<Vec<Option<String>>>>,
-}
-
-impl Rls {
-    fn start(handler: impl Fn(&RateLimitRequest) -> Answer + Send + Sync + 'static) -> Rls {
-        let handler: Handler = Arc::new(handler);
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        listener.set_nonblocking(true).unwrap();
-        let record = seen.clone();
-        let authorizations = Arc::new(Mutex::new(Vec::new()));
-        let auth = authorizations.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let (handler, record, auth) = (handler.clone(), record.clone(), auth.clone());
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                            auth.lock().unwrap().push(
-                                req.headers()
-                                    .get("authorization")
-                                    .and_then(|v| v.to_str().ok())
-                                    .map(String::from),
-                            );
-                            answer(req, handler.clone(), record.clone())
-                        });
-                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
-            });
-        });
-        Rls {
-            port,
-            seen,
-            authorizations,
-        }
-    }
-
-    fn seen(&self) -> Vec<RateLimitRequest> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
-
-async fn answer(
-    req: Request<Incoming>,
-    handler: Handler,
-    record: Arc<Mutex<Vec<RateLimitRequest>>>,
-) -> Result<Response<Body>, Infallible> {
-    assert_eq!(
-        req.uri().path(),
-        "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
-    );
-    let body = req.into_body().collect().await.unwrap().to_bytes();
-    // A gRPC frame: compressed flag, 4-byte length, the message.
-    let message = RateLimitRequest::decode(&body[5..]).unwrap();
-    let outcome = handler(&message);
-    record.lock().unwrap().push(message);
-    let mut trailers = hyper::HeaderMap::new();
-    let data = match outcome {
-        Answer::Reply(resp) => {
-            trailers.insert("grpc-status", "0".parse().unwrap());
-            let bytes = resp.encode_to_vec();
-            let mut frame = vec![0u8];
-            frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-            frame.extend_from_slice(&bytes);
-            frame
-        }
-        Answer::Error(code) => {
-            trailers.insert("grpc-status", code.to_string().parse().unwrap());
-            Vec::new()
-        }
-    };
-    let body = Full::new(Bytes::from(data))
-        .with_trailers(async move { Some(Ok(trailers)) })
-        .boxed();
-    Ok(Response::builder()
-        .header("content-type", "application/grpc")
-        .body(body)
-        .unwrap())
-}
 
 fn status(code: i32, limit: u32, remaining: u32, reset_s: i64) -> DescriptorStatus {
     DescriptorStatus {
@@ -247,7 +136,7 @@ fn the_api_key_travels_as_grpc_metadata() {
     );
     assert_eq!(ask(&e, "ann").status, 200);
     wait_for("the report", || rls.seen().len() >= 2);
-    let auth = rls.authorizations.lock().unwrap().clone();
+    let auth = rls.authorizations();
     assert!(auth.len() >= 2);
     assert!(auth
         .iter()
@@ -341,11 +230,11 @@ fn reservations_cover_the_usage_then_nothing_more_is_reported() {
     assert_eq!(seen[0].hits_addend, 100);
 }
 
-/// A stand-in that behaves as Limitador does: a `ShouldRateLimit` whose `hits_addend` would pass
-/// the limit is answered OVER_LIMIT and not counted. A limit of 100 tokens per user, answers of
-/// 30 tokens (1 reserved at the check, 29 reported): four requests are served, the fourth's
-/// report is refused, the plugin sends what still fits (9), and the fifth is denied. (Before,
-/// every report crossing the limit was lost, and 13 requests were served.)
+/// An engine that refuses a hit past the limit (as Limitador does) but says in `statuses`
+/// what remains (which Limitador does not; see the Limitador tests below). A limit of 100
+/// tokens per user, answers of 30 tokens (1 reserved at the check, 29 reported): four
+/// requests are served, the fourth's report is refused, the plugin sends what the status says
+/// still fits (9), and the fifth is denied.
 #[test]
 fn reports_past_a_limit_an_engine_refuses_still_spend_the_budget() {
     let counters = Arc::new(Mutex::new(std::collections::HashMap::<String, u32>::new()));
@@ -408,4 +297,151 @@ fn reports_past_a_limit_an_engine_refuses_still_spend_the_budget() {
     wait_for("the over-limit tokens counted", || {
         e.metric("tokens_over_limit") == 20
     });
+}
+
+/// Limitador's configuration for these tests: 100 tokens an hour for each user.
+const USER_100_AN_HOUR: [LimitadorLimit<'static>; 1] = [LimitadorLimit {
+    key: "user",
+    max: 100,
+    seconds: 3600,
+}];
+
+/// The plugin against Limitador (memory storage, as `limitador-server` answers: OVER_LIMIT
+/// with no statuses, a refused call counts nothing): the limit declares Limitador's window,
+/// as the engine dates nothing.
+fn limitador_config(reserve: serde_json::Value) -> serde_json::Value {
+    json!({
+        "service": {"cluster": "ratelimit", "protocol": "envoy-rls", "domain": "llm",
+                    "failure_mode": "deny", "timeout_ms": 1000},
+        "limits": [{"name": "user", "key": "{{request.headers.x-user}}", "window": "1h"}],
+        "reserve": {"tokens": reserve}
+    })
+}
+
+/// A chat completion that uses 30 tokens (10 prompt, 20 completion) and asks for at most 30.
+fn ask_30(port: u16, user: &str) -> http::Response {
+    http::post_json(
+        port,
+        "/v1/chat/completions",
+        &[
+            ("x-user", user),
+            ("x-mock-prompt-tokens", "10"),
+            ("x-mock-completion-tokens", "20"),
+        ],
+        &json!({"model": "m", "max_tokens": 30}),
+    )
+}
+
+/// The acceptance of a 100-token budget against the real engine: with 30-token answers at
+/// most 4 requests are served (before, 13 were: Limitador says nothing of what remains, so
+/// each report crossing the limit was dropped and checks of one hit kept admitting). The
+/// plugin halves the refused report toward what fits, so the counter ends at exactly 100;
+/// the denial's retry is the declared window, not 1 s.
+#[test]
+fn limitador_a_100_token_budget_serves_at_most_four_30_token_answers() {
+    let (rls, engine) = limitador("llm", &USER_100_AN_HOUR, false);
+    let llm = mock_llm();
+    let e = Envoy::start(
+        &limitador_config(json!(0)),
+        &[
+            cluster_h2("ratelimit", rls.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    let counted = || limitador_count(&engine, "llm", "user", "carol");
+    let mut served = 0;
+    let denied = loop {
+        let r = ask_30(e.port, "carol");
+        if r.status != 200 {
+            break r;
+        }
+        served += 1;
+        assert!(served <= 4, "a fifth request was served");
+        let want = (served * 30).min(100);
+        wait_for("the report counted", || counted() == want);
+    };
+    assert_eq!(served, 4);
+    assert_eq!(counted(), 100, "the counter ends at its limit");
+    assert_eq!(denied.status, 429);
+    assert_eq!(denied.header("retry-after"), Some("3600"));
+    // The fourth answer's 30 tokens: 9 fitted, 20 could not be recorded (1 was the check's).
+    wait_for("the uncounted tokens", || {
+        e.metric("tokens_over_limit") == 20
+    });
+    // Limitador's calls: each report, and the fourth one's halving, a few calls, not 20.
+    let calls = rls.seen().len();
+    assert!(calls <= 5 * 2 + 6, "{calls} calls");
+}
+
+/// Eight concurrent requests, then sequential ones: with the answer's cap reserved at the
+/// check (`reserve.tokens: "max_tokens"`), Limitador admits what the budget covers and no
+/// more, concurrent or not.
+#[test]
+fn limitador_concurrent_requests_with_reservations_stay_within_the_budget() {
+    let (rls, engine) = limitador("llm", &USER_100_AN_HOUR, false);
+    let llm = mock_llm();
+    let e = Envoy::start(
+        &limitador_config(json!("max_tokens")),
+        &[
+            cluster_h2("ratelimit", rls.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    let port = e.port;
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let all: Vec<_> = (0..8)
+            .map(|_| s.spawn(move || ask_30(port, "dave").status))
+            .collect();
+        all.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(served <= 4, "{statuses:?}");
+    assert_eq!(
+        served, 3,
+        "three reservations of 30 fit in 100: {statuses:?}"
+    );
+    wait_for("settled", || {
+        limitador_count(&engine, "llm", "user", "dave") == 90
+    });
+    for _ in 0..3 {
+        assert_eq!(ask_30(port, "dave").status, 429);
+    }
+    assert!(limitador_count(&engine, "llm", "user", "dave") <= 100);
+}
+
+/// Limitador run with `--rate-limit-headers DRAFT_VERSION_03`: its `X-RateLimit-*` are the
+/// only figures it gives, and the plugin turns them into the quota headers of admitted
+/// responses and the retry of a denial.
+#[test]
+fn limitador_rate_limit_headers_become_quota_headers() {
+    let (rls, engine) = limitador("llm", &USER_100_AN_HOUR, true);
+    let llm = mock_llm();
+    let e = Envoy::start(
+        &limitador_config(json!(0)),
+        &[
+            cluster_h2("ratelimit", rls.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    let first = ask_30(e.port, "erin");
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-ratelimit-limit-tokens"), Some("100"));
+    assert_eq!(first.header("x-ratelimit-remaining-tokens"), Some("99"));
+    wait_for("the report counted", || {
+        limitador_count(&engine, "llm", "user", "erin") == 30
+    });
+    for n in 2..=4 {
+        assert_eq!(ask_30(e.port, "erin").status, 200, "request {n}");
+        wait_for("the report counted", || {
+            limitador_count(&engine, "llm", "user", "erin") == (n * 30).min(100)
+        });
+    }
+    let denied = ask_30(e.port, "erin");
+    assert_eq!(denied.status, 429);
+    assert_eq!(denied.header("x-ratelimit-remaining-tokens"), Some("0"));
+    let retry: u64 = denied.header("retry-after").unwrap().parse().unwrap();
+    assert!(
+        (3500..=3600).contains(&retry),
+        "the counter's own reset: {retry}"
+    );
 }

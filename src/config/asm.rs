@@ -77,6 +77,7 @@ impl Asm {
                     when: None,
                     currency: None,
                     deny_status: None,
+                    engine_window_s: None,
                 })
             },
         )?;

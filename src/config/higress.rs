@@ -383,6 +383,7 @@ impl RuleItem {
             when: None,
             currency: None,
             deny_status: None,
+            engine_window_s: None,
         };
         Ok((limit, ip))
     }
@@ -520,6 +521,7 @@ impl Rule {
                 when: None,
                 currency: None,
                 deny_status: None,
+                engine_window_s: None,
             });
         }
         let mut ip_source: Option<(Path, ClientIpSource)> = None;

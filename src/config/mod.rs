@@ -552,6 +552,20 @@ mod tests {
         assert_eq!(c.client_ip, ClientIpSource::Remote);
     }
 
+    /// Under envoy-rls a `window` alone declares the engine's window (in seconds), for the
+    /// retry of a denial the engine dates nothing of.
+    #[test]
+    fn an_envoy_rls_limit_may_declare_its_window() {
+        let c = parse(
+            r#"{"service": {"cluster": "a", "protocol": "envoy-rls", "domain": "d"},
+                "limits": [{"name": "g", "key": "", "window": "1h"}, {"name": "u", "key": "x"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.limits[0].engine_window_s, Some(3600));
+        assert_eq!(c.limits[1].engine_window_s, None);
+        assert!(matches!(c.limits[0].rates, LimitRates::ServiceOwned));
+    }
+
     #[test]
     fn limits_may_carry_conditions() {
         use crate::limits::descriptors;
@@ -825,6 +839,14 @@ mod tests {
             (
                 r#"{"service": {"cluster": "a", "protocol": "envoy-rls", "domain": "d"}, "limits": [{"name": "g", "key": "", "tokens": 5, "window": 60}]}"#,
                 "`limits[0]`: has rates or values, but with protocol \"envoy-rls\"",
+            ),
+            (
+                r#"{"service": {"cluster": "a"}, "limits": [{"name": "g", "key": "", "window": 60}]}"#,
+                "`limits[0].tokens`: is required with `window` (a `window` alone declares the engine's window, under protocol \"envoy-rls\" only)",
+            ),
+            (
+                r#"{"service": {"cluster": "a", "protocol": "envoy-rls", "domain": "d"}, "limits": [{"name": "g", "key": "", "window": "month"}]}"#,
+                "`limits[0].window`: alone declares the envoy-rls engine's window, which is a number of seconds",
             ),
         ];
         for (json, want) in cases {

@@ -59,6 +59,14 @@ impl Native {
                 )));
             }
         }
+        if service.protocol != Protocol::EnvoyRls {
+            if let Some(i) = limits.iter().position(|l| l.engine_window_s.is_some()) {
+                let at = limits_path.index(i);
+                return Err(at.field("tokens").error(
+                    "is required with `window` (a `window` alone declares the engine's window, under protocol \"envoy-rls\" only)",
+                ));
+            }
+        }
         if service.protocol == Protocol::EnvoyRls {
             if let Some(i) = limits
                 .iter()
@@ -538,6 +546,8 @@ pub struct LimitSpec {
     tokens: Option<Tokens>,
     /// With `"unit": "cost"`: the amount of money per window, e.g. `"20.00"`.
     budget: Option<Amount>,
+    /// The window of `tokens` or `budget`; alone, under envoy-rls, the engine's window for
+    /// this limit (the retry a denial states when the engine names none).
     window: Option<Window>,
     /// The IANA time zone of calendar windows (`"month"`, …): `UTC` unless given.
     timezone: Option<Zone>,
@@ -565,7 +575,22 @@ impl LimitSpec {
             cost: self.unit == UnitSpec::Cost,
             timezone: self.timezone.as_ref().map_or("UTC", |z| z.0.as_str()),
         };
-        let own_rates = counting.rates(path, self.tokens, self.budget, self.window, self.rates)?;
+        // A `window` alone declares the envoy-rls engine's window (checked once the protocol
+        // is known); with anything else it is a rate's.
+        let declares = self.tokens.is_none()
+            && self.budget.is_none()
+            && self.rates.is_none()
+            && self.values.is_none();
+        let (window, engine_window_s) = match self.window {
+            Some(Window::Rolling(s)) if declares => (None, Some(s)),
+            Some(Window::Calendar(_)) if declares => {
+                return Err(path.field("window").error(
+                    "alone declares the envoy-rls engine's window, which is a number of seconds (Limitador has no calendar windows); give `tokens` with a calendar window",
+                ))
+            }
+            w => (w, None),
+        };
+        let own_rates = counting.rates(path, self.tokens, self.budget, window, self.rates)?;
         let values_path = path.field("values");
         let rates = match (own_rates, self.values) {
             (Some(_), Some(_)) => {
@@ -595,6 +620,7 @@ impl LimitSpec {
             // Set from the price table once the options are read.
             currency: counting.cost.then(String::new),
             deny_status: self.deny_status.map(|s| s.0),
+            engine_window_s,
         })
     }
 }

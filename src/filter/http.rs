@@ -500,8 +500,19 @@ impl Http {
                 };
                 Action::Continue
             }
-            Ok(verdict) => {
+            Ok(mut verdict) => {
                 shared.metrics.checks_denied.inc();
+                if verdict.retry_after_ms == 0 && verdict.quota.is_none() {
+                    // The engine named no reset (Limitador): the longest declared window of
+                    // the limits that applied, when after it the budget is whole again.
+                    verdict.retry_after_ms = config
+                        .limits
+                        .iter()
+                        .filter(|l| spend.descriptors.iter().any(|d| d.limit == l.name))
+                        .filter_map(|l| l.engine_window_s)
+                        .max()
+                        .map_or(0, |s| s.saturating_mul(1000));
+                }
                 let now = self.host.now_ms();
                 self.host
                     .send_reply(&reply::denied(config, &verdict, spend.api, now));

@@ -5,6 +5,7 @@
 pub mod envoy;
 pub mod http;
 pub mod redis;
+pub mod rls;
 pub mod service;
 
 use std::path::PathBuf;
