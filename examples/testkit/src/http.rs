@@ -65,6 +65,14 @@ pub enum Behaviour {
     Reset,
     /// Write these bytes as they are and close.
     Raw(Vec<u8>),
+    /// A response (with `content-length`) whose body is written in these pieces, each flushed
+    /// on its own after `gap`: Envoy hands them to the plugin apart, split where the test says.
+    Trickle {
+        status: u16,
+        headers: Vec<(String, String)>,
+        pieces: Vec<Vec<u8>>,
+        gap: Duration,
+    },
 }
 
 pub fn reply(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Behaviour {
@@ -196,6 +204,34 @@ fn serve(conn: TcpStream, handler: Handler, reqs: Arc<Mutex<Vec<Request>>>, stop
                     let _ = writer.write_all(&bytes);
                     let _ = writer.shutdown(Shutdown::Both);
                     return;
+                }
+                Behaviour::Trickle {
+                    status,
+                    headers,
+                    pieces,
+                    gap,
+                } => {
+                    let _ = writer.set_nodelay(true);
+                    let length: usize = pieces.iter().map(Vec::len).sum();
+                    let mut head = format!("HTTP/1.1 {status} X\r\ncontent-length: {length}\r\n");
+                    for (k, v) in &headers {
+                        head.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    head.push_str("\r\n");
+                    if writer.write_all(head.as_bytes()).is_err() {
+                        return;
+                    }
+                    for piece in pieces {
+                        thread::sleep(gap);
+                        if writer
+                            .write_all(&piece)
+                            .and_then(|_| writer.flush())
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    break;
                 }
                 Behaviour::Reply(resp) => {
                     let mut head = format!(
