@@ -173,10 +173,9 @@ fn every_recorded_answer_is_charged_what_the_provider_billed() {
         assert!(providers.contains(p), "the corpus has {p}");
         for streaming in [false, true] {
             assert!(
-                cases.iter().any(|c| c.meta["provider"] == p
-                    && c.meta["streaming"] == streaming
-                    // Vertex's JSON stream answers are JSON.
-                    || p == "vertex" && c.meta["provider"] == p),
+                cases
+                    .iter()
+                    .any(|c| c.meta["provider"] == p && c.meta["streaming"] == streaming),
                 "{p}: a {} case",
                 if streaming { "streamed" } else { "JSON" }
             );
