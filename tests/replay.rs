@@ -272,9 +272,9 @@ fn every_recorded_answer_is_charged_what_the_provider_billed() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(
-        by_total.metric("usage.missing"),
+        by_total.metric("usage.estimated"),
         2,
-        "only the case without usage"
+        "only the case without usage, whole and split"
     );
 }
 
