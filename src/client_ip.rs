@@ -2,6 +2,8 @@
 
 use std::net::IpAddr;
 
+use ipnet::{Ipv4Net, Ipv6Net};
+
 /// Where `source.ip` comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientIpSource {
@@ -12,15 +14,59 @@ pub enum ClientIpSource {
     Header { name: String, trusted_hops: usize },
 }
 
-/// Parses Envoy's `source.address` (`1.2.3.4:5678`, `[::1]:5678`) or a bare address.
+/// How many leading bits of an address are one client in keys (`client_ip.ipv4_prefix`,
+/// `client_ip.ipv6_prefix`). An IPv6 host is usually handed a whole /64 (often a /56 or /48):
+/// keyed by full address, it could take a fresh budget for every request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefixes {
+    pub v4: u8,
+    pub v6: u8,
+}
+
+impl Default for Prefixes {
+    fn default() -> Self {
+        Prefixes { v4: 32, v6: 64 }
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:1.2.3.4`) is the IPv4 client it maps.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The client as keys name it: the address's network under its prefix, written with the prefix
+/// (`2001:db8:1:2::/64`, `10.1.2.0/24`), or the address itself under a full-length prefix.
+pub fn client_key(ip: IpAddr, prefixes: Prefixes) -> String {
+    match canonical(ip) {
+        IpAddr::V4(a) if prefixes.v4 < 32 => {
+            Ipv4Net::new(a, prefixes.v4).map_or_else(|_| a.to_string(), |n| n.trunc().to_string())
+        }
+        IpAddr::V6(a) if prefixes.v6 < 128 => {
+            Ipv6Net::new(a, prefixes.v6).map_or_else(|_| a.to_string(), |n| n.trunc().to_string())
+        }
+        ip => ip.to_string(),
+    }
+}
+
+/// Parses Envoy's `source.address` (`1.2.3.4:5678`, `[::1]:5678`) or a bare address; an IPv6
+/// zone (`fe80::1%eth0`) is dropped.
 pub fn parse_address(text: &str) -> Option<IpAddr> {
     let text = text.trim();
-    if let Ok(ip) = text.parse::<IpAddr>() {
+    let without_zone = |host: &str| -> Option<IpAddr> {
+        match host.split_once('%') {
+            Some((addr, _)) => addr.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6),
+            None => host.parse().ok(),
+        }
+    };
+    if let Some(ip) = without_zone(text) {
         return Some(ip);
     }
     if let Some(rest) = text.strip_prefix('[') {
         let (host, _) = rest.split_once(']')?;
-        return host.parse().ok();
+        return without_zone(host);
     }
     let (host, port) = text.rsplit_once(':')?;
     if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
@@ -39,13 +85,14 @@ pub fn client_ip(
     header: Option<&str>,
 ) -> Option<IpAddr> {
     let from_peer = || peer.and_then(parse_address);
-    match source {
+    let ip = match source {
         ClientIpSource::Remote => from_peer(),
         ClientIpSource::Header { trusted_hops, .. } => header
             .and_then(|h| h.split(',').rev().nth(trusted_hops.saturating_sub(1)))
             .and_then(parse_address)
             .or_else(from_peer),
-    }
+    };
+    ip.map(canonical)
 }
 
 #[cfg(test)]
@@ -66,6 +113,31 @@ mod tests {
         assert_eq!(parse_address("1.2.3.4:"), None);
         assert_eq!(parse_address("[::1"), None);
         assert_eq!(parse_address(""), None);
+    }
+
+    /// IPv6 clients are keyed by their /64 (one host's usual allocation), IPv4 by address;
+    /// mapped IPv4 is IPv4; zones are dropped; the prefixes are configurable.
+    #[test]
+    fn clients_are_keyed_by_prefix() {
+        let key = |s: &str, v4, v6| client_key(parse_address(s).unwrap(), Prefixes { v4, v6 });
+        assert_eq!(key("2001:db8:1:2:aaaa::1", 32, 64), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff::9", 32, 64), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:3::1", 32, 64), "2001:db8:1:3::/64");
+        assert_eq!(key("2001:db8:1:2:aaaa::1", 32, 48), "2001:db8:1::/48");
+        assert_eq!(key("2001:db8:1:2:aaaa::1", 32, 128), "2001:db8:1:2:aaaa::1");
+        assert_eq!(key("2001:db8::1", 32, 1), "::/1");
+        assert_eq!(key("10.1.2.3", 32, 64), "10.1.2.3");
+        assert_eq!(key("10.1.2.3", 24, 64), "10.1.2.0/24");
+        assert_eq!(key("::ffff:10.1.2.3", 32, 64), "10.1.2.3");
+        assert_eq!(key("[::ffff:10.1.2.3]:443", 24, 64), "10.1.2.0/24");
+        assert_eq!(key("fe80::1%eth0", 32, 64), "fe80::/64");
+        assert_eq!(key("[fe80::1%25eth0]:8080", 32, 128), "fe80::1");
+        assert_eq!(parse_address("fe80::1%"), Some(ip("fe80::1")));
+        assert_eq!(parse_address("10.0.0.1%eth0"), None);
+        assert_eq!(
+            client_ip(&ClientIpSource::Remote, Some("[::ffff:1.2.3.4]:5"), None),
+            Some(ip("1.2.3.4"))
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use regex::Regex;
 
 use crate::client_ip::parse_address;
 use crate::matcher::Condition;
-use crate::template::{AttributeSource, Template};
+use crate::template::{Attribute, AttributeSource, Template};
 
 pub use wire::{Descriptor, Rate};
 
@@ -85,9 +85,16 @@ impl Limit {
         if self.when.as_ref().is_some_and(|c| !c.holds(source)) {
             return Vec::new();
         }
+        // A key of the client address alone: address and CIDR rules match the whole address,
+        // while the value counted is its prefix group.
+        let address = self
+            .key
+            .is_only(&Attribute::SourceIp)
+            .then(|| source.client_address())
+            .flatten();
         let mut out: Vec<Descriptor> = Vec::new();
         for value in self.key.render_all(source) {
-            if let Some(d) = self.descriptor_of(value) {
+            if let Some(d) = self.descriptor_of(value, address) {
                 if !out.iter().any(|o| o.value == d.value) {
                     out.push(d);
                 }
@@ -97,12 +104,12 @@ impl Limit {
     }
 
     /// The descriptor for one value of the key, or `None` when no value rule takes it.
-    fn descriptor_of(&self, value: String) -> Option<Descriptor> {
+    fn descriptor_of(&self, value: String, address: Option<IpAddr>) -> Option<Descriptor> {
         let (value, rates, shared) = match &self.rates {
             LimitRates::Fixed(rates) => (value, rates.clone(), false),
             LimitRates::ServiceOwned => (value, Vec::new(), false),
             LimitRates::PerValue(rules) => {
-                let mut as_ip = None;
+                let mut as_ip = address.map(Some);
                 let rule = rules
                     .iter()
                     .find(|r| r.matcher.matches(&value, &mut as_ip))?;
@@ -235,6 +242,51 @@ mod tests {
         assert_eq!(d("2001:db8::7").rates, vec![rate(3, 60)]);
         assert_eq!(d("abc").rates, vec![rate(4, 60)]);
         assert_eq!(d("zzz").rates, vec![rate(5, 60)]);
+    }
+
+    /// A `{{source.ip}}` key counts the client's prefix group, while address and CIDR rules
+    /// (Higress's `limit_by_per_ip` keys) still match the whole address.
+    #[test]
+    fn ip_rules_match_the_whole_address_of_a_grouped_key() {
+        struct Client(&'static str);
+        impl AttributeSource for Client {
+            fn attribute(&self, attr: &Attribute) -> Option<Cow<'_, str>> {
+                (*attr == Attribute::SourceIp).then(|| {
+                    Cow::Owned(crate::client_ip::client_key(
+                        self.0.parse().unwrap(),
+                        crate::client_ip::Prefixes::default(),
+                    ))
+                })
+            }
+            fn client_address(&self) -> Option<IpAddr> {
+                self.0.parse().ok()
+            }
+        }
+        let rule = |pattern: &str, tokens| ValueRule {
+            matcher: ValueMatch::Ip(pattern.parse().unwrap()),
+            pattern: pattern.into(),
+            rates: vec![rate(tokens, 60)],
+            shared: false,
+        };
+        let l = Limit {
+            key: Template::parse("{{source.ip}}").unwrap(),
+            rates: LimitRates::PerValue(vec![
+                rule("2001:db8:1:2::5/128", 1),
+                rule("2001:db8::/32", 2),
+            ]),
+            ..per_value()
+        };
+        let vip = one(&l, &Client("2001:db8:1:2::5")).unwrap();
+        assert_eq!(
+            (vip.value.as_str(), vip.rates[0].tokens),
+            ("2001:db8:1:2::/64", 1)
+        );
+        let other = one(&l, &Client("2001:db8:1:2::6")).unwrap();
+        assert_eq!(
+            (other.value.as_str(), other.rates[0].tokens),
+            ("2001:db8:1:2::/64", 2)
+        );
+        assert_eq!(one(&l, &Client("2001:db9::1")), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 
 use crate::body::path_model;
 pub use crate::body::BodyFacts;
-use crate::client_ip::{client_ip, ClientIpSource};
+use crate::client_ip::{client_ip, client_key, ClientIpSource, Prefixes};
 use crate::matcher::{normalize_path, RequestHeaders};
 use crate::template::{Attribute, AttributeSource, MAX_RENDERINGS};
 use crate::text::{from_wire, to_bytes};
@@ -122,6 +122,8 @@ pub struct RequestView<'a, P: Properties> {
     pub headers: &'a [(String, String)],
     pub body: RequestBody<'a>,
     pub client_ip: &'a ClientIpSource,
+    /// How much of an address is one client in keys.
+    pub client_ip_prefixes: Prefixes,
     pub consumer_header: &'a str,
     pub properties: &'a P,
 }
@@ -136,6 +138,17 @@ impl<P: Properties> RequestHeaders for RequestView<'_, P> {
 }
 
 impl<P: Properties> AttributeSource for RequestView<'_, P> {
+    fn client_address(&self) -> Option<std::net::IpAddr> {
+        let peer = self.properties.property(&["source", "address"]);
+        let forwarded = match self.client_ip {
+            ClientIpSource::Remote => None,
+            ClientIpSource::Header { name, .. } => self.header(name),
+        };
+        // Only the chosen entry must be an address: bytes elsewhere change nothing.
+        let forwarded = forwarded.map(|f| String::from_utf8_lossy(&to_bytes(f)).into_owned());
+        client_ip(self.client_ip, peer.as_deref(), forwarded.as_deref())
+    }
+
     /// A query parameter or cookie a client repeats with different values is counted against
     /// each of them: upstreams disagree on which one they read (Starlette and Python's
     /// `SimpleCookie` take the last, Go and Node the first), so whichever it is, its budget is
@@ -168,18 +181,9 @@ impl<P: Properties> AttributeSource for RequestView<'_, P> {
             Attribute::Host => self.header(":authority").map(Cow::Borrowed),
             Attribute::Path => self.header(":path").map(normalize_path),
             Attribute::Method => self.header(":method").map(Cow::Borrowed),
-            Attribute::SourceIp => {
-                let peer = self.properties.property(&["source", "address"]);
-                let forwarded = match self.client_ip {
-                    ClientIpSource::Remote => None,
-                    ClientIpSource::Header { name, .. } => self.header(name),
-                };
-                // Only the chosen entry must be an address: bytes elsewhere change nothing.
-                let forwarded =
-                    forwarded.map(|f| String::from_utf8_lossy(&to_bytes(f)).into_owned());
-                client_ip(self.client_ip, peer.as_deref(), forwarded.as_deref())
-                    .map(|ip| Cow::Owned(ip.to_string()))
-            }
+            Attribute::SourceIp => self
+                .client_address()
+                .map(|ip| Cow::Owned(client_key(ip, self.client_ip_prefixes))),
             Attribute::SourceAddress => self
                 .properties
                 .property(&["source", "address"])
@@ -383,6 +387,7 @@ mod tests {
             headers: &h,
             body: RequestBody::Read(&body),
             client_ip: &remote,
+            client_ip_prefixes: Prefixes::default(),
             consumer_header: "x-mse-consumer",
             properties: &Props,
         };
@@ -396,7 +401,11 @@ mod tests {
         );
         assert_eq!(get(&view, "request.path").as_deref(), Some("/v1/chat"));
         assert_eq!(get(&view, "request.method").as_deref(), Some("POST"));
-        assert_eq!(get(&view, "source.ip").as_deref(), Some("2001:db8::5"));
+        assert_eq!(
+            get(&view, "source.ip").as_deref(),
+            Some("2001:db8::/64"),
+            "the client's /64"
+        );
         assert_eq!(
             get(&view, "source.address").as_deref(),
             Some("[2001:db8::5]:40000")
@@ -513,6 +522,7 @@ mod tests {
             headers: &h,
             body: RequestBody::Absent,
             client_ip: &remote,
+            client_ip_prefixes: Prefixes::default(),
             consumer_header: "x",
             properties: &Props,
         };

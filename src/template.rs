@@ -89,6 +89,12 @@ pub struct Template {
 pub trait AttributeSource {
     fn attribute(&self, attr: &Attribute) -> Option<Cow<'_, str>>;
 
+    /// The client's whole address, which `source.ip` keys group by prefix: address and CIDR
+    /// rules match it, not the group.
+    fn client_address(&self) -> Option<std::net::IpAddr> {
+        None
+    }
+
     /// Every value the attribute has, distinct, the one [`AttributeSource::attribute`] gives
     /// first: a source a client may repeat with different values (a query parameter, a cookie)
     /// has several, since upstreams disagree on which one counts.
@@ -102,6 +108,11 @@ pub trait AttributeSource {
 pub const MAX_RENDERINGS: usize = 4;
 
 impl Template {
+    /// Whether the template is this one attribute alone (`{{source.ip}}`).
+    pub fn is_only(&self, attr: &Attribute) -> bool {
+        matches!(self.parts.as_slice(), [Part::Attr(a)] if a == attr)
+    }
+
     pub fn parse(text: &str) -> Result<Template, String> {
         let mut parts = Vec::new();
         let mut rest = text;

@@ -238,6 +238,47 @@ fn forwarded_for_is_counted_from_the_right() {
     assert_eq!(values, vec![json!("203.0.113.7"), json!("127.0.0.1")]);
 }
 
+/// An IPv6 client is keyed by its /64 (`client_ip.ipv6_prefix`): rotating addresses inside
+/// one's own /64 is no fresh budget, another /64 is another client, and an IPv4-mapped address
+/// is the IPv4 client. Real service: 5 tokens an hour per client, answers of 3.
+#[test]
+fn ipv6_clients_share_a_budget_per_64() {
+    let svc = testkit::service::Service::start(&[], &[]);
+    let up = upstream();
+    let mut config =
+        plugin(json!([{"name": "ip", "key": "{{source.ip}}", "tokens": 5, "window": "1h"}]));
+    // Envoy appends the peer: the entry before it is the one the proxy in front wrote.
+    config["client_ip"] = json!({"header": "x-forwarded-for", "trusted_hops": 2});
+    let e = Envoy::start(
+        &config,
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+    );
+    let from = |client: &str| {
+        http::post_json(
+            e.port,
+            "/v1/chat/completions",
+            &[("x-forwarded-for", client)],
+            &json!({}),
+        )
+        .status
+    };
+    assert_eq!(from("2001:db8:1:2::a"), 200);
+    svc.await_remaining("ip", "2001:db8:1:2::/64", 2);
+    assert_eq!(from("2001:db8:1:2:ffff:ffff:ffff:fffb"), 200, "2 left");
+    svc.await_remaining("ip", "2001:db8:1:2::/64", 0);
+    assert_eq!(
+        from("2001:db8:1:2::c"),
+        429,
+        "a third address of the same /64"
+    );
+    assert_eq!(from("2001:db8:1:3::1"), 200, "another /64");
+    svc.await_remaining("ip", "2001:db8:1:3::/64", 2);
+    assert_eq!(from("::ffff:203.0.113.7"), 200);
+    svc.await_remaining("ip", "203.0.113.7", 2);
+    assert_eq!(from("203.0.113.7"), 200, "the same IPv4 client");
+    svc.await_remaining("ip", "203.0.113.7", 0);
+}
+
 #[test]
 fn ipv6_peer_and_cidr_value_rules() {
     let (svc, up) = (allow_all(), upstream());

@@ -22,7 +22,7 @@ use thiserror::Error;
 
 use de::{Path, Unknown};
 
-use crate::client_ip::ClientIpSource;
+use crate::client_ip::{ClientIpSource, Prefixes};
 use crate::limits::Limit;
 use crate::matcher::RequestMatch;
 use crate::template::Attribute;
@@ -142,6 +142,9 @@ pub struct Config {
     /// Also Higress's `X-TokenRateLimit-*` headers (its `show_limit_quota_header`).
     pub higress_headers: bool,
     pub client_ip: ClientIpSource,
+    /// How much of a client address is one client in keys (`client_ip.ipv4_prefix`,
+    /// `client_ip.ipv6_prefix`).
+    pub client_ip_prefixes: Prefixes,
     /// Lower-case header name carrying the authenticated consumer.
     pub consumer_header: String,
     pub max_request_body_bytes: usize,
@@ -344,6 +347,7 @@ impl Config {
             quota_headers: true,
             higress_headers: false,
             client_ip: ClientIpSource::Remote,
+            client_ip_prefixes: Prefixes::default(),
             consumer_header: "x-mse-consumer".into(),
             max_request_body_bytes: 1024 * 1024,
             max_pending_reports: crate::report::DEFAULT_CAPACITY,
@@ -550,6 +554,13 @@ mod tests {
         assert_eq!(c.consumer_header, "x-mse-consumer");
         assert_eq!(c.max_request_body_bytes, 1 << 20);
         assert_eq!(c.client_ip, ClientIpSource::Remote);
+        assert_eq!(c.client_ip_prefixes, Prefixes { v4: 32, v6: 64 });
+        let c = parse(
+            r#"{"service": {"cluster": "rl"}, "limits": [{"name": "g", "key": ""}],
+                "client_ip": {"ipv4_prefix": 24, "ipv6_prefix": 128}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.client_ip_prefixes, Prefixes { v4: 24, v6: 128 });
     }
 
     /// Under envoy-rls a `window` alone declares the engine's window (in seconds), for the
@@ -823,6 +834,18 @@ mod tests {
             (
                 &extra(r#""matches": [{"method": ["GET", 5]}]"#),
                 "`matches[0].method[1]`: expected a string, found a number",
+            ),
+            (
+                &extra(r#""client_ip": {"ipv6_prefix": 0}"#),
+                "`client_ip.ipv6_prefix`",
+            ),
+            (
+                &extra(r#""client_ip": {"ipv6_prefix": 129}"#),
+                "`client_ip.ipv6_prefix`",
+            ),
+            (
+                &extra(r#""client_ip": {"ipv4_prefix": 33}"#),
+                "`client_ip.ipv4_prefix`",
             ),
             (
                 &extra(r#""client_ip": {"header": "x-forwarded-for", "trusted_hops": 65}"#),

@@ -80,7 +80,12 @@ impl Options {
             config.quota_headers = q;
         }
         if let Some(c) = self.client_ip {
-            config.client_ip = c.into_source(&path.field("client_ip"))?;
+            let at = path.field("client_ip");
+            config.client_ip_prefixes = Prefixes {
+                v4: c.ipv4_prefix.map_or(32, |p| p.0 as u8),
+                v6: c.ipv6_prefix.map_or(64, |p| p.0 as u8),
+            };
+            config.client_ip = c.into_source(&at)?;
         }
         if let Some(h) = self.consumer_header {
             config.consumer_header = h.0;
@@ -515,6 +520,11 @@ struct ClientIpSpec {
     header: Option<HeaderName>,
     /// With `header`: which entry from the right is the client's (1: the right-most).
     trusted_hops: Option<Whole<1, 64>>,
+    /// The leading bits of an IPv4 address that are one client in keys (32: each address).
+    ipv4_prefix: Option<Whole<1, 32>>,
+    /// The leading bits of an IPv6 address that are one client in keys (64: a host's usual
+    /// allocation; 128: each address).
+    ipv6_prefix: Option<Whole<1, 128>>,
 }
 
 impl ClientIpSpec {

@@ -218,6 +218,7 @@ impl Http {
             headers,
             body,
             client_ip: &config.client_ip,
+            client_ip_prefixes: config.client_ip_prefixes,
             consumer_header: &config.consumer_header,
             properties: &HostProperties(self.host.as_ref()),
         };
@@ -559,6 +560,7 @@ impl HttpContext for Http {
             headers: &headers,
             body: RequestBody::Absent,
             client_ip: &config.client_ip,
+            client_ip_prefixes: config.client_ip_prefixes,
             consumer_header: &config.consumer_header,
             properties: &HostProperties(self.host.as_ref()),
         };
