@@ -38,7 +38,42 @@ pub fn plugin_wasm() -> PathBuf {
         "no plugin at {}: run `make build` (or set PLUGIN_WASM)",
         path.display()
     );
+    // An Envoy suite run against a build older than the plugin's sources tests the wrong code.
+    let target = repo().join("target").canonicalize();
+    let canonical = path.canonicalize();
+    if let (Ok(target), Ok(canonical)) = (target, canonical) {
+        if !canonical.starts_with(target) {
+            return path;
+        }
+        let built = modified(&path);
+        if let Some(newer) = newest_source().filter(|(t, _)| *t > built) {
+            panic!(
+                "stale plugin: {} is older than {}; run `make wasm`",
+                path.display(),
+                newer.1.display()
+            );
+        }
+    }
     path
+}
+
+fn modified(path: &Path) -> std::time::SystemTime {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(std::time::UNIX_EPOCH)
+}
+
+/// The most recently changed file the `.wasm` was built from, by cargo's own list of them
+/// (the build's dep-info), so a file the build does not read (a test module) never counts.
+fn newest_source() -> Option<(std::time::SystemTime, PathBuf)> {
+    let deps = repo().join("target/wasm32-wasip1/release/llm_token_ratelimit.d");
+    let text = std::fs::read_to_string(deps).ok()?;
+    let (_, sources) = text.lines().next()?.split_once(": ")?;
+    sources
+        .split_whitespace()
+        .map(PathBuf::from)
+        .map(|p| (modified(&p), p))
+        .max_by_key(|(t, _)| *t)
 }
 
 pub fn cluster(name: &str, port: u16) -> Value {
