@@ -172,15 +172,22 @@ impl Api {
 
 /// The model a Gemini or Vertex AI request names in its path
 /// (`/v1beta/models/gemini-2.5-flash:generateContent`,
-/// `…/publishers/google/models/gemini-2.5-pro:streamGenerateContent`): those APIs route by it,
-/// and their bodies name none. `path` is normalised (no query).
+/// `…/publishers/google/models/gemini-2.5-pro:streamGenerateContent`, Claude on Vertex's
+/// `…/publishers/anthropic/models/claude-sonnet-4-5@20250929:streamRawPredict`): those APIs
+/// route by it, and their bodies name none. `path` is normalised (no query).
 pub fn path_model(path: &str) -> Option<&str> {
-    if Api::of(path) != Api::Gemini {
+    if crate::text::is_opaque(path) {
         return None;
     }
-    let (_, last) = path.rsplit_once('/')?;
-    let (model, _) = last.rsplit_once(':')?;
-    (!model.is_empty() && model.len() <= 256).then_some(model)
+    let (parent, last) = path.rsplit_once('/')?;
+    let (model, method) = last.rsplit_once(':')?;
+    // Vertex AI serves partner models (Claude) on `:rawPredict`, others on `:predict`.
+    let routed = matches!(
+        method,
+        "generateContent" | "streamGenerateContent" | "rawPredict" | "streamRawPredict" | "predict"
+    );
+    (routed && parent.ends_with("/models") && !model.is_empty() && model.len() <= 256)
+        .then_some(model)
 }
 
 /// What the plugin changes in a request body.
@@ -1012,6 +1019,12 @@ mod tests {
             ("/v1beta/models/:generateContent", None),
             ("/v1/chat/completions", None),
             ("/v1beta/models/gemini-2.5-flash:countTokens", None),
+            (
+                "/v1/projects/p/locations/l/publishers/anthropic/models/claude-sonnet-4-5@20250929:streamRawPredict",
+                Some("claude-sonnet-4-5@20250929"),
+            ),
+            ("/v1beta/tunedModels/x:generateContent", None),
+            ("\0/v1beta/models/gemini\\xff:generateContent", None),
         ] {
             assert_eq!(path_model(path), want, "{path}");
         }

@@ -29,11 +29,25 @@ impl Default for Prefixes {
     }
 }
 
-/// An IPv4-mapped IPv6 address (`::ffff:1.2.3.4`) is the IPv4 client it maps.
+/// An IPv6 address that carries an IPv4 client is that IPv4 client: IPv4-mapped
+/// (`::ffff:1.2.3.4`), NAT64's well-known prefix (`64:ff9b::1.2.3.4`, every IPv4 host behind a
+/// NAT64 gateway), 6to4 (`2002:0102:0304::/48`, which hands any IPv4 host 2^80 addresses) and
+/// Teredo (`2001:0::/32`, the client's address inverted in the last 32 bits). Otherwise a
+/// client could multiply its budget, or share one with everyone behind the same gateway.
 pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+    let IpAddr::V6(v6) = ip else {
+        return ip;
+    };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return IpAddr::V4(v4);
+    }
+    let s = v6.segments();
+    let v4 = |hi: u16, lo: u16| IpAddr::V4(((u32::from(hi) << 16) | u32::from(lo)).into());
+    match s {
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => v4(hi, lo),
+        [0x2002, hi, lo, ..] => v4(hi, lo),
+        [0x2001, 0, _, _, _, _, hi, lo] => v4(!hi, !lo),
+        _ => ip,
     }
 }
 
@@ -133,6 +147,16 @@ mod tests {
         assert_eq!(key("fe80::1%eth0", 32, 64), "fe80::/64");
         assert_eq!(key("[fe80::1%25eth0]:8080", 32, 128), "fe80::1");
         assert_eq!(parse_address("fe80::1%"), Some(ip("fe80::1")));
+        // IPv6 forms that carry an IPv4 client are that client.
+        assert_eq!(key("64:ff9b::203.0.113.7", 32, 64), "203.0.113.7");
+        assert_eq!(key("2002:cb00:7107:1:2::9", 32, 64), "203.0.113.7");
+        assert_eq!(key("2002:cb00:7107:ffff::1", 32, 64), "203.0.113.7");
+        // Teredo: server 65.54.227.120, client 192.0.2.45 (inverted: 3fff:fdd2).
+        assert_eq!(
+            key("2001:0:4136:e378:8000:63bf:3fff:fdd2", 32, 64),
+            "192.0.2.45"
+        );
+        assert_eq!(key("::1", 32, 128), "::1", "loopback stays");
         assert_eq!(parse_address("10.0.0.1%eth0"), None);
         assert_eq!(
             client_ip(&ClientIpSource::Remote, Some("[::ffff:1.2.3.4]:5"), None),

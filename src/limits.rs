@@ -116,7 +116,7 @@ impl Limit {
                 let value = if rule.shared {
                     rule.pattern.clone()
                 } else {
-                    value
+                    narrowed(value, &rule.matcher, address)
                 };
                 (value, rule.rates.clone(), rule.shared)
             }
@@ -128,6 +128,19 @@ impl Limit {
             shared,
             currency: self.currency.clone(),
         })
+    }
+}
+
+/// The counter of a client address matched by an address or CIDR rule narrower than the
+/// client's prefix group: the rule's own network, so its rates (a stricter `/128`, say) have a
+/// counter of their own and the rest of the group cannot borrow them.
+fn narrowed(value: String, matcher: &ValueMatch, address: Option<IpAddr>) -> String {
+    let (ValueMatch::Ip(net), Some(_)) = (matcher, address) else {
+        return value;
+    };
+    match value.parse::<IpNet>() {
+        Ok(group) if group.prefix_len() < net.prefix_len() => net.trunc().to_string(),
+        _ => value,
     }
 }
 
@@ -276,10 +289,11 @@ mod tests {
             ]),
             ..per_value()
         };
+        // The narrower rule counts on its own network, not on the group's counter.
         let vip = one(&l, &Client("2001:db8:1:2::5")).unwrap();
         assert_eq!(
             (vip.value.as_str(), vip.rates[0].tokens),
-            ("2001:db8:1:2::/64", 1)
+            ("2001:db8:1:2::5/128", 1)
         );
         let other = one(&l, &Client("2001:db8:1:2::6")).unwrap();
         assert_eq!(

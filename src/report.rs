@@ -467,7 +467,7 @@ impl ReportQueue {
         let (_, _, batch) = self.in_flight.swap_remove(i);
         let single = batch.len() == 1;
         let mut again = Vec::new();
-        for (j, sealed) in batch.into_iter().enumerate() {
+        for (j, mut sealed) in batch.into_iter().enumerate() {
             let requests = sealed.requests;
             let outcome = match &delivery {
                 Delivery::Answered(outcomes) => {
@@ -483,13 +483,37 @@ impl ReportQueue {
                     });
                     continue;
                 }
+                // A report for several counters is refused whole when one is over (Limitador):
+                // each counter is then settled on its own, so the looser ones still get what
+                // the tightest cannot take.
+                Delivery::OverLimit { .. }
+                    if sealed.probe.is_none() && sealed.report.descriptors.len() > 1 =>
+                {
+                    for (k, d) in std::mem::take(&mut sealed.report.descriptors)
+                        .into_iter()
+                        .enumerate()
+                    {
+                        let mut one = sealed.clone();
+                        one.report.descriptors = vec![d];
+                        one.solo = true;
+                        // The requests are counted once, with the first part.
+                        if k > 0 {
+                            (one.requests, one.used) = (0, 0);
+                        }
+                        again.push(one);
+                    }
+                    continue;
+                }
                 Delivery::OverLimit { fits } => {
                     // The hits this call sent; at most `bound` of them could have fitted.
                     let sent = sealed.report.tokens.saturating_sub(sealed.report.reserved);
                     let bound = sealed.probe.unwrap_or(sent);
                     let may_fit = sent.saturating_sub(1).min(fits.unwrap_or(u64::MAX));
                     settled.over_limit += bound.saturating_sub(may_fit);
-                    let next = if fits.is_some() {
+                    // The engine's figure is tried once; past that (it was wrong, or others
+                    // spent the room meanwhile) the search halves, so it stays within
+                    // about log2(tokens) calls whatever the engine says.
+                    let next = if fits.is_some() && sealed.probe.is_none() {
                         may_fit
                     } else {
                         may_fit.div_ceil(2)
@@ -807,6 +831,56 @@ mod tests {
             assert!(calls <= u64::from(log2) + 2, "{calls} calls for {add}");
             assert!(q.is_empty());
         }
+    }
+
+    /// Limitador refuses a hit for several counters whole when one is over: each counter is
+    /// then settled apart, so a team's budget is charged the overrun a user's limit refused.
+    /// An engine that keeps naming more room than it takes cannot make the search long.
+    #[test]
+    fn a_refused_report_for_several_counters_settles_each() {
+        let mut q = ReportQueue::new(ReportIds::new(1), 1, 8, 100);
+        let mut s = spent("ann", 29, 0, None);
+        s.descriptors.push(d("team"));
+        q.push(s);
+        // Used so far, and limits: ann 91 of 100, the team 500 of 1000.
+        let mut used: HashMap<String, u64> = [("ann".into(), 91), ("team".into(), 500)].into();
+        let limit = |v: &str| if v == "ann" { 100 } else { 1000 };
+        let (mut call, mut over, mut sent) = (0, 0, 0);
+        while let Some(batch) = q.start_batch(0, call + 1) {
+            call += 1;
+            assert!(call < 20, "bounded");
+            let hits = batch[0].tokens - batch[0].reserved;
+            let values: Vec<String> = batch[0]
+                .descriptors
+                .iter()
+                .map(|d| d.value.clone())
+                .collect();
+            let fits = values.iter().all(|v| used[v] + hits <= limit(v));
+            let delivery = if fits {
+                for v in &values {
+                    *used.get_mut(v).unwrap() += hits;
+                }
+                Delivery::Answered(vec![])
+            } else {
+                Delivery::OverLimit { fits: None }
+            };
+            let s = q.finish_batch(call, delivery, 0);
+            (over, sent) = (over + s.over_limit, sent + s.sent);
+        }
+        assert_eq!((used["ann"], used["team"]), (100, 529));
+        assert_eq!(over, 20, "what ann's limit could not record");
+        assert_eq!(sent, 1, "one request");
+
+        // An engine that always names one token less than it was sent, and refuses it.
+        let mut q = ReportQueue::new(ReportIds::new(1), 1, 8, 100);
+        q.push(spent("bob", 50_000, 0, None));
+        let mut calls = 0;
+        while let Some(batch) = q.start_batch(0, calls + 1) {
+            calls += 1;
+            let fits = Some(batch[0].tokens - 1);
+            q.finish_batch(calls, Delivery::OverLimit { fits }, 0);
+        }
+        assert!(calls <= 20, "{calls} calls");
     }
 
     #[test]

@@ -247,6 +247,19 @@ impl Plugin {
         {
             warnings.push("`service.protocol`: \"envoy-rls\": an engine that refuses hits past a limit (Limitador) cannot record a report that crosses it; the plugin then sends what still fits, so the budget ends spent, and the tokens beyond go uncharged (metric tokens_over_limit). envoyproxy/ratelimit records them".into());
         }
+        // Only the v1 service names the limit that denied.
+        for p in &policies {
+            if p.config.service.protocol == Protocol::V1 {
+                continue;
+            }
+            if let Some(l) = p.config.limits.iter().find(|l| l.deny_status.is_some()) {
+                warnings.push(format!(
+                    "limit `{}`: `deny_status` is not used: under protocol \"{}\" the service's answer names no limit, so every denial has `deny.status`",
+                    l.name,
+                    if p.config.service.protocol == Protocol::Asm { "asm" } else { "envoy-rls" }
+                ));
+            }
+        }
         Ok(Plugin {
             shape,
             policies,
@@ -575,6 +588,17 @@ mod tests {
         assert_eq!(c.limits[0].engine_window_s, Some(3600));
         assert_eq!(c.limits[1].engine_window_s, None);
         assert!(matches!(c.limits[0].rates, LimitRates::ServiceOwned));
+        // Its answers name no limit: a `deny_status` there is said to be unused.
+        let p = Plugin::parse(
+            br#"{"service": {"cluster": "a", "protocol": "envoy-rls", "domain": "d"},
+                "limits": [{"name": "g", "key": "", "deny_status": 403}]}"#,
+        )
+        .unwrap();
+        assert!(
+            p.warnings.iter().any(|w| w.contains("`deny_status` is not used")),
+            "{:?}",
+            p.warnings
+        );
     }
 
     #[test]

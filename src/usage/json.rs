@@ -56,8 +56,8 @@ enum Holder {
     Item,
 }
 
-/// Longest service tier kept (`priority`, `standard_only`: longer ones are none).
-const TIER: usize = 16;
+/// Longest service tier kept (Vertex's `PROVISIONED_THROUGHPUT` is 22; longer ones are none).
+const TIER: usize = 24;
 
 /// Longest model name kept (Bedrock's `anthropic.claude-3-5-sonnet-20240620-v1:0` is 41).
 const MODEL: usize = 80;
@@ -587,6 +587,15 @@ mod tests {
             (
                 r#"{"usageMetadata":{"totalTokenCount":3,"trafficType":"ON_DEMAND_FLEX"}}"#,
                 Some("ON_DEMAND_FLEX"),
+            ),
+            // Vertex's longest names fit.
+            (
+                r#"{"usageMetadata":{"trafficType":"ON_DEMAND_PRIORITY"}}"#,
+                Some("ON_DEMAND_PRIORITY"),
+            ),
+            (
+                r#"{"usageMetadata":{"trafficType":"PROVISIONED_THROUGHPUT"}}"#,
+                Some("PROVISIONED_THROUGHPUT"),
             ),
             (
                 r#"{"trafficType":"ON_DEMAND_FLEX","usageMetadata":{}}"#,
