@@ -595,7 +595,9 @@ mod tests {
         )
         .unwrap();
         assert!(
-            p.warnings.iter().any(|w| w.contains("`deny_status` is not used")),
+            p.warnings
+                .iter()
+                .any(|w| w.contains("`deny_status` is not used")),
             "{:?}",
             p.warnings
         );
