@@ -21,3 +21,4 @@ pub mod strip;
 pub mod template;
 pub mod text;
 pub mod usage;
+pub mod verdict;

@@ -3,8 +3,7 @@
 
 use regex::Regex;
 
-use crate::request::UNREADABLE_MODEL;
-use crate::template::{Attribute, AttributeSource};
+use crate::template::{Attribute, AttributeSource, RequestModel};
 
 /// How one string is compared; the configuration names exactly one of these per matcher.
 #[derive(Debug, Clone)]
@@ -168,11 +167,11 @@ impl Condition {
         self.path
             .as_ref()
             .map_or(true, |m| holds(&Attribute::Path, m))
-            && self.model.as_ref().map_or(true, |m| {
+            && self.model.as_ref().map_or(true, |m| match source.model() {
+                RequestModel::Named(v) => m.matches(&v),
                 // A model that could not be read may be this one: the limit applies.
-                source
-                    .attribute(&Attribute::Model)
-                    .is_some_and(|v| v == UNREADABLE_MODEL || m.matches(&v))
+                RequestModel::Unreadable => true,
+                RequestModel::Absent => false,
             })
             && self.headers.iter().all(|(attr, m)| holds(attr, m))
     }
@@ -319,6 +318,15 @@ mod tests {
                 }
             }
         }
+        struct Unreadable;
+        impl AttributeSource for Unreadable {
+            fn attribute(&self, _: &Attribute) -> Option<std::borrow::Cow<'_, str>> {
+                None
+            }
+            fn model(&self) -> RequestModel<'_> {
+                RequestModel::Unreadable
+            }
+        }
         let gpt4o = Condition::new(
             RequestMatch::default(),
             Some(StringMatch::Exact("gpt-4o".into())),
@@ -326,7 +334,9 @@ mod tests {
         assert!(gpt4o.holds(&Model(Some("gpt-4o"))));
         assert!(!gpt4o.holds(&Model(Some("gpt-4o-mini"))));
         assert!(!gpt4o.holds(&Model(None)), "no model at all");
-        assert!(gpt4o.holds(&Model(Some(UNREADABLE_MODEL))));
+        assert!(gpt4o.holds(&Unreadable));
+        // A client naming the placeholder is not an unreadable body.
+        assert!(!gpt4o.holds(&Model(Some(crate::template::UNREADABLE_MODEL))));
     }
 
     #[test]

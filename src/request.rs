@@ -6,7 +6,7 @@ use crate::body::path_model;
 pub use crate::body::BodyFacts;
 use crate::client_ip::{client_ip, client_key, ClientIpSource, Prefixes};
 use crate::matcher::{normalize_path, RequestHeaders};
-use crate::template::{Attribute, AttributeSource, MAX_RENDERINGS};
+use crate::template::{Attribute, AttributeSource, RequestModel, MAX_RENDERINGS, UNREADABLE_MODEL};
 use crate::text::{from_wire, to_bytes};
 
 /// Whether a request may be an OpenAI-style (chat) completion, whose stream carries usage only
@@ -112,10 +112,6 @@ impl<'a> RequestBody<'a> {
     }
 }
 
-/// `llm.model` of a request whose body could not be read. Such a request is not a way around a
-/// model's limit: `when.model` holds for it and a `{{llm.model}}` key counts it under this value.
-pub const UNREADABLE_MODEL: &str = "(unreadable)";
-
 /// A request's attributes, looked up on demand so that unused ones cost nothing.
 pub struct RequestView<'a, P: Properties> {
     /// Request headers with lower-case names, pseudo-headers included.
@@ -138,6 +134,21 @@ impl<P: Properties> RequestHeaders for RequestView<'_, P> {
 }
 
 impl<P: Properties> AttributeSource for RequestView<'_, P> {
+    fn model(&self) -> RequestModel<'_> {
+        // Gemini and Vertex AI name the model in the path, which they route by.
+        let path = self.header(":path").map(normalize_path);
+        if let Some(model) = path.as_deref().and_then(path_model) {
+            return RequestModel::Named(Cow::Owned(model.to_string()));
+        }
+        match self.body {
+            RequestBody::Read(facts) => facts.model.as_deref().map_or(RequestModel::Absent, |m| {
+                RequestModel::Named(Cow::Borrowed(m))
+            }),
+            RequestBody::Unreadable => RequestModel::Unreadable,
+            RequestBody::Absent => RequestModel::Absent,
+        }
+    }
+
     fn client_address(&self) -> Option<std::net::IpAddr> {
         let peer = self.properties.property(&["source", "address"]);
         let forwarded = match self.client_ip {
@@ -189,18 +200,11 @@ impl<P: Properties> AttributeSource for RequestView<'_, P> {
                 .property(&["source", "address"])
                 .map(Cow::Owned),
             Attribute::Consumer => self.header(self.consumer_header).map(Cow::Borrowed),
-            Attribute::Model => {
-                // Gemini and Vertex AI name the model in the path, which they route by.
-                let path = self.header(":path").map(normalize_path);
-                if let Some(model) = path.as_deref().and_then(path_model) {
-                    return Some(Cow::Owned(model.to_string()));
-                }
-                match self.body {
-                    RequestBody::Read(facts) => facts.model.as_deref().map(Cow::Borrowed),
-                    RequestBody::Unreadable => Some(Cow::Borrowed(UNREADABLE_MODEL)),
-                    RequestBody::Absent => None,
-                }
-            }
+            Attribute::Model => match self.model() {
+                RequestModel::Named(model) => Some(model),
+                RequestModel::Unreadable => Some(Cow::Borrowed(UNREADABLE_MODEL)),
+                RequestModel::Absent => None,
+            },
             Attribute::Route => self
                 .properties
                 .property(&["xds", "route_name"])

@@ -13,7 +13,7 @@
 pub use wire::rls::*;
 
 use crate::limits::Descriptor;
-use crate::protocol::{CheckFailure, Quota, Verdict};
+use crate::verdict::{CheckFailure, Quota, Verdict};
 
 /// The descriptors of one request in RLS form.
 fn descriptors(extra: &[(String, String)], descriptors: &[Descriptor]) -> Vec<RateLimitDescriptor> {

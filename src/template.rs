@@ -85,9 +85,30 @@ pub struct Template {
     parts: Vec<Part>,
 }
 
+/// The model a request names, as far as the plugin could read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestModel<'a> {
+    /// The request names none (no body, or a body without `model`).
+    Absent,
+    /// There is a body the plugin could not read: its model is unknown, not absent. Such a
+    /// request is no way around a model's limit: a `when.model` condition holds for it.
+    Unreadable,
+    Named(Cow<'a, str>),
+}
+
+/// `{{llm.model}}` of a request whose body could not be read: such requests are counted
+/// together under this value.
+pub const UNREADABLE_MODEL: &str = "(unreadable)";
+
 /// Where templates get attribute values from; `None` means the attribute is absent.
 pub trait AttributeSource {
     fn attribute(&self, attr: &Attribute) -> Option<Cow<'_, str>>;
+
+    /// The request's model; by default the `llm.model` attribute, named or absent.
+    fn model(&self) -> RequestModel<'_> {
+        self.attribute(&Attribute::Model)
+            .map_or(RequestModel::Absent, RequestModel::Named)
+    }
 
     /// The client's whole address, which `source.ip` keys group by prefix: address and CIDR
     /// rules match it, not the group.

@@ -18,6 +18,7 @@ use super::de::{each, Path};
 use super::native::{self, request_matches, MatchSpec, Port, TimeoutMs};
 use super::values::{ApiKey, Name};
 use super::*;
+use crate::limits::Limit;
 use crate::limits::LimitRates;
 use crate::template::Template;
 

@@ -28,9 +28,12 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::de::{self, each, Path};
+use super::foreign::read_with_options;
 use super::native::{Port, ServiceSpec, Tokens};
 use super::values::{HeaderName, Name, Pattern, Status};
 use super::*;
+use crate::client_ip::ClientIpSource;
+use crate::limits::Limit;
 use crate::limits::{LimitRates, Rate, ValueMatch, ValueRule};
 use crate::template::Template;
 

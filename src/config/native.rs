@@ -11,7 +11,9 @@ use serde::Deserialize;
 use super::de::{each, Path};
 use super::values::{Amount, ApiKey, HeaderName, Name, Pattern, Status, Whole, Window, Zone};
 use super::*;
+use crate::limits::Limit;
 use crate::limits::{LimitRates, Rate, ValueMatch, ValueRule};
+use crate::matcher::RequestMatch;
 use crate::matcher::{Condition, StringMatch};
 use crate::template::Template;
 

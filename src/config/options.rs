@@ -8,10 +8,11 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::de::Path;
-use super::native::MAX_TOKENS;
 use super::values::{Amount, Currency, HeaderName, Pattern, Status, Whole};
 use super::*;
+use crate::client_ip::{ClientIpSource, Prefixes};
 use crate::pricing::{LongContext, ModelMatch, Price, Prices, Rates, UnknownModel};
+use wire::MAX_TOKENS;
 
 /// The shared options; every one is optional and has the default [`Config::new`] gives.
 #[derive(Deserialize, Default)]

@@ -7,7 +7,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::host::{response_body_slices, rewrite_response_body, Host, APPEND};
-use super::root::Shared;
+use super::shared::Shared;
 use crate::body::{self, path_model, Api, BodyFacts, Edits};
 use crate::config::{Config, FailureMode, OnMissing, ScopeFacts};
 use crate::limits::{descriptors, Descriptor};

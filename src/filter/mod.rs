@@ -5,6 +5,7 @@ mod http;
 mod metrics;
 mod reporter;
 mod root;
+mod shared;
 
 #[cfg(any(test, fuzzing))]
 #[cfg_attr(not(test), allow(dead_code))] // the fuzz target uses part of it

@@ -17,6 +17,7 @@ use super::host::Host;
 use super::http::Http;
 use super::metrics::Metrics;
 use super::reporter::{Reporter, HEARTBEAT_MS};
+use super::shared::Shared;
 use crate::config::Plugin;
 
 /// How long the last root context of a VM may take to send what is queued.
@@ -32,15 +33,6 @@ thread_local! {
     static VM: RefCell<Option<Vm>> = const { RefCell::new(None) };
     /// Root contexts configured and not yet done.
     static LIVE_ROOTS: Cell<usize> = const { Cell::new(0) };
-}
-
-/// What every stream of a root context shares with it.
-pub struct Shared {
-    pub plugin: Plugin,
-    pub metrics: Rc<Metrics>,
-    pub reporter: Rc<RefCell<Reporter>>,
-    /// The root context's id (its timer is the one a stream arms).
-    pub root: u32,
 }
 
 pub struct Root {

@@ -308,7 +308,7 @@ fn a_body_ended_by_trailers_is_counted_under_the_unreadable_model() {
     assert_eq!(http.on_http_request_trailers(1), Action::Pause);
     assert_eq!(
         host.call_json(0)["descriptors"][0]["value"],
-        crate::request::UNREADABLE_MODEL
+        crate::template::UNREADABLE_MODEL
     );
 }
 

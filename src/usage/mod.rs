@@ -9,7 +9,27 @@ pub use json::{parse_count, JsonScanner};
 pub use scanner::{BodyFormat, UsageScanner};
 pub use sse::SseParser;
 
-use crate::config::{Count, OnMissing};
+/// Which tokens a request is charged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Count {
+    Total,
+    Prompt,
+    Completion,
+    /// Prompt tokens read from a cache weigh `cached_prompt` (the `prompt` weight unless
+    /// configured).
+    Weighted {
+        prompt: f64,
+        cached_prompt: f64,
+        completion: f64,
+    },
+}
+
+/// What a successful response without usage is charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnMissing {
+    Estimate,
+    Zero,
+}
 
 /// Usage figures under the names every provider uses, as last reported (providers that stream
 /// usage send cumulative figures, so the last value of each field is the answer).
