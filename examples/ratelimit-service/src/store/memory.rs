@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
+use super::model::{check_states, settle_states, Amounts, Applied, CheckOutcome, Settlement};
 use super::sources::{self, Dedup, Mark, SourceLog};
-use super::{check_states, settle_states, Amounts, Applied, CheckOutcome, Settlement};
 use crate::clock::system_ms;
 use crate::counter::Plan;
 use crate::insights::Insights;

@@ -16,8 +16,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 use tokio::sync::OnceCell;
 
+use super::model::{Amounts, Applied, CheckOutcome, ConsoleEvent, Settlement, StoreError};
 use super::sources::{self, Dedup, Mark};
-use super::{Amounts, Applied, CheckOutcome, ConsoleEvent, Settlement, StoreError};
 use crate::clock::system_ms;
 use crate::counter::Plan;
 use crate::insights;

@@ -1,0 +1,133 @@
+//! What every store takes and gives: a check's outcome, a report's settlement, what the console
+//! is told, and the check and settlement over loaded states that the memory store runs (and
+//! `limiter.lua` mirrors). Apart from [`super::Store`], which dispatches to the stores, so the
+//! stores and their dispatcher do not import each other.
+
+use std::collections::BTreeMap;
+
+use thiserror::Error;
+
+use crate::counter::Plan;
+use crate::insights::Denial;
+use crate::meter::{unit, Meter, State, Status};
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store's clock (Redis `TIME`, in ms) is in another calendar period than the one the
+    /// request was planned for: plan again at that time. Nothing was written.
+    #[error("the store's clock is in another calendar period")]
+    Replan(i64),
+}
+
+/// What a settlement did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Yes,
+    /// Its id was applied before: nothing done.
+    Duplicate,
+    /// Its id is older than its source's window: cannot be told apart, nothing done.
+    Stale,
+}
+
+/// A check's result: the decision and every meter's status after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckOutcome {
+    pub allowed: bool,
+    /// Per plan, per meter, in request order.
+    pub statuses: Vec<Vec<Status>>,
+    /// The store's time of the decision (ms since the epoch): where a reservation was taken.
+    pub at_ms: i64,
+}
+
+/// One amount per unit a meter may count, indexed by [`crate::meter::unit`]: tokens, then
+/// micro units of money (a meter that counts money is charged the request's cost).
+pub type Amounts = [i64; 2];
+
+/// What a report does to its counters once its usage is known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settlement {
+    /// Beyond the reservation: charged now, in the current window.
+    pub excess: Amounts,
+    /// Reserved but not used: given back to the window the reservation was taken in.
+    pub refund: Amounts,
+    /// When the reservation was taken; `None`: now.
+    pub refund_at: Option<i64>,
+}
+
+impl Settlement {
+    /// A request that used `used` after `reserved` were taken at `reserved_at`.
+    pub fn of(used: Amounts, reserved: Amounts, reserved_at: Option<i64>) -> Settlement {
+        let part = |f: fn(i64, i64) -> i64| [f(used[0], reserved[0]), f(used[1], reserved[1])];
+        Settlement {
+            excess: part(|u, r| (u - r).max(0)),
+            refund: part(|u, r| (r - u).max(0)),
+            refund_at: reserved_at,
+        }
+    }
+}
+
+/// What the console is told: what reached the counters, or a denial.
+pub enum ConsoleEvent {
+    Charged {
+        now_ms: i64,
+        tokens: i64,
+        spend: BTreeMap<String, i64>,
+        used: BTreeMap<(String, String), i64>,
+    },
+    Denied(Denial),
+}
+
+/// The check over loaded states (the memory store's core; `limiter.lua` mirrors it).
+pub fn check_states(
+    plans: &[Plan],
+    states: &mut [Vec<State>],
+    reserve: Amounts,
+    now: i64,
+) -> CheckOutcome {
+    let need = |m: &Meter| reserve[unit(m.money())].max(1);
+    let mut allowed = true;
+    for (plan, states) in plans.iter().zip(states.iter_mut()) {
+        for (meter, state) in plan.meters.iter().zip(states.iter_mut()) {
+            meter.advance(state, now);
+            if meter.status(state, now, need(meter)).retry_ms > 0 {
+                allowed = false;
+            }
+        }
+    }
+    let statuses = plans
+        .iter()
+        .zip(states.iter_mut())
+        .map(|(plan, states)| {
+            plan.meters
+                .iter()
+                .zip(states.iter_mut())
+                .map(|(meter, state)| {
+                    let reserve = reserve[unit(meter.money())];
+                    if allowed && reserve > 0 {
+                        meter.charge(state, reserve);
+                    }
+                    meter.status(state, now, need(meter))
+                })
+                .collect()
+        })
+        .collect();
+    CheckOutcome {
+        allowed,
+        statuses,
+        at_ms: now,
+    }
+}
+
+/// Applies a settlement to loaded states.
+pub fn settle_states(plans: &[Plan], states: &mut [Vec<State>], s: &Settlement, now: i64) {
+    for (plan, states) in plans.iter().zip(states.iter_mut()) {
+        for (meter, state) in plan.meters.iter().zip(states.iter_mut()) {
+            let u = unit(meter.money());
+            meter.advance(state, now);
+            meter.charge(state, s.excess[u]);
+            meter.refund(state, s.refund[u], s.refund_at.unwrap_or(now));
+        }
+    }
+}
