@@ -23,7 +23,7 @@ export PLUGIN_WASM := $(CURDIR)/$(PLUGIN)
 export RATELIMIT_SERVICE_BIN := $(CURDIR)/target/release/ratelimit-service
 export MOCK_LLM_BIN := $(CURDIR)/target/release/mock-llm
 
-.PHONY: all deps test-deps build wasm run oci bench soak fuzz fuzz-build fuzz-smoke test lint unit check acyclic schema clean
+.PHONY: all deps test-deps build wasm run oci bench soak fuzz fuzz-build fuzz-smoke test lint unit check acyclic docs schema clean
 
 all: build
 
@@ -56,7 +56,7 @@ build: deps wasm
 	$(CARGO) build -j$(JOBS) --release --workspace --bins
 
 # The plugin as shipped is rustc's output as it is. (wasm-opt -Oz shrinks it by a fifth, but V8
-# then holds 16 MiB more per Envoy: measured, see README "Performance".)
+# then holds 16 MiB more per Envoy: measured, see docs/src/performance.md.)
 wasm:
 	$(CARGO) build -j$(JOBS) --release --target wasm32-wasip1 --lib -p llm-token-ratelimit
 	$(CARGO) build -j$(JOBS) --release --target wasm32-wasip1 --lib -p noop-plugin
@@ -135,6 +135,19 @@ $(CARGO_MODULES):
 acyclic: $(CARGO_MODULES)
 	PATH="$(DEPS)/cargo/bin:$$PATH" $(CARGO) modules dependencies --lib -p llm-token-ratelimit --acyclic >/dev/null
 	PATH="$(DEPS)/cargo/bin:$$PATH" $(CARGO) modules dependencies --lib -p ratelimit-service --acyclic >/dev/null
+
+# mdBook, for `docs`.
+MDBOOK_VERSION := 0.5.4
+MDBOOK := $(DEPS)/cargo/bin/mdbook
+
+$(MDBOOK):
+	$(CARGO) install -j$(JOBS) --locked --quiet --root $(DEPS)/cargo mdbook@$(MDBOOK_VERSION)
+
+## docs: the book (docs/src) as HTML in target/docs; its links and its coverage of the
+## configuration's fields are checked by tests/docs.rs.
+docs: $(MDBOOK)
+	$(MDBOOK) build docs
+	@echo "docs: target/docs/index.html"
 
 lint:
 	$(CARGO) fmt --all --check

@@ -343,11 +343,11 @@ fn the_asm_manifest_is_the_exercised_example_in_asms_placement() {
     assert_eq!(doc["spec"]["phase"], "STATS");
 }
 
-/// The README's "Budgets in money" example is the shipped configuration (which the schema and
+/// The book's "Budgets in money" example is the shipped configuration (which the schema and
 /// Envoy check above), so the example a reader copies loads.
 #[test]
-fn the_readme_budget_example_is_the_shipped_one() {
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+fn the_documented_budget_example_is_the_shipped_one() {
+    let readme = std::fs::read_to_string(repo().join("docs/src/configuration.md")).unwrap();
     let after = readme
         .split_once("(`examples/configs/native/budgets-in-money.json`):\n\n```json\n")
         .unwrap()

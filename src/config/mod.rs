@@ -237,7 +237,7 @@ mod tests {
             Vec::<String>::new()
         );
         assert_eq!(names(Req("gpt-4o", "/v1/embeddings", Some(""))), ["tagged"]);
-        // The README's "a model and its dated snapshots" condition.
+        // The documented "a model and its dated snapshots" condition (docs/src/configuration.md).
         let snapshots = Config::parse(
             br#"{"service": {"cluster": "rl"}, "limits": [{"name": "gpt4o", "key": "", "tokens": 1, "window": "1h",
                "when": {"model": {"regex": "^gpt-4o(-[0-9]{4}-[0-9]{2}-[0-9]{2})?$"}}}]}"#,

@@ -28,7 +28,7 @@ use testkit::redis::RedisServer;
 use testkit::service::{mock_llm, Service};
 
 #[derive(Parser)]
-#[command(about = "Measure the plugin's and the service's cost (see README, Performance)")]
+#[command(about = "Measure the plugin's and the service's cost (see docs/src/performance.md)")]
 struct Cli {
     /// A quick run that only checks the harness works (used by the tests).
     #[arg(long)]
