@@ -7,6 +7,7 @@
 pub mod body;
 pub mod client_ip;
 pub mod config;
+pub mod exchange;
 pub mod filter;
 pub mod limits;
 pub mod matcher;

@@ -8,10 +8,15 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 
-use crate::config::ServiceConfig;
+use crate::config::{ScopeFacts, ServiceConfig};
+use crate::exchange::ResponseHead;
 use crate::protocol::{Call, Outbound};
 use crate::reply::Reply;
+use crate::request::Properties;
 use crate::rls;
+use crate::strip::Stripper;
+use crate::text::from_wire;
+use crate::usage::UsageScanner;
 
 /// The most of a check answer the plugin reads; a decision is a few hundred bytes.
 pub const MAX_CALL_BODY: usize = 64 * 1024;
@@ -314,4 +319,100 @@ impl Host for Envoy {
     fn set_metric(&self, id: u32, value: u64) {
         let _ = hostcalls::record_metric(id, value);
     }
+}
+
+/// Envoy attributes, read through the host on demand.
+pub struct HostProperties<'h>(pub &'h dyn Host);
+
+impl Properties for HostProperties<'_> {
+    fn property(&self, path: &[&str]) -> Option<String> {
+        self.0.property(path).map(from_wire)
+    }
+}
+
+/// What a Higress-style scope looks at, read only when a scope asks.
+pub struct HostScope<'h>(pub &'h dyn Host);
+
+impl ScopeFacts for HostScope<'_> {
+    fn route(&mut self) -> Option<String> {
+        let route = self.0.property(&["xds", "route_name"]).map(from_wire);
+        route.filter(|r| !r.is_empty())
+    }
+
+    fn host(&mut self) -> Option<String> {
+        let authority = self.0.request_header(":authority");
+        authority.map(|a| crate::matcher::normalize_host(&from_wire(a)))
+    }
+
+    fn cluster(&mut self) -> Option<String> {
+        let cluster = self.0.property(&["xds", "cluster_name"]).map(from_wire);
+        cluster.filter(|c| !c.is_empty())
+    }
+}
+
+/// The request headers `names`, each asked for by name, as text ([`from_wire`]).
+pub fn read_headers(host: &dyn Host, names: &[String]) -> Vec<(String, String)> {
+    let read = |name: &String| {
+        host.request_header(name)
+            .map(|v| (name.clone(), from_wire(v)))
+    };
+    names.iter().filter_map(read).collect()
+}
+
+/// The response's head as the exchange reads it.
+pub fn response_head(host: &dyn Host, end_of_stream: bool) -> ResponseHead {
+    let status = host.response_header(":status");
+    let content_type = host.response_header("content-type");
+    ResponseHead {
+        status: status
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok())
+            .unwrap_or(0),
+        // Upstream bytes: an encoding that is not UTF-8 is one the scanner cannot read.
+        encoding: host.response_header("content-encoding").map(from_wire),
+        event_stream: content_type.is_some_and(|t| {
+            t.get(..17)
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
+        }),
+        tier: host
+            .response_header("x-gemini-service-tier")
+            .and_then(|t| String::from_utf8(t).ok()),
+        end_of_stream,
+    }
+}
+
+/// Feeds the current response body chunk (`size` bytes) to the scanner, through the stripper
+/// when the stream is rewritten (what remains of it goes out with the last chunk).
+pub fn scan_response(
+    host: &dyn Host,
+    body_size: usize,
+    end_of_stream: bool,
+    scanner: &mut UsageScanner,
+    stripper: Option<&mut Stripper>,
+) {
+    match stripper {
+        None => response_body_slices(host, body_size, |chunk| scanner.feed(chunk)),
+        Some(stripper) => {
+            let mut rewritten = rewrite_response_body(host, body_size, |chunk, out| {
+                scanner.feed(chunk);
+                stripper.feed(chunk, out);
+            });
+            if end_of_stream {
+                let mut rest = Vec::new();
+                stripper.finish(&mut rest);
+                rewritten &= rest.is_empty() || host.edit_response_body(APPEND, 0, &rest);
+            }
+            if !rewritten {
+                log::warn!("could not take the injected usage out of the stream");
+            }
+        }
+    }
+}
+
+/// Whether the request is selected by `matches`, reading only the headers they need.
+pub fn selected(host: &dyn Host, config: &crate::config::Config) -> bool {
+    if config.matches.is_empty() {
+        return true;
+    }
+    let probe = read_headers(host, config.match_headers());
+    crate::matcher::any_matches(&config.matches, &crate::matcher::HeaderList(&probe))
 }

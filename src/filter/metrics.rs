@@ -6,6 +6,7 @@ use std::rc::Rc;
 use proxy_wasm::types::MetricType;
 
 use super::host::Host;
+use crate::exchange::Event;
 use crate::protocol::CheckFailure;
 use crate::usage::Basis;
 
@@ -134,6 +135,26 @@ impl Metrics {
             reports_dropped: counter("reports.dropped"),
             report_queue: gauge("report_queue"),
             vm_memory_bytes: gauge("vm_memory_bytes"),
+        }
+    }
+
+    /// Counts what an exchange reports.
+    pub fn record(&self, event: Event) {
+        let m = self;
+        match event {
+            Event::Matched => m.requests_matched.inc(),
+            Event::Unlimited => m.requests_unlimited.inc(),
+            Event::Unpriced => m.requests_unpriced.inc(),
+            Event::BodyUnreadable => m.request_body_unreadable.inc(),
+            Event::StreamUsageInjected => m.stream_usage_injected.inc(),
+            Event::CapWritten => m.request_caps_written.inc(),
+            Event::Allowed => m.checks_allowed.inc(),
+            Event::Denied => m.checks_denied.inc(),
+            Event::CheckFailed(kind) => m.check_failure(kind).inc(),
+            Event::FailureAllowed => m.failure_mode_allowed.inc(),
+            Event::FailureDenied => m.failure_mode_denied.inc(),
+            Event::CalloutUnknown => m.callouts_unknown.inc(),
+            Event::Charged(basis) => m.charged(basis),
         }
     }
 

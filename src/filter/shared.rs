@@ -8,6 +8,7 @@ use std::rc::Rc;
 use super::metrics::Metrics;
 use super::reporter::Reporter;
 use crate::config::Plugin;
+use crate::report::Spent;
 
 /// What every stream of a root context shares with it.
 pub struct Shared {
@@ -16,4 +17,36 @@ pub struct Shared {
     pub reporter: Rc<RefCell<Reporter>>,
     /// The root context's id (its timer is the one a stream arms).
     pub root: u32,
+}
+
+impl Shared {
+    /// Hands what a request spent to the VM's report queue.
+    pub fn submit(&self, spent: Option<Spent>) {
+        if let (Some(spent), Ok(mut reporter)) = (spent, self.reporter.try_borrow_mut()) {
+            reporter.submit(spent, self.root, &self.metrics);
+        }
+    }
+
+    /// An id for a check whose reservation a report may have to release.
+    pub fn next_check_id(&self) -> Option<String> {
+        let mut reporter = self.reporter.try_borrow_mut().ok()?;
+        Some(reporter.next_check_id())
+    }
+
+    /// The service took a reservation at `at_ms` by its clock, seen at `now_ms` by this VM's.
+    pub fn learn_service_clock(&self, at_ms: u64, now_ms: u64) {
+        if let Ok(mut reporter) = self.reporter.try_borrow_mut() {
+            reporter.service_offset_ms = Some(at_ms as i64 - now_ms as i64);
+        }
+    }
+
+    /// The clocks' offset (the service's minus this VM's) the last answer showed.
+    pub fn service_offset_ms(&self) -> i64 {
+        let offset = self
+            .reporter
+            .try_borrow()
+            .ok()
+            .and_then(|r| r.service_offset_ms);
+        offset.unwrap_or(0)
+    }
 }

@@ -1,0 +1,770 @@
+//! One request and its response, as a state machine over plain values: every decision the
+//! plugin makes about an exchange lives here (which limits apply, what to reserve and price,
+//! how to edit the request, what `failure_mode` does, what a denial says, which headers the
+//! answer gets, what the request is finally charged), and the proxy-wasm shell
+//! (`filter::http`) only moves bytes and calls between Envoy and it.
+//!
+//! It moves through request headers → (request body) → check → answer → response headers →
+//! response chunks → finish. Each step takes the configuration and plain facts and returns what
+//! the shell must do; what happened is left as [`Event`]s for the shell's metrics.
+
+use std::borrow::Cow;
+
+use crate::body::{self, path_model, Api, BodyFacts, Edits};
+use crate::config::{Config, FailureMode, OnMissing};
+use crate::limits::{descriptors, Descriptor};
+use crate::matcher::normalize_path;
+use crate::protocol::{self, CheckFailure, MoneyQuota, Outbound, Quota};
+use crate::reply::{self, Reply};
+use crate::report::Spent;
+use crate::request::{may_need_stream_usage, Properties, RequestBody, RequestView};
+use crate::reserve::{reserve, reserve_cost, Rule};
+use crate::strip::Stripper;
+use crate::usage::{abandoned, settle, Basis, Charge, Observed, UsageScanner};
+
+/// What happened, for the shell's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Matched,
+    /// No limit applies to the request.
+    Unlimited,
+    /// A limit in money applies and the request's model has no price.
+    Unpriced,
+    BodyUnreadable,
+    StreamUsageInjected,
+    CapWritten,
+    Allowed,
+    Denied,
+    CheckFailed(CheckFailure),
+    FailureAllowed,
+    FailureDenied,
+    /// An answer for a callout this exchange does not wait for.
+    CalloutUnknown,
+    Charged(Basis),
+}
+
+/// What the shell does once the request's headers are read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OnHeaders {
+    /// Check now, without a body.
+    Check,
+    /// Hold the body back until it is whole (or too large); with `drop_content_length`, the
+    /// plugin may change its size.
+    WaitForBody { drop_content_length: bool },
+}
+
+/// What the shell does with a request body chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OnBody {
+    Continue,
+    Pause,
+    /// The body is complete: read it (`size` bytes; `None` when it is too large to read) and
+    /// hand it to [`Exchange::body`].
+    Read {
+        size: Option<usize>,
+    },
+}
+
+/// A new request body for the shell to put in place of the held one (`size` bytes).
+#[derive(Debug, PartialEq, Eq)]
+pub struct BodyEdit {
+    pub body: Vec<u8>,
+    pub size: usize,
+    stream_usage: bool,
+    cap: bool,
+}
+
+/// What the shell does about a check.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Let the request go on (no limit applies, or it was answered already).
+    Continue,
+    /// Answer the client and hold the request.
+    Reply(Reply),
+    /// Send this call and hold the request; tell [`Exchange::dispatched`] its token, or
+    /// [`Exchange::failed`] why it could not leave.
+    Dispatch(Outbound),
+}
+
+/// How a check ended, for the shell to carry out.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Resolution {
+    /// Let the held request go on.
+    pub resume: bool,
+    /// Answer the client instead.
+    pub reply: Option<Reply>,
+    /// A report to queue (the release of a reservation nobody will charge).
+    pub report: Option<Spent>,
+    /// When the service took the reservation, by its clock (to learn the clocks' offset).
+    pub service_time_ms: Option<u64>,
+}
+
+/// The response's head, as the shell read it.
+#[derive(Debug, Default)]
+pub struct ResponseHead {
+    pub status: u32,
+    /// `content-encoding`, as text.
+    pub encoding: Option<String>,
+    pub event_stream: bool,
+    /// Gemini's `x-gemini-service-tier`.
+    pub tier: Option<String>,
+    pub end_of_stream: bool,
+}
+
+/// What the shell does to the response's head.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ResponsePlan {
+    pub set_headers: Vec<(&'static str, String)>,
+    /// The body changes length (the injected usage is taken out of the stream).
+    pub drop_content_length: bool,
+}
+
+enum State {
+    /// Not limited (unmatched, no limit applies), or answered by the plugin.
+    Passthrough,
+    /// Matched, with the headers its configuration reads; the check comes next.
+    Matched { headers: Vec<(String, String)> },
+    /// Matched; the check waits for the JSON body.
+    AwaitingBody {
+        headers: Vec<(String, String)>,
+        inject: bool,
+    },
+    /// The check is about to leave (the shell dispatches it).
+    Dispatching { spend: Spend },
+    /// The check (callout `token`) is in flight; the request is held.
+    Checking { spend: Spend, token: u32 },
+    /// Admitted (by the service, or by `failure_mode: allow`): its usage is charged.
+    Admitted {
+        spend: Spend,
+        quota: Option<Quota>,
+        money: Option<Box<MoneyQuota>>,
+        response: Option<Box<Response>>,
+    },
+}
+
+/// What an admitted request is charged against.
+struct Spend {
+    descriptors: Vec<Descriptor>,
+    /// Tokens the check asked the service to take at admission.
+    reserved: u64,
+    /// When the service took them (its clock), echoed so the refund settles in that window.
+    reserved_at_ms: Option<u64>,
+    /// The id the check was sent with (protocol v1 with a reservation); the report carries it,
+    /// so a release can find the reservation.
+    id: Option<String>,
+    /// The check's answer was never seen after it left: whether `reserved` was taken is the
+    /// service's to say, so the report releases it by `id`.
+    release: bool,
+    /// When the check left, by this VM's clock.
+    dispatched_ms: u64,
+    /// The request's API (from its path): the shape of a denial.
+    api: Api,
+    /// A limit in money applies: the model the request named (for its price) and the micro
+    /// units the check reserved.
+    priced: Option<Priced>,
+}
+
+struct Priced {
+    request_model: Option<String>,
+    reserved_cost: u64,
+}
+
+impl Spend {
+    /// What this request cost, for the report queue (`cost`: in micro units, for the limits
+    /// in money); `None` when there is nothing to settle.
+    fn spent(self, charge: &Charge, cost: u64) -> Option<Spent> {
+        let reserved_cost = self.priced.as_ref().map_or(0, |p| p.reserved_cost);
+        if charge.tokens == 0 && self.reserved == 0 && cost == 0 && reserved_cost == 0 {
+            return None;
+        }
+        Some(Spent {
+            descriptors: self.descriptors,
+            // A lying upstream cannot turn the report into one the service refuses.
+            tokens: charge.tokens.min(wire::MAX_TOKENS),
+            reserved: self.reserved,
+            cost: cost.min(wire::MAX_TOKENS),
+            reserved_cost,
+            reserved_at_ms: self.reserved_at_ms,
+            release: if self.release { self.id } else { None },
+            usage: charge.usage.into(),
+        })
+    }
+
+    /// A reservation whose answer was never seen: released by its report, in the window its
+    /// check left in (by the service's clock: `offset_ms` from this VM's).
+    fn unseen(self, offset_ms: i64) -> Spend {
+        Spend {
+            release: self.id.is_some(),
+            reserved_at_ms: Some(
+                (self.dispatched_ms as i64).saturating_add(offset_ms).max(0) as u64
+            ),
+            ..self
+        }
+    }
+
+    /// The release of a reservation whose request will never be charged.
+    fn release(self) -> Option<Spent> {
+        let reserved_cost = self.priced.as_ref().map_or(0, |p| p.reserved_cost);
+        if !(self.release && (self.reserved > 0 || reserved_cost > 0)) {
+            return None;
+        }
+        let nothing = Charge {
+            tokens: 0,
+            usage: Default::default(),
+            basis: Basis::UpstreamError,
+        };
+        self.spent(&nothing, 0)
+    }
+}
+
+/// The response as it streams by.
+struct Response {
+    status: u32,
+    /// `None` for a status other than 2xx, whose body is not read.
+    scanner: Option<UsageScanner>,
+    /// Takes the usage the plugin asked for (and the client did not) out of the stream.
+    stripper: Option<Stripper>,
+    complete: bool,
+    /// The tier Gemini's API says it served the request at, when the body does not say.
+    tier_header: Option<String>,
+}
+
+/// One exchange: see the module documentation.
+pub struct Exchange {
+    state: State,
+    /// The request body's size, for estimating the prompt when usage is missing.
+    request_bytes: Option<u64>,
+    /// The plugin rewrote the request to ask for usage in the stream.
+    injected: bool,
+    /// The request had a body the plugin could not read: it is charged at least the estimate.
+    unreadable_body: bool,
+    events: Vec<Event>,
+}
+
+impl Default for Exchange {
+    fn default() -> Self {
+        Exchange {
+            state: State::Passthrough,
+            request_bytes: None,
+            injected: false,
+            unreadable_body: false,
+            events: Vec::new(),
+        }
+    }
+}
+
+/// The request's path, normalised; empty when it has none.
+fn request_path(headers: &[(String, String)]) -> String {
+    headers
+        .iter()
+        .find(|(k, _)| k == ":path")
+        .map(|(_, p)| normalize_path(p).into_owned())
+        .unwrap_or_default()
+}
+
+fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+impl Exchange {
+    /// What happened since the last call, for the metrics.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Whether the request is held for its check.
+    pub fn checking(&self) -> bool {
+        matches!(
+            self.state,
+            State::Checking { .. } | State::Dispatching { .. }
+        )
+    }
+
+    /// A matched request's headers (those its configuration reads): check now, or wait for
+    /// its body.
+    pub fn request_headers(
+        &mut self,
+        config: &Config,
+        headers: Vec<(String, String)>,
+        end_of_stream: bool,
+    ) -> OnHeaders {
+        self.events.push(Event::Matched);
+        self.request_bytes = header(&headers, "content-length").and_then(|v| v.trim().parse().ok());
+        let inject = config.inject_stream_usage
+            && !end_of_stream
+            && may_need_stream_usage(header(&headers, ":method"), header(&headers, ":path"));
+        if (config.needs_request_body() || inject) && !end_of_stream {
+            self.state = State::AwaitingBody { headers, inject };
+            return OnHeaders::WaitForBody {
+                drop_content_length: inject || config.write_cap,
+            };
+        }
+        self.state = State::Matched { headers };
+        OnHeaders::Check
+    }
+
+    /// A chunk of the request body arrived (`size`: the body so far).
+    pub fn request_body(&mut self, config: &Config, size: usize, end_of_stream: bool) -> OnBody {
+        match &self.state {
+            State::AwaitingBody { .. } => {}
+            State::Checking { .. } | State::Dispatching { .. } => return OnBody::Pause,
+            _ => return OnBody::Continue,
+        }
+        let too_large = size > config.max_request_body_bytes;
+        // The body's size so far (a chunked body states none): the prompt's estimate, even for
+        // a body the plugin will not read.
+        self.request_bytes = Some(self.request_bytes.unwrap_or(0).max(size as u64));
+        if !end_of_stream && !too_large {
+            return OnBody::Pause;
+        }
+        OnBody::Read {
+            size: (!too_large).then_some(size),
+        }
+    }
+
+    /// The request's trailers: a body still awaited ends here, unread. `Some`: what to do
+    /// about the check that follows.
+    pub fn request_trailers(&mut self) -> Option<bool> {
+        match &self.state {
+            State::AwaitingBody { headers, .. } => {
+                self.events.push(Event::BodyUnreadable);
+                self.unreadable_body = true;
+                self.state = State::Matched {
+                    headers: headers.clone(),
+                };
+                Some(true)
+            }
+            State::Checking { .. } | State::Dispatching { .. } => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Decides the check of a request whose body (if awaited) arrived: `body` is what was
+    /// read (`None`: none, too large, or ended by trailers), `size` its size as buffered.
+    /// `next_id` gives a check id (for a reservation a report may have to release).
+    #[allow(clippy::too_many_arguments)]
+    pub fn check(
+        &mut self,
+        config: &Config,
+        properties: &impl Properties,
+        body: Option<(&[u8], usize)>,
+        next_id: impl FnOnce() -> Option<String>,
+        now_ms: u64,
+    ) -> (Check, Option<BodyEdit>) {
+        let (headers, inject, awaited) =
+            match std::mem::replace(&mut self.state, State::Passthrough) {
+                State::AwaitingBody { headers, inject } => (headers, inject, true),
+                State::Matched { headers } => (headers, false, false),
+                other => {
+                    self.state = other;
+                    return (Check::Continue, None);
+                }
+            };
+        let facts = body.and_then(|(bytes, _)| BodyFacts::parse(bytes));
+        let read = match (&facts, awaited || self.unreadable_body) {
+            (Some(facts), _) => RequestBody::Read(facts),
+            (None, true) => {
+                if !self.unreadable_body {
+                    self.events.push(Event::BodyUnreadable);
+                    self.unreadable_body = true;
+                }
+                RequestBody::Unreadable
+            }
+            (None, false) => RequestBody::Absent,
+        };
+        let view = RequestView {
+            headers: &headers,
+            body: read,
+            client_ip: &config.client_ip,
+            client_ip_prefixes: config.client_ip_prefixes,
+            consumer_header: &config.consumer_header,
+            properties,
+        };
+        let descriptors = descriptors(&config.limits, &view);
+        let path = request_path(&headers);
+        let api = Api::of(&path);
+        let held = body.map(|(bytes, size)| (bytes, size, inject));
+        if descriptors.is_empty() {
+            self.events.push(Event::Unlimited);
+            // Usage is still asked for: a limit that does not apply now may on the response's
+            // model, and the client's stream is unchanged either way.
+            let edit = self.edit(config, api, facts.as_ref(), held, None);
+            return (Check::Continue, edit);
+        }
+        let rule = Rule {
+            wanted: config.reserve,
+            max: config.reserve_max,
+            default: config.reserve_default,
+        };
+        let asked = facts.as_ref().map(|facts| (facts, api));
+        let reservation = reserve(rule, config.service.protocol, asked, &descriptors);
+        let reserve = reservation.tokens;
+        let cap =
+            (config.write_cap && reservation.per_choice > 0).then_some(reservation.per_choice);
+        let edit = self.edit(config, api, facts.as_ref(), held, cap);
+        // A limit in money: the request's model must have a price (or `unknown_model` one).
+        let mut priced = None;
+        if let Some(prices) = config
+            .prices
+            .as_ref()
+            .filter(|_| descriptors.iter().any(|d| d.currency.is_some()))
+        {
+            let request_model = path_model(&path)
+                .map(str::to_string)
+                .or_else(|| facts.as_ref().and_then(|f| f.model.clone()));
+            let Some(price) = prices.price(None, request_model.as_deref()) else {
+                self.events.push(Event::Unpriced);
+                return (
+                    Check::Reply(reply::unpriced(request_model.as_deref())),
+                    edit,
+                );
+            };
+            priced = Some(Priced {
+                reserved_cost: reserve_cost(&price, rule, asked, self.request_bytes, &descriptors),
+                request_model,
+            });
+        }
+        let reserve_cost = priced.as_ref().map_or(0, |p| p.reserved_cost);
+        // A reservation may need releasing later: its check carries the id its report will.
+        let wire = config.service.protocol.wire();
+        let id = ((reserve > 0 || reserve_cost > 0) && wire.releases())
+            .then(next_id)
+            .flatten();
+        let call = wire.check_call(
+            &config.service,
+            &descriptors,
+            reserve,
+            reserve_cost,
+            id.as_deref(),
+        );
+        self.state = State::Dispatching {
+            spend: Spend {
+                descriptors,
+                reserved: reserve,
+                reserved_at_ms: None,
+                id,
+                release: false,
+                dispatched_ms: now_ms,
+                api,
+                priced,
+            },
+        };
+        (Check::Dispatch(call), edit)
+    }
+
+    /// The plugin's edits to the held request body: usage asked for in the stream, and the
+    /// output cap per choice (`cap`, under `reserve.write_cap`) written where the API reads
+    /// it. The shell puts them in place before the request resumes.
+    fn edit(
+        &self,
+        config: &Config,
+        api: Api,
+        facts: Option<&BodyFacts>,
+        held: Option<(&[u8], usize, bool)>,
+        cap: Option<u64>,
+    ) -> Option<BodyEdit> {
+        let ((bytes, size, inject), facts) = (held?, facts?);
+        let edits = Edits {
+            stream_usage: inject && config.inject_stream_usage && facts.needs_stream_usage(),
+            cap: cap.map(|c| (c, api)),
+        };
+        let body = body::rewrite(bytes, facts, edits)?;
+        Some(BodyEdit {
+            body,
+            size,
+            stream_usage: edits.stream_usage,
+            cap: edits.cap.is_some(),
+        })
+    }
+
+    /// The shell put `edit` in place.
+    pub fn edited(&mut self, edit: &BodyEdit) {
+        if edit.stream_usage {
+            self.events.push(Event::StreamUsageInjected);
+            self.injected = true;
+        }
+        if edit.cap {
+            self.events.push(Event::CapWritten);
+        }
+    }
+
+    /// The check left as callout `token`.
+    pub fn dispatched(&mut self, token: u32) {
+        if let State::Dispatching { spend } = std::mem::replace(&mut self.state, State::Passthrough)
+        {
+            self.state = State::Checking { spend, token };
+        }
+    }
+
+    /// Whether callout `token` is this exchange's check; an answer for any other is counted.
+    pub fn awaits(&mut self, token: u32) -> bool {
+        let ours = matches!(self.state, State::Checking { token: t, .. } if t == token);
+        if !ours {
+            self.events.push(Event::CalloutUnknown);
+        }
+        ours
+    }
+
+    /// The check's answer (`status`: HTTP, or gRPC for envoy-rls), at `now_ms`.
+    pub fn answered(
+        &mut self,
+        config: &Config,
+        status: Option<u32>,
+        body: &[u8],
+        now_ms: u64,
+        offset_ms: i64,
+    ) -> Resolution {
+        let State::Checking { spend, .. } = std::mem::replace(&mut self.state, State::Passthrough)
+        else {
+            return Resolution::default();
+        };
+        let verdict = config.service.protocol.wire().read_check(status, body);
+        let service_time_ms = verdict.as_ref().ok().and_then(|v| v.reserved_at_ms);
+        let mut resolution = match verdict {
+            Ok(verdict) if verdict.allowed => {
+                self.events.push(Event::Allowed);
+                self.state = State::Admitted {
+                    spend: Spend {
+                        reserved_at_ms: verdict.reserved_at_ms,
+                        ..spend
+                    },
+                    quota: verdict.quota,
+                    money: verdict.spend.map(Box::new),
+                    response: None,
+                };
+                Resolution {
+                    resume: true,
+                    ..Resolution::default()
+                }
+            }
+            Ok(mut verdict) => {
+                self.events.push(Event::Denied);
+                if verdict.retry_after_ms == 0 && verdict.quota.is_none() {
+                    // The engine named no reset (Limitador): the longest declared window of
+                    // the limits that applied, when after it the budget is whole again.
+                    verdict.retry_after_ms = config
+                        .limits
+                        .iter()
+                        .filter(|l| spend.descriptors.iter().any(|d| d.limit == l.name))
+                        .filter_map(|l| l.engine_window_s)
+                        .max()
+                        .map_or(0, |s| s.saturating_mul(1000));
+                }
+                Resolution {
+                    reply: Some(reply::denied(config, &verdict, spend.api, now_ms)),
+                    ..Resolution::default()
+                }
+            }
+            Err(CheckFailure::Rejected) => {
+                log::error!(
+                    "the rate-limit service refused the check as malformed (status {status:?}): {}; the request is refused",
+                    protocol::error_message(body)
+                );
+                self.fail(config, spend, CheckFailure::Rejected, offset_ms)
+            }
+            Err(kind) => {
+                log::warn!(
+                    "rate-limit check failed ({}): status {status:?}",
+                    kind.name()
+                );
+                self.fail(config, spend, kind, offset_ms)
+            }
+        };
+        resolution.service_time_ms = service_time_ms;
+        resolution
+    }
+
+    /// The check could not leave (`kind`): `failure_mode` applies.
+    pub fn failed(&mut self, config: &Config, kind: CheckFailure, offset_ms: i64) -> Resolution {
+        let spend = match std::mem::replace(&mut self.state, State::Passthrough) {
+            State::Dispatching { spend } | State::Checking { spend, .. } => spend,
+            other => {
+                self.state = other;
+                return Resolution::default();
+            }
+        };
+        self.fail(config, spend, kind, offset_ms)
+    }
+
+    /// Applies `failure_mode` to a failed check. A request let through is still charged; a
+    /// reservation the service may have taken unseen is released by the report (or, for a
+    /// refused request, by a report of its own), so it is neither lost nor charged twice. A
+    /// check the service refused as malformed is a contract bug: always refused.
+    fn fail(
+        &mut self,
+        config: &Config,
+        spend: Spend,
+        kind: CheckFailure,
+        offset: i64,
+    ) -> Resolution {
+        self.events.push(Event::CheckFailed(kind));
+        let spend = if kind.after_dispatch() && spend.id.is_some() {
+            spend.unseen(offset)
+        } else {
+            Spend {
+                reserved: 0,
+                priced: spend.priced.map(|p| Priced {
+                    reserved_cost: 0,
+                    ..p
+                }),
+                ..spend
+            }
+        };
+        let mode = match kind {
+            CheckFailure::Rejected => None,
+            _ => Some(config.service.failure_mode),
+        };
+        match mode {
+            Some(FailureMode::Allow) => {
+                self.events.push(Event::FailureAllowed);
+                self.state = State::Admitted {
+                    spend,
+                    quota: None,
+                    money: None,
+                    response: None,
+                };
+                Resolution {
+                    resume: true,
+                    ..Resolution::default()
+                }
+            }
+            Some(FailureMode::Deny) | None => {
+                if mode.is_some() {
+                    self.events.push(Event::FailureDenied);
+                }
+                Resolution {
+                    reply: Some(reply::unavailable(config)),
+                    report: spend.release(),
+                    ..Resolution::default()
+                }
+            }
+        }
+    }
+
+    /// The response's head of an admitted request: the quota headers it gets, and whether
+    /// its body is scanned (and stripped).
+    pub fn response_headers(&mut self, config: &Config, head: ResponseHead) -> ResponsePlan {
+        let State::Admitted {
+            quota,
+            money,
+            response,
+            ..
+        } = &mut self.state
+        else {
+            return ResponsePlan::default();
+        };
+        let mut plan = ResponsePlan::default();
+        if config.quota_headers {
+            if let Some(q) = quota {
+                plan.set_headers
+                    .extend(reply::quota_headers(q, config.higress_headers));
+            }
+            if let Some(m) = money {
+                plan.set_headers.extend(reply::cost_headers(m));
+            }
+        }
+        let ok = (200..300).contains(&head.status);
+        let scanner = ok.then(|| UsageScanner::new(head.encoding.as_deref()));
+        let stripper = (ok && self.injected && head.event_stream && head.encoding.is_none())
+            .then(Stripper::new);
+        plan.drop_content_length = stripper.is_some();
+        *response = Some(Box::new(Response {
+            status: head.status,
+            scanner,
+            stripper,
+            complete: head.end_of_stream,
+            tier_header: head.tier.filter(|t| t.len() <= 64),
+        }));
+        plan
+    }
+
+    /// The response body's scanner, and its stripper when the stream is rewritten; `None` when
+    /// the body is not read.
+    pub fn response_body(&mut self) -> Option<(&mut UsageScanner, Option<&mut Stripper>)> {
+        match &mut self.state {
+            State::Admitted {
+                response: Some(r), ..
+            } => {
+                let Response {
+                    scanner, stripper, ..
+                } = r.as_mut();
+                scanner.as_mut().map(|s| (s, stripper.as_mut()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The response ended (its last chunk, or trailers).
+    pub fn response_end(&mut self) {
+        if let State::Admitted {
+            response: Some(r), ..
+        } = &mut self.state
+        {
+            if let Some(scanner) = &mut r.scanner {
+                scanner.finish();
+            }
+            r.complete = true;
+        }
+    }
+
+    /// The stream is over, normally or not: what it cost, for the report queue.
+    pub fn finish(&mut self, config: &Config, offset_ms: i64) -> Option<Spent> {
+        let (spend, response) = match std::mem::replace(&mut self.state, State::Passthrough) {
+            State::Admitted {
+                spend, response, ..
+            } => (spend, response),
+            // Gone while its check was in flight: nobody will hear the answer, so a
+            // reservation the service may have taken is released.
+            State::Checking { spend, .. } => return spend.unseen(offset_ms).release(),
+            _ => return None,
+        };
+        let charge = match &response {
+            Some(r) => {
+                let seen = match &r.scanner {
+                    Some(scanner) => scanner.observed(r.status, r.complete, self.request_bytes),
+                    // A status other than 2xx: its body was not read.
+                    None => Observed {
+                        status: Some(r.status),
+                        ..Observed::default()
+                    },
+                };
+                // A body the plugin could not read is never free: without usage, the estimate.
+                let on_missing = if self.unreadable_body {
+                    OnMissing::Estimate
+                } else {
+                    config.on_missing
+                };
+                settle(config.count, on_missing, &seen)
+            }
+            // Admitted and gone before any response: the upstream may bill it all the same.
+            None => abandoned(config.count, self.request_bytes, spend.reserved),
+        };
+        self.events.push(Event::Charged(charge.basis));
+        // Priced by the model the response names when the table lists it, else the request's.
+        let cost = match (&spend.priced, &config.prices) {
+            (Some(p), Some(prices)) => {
+                let scanner = response.as_ref().and_then(|r| r.scanner.as_ref());
+                let answered = scanner.and_then(UsageScanner::model);
+                let tier = scanner
+                    .and_then(UsageScanner::service_tier)
+                    .map(Cow::Borrowed)
+                    .or_else(|| {
+                        response
+                            .as_ref()
+                            .and_then(|r| r.tier_header.as_deref())
+                            .map(Cow::Borrowed)
+                    });
+                prices
+                    .price(answered, p.request_model.as_deref())
+                    .map_or(0, |price| {
+                        prices.at_tier(price.cost(&charge.usage), tier.as_deref())
+                    })
+            }
+            _ => 0,
+        };
+        spend.spent(&charge, cost)
+    }
+}
