@@ -7,7 +7,7 @@
 //! generated-text strings (`content`, `text`, `delta`, …) are only counted, for the estimate used
 //! when no usage arrives. Malformed input is skipped, never an error.
 
-use super::UsageFields;
+use super::fields::{Iterations, UsageFields};
 
 /// Deepest container whose kind (object or array) is remembered; deeper nesting is still
 /// counted, but holds nothing the scanner looks for.
@@ -389,7 +389,7 @@ impl JsonScanner {
             && self.key.get() == Some(b"iterations")
         {
             self.iterations_depth = self.depth;
-            self.fields.iterations = Some(super::Iterations::default());
+            self.fields.iterations = Some(Iterations::default());
         }
         if detail != Detail::None {
             self.detail = detail;

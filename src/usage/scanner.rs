@@ -3,7 +3,9 @@
 //! `application/json` or `text/plain`), but a JSON body always starts with `{` or `[` and an
 //! event stream never does.
 
-use super::{JsonScanner, Observed, SseParser, UsageFields};
+use super::fields::{Observed, UsageFields};
+use super::json::JsonScanner;
+use super::sse::SseParser;
 
 /// How a response body is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

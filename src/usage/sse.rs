@@ -6,7 +6,7 @@
 //! BOM are handled. Nothing of an event is buffered, so one event costs the same constant memory
 //! whatever its size: a multi-megabyte event is scanned as it passes.
 
-use super::JsonScanner;
+use super::json::JsonScanner;
 
 /// The longest field name the parser distinguishes (`event`, `data`, `retry`); longer names are
 /// unknown fields and ignored.
