@@ -20,7 +20,7 @@ fn modules(src: &Path) -> BTreeMap<String, String> {
                 walk(&path, root, out);
                 continue;
             }
-            if path.extension().is_none_or(|e| e != "rs") {
+            if path.extension().map_or(true, |e| e != "rs") {
                 continue;
             }
             let rel = path.strip_prefix(root).unwrap().with_extension("");
