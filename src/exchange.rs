@@ -768,3 +768,224 @@ impl Exchange {
         spend.spent(&charge, cost)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The exchange on its own, with plain values: no proxy, no fake host.
+
+    use super::*;
+    use serde_json::json;
+
+    struct NoProperties;
+
+    impl Properties for NoProperties {
+        fn property(&self, _: &[&str]) -> Option<String> {
+            None
+        }
+    }
+
+    fn config(extra: serde_json::Value) -> Config {
+        let mut c = json!({
+            "service": {"cluster": "rl"},
+            "limits": [{"name": "user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"}]
+        });
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        Config::parse(c.to_string().as_bytes()).unwrap()
+    }
+
+    fn headers(user: &str) -> Vec<(String, String)> {
+        [
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            ("x-user", user),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Headers without a body, and the check sent as callout 7.
+    fn checking(config: &Config, user: &str) -> Exchange {
+        let mut x = Exchange::default();
+        let on = x.request_headers(config, headers(user), true);
+        assert_eq!(on, OnHeaders::Check);
+        let (check, edit) = x.check(config, &NoProperties, None, || Some("id-1".into()), 1000);
+        assert!(matches!(check, Check::Dispatch(_)), "{check:?}");
+        assert_eq!(edit, None);
+        x.dispatched(7);
+        assert!(x.checking() && x.awaits(7));
+        x
+    }
+
+    fn allowed() -> Vec<u8> {
+        json!({"allowed": true, "limits": [{"limit": "user", "value": "ann", "tokens": 1000,
+               "window_s": 3600, "remaining": 950, "reset_ms": 1000}], "reserved_at_ms": 5000})
+        .to_string()
+        .into_bytes()
+    }
+
+    fn respond(x: &mut Exchange, config: &Config, body: &[u8]) -> ResponsePlan {
+        let plan = x.response_headers(
+            config,
+            ResponseHead {
+                status: 200,
+                ..ResponseHead::default()
+            },
+        );
+        if let Some((scanner, _)) = x.response_body() {
+            scanner.feed(body);
+        }
+        x.response_end();
+        plan
+    }
+
+    #[test]
+    fn an_admitted_request_is_charged_its_usage() {
+        let c = config(json!({}));
+        let mut x = checking(&c, "ann");
+        let r = x.answered(&c, Some(200), &allowed(), 1000, 0);
+        assert!(r.resume && r.reply.is_none());
+        assert_eq!(r.service_time_ms, Some(5000));
+        let plan = respond(
+            &mut x,
+            &c,
+            br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+        );
+        assert!(plan
+            .set_headers
+            .contains(&("x-ratelimit-remaining-tokens", "950".to_string())));
+        let spent = x.finish(&c, 0).unwrap();
+        assert_eq!(
+            (spent.tokens, spent.reserved, spent.reserved_at_ms),
+            (7, 0, Some(5000))
+        );
+        assert_eq!(spent.descriptors[0].value, "ann");
+        let events = x.take_events();
+        assert!(events.contains(&Event::Allowed));
+        assert!(events.contains(&Event::Charged(Basis::Reported)));
+    }
+
+    #[test]
+    fn a_denial_is_answered_in_the_api_s_shape_and_charges_nothing() {
+        let c = config(json!({}));
+        let mut x = checking(&c, "ann");
+        let denied =
+            json!({"allowed": false, "limits": [], "retry_after_ms": 2000, "denied_by": "user"});
+        let r = x.answered(&c, Some(200), denied.to_string().as_bytes(), 1000, 0);
+        let reply = r.reply.unwrap();
+        assert!(!r.resume);
+        assert_eq!(reply.status, 429);
+        assert!(reply.headers.contains(&("retry-after".into(), "2".into())));
+        assert_eq!(x.finish(&c, 0), None);
+        assert!(x.take_events().contains(&Event::Denied));
+    }
+
+    /// A check that timed out: `failure_mode: allow` lets the request through, charged, and
+    /// its report releases the reservation the service may have taken unseen (in the window its
+    /// check left in, by the service's clock).
+    #[test]
+    fn a_failed_check_follows_the_failure_mode_and_releases_what_it_may_have_taken() {
+        let c = config(json!({"reserve": {"tokens": 100}}));
+        let mut x = checking(&c, "ann");
+        let r = x.answered(&c, Some(504), b"", 2000, 300);
+        assert!(r.resume);
+        respond(&mut x, &c, br#"{"usage":{"total_tokens":40}}"#);
+        let spent = x.finish(&c, 300).unwrap();
+        assert_eq!(spent.release.as_deref(), Some("id-1"));
+        assert_eq!((spent.reserved, spent.reserved_at_ms), (100, Some(1300)));
+        let events = x.take_events();
+        assert!(events.contains(&Event::CheckFailed(CheckFailure::Timeout)));
+        assert!(events.contains(&Event::FailureAllowed));
+
+        let c = config(
+            json!({"reserve": {"tokens": 100}, "service": {"cluster": "rl", "failure_mode": "deny"}}),
+        );
+        let mut x = checking(&c, "ann");
+        let r = x.answered(&c, Some(503), b"", 2000, 0);
+        assert_eq!(r.reply.map(|r| r.status), Some(503));
+        assert_eq!(r.report.and_then(|s| s.release), Some("id-1".into()));
+    }
+
+    #[test]
+    fn a_stream_gone_during_its_check_releases_its_reservation() {
+        let c = config(json!({"reserve": {"tokens": 100}}));
+        let mut x = checking(&c, "ann");
+        let spent = x.finish(&c, 50).unwrap();
+        assert_eq!((spent.tokens, spent.reserved), (0, 100));
+        assert_eq!(spent.release.as_deref(), Some("id-1"));
+        assert_eq!(spent.reserved_at_ms, Some(1050));
+    }
+
+    /// A streamed chat request is rewritten to ask for usage; its stream is then stripped of
+    /// the usage chunk the client did not ask for.
+    #[test]
+    fn a_stream_asks_for_usage_and_the_answer_loses_it_again() {
+        let c = config(json!({}));
+        let mut x = Exchange::default();
+        let on = x.request_headers(&c, headers("ann"), false);
+        assert_eq!(
+            on,
+            OnHeaders::WaitForBody {
+                drop_content_length: true
+            }
+        );
+        let body = br#"{"model":"m","stream":true}"#;
+        assert_eq!(
+            x.request_body(&c, body.len(), true),
+            OnBody::Read {
+                size: Some(body.len())
+            }
+        );
+        let (check, edit) = x.check(&c, &NoProperties, Some((body, body.len())), || None, 0);
+        assert!(matches!(check, Check::Dispatch(_)));
+        let edit = edit.unwrap();
+        assert!(String::from_utf8_lossy(&edit.body).contains("include_usage"));
+        x.edited(&edit);
+        x.dispatched(1);
+        x.answered(&c, Some(200), &allowed(), 0, 0);
+        let plan = x.response_headers(
+            &c,
+            ResponseHead {
+                status: 200,
+                event_stream: true,
+                ..ResponseHead::default()
+            },
+        );
+        assert!(
+            plan.drop_content_length,
+            "the stripped stream changes length"
+        );
+        assert!(matches!(x.response_body(), Some((_, Some(_)))));
+    }
+
+    #[test]
+    fn unlimited_and_unpriced_requests() {
+        let c = config(json!({}));
+        let no_user: Vec<(String, String)> = headers("")
+            .into_iter()
+            .filter(|(k, _)| k != "x-user")
+            .collect();
+        let mut x2 = Exchange::default();
+        x2.request_headers(&c, no_user, true);
+        let (check, _) = x2.check(&c, &NoProperties, None, || None, 0);
+        assert_eq!(check, Check::Continue);
+        assert!(x2.take_events().contains(&Event::Unlimited));
+
+        let c = config(json!({
+            "prices": {"currency": "USD", "models": [{"model": "gpt-4o", "input": "1", "output": "1"}]},
+            "limits": [{"name": "team", "key": "{{request.headers.x-user}}", "unit": "cost", "budget": "1.00", "window": "1d"}]
+        }));
+        let mut x = Exchange::default();
+        x.request_headers(&c, headers("ann"), false);
+        let body = br#"{"model":"llama"}"#;
+        x.request_body(&c, body.len(), true);
+        let (check, _) = x.check(&c, &NoProperties, Some((body, body.len())), || None, 0);
+        assert!(
+            matches!(check, Check::Reply(ref r) if r.status == 403),
+            "{check:?}"
+        );
+        assert!(x.take_events().contains(&Event::Unpriced));
+    }
+}
