@@ -262,27 +262,83 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
 }
 
 /// What each endpoint asks of its caller (see [`crate::auth`]).
-fn need(path: &str) -> Need {
-    match path {
-        "/healthz" | "/readyz" | "/metrics" | "/console" => Need::Open,
-        "/v1/quota"
-        | "/v1/console/overview"
-        | "/v1/console/top"
-        | "/v1/console/denials"
-        | "/v1/console/search" => Need::Read,
-        // The admin API checks its own token (and answers 404 when it is disabled).
-        "/v1/admin/grant" | "/v1/admin/reset" => Need::Open,
-        _ => Need::Data,
-    }
+/// An endpoint of the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Check,
+    Report,
+    AsmCheck,
+    AsmUpdate,
+    Quota,
+    Console,
+    Overview,
+    Top,
+    Denials,
+    Search,
+    Admin,
+    Clock,
+    Healthz,
+    Readyz,
+    Metrics,
 }
+
+/// Every route: path, method, who may call it. A path it lists with another method is 405, a
+/// path it does not list 404, so each is written once.
+const ROUTES: &[(&str, Method, Need, Endpoint)] = &[
+    ("/v1/check", Method::POST, Need::Data, Endpoint::Check),
+    ("/v1/report", Method::POST, Need::Data, Endpoint::Report),
+    ("/ratelimit", Method::GET, Need::Data, Endpoint::AsmCheck),
+    (
+        "/update_ratelimit_record",
+        Method::POST,
+        Need::Data,
+        Endpoint::AsmUpdate,
+    ),
+    ("/v1/quota", Method::GET, Need::Read, Endpoint::Quota),
+    ("/console", Method::GET, Need::Open, Endpoint::Console),
+    (
+        "/v1/console/overview",
+        Method::GET,
+        Need::Read,
+        Endpoint::Overview,
+    ),
+    ("/v1/console/top", Method::GET, Need::Read, Endpoint::Top),
+    (
+        "/v1/console/denials",
+        Method::GET,
+        Need::Read,
+        Endpoint::Denials,
+    ),
+    (
+        "/v1/console/search",
+        Method::GET,
+        Need::Read,
+        Endpoint::Search,
+    ),
+    // The admin API checks its own token (and answers 404 when it is disabled).
+    ("/v1/admin/grant", Method::POST, Need::Open, Endpoint::Admin),
+    ("/v1/admin/reset", Method::POST, Need::Open, Endpoint::Admin),
+    // Only with --manual-clock: the system clock cannot be moved.
+    ("/v1/clock", Method::POST, Need::Data, Endpoint::Clock),
+    ("/healthz", Method::GET, Need::Open, Endpoint::Healthz),
+    ("/readyz", Method::GET, Need::Open, Endpoint::Readyz),
+    ("/metrics", Method::GET, Need::Open, Endpoint::Metrics),
+];
 
 async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>) -> Reply {
     let path = req.uri().path().to_string();
+    let manual_clock = matches!(limiter.clock, Clock::Manual(_));
+    let routes: Vec<_> = ROUTES
+        .iter()
+        .filter(|r| r.0 == path && (r.3 != Endpoint::Clock || manual_clock))
+        .collect();
+    // A path the service does not serve still needs the key: its answer tells nothing.
+    let need = routes.first().map_or(Need::Data, |r| r.2);
     let header = req.headers().get(hyper::header::AUTHORIZATION);
-    if !limiter.access.allows(
-        need(&path),
-        crate::auth::bearer(header.map(|v| v.as_bytes())),
-    ) {
+    if !limiter
+        .access
+        .allows(need, crate::auth::bearer(header.map(|v| v.as_bytes())))
+    {
         inc(&limiter.metrics.unauthorized);
         let mut r = error(
             StatusCode::UNAUTHORIZED,
@@ -299,26 +355,27 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
         );
         return r;
     }
-    match (req.method().clone(), path.as_str()) {
-        (Method::POST, "/v1/check") => {
-            match body_json::<CheckRequest>(limiter, body_timeout, req).await {
-                Ok(body) => limiter
-                    .check(&body)
-                    .await
-                    .map_or_else(failure, |a| json(StatusCode::OK, &a)),
-                Err(reply) => reply,
-            }
-        }
-        (Method::POST, "/v1/report") => {
-            match body_json::<ReportRequest>(limiter, body_timeout, req).await {
-                Ok(body) => limiter
-                    .report(&body)
-                    .await
-                    .map_or_else(failure, |a| json(StatusCode::OK, &a)),
-                Err(reply) => reply,
-            }
-        }
-        (Method::GET, "/ratelimit") => {
+    let endpoint = match routes.iter().find(|r| r.1 == req.method()) {
+        Some(r) => r.3,
+        None if routes.is_empty() => return error(StatusCode::NOT_FOUND, "no such endpoint"),
+        None => return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+    };
+    match endpoint {
+        Endpoint::Check => match body_json::<CheckRequest>(limiter, body_timeout, req).await {
+            Ok(body) => limiter
+                .check(&body)
+                .await
+                .map_or_else(failure, |a| json(StatusCode::OK, &a)),
+            Err(reply) => reply,
+        },
+        Endpoint::Report => match body_json::<ReportRequest>(limiter, body_timeout, req).await {
+            Ok(body) => limiter
+                .report(&body)
+                .await
+                .map_or_else(failure, |a| json(StatusCode::OK, &a)),
+            Err(reply) => reply,
+        },
+        Endpoint::AsmCheck => {
             let Some(raw) = query_param(&req, "ratelimit_keys") else {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -339,16 +396,14 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
                 }
             }
         }
-        (Method::POST, "/update_ratelimit_record") => {
-            match body_json::<AsmUpdate>(limiter, body_timeout, req).await {
-                Ok(body) => limiter
-                    .asm_update(&body)
-                    .await
-                    .map_or_else(failure, |_| json(StatusCode::OK, &serde_json::json!({}))),
-                Err(reply) => reply,
-            }
-        }
-        (Method::GET, "/v1/quota") => {
+        Endpoint::AsmUpdate => match body_json::<AsmUpdate>(limiter, body_timeout, req).await {
+            Ok(body) => limiter
+                .asm_update(&body)
+                .await
+                .map_or_else(failure, |_| json(StatusCode::OK, &serde_json::json!({}))),
+            Err(reply) => reply,
+        },
+        Endpoint::Quota => {
             let (Some(limit), Some(value)) =
                 (query_param(&req, "limit"), query_param(&req, "value"))
             else {
@@ -383,7 +438,7 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
                 Err(f) => failure(f),
             }
         }
-        (Method::GET, "/console") => {
+        Endpoint::Console => {
             let mut r = text(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
@@ -397,17 +452,17 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
             );
             r
         }
-        (Method::GET, "/v1/console/overview") => answer(crate::console::overview(limiter).await),
-        (Method::GET, "/v1/console/top") => {
+        Endpoint::Overview => answer(crate::console::overview(limiter).await),
+        Endpoint::Top => {
             let k = query_param(&req, "k");
             answer(crate::console::top(limiter, k.as_deref()).await)
         }
-        (Method::GET, "/v1/console/denials") => answer(crate::console::denials(limiter).await),
-        (Method::GET, "/v1/console/search") => {
+        Endpoint::Denials => answer(crate::console::denials(limiter).await),
+        Endpoint::Search => {
             let value = query_param(&req, "value");
             answer(crate::console::search(limiter, value.as_deref()).await)
         }
-        (Method::POST, "/v1/admin/grant" | "/v1/admin/reset") => {
+        Endpoint::Admin => {
             if let Err(refused) = crate::console::authorize(limiter, &req) {
                 return answer(refused);
             }
@@ -417,8 +472,7 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
                 Err(reply) => reply,
             }
         }
-        // Only with --manual-clock: the system clock cannot be moved.
-        (Method::POST, "/v1/clock") if matches!(limiter.clock, Clock::Manual(_)) => {
+        Endpoint::Clock => {
             match query_param(&req, "advance_ms").and_then(|v| v.parse::<i64>().ok()) {
                 Some(ms) if ms >= 0 => {
                     limiter.clock.advance(ms);
@@ -433,12 +487,12 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
                 ),
             }
         }
-        (Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        (Method::GET, "/readyz") => match limiter.store.ready().await {
+        Endpoint::Healthz => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        Endpoint::Readyz => match limiter.store.ready().await {
             Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
         },
-        (Method::GET, "/metrics") => {
+        Endpoint::Metrics => {
             let live = match &limiter.store {
                 Store::Memory(m) => Some((m.len(), m.evicted(), m.sources())),
                 Store::Redis(_) => None,
@@ -449,24 +503,5 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
                 limiter.metrics.render(limiter.store.name(), live),
             )
         }
-        (
-            _,
-            "/v1/check"
-            | "/v1/report"
-            | "/ratelimit"
-            | "/update_ratelimit_record"
-            | "/v1/quota"
-            | "/console"
-            | "/v1/console/overview"
-            | "/v1/console/top"
-            | "/v1/console/denials"
-            | "/v1/console/search"
-            | "/v1/admin/grant"
-            | "/v1/admin/reset"
-            | "/healthz"
-            | "/readyz"
-            | "/metrics",
-        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
-        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     }
 }

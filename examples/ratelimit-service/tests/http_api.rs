@@ -267,6 +267,10 @@ fn bad_requests_get_json_errors() {
         ("POST", "/v1/check", vec![b' '; 5 * 1024 * 1024], 413, "body larger than"),
         ("GET", "/v1/check", Vec::new(), 405, "method not allowed"),
         ("GET", "/nope", Vec::new(), 404, "no such endpoint"),
+        ("POST", "/healthz", Vec::new(), 405, "method not allowed"),
+        // The clock moves only under --manual-clock; otherwise there is no such endpoint.
+        ("POST", "/v1/clock?advance_ms=1", Vec::new(), 404, "no such endpoint"),
+        ("GET", "/v1/clock", Vec::new(), 404, "no such endpoint"),
         ("GET", "/v1/quota?limit=a", Vec::new(), 400, "give limit= and value="),
     ];
     for (method, path, body, status, message) in cases {
