@@ -275,6 +275,11 @@ impl Exchange {
         std::mem::take(&mut self.events)
     }
 
+    /// Whether the request was admitted: its response is scanned and it is charged.
+    pub fn admitted(&self) -> bool {
+        matches!(self.state, State::Admitted { .. })
+    }
+
     /// Whether the request is held for its check.
     pub fn checking(&self) -> bool {
         matches!(

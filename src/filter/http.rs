@@ -56,13 +56,6 @@ impl Http {
         }
     }
 
-    /// The exchange's events as metrics.
-    fn count(&mut self, shared: &Shared) {
-        for event in self.exchange.take_events() {
-            shared.metrics.record(event);
-        }
-    }
-
     /// Decides and sends the check; what the current callback answers.
     fn check(&mut self, body: Option<(&[u8], usize)>) -> Action {
         self.with_config(Action::Continue, |this, shared, config| {
@@ -97,7 +90,7 @@ impl Http {
                     }
                 }
             };
-            this.count(shared);
+            shared.record(this.exchange.take_events());
             action(pause)
         })
     }
@@ -131,7 +124,7 @@ impl Http {
                     this.host.resume_request();
                 }
             }
-            this.count(shared);
+            shared.record(this.exchange.take_events());
         })
     }
 }
@@ -179,7 +172,7 @@ impl HttpContext for Http {
             // The body may change size; the upstream then gets it chunked.
             self.host.remove_request_header("content-length");
         }
-        self.count(&shared);
+        shared.record(self.exchange.take_events());
         // Pausing here would stop Envoy's body callbacks; the body is held back instead.
         Action::Continue
     }
@@ -207,6 +200,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if !self.exchange.admitted() {
+            return Action::Continue;
+        }
         self.with_config(Action::Continue, |this, _, config| {
             let head = response_head(this.host.as_ref(), end_of_stream);
             let plan = this.exchange.response_headers(config, head);
@@ -240,10 +236,13 @@ impl HttpContext for Http {
     /// The stream is over, normally or not: settle what it cost and queue the report.
     fn on_log(&mut self) {
         self.with_config((), |this, shared, config| {
+            let admitted = this.exchange.admitted();
             let spent = this.exchange.finish(config, shared.service_offset_ms());
-            this.count(shared);
-            let memory = this.host.vm_memory_bytes();
-            shared.metrics.vm_memory_bytes.set(memory);
+            shared.record(this.exchange.take_events());
+            if admitted {
+                let memory = this.host.vm_memory_bytes();
+                shared.metrics.vm_memory_bytes.set(memory);
+            }
             shared.submit(spent);
         })
     }

@@ -8,6 +8,7 @@ use std::rc::Rc;
 use super::metrics::Metrics;
 use super::reporter::Reporter;
 use crate::config::Plugin;
+use crate::exchange::Event;
 use crate::report::Spent;
 
 /// What every stream of a root context shares with it.
@@ -25,6 +26,11 @@ impl Shared {
         if let (Some(spent), Ok(mut reporter)) = (spent, self.reporter.try_borrow_mut()) {
             reporter.submit(spent, self.root, &self.metrics);
         }
+    }
+
+    /// An exchange's events, counted.
+    pub fn record(&self, events: Vec<Event>) {
+        events.into_iter().for_each(|e| self.metrics.record(e));
     }
 
     /// An id for a check whose reservation a report may have to release.
