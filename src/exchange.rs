@@ -280,14 +280,6 @@ impl Exchange {
         matches!(self.state, State::Admitted { .. })
     }
 
-    /// Whether the request is held for its check.
-    pub fn checking(&self) -> bool {
-        matches!(
-            self.state,
-            State::Checking { .. } | State::Dispatching { .. }
-        )
-    }
-
     /// A matched request's headers (those its configuration reads): check now, or wait for
     /// its body.
     pub fn request_headers(
@@ -350,7 +342,6 @@ impl Exchange {
     /// Decides the check of a request whose body (if awaited) arrived: `body` is what was
     /// read (`None`: none, too large, or ended by trailers), `size` its size as buffered.
     /// `next_id` gives a check id (for a reservation a report may have to release).
-    #[allow(clippy::too_many_arguments)]
     pub fn check(
         &mut self,
         config: &Config,
@@ -820,7 +811,7 @@ mod tests {
         assert!(matches!(check, Check::Dispatch(_)), "{check:?}");
         assert_eq!(edit, None);
         x.dispatched(7);
-        assert!(x.checking() && x.awaits(7));
+        assert!(x.awaits(7));
         x
     }
 
