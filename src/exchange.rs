@@ -21,6 +21,7 @@ use crate::request::{may_need_stream_usage, Properties, RequestBody, RequestView
 use crate::reserve::{reserve, reserve_cost, Rule};
 use crate::strip::Stripper;
 use crate::usage::{abandoned, settle, Basis, Charge, Observed, UsageScanner};
+use wire::Amount;
 
 /// What happened, for the shell's metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,8 +146,8 @@ enum State {
 /// What an admitted request is charged against.
 struct Spend {
     descriptors: Vec<Descriptor>,
-    /// Tokens the check asked the service to take at admission.
-    reserved: u64,
+    /// What the check asked the service to take at admission.
+    reserved: Amount,
     /// When the service took them (its clock), echoed so the refund settles in that window.
     reserved_at_ms: Option<u64>,
     /// The id the check was sent with (protocol v1 with a reservation); the report carries it,
@@ -159,31 +160,27 @@ struct Spend {
     dispatched_ms: u64,
     /// The request's API (from its path): the shape of a denial.
     api: Api,
-    /// A limit in money applies: the model the request named (for its price) and the micro
-    /// units the check reserved.
+    /// A limit in money applies: the model the request named (for its price).
     priced: Option<Priced>,
 }
 
 struct Priced {
     request_model: Option<String>,
-    reserved_cost: u64,
 }
 
 impl Spend {
     /// What this request cost, for the report queue (`cost`: in micro units, for the limits
     /// in money); `None` when there is nothing to settle.
     fn spent(self, charge: &Charge, cost: u64) -> Option<Spent> {
-        let reserved_cost = self.priced.as_ref().map_or(0, |p| p.reserved_cost);
-        if charge.tokens == 0 && self.reserved == 0 && cost == 0 && reserved_cost == 0 {
+        // Held to the wire's bound: a lying upstream cannot make a report the service refuses.
+        let used = Amount::new(charge.tokens, cost);
+        if used.is_zero() && self.reserved.is_zero() {
             return None;
         }
         Some(Spent {
             descriptors: self.descriptors,
-            // A lying upstream cannot turn the report into one the service refuses.
-            tokens: charge.tokens.min(wire::MAX_TOKENS),
+            used,
             reserved: self.reserved,
-            cost: cost.min(wire::MAX_TOKENS),
-            reserved_cost,
             reserved_at_ms: self.reserved_at_ms,
             release: if self.release { self.id } else { None },
             usage: charge.usage.into(),
@@ -204,8 +201,7 @@ impl Spend {
 
     /// The release of a reservation whose request will never be charged.
     fn release(self) -> Option<Spent> {
-        let reserved_cost = self.priced.as_ref().map_or(0, |p| p.reserved_cost);
-        if !(self.release && (self.reserved > 0 || reserved_cost > 0)) {
+        if !self.release || self.reserved.is_zero() {
             return None;
         }
         let nothing = Charge {
@@ -397,7 +393,7 @@ impl Exchange {
         };
         let asked = facts.as_ref().map(|facts| (facts, api));
         let reservation = reserve(rule, config.service.protocol, asked, &descriptors);
-        let reserve = reservation.tokens;
+        let mut reserve = Amount::tokens(reservation.tokens);
         let cap =
             (config.write_cap && reservation.per_choice > 0).then_some(reservation.per_choice);
         let edit = self.edit(config, api, facts.as_ref(), held, cap);
@@ -418,24 +414,15 @@ impl Exchange {
                     edit,
                 );
             };
-            priced = Some(Priced {
-                reserved_cost: reserve_cost(&price, rule, asked, self.request_bytes, &descriptors),
-                request_model,
-            });
+            reserve.micros = reserve_cost(&price, rule, asked, self.request_bytes, &descriptors);
+            priced = Some(Priced { request_model });
         }
-        let reserve_cost = priced.as_ref().map_or(0, |p| p.reserved_cost);
         // A reservation may need releasing later: its check carries the id its report will.
         let wire = config.service.protocol.wire();
-        let id = ((reserve > 0 || reserve_cost > 0) && wire.releases())
+        let id = (!reserve.is_zero() && wire.releases())
             .then(next_id)
             .flatten();
-        let call = wire.check_call(
-            &config.service,
-            &descriptors,
-            reserve,
-            reserve_cost,
-            id.as_deref(),
-        );
+        let call = wire.check_call(&config.service, &descriptors, reserve, id.as_deref());
         self.state = State::Dispatching {
             spend: Spend {
                 descriptors,
@@ -601,11 +588,7 @@ impl Exchange {
             spend.unseen(offset)
         } else {
             Spend {
-                reserved: 0,
-                priced: spend.priced.map(|p| Priced {
-                    reserved_cost: 0,
-                    ..p
-                }),
+                reserved: Amount::ZERO,
                 ..spend
             }
         };
@@ -736,7 +719,7 @@ impl Exchange {
                 settle(config.count, on_missing, &seen)
             }
             // Admitted and gone before any response: the upstream may bill it all the same.
-            None => abandoned(config.count, self.request_bytes, spend.reserved),
+            None => abandoned(config.count, self.request_bytes, spend.reserved.tokens),
         };
         self.events.push(Event::Charged(charge.basis));
         // Priced by the model the response names when the table lists it, else the request's.
@@ -854,7 +837,11 @@ mod tests {
             .contains(&("x-ratelimit-remaining-tokens", "950".to_string())));
         let spent = x.finish(&c, 0).unwrap();
         assert_eq!(
-            (spent.tokens, spent.reserved, spent.reserved_at_ms),
+            (
+                spent.used.tokens,
+                spent.reserved.tokens,
+                spent.reserved_at_ms
+            ),
             (7, 0, Some(5000))
         );
         assert_eq!(spent.descriptors[0].value, "ann");
@@ -890,7 +877,10 @@ mod tests {
         respond(&mut x, &c, br#"{"usage":{"total_tokens":40}}"#);
         let spent = x.finish(&c, 300).unwrap();
         assert_eq!(spent.release.as_deref(), Some("id-1"));
-        assert_eq!((spent.reserved, spent.reserved_at_ms), (100, Some(1300)));
+        assert_eq!(
+            (spent.reserved.tokens, spent.reserved_at_ms),
+            (100, Some(1300))
+        );
         let events = x.take_events();
         assert!(events.contains(&Event::CheckFailed(CheckFailure::Timeout)));
         assert!(events.contains(&Event::FailureAllowed));
@@ -909,7 +899,10 @@ mod tests {
         let c = config(json!({"reserve": {"tokens": 100}}));
         let mut x = checking(&c, "ann");
         let spent = x.finish(&c, 50).unwrap();
-        assert_eq!((spent.tokens, spent.reserved), (0, 100));
+        assert_eq!(
+            (spent.used, spent.reserved),
+            (Amount::ZERO, Amount::tokens(100))
+        );
         assert_eq!(spent.release.as_deref(), Some("id-1"));
         assert_eq!(spent.reserved_at_ms, Some(1050));
     }

@@ -200,7 +200,7 @@ mod tests {
 
     fn rate(tokens: u64, window_s: u64) -> Rate {
         Rate {
-            tokens,
+            budget: tokens,
             window_s,
             calendar: None,
         }
@@ -292,12 +292,12 @@ mod tests {
         // The narrower rule counts on its own network, not on the group's counter.
         let vip = one(&l, &Client("2001:db8:1:2::5")).unwrap();
         assert_eq!(
-            (vip.value.as_str(), vip.rates[0].tokens),
+            (vip.value.as_str(), vip.rates[0].budget),
             ("2001:db8:1:2::5/128", 1)
         );
         let other = one(&l, &Client("2001:db8:1:2::6")).unwrap();
         assert_eq!(
-            (other.value.as_str(), other.rates[0].tokens),
+            (other.value.as_str(), other.rates[0].budget),
             ("2001:db8:1:2::/64", 2)
         );
         assert_eq!(one(&l, &Client("2001:db9::1")), None);

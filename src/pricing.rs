@@ -81,7 +81,7 @@ impl Rates {
         let micros = total.div_ceil(1_000_000);
         u64::try_from(micros)
             .unwrap_or(u64::MAX)
-            .min(wire::MAX_TOKENS)
+            .min(wire::MAX_AMOUNT)
     }
 }
 
@@ -172,7 +172,7 @@ impl Prices {
         let scaled = (u128::from(cost) * u128::from(factor.1)).div_ceil(u128::from(MICROS));
         u64::try_from(scaled)
             .unwrap_or(u64::MAX)
-            .min(wire::MAX_TOKENS)
+            .min(wire::MAX_AMOUNT)
     }
 }
 
@@ -365,7 +365,7 @@ mod tests {
         assert_eq!(usd("0.15", "0.15", "0.60").cost(&u(1, 0, 0, 0)), 1);
         assert_eq!(usd("0.15", "0.15", "0.60").cost(&u(10, 0, 0, 0)), 2);
         // A lying upstream's figures stay within the wire's bound.
-        assert_eq!(p.cost(&u(u64::MAX, 0, u64::MAX, 0)), wire::MAX_TOKENS);
+        assert_eq!(p.cost(&u(u64::MAX, 0, u64::MAX, 0)), wire::MAX_AMOUNT);
     }
 
     #[test]

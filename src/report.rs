@@ -14,7 +14,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
-use wire::{Outcome, SeqId, UsageFigures};
+use wire::{Amount, Outcome, SeqId, UsageFigures};
 
 use crate::limits::Descriptor;
 
@@ -33,14 +33,12 @@ const BATCH_BYTES: usize = wire::MAX_BODY_BYTES / 2;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spent {
     pub descriptors: Vec<Descriptor>,
-    pub tokens: u64,
-    /// Tokens the check asked the service to take.
-    pub reserved: u64,
-    /// What the request cost in micro units (charged to the descriptors that count money),
-    /// and what the check reserved of it.
-    pub cost: u64,
-    pub reserved_cost: u64,
-    /// When the service took them (its clock).
+    /// What the request used: tokens, and what it cost in micro units (charged to the
+    /// descriptors that count money).
+    pub used: Amount,
+    /// What the check asked the service to take.
+    pub reserved: Amount,
+    /// When the service took it (its clock).
     pub reserved_at_ms: Option<u64>,
     /// The id of the check whose reservation this releases (its answer was never seen).
     pub release: Option<String>,
@@ -63,16 +61,15 @@ enum Kind {
 struct Pending {
     descriptors: Vec<Descriptor>,
     kind: Kind,
-    tokens: u64,
-    reserved: u64,
-    cost: u64,
-    reserved_cost: u64,
+    /// To charge (the excess over a reservation, or a release's whole use) and to give back.
+    used: Amount,
+    reserved: Amount,
     reserved_at_ms: Option<u64>,
     usage: UsageFigures,
     /// Requests merged into this entry, and the tokens they used (for the metrics, which
     /// count requests and their usage whatever the entry's share of it).
     requests: u64,
-    used: u64,
+    tokens_used: u64,
 }
 
 impl Pending {
@@ -84,41 +81,11 @@ impl Pending {
     }
 
     fn absorb(&mut self, other: &Pending) {
-        self.tokens = self
-            .tokens
-            .saturating_add(other.tokens)
-            .min(wire::MAX_TOKENS);
-        self.reserved = self
-            .reserved
-            .saturating_add(other.reserved)
-            .min(wire::MAX_TOKENS);
-        self.cost = self.cost.saturating_add(other.cost).min(wire::MAX_TOKENS);
-        self.reserved_cost = self
-            .reserved_cost
-            .saturating_add(other.reserved_cost)
-            .min(wire::MAX_TOKENS);
-        self.usage.prompt_tokens = self
-            .usage
-            .prompt_tokens
-            .saturating_add(other.usage.prompt_tokens);
-        self.usage.completion_tokens = self
-            .usage
-            .completion_tokens
-            .saturating_add(other.usage.completion_tokens);
-        self.usage.total_tokens = self
-            .usage
-            .total_tokens
-            .saturating_add(other.usage.total_tokens);
-        self.usage.cached_prompt_tokens = self
-            .usage
-            .cached_prompt_tokens
-            .saturating_add(other.usage.cached_prompt_tokens);
-        self.usage.reasoning_tokens = self
-            .usage
-            .reasoning_tokens
-            .saturating_add(other.usage.reasoning_tokens);
+        self.used = self.used.plus(other.used);
+        self.reserved = self.reserved.plus(other.reserved);
+        self.usage = self.usage.plus(other.usage);
         self.requests += other.requests;
-        self.used = self.used.saturating_add(other.used);
+        self.tokens_used = self.tokens_used.saturating_add(other.tokens_used);
     }
 }
 
@@ -128,7 +95,7 @@ struct Sealed {
     report: Report,
     seq: u64,
     requests: u64,
-    used: u64,
+    tokens_used: u64,
     /// Sent alone, to find which report of a refused batch the service cannot take.
     solo: bool,
     /// Part of what an engine refused past a limit, sent to find what still fits (see
@@ -171,8 +138,8 @@ impl ReportIds {
 fn probe(sealed: Sealed, bound: u64, next: u64) -> Option<Sealed> {
     (bound > 0 && next > 0).then(|| {
         let mut part = sealed;
-        part.report.tokens = next.min(bound);
-        part.report.reserved = 0;
+        part.report.used = Amount::tokens(next.min(bound));
+        part.report.reserved = Amount::ZERO;
         part.probe = Some(bound);
         part
     })
@@ -261,49 +228,32 @@ impl ReportQueue {
     pub fn push(&mut self, spent: Spent) -> u64 {
         let Spent {
             descriptors,
-            tokens,
+            used,
             reserved,
-            cost,
-            reserved_cost,
             reserved_at_ms,
             release,
             usage,
         } = spent;
-        let tokens_used = tokens;
-        // (kind, [tokens, cost] charged, [tokens, cost] reserved, when reserved)
+        // (kind, to charge, to give back, when reserved)
         let mut parts = Vec::with_capacity(2);
         if let Some(check) = release {
             // A release settles as a refund does: in the window its reservation was taken in.
-            parts.push((
-                Kind::Release(check),
-                [tokens, cost],
-                [reserved, reserved_cost],
-                reserved_at_ms,
-            ));
+            parts.push((Kind::Release(check), used, reserved, reserved_at_ms));
         } else {
-            let excess = [
-                tokens.saturating_sub(reserved),
-                cost.saturating_sub(reserved_cost),
-            ];
-            let refund = [
-                reserved.saturating_sub(tokens),
-                reserved_cost.saturating_sub(cost),
-            ];
-            if excess.iter().any(|n| *n > 0) {
-                parts.push((Kind::Charge, excess, [0, 0], None));
+            let (excess, refund) = (used.less(reserved), reserved.less(used));
+            if !excess.is_zero() {
+                parts.push((Kind::Charge, excess, Amount::ZERO, None));
             }
-            if refund.iter().any(|n| *n > 0) {
+            if !refund.is_zero() {
                 let second = reserved_at_ms.map(|t| t / 1000);
-                parts.push((Kind::Refund(second), [0, 0], refund, reserved_at_ms));
+                parts.push((Kind::Refund(second), Amount::ZERO, refund, reserved_at_ms));
             }
         }
         let mut dropped = 0;
         let mut usage = Some(usage);
         let last = parts.len().saturating_sub(1);
         let mut descriptors = Some(descriptors);
-        for (i, (kind, [tokens, cost], [reserved, reserved_cost], at)) in
-            parts.into_iter().enumerate()
-        {
+        for (i, (kind, charged, given_back, at)) in parts.into_iter().enumerate() {
             let descriptors = if i == last {
                 descriptors.take().unwrap_or_default()
             } else {
@@ -312,14 +262,12 @@ impl ReportQueue {
             dropped += self.add(Pending {
                 descriptors,
                 kind,
-                tokens,
-                reserved,
-                cost,
-                reserved_cost,
+                used: charged,
+                reserved: given_back,
                 reserved_at_ms: at,
                 // The usage, and the request itself, travel with the first part.
                 requests: u64::from(i == 0),
-                used: if i == 0 { tokens_used } else { 0 },
+                tokens_used: if i == 0 { used.tokens } else { 0 },
                 usage: usage.take().unwrap_or_default(),
             });
         }
@@ -430,10 +378,8 @@ impl ReportQueue {
                     report: Report {
                         id,
                         descriptors: p.descriptors,
-                        tokens: p.tokens,
+                        used: p.used,
                         reserved: p.reserved,
-                        cost: p.cost,
-                        reserved_cost: p.reserved_cost,
                         reserved_at_ms: p.reserved_at_ms,
                         release: match p.kind {
                             Kind::Release(check) => Some(check),
@@ -443,7 +389,7 @@ impl ReportQueue {
                     },
                     seq,
                     requests: p.requests,
-                    used: p.used,
+                    tokens_used: p.tokens_used,
                     solo: false,
                     probe: None,
                 });
@@ -498,7 +444,7 @@ impl ReportQueue {
                         one.solo = true;
                         // The requests are counted once, with the first part.
                         if k > 0 {
-                            (one.requests, one.used) = (0, 0);
+                            (one.requests, one.tokens_used) = (0, 0);
                         }
                         again.push(one);
                     }
@@ -506,7 +452,7 @@ impl ReportQueue {
                 }
                 Delivery::OverLimit { fits } => {
                     // The hits this call sent; at most `bound` of them could have fitted.
-                    let sent = sealed.report.tokens.saturating_sub(sealed.report.reserved);
+                    let sent = sealed.report.used.less(sealed.report.reserved).tokens;
                     let bound = sealed.probe.unwrap_or(sent);
                     let may_fit = sent.saturating_sub(1).min(fits.unwrap_or(u64::MAX));
                     settled.over_limit += bound.saturating_sub(may_fit);
@@ -527,7 +473,7 @@ impl ReportQueue {
             };
             // A part of a refused report was counted: look for room for the rest.
             if let (Outcome::Applied, Some(bound)) = (outcome, sealed.probe) {
-                let left = bound.saturating_sub(sealed.report.tokens);
+                let left = bound.saturating_sub(sealed.report.used.tokens);
                 match probe(sealed, left, left.div_ceil(2)) {
                     Some(smaller) => again.push(smaller),
                     None => settled.sent += requests,
@@ -537,7 +483,7 @@ impl ReportQueue {
             match outcome {
                 Outcome::Applied | Outcome::Duplicate => {
                     settled.sent += sealed.requests;
-                    settled.tokens += sealed.used;
+                    settled.tokens += sealed.tokens_used;
                 }
                 Outcome::Rejected => settled.rejected += sealed.requests.max(1),
                 Outcome::Retry => {
@@ -621,7 +567,7 @@ mod tests {
             limit: "user".into(),
             value: value.into(),
             rates: vec![Rate {
-                tokens: 1000,
+                budget: 1000,
                 window_s: 60,
                 ..Default::default()
             }],
@@ -633,10 +579,8 @@ mod tests {
     fn spent(value: &str, tokens: u64, reserved: u64, at: Option<u64>) -> Spent {
         Spent {
             descriptors: vec![d(value)],
-            tokens,
-            reserved,
-            cost: 0,
-            reserved_cost: 0,
+            used: Amount::tokens(tokens),
+            reserved: Amount::tokens(reserved),
             reserved_at_ms: at,
             release: None,
             usage: UsageFigures {
@@ -667,12 +611,12 @@ mod tests {
         let batch = q.start_batch(0, 1).unwrap();
         assert_eq!(batch.len(), 2);
         assert_eq!(
-            (batch[0].tokens, batch[0].descriptors[0].value.as_str()),
+            (batch[0].used.tokens, batch[0].descriptors[0].value.as_str()),
             (5000, "ann")
         );
         assert_eq!(batch[0].usage.unwrap().completion_tokens, 5000);
         assert_eq!(batch[0].id, "0000000000000abc-1");
-        assert_eq!(batch[1].tokens, 7);
+        assert_eq!(batch[1].used.tokens, 7);
     }
 
     #[test]
@@ -686,7 +630,7 @@ mod tests {
         let batch = q.start_batch(0, 1).unwrap();
         let parts: Vec<(u64, u64, Option<u64>)> = batch
             .iter()
-            .map(|r| (r.tokens, r.reserved, r.reserved_at_ms))
+            .map(|r| (r.used.tokens, r.reserved.tokens, r.reserved_at_ms))
             .collect();
         assert_eq!(
             parts,
@@ -707,7 +651,7 @@ mod tests {
         let again = q.start_batch(1250, 2).unwrap();
         assert_eq!(ids(&again), first);
         assert_eq!(
-            again[0].tokens, 5,
+            again[0].used.tokens, 5,
             "the new report did not merge into a sealed one"
         );
         let s = q.finish_batch(2, Delivery::Answered(vec![Outcome::Duplicate]), 1300);
@@ -715,7 +659,7 @@ mod tests {
         q.push(spent("bob", 1, 0, None));
         let next = q.start_batch(1300, 3).unwrap();
         assert_eq!(
-            (next[0].tokens, next[0].id.as_str()),
+            (next[0].used.tokens, next[0].id.as_str()),
             (6, "0000000000000abc-2")
         );
     }
@@ -815,7 +759,7 @@ mod tests {
             while let Some(batch) = q.start_batch(0, call + 1) {
                 call += 1;
                 calls += 1;
-                let hits = (batch[0].tokens - batch[0].reserved).max(1);
+                let hits = (batch[0].used.tokens - batch[0].reserved.tokens).max(1);
                 let delivery = if counter + hits > limit {
                     Delivery::OverLimit { fits: None }
                 } else {
@@ -849,7 +793,7 @@ mod tests {
         while let Some(batch) = q.start_batch(0, call + 1) {
             call += 1;
             assert!(call < 20, "bounded");
-            let hits = batch[0].tokens - batch[0].reserved;
+            let hits = batch[0].used.tokens - batch[0].reserved.tokens;
             let values: Vec<String> = batch[0]
                 .descriptors
                 .iter()
@@ -877,7 +821,7 @@ mod tests {
         let mut calls = 0;
         while let Some(batch) = q.start_batch(0, calls + 1) {
             calls += 1;
-            let fits = Some(batch[0].tokens - 1);
+            let fits = Some(batch[0].used.tokens - 1);
             q.finish_batch(calls, Delivery::OverLimit { fits }, 0);
         }
         assert!(calls <= 20, "{calls} calls");
@@ -891,7 +835,7 @@ mod tests {
         let s = q.finish_batch(1, Delivery::OverLimit { fits: Some(9) }, 0);
         assert_eq!(s.over_limit, 20);
         let again = q.start_batch(0, 2).unwrap();
-        assert_eq!(again[0].tokens, 9);
+        assert_eq!(again[0].used.tokens, 9);
         let s = q.finish_batch(2, Delivery::Answered(vec![]), 0);
         assert_eq!(s.sent, 1);
         assert!(q.is_empty());
@@ -1056,8 +1000,8 @@ mod tests {
                                 r.reserved_at_ms.map(|t| t / 1000),
                             );
                             let e = charged.entry(key).or_default();
-                            e.0 += r.tokens;
-                            e.1 += r.reserved;
+                            e.0 += r.used.tokens;
+                            e.1 += r.reserved.tokens;
                         }
                     }
                 }

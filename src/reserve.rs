@@ -73,7 +73,7 @@ fn output_cap(rule: Rule, body: Option<(&BodyFacts, Api)>) -> u64 {
             .unwrap_or(rule.default)
             .saturating_mul(choices(rule, body)),
     };
-    asked.min(rule.max).min(wire::MAX_TOKENS)
+    asked.min(rule.max).min(wire::MAX_AMOUNT)
 }
 
 /// The largest budget among the descriptors in money (`money`) or in tokens, when every one
@@ -89,7 +89,7 @@ fn largest_budget(descriptors: &[Descriptor], money: bool) -> Option<u64> {
         return None;
     }
     of_unit()
-        .flat_map(|d| d.rates.iter().map(|r| r.tokens))
+        .flat_map(|d| d.rates.iter().map(|r| r.budget))
         .max()
 }
 
@@ -133,8 +133,8 @@ mod tests {
             value: "v".into(),
             rates: rates
                 .iter()
-                .map(|&tokens| Rate {
-                    tokens,
+                .map(|&budget| Rate {
+                    budget,
                     window_s: 60,
                     calendar: None,
                 })
@@ -240,11 +240,11 @@ mod tests {
         let r = |max, ds: &[Descriptor]| tokens(Reserve::MaxTokens, max, Some(&huge), ds);
         assert_eq!(r(u64::MAX, &plugin_owned), 1000);
         assert_eq!(r(300, &plugin_owned), 300);
-        assert_eq!(r(u64::MAX, &service_owned), wire::MAX_TOKENS);
+        assert_eq!(r(u64::MAX, &service_owned), wire::MAX_AMOUNT);
         assert_eq!(r(4096, &service_owned), 4096);
         assert_eq!(
             r(u64::MAX, &mixed),
-            wire::MAX_TOKENS,
+            wire::MAX_AMOUNT,
             "a bucket may be larger"
         );
         assert_eq!(

@@ -55,15 +55,14 @@ pub fn check_message(
     .encode_to_vec()
 }
 
-/// The report: `hits_addend` = `tokens - reserved`, or `None` when there is nothing to add.
+/// The report: `hits_addend` = `add` (the tokens used beyond the reservation), or `None` when
+/// there is nothing to add.
 pub fn report_message(
     domain: &str,
     extra: &[(String, String)],
     ds: &[Descriptor],
-    tokens: u64,
-    reserved: u64,
+    add: u64,
 ) -> Option<Vec<u8>> {
-    let add = tokens.saturating_sub(reserved);
     (add > 0).then(|| {
         RateLimitRequest {
             domain: domain.into(),
@@ -288,7 +287,7 @@ mod tests {
     #[test]
     fn reports_add_what_was_not_reserved() {
         let m = |tokens, reserved| {
-            report_message("llm", &[], &alice(), tokens, reserved)
+            report_message("llm", &[], &alice(), u64::saturating_sub(tokens, reserved))
                 .map(|b| RateLimitRequest::decode(b.as_slice()).unwrap().hits_addend)
         };
         assert_eq!(m(105, 1), Some(104));

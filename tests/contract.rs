@@ -15,7 +15,7 @@ use llm_token_ratelimit::template::{Attribute, AttributeSource};
 use serde_json::json;
 use testkit::http;
 use testkit::service::Service;
-use wire::{Report, SeqId, UsageFigures, MAX_DESCRIPTORS, MAX_RATES, MAX_TOKENS, MAX_WINDOW_S};
+use wire::{Report, SeqId, UsageFigures, MAX_AMOUNT, MAX_DESCRIPTORS, MAX_RATES, MAX_WINDOW_S};
 
 /// A client that sends the longest, least ASCII value it can for every attribute.
 struct Hostile;
@@ -28,7 +28,7 @@ impl AttributeSource for Hostile {
 
 fn limits(n: usize, with_rates: bool) -> serde_json::Value {
     let rates: Vec<_> = (0..MAX_RATES)
-        .map(|i| json!({"tokens": MAX_TOKENS - i as u64, "window": MAX_WINDOW_S - i as u64}))
+        .map(|i| json!({"tokens": MAX_AMOUNT - i as u64, "window": MAX_WINDOW_S - i as u64}))
         .collect();
     (0..n)
         .map(|i| {
@@ -47,7 +47,7 @@ fn config(limits: serde_json::Value) -> Result<Config, String> {
     let c = json!({
         "service": {"cluster": "ratelimit"},
         "limits": limits,
-        "reserve": {"tokens": "max_tokens", "max": MAX_TOKENS}
+        "reserve": {"tokens": "max_tokens", "max": MAX_AMOUNT}
     });
     Config::parse(c.to_string().as_bytes()).map_err(|e| e.to_string())
 }
@@ -102,7 +102,7 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
         };
         let asked = Some((&huge, llm_token_ratelimit::body::Api::Chat));
         let reserved = reserve(rule, config.service.protocol, asked, &ds).tokens;
-        assert_eq!(reserved, MAX_TOKENS);
+        assert_eq!(reserved, MAX_AMOUNT);
         let id = SeqId {
             source: u64::MAX,
             seq: wire::MAX_SEQ - u64::from(with_rates),
@@ -111,16 +111,19 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
         let wire = config.service.protocol.wire();
         let r = send(
             &svc,
-            wire.check_call(&config.service, &ds, reserved, MAX_TOKENS, Some(&id)),
+            wire.check_call(
+                &config.service,
+                &ds,
+                wire::Amount::new(reserved, MAX_AMOUNT),
+                Some(&id),
+            ),
         );
         assert_eq!(r.status, 200, "check (rates: {with_rates}): {}", r.text());
         let report = Report {
             id: id.clone(),
             descriptors: ds.clone(),
-            tokens: MAX_TOKENS,
-            reserved: MAX_TOKENS,
-            cost: MAX_TOKENS,
-            reserved_cost: MAX_TOKENS,
+            used: wire::Amount::new(MAX_AMOUNT, MAX_AMOUNT),
+            reserved: wire::Amount::new(MAX_AMOUNT, MAX_AMOUNT),
             reserved_at_ms: Some(u64::MAX),
             release: Some(id.clone()),
             usage: Some(UsageFigures {

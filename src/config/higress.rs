@@ -151,7 +151,7 @@ impl Thresholds {
         .into_iter()
         .filter_map(|(tokens, window_s)| {
             tokens.map(|t| Rate {
-                tokens: t.0,
+                budget: t.0,
                 window_s,
                 calendar: None,
             })

@@ -525,16 +525,16 @@ mod tests {
             })
         };
         assert_eq!(c.limits[0].currency.as_deref(), Some("USD"));
-        assert_eq!(rates(0)[0].tokens, 500_000_000);
+        assert_eq!(rates(0)[0].budget, 500_000_000);
         assert_eq!(rates(0)[0].calendar, month_in("Asia/Shanghai"));
         assert_eq!(rates(0)[0].window_s, Period::Month.longest_s());
         let dev = rates(1);
         assert_eq!(
-            (dev[0].tokens, dev[0].calendar.clone()),
+            (dev[0].budget, dev[0].calendar.clone()),
             (20_000_000, month_in("UTC"))
         );
         assert_eq!(
-            (dev[1].tokens, dev[1].window_s, dev[1].calendar.clone()),
+            (dev[1].budget, dev[1].window_s, dev[1].calendar.clone()),
             (2_500_000, 3_600, None)
         );
         assert_eq!(c.limits[2].currency, None);

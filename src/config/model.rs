@@ -245,7 +245,7 @@ impl Config {
         if self.reserve_max == 0 {
             self.reserve_max = match self.service.protocol {
                 Protocol::EnvoyRls => RLS_RESERVE_MAX,
-                _ => wire::MAX_TOKENS,
+                _ => wire::MAX_AMOUNT,
             };
         }
         let mut names: Vec<String> = Vec::new();

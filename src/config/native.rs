@@ -17,9 +17,9 @@ use crate::matcher::RequestMatch;
 use crate::matcher::{Condition, StringMatch};
 use crate::template::Template;
 
-pub(super) use wire::MAX_TOKENS;
+pub(super) use wire::MAX_AMOUNT;
 /// A count of tokens: at least one, at most what the service stores.
-pub type Tokens = Whole<1, MAX_TOKENS>;
+pub type Tokens = Whole<1, MAX_AMOUNT>;
 pub type Port = Whole<1, 65_535>;
 /// `timeout_ms` of a service: 1 ms to 60 s.
 pub type TimeoutMs = Whole<1, 60_000>;
@@ -477,12 +477,12 @@ impl Counting<'_> {
     fn rate(&self, amount: u64, window: Window) -> Rate {
         match window {
             Window::Rolling(window_s) => Rate {
-                tokens: amount,
+                budget: amount,
                 window_s,
                 calendar: None,
             },
             Window::Calendar(period) => Rate {
-                tokens: amount,
+                budget: amount,
                 window_s: period.longest_s(),
                 calendar: Some(wire::Calendar {
                     period,

@@ -12,7 +12,7 @@ use super::values::{Amount, Currency, HeaderName, Pattern, Status, Whole};
 use super::*;
 use crate::client_ip::{ClientIpSource, Prefixes};
 use crate::pricing::{LongContext, ModelMatch, Price, Prices, Rates, UnknownModel};
-use wire::MAX_TOKENS;
+use wire::MAX_AMOUNT;
 
 /// The shared options; every one is optional and has the default [`Config::new`] gives.
 #[derive(Deserialize, Default)]
@@ -173,7 +173,7 @@ struct PriceSpec {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct LongContextSpec {
-    above_prompt_tokens: Whole<1, MAX_TOKENS>,
+    above_prompt_tokens: Whole<1, MAX_AMOUNT>,
     input: Amount,
     cached_input: Option<Amount>,
     output: Amount,
@@ -426,10 +426,10 @@ struct ReserveSpec {
     tokens: Option<ReserveTokens>,
     /// The largest reserve one check may ask, whatever the request says (the wire's bound;
     /// 4096 under envoy-rls).
-    max: Option<Whole<1, MAX_TOKENS>>,
+    max: Option<Whole<1, MAX_AMOUNT>>,
     /// What a request that states no output cap, or whose body cannot be read, reserves under
     /// `"max_tokens"` (4096).
-    default: Option<Whole<1, MAX_TOKENS>>,
+    default: Option<Whole<1, MAX_AMOUNT>>,
     /// Write the reserved cap into the request, in the field its API reads (`false`).
     write_cap: Option<bool>,
 }
@@ -451,9 +451,9 @@ impl<'de> Deserialize<'de> for ReserveTokens {
                 }
             }
             fn visit_u64<E: de::Error>(self, n: u64) -> Result<ReserveTokens, E> {
-                if n > MAX_TOKENS {
+                if n > MAX_AMOUNT {
                     return Err(E::custom(format!(
-                        "{n} is larger than the maximum {MAX_TOKENS}"
+                        "{n} is larger than the maximum {MAX_AMOUNT}"
                     )));
                 }
                 Ok(ReserveTokens(Reserve::Tokens(n)))
@@ -601,7 +601,7 @@ mod schema {
         }
         fn json_schema(_: &mut SchemaGenerator) -> Schema {
             json_schema!({"oneOf": [
-                {"type": "integer", "minimum": 0, "maximum": MAX_TOKENS},
+                {"type": "integer", "minimum": 0, "maximum": MAX_AMOUNT},
                 {"const": "max_tokens"}
             ]})
         }

@@ -189,7 +189,7 @@ impl<'de> Deserialize<'de> for Amount {
                 f.write_str("an amount such as \"20.00\"")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Amount, E> {
-                crate::pricing::parse_amount(s, wire::MAX_TOKENS)
+                crate::pricing::parse_amount(s, wire::MAX_AMOUNT)
                     .map(Amount)
                     .map_err(E::custom)
             }

@@ -16,8 +16,7 @@ impl Wire for Asm {
         &self,
         _service: &ServiceConfig,
         descriptors: &[Descriptor],
-        _reserve: u64,
-        _reserve_cost: u64,
+        _reserve: wire::Amount,
         _id: Option<&str>,
     ) -> Outbound {
         let keys: Vec<&str> = descriptors.iter().map(|d| d.value.as_str()).collect();
@@ -48,7 +47,7 @@ impl Wire for Asm {
                 prompt_tokens: usage.prompt_tokens,
                 completion_tokens: usage.completion_tokens,
                 // What the plugin charges (per `usage.count`): the ASM service charges it.
-                total_tokens: r.tokens,
+                total_tokens: r.used.tokens,
             })
             .ok(),
         }))

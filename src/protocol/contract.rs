@@ -25,14 +25,14 @@ pub struct Call {
 /// between v1, `asm` and `envoy-rls` is answered here, so the rest of the plugin never asks
 /// which one it speaks ([`Protocol::wire`]).
 pub trait Wire {
-    /// The check for `descriptors`, reserving `reserve` tokens from each on admission; `id`
-    /// names it for a later release (protocols with [`Wire::releases`]).
+    /// The check for `descriptors`, reserving `reserve` from each on admission (tokens, or
+    /// micro units from those that count money); `id` names it for a later release
+    /// (protocols with [`Wire::releases`]).
     fn check_call(
         &self,
         service: &ServiceConfig,
         descriptors: &[Descriptor],
-        reserve: u64,
-        reserve_cost: u64,
+        reserve: wire::Amount,
         id: Option<&str>,
     ) -> Outbound;
 

@@ -16,15 +16,14 @@ impl Wire for EnvoyRls {
         &self,
         service: &ServiceConfig,
         descriptors: &[Descriptor],
-        reserve: u64,
-        _reserve_cost: u64,
+        reserve: wire::Amount,
         _id: Option<&str>,
     ) -> Outbound {
         Outbound::Grpc(rls::check_message(
             &service.domain,
             &service.descriptor_entries,
             descriptors,
-            reserve,
+            reserve.tokens,
         ))
     }
 
@@ -38,8 +37,7 @@ impl Wire for EnvoyRls {
             &service.domain,
             &service.descriptor_entries,
             &r.descriptors,
-            r.tokens,
-            r.reserved,
+            r.used.less(r.reserved).tokens,
         )
         .map(Outbound::Grpc)
     }

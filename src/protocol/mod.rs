@@ -45,7 +45,7 @@ mod tests {
         service
             .protocol
             .wire()
-            .check_call(service, ds, reserve, 0, id)
+            .check_call(service, ds, wire::Amount::tokens(reserve), id)
     }
 
     fn report_call(service: &ServiceConfig, reports: &[&Report]) -> Option<Outbound> {
@@ -62,7 +62,7 @@ mod tests {
                 limit: "apikey".into(),
                 value: "k\"1".into(),
                 rates: vec![Rate {
-                    tokens: 10,
+                    budget: 10,
                     window_s: 60,
                     ..Default::default()
                 }],
@@ -130,8 +130,8 @@ mod tests {
         let report = Report {
             id: "ab-1".into(),
             descriptors: descriptors(),
-            tokens: 105,
-            reserved: 20,
+            used: wire::Amount::tokens(105),
+            reserved: wire::Amount::tokens(20),
             reserved_at_ms: Some(1_700_000_000_000),
             release: None,
             usage: Some(wire::UsageFigures {
@@ -140,7 +140,6 @@ mod tests {
                 total_tokens: 105,
                 ..Default::default()
             }),
-            ..Default::default()
         };
         let call = http(report_call(&service(Protocol::V1), &[&report]));
         assert_eq!((call.method, call.path.as_str()), ("POST", "/v1/report"));

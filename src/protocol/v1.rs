@@ -16,8 +16,7 @@ impl Wire for V1 {
         &self,
         _service: &ServiceConfig,
         descriptors: &[Descriptor],
-        reserve: u64,
-        reserve_cost: u64,
+        reserve: wire::Amount,
         id: Option<&str>,
     ) -> Outbound {
         Outbound::Http(Call {
@@ -27,7 +26,6 @@ impl Wire for V1 {
             body: serde_json::to_vec(&wire::CheckRequest {
                 descriptors,
                 reserve,
-                reserve_cost,
                 id: id.map(str::to_owned),
             })
             .ok(),
@@ -73,8 +71,8 @@ fn read_v1(body: &[u8]) -> Result<Verdict, CheckFailure> {
         .iter()
         .filter(|l| l.currency.is_none())
         .map(|l| Quota {
-            limit: l.tokens,
-            remaining: l.remaining.min(l.tokens),
+            limit: l.budget,
+            remaining: l.remaining.min(l.budget),
             reset_ms: l.reset_ms,
         })
         .min_by_key(|q| (q.remaining, std::cmp::Reverse(q.reset_ms)));
@@ -84,10 +82,10 @@ fn read_v1(body: &[u8]) -> Result<Verdict, CheckFailure> {
         .iter()
         .filter(|l| l.currency.is_some())
         .filter(denier)
-        .min_by_key(|l| (l.remaining.min(l.tokens), std::cmp::Reverse(l.reset_ms)))
+        .min_by_key(|l| (l.remaining.min(l.budget), std::cmp::Reverse(l.reset_ms)))
         .map(|l| MoneyQuota {
-            limit: l.tokens,
-            remaining: l.remaining.min(l.tokens),
+            limit: l.budget,
+            remaining: l.remaining.min(l.budget),
             reset_ms: l.reset_ms,
             currency: l.currency.clone().unwrap_or_default(),
             name: l.limit.clone(),

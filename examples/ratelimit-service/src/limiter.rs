@@ -11,7 +11,7 @@ use crate::meter::{Meter, Money, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
 use crate::store::sources::Mark;
-use crate::store::{Amounts, Applied, ConsoleEvent, Settlement, Store, StoreError};
+use crate::store::{Applied, ConsoleEvent, Settlement, Store, StoreError};
 
 /// Why a request got no decision.
 #[derive(Debug)]
@@ -110,7 +110,7 @@ impl Limiter {
                 .iter()
                 .map(|r| match &r.calendar {
                     None => Ok(Meter::Window {
-                        tokens: r.tokens as i64,
+                        budget: r.budget as i64,
                         window_ms: r.window_s as i64 * 1000,
                         sliding: self.sliding,
                         money,
@@ -120,7 +120,7 @@ impl Limiter {
                         let (start_ms, end_ms) =
                             calendar::bounds(c.period, &tz, now).map_err(|e| BadRequest(e.0))?;
                         Ok(Meter::Calendar {
-                            tokens: r.tokens as i64,
+                            budget: r.budget as i64,
                             start_ms,
                             end_ms,
                             zone: calendar::zone_id(c.period, &c.timezone),
@@ -164,7 +164,7 @@ impl Limiter {
     pub async fn check(&self, req: &CheckRequest) -> Result<CheckResponse, Failure> {
         let started = Instant::now();
         validate_check(req).inspect_err(|_| inc(&self.metrics.bad_requests))?;
-        let reserve: Amounts = [req.reserve as i64, req.reserve_cost as i64];
+        let reserve = req.reserve;
         let mut planned_at = self.planning_now();
         let mut retried = false;
         let (planned, plans, now, outcome) = loop {
@@ -190,7 +190,7 @@ impl Limiter {
                 }
             }
         };
-        let reserves = reserve.iter().any(|r| *r > 0);
+        let reserves = !reserve.is_zero();
         let mut reserved_at_ms = (outcome.allowed && reserves).then_some(outcome.at_ms as u64);
         if let (Some(_), Some(id)) = (reserved_at_ms, req.id.as_deref().and_then(SeqId::parse)) {
             match self.store.mark_reserved(id).await {
@@ -200,7 +200,7 @@ impl Limiter {
                     // The plugin gave this check up and released it before it arrived: the
                     // reservation must not stand (nobody will settle it).
                     let undo = Settlement {
-                        excess: [0, 0],
+                        excess: Amount::ZERO,
                         refund: reserve,
                         refund_at: Some(outcome.at_ms),
                     };
@@ -230,10 +230,10 @@ impl Limiter {
         if outcome.allowed {
             inc(&self.metrics.checks_allowed);
             if reserved_at_ms.is_some() {
-                self.metrics.charged(reserve[0]);
-                self.spent(&planned, reserve[1]);
+                self.metrics.charged(reserve.tokens as i64);
+                self.spent(&planned, reserve.micros as i64);
                 let mut tally = Tally::default();
-                tally.charge(&planned, reserve);
+                tally.charge(&planned, reserve.tokens as i64, reserve.micros as i64);
                 self.record(tally);
             }
         } else {
@@ -290,16 +290,10 @@ impl Limiter {
             let result = match applied {
                 Ok((Applied::Yes, settlement)) => {
                     inc(&self.metrics.reports_accepted);
-                    self.metrics
-                        .charged(settlement.excess[0] - settlement.refund[0]);
-                    self.spent(&planned, settlement.excess[1] - settlement.refund[1]);
-                    tally.charge(
-                        &planned,
-                        [
-                            settlement.excess[0] - settlement.refund[0],
-                            settlement.excess[1] - settlement.refund[1],
-                        ],
-                    );
+                    let (tokens, micros) = settlement.net();
+                    self.metrics.charged(tokens);
+                    self.spent(&planned, micros);
+                    tally.charge(&planned, tokens, micros);
                     answer.accepted += 1;
                     ReportResult::of(Outcome::Applied)
                 }
@@ -369,11 +363,9 @@ impl Limiter {
     /// it and this is the first release; it settles as a refund does, in the window the
     /// reservation was taken in (`reserved_at_ms`; the current one when not given).
     async fn reserved(&self, r: &Report) -> Result<Settlement, StoreError> {
-        let used: Amounts = [r.tokens as i64, r.cost as i64];
-        let reserved: Amounts = [r.reserved as i64, r.reserved_cost as i64];
         let at = r.reserved_at_ms.map(|t| t.min(i64::MAX as u64) as i64);
         let Some(check) = &r.release else {
-            return Ok(Settlement::of(used, reserved, at));
+            return Ok(Settlement::of(r.used, r.reserved, at));
         };
         let taken = match SeqId::parse(check) {
             Some(id) => self.store.release(id).await?,
@@ -385,8 +377,8 @@ impl Limiter {
             &self.metrics.releases_without_reservation
         });
         Ok(Settlement::of(
-            used,
-            if taken { reserved } else { [0, 0] },
+            r.used,
+            if taken { r.reserved } else { Amount::ZERO },
             at,
         ))
     }
@@ -414,7 +406,7 @@ impl Limiter {
         let plans = self.asm_plans(keys);
         let outcome = match self
             .store
-            .check(&plans, [0, 0], self.clock.for_store())
+            .check(&plans, Amount::ZERO, self.clock.for_store())
             .await
         {
             Ok(o) => o,
@@ -452,10 +444,9 @@ impl Limiter {
         } else {
             u.prompt_tokens.saturating_add(u.completion_tokens)
         };
-        let tokens = tokens.min(MAX_TOKENS) as i64;
         let plans = self.asm_plans(&u.ratelimit_keys);
         let charge = Settlement {
-            excess: [tokens, 0],
+            excess: Amount::tokens(tokens),
             ..Settlement::default()
         };
         match self
@@ -465,7 +456,7 @@ impl Limiter {
         {
             Ok(_) => {
                 inc(&self.metrics.reports_accepted);
-                self.metrics.charged(tokens);
+                self.metrics.charged(charge.net().0);
                 Ok(())
             }
             Err(e) => {
@@ -520,7 +511,7 @@ impl Limiter {
         &self,
         planned: &[(&Descriptor, Plan)],
         statuses: &[Vec<Status>],
-        reserve: Amounts,
+        reserve: Amount,
     ) {
         let denying = planned.iter().zip(statuses).find_map(|((d, plan), st)| {
             let (meter, status) = plan
@@ -534,7 +525,7 @@ impl Limiter {
         let Some((d, meter, status)) = denying else {
             return;
         };
-        let need = reserve[crate::meter::unit(meter.money())].max(1);
+        let need = crate::meter::counted(reserve, meter.money()).max(1);
         let amount = |n: i64| match meter.money() {
             Some(c) => format!(
                 "{} {}",
@@ -616,7 +607,7 @@ impl Limiter {
             },
             meters: Vec::new(),
         };
-        let grant = grant.map(|g| g.min(MAX_TOKENS) as i64);
+        let grant = grant.map(|g| g.min(MAX_AMOUNT) as i64);
         self.store
             .adjust(&plan, grant, self.clock.for_store())
             .await
@@ -648,10 +639,10 @@ struct Tally {
 impl Tally {
     /// What reached the counters: a check's reservation, or a report's excess less its refund
     /// (so a request's figures add up to what it used, whether or not it sent a report).
-    fn charge(&mut self, planned: &[(&Descriptor, Plan)], amounts: Amounts) {
-        self.tokens += amounts[0];
+    fn charge(&mut self, planned: &[(&Descriptor, Plan)], tokens: i64, micros: i64) {
+        self.tokens += tokens;
         for (d, _) in planned {
-            let amount = amounts[usize::from(d.currency.is_some())];
+            let amount = if d.currency.is_some() { micros } else { tokens };
             if amount != 0 {
                 *self
                     .used
@@ -659,14 +650,14 @@ impl Tally {
                     .or_default() += amount;
             }
         }
-        if amounts[1] != 0 {
+        if micros != 0 {
             // Once per currency, however many limits count it.
             let currencies: std::collections::BTreeSet<&String> = planned
                 .iter()
                 .filter_map(|(d, _)| d.currency.as_ref())
                 .collect();
             for c in currencies {
-                *self.spend.entry(c.clone()).or_default() += amounts[1];
+                *self.spend.entry(c.clone()).or_default() += micros;
             }
         }
     }
@@ -722,7 +713,7 @@ fn limit_status(
     LimitStatus {
         limit: id.limit.clone(),
         value: id.value.clone(),
-        tokens: st.limit.max(0) as u64,
+        budget: st.limit.max(0) as u64,
         window_s: (window_ms / 1000).max(0) as u64,
         remaining: st.remaining.max(0) as u64,
         reset_ms: st.reset_ms.max(0) as u64,

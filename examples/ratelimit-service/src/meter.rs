@@ -7,27 +7,28 @@
 /// What a meter counts: tokens (`None`), or micro units of a currency (an ISO 4217 code).
 pub type Money = Option<[u8; 3]>;
 
-/// Which of a request's amounts a meter is charged: its tokens, or its cost.
-pub fn unit(money: Money) -> usize {
-    usize::from(money.is_some())
+/// The figure of a request's amount a meter with this money is charged: its tokens, or its
+/// cost. Amounts are held to `wire::MAX_AMOUNT`, far inside the stores' integers.
+pub fn counted(amount: wire::Amount, money: Money) -> i64 {
+    amount.counted(money.is_some()).min(wire::MAX_AMOUNT) as i64
 }
 
 /// How one budget is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Meter {
-    /// Plugin-owned rate: `tokens` per `window_ms`, sliding (previous window weighted by
-    /// overlap) or fixed.
+    /// Plugin-owned rate: `budget` (in the meter's unit) per `window_ms`, sliding (previous
+    /// window weighted by overlap) or fixed.
     Window {
-        tokens: i64,
+        budget: i64,
         window_ms: i64,
         sliding: bool,
         money: Money,
     },
-    /// Plugin-owned calendar rate: `tokens` in the period `[start_ms, end_ms)` that holds now
+    /// Plugin-owned calendar rate: `budget` in the period `[start_ms, end_ms)` that holds now
     /// (the service computed it in the rate's time zone); `zone` names the period and zone so
     /// that every month of one rate shares one stored state. State: `[start, used, end]`.
     Calendar {
-        tokens: i64,
+        budget: i64,
         start_ms: i64,
         end_ms: i64,
         zone: i64,
@@ -63,7 +64,7 @@ pub struct Status {
 impl Meter {
     pub fn limit(&self) -> i64 {
         match *self {
-            Meter::Window { tokens, .. } | Meter::Calendar { tokens, .. } => tokens,
+            Meter::Window { budget, .. } | Meter::Calendar { budget, .. } => budget,
             Meter::Bucket { max, .. } => max,
         }
     }
@@ -131,14 +132,14 @@ impl Meter {
         let budget = budget.filter(|b| *b > 0);
         match (kind, nums.as_slice()) {
             ("t", [window_ms]) if *window_ms > 0 => Some(Meter::Window {
-                tokens: budget?,
+                budget: budget?,
                 window_ms: *window_ms,
                 sliding,
                 money,
             }),
             ("w" | "f", [tokens, window_ms]) if *tokens > 0 && *window_ms > 0 => {
                 Some(Meter::Window {
-                    tokens: *tokens,
+                    budget: *tokens,
                     window_ms: *window_ms,
                     sliding: kind == "w",
                     money,
@@ -146,14 +147,14 @@ impl Meter {
             }
             // The period's bounds are in the stored state.
             ("c", [zone]) => Some(Meter::Calendar {
-                tokens: budget?,
+                budget: budget?,
                 start_ms: 0,
                 end_ms: 0,
                 zone: *zone,
                 money,
             }),
             ("c", [tokens, zone]) if *tokens > 0 => Some(Meter::Calendar {
-                tokens: *tokens,
+                budget: *tokens,
                 start_ms: 0,
                 end_ms: 0,
                 zone: *zone,
@@ -258,14 +259,14 @@ impl Meter {
         let need = need.clamp(1, limit);
         match *self {
             Meter::Window {
-                tokens,
+                budget,
                 window_ms: w,
                 sliding,
                 ..
             } => {
                 let elapsed = (now - s[0]).clamp(0, w);
                 let used = window_used(s, elapsed, w, sliding);
-                let remaining = (tokens - used).clamp(0, tokens);
+                let remaining = (budget - used).clamp(0, budget);
                 let reset_ms = if s[1] > 0 {
                     s[0] + if sliding { 2 * w } else { w } - now
                 } else if sliding && s[2] > 0 {
@@ -276,7 +277,7 @@ impl Meter {
                 let retry_ms = if remaining >= need {
                     0
                 } else {
-                    let allowed = tokens - need;
+                    let allowed = budget - need;
                     let at = if !sliding || s[1] > allowed {
                         // Wait for the next window, where the current one becomes "previous".
                         let next = s[0] + w;
@@ -297,17 +298,17 @@ impl Meter {
                     retry_ms,
                 }
             }
-            Meter::Calendar { tokens, .. } => {
+            Meter::Calendar { budget, .. } => {
                 if now >= s[2] {
                     // The stored period is over (read-only lookups): a full budget.
                     return Status {
                         limit,
-                        remaining: tokens,
+                        remaining: budget,
                         reset_ms: 0,
                         retry_ms: 0,
                     };
                 }
-                let remaining = (tokens - s[1].max(0)).clamp(0, tokens);
+                let remaining = (budget - s[1].max(0)).clamp(0, budget);
                 let until_end = (s[2] - now).max(1);
                 Status {
                     limit,
@@ -410,7 +411,7 @@ mod tests {
 
     fn sliding(tokens: i64) -> Meter {
         Meter::Window {
-            tokens,
+            budget: tokens,
             window_ms: MIN,
             sliding: true,
             money: None,
@@ -478,7 +479,7 @@ mod tests {
     #[test]
     fn fixed_window_resets_at_the_boundary() {
         let m = Meter::Window {
-            tokens: 10,
+            budget: 10,
             window_ms: MIN,
             sliding: false,
             money: None,

@@ -421,10 +421,10 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
                         .map(|m| {
                             let mut v = serde_json::to_value(m).unwrap_or_default();
                             if m.currency.is_some() {
-                                v["budget_amount"] = wire::format_micros(m.tokens).into();
+                                v["budget_amount"] = wire::format_micros(m.budget).into();
                                 v["remaining_amount"] = wire::format_micros(m.remaining).into();
                                 v["spent_amount"] =
-                                    wire::format_micros(m.tokens.saturating_sub(m.remaining))
+                                    wire::format_micros(m.budget.saturating_sub(m.remaining))
                                         .into();
                             }
                             v

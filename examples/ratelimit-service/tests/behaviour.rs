@@ -98,9 +98,8 @@ impl Ctx {
     async fn check_as(&self, ds: &[Descriptor], reserve: u64, id: &str) -> CheckResponse {
         let req = CheckRequest {
             descriptors: ds.to_vec(),
-            reserve,
+            reserve: Amount::tokens(reserve),
             id: Some(id.to_string()),
-            ..Default::default()
         };
         match self.limiter.check(&req).await {
             Ok(r) => r,
@@ -124,8 +123,8 @@ impl Ctx {
             value: value.to_string(),
             rates: rates
                 .iter()
-                .map(|&(tokens, window_s)| Rate {
-                    tokens,
+                .map(|&(budget, window_s)| Rate {
+                    budget,
                     window_s,
                     calendar: None,
                 })
@@ -138,9 +137,8 @@ impl Ctx {
     async fn check(&self, ds: &[Descriptor], reserve: u64) -> CheckResponse {
         let req = CheckRequest {
             descriptors: ds.to_vec(),
-            reserve,
+            reserve: Amount::tokens(reserve),
             id: None,
-            ..Default::default()
         };
         match self.limiter.check(&req).await {
             Ok(r) => r,
@@ -160,12 +158,11 @@ impl Ctx {
             reports: vec![Report {
                 id: self.report_id(id),
                 descriptors: ds.to_vec(),
-                tokens,
-                reserved,
+                used: Amount::tokens(tokens),
+                reserved: Amount::tokens(reserved),
                 usage: None,
                 reserved_at_ms: None,
                 release: None,
-                ..Default::default()
             }],
         };
         match self.limiter.report(&req).await {
@@ -205,7 +202,7 @@ async fn admits_down_to_the_last_token(ctx: &Ctx) {
         vec![LimitStatus {
             limit: d.limit.clone(),
             value: "alice".into(),
-            tokens: 10,
+            budget: 10,
             window_s: 60,
             remaining: 10,
             reset_ms: 0,
@@ -297,22 +294,20 @@ async fn retried_reports_are_charged_once(ctx: &Ctx) {
             Report {
                 id: ctx.report_id("same-id"),
                 descriptors: vec![d.clone()],
-                tokens: 100,
-                reserved: 0,
+                used: Amount::tokens(100),
+                reserved: Amount::tokens(0),
                 usage: None,
                 reserved_at_ms: None,
                 release: None,
-                ..Default::default()
             },
             Report {
                 id: ctx.report_id("other"),
                 descriptors: vec![d.clone()],
-                tokens: 50,
-                reserved: 0,
+                used: Amount::tokens(50),
+                reserved: Amount::tokens(0),
                 usage: None,
                 reserved_at_ms: None,
                 release: None,
-                ..Default::default()
             },
         ],
     };
@@ -360,7 +355,7 @@ async fn service_owned_buckets(ctx: &Ctx) {
     let d = ctx.d("svc", "bucket-a", &[]);
     let r = ctx.check(std::slice::from_ref(&d), 0).await;
     assert_eq!(r.limits[0].remaining, 100, "buckets start full");
-    assert_eq!((r.limits[0].tokens, r.limits[0].window_s), (100, 1));
+    assert_eq!((r.limits[0].budget, r.limits[0].window_s), (100, 1));
     ctx.report("b1", std::slice::from_ref(&d), 150, 0).await;
     ctx.advance(500);
     let r = ctx.check(std::slice::from_ref(&d), 0).await;
@@ -399,7 +394,7 @@ async fn counters_never_collide(ctx: &Ctx) {
         .ok()
         .unwrap();
     assert_eq!(q.len(), 1);
-    assert_eq!((q[0].tokens, q[0].remaining), (10, 3));
+    assert_eq!((q[0].budget, q[0].remaining), (10, 3));
     assert!(ctx
         .limiter
         .quota(&shared.limit, "nobody", false)
@@ -423,12 +418,11 @@ async fn concurrent_reports_balance_exactly(ctx: &Ctx) {
                 reports: vec![Report {
                     id,
                     descriptors: vec![d],
-                    tokens: i + 1,
-                    reserved: 0,
+                    used: Amount::tokens(i + 1),
+                    reserved: Amount::tokens(0),
                     usage: None,
                     reserved_at_ms: None,
                     release: None,
-                    ..Default::default()
                 }],
             };
             assert!(limiter.report(&req).await.is_ok());
@@ -452,9 +446,8 @@ async fn concurrent_reservations_never_overshoot(ctx: &Ctx) {
             let r = limiter
                 .check(&CheckRequest {
                     descriptors: vec![d],
-                    reserve: 100,
+                    reserve: Amount::tokens(100),
                     id: None,
-                    ..Default::default()
                 })
                 .await;
             matches!(r, Ok(r) if r.allowed)
@@ -544,16 +537,15 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
         .limiter
         .check(&CheckRequest {
             descriptors: vec![d.clone()],
-            reserve: 0,
+            reserve: Amount::tokens(0),
             id: None,
-            ..Default::default()
         })
         .await;
     assert!(
         matches!(r, Err(Failure::Bad(BadRequest(m))) if m.contains("descriptors[0].rates[0].tokens"))
     );
     d.rates[0] = Rate {
-        tokens: 1,
+        budget: 1,
         window_s: 0,
         calendar: None,
     };
@@ -561,9 +553,8 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
         .limiter
         .check(&CheckRequest {
             descriptors: vec![d.clone()],
-            reserve: 0,
+            reserve: Amount::tokens(0),
             id: None,
-            ..Default::default()
         })
         .await;
     assert!(matches!(r, Err(Failure::Bad(BadRequest(m))) if m.contains("window_s")));
@@ -571,9 +562,8 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
         .limiter
         .check(&CheckRequest {
             descriptors: vec![ctx.d("x", "y", &[]); 65],
-            reserve: 0,
+            reserve: Amount::tokens(0),
             id: None,
-            ..Default::default()
         })
         .await;
     assert!(matches!(r, Err(Failure::Bad(_))));
@@ -581,12 +571,11 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
         reports: vec![Report {
             id: String::new(),
             descriptors: vec![],
-            tokens: 1,
-            reserved: 0,
+            used: Amount::tokens(1),
+            reserved: Amount::tokens(0),
             usage: None,
             reserved_at_ms: None,
             release: None,
-            ..Default::default()
         }],
     };
     // A bad report is refused on its own; the rest of its batch is applied.
@@ -671,8 +660,8 @@ async fn calendar_months_reset_at_their_start_in_their_zone(ctx: &Ctx) {
     let late = Report {
         id: ctx.report_id("m3"),
         descriptors: vec![d.clone()],
-        tokens: 0,
-        reserved: 50,
+        used: Amount::tokens(0),
+        reserved: Amount::tokens(50),
         reserved_at_ms: Some((end - 1) as u64),
         ..Default::default()
     };
@@ -706,8 +695,7 @@ async fn money_and_tokens_are_counted_apart(ctx: &Ctx) {
         .limiter
         .check(&CheckRequest {
             descriptors: both.to_vec(),
-            reserve: 100,
-            reserve_cost: 5_000_000,
+            reserve: Amount::new(100, 5_000_000),
             ..Default::default()
         })
         .await
@@ -725,10 +713,8 @@ async fn money_and_tokens_are_counted_apart(ctx: &Ctx) {
     ctx.settle(Report {
         id: ctx.report_id("spend-1"),
         descriptors: both.to_vec(),
-        tokens: 40,
-        reserved: 100,
-        cost: 1_234_567,
-        reserved_cost: 5_000_000,
+        used: Amount::new(40, 1_234_567),
+        reserved: Amount::new(100, 5_000_000),
         reserved_at_ms: r.reserved_at_ms,
         ..Default::default()
     })
@@ -743,8 +729,7 @@ async fn money_and_tokens_are_counted_apart(ctx: &Ctx) {
         .limiter
         .check(&CheckRequest {
             descriptors: both.to_vec(),
-            reserve: 1,
-            reserve_cost: 19_000_000,
+            reserve: Amount::new(1, 19_000_000),
             ..Default::default()
         })
         .await
@@ -821,12 +806,11 @@ async fn late_refunds_never_enlarge_the_next_window(ctx: &Ctx) {
         ctx.settle(Report {
             id: ctx.report_id(&id),
             descriptors: vec![d.clone()],
-            tokens: 10,
-            reserved: 1000,
+            used: Amount::tokens(10),
+            reserved: Amount::tokens(1000),
             reserved_at_ms: Some(at),
             release: None,
             usage: None,
-            ..Default::default()
         })
         .await;
         let mut admitted = 0;
@@ -869,12 +853,11 @@ async fn releases_give_back_only_reservations_taken(ctx: &Ctx) {
     let release = |seq: u64, tokens: u64, reserved: u64| Report {
         id: ctx.report_id(&format!("release-{seq}")),
         descriptors: vec![d.clone()],
-        tokens,
-        reserved,
+        used: Amount::tokens(tokens),
+        reserved: Amount::tokens(reserved),
         reserved_at_ms: None,
         release: Some(ctx.id(seq)),
         usage: None,
-        ..Default::default()
     };
     // Taken, then released: all back.
     assert!(ctx.check_as(ds, 300, &ctx.id(1)).await.allowed);
@@ -930,8 +913,8 @@ async fn a_release_refunds_the_window_of_its_reservation(ctx: &Ctx) {
     ctx.settle(Report {
         id: ctx.report_id("release-7"),
         descriptors: vec![d.clone()],
-        tokens: 0,
-        reserved: 1000,
+        used: Amount::tokens(0),
+        reserved: Amount::tokens(1000),
         reserved_at_ms: Some(reserved_at),
         release: Some(ctx.id(7)),
         ..Default::default()
@@ -973,7 +956,7 @@ async fn editing_a_budget_keeps_what_was_spent(ctx: &Ctx) {
     ctx.settle(Report {
         id: ctx.report_id("edit-2"),
         descriptors: vec![month(20_000_000)],
-        cost: 15_000_000,
+        used: Amount::new(0, 15_000_000),
         ..Default::default()
     })
     .await;
@@ -987,7 +970,7 @@ async fn editing_a_budget_keeps_what_was_spent(ctx: &Ctx) {
         .await
         .ok()
         .unwrap();
-    assert_eq!((q[0].tokens, q[0].remaining), (1000, 0));
+    assert_eq!((q[0].budget, q[0].remaining), (1000, 0));
 }
 
 suite!(
@@ -1067,12 +1050,11 @@ async fn memory_and_redis_agree_on_a_random_history() {
                         .settle(Report {
                             id: ctx.id(report_id),
                             descriptors: vec![d.clone()],
-                            tokens,
-                            reserved: reserve,
+                            used: Amount::tokens(tokens),
+                            reserved: Amount::tokens(reserve),
                             reserved_at_ms: Some((T0 + 1) as u64),
                             release: (what == 7).then(|| ctx.id(check_id)),
                             usage: None,
-                            ..Default::default()
                         })
                         .await;
                     json!(r.results.iter().map(|o| o.outcome).collect::<Vec<_>>())
@@ -1099,9 +1081,8 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
         .limiter
         .check(&CheckRequest {
             descriptors: vec![d.clone()],
-            reserve: 0,
+            reserve: Amount::tokens(0),
             id: None,
-            ..Default::default()
         })
         .await;
     assert!(
@@ -1116,9 +1097,8 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
             .limiter
             .check(&CheckRequest {
                 descriptors: vec![d.clone()],
-                reserve: 0,
+                reserve: Amount::tokens(0),
                 id: None,
-                ..Default::default()
             })
             .await
             .is_ok()
@@ -1189,7 +1169,7 @@ async fn a_service_clock_behind_redis_plans_redis_periods() {
         limit: "skew".into(),
         value: "team".into(),
         rates: vec![Rate {
-            tokens: 100,
+            budget: 100,
             window_s: Period::Hour.longest_s(),
             calendar: Some(Calendar {
                 period: Period::Hour,
@@ -1200,7 +1180,7 @@ async fn a_service_clock_behind_redis_plans_redis_periods() {
     };
     let check = |reserve: u64| CheckRequest {
         descriptors: vec![d.clone()],
-        reserve,
+        reserve: Amount::tokens(reserve),
         ..Default::default()
     };
     let spent = limiter.check(&check(100)).await.ok().unwrap();
@@ -1212,8 +1192,8 @@ async fn a_service_clock_behind_redis_plans_redis_periods() {
     let report = Report {
         id: SeqId { source: 77, seq: 1 }.format(),
         descriptors: vec![d.clone()],
-        tokens: 0,
-        reserved: 100,
+        used: Amount::tokens(0),
+        reserved: Amount::tokens(100),
         reserved_at_ms: spent.reserved_at_ms,
         ..Default::default()
     };

@@ -8,7 +8,7 @@
 
 pub mod rls;
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The most descriptors (limits that apply to one request) in one check or report.
 pub const MAX_DESCRIPTORS: usize = 64;
@@ -18,9 +18,10 @@ pub const MAX_RATES: usize = 16;
 pub const MAX_TEXT: usize = 4096;
 /// The most reports in one `/v1/report` call.
 pub const MAX_REPORTS: usize = 1000;
-/// The largest token figure anywhere (budgets, reserves, charges): far above any real budget,
-/// far below where integer arithmetic in the stores could overflow.
-pub const MAX_TOKENS: u64 = 1_000_000_000_000_000;
+/// The largest figure anywhere, in tokens or in micro units of money (budgets, reserves,
+/// charges): far above any real budget, far below where integer arithmetic in the stores
+/// could overflow.
+pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000;
 /// The longest window, in seconds.
 pub const MAX_WINDOW_S: u64 = 366 * 86_400;
 /// The longest request or report id, in bytes.
@@ -31,10 +32,74 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// The longest IANA time zone name a calendar rate may carry.
 pub const MAX_ZONE: usize = 64;
 
-/// One budget: `tokens` per `window_s` seconds, or per calendar period.
+/// What a request spends or reserves: tokens, and micro units (millionths) of money for the
+/// limits that count money. A limit counts one of the two ([`Amount::counted`]). Sums
+/// saturate at [`MAX_AMOUNT`], so no figure an upstream invents can overflow a store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Amount {
+    pub tokens: u64,
+    pub micros: u64,
+}
+
+impl Amount {
+    pub const ZERO: Amount = Amount {
+        tokens: 0,
+        micros: 0,
+    };
+
+    /// Both figures, each held to [`MAX_AMOUNT`].
+    pub fn new(tokens: u64, micros: u64) -> Amount {
+        Amount {
+            tokens: tokens.min(MAX_AMOUNT),
+            micros: micros.min(MAX_AMOUNT),
+        }
+    }
+
+    pub fn tokens(tokens: u64) -> Amount {
+        Amount::new(tokens, 0)
+    }
+
+    pub fn is_zero(self) -> bool {
+        self == Amount::ZERO
+    }
+
+    /// The sum, each figure held to [`MAX_AMOUNT`].
+    pub fn plus(self, other: Amount) -> Amount {
+        Amount::new(
+            self.tokens.saturating_add(other.tokens),
+            self.micros.saturating_add(other.micros),
+        )
+    }
+
+    /// What is left of `self` after `other`, never below zero.
+    pub fn less(self, other: Amount) -> Amount {
+        Amount {
+            tokens: self.tokens.saturating_sub(other.tokens),
+            micros: self.micros.saturating_sub(other.micros),
+        }
+    }
+
+    /// The figure a limit counts: micro units for one in money, tokens otherwise.
+    pub fn counted(self, money: bool) -> u64 {
+        if money {
+            self.micros
+        } else {
+            self.tokens
+        }
+    }
+
+    /// Whether either figure is past [`MAX_AMOUNT`] (only a hand-made request can be).
+    pub fn too_large(self) -> bool {
+        self.tokens > MAX_AMOUNT || self.micros > MAX_AMOUNT
+    }
+}
+
+/// One budget: `budget` per `window_s` seconds, or per calendar period, in the unit its
+/// descriptor counts (tokens, or micro units of its currency).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Rate {
-    pub tokens: u64,
+    #[serde(rename = "tokens")]
+    pub budget: u64,
     /// The window; for a calendar rate, the period's longest length (a month: 31 days).
     pub window_s: u64,
     /// Counts in calendar periods (the current month, week, day or hour in a time zone),
@@ -105,20 +170,55 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// `POST /v1/check`. Generic over how the descriptors are held, so the plugin serialises a
-/// borrowed slice and the service reads an owned vector.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// borrowed slice and the service reads an owned vector. JSON: `descriptors`, `reserve`
+/// (tokens), `reserve_cost` (micro units), `id`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckRequest<D = Vec<Descriptor>> {
     pub descriptors: D,
-    /// Tokens taken from every descriptor on admission.
-    #[serde(default)]
-    pub reserve: u64,
-    /// Micro units taken from every descriptor that counts money, on admission.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub reserve_cost: u64,
+    /// Taken from every descriptor on admission: tokens, or micro units from those that
+    /// count money.
+    pub reserve: Amount,
     /// The id the request's report will carry (`<source>-<sequence>`): lets a later release
     /// find out whether this check's reservation was applied.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+}
+
+/// [`CheckRequest`] as JSON spells it.
+#[derive(Serialize, Deserialize)]
+struct CheckJson<I, D> {
+    descriptors: D,
+    #[serde(default)]
+    reserve: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    reserve_cost: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<I>,
+}
+
+impl<D: Serialize> Serialize for CheckRequest<D> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        CheckJson {
+            descriptors: &self.descriptors,
+            reserve: self.reserve.tokens,
+            reserve_cost: self.reserve.micros,
+            id: self.id.as_deref(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de, D: Deserialize<'de>> Deserialize<'de> for CheckRequest<D> {
+    fn deserialize<De: Deserializer<'de>>(d: De) -> Result<Self, De::Error> {
+        let j = CheckJson::<String, D>::deserialize(d)?;
+        Ok(CheckRequest {
+            descriptors: j.descriptors,
+            reserve: Amount {
+                tokens: j.reserve,
+                micros: j.reserve_cost,
+            },
+            id: j.id,
+        })
+    }
 }
 
 /// The state of one rate of one descriptor after a check.
@@ -127,13 +227,15 @@ pub struct CheckRequest<D = Vec<Descriptor>> {
 pub struct LimitStatus {
     pub limit: String,
     pub value: String,
-    pub tokens: u64,
+    /// The rate's budget, in the limit's unit (tokens, or micro units of `currency`).
+    #[serde(rename = "tokens")]
+    pub budget: u64,
     pub window_s: u64,
-    /// Clamped to `[0, tokens]`: a counter in debt reports 0.
+    /// Clamped to `[0, budget]`: a counter in debt reports 0.
     #[serde(deserialize_with = "non_negative")]
     pub remaining: u64,
     pub reset_ms: u64,
-    /// A limit that counts money: `tokens` and `remaining` are micro units of this currency.
+    /// A limit that counts money: `budget` and `remaining` are micro units of this currency.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub currency: Option<String>,
     /// A calendar rate: its period, and when the current one ends (RFC 3339, in its zone).
@@ -174,34 +276,100 @@ pub struct UsageFigures {
     pub reasoning_tokens: u64,
 }
 
+impl UsageFigures {
+    /// Both requests' figures, summed (saturating).
+    pub fn plus(self, o: UsageFigures) -> UsageFigures {
+        UsageFigures {
+            prompt_tokens: self.prompt_tokens.saturating_add(o.prompt_tokens),
+            completion_tokens: self.completion_tokens.saturating_add(o.completion_tokens),
+            total_tokens: self.total_tokens.saturating_add(o.total_tokens),
+            cached_prompt_tokens: self
+                .cached_prompt_tokens
+                .saturating_add(o.cached_prompt_tokens),
+            reasoning_tokens: self.reasoning_tokens.saturating_add(o.reasoning_tokens),
+        }
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// What one request (or, merged, several) spent. The service charges `tokens − reserved`:
-/// an excess now, a refund in the window of `reserved_at_ms`, never below zero.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What one request (or, merged, several) spent. The service charges `used − reserved`:
+/// an excess now, a refund in the window of `reserved_at_ms`, never below zero. JSON: `used`
+/// is `tokens` and `cost`, `reserved` is `reserved` and `reserved_cost` (micro units, charged
+/// to the descriptors that count money).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report<D = Vec<Descriptor>> {
     /// Unique per report, stable across retries (`<source>-<sequence>`).
     pub id: String,
     pub descriptors: D,
-    pub tokens: u64,
-    #[serde(default)]
-    pub reserved: u64,
-    /// What the request cost, in micro units, charged to the descriptors that count money.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub cost: u64,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub reserved_cost: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Amount,
+    pub reserved: Amount,
     pub reserved_at_ms: Option<u64>,
     /// The id of a check whose answer the plugin never saw (the stream ended during the
     /// check, or the check timed out): `reserved` counts only if the service took that check's
     /// reservation, and is released at most once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageFigures>,
+}
+
+/// [`Report`] as JSON spells it.
+#[derive(Serialize, Deserialize)]
+struct ReportJson<I, D> {
+    id: I,
+    descriptors: D,
+    tokens: u64,
+    #[serde(default)]
+    reserved: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    cost: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    reserved_cost: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reserved_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    release: Option<I>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usage: Option<UsageFigures>,
+}
+
+impl<D: Serialize> Serialize for Report<D> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ReportJson {
+            id: self.id.as_str(),
+            descriptors: &self.descriptors,
+            tokens: self.used.tokens,
+            reserved: self.reserved.tokens,
+            cost: self.used.micros,
+            reserved_cost: self.reserved.micros,
+            reserved_at_ms: self.reserved_at_ms,
+            release: self.release.as_deref(),
+            usage: self.usage,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de, D: Deserialize<'de>> Deserialize<'de> for Report<D> {
+    fn deserialize<De: Deserializer<'de>>(d: De) -> Result<Self, De::Error> {
+        let j = ReportJson::<String, D>::deserialize(d)?;
+        Ok(Report {
+            id: j.id,
+            descriptors: j.descriptors,
+            used: Amount {
+                tokens: j.tokens,
+                micros: j.cost,
+            },
+            reserved: Amount {
+                tokens: j.reserved,
+                micros: j.reserved_cost,
+            },
+            reserved_at_ms: j.reserved_at_ms,
+            release: j.release,
+            usage: j.usage,
+        })
+    }
 }
 
 /// `POST /v1/report`; generic like [`CheckRequest`].
@@ -389,9 +557,9 @@ pub fn validate_descriptors(ds: &[Descriptor], at: &str) -> Result<(), BadReques
                     )));
                 }
             }
-            if r.tokens == 0 || r.tokens > MAX_TOKENS {
+            if r.budget == 0 || r.budget > MAX_AMOUNT {
                 return Err(BadRequest(format!(
-                    "{here}.rates[{j}].tokens must be between 1 and {MAX_TOKENS}"
+                    "{here}.rates[{j}].tokens must be between 1 and {MAX_AMOUNT}"
                 )));
             }
             if r.window_s == 0 || r.window_s > MAX_WINDOW_S {
@@ -412,9 +580,9 @@ fn validate_id(id: &str, at: &str) -> Result<(), BadRequest> {
 }
 
 pub fn validate_check(req: &CheckRequest) -> Result<(), BadRequest> {
-    if req.reserve > MAX_TOKENS || req.reserve_cost > MAX_TOKENS {
+    if req.reserve.too_large() {
         return Err(BadRequest(format!(
-            "reserve and reserve_cost must be at most {MAX_TOKENS}"
+            "reserve and reserve_cost must be at most {MAX_AMOUNT}"
         )));
     }
     if let Some(id) = &req.id {
@@ -441,12 +609,9 @@ pub fn validate_report(r: &Report, at: &str) -> Result<(), BadRequest> {
             "{at}id must be <16 hex digits>-<sequence>"
         )));
     }
-    if [r.tokens, r.reserved, r.cost, r.reserved_cost]
-        .iter()
-        .any(|n| *n > MAX_TOKENS)
-    {
+    if r.used.too_large() || r.reserved.too_large() {
         return Err(BadRequest(format!(
-            "{at}tokens, reserved, cost and reserved_cost must be at most {MAX_TOKENS}"
+            "{at}tokens, reserved, cost and reserved_cost must be at most {MAX_AMOUNT}"
         )));
     }
     validate_descriptors(&r.descriptors, at)
@@ -477,7 +642,7 @@ mod tests {
             limit: "a".into(),
             value: "ü".into(),
             rates: vec![Rate {
-                tokens: 1,
+                budget: 1,
                 window_s: 60,
                 ..Default::default()
             }],
@@ -486,24 +651,59 @@ mod tests {
         }];
         let sent = CheckRequest {
             descriptors: ds.as_slice(),
-            reserve: 7,
+            reserve: Amount::new(7, 3),
             id: Some("00000000000000ab-9".into()),
-            ..Default::default()
         };
         let read: CheckRequest =
             serde_json::from_slice(&serde_json::to_vec(&sent).unwrap()).unwrap();
         assert_eq!(read.descriptors, ds);
         assert_eq!(
             (read.reserve, read.id.as_deref()),
-            (7, Some("00000000000000ab-9"))
+            (Amount::new(7, 3), Some("00000000000000ab-9"))
         );
         assert!(validate_check(&read).is_ok());
+    }
+
+    /// The amounts keep the names every released plugin and service speak.
+    #[test]
+    fn amounts_keep_their_json_names() {
+        let check = CheckRequest::<Vec<Descriptor>> {
+            reserve: Amount::new(5, 0),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&check).unwrap(),
+            r#"{"descriptors":[],"reserve":5}"#
+        );
+        let report = Report::<Vec<Descriptor>> {
+            id: "r".into(),
+            used: Amount::new(10, 20),
+            reserved: Amount::new(3, 4),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&report).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":"r","descriptors":[],"tokens":10,"reserved":3,"cost":20,"reserved_cost":4}"#
+        );
+        assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), report);
+        let rate: Rate = serde_json::from_str(r#"{"tokens":9,"window_s":60}"#).unwrap();
+        assert_eq!(rate.budget, 9);
+    }
+
+    #[test]
+    fn amounts_saturate() {
+        let big = Amount::new(u64::MAX, MAX_AMOUNT);
+        assert_eq!(big, Amount::new(MAX_AMOUNT, MAX_AMOUNT));
+        assert_eq!(big.plus(big), big);
+        assert_eq!(Amount::tokens(3).less(Amount::new(5, 1)), Amount::ZERO);
+        assert_eq!(Amount::new(1, 2).counted(true), 2);
     }
 
     #[test]
     fn negative_remaining_reads_as_zero() {
         let s: LimitStatus = serde_json::from_str(r#"{"remaining":-5,"tokens":10}"#).unwrap();
-        assert_eq!((s.remaining, s.tokens), (0, 10));
+        assert_eq!((s.remaining, s.budget), (0, 10));
     }
 
     #[test]
@@ -539,9 +739,11 @@ mod tests {
         assert!(validate_descriptors(&[d(MAX_TEXT + 1)], "").is_err());
         let big = CheckRequest {
             descriptors: vec![],
-            reserve: MAX_TOKENS + 1,
+            reserve: Amount {
+                tokens: MAX_AMOUNT + 1,
+                micros: 0,
+            },
             id: None,
-            ..Default::default()
         };
         assert!(validate_check(&big).is_err());
     }

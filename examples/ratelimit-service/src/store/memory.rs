@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
-use super::model::{check_states, settle_states, Amounts, Applied, CheckOutcome, Settlement};
+use super::model::{check_states, settle_states, Applied, CheckOutcome, Settlement};
 use super::sources::{self, Dedup, Mark, SourceLog};
 use crate::clock::system_ms;
 use crate::counter::Plan;
@@ -212,7 +212,7 @@ impl MemoryStore {
         out
     }
 
-    pub fn check(&self, plans: &[Plan], reserve: Amounts, now: Option<i64>) -> CheckOutcome {
+    pub fn check(&self, plans: &[Plan], reserve: wire::Amount, now: Option<i64>) -> CheckOutcome {
         let now = now.unwrap_or_else(system_ms);
         self.with_states(plans, now, |states| {
             (check_states(plans, states, reserve, now), true)
@@ -338,7 +338,7 @@ mod tests {
                 shared: false,
             },
             meters: vec![Meter::Window {
-                tokens: 10,
+                budget: 10,
                 window_ms: 1_000_000,
                 sliding: true,
                 money: None,
@@ -348,14 +348,17 @@ mod tests {
 
     fn spend(store: &MemoryStore, value: &str, now: i64) {
         let charge = Settlement {
-            excess: [4, 0],
+            excess: wire::Amount::tokens(4),
             ..Settlement::default()
         };
         store.settle(None, &[plan(value)], &charge, Some(now));
     }
 
     fn left(store: &MemoryStore, value: &str, now: i64) -> i64 {
-        store.check(&[plan(value)], [0, 0], Some(now)).statuses[0][0].remaining
+        store
+            .check(&[plan(value)], wire::Amount::ZERO, Some(now))
+            .statuses[0][0]
+            .remaining
     }
 
     #[test]
@@ -381,7 +384,7 @@ mod tests {
     fn report_ids_are_remembered_per_source_not_as_counters() {
         let store = MemoryStore::new(SHARDS);
         let charge = Settlement {
-            excess: [1, 0],
+            excess: wire::Amount::tokens(1),
             ..Settlement::default()
         };
         for seq in 1..=50_000 {

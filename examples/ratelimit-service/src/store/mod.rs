@@ -17,8 +17,7 @@ use wire::SeqId;
 pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 pub use model::{
-    check_states, settle_states, Amounts, Applied, CheckOutcome, ConsoleEvent, Settlement,
-    StoreError,
+    check_states, settle_states, Applied, CheckOutcome, ConsoleEvent, Settlement, StoreError,
 };
 
 /// The memory or Redis store; an enum rather than a trait object keeps async calls plain.
@@ -36,7 +35,7 @@ impl Store {
     pub async fn check(
         &self,
         plans: &[Plan],
-        reserve: Amounts,
+        reserve: wire::Amount,
         now: Option<i64>,
     ) -> Result<CheckOutcome, StoreError> {
         match self {

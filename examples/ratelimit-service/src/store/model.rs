@@ -9,7 +9,9 @@ use thiserror::Error;
 
 use crate::counter::Plan;
 use crate::insights::Denial;
-use crate::meter::{unit, Meter, State, Status};
+use wire::Amount;
+
+use crate::meter::{counted, Meter, State, Status};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -41,30 +43,34 @@ pub struct CheckOutcome {
     pub at_ms: i64,
 }
 
-/// One amount per unit a meter may count, indexed by [`crate::meter::unit`]: tokens, then
-/// micro units of money (a meter that counts money is charged the request's cost).
-pub type Amounts = [i64; 2];
-
 /// What a report does to its counters once its usage is known.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Settlement {
     /// Beyond the reservation: charged now, in the current window.
-    pub excess: Amounts,
+    pub excess: Amount,
     /// Reserved but not used: given back to the window the reservation was taken in.
-    pub refund: Amounts,
+    pub refund: Amount,
     /// When the reservation was taken; `None`: now.
     pub refund_at: Option<i64>,
 }
 
 impl Settlement {
     /// A request that used `used` after `reserved` were taken at `reserved_at`.
-    pub fn of(used: Amounts, reserved: Amounts, reserved_at: Option<i64>) -> Settlement {
-        let part = |f: fn(i64, i64) -> i64| [f(used[0], reserved[0]), f(used[1], reserved[1])];
+    pub fn of(used: Amount, reserved: Amount, reserved_at: Option<i64>) -> Settlement {
         Settlement {
-            excess: part(|u, r| (u - r).max(0)),
-            refund: part(|u, r| (r - u).max(0)),
+            excess: used.less(reserved),
+            refund: reserved.less(used),
             refund_at: reserved_at,
         }
+    }
+
+    /// What it adds to the counters in all, tokens and micro units (a refund is negative).
+    pub fn net(&self) -> (i64, i64) {
+        let signed = |charged: u64, given_back: u64| charged as i64 - given_back as i64;
+        (
+            signed(self.excess.tokens, self.refund.tokens),
+            signed(self.excess.micros, self.refund.micros),
+        )
     }
 }
 
@@ -83,10 +89,10 @@ pub enum ConsoleEvent {
 pub fn check_states(
     plans: &[Plan],
     states: &mut [Vec<State>],
-    reserve: Amounts,
+    reserve: Amount,
     now: i64,
 ) -> CheckOutcome {
-    let need = |m: &Meter| reserve[unit(m.money())].max(1);
+    let need = |m: &Meter| counted(reserve, m.money()).max(1);
     let mut allowed = true;
     for (plan, states) in plans.iter().zip(states.iter_mut()) {
         for (meter, state) in plan.meters.iter().zip(states.iter_mut()) {
@@ -104,7 +110,7 @@ pub fn check_states(
                 .iter()
                 .zip(states.iter_mut())
                 .map(|(meter, state)| {
-                    let reserve = reserve[unit(meter.money())];
+                    let reserve = counted(reserve, meter.money());
                     if allowed && reserve > 0 {
                         meter.charge(state, reserve);
                     }
@@ -124,10 +130,13 @@ pub fn check_states(
 pub fn settle_states(plans: &[Plan], states: &mut [Vec<State>], s: &Settlement, now: i64) {
     for (plan, states) in plans.iter().zip(states.iter_mut()) {
         for (meter, state) in plan.meters.iter().zip(states.iter_mut()) {
-            let u = unit(meter.money());
             meter.advance(state, now);
-            meter.charge(state, s.excess[u]);
-            meter.refund(state, s.refund[u], s.refund_at.unwrap_or(now));
+            meter.charge(state, counted(s.excess, meter.money()));
+            meter.refund(
+                state,
+                counted(s.refund, meter.money()),
+                s.refund_at.unwrap_or(now),
+            );
         }
     }
 }

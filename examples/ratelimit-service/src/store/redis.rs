@@ -16,12 +16,13 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 use tokio::sync::OnceCell;
 
-use super::model::{Amounts, Applied, CheckOutcome, ConsoleEvent, Settlement, StoreError};
+use super::model::{Applied, CheckOutcome, ConsoleEvent, Settlement, StoreError};
 use super::sources::{self, Dedup, Mark};
 use crate::clock::system_ms;
 use crate::counter::Plan;
 use crate::insights;
-use crate::meter::{unit, Meter, State, Status};
+use crate::meter::{Meter, State, Status};
+use wire::Amount;
 use wire::SeqId;
 
 #[derive(Clone)]
@@ -187,35 +188,35 @@ impl RedisStore {
     fn args(
         mode: &str,
         now: Option<i64>,
-        amount: Amounts,
-        refund: (Amounts, Option<i64>),
+        amount: Amount,
+        refund: (Amount, Option<i64>),
         dedup: Option<u64>,
         plans: &[Plan],
     ) -> Vec<String> {
         let mut args = vec![
             mode.to_string(),
             now.unwrap_or(-1).to_string(),
-            amount[0].to_string(),
-            refund.0[0].to_string(),
+            amount.tokens.to_string(),
+            refund.0.tokens.to_string(),
             refund.1.unwrap_or(-1).to_string(),
             dedup.map_or(-1, |seq| seq as i64).to_string(),
             wire::REPORT_WINDOW.to_string(),
             sources::TTL_MS.to_string(),
-            amount[1].to_string(),
-            refund.0[1].to_string(),
+            amount.micros.to_string(),
+            refund.0.micros.to_string(),
         ];
         for plan in plans {
             args.push(plan.meters.len().to_string());
             for m in &plan.meters {
                 let (kind, p1, p2, p3) = match *m {
                     Meter::Window {
-                        tokens,
+                        budget: tokens,
                         window_ms,
                         sliding,
                         ..
                     } => (if sliding { "w" } else { "f" }, tokens, window_ms, 0),
                     Meter::Calendar {
-                        tokens,
+                        budget: tokens,
                         start_ms,
                         end_ms,
                         ..
@@ -234,7 +235,8 @@ impl RedisStore {
                     p2.to_string(),
                     p3.to_string(),
                     m.ttl_ms().to_string(),
-                    unit(m.money()).to_string(),
+                    // Which of the amounts it counts: 0 tokens, 1 money.
+                    u8::from(m.money().is_some()).to_string(),
                 ]);
             }
         }
@@ -254,7 +256,7 @@ impl RedisStore {
     pub async fn check(
         &self,
         plans: &[Plan],
-        reserve: Amounts,
+        reserve: Amount,
         now: Option<i64>,
     ) -> Result<CheckOutcome, StoreError> {
         let groups = self.groups(plans);
@@ -262,7 +264,7 @@ impl RedisStore {
             let keys = group.iter().map(|p| p.id.storage_key()).collect();
             self.run(
                 keys,
-                Self::args("check", now, reserve, ([0, 0], None), None, group),
+                Self::args("check", now, reserve, (Amount::ZERO, None), None, group),
             )
         });
         let answers = join_all(calls).await;
@@ -303,7 +305,7 @@ impl RedisStore {
             self.refund(&groups, &answers, reserve, at_ms, now).await;
             return Err(unavailable(error));
         }
-        if !allowed && reserve.iter().any(|r| *r > 0) {
+        if !allowed && !reserve.is_zero() {
             self.refund(&groups, &answers, reserve, at_ms, now).await;
         }
         Ok(CheckOutcome {
@@ -319,17 +321,24 @@ impl RedisStore {
         &self,
         groups: &[&[Plan]],
         answers: &[Result<Vec<i64>, StoreError>],
-        reserve: Amounts,
+        reserve: Amount,
         at_ms: i64,
         now: Option<i64>,
     ) {
-        if reserve.iter().all(|r| *r <= 0) {
+        if reserve.is_zero() {
             return;
         }
         for (group, answer) in groups.iter().zip(answers) {
             if matches!(answer, Ok(a) if a.first() == Some(&1)) {
                 let keys = group.iter().map(|p| p.id.storage_key()).collect();
-                let args = Self::args("settle", now, [0, 0], (reserve, Some(at_ms)), None, group);
+                let args = Self::args(
+                    "settle",
+                    now,
+                    Amount::ZERO,
+                    (reserve, Some(at_ms)),
+                    None,
+                    group,
+                );
                 if let Err(e) = self.run(keys, args).await {
                     tracing::warn!("could not refund a reservation: {e}");
                 }
