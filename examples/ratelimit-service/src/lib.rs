@@ -10,13 +10,13 @@ pub mod calendar;
 pub mod clock;
 pub mod console;
 pub mod counter;
-pub mod insights;
 pub mod limiter;
 pub mod meter;
 pub mod metrics;
 pub mod rules;
 pub mod server;
 pub mod settings;
+pub mod state;
 pub mod store;
 
 use std::sync::Arc;
@@ -25,33 +25,36 @@ use std::time::Duration;
 use clock::Clock;
 use limiter::Limiter;
 use settings::{Settings, StoreChoice};
+use state::AppState;
 use store::{MemoryStore, RedisStore, Store};
 
-/// Builds the limiter the settings describe (connecting to Redis lazily).
-pub fn limiter(settings: &Settings, clock: Clock) -> Limiter {
+/// Builds the service the settings describe (connecting to Redis lazily).
+pub fn app(settings: &Settings, clock: Clock) -> AppState {
     let store = match &settings.store {
         StoreChoice::Memory { max_counters } => Store::Memory(MemoryStore::new(*max_counters)),
         StoreChoice::Redis { target, timeout } => Store::Redis(std::sync::Arc::new(
             RedisStore::new(target.clone(), *timeout),
         )),
     };
-    let mut limiter = Limiter::new(store, settings.rules.clone(), clock, settings.sliding);
-    limiter.access = auth::Access::new(&settings.api_keys, settings.admin_token.as_deref());
-    limiter
+    AppState::new(
+        Limiter::new(store, settings.rules.clone(), clock, settings.sliding),
+        auth::Access::new(&settings.api_keys, settings.admin_token.as_deref()),
+    )
 }
 
-/// Sweeps the memory store of expired counters until the limiter is dropped.
-pub fn spawn_sweeper(limiter: &Arc<Limiter>) {
-    let weak = Arc::downgrade(limiter);
+/// Sweeps the memory store of expired counters until the service is dropped.
+pub fn spawn_sweeper(state: &Arc<AppState>) {
+    let weak = Arc::downgrade(state);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         loop {
             tick.tick().await;
-            let Some(limiter) = weak.upgrade() else {
+            let Some(state) = weak.upgrade() else {
                 return;
             };
-            if let Store::Memory(m) = &limiter.store {
-                m.sweep(limiter.clock.now_ms());
+            let limiter = state.limiter();
+            if let Store::Memory(m) = limiter.store() {
+                m.sweep(limiter.clock().now_ms());
             }
         }
     });

@@ -6,12 +6,14 @@ use std::time::Instant;
 use crate::api::*;
 use crate::calendar;
 use crate::clock::Clock;
+use crate::console::board::{self, Denial};
+use crate::console::insights::{ConsoleEvent, Insights, Tally};
 use crate::counter::{CounterId, Plan};
 use crate::meter::{Meter, Money, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
 use crate::store::sources::Mark;
-use crate::store::{Applied, ConsoleEvent, Settlement, Store, StoreError};
+use crate::store::{Applied, Settlement, Store, StoreError};
 
 /// Why a request got no decision.
 #[derive(Debug)]
@@ -26,16 +28,17 @@ impl From<BadRequest> for Failure {
     }
 }
 
+/// Decides: plans the counters a request's descriptors spend, asks the store, answers, and
+/// tells the console's [`Insights`] what reached the counters.
 pub struct Limiter {
-    pub store: Store,
-    pub rules: Rules,
-    pub clock: Clock,
-    pub metrics: Metrics,
+    store: Store,
+    /// The console's sink, beside the counters.
+    insights: Insights,
+    rules: Rules,
+    clock: Clock,
+    metrics: Metrics,
     /// Plugin-owned rates: sliding windows (default) or fixed windows.
-    pub sliding: bool,
-    /// Who may call: API keys and the admin token (none: checks and reads are open and the
-    /// admin API is disabled).
-    pub access: crate::auth::Access,
+    sliding: bool,
     /// Redis's clock less this limiter's, as the last script answer showed it: calendar periods
     /// are planned at Redis's time, the one the store counts on.
     redis_offset_ms: std::sync::atomic::AtomicI64,
@@ -44,14 +47,34 @@ pub struct Limiter {
 impl Limiter {
     pub fn new(store: Store, rules: Rules, clock: Clock, sliding: bool) -> Limiter {
         Limiter {
+            insights: Insights::beside(&store),
             store,
             rules,
             clock,
             metrics: Metrics::default(),
             sliding,
-            access: crate::auth::Access::default(),
             redis_offset_ms: std::sync::atomic::AtomicI64::new(0),
         }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn insights(&self) -> &Insights {
+        &self.insights
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// When a request is planned (the calendar period that holds): the store's time. The
@@ -155,7 +178,7 @@ impl Limiter {
         Ok(plans)
     }
 
-    fn store_failed(&self, e: StoreError) -> Failure {
+    pub(crate) fn store_failed(&self, e: StoreError) -> Failure {
         inc(&self.metrics.store_errors);
         tracing::warn!("{e}");
         Failure::Store(e)
@@ -233,7 +256,11 @@ impl Limiter {
                 self.metrics.charged(reserve.tokens as i64);
                 self.spent(&planned, reserve.micros as i64);
                 let mut tally = Tally::default();
-                tally.charge(&planned, reserve.tokens as i64, reserve.micros as i64);
+                tally.charge(
+                    planned.iter().map(|(d, _)| *d),
+                    reserve.tokens as i64,
+                    reserve.micros as i64,
+                );
                 self.record(tally);
             }
         } else {
@@ -293,7 +320,7 @@ impl Limiter {
                     let (tokens, micros) = settlement.net();
                     self.metrics.charged(tokens);
                     self.spent(&planned, micros);
-                    tally.charge(&planned, tokens, micros);
+                    tally.charge(planned.iter().map(|(d, _)| *d), tokens, micros);
                     answer.accepted += 1;
                     ReportResult::of(Outcome::Applied)
                 }
@@ -495,15 +522,9 @@ impl Limiter {
 
     /// Hands the console what a check or a batch of reports did; never waits on it.
     fn record(&self, tally: Tally) {
-        if tally.tokens == 0 && tally.spend.is_empty() && tally.used.is_empty() {
-            return;
+        if let Some(event) = tally.event(self.clock.now_ms()) {
+            self.insights.record(event);
         }
-        self.store.record(ConsoleEvent::Charged {
-            now_ms: self.clock.now_ms(),
-            tokens: tally.tokens,
-            spend: tally.spend,
-            used: tally.used,
-        });
     }
 
     /// Keeps a denied check for the console: the limit that denied, its key, and why.
@@ -534,10 +555,10 @@ impl Limiter {
             ),
             None => format!("{n} tokens"),
         };
-        let denial = crate::insights::Denial {
+        let denial = Denial {
             at_ms: self.clock.now_ms(),
             limit: d.limit.clone(),
-            value: crate::insights::bounded(&d.value).to_string(),
+            value: board::bounded(&d.value).to_string(),
             reason: format!(
                 "{} left of {}, {} needed; retry in {} s",
                 amount(status.remaining),
@@ -546,48 +567,7 @@ impl Limiter {
                 (status.retry_ms.max(0) + 999) / 1000
             ),
         };
-        self.store.record(ConsoleEvent::Denied(denial));
-    }
-
-    /// The console's ranking: every limit seen, its `n` heaviest keys, and each one's meters now.
-    pub async fn ranking(&self, n: usize) -> Result<Vec<RankedLimit>, Failure> {
-        let top = self.store.top(n).await.map_err(|e| self.store_failed(e))?;
-        let mut out = Vec::with_capacity(top.len());
-        // One store lookup per key shown: at most this many per page, whatever the limits.
-        let mut lookups = MAX_RANKING_LOOKUPS;
-        for (limit, keys) in top {
-            let mut ranked = Vec::with_capacity(keys.len());
-            for heavy in keys {
-                let meters = if lookups > 0 {
-                    lookups -= 1;
-                    self.quota(&limit, &heavy.value, heavy.shared).await?
-                } else {
-                    Vec::new()
-                };
-                ranked.push(RankedKey { heavy, meters });
-            }
-            out.push(RankedLimit { limit, top: ranked });
-        }
-        Ok(out)
-    }
-
-    /// Every meter a key value has, under every limit the console has seen.
-    pub async fn search(&self, value: &str) -> Result<Vec<Found>, Failure> {
-        let limits = self.store.top(0).await.map_err(|e| self.store_failed(e))?;
-        let mut found = Vec::new();
-        for (limit, _) in limits {
-            for shared in [false, true] {
-                let meters = self.quota(&limit, value, shared).await?;
-                if !meters.is_empty() {
-                    found.push(Found {
-                        limit: limit.clone(),
-                        shared,
-                        meters,
-                    });
-                }
-            }
-        }
-        Ok(found)
+        self.insights.record(ConsoleEvent::Denied(denial));
     }
 
     /// The admin API: `amount` more for the counter's current windows, or (`None`) a reset.
@@ -625,68 +605,6 @@ impl Limiter {
             }
         }
     }
-}
-
-/// What one check or batch of reports adds to the console: tokens per key and in all, money
-/// per currency.
-#[derive(Default)]
-struct Tally {
-    used: std::collections::BTreeMap<(String, String), i64>,
-    tokens: i64,
-    spend: std::collections::BTreeMap<String, i64>,
-}
-
-impl Tally {
-    /// What reached the counters: a check's reservation, or a report's excess less its refund
-    /// (so a request's figures add up to what it used, whether or not it sent a report).
-    fn charge(&mut self, planned: &[(&Descriptor, Plan)], tokens: i64, micros: i64) {
-        self.tokens += tokens;
-        for (d, _) in planned {
-            let amount = if d.currency.is_some() { micros } else { tokens };
-            if amount != 0 {
-                *self
-                    .used
-                    .entry((d.limit.clone(), crate::insights::member(&d.value, d.shared)))
-                    .or_default() += amount;
-            }
-        }
-        if micros != 0 {
-            // Once per currency, however many limits count it.
-            let currencies: std::collections::BTreeSet<&String> = planned
-                .iter()
-                .filter_map(|(d, _)| d.currency.as_ref())
-                .collect();
-            for c in currencies {
-                *self.spend.entry(c.clone()).or_default() += micros;
-            }
-        }
-    }
-}
-
-/// The most meter lookups one ranking makes (the console's top list): the keys past it are
-/// listed with their counts and without meters.
-pub const MAX_RANKING_LOOKUPS: usize = 100;
-
-/// A limit's heaviest keys with their meters now.
-#[derive(Debug, serde::Serialize)]
-pub struct RankedLimit {
-    pub limit: String,
-    pub top: Vec<RankedKey>,
-}
-
-#[derive(Debug, serde::Serialize)]
-pub struct RankedKey {
-    #[serde(flatten)]
-    pub heavy: crate::insights::Heavy,
-    pub meters: Vec<LimitStatus>,
-}
-
-/// A counter a searched value has.
-#[derive(Debug, serde::Serialize)]
-pub struct Found {
-    pub limit: String,
-    pub shared: bool,
-    pub meters: Vec<LimitStatus>,
 }
 
 /// One meter's state as the wire states it; a calendar rate also says when its period ends, in

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use clap::Parser;
 use ratelimit_service::clock::Clock;
 use ratelimit_service::settings::Cli;
-use ratelimit_service::{limiter, server, spawn_sweeper};
+use ratelimit_service::{app, server, spawn_sweeper};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -40,18 +40,18 @@ async fn main() -> std::process::ExitCode {
         }
         None => Clock::System,
     };
-    let limiter = Arc::new(limiter(&settings, clock));
-    spawn_sweeper(&limiter);
+    let state = Arc::new(app(&settings, clock));
+    spawn_sweeper(&state);
     tracing::info!(
         "listening on {} (store: {}, {} service-owned rule(s), {} windows)",
         listener
             .local_addr()
             .map_or_else(|_| settings.listen.to_string(), |a| a.to_string()),
-        limiter.store.name(),
-        limiter.rules.len(),
+        state.limiter().store().name(),
+        state.limiter().rules().len(),
         if settings.sliding { "sliding" } else { "fixed" }
     );
-    server::serve(listener, limiter, settings.connections, shutdown_signal()).await;
+    server::serve(listener, state, settings.connections, shutdown_signal()).await;
     tracing::info!("stopped");
     std::process::ExitCode::SUCCESS
 }

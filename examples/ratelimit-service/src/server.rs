@@ -26,6 +26,7 @@ use crate::clock::Clock;
 use crate::limiter::{Failure, Limiter};
 use crate::metrics::inc;
 use crate::settings::ConnectionLimits;
+use crate::state::AppState;
 use crate::store::Store;
 
 /// The largest request body read; larger ones get 413 without being buffered.
@@ -44,7 +45,7 @@ type Reply = Response<Full<Bytes>>;
 /// within `body_timeout` (408), a kept-alive connection idle for `idle_timeout`.
 pub async fn serve(
     listener: TcpListener,
-    limiter: Arc<Limiter>,
+    state: Arc<AppState>,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -77,27 +78,27 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let activity = Arc::new(Activity::new());
-                let metrics = limiter.clone();
-                let (limiter, seen) = (limiter.clone(), activity.clone());
+                let metrics = state.clone();
+                let (state, seen) = (state.clone(), activity.clone());
                 let service = service_fn(move |req| {
-                    let (limiter, seen) = (limiter.clone(), seen.clone());
+                    let (state, seen) = (state.clone(), seen.clone());
                     async move {
                         let _busy = seen.begin();
-                        Ok::<_, Infallible>(route(&limiter, limits.body_timeout, req).await)
+                        Ok::<_, Infallible>(route(&state, limits.body_timeout, req).await)
                     }
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    inc(&metrics.metrics.connections_opened);
+                    inc(&metrics.limiter().metrics().connections_opened);
                     tokio::select! {
                         _ = conn => {}
                         () = activity.stalled(limits) => {
                             // Dropping the connection closes its socket.
-                            inc(&metrics.metrics.connections_timed_out);
+                            inc(&metrics.limiter().metrics().connections_timed_out);
                         }
                     }
-                    inc(&metrics.metrics.connections_closed);
+                    inc(&metrics.limiter().metrics().connections_closed);
                     drop(permit);
                 });
             }
@@ -222,7 +223,7 @@ async fn body_json<T: serde::de::DeserializeOwned>(
 ) -> Result<T, Reply> {
     let read = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect());
     let Ok(read) = read.await else {
-        inc(&limiter.metrics.bodies_timed_out);
+        inc(&limiter.metrics().bodies_timed_out);
         let mut r = error(
             StatusCode::REQUEST_TIMEOUT,
             &format!("the body was not sent within {timeout:?}"),
@@ -236,7 +237,7 @@ async fn body_json<T: serde::de::DeserializeOwned>(
     let bytes = match read {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            inc(&limiter.metrics.bad_requests);
+            inc(&limiter.metrics().bad_requests);
             return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("body larger than {MAX_BODY} bytes"),
@@ -250,7 +251,7 @@ async fn body_json<T: serde::de::DeserializeOwned>(
         }
     };
     serde_json::from_slice(&bytes).map_err(|e| {
-        inc(&limiter.metrics.bad_requests);
+        inc(&limiter.metrics().bad_requests);
         error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"))
     })
 }
@@ -325,9 +326,10 @@ const ROUTES: &[(&str, Method, Need, Endpoint)] = &[
     ("/metrics", Method::GET, Need::Open, Endpoint::Metrics),
 ];
 
-async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>) -> Reply {
+async fn route(state: &AppState, body_timeout: Duration, req: Request<Incoming>) -> Reply {
+    let limiter = state.limiter();
     let path = req.uri().path().to_string();
-    let manual_clock = matches!(limiter.clock, Clock::Manual(_));
+    let manual_clock = matches!(limiter.clock(), Clock::Manual(_));
     let routes: Vec<_> = ROUTES
         .iter()
         .filter(|r| r.0 == path && (r.3 != Endpoint::Clock || manual_clock))
@@ -335,11 +337,11 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
     // A path the service does not serve still needs the key: its answer tells nothing.
     let need = routes.first().map_or(Need::Data, |r| r.2);
     let header = req.headers().get(hyper::header::AUTHORIZATION);
-    if !limiter
-        .access
+    if !state
+        .access()
         .allows(need, crate::auth::bearer(header.map(|v| v.as_bytes())))
     {
-        inc(&limiter.metrics.unauthorized);
+        inc(&limiter.metrics().unauthorized);
         let mut r = error(
             StatusCode::UNAUTHORIZED,
             "a valid `Authorization: Bearer <API key>` is required",
@@ -388,7 +390,7 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
                     .await
                     .map_or_else(failure, |a| json(StatusCode::OK, &a)),
                 Err(_) => {
-                    inc(&limiter.metrics.bad_requests);
+                    inc(&limiter.metrics().bad_requests);
                     error(
                         StatusCode::BAD_REQUEST,
                         "ratelimit_keys must be a JSON array of strings",
@@ -452,33 +454,33 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
             );
             r
         }
-        Endpoint::Overview => answer(crate::console::overview(limiter).await),
+        Endpoint::Overview => answer(crate::console::overview(state).await),
         Endpoint::Top => {
             let k = query_param(&req, "k");
-            answer(crate::console::top(limiter, k.as_deref()).await)
+            answer(crate::console::top(state, k.as_deref()).await)
         }
-        Endpoint::Denials => answer(crate::console::denials(limiter).await),
+        Endpoint::Denials => answer(crate::console::denials(state).await),
         Endpoint::Search => {
             let value = query_param(&req, "value");
-            answer(crate::console::search(limiter, value.as_deref()).await)
+            answer(crate::console::search(state, value.as_deref()).await)
         }
         Endpoint::Admin => {
-            if let Err(refused) = crate::console::authorize(limiter, &req) {
+            if let Err(refused) = crate::console::authorize(state, &req) {
                 return answer(refused);
             }
             let method = req.method().clone();
             match body_json::<crate::console::Action>(limiter, body_timeout, req).await {
-                Ok(action) => answer(crate::console::act(limiter, &method, &path, action).await),
+                Ok(action) => answer(crate::console::act(state, &method, &path, action).await),
                 Err(reply) => reply,
             }
         }
         Endpoint::Clock => {
             match query_param(&req, "advance_ms").and_then(|v| v.parse::<i64>().ok()) {
                 Some(ms) if ms >= 0 => {
-                    limiter.clock.advance(ms);
+                    limiter.clock().advance(ms);
                     json(
                         StatusCode::OK,
-                        &serde_json::json!({"now_ms": limiter.clock.now_ms()}),
+                        &serde_json::json!({"now_ms": limiter.clock().now_ms()}),
                     )
                 }
                 _ => error(
@@ -488,19 +490,19 @@ async fn route(limiter: &Limiter, body_timeout: Duration, req: Request<Incoming>
             }
         }
         Endpoint::Healthz => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        Endpoint::Readyz => match limiter.store.ready().await {
+        Endpoint::Readyz => match limiter.store().ready().await {
             Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
         },
         Endpoint::Metrics => {
-            let live = match &limiter.store {
+            let live = match limiter.store() {
                 Store::Memory(m) => Some((m.len(), m.evicted(), m.sources())),
                 Store::Redis(_) => None,
             };
             text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                limiter.metrics.render(limiter.store.name(), live),
+                limiter.metrics().render(limiter.store().name(), live),
             )
         }
     }

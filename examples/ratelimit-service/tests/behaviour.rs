@@ -1089,7 +1089,7 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
         matches!(r, Err(Failure::Store(_))),
         "a check without its store must fail, not guess"
     );
-    assert!(ctx.limiter.store.ready().await.is_err());
+    assert!(ctx.limiter.store().ready().await.is_err());
     server.start_again();
     let mut recovered = false;
     for _ in 0..100 {
@@ -1109,10 +1109,10 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(recovered, "the store must reconnect by itself");
-    assert!(ctx.limiter.store.ready().await.is_ok());
+    assert!(ctx.limiter.store().ready().await.is_ok());
     assert!(
         ctx.limiter
-            .metrics
+            .metrics()
             .store_errors
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 1
@@ -1123,9 +1123,9 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
 async fn redis_started_after_the_service() {
     let port = testkit::free_port();
     let ctx = Ctx::redis(&[format!("redis://127.0.0.1:{port}")], "");
-    assert!(ctx.limiter.store.ready().await.is_err());
+    assert!(ctx.limiter.store().ready().await.is_err());
     let _late = RedisServer::start_on(port);
-    assert!(ctx.limiter.store.ready().await.is_ok());
+    assert!(ctx.limiter.store().ready().await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -322,5 +322,5 @@ fn the_top_list_is_bounded() {
         .iter()
         .filter(|k| !k["meters"].as_array().unwrap().is_empty())
         .count();
-    assert_eq!(looked_up, ratelimit_service::limiter::MAX_RANKING_LOOKUPS);
+    assert_eq!(looked_up, ratelimit_service::console::MAX_RANKING_LOOKUPS);
 }

@@ -11,7 +11,6 @@ use super::model::{check_states, settle_states, Applied, CheckOutcome, Settlemen
 use super::sources::{self, Dedup, Mark, SourceLog};
 use crate::clock::system_ms;
 use crate::counter::Plan;
-use crate::insights::Insights;
 use crate::meter::{Meter, State, Status};
 use wire::SeqId;
 
@@ -72,8 +71,6 @@ pub struct MemoryStore {
     sources: Mutex<HashMap<u64, SourceLog>>,
     /// Counters evicted to make room (for metrics).
     evicted: std::sync::atomic::AtomicU64,
-    /// What the operator console shows.
-    pub insights: Insights,
 }
 
 fn shard_of(key: &str) -> usize {
@@ -90,7 +87,6 @@ impl MemoryStore {
             per_shard: max_counters.div_ceil(SHARDS).max(1),
             sources: Mutex::new(HashMap::new()),
             evicted: Default::default(),
-            insights: Insights::default(),
         }
     }
 

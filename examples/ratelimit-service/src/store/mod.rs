@@ -9,16 +9,13 @@ pub mod sources;
 use crate::counter::Plan;
 use std::sync::Arc;
 
-use crate::insights::{Denial, Minute, Ranking};
 use crate::meter::{Meter, Status};
 use sources::Mark;
 use wire::SeqId;
 
 pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
-pub use model::{
-    check_states, settle_states, Applied, CheckOutcome, ConsoleEvent, Settlement, StoreError,
-};
+pub use model::{check_states, settle_states, Applied, CheckOutcome, Settlement, StoreError};
 
 /// The memory or Redis store; an enum rather than a trait object keeps async calls plain.
 pub enum Store {
@@ -91,50 +88,6 @@ impl Store {
         match self {
             Store::Memory(m) => Ok(m.peek(plan, now, sliding)),
             Store::Redis(r) => r.peek(plan, now, sliding).await,
-        }
-    }
-
-    /// Tells the console, without waiting: in process for the memory store; for Redis through
-    /// a queue that one background writer drains in batches, so no check or report waits on it.
-    pub fn record(&self, event: ConsoleEvent) {
-        match self {
-            Store::Memory(m) => match event {
-                ConsoleEvent::Charged {
-                    now_ms,
-                    tokens,
-                    spend,
-                    used,
-                } => {
-                    m.insights.per_minute(now_ms, tokens, &spend);
-                    for ((limit, value), amount) in &used {
-                        m.insights.used(limit, value, *amount);
-                    }
-                }
-                ConsoleEvent::Denied(d) => m.insights.denied(d),
-            },
-            Store::Redis(r) => r.record_console(event),
-        }
-    }
-
-    pub async fn denials(&self) -> Result<Vec<Denial>, StoreError> {
-        match self {
-            Store::Memory(m) => Ok(m.insights.denials()),
-            Store::Redis(r) => r.denials().await,
-        }
-    }
-
-    /// Every limit seen and its `n` heaviest keys: (key, tokens counted, overestimate).
-    pub async fn top(&self, n: usize) -> Result<Ranking, StoreError> {
-        match self {
-            Store::Memory(m) => Ok(m.insights.top(n)),
-            Store::Redis(r) => r.top(n).await,
-        }
-    }
-
-    pub async fn timeline(&self, now_ms: i64) -> Result<Vec<Minute>, StoreError> {
-        match self {
-            Store::Memory(m) => Ok(m.insights.timeline(now_ms)),
-            Store::Redis(r) => r.timeline(now_ms).await,
         }
     }
 

@@ -1,14 +1,10 @@
-//! What every store takes and gives: a check's outcome, a report's settlement, what the console
-//! is told, and the check and settlement over loaded states that the memory store runs (and
+//! What every store takes and gives: a check's outcome, a report's settlement, and the check and settlement over loaded states that the memory store runs (and
 //! `limiter.lua` mirrors). Apart from [`super::Store`], which dispatches to the stores, so the
 //! stores and their dispatcher do not import each other.
-
-use std::collections::BTreeMap;
 
 use thiserror::Error;
 
 use crate::counter::Plan;
-use crate::insights::Denial;
 use wire::Amount;
 
 use crate::meter::{counted, Meter, State, Status};
@@ -72,17 +68,6 @@ impl Settlement {
             signed(self.excess.micros, self.refund.micros),
         )
     }
-}
-
-/// What the console is told: what reached the counters, or a denial.
-pub enum ConsoleEvent {
-    Charged {
-        now_ms: i64,
-        tokens: i64,
-        spend: BTreeMap<String, i64>,
-        used: BTreeMap<(String, String), i64>,
-    },
-    Denied(Denial),
 }
 
 /// The check over loaded states (the memory store's core; `limiter.lua` mirrors it).

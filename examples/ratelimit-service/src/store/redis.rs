@@ -7,7 +7,6 @@
 //! over-denial is possible under contention, an overshoot is not), and each counter
 //! remembers report ids on its own, so a retried report is applied exactly once per counter.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -16,11 +15,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 use tokio::sync::OnceCell;
 
-use super::model::{Applied, CheckOutcome, ConsoleEvent, Settlement, StoreError};
+use super::model::{Applied, CheckOutcome, Settlement, StoreError};
 use super::sources::{self, Dedup, Mark};
 use crate::clock::system_ms;
 use crate::counter::Plan;
-use crate::insights;
 use crate::meter::{Meter, State, Status};
 use wire::Amount;
 use wire::SeqId;
@@ -37,11 +35,8 @@ pub struct RedisStore {
     conn: OnceCell<Conn>,
     script: Script,
     ring: Script,
-    insights: Script,
     adjust: Script,
     timeout: Duration,
-    /// The console's queue, drained by one background writer (started on first use).
-    console: std::sync::OnceLock<tokio::sync::mpsc::Sender<ConsoleEvent>>,
 }
 
 /// Where the Redis store connects: one server or a cluster's seed nodes.
@@ -81,17 +76,6 @@ impl RedisTarget {
     }
 }
 
-/// The console's keys: the limits it has seen, the recent denials (shared by every replica).
-const CONSOLE_LIMITS: &str = "ltr:console:limits";
-const CONSOLE_DENIALS: &str = "ltr:console:denials";
-/// Console events waiting for the writer; past it, new ones are dropped (the console is never
-/// worth slowing a check).
-pub const CONSOLE_QUEUE: usize = 4096;
-/// How long the writer gathers events into one batch.
-const CONSOLE_BATCH: Duration = Duration::from_millis(100);
-/// How long the console's data outlives the last write: a day.
-const CONSOLE_TTL_MS: i64 = 86_400_000;
-
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -105,10 +89,8 @@ impl RedisStore {
             conn: OnceCell::new(),
             script: Script::new(include_str!("limiter.lua")),
             ring: Script::new(include_str!("ring.lua")),
-            insights: Script::new(include_str!("insights.lua")),
             adjust: Script::new(include_str!("adjust.lua")),
             timeout,
-            console: std::sync::OnceLock::new(),
         }
     }
 
@@ -156,7 +138,7 @@ impl RedisStore {
         self.run_script(&self.script, keys, args).await
     }
 
-    async fn run_script(
+    pub(crate) async fn run_script(
         &self,
         script: &Script,
         keys: Vec<String>,
@@ -462,36 +444,11 @@ impl RedisStore {
             .collect())
     }
 
-    /// Queues a console event for the background writer; dropped when the queue is full.
-    pub fn record_console(self: &Arc<Self>, event: ConsoleEvent) {
-        let tx = self.console.get_or_init(|| {
-            let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_QUEUE);
-            tokio::spawn(console_writer(Arc::downgrade(self), rx));
-            tx
-        });
-        if tx.try_send(event).is_err() {
-            tracing::debug!("console event dropped: the writer is {CONSOLE_QUEUE} behind");
-        }
-    }
-
-    /// Writes one batch: a pipeline per minute, a script per key, the denials oldest first.
-    async fn write_console(&self, batch: ConsoleBatch) -> Result<(), StoreError> {
-        for (minute_ms, (tokens, spend)) in &batch.minutes {
-            self.per_minute(*minute_ms, *tokens, spend).await?;
-        }
-        for ((limit, value), amount) in &batch.used {
-            if *amount != 0 {
-                self.used(limit, value, *amount).await?;
-            }
-        }
-        for denial in &batch.denials {
-            self.denied(denial).await?;
-        }
-        Ok(())
-    }
-
     /// One command, with the store's deadline.
-    async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: redis::Cmd,
+    ) -> Result<T, StoreError> {
         let conn = self.conn().await?;
         let call = async {
             match conn {
@@ -505,55 +462,7 @@ impl RedisStore {
             .map_err(unavailable)
     }
 
-    /// The keys of a limit's heavy hitters (one slot).
-    fn top_keys(limit: &str) -> Vec<String> {
-        let tag = crate::counter::fnv(limit.as_bytes());
-        vec![
-            format!("ltr:console:{{{tag:016x}}}:top"),
-            format!("ltr:console:{{{tag:016x}}}:over"),
-        ]
-    }
-
-    pub async fn used(&self, limit: &str, value: &str, tokens: i64) -> Result<(), StoreError> {
-        // Limit names come from plugin configurations, not from clients.
-        self.query::<()>(redis::cmd("SADD").arg(CONSOLE_LIMITS).arg(limit).clone())
-            .await?;
-        let args = vec![
-            insights::bounded(value).to_string(),
-            tokens.to_string(),
-            insights::TOP_K.to_string(),
-            CONSOLE_TTL_MS.to_string(),
-        ];
-        self.run_script(&self.insights, Self::top_keys(limit), args)
-            .await
-            .map(|_| ())
-    }
-
-    pub async fn per_minute(
-        &self,
-        now_ms: i64,
-        tokens: i64,
-        spend: &std::collections::BTreeMap<String, i64>,
-    ) -> Result<(), StoreError> {
-        let key = format!("ltr:console:minute:{}", insights::minute_of(now_ms));
-        let mut pipe = redis::pipe();
-        pipe.cmd("HINCRBY")
-            .arg(&key)
-            .arg("tokens")
-            .arg(tokens)
-            .ignore();
-        for (currency, micros) in spend {
-            pipe.cmd("HINCRBY")
-                .arg(&key)
-                .arg(format!("spend:{currency}"))
-                .arg(*micros)
-                .ignore();
-        }
-        pipe.cmd("PEXPIRE").arg(&key).arg(CONSOLE_TTL_MS).ignore();
-        self.query_pipe(pipe).await
-    }
-
-    async fn query_pipe(&self, pipe: redis::Pipeline) -> Result<(), StoreError> {
+    pub(crate) async fn query_pipe(&self, pipe: redis::Pipeline) -> Result<(), StoreError> {
         let conn = self.conn().await?;
         let call = async {
             match conn {
@@ -565,95 +474,6 @@ impl RedisStore {
             .await
             .map_err(|_| unavailable("Redis did not answer in time"))?
             .map_err(unavailable)
-    }
-
-    pub async fn denied(&self, denial: &insights::Denial) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("LPUSH")
-            .arg(CONSOLE_DENIALS)
-            .arg(serde_json::to_string(denial).unwrap_or_default())
-            .ignore();
-        pipe.cmd("LTRIM")
-            .arg(CONSOLE_DENIALS)
-            .arg(0)
-            .arg(insights::DENIALS - 1)
-            .ignore();
-        self.query_pipe(pipe).await
-    }
-
-    pub async fn denials(&self) -> Result<Vec<insights::Denial>, StoreError> {
-        let raw: Vec<String> = self
-            .query(
-                redis::cmd("LRANGE")
-                    .arg(CONSOLE_DENIALS)
-                    .arg(0)
-                    .arg(-1)
-                    .clone(),
-            )
-            .await?;
-        Ok(raw
-            .iter()
-            .filter_map(|r| serde_json::from_str(r).ok())
-            .collect())
-    }
-
-    pub async fn top(&self, n: usize) -> Result<insights::Ranking, StoreError> {
-        let mut limits: Vec<String> = self
-            .query(redis::cmd("SMEMBERS").arg(CONSOLE_LIMITS).clone())
-            .await?;
-        limits.sort();
-        let mut out = Vec::with_capacity(limits.len());
-        for limit in limits {
-            let [top, over] = <[String; 2]>::try_from(Self::top_keys(&limit)).unwrap_or_default();
-            let scored: Vec<(String, f64)> = self
-                .query(
-                    redis::cmd("ZREVRANGE")
-                        .arg(&top)
-                        .arg(0)
-                        .arg(n.saturating_sub(1))
-                        .arg("WITHSCORES")
-                        .clone(),
-                )
-                .await?;
-            // One round trip for the whole list's error bounds.
-            let members: Vec<&str> = scored.iter().map(|(m, _)| m.as_str()).collect();
-            let overs: Vec<Option<u64>> = if members.is_empty() {
-                Vec::new()
-            } else {
-                self.query(redis::cmd("HMGET").arg(&over).arg(&members).clone())
-                    .await?
-            };
-            let keys = scored
-                .iter()
-                .zip(overs.into_iter().chain(std::iter::repeat(None)))
-                .map(|((member, count), over)| {
-                    insights::Heavy::stored(member, *count as u64, over.unwrap_or(0))
-                })
-                .collect();
-            out.push((limit, keys));
-        }
-        Ok(out)
-    }
-
-    pub async fn timeline(&self, now_ms: i64) -> Result<Vec<insights::Minute>, StoreError> {
-        let mut known = Vec::new();
-        for m in insights::timeline(now_ms, std::iter::empty()) {
-            let key = format!("ltr:console:minute:{}", m.minute_ms);
-            let fields: Vec<(String, i64)> =
-                self.query(redis::cmd("HGETALL").arg(&key).clone()).await?;
-            let mut minute = m;
-            for (field, v) in fields {
-                match field.strip_prefix("spend:") {
-                    Some(currency) => {
-                        minute.spend.insert(currency.to_string(), v);
-                    }
-                    None if field == "tokens" => minute.tokens = v,
-                    None => {}
-                }
-            }
-            known.push(minute);
-        }
-        Ok(known)
     }
 
     /// Grants `amount` more to every meter of the counter now, or resets it (`None`).
@@ -681,70 +501,6 @@ impl RedisStore {
             .map_err(|_| unavailable("Redis did not answer in time"))?
             .map(|_| ())
             .map_err(unavailable)
-    }
-}
-
-/// Console events merged over one batch: figures per minute and per key add up, the newest
-/// denials are kept.
-#[derive(Default)]
-struct ConsoleBatch {
-    minutes: std::collections::BTreeMap<i64, (i64, std::collections::BTreeMap<String, i64>)>,
-    used: std::collections::BTreeMap<(String, String), i64>,
-    denials: std::collections::VecDeque<insights::Denial>,
-    events: usize,
-}
-
-impl ConsoleBatch {
-    fn add(&mut self, event: ConsoleEvent) {
-        self.events += 1;
-        match event {
-            ConsoleEvent::Charged {
-                now_ms,
-                tokens,
-                spend,
-                used,
-            } => {
-                let minute = self.minutes.entry(insights::minute_of(now_ms)).or_default();
-                minute.0 += tokens;
-                for (currency, micros) in spend {
-                    *minute.1.entry(currency).or_default() += micros;
-                }
-                for (key, amount) in used {
-                    *self.used.entry(key).or_default() += amount;
-                }
-            }
-            ConsoleEvent::Denied(d) => {
-                self.denials.push_back(d);
-                if self.denials.len() > insights::DENIALS {
-                    self.denials.pop_front();
-                }
-            }
-        }
-    }
-}
-
-/// Drains the console's queue: gathers what arrives within [`CONSOLE_BATCH`] of the first
-/// event, merges it, writes it; ends with the store (which holds the only sender).
-async fn console_writer(
-    store: std::sync::Weak<RedisStore>,
-    mut rx: tokio::sync::mpsc::Receiver<ConsoleEvent>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = ConsoleBatch::default();
-        batch.add(first);
-        let deadline = tokio::time::Instant::now() + CONSOLE_BATCH;
-        while batch.events < CONSOLE_QUEUE {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(event)) => batch.add(event),
-                _ => break,
-            }
-        }
-        let Some(store) = store.upgrade() else {
-            return;
-        };
-        if let Err(e) = store.write_console(batch).await {
-            tracing::debug!("console data not recorded: {e}");
-        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! What the operator console shows, kept bounded whatever the traffic: the heaviest keys per
 //! limit (a space-saving summary), the most recent denials, and tokens and money per minute.
 //! The memory store keeps them here; the Redis store keeps the same shapes in Redis, shared by
-//! every replica (`store/insights.lua`).
+//! every replica (`insights.lua`, see [`super::redis`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -125,6 +125,17 @@ pub fn member(value: &str, shared: bool) -> String {
 /// Every limit seen, with its heaviest keys, heaviest first.
 pub type Ranking = Vec<(String, Vec<Heavy>)>;
 
+/// What the console is told: what reached the counters, or a denial.
+pub enum ConsoleEvent {
+    Charged {
+        now_ms: i64,
+        tokens: i64,
+        spend: BTreeMap<String, i64>,
+        used: BTreeMap<(String, String), i64>,
+    },
+    Denied(Denial),
+}
+
 /// One denied check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Denial {
@@ -145,9 +156,9 @@ pub struct Minute {
     pub spend: BTreeMap<String, i64>,
 }
 
-/// The memory store's console data.
+/// The console's data in process (the memory store's side).
 #[derive(Default)]
-pub struct Insights {
+pub struct Board {
     top: Mutex<BTreeMap<String, SpaceSaving>>,
     denials: Mutex<VecDeque<Denial>>,
     minutes: Mutex<VecDeque<Minute>>,
@@ -167,7 +178,7 @@ pub fn bounded(value: &str) -> &str {
     value.get(..cut).unwrap_or_default()
 }
 
-impl Insights {
+impl Board {
     /// `tokens` (or micro units, for a limit in money) charged under `limit` to `value`;
     /// negative: given back.
     pub fn used(&self, limit: &str, value: &str, tokens: i64) {
@@ -260,7 +271,7 @@ mod tests {
 
     #[test]
     fn a_flood_of_distinct_keys_stays_within_the_bound_and_keeps_the_heavy_ones() {
-        let insights = Insights::default();
+        let insights = Board::default();
         // Two heavy users among a million one-token keys, across more limits than are kept.
         for i in 0..1_000_000u64 {
             insights.used("per-user", &format!("flood-{i}"), 1);
@@ -295,7 +306,7 @@ mod tests {
 
     #[test]
     fn denials_and_minutes_are_bounded_rings() {
-        let insights = Insights::default();
+        let insights = Board::default();
         for i in 0..1_000 {
             insights.denied(Denial {
                 at_ms: i,
