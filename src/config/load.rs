@@ -6,7 +6,8 @@ use std::cell::RefCell;
 use super::de::{self, Path, Unknown};
 use super::foreign::read_with_options;
 use super::model::*;
-use super::{asm, higress, native, options};
+use super::options;
+use super::shape::{asm, higress, native};
 
 impl Plugin {
     /// Reads the plugin configuration as Envoy hands it over, in any shape.
@@ -15,25 +16,20 @@ impl Plugin {
         let shape = Shape::of(&value);
         let root = Path::root();
         let warnings = RefCell::new(Vec::new());
-        let mut policies = match shape {
+        let policies = match shape {
             Shape::Native => vec![Policy {
                 scope: None,
                 config: read_native(&value)?,
             }],
             Shape::Asm => {
                 let (asm, options) = read_with_options::<asm::Asm>(&value, &root, &[], &warnings)?;
-                let mut config = asm.into_config(&root)?;
-                options.apply(&root, &mut config)?;
                 vec![Policy {
                     scope: None,
-                    config,
+                    config: asm.into_builder(&root)?.options(&root, options)?.finish(),
                 }]
             }
             Shape::Higress => higress::parse(&value, &warnings)?,
         };
-        for p in &mut policies {
-            p.config.derive();
-        }
         let mut warnings = warnings.into_inner();
         if policies
             .first()
@@ -66,9 +62,7 @@ impl Config {
     /// Reads a configuration in the native shape (tests and tools; Envoy's goes through
     /// [`Plugin::parse`]).
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let mut config = read_native(&json(bytes)?)?;
-        config.derive();
-        Ok(config)
+        read_native(&json(bytes)?)
     }
 }
 
@@ -79,9 +73,10 @@ fn read_native(value: &serde_json::Value) -> Result<Config, ConfigError> {
     let (options, option_fields) =
         de::read::<options::Options>(value, &root, &[], Unknown::Ignore)?;
     let (native, _) = de::read::<native::Native>(value, &root, option_fields, Unknown::Ignore)?;
-    let mut config = native.into_config(&root)?;
-    options.apply(&root, &mut config)?;
-    Ok(config)
+    Ok(native
+        .into_builder(&root)?
+        .options(&root, options)?
+        .finish())
 }
 
 fn json(bytes: &[u8]) -> Result<serde_json::Value, ConfigError> {

@@ -5,17 +5,16 @@
 //! know which dialect the operator wrote. A [`Plugin`] holds one, or with Higress `_rules_` one
 //! per scope (route, domain, upstream service).
 
-mod asm;
+mod builder;
 mod de;
 mod foreign;
-mod higress;
 mod load;
 mod model;
-mod native;
 mod options;
 #[cfg(feature = "schema")]
 pub mod schema;
 mod scope;
+mod shape;
 mod values;
 
 pub use model::*;

@@ -7,7 +7,7 @@ use super::scope::{Scope, ScopeFacts};
 use crate::client_ip::{ClientIpSource, Prefixes};
 use crate::limits::Limit;
 use crate::matcher::RequestMatch;
-use crate::template::Attribute;
+
 pub use crate::usage::{Count, OnMissing};
 
 /// A configuration problem, naming the field (`limits[1].window`) and what is wrong with it.
@@ -88,8 +88,8 @@ pub struct Config {
     pub count: Count,
     pub on_missing: OnMissing,
     pub reserve: Reserve,
-    /// `reserve.max`: the largest reserve a check may ask. Not set (0) until [`Config::derive`]
-    /// gives it its default: the wire's bound, or [`RLS_RESERVE_MAX`] under envoy-rls.
+    /// `reserve.max`: the largest reserve a check may ask. Not set (0) until the builder's
+    /// `finish` gives it its default: the wire's bound, or [`RLS_RESERVE_MAX`] under envoy-rls.
     pub reserve_max: u64,
     /// `reserve.default`: what a request that states no output cap (or whose body cannot be
     /// read) reserves under `"max_tokens"`.
@@ -114,13 +114,13 @@ pub struct Config {
     /// What each model costs, for limits that count money.
     pub prices: Option<crate::pricing::Prices>,
     /// Derived once at load: the hot path asks it on every matched request.
-    needs_request_body: bool,
+    pub(super) needs_request_body: bool,
     /// Derived once at load: the headers `matches` read, fetched alone so that a request that
     /// matches nothing costs a few header lookups.
-    match_headers: Vec<String>,
+    pub(super) match_headers: Vec<String>,
     /// Derived once at load: every request header a limited request's keys, conditions and
     /// accounting read, asked for by name (a header map is never read whole).
-    request_headers: Vec<String>,
+    pub(super) request_headers: Vec<String>,
 }
 
 /// Which dialect a configuration is written in.
@@ -204,85 +204,6 @@ impl Plugin {
 }
 
 impl Config {
-    /// A configuration with these limits and every option at its default.
-    pub(super) fn new(
-        service: ServiceConfig,
-        matches: Vec<RequestMatch>,
-        limits: Vec<Limit>,
-    ) -> Config {
-        Config {
-            service,
-            matches,
-            limits,
-            count: Count::Total,
-            on_missing: OnMissing::Estimate,
-            reserve: Reserve::Tokens(0),
-            reserve_max: 0,
-            reserve_default: DEFAULT_RESERVE,
-            write_cap: false,
-            inject_stream_usage: true,
-            deny: DenyConfig {
-                status: 429,
-                body: None,
-                headers: Vec::new(),
-            },
-            quota_headers: true,
-            higress_headers: false,
-            client_ip: ClientIpSource::Remote,
-            client_ip_prefixes: Prefixes::default(),
-            consumer_header: "x-mse-consumer".into(),
-            max_request_body_bytes: 1024 * 1024,
-            max_pending_reports: crate::report::DEFAULT_CAPACITY,
-            prices: None,
-            needs_request_body: false,
-            match_headers: Vec::new(),
-            request_headers: Vec::new(),
-        }
-    }
-
-    /// Computes what the hot path asks on every request.
-    pub(super) fn derive(&mut self) {
-        if self.reserve_max == 0 {
-            self.reserve_max = match self.service.protocol {
-                Protocol::EnvoyRls => RLS_RESERVE_MAX,
-                _ => wire::MAX_AMOUNT,
-            };
-        }
-        let mut names: Vec<String> = Vec::new();
-        for name in self.matches.iter().flat_map(RequestMatch::header_names) {
-            if !names.iter().any(|n| n == name) {
-                names.push(name.to_string());
-            }
-        }
-        self.match_headers = names;
-        // What the shell itself reads (the body's size, usage injection's route) and what
-        // every key and condition reads.
-        let mut read: Vec<String> = [":method", ":path", "content-length"]
-            .map(String::from)
-            .into();
-        for limit in &self.limits {
-            let attributes = limit
-                .key
-                .attributes()
-                .chain(limit.when.iter().flat_map(|c| c.attributes()));
-            for attr in attributes {
-                let name =
-                    crate::request::headers_read(attr, &self.client_ip, &self.consumer_header);
-                if let Some(name) = name.filter(|n| !read.iter().any(|r| r == n)) {
-                    read.push(name.to_string());
-                }
-            }
-        }
-        self.request_headers = read;
-        self.needs_request_body = self.reserve == Reserve::MaxTokens
-            || self.limits.iter().any(|l| {
-                // A limit in money prices the request's model.
-                l.currency.is_some()
-                    || l.key.attributes().any(|a| *a == Attribute::Model)
-                    || l.when.as_ref().is_some_and(|c| c.reads_model())
-            });
-    }
-
     /// The headers `matches` read (empty when every request matches).
     pub fn match_headers(&self) -> &[String] {
         &self.match_headers

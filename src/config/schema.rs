@@ -9,10 +9,10 @@
 use schemars::generate::SchemaSettings;
 use serde_json::{json, Map, Value};
 
-use super::asm::Asm;
-use super::higress::{Rule, ScopeSpec, RULES};
-use super::native::Native;
 use super::options::Options;
+use super::shape::asm::Asm;
+use super::shape::higress::{Rule, ScopeSpec, RULES};
+use super::shape::native::Native;
 
 /// The schema of all three shapes, as committed in `deploy/schema/`.
 pub fn generate() -> Value {

@@ -14,10 +14,11 @@
 
 use serde::Deserialize;
 
-use super::de::{each, Path};
 use super::native::{self, request_matches, MatchSpec, Port, TimeoutMs};
-use super::values::{ApiKey, Name};
-use super::*;
+use crate::config::builder::Builder;
+use crate::config::de::{each, Path};
+use crate::config::values::{ApiKey, Name};
+use crate::config::*;
 use crate::limits::Limit;
 use crate::limits::LimitRates;
 use crate::template::Template;
@@ -61,7 +62,7 @@ enum AsmProtocol {
 }
 
 impl Asm {
-    pub fn into_config(self, path: &Path) -> Result<Config, ConfigError> {
+    pub fn into_builder(self, path: &Path) -> Result<Builder, ConfigError> {
         let matches = request_matches(&path.field("matches"), self.matches)?;
         let keys_path = path.field("rateLimitKeys");
         let limits = each(
@@ -111,7 +112,7 @@ impl Asm {
             descriptor_entries: Vec::new(),
             api_key: service.api_key.map(|k| k.0),
         };
-        Ok(Config::new(service, matches, limits))
+        Ok(Builder::new(service, matches, limits))
     }
 }
 

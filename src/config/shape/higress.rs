@@ -27,12 +27,13 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::de::{self, each, Path};
-use super::foreign::read_with_options;
 use super::native::{Port, ServiceSpec, Tokens};
-use super::values::{HeaderName, Name, Pattern, Status};
-use super::*;
 use crate::client_ip::ClientIpSource;
+use crate::config::builder::Builder;
+use crate::config::de::{self, each, Path};
+use crate::config::foreign::read_with_options;
+use crate::config::values::{HeaderName, Name, Pattern, Status};
+use crate::config::*;
 use crate::limits::Limit;
 use crate::limits::{LimitRates, Rate, ValueMatch, ValueRule};
 use crate::template::Template;
@@ -576,8 +577,8 @@ impl Rule {
                 .error("give either `deny` or `rejected_code` / `rejected_msg`, not both"));
         }
         let has_quota_headers = options.has_quota_headers();
-        let mut config = Config::new(service, Vec::new(), limits);
-        options.apply(path, &mut config)?;
+        let mut builder = Builder::new(service, Vec::new(), limits).options(path, options)?;
+        let config = builder.config();
         if !has_deny {
             config.deny = DenyConfig {
                 status: self.rejected_code.map_or(429, |s| s.0),
@@ -621,7 +622,7 @@ impl Rule {
                 }
             };
         }
-        Ok(config)
+        Ok(builder.finish())
     }
 }
 

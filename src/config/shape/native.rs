@@ -8,9 +8,12 @@ use ipnet::IpNet;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::de::{each, Path};
-use super::values::{Amount, ApiKey, HeaderName, Name, Pattern, Status, Whole, Window, Zone};
-use super::*;
+use crate::config::builder::Builder;
+use crate::config::de::{each, Path};
+use crate::config::values::{
+    Amount, ApiKey, HeaderName, Name, Pattern, Status, Whole, Window, Zone,
+};
+use crate::config::*;
 use crate::limits::Limit;
 use crate::limits::{LimitRates, Rate, ValueMatch, ValueRule};
 use crate::matcher::RequestMatch;
@@ -39,7 +42,7 @@ pub struct Native {
 }
 
 impl Native {
-    pub fn into_config(self, path: &Path) -> Result<Config, ConfigError> {
+    pub fn into_builder(self, path: &Path) -> Result<Builder, ConfigError> {
         let service = self.service.ok_or_else(|| path.field("service").error(
             "is required: name the rate-limit service as {\"cluster\": \"<envoy cluster>\"} or {\"host\": \"<service host>\", \"port\": 80}",
         ))?.into_service(&path.field("service"))?;
@@ -79,7 +82,7 @@ impl Native {
                 ));
             }
         }
-        Ok(Config::new(service, matches, limits))
+        Ok(Builder::new(service, matches, limits))
     }
 }
 
