@@ -17,7 +17,7 @@ use serde::de::{
 };
 use serde_json::{Map, Value};
 
-use super::ConfigError;
+use super::model::ConfigError;
 
 /// Where a value sits in the configuration document, e.g. `limits[2].values[0].match`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -82,6 +82,16 @@ pub enum Unknown<'w> {
     Ignore,
     /// Named in a warning: the foreign shapes carry fields this plugin does not use.
     Warn(&'w RefCell<Vec<String>>),
+}
+
+/// Reads a JSON body (a rate-limit service's answer) as a `T`, unknown fields ignored; `None`
+/// when it is not one. Through [`read`], not serde_json's typed deserializer: its errors
+/// format floating-point numbers, which would link 18 KiB of float formatting into the .wasm.
+pub fn read_json<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    let value: Value = serde_json::from_slice(bytes).ok()?;
+    read::<T>(&value, &Path::root(), &[], Unknown::Ignore)
+        .ok()
+        .map(|(t, _)| t)
 }
 
 /// Reads `value` (found at `path`) as a `T`. The top object's fields named in `others` belong to
@@ -544,4 +554,68 @@ pub fn object<'a>(path: &Path, value: &'a Value) -> Result<&'a Map<String, Value
     value
         .as_object()
         .ok_or_else(|| path.error(format!("expected an object, found {}", kind(value))))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The service's answers read as serde_json reads them (the reader the plugin used before):
+    /// the same value, or a refusal by both; the three differences are below.
+    #[test]
+    fn answers_read_as_serde_json_reads_them() {
+        fn same<T: DeserializeOwned + PartialEq + std::fmt::Debug>(body: &str) {
+            assert_eq!(
+                read_json::<T>(body.as_bytes()),
+                serde_json::from_str::<T>(body).ok(),
+                "{body}"
+            );
+        }
+        // Where they differ: `null` is an absent field (its default), an object is never read
+        // from an array by position, and a repeated field's last value counts.
+        let read = |body: &str| read_json::<wire::CheckResponse>(body.as_bytes());
+        assert_eq!(
+            read(r#"{"allowed":true,"limits":null}"#),
+            read(r#"{"allowed":true}"#)
+        );
+        assert_eq!(read("[true]"), None);
+        assert_eq!(
+            read(r#"{"allowed":true,"allowed":false}"#).map(|a| a.allowed),
+            Some(false)
+        );
+        let checks = [
+            r#"{"allowed":true}"#,
+            r#"{"allowed":false,"limits":[],"retry_after_ms":1500,"denied_by":"user"}"#,
+            r#"{"allowed":true,"limits":[{"limit":"u","value":"a","tokens":100,"window_s":60,"remaining":-5,"reset_ms":10}],"reserved_at_ms":5000}"#,
+            r#"{"allowed":true,"limits":[{"limit":"u","value":"a","tokens":100,"window_s":60,"remaining":18446744073709551615,"currency":"USD","period":"month","resets_at":"2026-12-31T00:00:00Z"}]}"#,
+            r#"{"allowed":true,"limits":[{"remaining":1.5}]}"#,
+            r#"{"allowed":true,"limits":[{"period":"fortnight"}]}"#,
+            r#"{"allowed":"yes"}"#,
+            r#"{"allowed":true,"retry_after_ms":-1}"#,
+            r#"{"allowed":true,"retry_after_ms":1e3}"#,
+            r#"{"allowed":true,"denied_by":null,"reserved_at_ms":null,"extra":{"a":[1,2]}}"#,
+            r#"{"limits":[]}"#,
+            "not json",
+            "",
+        ];
+        for body in checks {
+            same::<wire::CheckResponse>(body);
+        }
+        for body in [
+            r#"{"accepted":1,"duplicates":0,"results":[{"outcome":"applied"},{"outcome":"retry","error":"x"}]}"#,
+            r#"{"accepted":0,"duplicates":0}"#,
+            r#"{"accepted":0,"duplicates":0,"results":[{"outcome":"lost"}]}"#,
+            r#"{"accepted":-1,"duplicates":0}"#,
+        ] {
+            same::<wire::ReportResponse>(body);
+        }
+        for body in [
+            r#"{"allow":true}"#,
+            r#"{"allow":false,"description":"over"}"#,
+            r#"{"allow":1}"#,
+        ] {
+            same::<wire::AsmCheckResponse>(body);
+        }
+    }
 }

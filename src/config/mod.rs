@@ -17,6 +17,8 @@ mod scope;
 mod shape;
 mod values;
 
+/// Reads the service's JSON answers too: one reader for every typed JSON the plugin takes in.
+pub use de::read_json;
 pub use model::*;
 pub use scope::{Scope, ScopeFacts};
 

@@ -71,7 +71,7 @@ impl Wire for Asm {
 }
 
 fn read_asm(body: &[u8]) -> Result<Verdict, CheckFailure> {
-    let a: wire::AsmCheckResponse = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
+    let a: wire::AsmCheckResponse = crate::config::read_json(body).ok_or(CheckFailure::Body)?;
     Ok(Verdict {
         allowed: a.allow,
         quota: None,

@@ -20,7 +20,7 @@ pub(super) fn http_delivery(
 }
 
 pub(super) fn outcomes(body: &[u8]) -> Vec<Outcome> {
-    serde_json::from_slice::<wire::ReportResponse>(body)
+    crate::config::read_json::<wire::ReportResponse>(body)
         .map(|r| r.results.into_iter().map(|r| r.outcome).collect())
         .unwrap_or_default()
 }
@@ -44,9 +44,9 @@ pub fn error_message(body: &[u8]) -> String {
     struct Error {
         error: String,
     }
-    let text = match serde_json::from_slice::<Error>(body) {
-        Ok(e) => e.error,
-        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    let text = match crate::config::read_json::<Error>(body) {
+        Some(e) => e.error,
+        None => String::from_utf8_lossy(body).into_owned(),
     };
     let mut cut = text.len().min(512);
     while !text.is_char_boundary(cut) {

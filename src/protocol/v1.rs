@@ -65,7 +65,7 @@ impl Wire for V1 {
 }
 
 fn read_v1(body: &[u8]) -> Result<Verdict, CheckFailure> {
-    let a: wire::CheckResponse = serde_json::from_slice(body).map_err(|_| CheckFailure::Body)?;
+    let a: wire::CheckResponse = crate::config::read_json(body).ok_or(CheckFailure::Body)?;
     let quota = a
         .limits
         .iter()
