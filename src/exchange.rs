@@ -18,7 +18,8 @@ use crate::protocol::{self, CheckFailure, MoneyQuota, Outbound, Quota};
 use crate::reply::{self, Reply};
 use crate::report::Spent;
 use crate::request::{may_need_stream_usage, Properties, RequestBody, RequestView};
-use crate::reserve::{reserve, reserve_cost, Rule};
+use crate::reserve::{full_cost, prompt_cost, prompt_tokens, reserve, reserve_cost, trim};
+use crate::reserve::{Rule, TrimPlan};
 use crate::strip::Stripper;
 use crate::usage::{abandoned, settle, Basis, Charge, Observed, UsageScanner};
 use wire::Amount;
@@ -34,6 +35,8 @@ pub enum Event {
     BodyUnreadable,
     StreamUsageInjected,
     CapWritten,
+    /// The service granted less than the request's cap (`reserve.trim`).
+    Trimmed,
     Allowed,
     Denied,
     CheckFailed(CheckFailure),
@@ -98,6 +101,9 @@ pub struct Resolution {
     pub report: Option<Spent>,
     /// When the service took the reservation, by its clock (to learn the clocks' offset).
     pub service_time_ms: Option<u64>,
+    /// The check was trimmed: the held body is rewritten ([`Exchange::trimmed_body`]) before
+    /// the request resumes.
+    pub rewrite: bool,
 }
 
 /// The response's head, as the shell read it.
@@ -140,6 +146,8 @@ enum State {
         quota: Option<Quota>,
         money: Option<Box<MoneyQuota>>,
         response: Option<Box<Response>>,
+        /// The output cap per choice a trimmed check granted.
+        granted: Option<u64>,
     },
 }
 
@@ -162,6 +170,8 @@ struct Spend {
     api: Api,
     /// A limit in money applies: the model the request named (for its price).
     priced: Option<Priced>,
+    /// The check may be trimmed (`reserve.trim`): how a grant becomes a cap.
+    trim: Option<TrimPlan>,
 }
 
 struct Priced {
@@ -234,6 +244,8 @@ pub struct Exchange {
     injected: bool,
     /// The request had a body the plugin could not read: it is charged at least the estimate.
     unreadable_body: bool,
+    /// The size of the request body held (as edited), for a rewrite after the check.
+    held: Option<usize>,
     events: Vec<Event>,
 }
 
@@ -244,6 +256,7 @@ impl Default for Exchange {
             request_bytes: None,
             injected: false,
             unreadable_body: false,
+            held: None,
             events: Vec::new(),
         }
     }
@@ -292,7 +305,7 @@ impl Exchange {
         if (config.needs_request_body() || inject) && !end_of_stream {
             self.state = State::AwaitingBody { headers, inject };
             return OnHeaders::WaitForBody {
-                drop_content_length: inject || config.write_cap,
+                drop_content_length: inject || config.write_cap || config.trim_min.is_some(),
             };
         }
         self.state = State::Matched { headers };
@@ -379,6 +392,7 @@ impl Exchange {
         let path = request_path(&headers);
         let api = Api::of(&path);
         let held = body.map(|(bytes, size)| (bytes, size, inject));
+        self.held = body.map(|(_, size)| size);
         if descriptors.is_empty() {
             self.events.push(Event::Unlimited);
             // Usage is still asked for: a limit that does not apply now may on the response's
@@ -397,8 +411,13 @@ impl Exchange {
         let cap =
             (config.write_cap && reservation.per_choice > 0).then_some(reservation.per_choice);
         let edit = self.edit(config, api, facts.as_ref(), held, cap);
+        // `reserve.trim`: the reservation pays for the whole request, and may be granted less.
+        let trimmed = config.trim_min.and_then(|min| {
+            let prompt = prompt_tokens(self.request_bytes);
+            trim(rule, asked, config.count, prompt, min)
+        });
         // A limit in money: the request's model must have a price (or `unknown_model` one).
-        let mut priced = None;
+        let (mut priced, mut prompt_micros) = (None, 0);
         if let Some(prices) = config
             .prices
             .as_ref()
@@ -414,15 +433,32 @@ impl Exchange {
                     edit,
                 );
             };
-            reserve.micros = reserve_cost(&price, rule, asked, self.request_bytes, &descriptors);
+            reserve.micros = match trimmed {
+                Some(_) => full_cost(&price, rule, asked, self.request_bytes),
+                None => reserve_cost(&price, rule, asked, self.request_bytes, &descriptors),
+            };
+            prompt_micros = prompt_cost(&price, self.request_bytes).min(reserve.micros);
             priced = Some(Priced { request_model });
         }
+        let trim = trimmed.map(|t| {
+            reserve.tokens = t.tokens;
+            wire::Trim {
+                min: t.min,
+                fixed: Amount::new(t.plan.fixed, prompt_micros),
+            }
+        });
         // A reservation may need releasing later: its check carries the id its report will.
         let wire = config.service.protocol.wire();
         let id = (!reserve.is_zero() && wire.releases())
             .then(next_id)
             .flatten();
-        let call = wire.check_call(&config.service, &descriptors, reserve, id.as_deref());
+        let call = wire.check_call(
+            &config.service,
+            &descriptors,
+            reserve,
+            trim.as_ref(),
+            id.as_deref(),
+        );
         self.state = State::Dispatching {
             spend: Spend {
                 descriptors,
@@ -433,6 +469,7 @@ impl Exchange {
                 dispatched_ms: now_ms,
                 api,
                 priced,
+                trim: trimmed.map(|t| t.plan),
             },
         };
         (Check::Dispatch(call), edit)
@@ -463,8 +500,38 @@ impl Exchange {
         })
     }
 
+    /// The held body with the cap a trimmed check granted written in, for the shell to put in
+    /// place; `None` when there is none or the body cannot be read.
+    pub fn trimmed_body(&mut self, body: &[u8]) -> Option<BodyEdit> {
+        let State::Admitted {
+            spend,
+            granted: Some(cap),
+            ..
+        } = &self.state
+        else {
+            return None;
+        };
+        let facts = BodyFacts::parse(body)?;
+        let edits = Edits {
+            stream_usage: false,
+            cap: Some((*cap, spend.api)),
+        };
+        Some(BodyEdit {
+            body: body::rewrite(body, &facts, edits)?,
+            size: self.held?,
+            stream_usage: false,
+            cap: true,
+        })
+    }
+
+    /// The size of the request body held, as the plugin last set it.
+    pub fn held(&self) -> Option<usize> {
+        self.held
+    }
+
     /// The shell put `edit` in place.
     pub fn edited(&mut self, edit: &BodyEdit) {
+        self.held = Some(edit.body.len());
         if edit.stream_usage {
             self.events.push(Event::StreamUsageInjected);
             self.injected = true;
@@ -509,17 +576,26 @@ impl Exchange {
         let mut resolution = match verdict {
             Ok(verdict) if verdict.allowed => {
                 self.events.push(Event::Allowed);
+                let mut spend = Spend {
+                    reserved_at_ms: verdict.reserved_at_ms,
+                    ..spend
+                };
+                // Trimmed: what was taken is what the report settles against.
+                let granted = verdict.granted.zip(spend.trim).map(|(taken, plan)| {
+                    self.events.push(Event::Trimmed);
+                    spend.reserved = taken;
+                    plan.cap(taken.tokens)
+                });
                 self.state = State::Admitted {
-                    spend: Spend {
-                        reserved_at_ms: verdict.reserved_at_ms,
-                        ..spend
-                    },
+                    spend,
                     quota: verdict.quota,
                     money: verdict.spend.map(Box::new),
                     response: None,
+                    granted,
                 };
                 Resolution {
                     resume: true,
+                    rewrite: granted.is_some(),
                     ..Resolution::default()
                 }
             }
@@ -604,6 +680,7 @@ impl Exchange {
                     quota: None,
                     money: None,
                     response: None,
+                    granted: None,
                 };
                 Resolution {
                     resume: true,
@@ -630,12 +707,17 @@ impl Exchange {
             quota,
             money,
             response,
+            granted,
             ..
         } = &mut self.state
         else {
             return ResponsePlan::default();
         };
         let mut plan = ResponsePlan::default();
+        if let Some(cap) = granted {
+            plan.set_headers
+                .push(("x-ratelimit-granted-tokens", cap.to_string()));
+        }
         if config.quota_headers {
             if let Some(q) = quota {
                 plan.set_headers
@@ -947,6 +1029,49 @@ mod tests {
             "the stripped stream changes length"
         );
         assert!(matches!(x.response_body(), Some((_, Some(_)))));
+    }
+
+    /// `reserve.trim`: the check reserves the prompt's estimate and the whole cap, a grant of
+    /// less becomes the cap written into the held body and a response header, and the report
+    /// settles against what was taken.
+    #[test]
+    fn a_trimmed_grant_becomes_the_cap() {
+        let c = config(json!({"reserve": {"tokens": "max_tokens", "trim": true, "min": 50}}));
+        let mut x = Exchange::default();
+        x.request_headers(&c, headers("ann"), false);
+        // 400 bytes: a prompt of 100 tokens; a cap of 1,000.
+        let body = format!(
+            r#"{{"model":"m","max_tokens":1000,"messages":"{}"}}"#,
+            "x".repeat(355)
+        );
+        let body = body.as_bytes();
+        assert_eq!(body.len(), 400);
+        x.request_body(&c, body.len(), true);
+        let (check, _) = x.check(&c, &NoProperties, Some((body, body.len())), || None, 0);
+        let Check::Dispatch(protocol::Outbound::Http(call)) = check else {
+            panic!("{check:?}")
+        };
+        let sent: serde_json::Value = serde_json::from_slice(&call.body.unwrap()).unwrap();
+        assert_eq!(sent["reserve"], 1100);
+        assert_eq!(sent["trim"], json!({"min": 150, "fixed": {"tokens": 100}}));
+        x.dispatched(1);
+        let granted = json!({"allowed": true, "granted": {"tokens": 400}, "reserved_at_ms": 5});
+        let r = x.answered(&c, Some(200), granted.to_string().as_bytes(), 0, 0);
+        assert!(r.resume && r.rewrite);
+        assert!(x.take_events().contains(&Event::Trimmed));
+        let edit = x.trimmed_body(body).unwrap();
+        let written: serde_json::Value = serde_json::from_slice(&edit.body).unwrap();
+        assert_eq!(written["max_tokens"], 300);
+        assert_eq!(edit.size, 400);
+        let plan = respond(&mut x, &c, br#"{"usage":{"total_tokens":350}}"#);
+        assert!(plan
+            .set_headers
+            .contains(&("x-ratelimit-granted-tokens", "300".to_string())));
+        let spent = x.finish(&c, 0).unwrap();
+        assert_eq!(
+            (spent.used, spent.reserved),
+            (Amount::tokens(350), Amount::tokens(400))
+        );
     }
 
     #[test]

@@ -290,6 +290,7 @@ mod tests {
             denied_by: Some("per-key".into()),
             description: None,
             reserved_at_ms: None,
+            granted: None,
         }
     }
 

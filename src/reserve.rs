@@ -3,7 +3,7 @@
 //! or one that buries a budget in debt.
 
 use crate::body::{Api, BodyFacts};
-use crate::config::{Protocol, Reserve};
+use crate::config::{Count, Protocol, Reserve};
 use crate::limits::Descriptor;
 use crate::pricing::Price;
 use crate::usage::Usage;
@@ -103,22 +103,111 @@ pub fn reserve_cost(
     request_bytes: Option<u64>,
     descriptors: &[Descriptor],
 ) -> u64 {
+    full_cost(price, rule, body, request_bytes)
+        .min(largest_budget(descriptors, true).unwrap_or(u64::MAX))
+}
+
+/// What the request may cost at most (micro units): the prompt's estimate and the whole output
+/// cap at their prices, however large; nothing without a `reserve`.
+pub fn full_cost(
+    price: &Price,
+    rule: Rule,
+    body: Option<(&BodyFacts, Api)>,
+    request_bytes: Option<u64>,
+) -> u64 {
     if rule.wanted == Reserve::Tokens(0) {
         return 0;
     }
-    let prompt = request_bytes
-        .unwrap_or(0)
-        .div_ceil(crate::usage::BYTES_PER_TOKEN);
+    let prompt = prompt_tokens(request_bytes);
     let completion = output_cap(rule, body);
-    let usage = Usage {
+    price.cost(&Usage {
         prompt,
         completion,
         total: prompt.saturating_add(completion),
         ..Usage::default()
+    })
+}
+
+/// How a trimmed check's grant turns back into the output cap written into the request
+/// (`reserve.trim`). A trimmed reservation pays for the whole request: the prompt's estimated
+/// share (`fixed`) plus the output at the tokens `count` charges per output token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrimPlan {
+    /// The prompt's share of the reservation, in charged tokens.
+    pub fixed: u64,
+    /// Charged tokens per output token (1 under `total` and `completion`).
+    per_output: f64,
+    choices: u64,
+}
+
+/// A trimmed check: its plan, the tokens it reserves and the least it accepts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Trimmed {
+    pub plan: TrimPlan,
+    pub tokens: u64,
+    pub min: u64,
+}
+
+/// The trimmed check for a request (`body`) whose prompt is estimated at `prompt` tokens,
+/// reserving its whole output cap over its choices, however large (as [`full_cost`] prices
+/// it), served with at least `min_per_choice` output tokens per choice; `None` when there is
+/// nothing to trim (no reservation, output that costs nothing, or a cap already at the least).
+pub fn trim(
+    rule: Rule,
+    body: Option<(&BodyFacts, Api)>,
+    count: Count,
+    prompt: u64,
+    min_per_choice: u64,
+) -> Option<Trimmed> {
+    let (prompt_weight, per_output) = match count {
+        Count::Total => (1.0, 1.0),
+        Count::Completion => (0.0, 1.0),
+        Count::Prompt => return None,
+        Count::Weighted {
+            prompt, completion, ..
+        } => (prompt, completion),
     };
-    price
-        .cost(&usage)
-        .min(largest_budget(descriptors, true).unwrap_or(u64::MAX))
+    let output = output_cap(rule, body);
+    if output == 0 || per_output <= 0.0 {
+        return None;
+    }
+    let choices = choices(rule, body);
+    let charged = |output: u64| (output as f64 * per_output).ceil() as u64;
+    let fixed = (prompt as f64 * prompt_weight).ceil() as u64;
+    let tokens = fixed.saturating_add(charged(output)).min(wire::MAX_AMOUNT);
+    let min = fixed.saturating_add(charged(min_per_choice.saturating_mul(choices)));
+    let plan = TrimPlan {
+        fixed,
+        per_output,
+        choices,
+    };
+    (min < tokens).then_some(Trimmed { plan, tokens, min })
+}
+
+impl TrimPlan {
+    /// The output cap per choice a grant of `tokens` pays for.
+    pub fn cap(&self, tokens: u64) -> u64 {
+        let output = tokens.saturating_sub(self.fixed) as f64 / self.per_output;
+        (output.floor() as u64 / self.choices).max(1)
+    }
+}
+
+/// What the prompt alone costs in money (micro units), estimated from the request body's size:
+/// the part of a money reservation that a trimmed cap does not shrink.
+pub fn prompt_cost(price: &Price, request_bytes: Option<u64>) -> u64 {
+    let prompt = prompt_tokens(request_bytes);
+    price.cost(&Usage {
+        prompt,
+        total: prompt,
+        ..Usage::default()
+    })
+}
+
+/// The prompt's tokens, estimated from the request body's size.
+pub fn prompt_tokens(request_bytes: Option<u64>) -> u64 {
+    request_bytes
+        .unwrap_or(0)
+        .div_ceil(crate::usage::BYTES_PER_TOKEN)
 }
 
 #[cfg(test)]
@@ -191,6 +280,34 @@ mod tests {
         assert_eq!(
             tokens(Reserve::MaxTokens, u64::MAX, Some(&huge), &ds),
             1_000
+        );
+    }
+
+    /// A trimmed check reserves the prompt and the whole cap (however large), accepts down to
+    /// the prompt and `min` per choice, and turns a grant back into a cap per choice.
+    #[test]
+    fn trims_reserve_the_whole_request_and_give_back_a_cap() {
+        let body = BodyFacts::parse(br#"{"max_tokens": 1000, "n": 2}"#).unwrap();
+        let rule = Rule {
+            wanted: Reserve::MaxTokens,
+            max: wire::MAX_AMOUNT,
+            default: 4096,
+        };
+        let t = trim(rule, Some((&body, Api::Chat)), Count::Total, 100, 50).unwrap();
+        assert_eq!((t.tokens, t.min, t.plan.fixed), (2100, 200, 100));
+        assert_eq!(t.plan.cap(700), 300);
+        assert_eq!(t.plan.cap(t.min), 50);
+        // Only the output counts: no prompt share.
+        let t = trim(rule, Some((&body, Api::Chat)), Count::Completion, 100, 50).unwrap();
+        assert_eq!((t.tokens, t.min), (2000, 100));
+        // Nothing to trim: a prompt-only count, or a cap already at the least.
+        assert_eq!(
+            trim(rule, Some((&body, Api::Chat)), Count::Prompt, 100, 50),
+            None
+        );
+        assert_eq!(
+            trim(rule, Some((&body, Api::Chat)), Count::Total, 0, 1000),
+            None
         );
     }
 

@@ -174,6 +174,7 @@ pub fn read_check(grpc_status: u32, body: &[u8]) -> Result<Verdict, CheckFailure
         denied_by: None,
         description: None,
         reserved_at_ms: None,
+        granted: None,
     })
 }
 

@@ -42,6 +42,8 @@ pub struct Verdict {
     pub description: Option<String>,
     /// When the service took the reservation (its clock): the report echoes it.
     pub reserved_at_ms: Option<u64>,
+    /// A trimmed check: what the service took instead of the whole reserve.
+    pub granted: Option<wire::Amount>,
 }
 
 /// Why a check produced no decision; each kind has its own metric.

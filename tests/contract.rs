@@ -115,6 +115,7 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
                 &config.service,
                 &ds,
                 wire::Amount::new(reserved, MAX_AMOUNT),
+                None,
                 Some(&id),
             ),
         );

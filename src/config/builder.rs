@@ -28,6 +28,7 @@ impl Builder {
             reserve_max: 0,
             reserve_default: DEFAULT_RESERVE,
             write_cap: false,
+            trim_min: None,
             inject_stream_usage: true,
             deny: DenyConfig {
                 status: 429,

@@ -274,6 +274,18 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases: &[(&str, &str)] = &[
+            (
+                r#"{"service": {"cluster": "a"}, "reserve": {"trim": true}, "limits": [{"name": "g", "key": ""}]}"#,
+                "`reserve.trim`: needs \"tokens\": \"max_tokens\"",
+            ),
+            (
+                r#"{"service": {"cluster": "a", "protocol": "asm"}, "reserve": {"tokens": "max_tokens", "trim": true}, "limits": [{"name": "g", "key": ""}]}"#,
+                "`reserve.trim`: needs the v1 protocol",
+            ),
+            (
+                r#"{"service": {"cluster": "a"}, "reserve": {"tokens": "max_tokens", "min": 5}, "limits": [{"name": "g", "key": ""}]}"#,
+                "`reserve.min`: is used only with",
+            ),
             ("", "`(root)`: the plugin configuration is empty"),
             ("{", "`(root)`: not valid JSON"),
             ("[]", "`(root)`: expected an object, found an array"),

@@ -64,6 +64,8 @@ pub enum Reserve {
 
 /// `reserve.default` unless configured: what a request without an output cap reserves.
 pub const DEFAULT_RESERVE: u64 = 4096;
+/// `reserve.min` unless configured: the least output cap a trimmed request is served with.
+pub const DEFAULT_TRIM_MIN: u64 = 256;
 
 /// `reserve.max` under envoy-rls unless configured. envoyproxy/ratelimit counts a check's hits
 /// even when it answers OVER_LIMIT, so one request asking for 10^12 tokens would otherwise spend
@@ -97,6 +99,9 @@ pub struct Config {
     /// `reserve.write_cap`: write the reserved cap into the request, so the upstream cannot
     /// produce more than was reserved.
     pub write_cap: bool,
+    /// `reserve.trim`: the least output cap per choice worth serving when the request's own
+    /// does not fit (`reserve.min`); `None`: a request that does not fit is refused.
+    pub trim_min: Option<u64>,
     pub inject_stream_usage: bool,
     pub deny: DenyConfig,
     pub quota_headers: bool,

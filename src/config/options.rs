@@ -70,6 +70,23 @@ impl Options {
                 config.reserve_default = d.0;
             }
             config.write_cap = r.write_cap.unwrap_or(false);
+            let at = path.field("reserve");
+            if r.min.is_some() && r.trim != Some(true) {
+                return Err(at.field("min").error("is used only with \"trim\": true"));
+            }
+            if r.trim == Some(true) {
+                if config.reserve != Reserve::MaxTokens {
+                    return Err(at.field("trim").error(
+                        "needs \"tokens\": \"max_tokens\" (a cap to trim is the request's own)",
+                    ));
+                }
+                if config.service.protocol != Protocol::V1 {
+                    return Err(at.field("trim").error(
+                        "needs the v1 protocol: only this project's service grants part of a reserve",
+                    ));
+                }
+                config.trim_min = Some(r.min.map_or(DEFAULT_TRIM_MIN, |m| m.0));
+            }
         }
         if let Some(inject) = self.inject_stream_usage {
             config.inject_stream_usage = inject;
@@ -432,6 +449,12 @@ struct ReserveSpec {
     default: Option<Whole<1, MAX_AMOUNT>>,
     /// Write the reserved cap into the request, in the field its API reads (`false`).
     write_cap: Option<bool>,
+    /// Serve within the budget: when the request's cap does not fit, the service grants the
+    /// largest cap of at least `min` that does, and the plugin writes it into the request
+    /// (`false`; needs `"tokens": "max_tokens"` and protocol v1).
+    trim: Option<bool>,
+    /// The least output cap (per choice) worth serving under `trim` (256).
+    min: Option<Whole<1, MAX_AMOUNT>>,
 }
 
 struct ReserveTokens(Reserve);

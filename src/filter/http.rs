@@ -7,8 +7,8 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use super::host::{read_headers, response_head, scan_response, selected, Host};
-use super::host::{HostProperties, HostScope};
+use super::host::{read_headers, response_head, scan_response, selected};
+use super::host::{Host, HostProperties, HostScope};
 use super::shared::Shared;
 use crate::config::Config;
 use crate::exchange::{BodyEdit, Check, Exchange, OnBody, OnHeaders, Resolution};
@@ -23,21 +23,16 @@ pub struct Http {
 }
 
 fn action(pause: bool) -> Action {
-    if pause {
-        Action::Pause
-    } else {
-        Action::Continue
-    }
+    [Action::Continue, Action::Pause][usize::from(pause)]
 }
 
 impl Http {
     pub fn new(host: Rc<dyn Host>, shared: Option<Rc<Shared>>) -> Http {
-        let exchange = Exchange::default();
         Http {
             host,
             shared,
             policy: 0,
-            exchange,
+            exchange: Exchange::default(),
         }
     }
 
@@ -120,6 +115,11 @@ impl Http {
                 let (status, body) = answer(this.host.as_ref());
                 let (now, offset) = (this.host.now_ms(), shared.service_offset_ms());
                 let r = this.exchange.answered(config, status, &body, now, offset);
+                let held = r.rewrite.then(|| this.exchange.held()).flatten();
+                let body = held.and_then(|size| this.host.request_body(size));
+                if let Some(edit) = body.and_then(|b| this.exchange.trimmed_body(&b)) {
+                    this.edit(&edit);
+                }
                 if this.resolve(shared, r) {
                     this.host.resume_request();
                 }

@@ -78,8 +78,10 @@ pub struct Metrics {
     pub request_body_unreadable: Counter,
     /// Streaming requests rewritten to ask for `stream_options.include_usage`.
     pub stream_usage_injected: Counter,
-    /// Requests whose output cap the plugin wrote (`reserve.write_cap`).
+    /// Requests whose output cap the plugin wrote (`reserve.write_cap`, or a trimmed grant).
     pub request_caps_written: Counter,
+    /// Checks the service granted less than the request's cap (`reserve.trim`).
+    pub checks_trimmed: Counter,
     /// Responses charged from the provider's usage, from an estimate, or nothing because
     /// usage was missing (`on_missing: zero`) or the upstream failed.
     pub usage_reported: Counter,
@@ -122,6 +124,7 @@ impl Metrics {
             request_body_unreadable: counter("request_body_unreadable"),
             stream_usage_injected: counter("stream_usage_injected"),
             request_caps_written: counter("request_caps_written"),
+            checks_trimmed: counter("checks_trimmed"),
             usage_reported: counter("usage.reported"),
             usage_estimated: counter("usage.estimated"),
             usage_missing: counter("usage.missing"),
@@ -148,6 +151,7 @@ impl Metrics {
             Event::BodyUnreadable => m.request_body_unreadable.inc(),
             Event::StreamUsageInjected => m.stream_usage_injected.inc(),
             Event::CapWritten => m.request_caps_written.inc(),
+            Event::Trimmed => m.checks_trimmed.inc(),
             Event::Allowed => m.checks_allowed.inc(),
             Event::Denied => m.checks_denied.inc(),
             Event::CheckFailed(kind) => m.check_failure(kind).inc(),

@@ -17,6 +17,7 @@ impl Wire for Asm {
         _service: &ServiceConfig,
         descriptors: &[Descriptor],
         _reserve: wire::Amount,
+        _trim: Option<&wire::Trim>,
         _id: Option<&str>,
     ) -> Outbound {
         let keys: Vec<&str> = descriptors.iter().map(|d| d.value.as_str()).collect();
@@ -80,5 +81,6 @@ fn read_asm(body: &[u8]) -> Result<Verdict, CheckFailure> {
         denied_by: None,
         description: Some(a.description).filter(|d| !d.is_empty()),
         reserved_at_ms: None,
+        granted: None,
     })
 }

@@ -33,6 +33,7 @@ pub trait Wire {
         service: &ServiceConfig,
         descriptors: &[Descriptor],
         reserve: wire::Amount,
+        trim: Option<&wire::Trim>,
         id: Option<&str>,
     ) -> Outbound;
 

@@ -17,6 +17,7 @@ impl Wire for EnvoyRls {
         service: &ServiceConfig,
         descriptors: &[Descriptor],
         reserve: wire::Amount,
+        _trim: Option<&wire::Trim>,
         _id: Option<&str>,
     ) -> Outbound {
         Outbound::Grpc(rls::check_message(

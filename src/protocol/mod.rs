@@ -45,7 +45,7 @@ mod tests {
         service
             .protocol
             .wire()
-            .check_call(service, ds, wire::Amount::tokens(reserve), id)
+            .check_call(service, ds, wire::Amount::tokens(reserve), None, id)
     }
 
     fn report_call(service: &ServiceConfig, reports: &[&Report]) -> Option<Outbound> {

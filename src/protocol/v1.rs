@@ -17,6 +17,7 @@ impl Wire for V1 {
         _service: &ServiceConfig,
         descriptors: &[Descriptor],
         reserve: wire::Amount,
+        trim: Option<&wire::Trim>,
         id: Option<&str>,
     ) -> Outbound {
         Outbound::Http(Call {
@@ -27,6 +28,7 @@ impl Wire for V1 {
                 descriptors,
                 reserve,
                 id: id.map(str::to_owned),
+                trim: trim.copied(),
             })
             .ok(),
         })
@@ -102,5 +104,6 @@ fn read_v1(body: &[u8]) -> Result<Verdict, CheckFailure> {
         denied_by: a.denied_by,
         description: None,
         reserved_at_ms: a.reserved_at_ms,
+        granted: a.granted,
     })
 }

@@ -196,7 +196,7 @@ impl Limiter {
                 .inspect_err(|_| inc(&self.metrics.bad_requests))?;
             let plans: Vec<Plan> = planned.iter().map(|(_, p)| p.clone()).collect();
             let now = self.store_now(planned_at);
-            match self.store.check(&plans, reserve, now).await {
+            match self.store.check(&plans, reserve, req.trim, now).await {
                 Ok(o) => {
                     self.saw_store_time(o.at_ms);
                     break (planned, plans, now, o);
@@ -213,7 +213,9 @@ impl Limiter {
                 }
             }
         };
-        let reserves = !reserve.is_zero();
+        // What was taken: the reserve, or a trimmed check's grant.
+        let taken = outcome.granted.unwrap_or(reserve);
+        let reserves = !taken.is_zero();
         let mut reserved_at_ms = (outcome.allowed && reserves).then_some(outcome.at_ms as u64);
         if let (Some(_), Some(id)) = (reserved_at_ms, req.id.as_deref().and_then(SeqId::parse)) {
             match self.store.mark_reserved(id).await {
@@ -224,7 +226,7 @@ impl Limiter {
                     // reservation must not stand (nobody will settle it).
                     let undo = Settlement {
                         excess: Amount::ZERO,
-                        refund: reserve,
+                        refund: taken,
                         refund_at: Some(outcome.at_ms),
                     };
                     if let Err(e) = self.store.settle(None, &plans, &undo, now).await {
@@ -252,14 +254,17 @@ impl Limiter {
         }
         if outcome.allowed {
             inc(&self.metrics.checks_allowed);
+            if outcome.granted.is_some() {
+                inc(&self.metrics.checks_trimmed);
+            }
             if reserved_at_ms.is_some() {
-                self.metrics.charged(reserve.tokens as i64);
-                self.spent(&planned, reserve.micros as i64);
+                self.metrics.charged(taken.tokens as i64);
+                self.spent(&planned, taken.micros as i64);
                 let mut tally = Tally::default();
                 tally.charge(
                     planned.iter().map(|(d, _)| *d),
-                    reserve.tokens as i64,
-                    reserve.micros as i64,
+                    taken.tokens as i64,
+                    taken.micros as i64,
                 );
                 self.record(tally);
             }
@@ -274,6 +279,7 @@ impl Limiter {
             retry_after_ms: worst.map_or(0, |w| w.0 as u64),
             denied_by: worst.map(|w| w.1.to_string()),
             reserved_at_ms,
+            granted: outcome.granted.filter(|_| reserved_at_ms.is_some()),
         })
     }
 
@@ -433,7 +439,7 @@ impl Limiter {
         let plans = self.asm_plans(keys);
         let outcome = match self
             .store
-            .check(&plans, Amount::ZERO, self.clock.for_store())
+            .check(&plans, Amount::ZERO, None, self.clock.for_store())
             .await
         {
             Ok(o) => o,

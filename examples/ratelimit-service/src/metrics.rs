@@ -17,6 +17,8 @@ pub struct Metrics {
     pub checks_allowed: AtomicU64,
     pub checks_denied: AtomicU64,
     pub checks_failed: AtomicU64,
+    /// Allowed checks that took less than their reserve (`trim`).
+    pub checks_trimmed: AtomicU64,
     pub reports_accepted: AtomicU64,
     pub reports_duplicate: AtomicU64,
     pub reports_failed: AtomicU64,
@@ -116,6 +118,12 @@ impl Metrics {
                 ("{outcome=\"denied\"}", g(&self.checks_denied)),
                 ("{outcome=\"error\"}", g(&self.checks_failed)),
             ],
+        );
+        family(
+            "ratelimit_checks_trimmed_total",
+            "Allowed checks that took less than their reserve, to serve within the budget.",
+            "counter",
+            &[("", g(&self.checks_trimmed))],
         );
         family(
             "ratelimit_reports_total",

@@ -100,6 +100,7 @@ impl Ctx {
             descriptors: ds.to_vec(),
             reserve: Amount::tokens(reserve),
             id: Some(id.to_string()),
+            trim: None,
         };
         match self.limiter.check(&req).await {
             Ok(r) => r,
@@ -139,6 +140,7 @@ impl Ctx {
             descriptors: ds.to_vec(),
             reserve: Amount::tokens(reserve),
             id: None,
+            trim: None,
         };
         match self.limiter.check(&req).await {
             Ok(r) => r,
@@ -448,6 +450,7 @@ async fn concurrent_reservations_never_overshoot(ctx: &Ctx) {
                     descriptors: vec![d],
                     reserve: Amount::tokens(100),
                     id: None,
+                    trim: None,
                 })
                 .await;
             matches!(r, Ok(r) if r.allowed)
@@ -539,6 +542,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
             descriptors: vec![d.clone()],
             reserve: Amount::tokens(0),
             id: None,
+            trim: None,
         })
         .await;
     assert!(
@@ -555,6 +559,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
             descriptors: vec![d.clone()],
             reserve: Amount::tokens(0),
             id: None,
+            trim: None,
         })
         .await;
     assert!(matches!(r, Err(Failure::Bad(BadRequest(m))) if m.contains("window_s")));
@@ -564,6 +569,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
             descriptors: vec![ctx.d("x", "y", &[]); 65],
             reserve: Amount::tokens(0),
             id: None,
+            trim: None,
         })
         .await;
     assert!(matches!(r, Err(Failure::Bad(_))));
@@ -746,6 +752,98 @@ async fn money_and_tokens_are_counted_apart(ctx: &Ctx) {
         .unwrap();
     assert_eq!(q[0].currency.as_deref(), Some("USD"));
     assert_eq!(q[0].remaining, 20_000_000 - 1_234_567);
+}
+
+/// `trim`: a reserve that does not fit gives way to the largest grant every limit can pay for,
+/// tokens and money alike, taken atomically (concurrent grants never add up past a budget).
+async fn trimmed_checks_serve_within_the_budget(ctx: &Ctx) {
+    let trimmed = |ds: Vec<Descriptor>, reserve: Amount, min: u64, fixed: Amount| CheckRequest {
+        descriptors: ds,
+        reserve,
+        id: None,
+        trim: Some(Trim { min, fixed }),
+    };
+    let check = |req: CheckRequest| async move { ctx.limiter.check(&req).await.ok().unwrap() };
+    // 300 of 1,000 tokens left, a request for 1,000 (40 of them the prompt's).
+    let d = ctx.d("trim", "alice", &[(1000, 60)]);
+    ctx.report("t1", std::slice::from_ref(&d), 700, 0).await;
+    let r = check(trimmed(
+        vec![d.clone()],
+        Amount::tokens(1000),
+        100,
+        Amount::tokens(40),
+    ))
+    .await;
+    assert!(r.allowed);
+    assert_eq!(r.granted, Some(Amount::tokens(300)));
+    assert_eq!(r.limits[0].remaining, 0);
+    // Below the least worth serving: refused as before.
+    let r = check(trimmed(
+        vec![d.clone()],
+        Amount::tokens(1000),
+        100,
+        Amount::ZERO,
+    ))
+    .await;
+    assert!(!r.allowed);
+    assert_eq!(r.granted, None);
+    // A reserve that fits is taken whole, and says nothing of a grant.
+    let roomy = ctx.d("trim-roomy", "alice", &[(1000, 60)]);
+    let r = check(trimmed(vec![roomy], Amount::tokens(500), 100, Amount::ZERO)).await;
+    assert_eq!((r.allowed, r.granted), (true, None));
+
+    // Ten concurrent trimmed checks on 300 tokens: the grants add up to exactly 300.
+    let shared = ctx.d("trim-race", "bob", &[(300, 60)]);
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (limiter, req) = (
+            ctx.limiter.clone(),
+            trimmed(vec![shared.clone()], Amount::tokens(100), 20, Amount::ZERO),
+        );
+        tasks.push(tokio::spawn(async move {
+            let r = limiter.check(&req).await.ok().unwrap();
+            if r.allowed {
+                r.granted.map_or(100, |g| g.tokens)
+            } else {
+                0
+            }
+        }));
+    }
+    let mut granted = 0;
+    for t in tasks {
+        granted += t.await.unwrap();
+    }
+    assert_eq!(granted, 300);
+
+    // Money the same: 1.50 USD left of 20.00; a reserve of 1,000 tokens costing 5.00 USD, of
+    // which the prompt (100 tokens) costs 0.50: 5,000 micro units per further token.
+    let tokens = ctx.d("trim-tokens", "carol", &[(10_000, 60)]);
+    let money = calendar(
+        &ctx.d("trim-spend", "carol", &[(20_000_000, 0)]),
+        Period::Day,
+        "UTC",
+        Some("USD"),
+    );
+    ctx.settle(Report {
+        id: ctx.report_id("trim-spent"),
+        descriptors: vec![money.clone()],
+        used: Amount::new(0, 18_500_000),
+        ..Default::default()
+    })
+    .await;
+    let r = check(trimmed(
+        vec![tokens.clone(), money.clone()],
+        Amount::new(1000, 5_000_000),
+        150,
+        Amount::new(100, 500_000),
+    ))
+    .await;
+    assert!(r.allowed);
+    assert_eq!(r.granted, Some(Amount::new(300, 1_500_000)));
+    assert_eq!(
+        r.limits.iter().map(|l| l.remaining).collect::<Vec<_>>(),
+        [9_700, 0]
+    );
 }
 
 macro_rules! suite {
@@ -974,6 +1072,7 @@ async fn editing_a_budget_keeps_what_was_spent(ctx: &Ctx) {
 }
 
 suite!(
+    trimmed_checks_serve_within_the_budget,
     editing_a_budget_keeps_what_was_spent,
     a_release_refunds_the_window_of_its_reservation,
     calendar_months_reset_at_their_start_in_their_zone,
@@ -1083,6 +1182,7 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
             descriptors: vec![d.clone()],
             reserve: Amount::tokens(0),
             id: None,
+            trim: None,
         })
         .await;
     assert!(
@@ -1099,6 +1199,7 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
                 descriptors: vec![d.clone()],
                 reserve: Amount::tokens(0),
                 id: None,
+                trim: None,
             })
             .await
             .is_ok()

@@ -35,9 +35,12 @@ pub const MAX_ZONE: usize = 64;
 /// What a request spends or reserves: tokens, and micro units (millionths) of money for the
 /// limits that count money. A limit counts one of the two ([`Amount::counted`]). Sums
 /// saturate at [`MAX_AMOUNT`], so no figure an upstream invents can overflow a store.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+/// As JSON (where it stands alone): `{"tokens": n, "cost": micros}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Amount {
+    #[serde(default)]
     pub tokens: u64,
+    #[serde(default, rename = "cost", skip_serializing_if = "is_zero")]
     pub micros: u64,
 }
 
@@ -171,7 +174,7 @@ fn is_false(b: &bool) -> bool {
 
 /// `POST /v1/check`. Generic over how the descriptors are held, so the plugin serialises a
 /// borrowed slice and the service reads an owned vector. JSON: `descriptors`, `reserve`
-/// (tokens), `reserve_cost` (micro units), `id`.
+/// (tokens), `reserve_cost` (micro units), `id`, `trim`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckRequest<D = Vec<Descriptor>> {
     pub descriptors: D,
@@ -181,6 +184,66 @@ pub struct CheckRequest<D = Vec<Descriptor>> {
     /// The id the request's report will carry (`<source>-<sequence>`): lets a later release
     /// find out whether this check's reservation was applied.
     pub id: Option<String>,
+    /// Serve within the budget: take less than `reserve` rather than refuse.
+    pub trim: Option<Trim>,
+}
+
+/// Serve within the budget instead of refusing: when `reserve` does not fit, the service takes
+/// the largest reservation between `min` and `reserve` tokens that every limit can pay for,
+/// tokens and money alike, and says so in [`CheckResponse::granted`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trim {
+    /// The least reservation worth serving, in tokens.
+    pub min: u64,
+    /// The part of `reserve` that does not shrink with the output cap (the prompt's
+    /// estimate). A grant of `t` tokens costs `fixed.micros` plus the rest of
+    /// `reserve.micros` in proportion to `t - fixed.tokens` (see [`Trim::cost`]).
+    #[serde(default)]
+    pub fixed: Amount,
+}
+
+impl Trim {
+    /// What a grant of `tokens` costs in micro units when the whole `reserve` costs
+    /// `reserve.micros`. Computed with the same IEEE operations by every store (the Redis
+    /// script mirrors it), so they grant alike.
+    pub fn cost(&self, reserve: Amount, tokens: u64) -> u64 {
+        let (span, price) = self.slope(reserve);
+        if span == 0 {
+            return reserve.micros;
+        }
+        let extra = tokens.saturating_sub(self.fixed.tokens) as f64 * price;
+        self.fixed.micros.saturating_add(extra.ceil() as u64)
+    }
+
+    /// The most tokens (at most `reserve.tokens`) a budget of `remaining` micro units can be
+    /// granted; `None`: not even the fixed part.
+    pub fn tokens_for(&self, reserve: Amount, remaining: u64) -> Option<u64> {
+        let left = remaining.checked_sub(self.fixed.micros)?;
+        let (span, price) = self.slope(reserve);
+        if span == 0 || price <= 0.0 {
+            return Some(reserve.tokens);
+        }
+        let mut tokens = self
+            .fixed
+            .tokens
+            .saturating_add((left as f64 / price).floor() as u64)
+            .min(reserve.tokens);
+        // The division may land one above where the cost, rounded up, still fits.
+        if tokens > self.fixed.tokens && self.cost(reserve, tokens) > remaining {
+            tokens -= 1;
+        }
+        Some(tokens)
+    }
+
+    /// The tokens that scale, and the micro units per token above the fixed part.
+    fn slope(&self, reserve: Amount) -> (u64, f64) {
+        let span = reserve.tokens.saturating_sub(self.fixed.tokens);
+        let money = reserve.micros.saturating_sub(self.fixed.micros);
+        if span == 0 {
+            return (0, 0.0);
+        }
+        (span, money as f64 / span as f64)
+    }
 }
 
 /// [`CheckRequest`] as JSON spells it.
@@ -193,6 +256,8 @@ struct CheckJson<I, D> {
     reserve_cost: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     id: Option<I>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    trim: Option<Trim>,
 }
 
 impl<D: Serialize> Serialize for CheckRequest<D> {
@@ -202,6 +267,7 @@ impl<D: Serialize> Serialize for CheckRequest<D> {
             reserve: self.reserve.tokens,
             reserve_cost: self.reserve.micros,
             id: self.id.as_deref(),
+            trim: self.trim,
         }
         .serialize(s)
     }
@@ -217,6 +283,7 @@ impl<'de, D: Deserialize<'de>> Deserialize<'de> for CheckRequest<D> {
                 micros: j.reserve_cost,
             },
             id: j.id,
+            trim: j.trim,
         })
     }
 }
@@ -259,6 +326,9 @@ pub struct CheckResponse {
     /// echoes it so a refund is settled in the window that holds the reservation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved_at_ms: Option<u64>,
+    /// A trimmed check ([`Trim`]): what was taken instead of the whole reserve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<Amount>,
 }
 
 /// The provider's usage, normalised; carried for logs and audits.
@@ -585,6 +655,18 @@ pub fn validate_check(req: &CheckRequest) -> Result<(), BadRequest> {
             "reserve and reserve_cost must be at most {MAX_AMOUNT}"
         )));
     }
+    if let Some(t) = &req.trim {
+        if t.min == 0 || t.min > req.reserve.tokens || t.min < t.fixed.tokens {
+            return Err(BadRequest(
+                "trim.min must be between trim.fixed.tokens (and 1) and reserve".into(),
+            ));
+        }
+        if t.fixed.tokens > req.reserve.tokens || t.fixed.micros > req.reserve.micros {
+            return Err(BadRequest(
+                "trim.fixed must be at most the reserve (tokens and cost)".into(),
+            ));
+        }
+    }
     if let Some(id) = &req.id {
         validate_id(id, "")?;
     }
@@ -653,6 +735,7 @@ mod tests {
             descriptors: ds.as_slice(),
             reserve: Amount::new(7, 3),
             id: Some("00000000000000ab-9".into()),
+            trim: None,
         };
         let read: CheckRequest =
             serde_json::from_slice(&serde_json::to_vec(&sent).unwrap()).unwrap();
@@ -689,6 +772,34 @@ mod tests {
         assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), report);
         let rate: Rate = serde_json::from_str(r#"{"tokens":9,"window_s":60}"#).unwrap();
         assert_eq!(rate.budget, 9);
+    }
+
+    /// A grant's cost: the fixed part, and the rest in proportion; and its inverse, exact at
+    /// the rounding edges.
+    #[test]
+    fn trims_price_grants_in_proportion() {
+        let trim = Trim {
+            min: 150,
+            fixed: Amount::new(100, 500_000),
+        };
+        let reserve = Amount::new(1000, 5_000_000);
+        assert_eq!(trim.cost(reserve, 1000), 5_000_000);
+        assert_eq!(trim.cost(reserve, 300), 1_500_000);
+        assert_eq!(trim.tokens_for(reserve, 1_500_000), Some(300));
+        assert_eq!(trim.tokens_for(reserve, 1_504_999), Some(300));
+        assert_eq!(trim.tokens_for(reserve, 499_999), None);
+        assert_eq!(trim.tokens_for(reserve, u64::MAX), Some(1000));
+        // Prices that do not divide: the grant never costs more than what is left.
+        let odd = Amount::new(7, 1_000_003);
+        let t = Trim {
+            min: 1,
+            fixed: Amount::ZERO,
+        };
+        for left in 0..2_000_000u64 {
+            if let Some(tokens) = t.tokens_for(odd, left) {
+                assert!(t.cost(odd, tokens) <= left || tokens == 0, "{left}");
+            }
+        }
     }
 
     #[test]
@@ -744,6 +855,7 @@ mod tests {
                 micros: 0,
             },
             id: None,
+            trim: None,
         };
         assert!(validate_check(&big).is_err());
     }

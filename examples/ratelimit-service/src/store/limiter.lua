@@ -9,11 +9,13 @@
 -- ARGV: mode ("check" | "settle"), now_ms (-1: Redis's own clock, so every replica of the
 --       service counts on one clock), amount (reserve | excess charged now), refund,
 --       refund_at_ms (-1: now), report seq (-1: none), ring slots, ring ttl_ms, then the
---       amount and refund in money (micro units), then per counter: meter count, and per
---       meter: field, kind (w|f|c|b), p1, p2, p3, ttl_ms, unit (0 tokens, 1 money).
+--       amount and refund in money (micro units), then a check's trim: min tokens (-1: no
+--       trim), the fixed tokens and micro units (wire::Trim), then per counter: meter count,
+--       and per meter: field, kind (w|f|c|b), p1, p2, p3, ttl_ms, unit (0 tokens, 1 money).
 --       A calendar meter (c): p1 tokens, p2 the period's start, p3 its end; state
 --       {start, used, end}.
--- Returns: check: {allowed, now, then remaining, reset, retry per meter};
+-- Returns: check: {allowed, now, granted tokens (-1: not trimmed), granted micro units, then
+--          remaining, reset, retry per meter};
 --          settle: {1 applied | 0 duplicate | 2 stale id, now};
 --          either: {-1, now} when a calendar meter's period does not hold at Redis's time.
 
@@ -30,6 +32,9 @@ if refund_at < 0 then refund_at = now end
 local seq = tonumber(ARGV[6])
 local slots = tonumber(ARGV[7])
 local ring_ttl = tonumber(ARGV[8])
+local trim_min = tonumber(ARGV[11])
+local fixed = {tonumber(ARGV[12]), tonumber(ARGV[13])}
+local FIRST = 14
 local ncounters = #KEYS
 if seq >= 0 then ncounters = ncounters - 2 end
 
@@ -37,7 +42,7 @@ if seq >= 0 then ncounters = ncounters - 2 end
 -- Redis's time is in another one, nothing is done and the service plans again at Redis's
 -- time ({-1, now}). Checked before anything is written (the report ring included).
 do
-  local a = 11
+  local a = FIRST
   for _ = 1, ncounters do
     local n = tonumber(ARGV[a]); a = a + 1
     for _ = 1, n do
@@ -201,7 +206,7 @@ end
 
 -- Load every meter's state.
 local counters = {}
-local arg = 11
+local arg = FIRST
 for c = 1, ncounters do
   local n = tonumber(ARGV[arg]); arg = arg + 1
   local meters = {}
@@ -234,16 +239,62 @@ for c = 1, ncounters do
   counters[c] = meters
 end
 
+-- Whether every meter can take `amount` ({tokens, micros}).
+local function fits(amount)
+  for c = 1, ncounters do
+    for _, m in ipairs(counters[c]) do
+      local _, _, retry = status(m, m.state, math.max(amount[m.unit], 1))
+      if retry > 0 then return false end
+    end
+  end
+  return true
+end
+
+-- A trimmed grant (mirrors wire::Trim and grant() in src/store/model.rs, with the same
+-- floating-point operations): the largest tokens every meter can pay for, and their cost.
+local function grant()
+  local span = amounts[1] - fixed[1]
+  local price = 0
+  if span > 0 then price = (amounts[2] - fixed[2]) / span end
+  local function cost(t)
+    if span <= 0 then return amounts[2] end
+    return fixed[2] + math.ceil((t - fixed[1]) * price)
+  end
+  local t = amounts[1]
+  for c = 1, ncounters do
+    for _, m in ipairs(counters[c]) do
+      local remaining = status(m, m.state, 1)
+      if m.unit == 1 then
+        t = math.min(t, remaining)
+      else
+        local left = remaining - fixed[2]
+        if left < 0 then return nil end
+        if span > 0 and price > 0 then
+          local most = math.min(fixed[1] + math.floor(left / price), amounts[1])
+          if most > fixed[1] and cost(most) > remaining then most = most - 1 end
+          t = math.min(t, most)
+        end
+      end
+    end
+  end
+  if t < trim_min then return nil end
+  return {t, cost(t)}
+end
+
 local out
 if mode == "check" then
   local allowed = 1
-  for c = 1, ncounters do
-    for _, m in ipairs(counters[c]) do
-      local _, _, retry = status(m, m.state, math.max(amounts[m.unit], 1))
-      if retry > 0 then allowed = 0 end
+  local granted = {-1, 0}
+  if not fits(amounts) then
+    allowed = 0
+    if trim_min >= 0 then
+      local g = grant()
+      if g and fits(g) then
+        allowed = 1; amounts = g; granted = g
+      end
     end
   end
-  out = {allowed, now}
+  out = {allowed, now, granted[1], granted[2]}
   for c = 1, ncounters do
     for _, m in ipairs(counters[c]) do
       local amount = amounts[m.unit]

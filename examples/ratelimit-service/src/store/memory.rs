@@ -208,10 +208,16 @@ impl MemoryStore {
         out
     }
 
-    pub fn check(&self, plans: &[Plan], reserve: wire::Amount, now: Option<i64>) -> CheckOutcome {
+    pub fn check(
+        &self,
+        plans: &[Plan],
+        reserve: wire::Amount,
+        trim: Option<wire::Trim>,
+        now: Option<i64>,
+    ) -> CheckOutcome {
         let now = now.unwrap_or_else(system_ms);
         self.with_states(plans, now, |states| {
-            (check_states(plans, states, reserve, now), true)
+            (check_states(plans, states, reserve, trim, now), true)
         })
     }
 
@@ -352,7 +358,7 @@ mod tests {
 
     fn left(store: &MemoryStore, value: &str, now: i64) -> i64 {
         store
-            .check(&[plan(value)], wire::Amount::ZERO, Some(now))
+            .check(&[plan(value)], wire::Amount::ZERO, None, Some(now))
             .statuses[0][0]
             .remaining
     }

@@ -33,11 +33,12 @@ impl Store {
         &self,
         plans: &[Plan],
         reserve: wire::Amount,
+        trim: Option<wire::Trim>,
         now: Option<i64>,
     ) -> Result<CheckOutcome, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.check(plans, reserve, now)),
-            Store::Redis(r) => r.check(plans, reserve, now).await,
+            Store::Memory(m) => Ok(m.check(plans, reserve, trim, now)),
+            Store::Redis(r) => r.check(plans, reserve, trim, now).await,
         }
     }
 

@@ -5,7 +5,7 @@
 use thiserror::Error;
 
 use crate::counter::Plan;
-use wire::Amount;
+use wire::{Amount, Trim};
 
 use crate::meter::{counted, Meter, State, Status};
 
@@ -37,6 +37,8 @@ pub struct CheckOutcome {
     pub statuses: Vec<Vec<Status>>,
     /// The store's time of the decision (ms since the epoch): where a reservation was taken.
     pub at_ms: i64,
+    /// A trimmed check: what was taken instead of the whole reserve.
+    pub granted: Option<Amount>,
 }
 
 /// What a report does to its counters once its usage is known.
@@ -70,23 +72,39 @@ impl Settlement {
     }
 }
 
-/// The check over loaded states (the memory store's core; `limiter.lua` mirrors it).
+/// The check over loaded states (the memory store's core; `limiter.lua` mirrors it): admits
+/// iff every meter can take the reserve, and takes it. Under `trim`, a reserve that does not
+/// fit gives way to the largest grant every meter can take, if it is at least `trim.min`.
 pub fn check_states(
     plans: &[Plan],
     states: &mut [Vec<State>],
     reserve: Amount,
+    trim: Option<Trim>,
     now: i64,
 ) -> CheckOutcome {
-    let need = |m: &Meter| counted(reserve, m.money()).max(1);
-    let mut allowed = true;
     for (plan, states) in plans.iter().zip(states.iter_mut()) {
         for (meter, state) in plan.meters.iter().zip(states.iter_mut()) {
             meter.advance(state, now);
-            if meter.status(state, now, need(meter)).retry_ms > 0 {
-                allowed = false;
-            }
         }
     }
+    let fits = |states: &[Vec<State>], amount: Amount| {
+        plans.iter().zip(states).all(|(plan, states)| {
+            plan.meters.iter().zip(states).all(|(meter, state)| {
+                let need = counted(amount, meter.money()).max(1);
+                meter.status(state, now, need).retry_ms == 0
+            })
+        })
+    };
+    let mut allowed = fits(states, reserve);
+    let mut granted = None;
+    if let (false, Some(trim)) = (allowed, trim) {
+        if let Some(grant) = grant(plans, states, reserve, &trim, now) {
+            (allowed, granted) = (fits(states, grant), Some(grant));
+        }
+    }
+    let granted = granted.filter(|_| allowed);
+    let reserve = granted.unwrap_or(reserve);
+    let need = |m: &Meter| counted(reserve, m.money()).max(1);
     let statuses = plans
         .iter()
         .zip(states.iter_mut())
@@ -108,7 +126,31 @@ pub fn check_states(
         allowed,
         statuses,
         at_ms: now,
+        granted,
     }
+}
+
+/// The largest grant of at least `trim.min` tokens every meter can take now (states advanced),
+/// and what it costs; `None` when there is none.
+fn grant(
+    plans: &[Plan],
+    states: &[Vec<State>],
+    reserve: Amount,
+    trim: &Trim,
+    now: i64,
+) -> Option<Amount> {
+    let mut tokens = reserve.tokens;
+    for (plan, states) in plans.iter().zip(states) {
+        for (meter, state) in plan.meters.iter().zip(states) {
+            let remaining = meter.status(state, now, 1).remaining.max(0) as u64;
+            let most = match meter.money() {
+                None => Some(remaining),
+                Some(_) => trim.tokens_for(reserve, remaining),
+            };
+            tokens = tokens.min(most?);
+        }
+    }
+    (tokens >= trim.min).then(|| Amount::new(tokens, trim.cost(reserve, tokens)))
 }
 
 /// Applies a settlement to loaded states.

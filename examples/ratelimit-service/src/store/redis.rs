@@ -20,8 +20,8 @@ use super::sources::{self, Dedup, Mark};
 use crate::clock::system_ms;
 use crate::counter::Plan;
 use crate::meter::{Meter, State, Status};
-use wire::Amount;
 use wire::SeqId;
+use wire::{Amount, Trim};
 
 #[derive(Clone)]
 enum Conn {
@@ -166,13 +166,14 @@ impl RedisStore {
 
     /// The script's arguments: `amount` is the reserve (check) or the excess (settle); a
     /// `now` of -1 makes the script read Redis's clock; `dedup`: the report's sequence number,
-    /// looked up in the ring whose keys follow the counters'.
+    /// looked up in the ring whose keys follow the counters'; `trim`: a check's.
     fn args(
         mode: &str,
         now: Option<i64>,
         amount: Amount,
         refund: (Amount, Option<i64>),
         dedup: Option<u64>,
+        trim: Option<&Trim>,
         plans: &[Plan],
     ) -> Vec<String> {
         let mut args = vec![
@@ -186,6 +187,9 @@ impl RedisStore {
             sources::TTL_MS.to_string(),
             amount.micros.to_string(),
             refund.0.micros.to_string(),
+            trim.map_or(-1, |t| t.min as i64).to_string(),
+            trim.map_or(0, |t| t.fixed.tokens).to_string(),
+            trim.map_or(0, |t| t.fixed.micros).to_string(),
         ];
         for plan in plans {
             args.push(plan.meters.len().to_string());
@@ -239,6 +243,7 @@ impl RedisStore {
         &self,
         plans: &[Plan],
         reserve: Amount,
+        trim: Option<Trim>,
         now: Option<i64>,
     ) -> Result<CheckOutcome, StoreError> {
         let groups = self.groups(plans);
@@ -246,20 +251,46 @@ impl RedisStore {
             let keys = group.iter().map(|p| p.id.storage_key()).collect();
             self.run(
                 keys,
-                Self::args("check", now, reserve, (Amount::ZERO, None), None, group),
+                Self::args(
+                    "check",
+                    now,
+                    reserve,
+                    (Amount::ZERO, None),
+                    None,
+                    trim.as_ref(),
+                    group,
+                ),
             )
         });
         let answers = join_all(calls).await;
         let mut allowed = true;
         let mut at_ms = None;
+        // What each group took: the reserve, its own grant, or nothing.
+        let mut taken = Vec::with_capacity(groups.len());
         let mut statuses = Vec::with_capacity(plans.len());
+        // Where each group's statuses start.
+        let mut starts = Vec::with_capacity(groups.len());
         for (group, answer) in groups.iter().zip(&answers) {
-            let Ok(answer) = answer else { continue };
-            allowed &= answer.first() == Some(&1);
+            starts.push(statuses.len());
+            let Ok(answer) = answer else {
+                taken.push(Amount::ZERO);
+                continue;
+            };
+            let admitted = answer.first() == Some(&1);
+            allowed &= admitted;
             at_ms = at_ms.or(answer.get(1).copied());
-            let mut figures = answer.iter().skip(2);
+            let granted = match answer.get(2..4) {
+                Some(&[t, m]) if t >= 0 => Some(Amount::new(t as u64, m.max(0) as u64)),
+                _ => None,
+            };
+            taken.push(if admitted {
+                granted.unwrap_or(reserve)
+            } else {
+                Amount::ZERO
+            });
+            let mut figures = answer.iter().skip(4);
             for plan in group.iter() {
-                let per_meter = plan
+                let per_meter: Vec<Status> = plan
                     .meters
                     .iter()
                     .map(|m| {
@@ -277,53 +308,68 @@ impl RedisStore {
         }
         let at_ms = at_ms.or(now).unwrap_or_else(system_ms);
         if let Some(redis_now) = replan(&answers) {
-            self.refund(&groups, &answers, reserve, at_ms, now).await;
+            self.refund(&groups, &taken, at_ms, now).await;
             return Err(StoreError::Replan(redis_now));
         }
         let failed = answers
             .iter()
             .find_map(|a| a.as_ref().err().map(|e| e.to_string()));
         if let Some(error) = failed {
-            self.refund(&groups, &answers, reserve, at_ms, now).await;
+            self.refund(&groups, &taken, at_ms, now).await;
             return Err(unavailable(error));
         }
-        if !allowed && !reserve.is_zero() {
-            self.refund(&groups, &answers, reserve, at_ms, now).await;
+        if !allowed {
+            self.refund(&groups, &taken, at_ms, now).await;
         }
+        // Trimmed (in a cluster, each counter on its own): all keep the smallest grant.
+        let granted = match trim {
+            Some(trim) if allowed && taken.iter().any(|t| *t != reserve) => {
+                let tokens = taken.iter().map(|t| t.tokens).min().unwrap_or(0);
+                let grant = Amount::new(tokens, trim.cost(reserve, tokens));
+                let beyond: Vec<Amount> = taken.iter().map(|t| t.less(grant)).collect();
+                self.refund(&groups, &beyond, at_ms, now).await;
+                // The statuses say what is left after the refunds.
+                for ((group, start), extra) in groups.iter().zip(&starts).zip(&beyond) {
+                    let group_statuses = statuses.iter_mut().skip(*start).take(group.len());
+                    for (plan, st) in group.iter().zip(group_statuses) {
+                        for (m, status) in plan.meters.iter().zip(st.iter_mut()) {
+                            let back = crate::meter::counted(*extra, m.money());
+                            status.remaining =
+                                status.remaining.saturating_add(back).min(status.limit);
+                        }
+                    }
+                }
+                Some(grant)
+            }
+            _ => None,
+        };
         Ok(CheckOutcome {
             allowed,
             statuses,
             at_ms,
+            granted,
         })
     }
 
-    /// Gives back reservations taken by the groups that admitted, when the request as a whole
-    /// did not (denied, failed, or to be planned again).
-    async fn refund(
-        &self,
-        groups: &[&[Plan]],
-        answers: &[Result<Vec<i64>, StoreError>],
-        reserve: Amount,
-        at_ms: i64,
-        now: Option<i64>,
-    ) {
-        if reserve.is_zero() {
-            return;
-        }
-        for (group, answer) in groups.iter().zip(answers) {
-            if matches!(answer, Ok(a) if a.first() == Some(&1)) {
-                let keys = group.iter().map(|p| p.id.storage_key()).collect();
-                let args = Self::args(
-                    "settle",
-                    now,
-                    Amount::ZERO,
-                    (reserve, Some(at_ms)),
-                    None,
-                    group,
-                );
-                if let Err(e) = self.run(keys, args).await {
-                    tracing::warn!("could not refund a reservation: {e}");
-                }
+    /// Gives back what each group took (`amounts`, in group order), when the request as a
+    /// whole did not keep it (denied, failed, to be planned again, or trimmed further).
+    async fn refund(&self, groups: &[&[Plan]], amounts: &[Amount], at_ms: i64, now: Option<i64>) {
+        for (group, amount) in groups.iter().zip(amounts) {
+            if amount.is_zero() {
+                continue;
+            }
+            let keys = group.iter().map(|p| p.id.storage_key()).collect();
+            let args = Self::args(
+                "settle",
+                now,
+                Amount::ZERO,
+                (*amount, Some(at_ms)),
+                None,
+                None,
+                group,
+            );
+            if let Err(e) = self.run(keys, args).await {
+                tracing::warn!("could not refund a reservation: {e}");
             }
         }
     }
@@ -349,6 +395,7 @@ impl RedisStore {
                 settlement.excess,
                 refund,
                 id.map(|id| id.seq),
+                None,
                 group,
             );
             self.run(keys, args)
