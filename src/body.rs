@@ -556,11 +556,17 @@ impl Reader<'_> {
                     f.spellings.conflict |= spellings.conflict;
                     f.generation_config = max;
                     f.candidate_count = candidates;
+                    // The upstream reads the last `generationConfig` only: an earlier one's
+                    // cap is no cap of this request.
+                    f.caps
+                        .retain(|(field, ..)| *field != CapField::GeminiMaxOutputTokens);
                     f.caps.extend(caps);
                     f.gemini_config = Some(at);
                     f.gemini_other = None;
                 } else {
                     self.skip()?;
+                    f.caps
+                        .retain(|(field, ..)| *field != CapField::GeminiMaxOutputTokens);
                     f.generation_config = None;
                     f.candidate_count = None;
                     f.gemini_config = None;
@@ -951,6 +957,12 @@ mod tests {
             ),
             (
                 r#"{"generationConfig":{}}"#,
+                Api::Gemini,
+                "/generationConfig/maxOutputTokens",
+            ),
+            // An earlier `generationConfig`'s cap is not the request's: the last one gets it.
+            (
+                r#"{"generationConfig":{"maxOutputTokens":8},"generationConfig":{}}"#,
                 Api::Gemini,
                 "/generationConfig/maxOutputTokens",
             ),

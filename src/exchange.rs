@@ -146,8 +146,9 @@ enum State {
         quota: Option<Quota>,
         money: Option<Box<MoneyQuota>>,
         response: Option<Box<Response>>,
-        /// The output cap per choice a trimmed check granted.
-        granted: Option<u64>,
+        /// Under `reserve.trim`: the output cap per choice what was taken pays for (written
+        /// into the request), and whether the service granted less than the whole.
+        cap: Option<(u64, bool)>,
     },
 }
 
@@ -170,8 +171,9 @@ struct Spend {
     api: Api,
     /// A limit in money applies: the model the request named (for its price).
     priced: Option<Priced>,
-    /// The check may be trimmed (`reserve.trim`): how a grant becomes a cap.
-    trim: Option<TrimPlan>,
+    /// The check may be trimmed (`reserve.trim`): how a grant becomes a cap, and the least
+    /// the service takes (what an unseen answer's release gives back).
+    trim: Option<(TrimPlan, Amount)>,
 }
 
 struct Priced {
@@ -199,9 +201,12 @@ impl Spend {
 
     /// A reservation whose answer was never seen: released by its report, in the window its
     /// check left in (by the service's clock: `offset_ms` from this VM's).
+    /// A trimmed check's release gives back only the least the service takes: what it took
+    /// may be less than the whole, and giving back more would undo others' spending.
     fn unseen(self, offset_ms: i64) -> Spend {
         Spend {
             release: self.id.is_some(),
+            reserved: self.trim.map_or(self.reserved, |(_, least)| least),
             reserved_at_ms: Some(
                 (self.dispatched_ms as i64).saturating_add(offset_ms).max(0) as u64
             ),
@@ -412,7 +417,7 @@ impl Exchange {
             (config.write_cap && reservation.per_choice > 0).then_some(reservation.per_choice);
         let edit = self.edit(config, api, facts.as_ref(), held, cap);
         // `reserve.trim`: the reservation pays for the whole request, and may be granted less.
-        let trimmed = config.trim_min.and_then(|min| {
+        let mut trimmed = config.trim_min.and_then(|min| {
             let prompt = prompt_tokens(self.request_bytes);
             trim(rule, asked, config.count, prompt, min)
         });
@@ -433,8 +438,14 @@ impl Exchange {
                     edit,
                 );
             };
+            // Trimmed: the whole cost, unless so large it no longer prices a grant in
+            // proportion (then the request reserves as untrimmed ones do).
+            let whole = full_cost(&price, rule, asked, self.request_bytes);
+            if whole >= wire::MAX_AMOUNT {
+                trimmed = None;
+            }
             reserve.micros = match trimmed {
-                Some(_) => full_cost(&price, rule, asked, self.request_bytes),
+                Some(_) => whole,
                 None => reserve_cost(&price, rule, asked, self.request_bytes, &descriptors),
             };
             prompt_micros = prompt_cost(&price, self.request_bytes).min(reserve.micros);
@@ -469,7 +480,9 @@ impl Exchange {
                 dispatched_ms: now_ms,
                 api,
                 priced,
-                trim: trimmed.map(|t| t.plan),
+                trim: trimmed
+                    .zip(trim)
+                    .map(|(t, w)| (t.plan, Amount::new(w.min, w.cost(reserve, w.min)))),
             },
         };
         (Check::Dispatch(call), edit)
@@ -505,7 +518,7 @@ impl Exchange {
     pub fn trimmed_body(&mut self, body: &[u8]) -> Option<BodyEdit> {
         let State::Admitted {
             spend,
-            granted: Some(cap),
+            cap: Some((cap, _)),
             ..
         } = &self.state
         else {
@@ -580,22 +593,27 @@ impl Exchange {
                     reserved_at_ms: verdict.reserved_at_ms,
                     ..spend
                 };
-                // Trimmed: what was taken is what the report settles against.
-                let granted = verdict.granted.zip(spend.trim).map(|(taken, plan)| {
+                // Trimmed: what was taken is what the report settles against, and its cap is
+                // written into the request (a whole reserve's cap too: the client's, or the
+                // default when it named none).
+                if let Some(taken) = verdict.granted.filter(|_| spend.trim.is_some()) {
                     self.events.push(Event::Trimmed);
                     spend.reserved = taken;
-                    plan.cap(taken.tokens)
+                }
+                let cap = spend.trim.map(|(plan, _)| {
+                    let trimmed = verdict.granted.is_some();
+                    (plan.cap(spend.reserved.tokens), trimmed)
                 });
                 self.state = State::Admitted {
                     spend,
                     quota: verdict.quota,
                     money: verdict.spend.map(Box::new),
                     response: None,
-                    granted,
+                    cap,
                 };
                 Resolution {
                     resume: true,
-                    rewrite: granted.is_some(),
+                    rewrite: cap.is_some(),
                     ..Resolution::default()
                 }
             }
@@ -680,7 +698,7 @@ impl Exchange {
                     quota: None,
                     money: None,
                     response: None,
-                    granted: None,
+                    cap: None,
                 };
                 Resolution {
                     resume: true,
@@ -707,14 +725,14 @@ impl Exchange {
             quota,
             money,
             response,
-            granted,
+            cap,
             ..
         } = &mut self.state
         else {
             return ResponsePlan::default();
         };
         let mut plan = ResponsePlan::default();
-        if let Some(cap) = granted {
+        if let Some((cap, true)) = cap {
             plan.set_headers
                 .push(("x-ratelimit-granted-tokens", cap.to_string()));
         }
@@ -1072,6 +1090,23 @@ mod tests {
             (spent.used, spent.reserved),
             (Amount::tokens(350), Amount::tokens(400))
         );
+
+        // Gone while its trimmed check was in flight: the release gives back only the least
+        // the service takes, never more than it took.
+        let mut x = Exchange::default();
+        x.request_headers(&c, headers("ann"), false);
+        x.request_body(&c, body.len(), true);
+        x.check(
+            &c,
+            &NoProperties,
+            Some((body, body.len())),
+            || Some("id-9".into()),
+            0,
+        );
+        x.dispatched(2);
+        let spent = x.finish(&c, 0).unwrap();
+        assert_eq!(spent.release.as_deref(), Some("id-9"));
+        assert_eq!(spent.reserved, Amount::tokens(150));
     }
 
     #[test]

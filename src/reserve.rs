@@ -148,10 +148,16 @@ pub struct Trimmed {
     pub min: u64,
 }
 
-/// The trimmed check for a request (`body`) whose prompt is estimated at `prompt` tokens,
-/// reserving its whole output cap over its choices, however large (as [`full_cost`] prices
-/// it), served with at least `min_per_choice` output tokens per choice; `None` when there is
-/// nothing to trim (no reservation, output that costs nothing, or a cap already at the least).
+/// The most output a trimmed check reserves: far above what any model produces, far below
+/// where a price times it could reach the wire's bound (which would no longer price a grant in
+/// proportion).
+pub const MAX_TRIMMED_OUTPUT: u64 = 1_000_000_000;
+
+/// The trimmed check for a request (`body`, read, on a path whose API has a cap field the
+/// plugin can write) whose prompt is estimated at `prompt` tokens, reserving its whole output
+/// cap over its choices (up to [`MAX_TRIMMED_OUTPUT`], as [`full_cost`] prices it), served with
+/// at least `min_per_choice` output tokens per choice; `None` when there is nothing to trim (no
+/// body read, no cap to write, output that costs nothing, a cap already at the least).
 pub fn trim(
     rule: Rule,
     body: Option<(&BodyFacts, Api)>,
@@ -167,28 +173,38 @@ pub fn trim(
             prompt, completion, ..
         } => (prompt, completion),
     };
-    let output = output_cap(rule, body);
-    if output == 0 || per_output <= 0.0 {
+    let (_, api) = body?;
+    let output = output_cap(rule, body).min(MAX_TRIMMED_OUTPUT);
+    if api == Api::Other || output == 0 || per_output <= 0.0 {
         return None;
     }
-    let choices = choices(rule, body);
-    let charged = |output: u64| (output as f64 * per_output).ceil() as u64;
-    let fixed = (prompt as f64 * prompt_weight).ceil() as u64;
-    let tokens = fixed.saturating_add(charged(output)).min(wire::MAX_AMOUNT);
-    let min = fixed.saturating_add(charged(min_per_choice.saturating_mul(choices)));
     let plan = TrimPlan {
-        fixed,
+        fixed: (prompt as f64 * prompt_weight).ceil() as u64,
         per_output,
-        choices,
+        choices: choices(rule, body),
     };
+    let fixed = plan.fixed;
+    let tokens = fixed.saturating_add(plan.charged(output));
+    let min = fixed.saturating_add(plan.charged(min_per_choice.saturating_mul(plan.choices)));
     (min < tokens).then_some(Trimmed { plan, tokens, min })
 }
 
 impl TrimPlan {
     /// The output cap per choice a grant of `tokens` pays for.
     pub fn cap(&self, tokens: u64) -> u64 {
-        let output = tokens.saturating_sub(self.fixed) as f64 / self.per_output;
-        (output.floor() as u64 / self.choices).max(1)
+        let room = tokens.saturating_sub(self.fixed);
+        let output = room as f64 / self.per_output;
+        let mut cap = (output.floor() as u64 / self.choices).max(1);
+        // The division may land above what the weight, rounded up, charges within the room.
+        while cap > 1 && self.charged(cap.saturating_mul(self.choices)) > room {
+            cap -= 1;
+        }
+        cap
+    }
+
+    /// The tokens `output` tokens are charged.
+    fn charged(&self, output: u64) -> u64 {
+        (output as f64 * self.per_output).ceil() as u64
     }
 }
 
@@ -300,7 +316,27 @@ mod tests {
         // Only the output counts: no prompt share.
         let t = trim(rule, Some((&body, Api::Chat)), Count::Completion, 100, 50).unwrap();
         assert_eq!((t.tokens, t.min), (2000, 100));
-        // Nothing to trim: a prompt-only count, or a cap already at the least.
+        // A weight that does not divide: the cap is never charged past the grant.
+        let weighted = Count::Weighted {
+            prompt: 1.0,
+            cached_prompt: 1.0,
+            completion: 1.1,
+        };
+        let t = trim(rule, Some((&body, Api::Chat)), weighted, 0, 1).unwrap();
+        for grant in 2..5000u64 {
+            let cap = t.plan.cap(grant);
+            assert!(
+                cap == 1 || ((cap * 2) as f64 * 1.1).ceil() as u64 <= grant,
+                "{grant}"
+            );
+        }
+        // Nothing to trim: no body read, a path without a cap field, a prompt-only count, or a
+        // cap already at the least.
+        assert_eq!(trim(rule, None, Count::Total, 100, 50), None);
+        assert_eq!(
+            trim(rule, Some((&body, Api::Other)), Count::Total, 100, 50),
+            None
+        );
         assert_eq!(
             trim(rule, Some((&body, Api::Chat)), Count::Prompt, 100, 50),
             None

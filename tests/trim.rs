@@ -163,3 +163,31 @@ fn a_budget_in_money_is_trimmed_alike() {
     );
     svc.await_remaining("spend", "cat", 0);
 }
+
+/// A cap beyond the whole budget, on a budget nobody has touched, is trimmed to the budget
+/// (an untrimmed reserve that large is admitted whole on a whole budget): the upstream never
+/// sees more than the budget pays for.
+#[test]
+fn a_cap_beyond_a_whole_budget_is_trimmed_to_it() {
+    let svc = Service::start(&[], &[]);
+    let up = greedy_upstream(0, 0);
+    let e = Envoy::start(
+        &config(
+            json!([{"name": "user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"}]),
+            json!({"usage": {"count": "completion"}}),
+        ),
+        &[cluster("ratelimit", svc.port), cluster("upstream", up.port)],
+    );
+    let r = post(
+        e.port,
+        "dan",
+        &json!({"model": "m", "max_tokens": 1_000_000_000_000u64}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ratelimit-granted-tokens"), Some("1000"));
+    assert_eq!(
+        up.requests().last().unwrap().json()["max_tokens"].as_u64(),
+        Some(1000)
+    );
+    svc.await_remaining("user", "dan", 0);
+}

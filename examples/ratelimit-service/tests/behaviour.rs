@@ -791,6 +791,17 @@ async fn trimmed_checks_serve_within_the_budget(ctx: &Ctx) {
     let roomy = ctx.d("trim-roomy", "alice", &[(1000, 60)]);
     let r = check(trimmed(vec![roomy], Amount::tokens(500), 100, Amount::ZERO)).await;
     assert_eq!((r.allowed, r.granted), (true, None));
+    // One beyond a whole budget is not admitted whole (as an untrimmed one is): it gets the
+    // budget.
+    let whole = ctx.d("trim-whole", "alice", &[(1000, 60)]);
+    let r = check(trimmed(
+        vec![whole],
+        Amount::tokens(50_000),
+        100,
+        Amount::ZERO,
+    ))
+    .await;
+    assert_eq!((r.allowed, r.granted), (true, Some(Amount::tokens(1000))));
 
     // Ten concurrent trimmed checks on 300 tokens: the grants add up to exactly 300.
     let shared = ctx.d("trim-race", "bob", &[(300, 60)]);

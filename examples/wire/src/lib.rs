@@ -208,7 +208,7 @@ impl Trim {
     /// script mirrors it), so they grant alike.
     pub fn cost(&self, reserve: Amount, tokens: u64) -> u64 {
         let (span, price) = self.slope(reserve);
-        if span == 0 {
+        if span == 0 || tokens >= reserve.tokens {
             return reserve.micros;
         }
         let extra = tokens.saturating_sub(self.fixed.tokens) as f64 * price;
@@ -656,10 +656,16 @@ pub fn validate_check(req: &CheckRequest) -> Result<(), BadRequest> {
         )));
     }
     if let Some(t) = &req.trim {
-        if t.min == 0 || t.min > req.reserve.tokens || t.min < t.fixed.tokens {
+        if t.min <= t.fixed.tokens || t.min > req.reserve.tokens {
             return Err(BadRequest(
-                "trim.min must be between trim.fixed.tokens (and 1) and reserve".into(),
+                "trim.min must be above trim.fixed.tokens and at most reserve".into(),
             ));
+        }
+        // A figure held at the bound no longer prices a grant in proportion.
+        if req.reserve.tokens >= MAX_AMOUNT || req.reserve.micros >= MAX_AMOUNT {
+            return Err(BadRequest(format!(
+                "a trimmed reserve must be below {MAX_AMOUNT}, tokens and cost"
+            )));
         }
         if t.fixed.tokens > req.reserve.tokens || t.fixed.micros > req.reserve.micros {
             return Err(BadRequest(

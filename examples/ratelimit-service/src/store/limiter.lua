@@ -257,7 +257,7 @@ local function grant()
   local price = 0
   if span > 0 then price = (amounts[2] - fixed[2]) / span end
   local function cost(t)
-    if span <= 0 then return amounts[2] end
+    if span <= 0 or t >= amounts[1] then return amounts[2] end
     return fixed[2] + math.ceil((t - fixed[1]) * price)
   end
   local t = amounts[1]
@@ -285,14 +285,16 @@ local out
 if mode == "check" then
   local allowed = 1
   local granted = {-1, 0}
-  if not fits(amounts) then
-    allowed = 0
-    if trim_min >= 0 then
-      local g = grant()
-      if g and fits(g) then
-        allowed = 1; amounts = g; granted = g
-      end
+  if trim_min >= 0 then
+    -- The whole reserve must fit what is left, else the largest grant that does.
+    local g = grant()
+    if g == nil or not fits(g) then
+      allowed = 0
+    elseif g[1] < amounts[1] then
+      amounts = g; granted = g
     end
+  elseif not fits(amounts) then
+    allowed = 0
   end
   out = {allowed, now, granted[1], granted[2]}
   for c = 1, ncounters do

@@ -95,13 +95,16 @@ pub fn check_states(
             })
         })
     };
-    let mut allowed = fits(states, reserve);
-    let mut granted = None;
-    if let (false, Some(trim)) = (allowed, trim) {
-        if let Some(grant) = grant(plans, states, reserve, &trim, now) {
-            (allowed, granted) = (fits(states, grant), Some(grant));
-        }
-    }
+    // Under `trim` the whole reserve must fit what is left (a reserve beyond a budget is not
+    // admitted on a whole budget, as an untrimmed one is): else the largest grant that does.
+    let (allowed, granted) = match trim {
+        None => (fits(states, reserve), None),
+        Some(trim) => match grant(plans, states, reserve, &trim, now) {
+            Some(g) if g == reserve => (fits(states, g), None),
+            Some(g) => (fits(states, g), Some(g)),
+            None => (false, None),
+        },
+    };
     let granted = granted.filter(|_| allowed);
     let reserve = granted.unwrap_or(reserve);
     let need = |m: &Meter| counted(reserve, m.money()).max(1);
