@@ -109,6 +109,11 @@ impl BodyFacts {
         fields.into_iter().flatten().max()
     }
 
+    /// How many choices a stream of the answer carries (`n`), from 1 to [`MAX_CHOICES`].
+    pub fn streamed_choices(&self) -> u32 {
+        self.n.unwrap_or(1).clamp(1, MAX_CHOICES) as u32
+    }
+
     /// How many outputs the request is billed for: the largest of `n`, `best_of` and
     /// `candidateCount`, from 1 to [`MAX_CHOICES`].
     pub fn choices(&self) -> u64 {
@@ -126,7 +131,7 @@ impl BodyFacts {
 
     /// Whether a streamed answer would carry usage without the plugin's help: the last
     /// `stream_options` is an object whose last `include_usage` is true.
-    fn asks_for_usage(&self) -> bool {
+    pub fn asks_for_usage(&self) -> bool {
         matches!(
             self.stream_options,
             Some(StreamOptions::Object { asks: true, .. })

@@ -8,10 +8,9 @@
 //! response chunks → finish. Each step takes the configuration and plain facts and returns what
 //! the shell must do; what happened is left as [`Event`]s for the shell's metrics.
 
-use std::borrow::Cow;
-
 use crate::body::{self, path_model, Api, BodyFacts, Edits};
 use crate::config::{Config, FailureMode, OnMissing};
+use crate::cutoff::{Allowance, Cutoff, Ending};
 use crate::limits::{descriptors, Descriptor};
 use crate::matcher::normalize_path;
 use crate::protocol::{self, CheckFailure, MoneyQuota, Outbound, Quota};
@@ -20,7 +19,9 @@ use crate::report::Spent;
 use crate::request::{may_need_stream_usage, Properties, RequestBody, RequestView};
 use crate::reserve::{full_cost, prompt_cost, prompt_tokens, reserve, reserve_cost, trim};
 use crate::reserve::{Rule, TrimPlan};
+use crate::response::{OnChunk, Response, Slice};
 use crate::strip::Stripper;
+use crate::usage::Count;
 use crate::usage::{abandoned, settle, Basis, Charge, Observed, UsageScanner};
 use wire::Amount;
 
@@ -45,6 +46,10 @@ pub enum Event {
     /// An answer for a callout this exchange does not wait for.
     CalloutUnknown,
     Charged(Basis),
+    /// A stream was ended in its provider's shape: its budget was spent.
+    StreamCut,
+    /// An ended stream's upstream went on past its drain, and the stream was reset.
+    StreamReset,
 }
 
 /// What the shell does once the request's headers are read.
@@ -228,18 +233,6 @@ impl Spend {
     }
 }
 
-/// The response as it streams by.
-struct Response {
-    status: u32,
-    /// `None` for a status other than 2xx, whose body is not read.
-    scanner: Option<UsageScanner>,
-    /// Takes the usage the plugin asked for (and the client did not) out of the stream.
-    stripper: Option<Stripper>,
-    complete: bool,
-    /// The tier Gemini's API says it served the request at, when the body does not say.
-    tier_header: Option<String>,
-}
-
 /// One exchange: see the module documentation.
 pub struct Exchange {
     state: State,
@@ -251,7 +244,16 @@ pub struct Exchange {
     unreadable_body: bool,
     /// The size of the request body held (as edited), for a rewrite after the check.
     held: Option<usize>,
+    /// What the request asked of a stream: how many choices, and usage in it.
+    asked: StreamAsk,
     events: Vec<Event>,
+}
+
+/// What a streaming request asked for, for the end of a stream the plugin cuts.
+#[derive(Debug, Clone, Copy)]
+struct StreamAsk {
+    choices: u32,
+    usage: bool,
 }
 
 impl Default for Exchange {
@@ -262,6 +264,10 @@ impl Default for Exchange {
             injected: false,
             unreadable_body: false,
             held: None,
+            asked: StreamAsk {
+                choices: 1,
+                usage: false,
+            },
             events: Vec::new(),
         }
     }
@@ -374,6 +380,12 @@ impl Exchange {
                 }
             };
         let facts = body.and_then(|(bytes, _)| BodyFacts::parse(bytes));
+        if let Some(f) = &facts {
+            self.asked = StreamAsk {
+                choices: f.streamed_choices(),
+                usage: f.asks_for_usage(),
+            };
+        }
         let read = match (&facts, awaited || self.unreadable_body) {
             (Some(facts), _) => RequestBody::Read(facts),
             (None, true) => {
@@ -722,11 +734,11 @@ impl Exchange {
     /// its body is scanned (and stripped).
     pub fn response_headers(&mut self, config: &Config, head: ResponseHead) -> ResponsePlan {
         let State::Admitted {
+            spend,
             quota,
             money,
             response,
             cap,
-            ..
         } = &mut self.state
         else {
             return ResponsePlan::default();
@@ -749,30 +761,149 @@ impl Exchange {
         let scanner = ok.then(|| UsageScanner::new(head.encoding.as_deref()));
         let stripper = (ok && self.injected && head.event_stream && head.encoding.is_none())
             .then(Stripper::new);
-        plan.drop_content_length = stripper.is_some();
-        *response = Some(Box::new(Response {
-            status: head.status,
+        // What the stream may cost: what the check took for it plus what it reported left.
+        // Only a stream labelled as one is cut (its length then changes).
+        let watched = (config.stream_cutoff || spend.trim.is_some())
+            && config.count != Count::Prompt
+            && ok
+            && head.event_stream
+            && head.encoding.is_none();
+        let cutoff = watched.then(|| {
+            let allowance = Allowance {
+                tokens: quota.as_ref().map_or(u64::MAX, |q| {
+                    q.remaining.saturating_add(spend.reserved.tokens)
+                }),
+                micros: money.as_ref().map_or(u64::MAX, |m| {
+                    m.remaining.saturating_add(spend.reserved.micros)
+                }),
+            };
+            Cutoff::new(spend.api, allowance, config.stream_drain_ms)
+        });
+        plan.drop_content_length =
+            stripper.is_some() || cutoff.as_ref().is_some_and(Option::is_some);
+        *response = Some(Box::new(Response::new(
+            head.status,
             scanner,
             stripper,
-            complete: head.end_of_stream,
-            tier_header: head.tier.filter(|t| t.len() <= 64),
-        }));
+            head.end_of_stream,
+            head.tier.filter(|t| t.len() <= 64),
+            cutoff.flatten(),
+        )));
         plan
     }
 
-    /// The response body's scanner, and its stripper when the stream is rewritten; `None` when
-    /// the body is not read.
-    pub fn response_body(&mut self) -> Option<(&mut UsageScanner, Option<&mut Stripper>)> {
-        match &mut self.state {
-            State::Admitted {
-                response: Some(r), ..
-            } => {
-                let Response {
-                    scanner, stripper, ..
-                } = r.as_mut();
-                scanner.as_mut().map(|s| (s, stripper.as_mut()))
+    /// How the shell handles the next response body chunk, arriving at `now_ms`.
+    pub fn response_chunk(&mut self, now_ms: u64) -> OnChunk {
+        let State::Admitted {
+            response: Some(r), ..
+        } = &mut self.state
+        else {
+            return OnChunk::Pass;
+        };
+        let on = r.on_chunk(now_ms);
+        if on == (OnChunk::Drop { reset: true }) {
+            self.events.push(Event::StreamReset);
+        }
+        on
+    }
+
+    /// One slice of a response body chunk ([`OnChunk::Read`], [`OnChunk::Rewrite`]). With
+    /// `out` (rewriting), what the client gets for it is written there; without, an end of
+    /// the stream is answered: the bytes of the slice to keep, and the end to put after them.
+    pub fn response_slice(
+        &mut self,
+        config: &Config,
+        slice: &[u8],
+        now_ms: u64,
+        out: Option<&mut Vec<u8>>,
+    ) -> Option<(usize, Vec<u8>)> {
+        let (request_bytes, unreadable, asked) =
+            (self.request_bytes, self.unreadable_body, self.asked);
+        let State::Admitted {
+            spend,
+            response: Some(r),
+            ..
+        } = &mut self.state
+        else {
+            return None;
+        };
+        let allowance = r.cutoff.as_ref().map(Cutoff::allowance);
+        let (status, tier) = (r.status, r.tier_header.clone());
+        let seen = r.see(slice, now_ms, |scanner| {
+            let (charge, cost) = charge_now(
+                config,
+                spend,
+                scanner,
+                status,
+                tier.as_deref(),
+                request_bytes,
+                unreadable,
+            );
+            allowance.is_some_and(|a| a.passed_by(charge.tokens, cost))
+        });
+        let keep = match seen {
+            Slice::Dropped => return None,
+            Slice::Pass => slice.len(),
+            Slice::End { keep } => keep,
+        };
+        let ending = match (seen, r.scanner.as_ref()) {
+            (Slice::End { .. }, Some(scanner)) => {
+                self.events.push(Event::StreamCut);
+                let (charge, _) = charge_now(
+                    config,
+                    spend,
+                    scanner,
+                    status,
+                    tier.as_deref(),
+                    request_bytes,
+                    unreadable,
+                );
+                let request_model = spend
+                    .priced
+                    .as_ref()
+                    .and_then(|p| p.request_model.as_deref());
+                let ending = Ending {
+                    model: scanner
+                        .model()
+                        .or(request_model)
+                        .unwrap_or_default()
+                        .to_string(),
+                    usage: charge.usage,
+                    choices: asked.choices,
+                    usage_chunk: asked.usage,
+                    events: scanner.events(),
+                    created_s: now_ms / 1000,
+                };
+                r.cutoff.as_ref().map(|c| c.ending(&ending))
             }
             _ => None,
+        };
+        let Some(out) = out else {
+            return ending.map(|e| (keep, e));
+        };
+        let kept = slice.get(..keep).unwrap_or(slice);
+        match r.stripper.as_mut() {
+            Some(stripper) => stripper.feed(kept, out),
+            None => out.extend_from_slice(kept),
+        }
+        if let Some(ending) = ending {
+            if let Some(stripper) = r.stripper.as_mut() {
+                stripper.finish(out);
+            }
+            out.extend_from_slice(&ending);
+        }
+        None
+    }
+
+    /// The last chunk of a rewritten body: what the stripper still holds goes to `out`.
+    pub fn response_flush(&mut self, out: &mut Vec<u8>) {
+        if let State::Admitted {
+            response: Some(r), ..
+        } = &mut self.state
+        {
+            if let Some(stripper) = r.stripper.as_mut() {
+                stripper.finish(out);
+            }
         }
     }
 
@@ -782,10 +913,7 @@ impl Exchange {
             response: Some(r), ..
         } = &mut self.state
         {
-            if let Some(scanner) = &mut r.scanner {
-                scanner.finish();
-            }
-            r.complete = true;
+            r.end();
         }
     }
 
@@ -800,52 +928,102 @@ impl Exchange {
             State::Checking { spend, .. } => return spend.unseen(offset_ms).release(),
             _ => return None,
         };
-        let charge = match &response {
-            Some(r) => {
-                let seen = match &r.scanner {
-                    Some(scanner) => scanner.observed(r.status, r.complete, self.request_bytes),
-                    // A status other than 2xx: its body was not read.
-                    None => Observed {
+        let (charge, cost) = match response.as_deref() {
+            Some(r) => match &r.scanner {
+                Some(scanner) => {
+                    let (status, tier) = (r.status, r.tier_header.as_deref());
+                    let complete = r.complete;
+                    let bytes = self.request_bytes;
+                    let unreadable = self.unreadable_body;
+                    charge(
+                        config, &spend, scanner, status, tier, bytes, unreadable, complete,
+                    )
+                }
+                // A status other than 2xx: its body was not read.
+                None => {
+                    let seen = Observed {
                         status: Some(r.status),
                         ..Observed::default()
-                    },
-                };
-                // A body the plugin could not read is never free: without usage, the estimate.
-                let on_missing = if self.unreadable_body {
-                    OnMissing::Estimate
-                } else {
-                    config.on_missing
-                };
-                settle(config.count, on_missing, &seen)
-            }
+                    };
+                    (settle(config.count, config.on_missing, &seen), 0)
+                }
+            },
             // Admitted and gone before any response: the upstream may bill it all the same.
-            None => abandoned(config.count, self.request_bytes, spend.reserved.tokens),
+            None => {
+                let charge = abandoned(config.count, self.request_bytes, spend.reserved.tokens);
+                let cost = price(config, &spend, None, None, &charge);
+                (charge, cost)
+            }
         };
         self.events.push(Event::Charged(charge.basis));
-        // Priced by the model the response names when the table lists it, else the request's.
-        let cost = match (&spend.priced, &config.prices) {
-            (Some(p), Some(prices)) => {
-                let scanner = response.as_ref().and_then(|r| r.scanner.as_ref());
-                let answered = scanner.and_then(UsageScanner::model);
-                let tier = scanner
-                    .and_then(UsageScanner::service_tier)
-                    .map(Cow::Borrowed)
-                    .or_else(|| {
-                        response
-                            .as_ref()
-                            .and_then(|r| r.tier_header.as_deref())
-                            .map(Cow::Borrowed)
-                    });
-                prices
-                    .price(answered, p.request_model.as_deref())
-                    .map_or(0, |price| {
-                        prices.at_tier(price.cost(&charge.usage), tier.as_deref())
-                    })
-            }
-            _ => 0,
-        };
         spend.spent(&charge, cost)
     }
+}
+
+/// What a response is charged as far as it was seen (`complete`: to its end), in tokens and
+/// in micro units.
+#[allow(clippy::too_many_arguments)]
+fn charge(
+    config: &Config,
+    spend: &Spend,
+    scanner: &UsageScanner,
+    status: u32,
+    tier: Option<&str>,
+    request_bytes: Option<u64>,
+    unreadable_body: bool,
+    complete: bool,
+) -> (Charge, u64) {
+    let seen = scanner.observed(status, complete, request_bytes);
+    // A body the plugin could not read is never free: without usage, the estimate.
+    let on_missing = if unreadable_body {
+        OnMissing::Estimate
+    } else {
+        config.on_missing
+    };
+    let charge = settle(config.count, on_missing, &seen);
+    let cost = price(config, spend, Some(scanner), tier, &charge);
+    (charge, cost)
+}
+
+/// What a stream would be charged if it ended now.
+fn charge_now(
+    config: &Config,
+    spend: &Spend,
+    scanner: &UsageScanner,
+    status: u32,
+    tier: Option<&str>,
+    request_bytes: Option<u64>,
+    unreadable_body: bool,
+) -> (Charge, u64) {
+    charge(
+        config,
+        spend,
+        scanner,
+        status,
+        tier,
+        request_bytes,
+        unreadable_body,
+        false,
+    )
+}
+
+/// What `charge` costs, in micro units: priced by the model the response names when the table
+/// lists it, else the request's; 0 without a limit in money.
+fn price(
+    config: &Config,
+    spend: &Spend,
+    scanner: Option<&UsageScanner>,
+    tier_header: Option<&str>,
+    charge: &Charge,
+) -> u64 {
+    let (Some(p), Some(prices)) = (&spend.priced, &config.prices) else {
+        return 0;
+    };
+    let answered = scanner.and_then(UsageScanner::model);
+    let tier = scanner.and_then(UsageScanner::service_tier).or(tier_header);
+    prices
+        .price(answered, p.request_model.as_deref())
+        .map_or(0, |price| prices.at_tier(price.cost(&charge.usage), tier))
 }
 
 #[cfg(test)]
@@ -913,8 +1091,8 @@ mod tests {
                 ..ResponseHead::default()
             },
         );
-        if let Some((scanner, _)) = x.response_body() {
-            scanner.feed(body);
+        if x.response_chunk(0) == OnChunk::Read {
+            assert_eq!(x.response_slice(config, body, 0, None), None);
         }
         x.response_end();
         plan
@@ -1046,7 +1224,7 @@ mod tests {
             plan.drop_content_length,
             "the stripped stream changes length"
         );
-        assert!(matches!(x.response_body(), Some((_, Some(_)))));
+        assert_eq!(x.response_chunk(0), OnChunk::Rewrite);
     }
 
     /// `reserve.trim`: the check reserves the prompt's estimate and the whole cap, a grant of

@@ -7,6 +7,7 @@
 pub mod body;
 pub mod client_ip;
 pub mod config;
+pub mod cutoff;
 pub mod exchange;
 pub mod filter;
 pub mod limits;
@@ -17,6 +18,7 @@ pub mod reply;
 pub mod report;
 pub mod request;
 pub mod reserve;
+pub mod response;
 pub mod rls;
 pub mod strip;
 pub mod template;

@@ -12,16 +12,51 @@
 /// The most bytes of one event held back to decide what to do with it.
 pub const MAX_EVENT: usize = 64 * 1024;
 
+/// Finds where events end in an event stream (a blank line: LF LF, CR LF CR LF or CR CR), one
+/// byte at a time, across chunks.
+#[derive(Debug, Clone, Copy)]
+pub struct EventEnds {
+    /// At the start of a line (an empty line ends the event).
+    line_start: bool,
+    /// The last byte was `\r` (a following `\n` belongs to the same line end).
+    after_cr: bool,
+}
+
+impl Default for EventEnds {
+    fn default() -> Self {
+        EventEnds {
+            line_start: true,
+            after_cr: false,
+        }
+    }
+}
+
+impl EventEnds {
+    /// Whether `b` ends an event.
+    pub fn ends_event(&mut self, b: u8) -> bool {
+        let ends_line = match b {
+            b'\r' => true,
+            b'\n' => !std::mem::take(&mut self.after_cr),
+            _ => false,
+        };
+        self.after_cr = b == b'\r';
+        let ends_event = ends_line && self.line_start;
+        if ends_line {
+            self.line_start = true;
+        } else if b != b'\n' {
+            self.line_start = false;
+        }
+        ends_event
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Stripper {
     /// The current event's bytes, while it may still be one to change.
     event: Vec<u8>,
     /// The current event outgrew [`MAX_EVENT`]: the rest of it passes through.
     passing: bool,
-    /// At the start of a line (an empty line ends the event).
-    line_start: bool,
-    /// The last byte was `\r` (a following `\n` belongs to the same line end).
-    after_cr: bool,
+    ends: EventEnds,
     /// Events dropped, `"usage": null` fields removed (for the tests and the logs).
     pub dropped: u64,
     pub removed: u64,
@@ -29,29 +64,14 @@ pub struct Stripper {
 
 impl Stripper {
     pub fn new() -> Stripper {
-        Stripper {
-            line_start: true,
-            ..Stripper::default()
-        }
+        Stripper::default()
     }
 
     /// Feeds a chunk; what the client receives for it is appended to `out`.
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         let mut from = 0;
         for (i, &b) in chunk.iter().enumerate() {
-            let ends_line = match b {
-                b'\r' => true,
-                b'\n' => !std::mem::take(&mut self.after_cr),
-                _ => false,
-            };
-            self.after_cr = b == b'\r';
-            let ends_event = ends_line && self.line_start;
-            if ends_line {
-                self.line_start = true;
-            } else if b != b'\n' {
-                self.line_start = false;
-            }
-            if ends_event {
+            if self.ends.ends_event(b) {
                 let (head, _) = chunk.split_at(i + 1);
                 self.take(&head[from..], out);
                 from = i + 1;

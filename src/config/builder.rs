@@ -30,6 +30,8 @@ impl Builder {
             write_cap: false,
             trim_min: None,
             inject_stream_usage: true,
+            stream_cutoff: false,
+            stream_drain_ms: DEFAULT_STREAM_DRAIN_MS,
             deny: DenyConfig {
                 status: 429,
                 body: None,

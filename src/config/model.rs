@@ -67,6 +67,10 @@ pub const DEFAULT_RESERVE: u64 = 4096;
 /// `reserve.min` unless configured: the least output cap a trimmed request is served with.
 pub const DEFAULT_TRIM_MIN: u64 = 256;
 
+/// `stream_drain_ms` when not given: long enough for an upstream that honours the cap to end
+/// on its own, short enough that a runaway one costs little.
+pub const DEFAULT_STREAM_DRAIN_MS: u64 = 5_000;
+
 /// `reserve.max` under envoy-rls unless configured. envoyproxy/ratelimit counts a check's hits
 /// even when it answers OVER_LIMIT, so one request asking for 10^12 tokens would otherwise spend
 /// a shared counter's whole window.
@@ -103,6 +107,11 @@ pub struct Config {
     /// does not fit (`reserve.min`); `None`: a request that does not fit is refused.
     pub trim_min: Option<u64>,
     pub inject_stream_usage: bool,
+    /// `stream_cutoff`: end a stream whose charge passes what its budget had for it at
+    /// admission (always on under `reserve.trim`).
+    pub stream_cutoff: bool,
+    /// `stream_drain_ms`: how long an ended stream's upstream may go on before it is reset.
+    pub stream_drain_ms: u64,
     pub deny: DenyConfig,
     pub quota_headers: bool,
     /// Also Higress's `X-TokenRateLimit-*` headers (its `show_limit_quota_header`).

@@ -24,6 +24,12 @@ pub struct Options {
     reserve: Option<ReserveSpec>,
     /// Ask streaming upstreams for a usage chunk (`stream_options.include_usage`); `true`.
     inject_stream_usage: Option<bool>,
+    /// End a stream, in its provider's own shape, once what it would be charged passes what
+    /// its budget had for it at admission; `false` (always on under `reserve.trim`).
+    stream_cutoff: Option<bool>,
+    /// How long the upstream of a stream the plugin ended may go on, unforwarded, before the
+    /// stream is reset (a client that hangs up at the end resets it sooner); 5000.
+    stream_drain_ms: Option<Whole<0, 600_000>>,
     /// The reply to a denied request.
     deny: Option<DenySpec>,
     /// `X-RateLimit-*` headers on every limited response; `true`.
@@ -90,6 +96,12 @@ impl Options {
         }
         if let Some(inject) = self.inject_stream_usage {
             config.inject_stream_usage = inject;
+        }
+        if let Some(c) = self.stream_cutoff {
+            config.stream_cutoff = c;
+        }
+        if let Some(d) = self.stream_drain_ms {
+            config.stream_drain_ms = d.0;
         }
         if let Some(d) = self.deny {
             config.deny = d.into_deny(&path.field("deny"))?;

@@ -32,6 +32,8 @@ pub struct State {
     pub answer: (u32, Vec<u8>),
     pub replies: Vec<Reply>,
     pub resumed: usize,
+    /// Streams reset.
+    pub resets: usize,
     pub done: bool,
     metric_names: Vec<String>,
     metric_values: Vec<i64>,
@@ -153,6 +155,10 @@ impl Host for FakeHost {
         self.state()
             .response_headers
             .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+
+    fn reset_stream(&self) {
+        self.state().resets += 1;
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {

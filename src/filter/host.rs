@@ -8,15 +8,15 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 
+use crate::config::Config;
 use crate::config::{ScopeFacts, ServiceConfig};
-use crate::exchange::ResponseHead;
+use crate::exchange::{Exchange, ResponseHead};
 use crate::protocol::{Call, Outbound};
 use crate::reply::Reply;
 use crate::request::Properties;
+use crate::response::OnChunk;
 use crate::rls;
-use crate::strip::Stripper;
 use crate::text::from_wire;
-use crate::usage::UsageScanner;
 
 /// The most of a check answer the plugin reads; a decision is a few hundred bytes.
 pub const MAX_CALL_BODY: usize = 64 * 1024;
@@ -44,6 +44,9 @@ pub trait Host {
     /// edits Envoy supports.
     fn edit_response_body(&self, start: usize, drain: usize, data: &[u8]) -> bool;
     fn remove_response_header(&self, name: &str);
+    /// Resets the stream, upstream and downstream (a response already begun cannot end
+    /// otherwise).
+    fn reset_stream(&self);
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     fn plugin_configuration(&self, size: usize) -> Option<Vec<u8>>;
     /// Milliseconds since the epoch by the host's clock (0 if it cannot tell).
@@ -191,6 +194,12 @@ impl Host for Envoy {
 
     fn remove_response_header(&self, name: &str) {
         let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, name);
+    }
+
+    fn reset_stream(&self) {
+        if let Err(status) = hostcalls::reset_http_response() {
+            log::warn!("could not reset the stream: {status:?}");
+        }
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
@@ -380,31 +389,66 @@ pub fn response_head(host: &dyn Host, end_of_stream: bool) -> ResponseHead {
     }
 }
 
-/// Feeds the current response body chunk (`size` bytes) to the scanner, through the stripper
-/// when the stream is rewritten (what remains of it goes out with the last chunk).
-pub fn scan_response(
+/// One response body chunk (`size` bytes) of an admitted request, handled as its exchange says:
+/// read, rewritten (usage the client did not ask for taken out), ended in the
+/// provider's shape, or dropped after such an end (and the stream reset once its drain is over).
+pub fn pass_response(
     host: &dyn Host,
-    body_size: usize,
+    exchange: &mut Exchange,
+    config: &Config,
+    size: usize,
     end_of_stream: bool,
-    scanner: &mut UsageScanner,
-    stripper: Option<&mut Stripper>,
 ) {
-    match stripper {
-        None => response_body_slices(host, body_size, |chunk| scanner.feed(chunk)),
-        Some(stripper) => {
-            let mut rewritten = rewrite_response_body(host, body_size, |chunk, out| {
-                scanner.feed(chunk);
-                stripper.feed(chunk, out);
+    let now_ms = host.now_ms();
+    let written = match exchange.response_chunk(now_ms) {
+        OnChunk::Pass => true,
+        OnChunk::Drop { reset } => {
+            if reset {
+                host.reset_stream();
+            }
+            size == 0 || host.edit_response_body(0, size, &[])
+        }
+        OnChunk::Read => {
+            let (mut offset, mut end) = (0, None);
+            response_body_slices(host, size, |slice| {
+                if end.is_none() {
+                    end = exchange
+                        .response_slice(config, slice, now_ms, None)
+                        .map(|(keep, ending)| (offset + keep, ending));
+                }
+                offset += slice.len();
+            });
+            match end {
+                None => true,
+                Some((keep, ending)) => {
+                    let mut at = 0;
+                    let kept = keep == size
+                        || rewrite_response_body(host, size, |slice, out| {
+                            let wanted = keep.saturating_sub(at).min(slice.len());
+                            out.extend_from_slice(slice.get(..wanted).unwrap_or_default());
+                            at += slice.len();
+                        });
+                    kept && host.edit_response_body(APPEND, 0, &ending)
+                }
+            }
+        }
+        OnChunk::Rewrite => {
+            let mut written = rewrite_response_body(host, size, |slice, out| {
+                exchange.response_slice(config, slice, now_ms, Some(out));
             });
             if end_of_stream {
                 let mut rest = Vec::new();
-                stripper.finish(&mut rest);
-                rewritten &= rest.is_empty() || host.edit_response_body(APPEND, 0, &rest);
+                exchange.response_flush(&mut rest);
+                written &= rest.is_empty() || host.edit_response_body(APPEND, 0, &rest);
             }
-            if !rewritten {
-                log::warn!("could not take the injected usage out of the stream");
-            }
+            written
         }
+    };
+    if !written {
+        log::warn!("could not rewrite the response body");
+    }
+    if end_of_stream {
+        exchange.response_end();
     }
 }
 

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use super::host::{read_headers, response_head, scan_response, selected};
+use super::host::{pass_response, read_headers, response_head, selected};
 use super::host::{Host, HostProperties, HostScope};
 use super::shared::Shared;
 use crate::config::Config;
@@ -218,14 +218,12 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let host = self.host.as_ref();
-        if let Some((scanner, stripper)) = self.exchange.response_body() {
-            scan_response(host, body_size, end_of_stream, scanner, stripper);
-        }
-        if end_of_stream {
-            self.exchange.response_end();
-        }
-        Action::Continue
+        self.with_config(Action::Continue, |this, shared, config| {
+            let host = this.host.as_ref();
+            pass_response(host, &mut this.exchange, config, body_size, end_of_stream);
+            shared.record(this.exchange.take_events());
+            Action::Continue
+        })
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {

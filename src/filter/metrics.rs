@@ -82,6 +82,10 @@ pub struct Metrics {
     pub request_caps_written: Counter,
     /// Checks the service granted less than the request's cap (`reserve.trim`).
     pub checks_trimmed: Counter,
+    /// Streams ended in their provider's shape because their budget was spent, and of those,
+    /// reset when their upstream went on past the drain.
+    pub streams_cut: Counter,
+    pub streams_reset: Counter,
     /// Responses charged from the provider's usage, from an estimate, or nothing because
     /// usage was missing (`on_missing: zero`) or the upstream failed.
     pub usage_reported: Counter,
@@ -125,6 +129,8 @@ impl Metrics {
             stream_usage_injected: counter("stream_usage_injected"),
             request_caps_written: counter("request_caps_written"),
             checks_trimmed: counter("checks_trimmed"),
+            streams_cut: counter("streams_cut"),
+            streams_reset: counter("streams_reset"),
             usage_reported: counter("usage.reported"),
             usage_estimated: counter("usage.estimated"),
             usage_missing: counter("usage.missing"),
@@ -159,6 +165,8 @@ impl Metrics {
             Event::FailureDenied => m.failure_mode_denied.inc(),
             Event::CalloutUnknown => m.callouts_unknown.inc(),
             Event::Charged(basis) => m.charged(basis),
+            Event::StreamCut => m.streams_cut.inc(),
+            Event::StreamReset => m.streams_reset.inc(),
         }
     }
 

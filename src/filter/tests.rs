@@ -460,3 +460,127 @@ fn a_client_gone_before_the_response_is_charged_its_reservation() {
     assert_eq!(host.metric("usage.abandoned"), 1);
     assert_eq!(host.metric("usage.upstream_error"), 0);
 }
+
+/// A streaming chat request of `root` for `ann`, its body `body`, admitted with 950 left.
+fn streaming(host: &Rc<FakeHost>, root: &Root, body: &str) -> Http {
+    host.state().request_headers = pairs(&[
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        ("x-user", "ann"),
+    ]);
+    host.state().request_body = body.as_bytes().to_vec();
+    let mut http = root.http();
+    assert_eq!(http.on_http_request_headers(3, false), Action::Continue);
+    assert_eq!(http.on_http_request_body(body.len(), true), Action::Pause);
+    answer(host, &mut http, host.token(0), 200, &allowed());
+    host.state().response_headers =
+        pairs(&[(":status", "200"), ("content-type", "text/event-stream")]);
+    assert_eq!(http.on_http_response_headers(2, false), Action::Continue);
+    http
+}
+
+/// One chunk through the stream at `now_ms`: what the client receives of it.
+fn chunk(host: &FakeHost, http: &mut Http, bytes: &[u8], now_ms: u64) -> String {
+    host.state().now_ms = now_ms;
+    host.state().response_body = bytes.to_vec();
+    assert_eq!(
+        http.on_http_response_body(bytes.len(), false),
+        Action::Continue
+    );
+    String::from_utf8(std::mem::take(&mut host.state().response_body)).unwrap()
+}
+
+/// An event of 400 bytes of text: 100 tokens by the estimate.
+fn hundred_tokens() -> String {
+    format!(
+        "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+        "x".repeat(400)
+    )
+}
+
+/// `stream_cutoff`: the stream passes the 950 tokens the check reported left in its tenth
+/// event (with the prompt's estimate), so it ends there in OpenAI's shape; what follows is
+/// dropped, the upstream reset once the drain is over, and the charge is what was delivered.
+#[test]
+fn a_stream_past_its_budget_ends_in_its_shape_and_is_charged_what_it_delivered() {
+    let host = Rc::new(FakeHost::default());
+    let mut c = config(0, "allow");
+    c["stream_cutoff"] = json!(true);
+    c["stream_drain_ms"] = json!(1000);
+    let mut root = root(&host, 1, &c);
+    let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+    let mut http = streaming(&host, &root, body);
+    let event = hundred_tokens();
+    for i in 0..9 {
+        assert_eq!(chunk(&host, &mut http, event.as_bytes(), 100 + i), event);
+    }
+    let last = chunk(&host, &mut http, event.as_bytes(), 200);
+    let ending = last
+        .strip_prefix(event.as_str())
+        .expect("the event is delivered");
+    let events: Vec<&str> = ending.trim_end().split("\n\n").collect();
+    assert_eq!(events.len(), 3, "{ending}");
+    let finish: Value = serde_json::from_str(&events[0]["data: ".len()..]).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage: Value = serde_json::from_str(&events[1]["data: ".len()..]).unwrap();
+    assert_eq!(
+        usage["usage"]["completion_tokens"], 1000,
+        "the client asked"
+    );
+    assert_eq!(events[2], "data: [DONE]");
+    assert_eq!(host.metric("streams_cut"), 1);
+
+    assert_eq!(chunk(&host, &mut http, event.as_bytes(), 1100), "");
+    assert_eq!(host.state().resets, 0, "still draining");
+    assert_eq!(chunk(&host, &mut http, event.as_bytes(), 1200), "");
+    assert_eq!(chunk(&host, &mut http, event.as_bytes(), 1300), "");
+    assert_eq!(host.state().resets, 1, "reset once, after the drain");
+    assert_eq!(host.metric("streams_reset"), 1);
+    http.on_log();
+    root.on_tick();
+    let report = &host.call_json(1)["reports"][0];
+    let prompt = (body.len() as u64).div_ceil(4);
+    assert_eq!(report["tokens"], prompt + 1000, "what was delivered");
+    assert!(
+        report["tokens"].as_u64().unwrap() <= 950 + 100,
+        "the budget plus one slice"
+    );
+}
+
+/// A stream the plugin asked usage of is rewritten: a chunk that passes the budget ends after
+/// its last whole event (its unfinished one is dropped), without the usage the client did not
+/// ask for.
+#[test]
+fn a_rewritten_stream_ends_after_its_last_whole_event() {
+    let host = Rc::new(FakeHost::default());
+    let mut c = config(0, "allow");
+    c["stream_cutoff"] = json!(true);
+    let mut root = root(&host, 1, &c);
+    let mut http = streaming(&host, &root, r#"{"model":"m","stream":true}"#);
+    let event = hundred_tokens();
+    let five = event.repeat(5);
+    assert_eq!(chunk(&host, &mut http, five.as_bytes(), 1), five);
+    let partial = format!("{five}{}", &event[..50]);
+    let got = chunk(&host, &mut http, partial.as_bytes(), 2);
+    let ending = got.strip_prefix(five.as_str()).expect("five whole events");
+    assert!(ending.contains("\"finish_reason\":\"length\""), "{ending}");
+    assert!(!ending.contains("usage"), "{ending}");
+    assert!(ending.ends_with("data: [DONE]\n\n"), "{ending}");
+    http.on_log();
+    root.on_tick();
+    assert_eq!(host.metric("streams_cut"), 1);
+}
+
+/// Without `stream_cutoff` (and no trimmed grant) a stream past its budget is not touched.
+#[test]
+fn without_a_cutoff_a_stream_is_never_ended() {
+    let host = Rc::new(FakeHost::default());
+    let root = root(&host, 1, &config(0, "allow"));
+    let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+    let mut http = streaming(&host, &root, body);
+    let event = hundred_tokens();
+    for i in 0..20 {
+        assert_eq!(chunk(&host, &mut http, event.as_bytes(), i), event);
+    }
+    assert_eq!(host.metric("streams_cut"), 0);
+}

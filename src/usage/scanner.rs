@@ -114,6 +114,14 @@ impl UsageScanner {
         self.json().map_or(0, |j| j.text_bytes)
     }
 
+    /// Server-sent events seen whole so far.
+    pub fn events(&self) -> u64 {
+        match &self.mode {
+            Mode::Sse(sse) => sse.events,
+            _ => 0,
+        }
+    }
+
     pub fn body_bytes(&self) -> u64 {
         self.body_bytes
     }
