@@ -59,6 +59,8 @@ pub struct Cutoff {
     drain_ms: u64,
     ends: EventEnds,
     phase: Phase,
+    /// The stream was ended between the CR and the LF of a CR LF: the end starts with the LF.
+    lf_owed: bool,
 }
 
 impl Cutoff {
@@ -72,6 +74,7 @@ impl Cutoff {
             drain_ms,
             ends: EventEnds::default(),
             phase: Phase::Watching,
+            lf_owed: false,
         })
     }
 
@@ -103,8 +106,16 @@ impl Cutoff {
             Phase::Watching | Phase::Ended { .. } => None,
         };
         match at {
-            Some(keep) => {
+            Some(mut keep) => {
                 self.phase = Phase::Ended { at_ms: now_ms };
+                // An event ended by CR LF CR LF ends at its second CR: its LF goes too.
+                if keep.checked_sub(1).and_then(|i| slice.get(i)) == Some(&b'\r') {
+                    match slice.get(keep) {
+                        Some(b'\n') => keep += 1,
+                        Some(_) => {}
+                        None => self.lf_owed = true,
+                    }
+                }
                 Cut::End { keep }
             }
             None => Cut::Pass,
@@ -122,7 +133,12 @@ impl Cutoff {
 
     /// The events that end the stream in the API's own shape.
     pub fn ending(&self, facts: &Ending) -> Vec<u8> {
-        ending(self.api, facts)
+        let end = ending(self.api, facts);
+        if self.lf_owed {
+            [b"\n".as_slice(), &end].concat()
+        } else {
+            end
+        }
     }
 }
 
@@ -270,14 +286,22 @@ mod tests {
             let mut c = watch();
             assert_eq!(c.slice(b"data: {\"a\":", true, 0), Cut::Pass, "{nl:?}");
             let rest = format!("1}}{nl}data: 2{nl}");
-            // The first boundary: after its last byte (a CR LF CR LF ends at the second CR).
-            let keep = 2 + nl.len() - usize::from(nl == "\r\n\r\n");
+            // The first boundary: after its last byte.
+            let keep = 2 + nl.len();
             assert_eq!(
                 c.slice(rest.as_bytes(), false, 0),
                 Cut::End { keep },
                 "{nl:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_cut_between_cr_and_lf_owes_the_lf() {
+        let mut c = watch();
+        assert_eq!(c.slice(b"data: 1\r\n\r", true, 0), Cut::End { keep: 10 });
+        let end = c.ending(&facts(false));
+        assert!(end.starts_with(b"\ndata: {"));
     }
 
     #[test]

@@ -194,3 +194,51 @@ fn spent_money_and_a_403_limit_raise_the_sdks_own_errors() {
     assert_eq!(e["class"], "anthropic.PermissionDeniedError", "{e}");
     assert_eq!(e["body"]["error"]["type"], "permission_error");
 }
+
+/// `stream_cutoff`: a 100-token budget and an upstream that streams 400 output tokens past any
+/// cap. Each SDK consumes the stream the plugin ends, without an error, and sees the stop
+/// reason its API gives at an output cap; what it is charged is what it received.
+#[test]
+fn sdks_consume_a_cut_stream_and_see_the_stop_reason() {
+    let (svc, llm) = (Service::start(&[], &[]), mock_llm());
+    let envoy = Envoy::start(
+        &json!({
+            "service": {"cluster": "ratelimit"},
+            "stream_cutoff": true,
+            "limits": [
+                {"name": "user", "key": "{{request.headers.x-user}}", "tokens": 100, "window": "1h"},
+                {"name": "meter", "key": "{{request.headers.x-user}}", "tokens": 1000000, "window": "1h"}
+            ]
+        }),
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    let runaway = [
+        ("x-mock-ignore-cap", "1"),
+        ("x-mock-completion-tokens", "400"),
+        ("x-mock-piece-bytes", "16"),
+        ("x-mock-delay-ms", "2"),
+    ];
+    for (sdk, kind, user, stop) in [
+        ("openai", "stream", "cut-chat", "length"),
+        ("openai", "responses", "cut-resp", "max_output_tokens"),
+        ("anthropic", "stream", "cut-msg", "max_tokens"),
+    ] {
+        let mut headers = runaway.to_vec();
+        headers.push(("x-user", user));
+        let got = call(sdk, kind, envoy.port, &headers);
+        assert_eq!(got["stop"], stop, "{sdk} {kind}: {got}");
+        let charged = got["usage"].as_u64().unwrap();
+        assert!(
+            (100..=100 + 4 * 16).contains(&charged),
+            "{sdk} {kind}: at most the budget and a slice: {got}"
+        );
+        // The usage the SDK saw in the end is what the service charged.
+        svc.await_remaining("meter", user, 1_000_000 - charged);
+        let text = got["text_bytes"].as_u64().unwrap();
+        assert!(text > 0 && text < 400 * 4, "{sdk} {kind}: {got}");
+    }
+    assert_eq!(envoy.metric("streams_cut"), 3);
+}

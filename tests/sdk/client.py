@@ -1,8 +1,9 @@
 """One call through the gateway with the SDK users run, printed as one JSON line.
 
-    client.py <openai|anthropic> <chat|stream|error> <gateway port> [header=value ...]
+    client.py <openai|anthropic> <chat|stream|responses|error> <gateway port> [header=value ...]
 
-`chat` and `stream` print the answer's usage and the quota headers the SDK saw; `error`
+`chat` and `stream` print the answer's usage, why it stopped and the quota headers the SDK saw
+(`responses`: OpenAI's Responses API, streamed); `error`
 expects the SDK to raise, and prints the exception's class and what the SDK read from the
 reply. Retries are off, so every call is one request.
 """
@@ -21,8 +22,21 @@ def openai_call(kind, port, headers):
         default_headers=headers,
     )
     messages = [{"role": "user", "content": "Say hello."}]
+    if kind == "responses":
+        usage, text, last, reason = None, "", None, None
+        for event in client.responses.create(
+            model="gpt-4o-mini", input="Say hello.", stream=True
+        ):
+            last = event.type
+            if event.type == "response.output_text.delta":
+                text += event.delta
+            if event.type in ("response.completed", "response.incomplete"):
+                usage = event.response.usage.total_tokens
+                details = event.response.incomplete_details
+                reason = details.reason if details else event.response.status
+        return {"usage": usage, "text_bytes": len(text), "stop": reason, "last": last}
     if kind == "stream":
-        usage, text = None, ""
+        usage, text, stop = None, "", None
         with client.chat.completions.with_streaming_response.create(
             model="gpt-4o-mini",
             messages=messages,
@@ -35,7 +49,8 @@ def openai_call(kind, port, headers):
                     usage = chunk.usage.total_tokens
                 for choice in chunk.choices:
                     text += choice.delta.content or ""
-        return {"usage": usage, "text_bytes": len(text), "headers": seen}
+                    stop = choice.finish_reason or stop
+        return {"usage": usage, "text_bytes": len(text), "stop": stop, "headers": seen}
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=messages
     )
@@ -67,6 +82,7 @@ def anthropic_call(kind, port, headers):
         return {
             "usage": usage.input_tokens + usage.output_tokens,
             "text_bytes": len(text),
+            "stop": final.stop_reason,
             "headers": {},
         }
     raw = client.messages.with_raw_response.create(

@@ -20,6 +20,12 @@
 //! | `x-mock-chunk-bytes` | – | write the body in pieces of exactly this size |
 //! | `x-mock-delay-ms` | 0 | pause between events |
 //! | `x-mock-latency-ms` | 0 | pause before answering |
+//! | `x-mock-ignore-cap` | – | generate past the request's output cap, as a misconfigured upstream does |
+//!
+//! Like the real engines, the mock honours the request's output cap (`max_tokens`,
+//! `max_completion_tokens`, `max_output_tokens`, `generationConfig.maxOutputTokens`): an answer
+//! that would be longer is cut to the cap (text at 4 bytes a token) and ends with the API's
+//! own reason (`length`, `max_tokens`, `incomplete`, `MAX_TOKENS`).
 
 use serde_json::{json, Value};
 
@@ -74,6 +80,8 @@ pub struct Ask {
     pub text_bytes: u64,
     pub piece_bytes: u64,
     pub model: String,
+    /// The answer was cut to the request's output cap.
+    pub capped: bool,
 }
 
 impl Ask {
@@ -86,7 +94,24 @@ impl Ask {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(default)
         };
-        let completion = num("x-mock-completion-tokens", 16);
+        let wanted = num("x-mock-completion-tokens", 16);
+        let cap = [
+            &body["max_tokens"],
+            &body["max_completion_tokens"],
+            &body["max_output_tokens"],
+            &body["generationConfig"]["maxOutputTokens"],
+        ]
+        .into_iter()
+        .find_map(Value::as_u64)
+        .filter(|_| header("x-mock-ignore-cap").is_none());
+        let completion = cap.map_or(wanted, |c| wanted.min(c));
+        let capped = completion < wanted;
+        let text_bytes = num("x-mock-text-bytes", wanted * 4);
+        let text_bytes = if capped {
+            text_bytes.min(completion * 4)
+        } else {
+            text_bytes
+        };
         let query_sse = path.contains("alt=sse");
         let stream = match provider {
             Provider::Gemini => path
@@ -109,9 +134,10 @@ impl Ask {
             prompt: num("x-mock-prompt-tokens", 10),
             completion,
             cache_read: num("x-mock-cache-read-tokens", 0),
-            text_bytes: num("x-mock-text-bytes", completion * 4),
+            text_bytes,
             piece_bytes: num("x-mock-piece-bytes", 16).max(1),
             model: body["model"].as_str().unwrap_or("mock-1").to_string(),
+            capped,
         })
     }
 
@@ -148,6 +174,15 @@ impl Ask {
         (0..count).map(move |i| text(piece.min(total - i * piece)))
     }
 
+    /// The reason the answer ended, in the API's words: `done` for a whole answer.
+    fn reason<'a>(&self, done: &'a str, capped: &'a str) -> &'a str {
+        if self.capped {
+            capped
+        } else {
+            done
+        }
+    }
+
     fn usage_openai(&self) -> Value {
         json!({"prompt_tokens": self.prompt, "completion_tokens": self.completion,
                "total_tokens": self.prompt + self.completion,
@@ -169,30 +204,30 @@ impl Ask {
         let mut v = match self.provider {
             Provider::Chat => {
                 json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": t}, "finish_reason": self.reason("stop", "length")}],
                 "usage": self.usage_openai()})
             }
             Provider::Completions => {
                 json!({"id": "cmpl-mock", "object": "text_completion", "created": 1, "model": self.model,
-                "choices": [{"index": 0, "text": t, "finish_reason": "stop"}], "usage": self.usage_openai()})
+                "choices": [{"index": 0, "text": t, "finish_reason": self.reason("stop", "length")}], "usage": self.usage_openai()})
             }
             Provider::Embeddings => json!({"object": "list", "model": self.model,
                 "data": [{"object": "embedding", "index": 0, "embedding": [0.0023, -0.0093, 0.0151]}],
                 "usage": {"prompt_tokens": self.prompt, "total_tokens": self.prompt}}),
             Provider::Responses => {
-                json!({"id": "resp_mock", "object": "response", "status": "completed", "model": self.model,
+                json!({"id": "resp_mock", "object": "response", "status": self.reason("completed", "incomplete"), "model": self.model,
                 "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": t}]}],
                 "usage": self.usage_input_output()})
             }
             Provider::Anthropic => {
                 json!({"id": "msg_mock", "type": "message", "role": "assistant", "model": self.model,
-                "content": [{"type": "text", "text": t}], "stop_reason": "end_turn",
+                "content": [{"type": "text", "text": t}], "stop_reason": self.reason("end_turn", "max_tokens"),
                 "usage": {"input_tokens": self.prompt - self.cache_read.min(self.prompt),
                           "cache_read_input_tokens": self.cache_read.min(self.prompt),
                           "cache_creation_input_tokens": 0, "output_tokens": self.completion}})
             }
             Provider::Gemini => {
-                json!({"candidates": [{"content": {"parts": [{"text": t}], "role": "model"}, "finishReason": "STOP"}],
+                json!({"candidates": [{"content": {"parts": [{"text": t}], "role": "model"}, "finishReason": self.reason("STOP", "MAX_TOKENS")}],
                 "usageMetadata": self.usage_gemini(self.completion), "modelVersion": self.model})
             }
             Provider::DashScope => {
@@ -217,7 +252,8 @@ impl Ask {
                     ""
                 };
                 let finish = format!(
-                    r#"{{"id":"chatcmpl-mock","object":"chat.completion.chunk","choices":[{{"index":0,"delta":{{}},"finish_reason":"stop"}}]{null_usage}}}"#
+                    r#"{{"id":"chatcmpl-mock","object":"chat.completion.chunk","choices":[{{"index":0,"delta":{{}},"finish_reason":"{}"}}]{null_usage}}}"#,
+                    self.reason("stop", "length")
                 );
                 let mut tail = vec![sse(None, &finish)];
                 if self.include_usage && usage {
@@ -229,14 +265,15 @@ impl Ask {
             }
             Provider::Responses => {
                 let created = json!({"type": "response.created", "response": {"id": "resp_mock", "status": "in_progress", "usage": null}});
-                let mut done = json!({"type": "response.completed", "response": {"id": "resp_mock", "status": "completed",
+                let end = self.reason("response.completed", "response.incomplete");
+                let mut done = json!({"type": end, "response": {"id": "resp_mock", "status": self.reason("completed", "incomplete"),
                     "output": [], "usage": self.usage_input_output()}});
                 if !usage {
                     strip_usage(&mut done);
                 }
                 (
                     vec![sse(Some("response.created"), &created.to_string())],
-                    vec![sse(Some("response.completed"), &done.to_string())],
+                    vec![sse(Some(end), &done.to_string())],
                 )
             }
             Provider::Anthropic => {
@@ -244,7 +281,7 @@ impl Ask {
                 let mut start = json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant",
                     "content": [], "model": self.model, "usage": {"input_tokens": self.prompt - cache,
                     "cache_read_input_tokens": cache, "cache_creation_input_tokens": 0, "output_tokens": 1}}});
-                let mut delta = json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": self.completion}});
+                let mut delta = json!({"type": "message_delta", "delta": {"stop_reason": self.reason("end_turn", "max_tokens")}, "usage": {"output_tokens": self.completion}});
                 if !usage {
                     strip_usage(&mut start);
                     strip_usage(&mut delta);
@@ -269,7 +306,7 @@ impl Ask {
                 )
             }
             Provider::Gemini => {
-                let mut last = json!({"candidates": [{"content": {"parts": [{"text": ""}], "role": "model"}, "finishReason": "STOP"}],
+                let mut last = json!({"candidates": [{"content": {"parts": [{"text": ""}], "role": "model"}, "finishReason": self.reason("STOP", "MAX_TOKENS")}],
                     "usageMetadata": self.usage_gemini(self.completion)});
                 if !usage {
                     strip_usage(&mut last);
