@@ -46,6 +46,8 @@ pub enum Event {
     /// An answer for a callout this exchange does not wait for.
     CalloutUnknown,
     Charged(Basis),
+    /// Admitted, though shadow limits would have denied it.
+    ShadowDenied,
     /// A stream was ended in its provider's shape: its budget was spent.
     StreamCut,
     /// An ended stream's upstream went on past its drain, and the stream was reset.
@@ -154,6 +156,8 @@ enum State {
         /// Under `reserve.trim`: the output cap per choice what was taken pays for (written
         /// into the request), and whether the service granted less than the whole.
         cap: Option<(u64, bool)>,
+        /// The shadow limits that would have denied it, for `x-ratelimit-shadow-denied`.
+        shadow: Option<String>,
     },
 }
 
@@ -616,12 +620,27 @@ impl Exchange {
                     let trimmed = verdict.granted.is_some();
                     (plan.cap(spend.reserved.tokens), trimmed)
                 });
+                // Shadow limits never deny: a request they would have denied is marked (with
+                // the names of this configuration's shadow limits only: they go in a header).
+                let shadow_denied: Vec<&str> = config
+                    .limits
+                    .iter()
+                    .filter(|l| l.shadow && verdict.shadow_denied.contains(&l.name))
+                    .map(|l| l.name.as_str())
+                    .collect();
+                let shadow = (!shadow_denied.is_empty()).then(|| {
+                    self.events.push(Event::ShadowDenied);
+                    let names = shadow_denied.join(",");
+                    log::info!("admitted a request shadow limits would have denied: {names}");
+                    names
+                });
                 self.state = State::Admitted {
                     spend,
                     quota: verdict.quota,
                     money: verdict.spend.map(Box::new),
                     response: None,
                     cap,
+                    shadow,
                 };
                 Resolution {
                     resume: true,
@@ -711,6 +730,7 @@ impl Exchange {
                     money: None,
                     response: None,
                     cap: None,
+                    shadow: None,
                 };
                 Resolution {
                     resume: true,
@@ -739,11 +759,15 @@ impl Exchange {
             money,
             response,
             cap,
+            shadow,
         } = &mut self.state
         else {
             return ResponsePlan::default();
         };
         let mut plan = ResponsePlan::default();
+        if let Some(names) = shadow.take() {
+            plan.set_headers.push(("x-ratelimit-shadow-denied", names));
+        }
         if let Some((cap, true)) = cap {
             plan.set_headers
                 .push(("x-ratelimit-granted-tokens", cap.to_string()));

@@ -76,6 +76,8 @@ pub struct Limit {
     /// `window` without `tokens`: the retry a denial states when the engine gives none
     /// (Limitador names no reset).
     pub engine_window_s: Option<u64>,
+    /// `"mode": "shadow"`: checked and counted exactly, never denies.
+    pub shadow: bool,
 }
 
 impl Limit {
@@ -127,6 +129,7 @@ impl Limit {
             rates,
             shared,
             currency: self.currency.clone(),
+            shadow: self.shadow,
         })
     }
 }
@@ -243,6 +246,7 @@ mod tests {
             currency: None,
             deny_status: None,
             engine_window_s: None,
+            shadow: false,
         }
     }
 
@@ -338,6 +342,7 @@ mod tests {
             currency: None,
             deny_status: None,
             engine_window_s: None,
+            shadow: false,
         };
         let long_a: &'static str = Box::leak(format!("é{}", "a".repeat(5000)).into_boxed_str());
         let long_b: &'static str = Box::leak(format!("é{}b", "a".repeat(4999)).into_boxed_str());
@@ -363,6 +368,7 @@ mod tests {
             currency: None,
             deny_status: None,
             engine_window_s: None,
+            shadow: false,
         };
         struct Headers;
         impl AttributeSource for Headers {
@@ -401,6 +407,7 @@ mod tests {
             currency: None,
             deny_status: None,
             engine_window_s: None,
+            shadow: false,
         };
         let d = one(&l, &Key(Some("regular-user"))).unwrap();
         assert_eq!(

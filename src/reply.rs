@@ -291,6 +291,7 @@ mod tests {
             description: None,
             reserved_at_ms: None,
             granted: None,
+            shadow_denied: Vec::new(),
         }
     }
 

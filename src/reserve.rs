@@ -246,6 +246,7 @@ mod tests {
                 .collect(),
             shared: false,
             currency: None,
+            shadow: false,
         }
     }
 

@@ -175,6 +175,7 @@ pub fn read_check(grpc_status: u32, body: &[u8]) -> Result<Verdict, CheckFailure
         description: None,
         reserved_at_ms: None,
         granted: None,
+        shadow_denied: Vec::new(),
     })
 }
 

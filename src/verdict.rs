@@ -44,6 +44,8 @@ pub struct Verdict {
     pub reserved_at_ms: Option<u64>,
     /// A trimmed check: what the service took instead of the whole reserve.
     pub granted: Option<wire::Amount>,
+    /// The shadow limits that would have denied (protocol v1).
+    pub shadow_denied: Vec<String>,
 }
 
 /// Why a check produced no decision; each kind has its own metric.

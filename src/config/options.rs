@@ -133,6 +133,11 @@ impl Options {
         let currency = config.prices.as_ref().map(|p| p.currency.clone());
         let protocol = config.service.protocol;
         for (i, limit) in config.limits.iter_mut().enumerate() {
+            if limit.shadow && protocol != Protocol::V1 {
+                return Err(path.field("limits").index(i).field("mode").error(
+                    "\"shadow\" needs protocol \"v1\": the asm answer names no limit, and under envoy-rls the engine decides (envoyproxy/ratelimit has `shadow_mode: true` on a descriptor in its own configuration; Limitador has none)",
+                ));
+            }
             if limit.currency.is_none() {
                 continue;
             }

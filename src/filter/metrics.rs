@@ -85,6 +85,8 @@ pub struct Metrics {
     /// Streams ended in their provider's shape because their budget was spent, and of those,
     /// reset when their upstream went on past the drain.
     pub streams_cut: Counter,
+    /// Requests admitted that a shadow limit (`"mode": "shadow"`) would have denied.
+    pub shadow_denied: Counter,
     pub streams_reset: Counter,
     /// Responses charged from the provider's usage, from an estimate, or nothing because
     /// usage was missing (`on_missing: zero`) or the upstream failed.
@@ -130,6 +132,7 @@ impl Metrics {
             request_caps_written: counter("request_caps_written"),
             checks_trimmed: counter("checks_trimmed"),
             streams_cut: counter("streams_cut"),
+            shadow_denied: counter("shadow_denied"),
             streams_reset: counter("streams_reset"),
             usage_reported: counter("usage.reported"),
             usage_estimated: counter("usage.estimated"),
@@ -166,6 +169,7 @@ impl Metrics {
             Event::CalloutUnknown => m.callouts_unknown.inc(),
             Event::Charged(basis) => m.charged(basis),
             Event::StreamCut => m.streams_cut.inc(),
+            Event::ShadowDenied => m.shadow_denied.inc(),
             Event::StreamReset => m.streams_reset.inc(),
         }
     }

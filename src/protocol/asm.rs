@@ -82,5 +82,6 @@ fn read_asm(body: &[u8]) -> Result<Verdict, CheckFailure> {
         description: Some(a.description).filter(|d| !d.is_empty()),
         reserved_at_ms: None,
         granted: None,
+        shadow_denied: Vec::new(),
     })
 }

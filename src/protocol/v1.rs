@@ -105,5 +105,6 @@ fn read_v1(body: &[u8]) -> Result<Verdict, CheckFailure> {
         description: None,
         reserved_at_ms: a.reserved_at_ms,
         granted: a.granted,
+        shadow_denied: a.shadow_denied,
     })
 }

@@ -57,6 +57,8 @@ pub fn fnv(bytes: &[u8]) -> u64 {
 pub struct Plan {
     pub id: CounterId,
     pub meters: Vec<Meter>,
+    /// A shadow limit's counter: charged as every other, but it never denies nor trims.
+    pub shadow: bool,
 }
 
 #[cfg(test)]

@@ -9,11 +9,11 @@ use crate::clock::Clock;
 use crate::console::board::{self, Denial};
 use crate::console::insights::{ConsoleEvent, Insights, Tally};
 use crate::counter::{CounterId, Plan};
-use crate::meter::{Meter, Money, Status};
+use crate::meter::{counted, Meter, Money, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
 use crate::store::sources::Mark;
-use crate::store::{Applied, Settlement, Store, StoreError};
+use crate::store::{Applied, CheckOutcome, Settlement, Store, StoreError};
 
 /// Why a request got no decision.
 #[derive(Debug)]
@@ -160,6 +160,7 @@ impl Limiter {
                 shared: d.shared,
             },
             meters,
+            shadow: d.shadow,
         }))
     }
 
@@ -244,6 +245,10 @@ impl Limiter {
         let mut limits = Vec::new();
         let mut worst: Option<(i64, &str)> = None;
         for ((d, plan), statuses) in planned.iter().zip(&outcome.statuses) {
+            // Shadow limits never decide: their figures would read as this request's limits.
+            if plan.shadow {
+                continue;
+            }
             for (j, (meter, st)) in plan.meters.iter().zip(statuses).enumerate() {
                 let calendar = d.rates.get(j).and_then(|r| r.calendar.as_ref());
                 limits.push(limit_status(&plan.id, meter, st, calendar));
@@ -251,6 +256,19 @@ impl Limiter {
                     worst = Some((st.retry_ms, plan.id.limit.as_str()));
                 }
             }
+        }
+        let mut shadow_denied: Vec<String> = Vec::new();
+        for ((d, _), _) in planned
+            .iter()
+            .zip(&outcome.shadow_denied)
+            .filter(|(_, denied)| **denied)
+        {
+            if !shadow_denied.contains(&d.limit) {
+                shadow_denied.push(d.limit.clone());
+            }
+        }
+        if !shadow_denied.is_empty() {
+            self.record_shadow_denials(&planned, &outcome, reserve);
         }
         if outcome.allowed {
             inc(&self.metrics.checks_allowed);
@@ -280,7 +298,38 @@ impl Limiter {
             denied_by: worst.map(|w| w.1.to_string()),
             reserved_at_ms,
             granted: outcome.granted.filter(|_| reserved_at_ms.is_some()),
+            shadow_denied,
         })
+    }
+
+    /// Shadow limits that would have denied: counted per limit, logged, and shown apart on
+    /// the console.
+    fn record_shadow_denials(
+        &self,
+        planned: &[(&Descriptor, Plan)],
+        outcome: &CheckOutcome,
+        reserve: Amount,
+    ) {
+        let denied = planned
+            .iter()
+            .zip(&outcome.statuses)
+            .zip(&outcome.shadow_denied)
+            .filter(|(_, denied)| **denied)
+            .map(|(pair, _)| pair);
+        for ((d, plan), statuses) in denied {
+            self.metrics.shadow_denied(&d.limit);
+            tracing::info!(
+                limit = %d.limit,
+                value = %board::bounded(&d.value),
+                "shadow limit would have denied"
+            );
+            if let Some(denial) = self.denial(d, plan, statuses, reserve) {
+                self.insights.record(ConsoleEvent::Denied(Denial {
+                    shadow: true,
+                    ..denial
+                }));
+            }
+        }
     }
 
     /// Applies a batch of reports, each on its own: a malformed one is rejected alone; after a
@@ -427,6 +476,7 @@ impl Limiter {
                         shared: false,
                     },
                     meters: vec![meter],
+                    shadow: false,
                 })
             })
             .collect()
@@ -514,6 +564,7 @@ impl Limiter {
         let plan = Plan {
             id: id.clone(),
             meters: Vec::new(),
+            shadow: false,
         };
         let meters = self
             .store
@@ -540,19 +591,32 @@ impl Limiter {
         statuses: &[Vec<Status>],
         reserve: Amount,
     ) {
-        let denying = planned.iter().zip(statuses).find_map(|((d, plan), st)| {
-            let (meter, status) = plan
-                .meters
-                .iter()
-                .zip(st)
-                .filter(|(_, s)| s.retry_ms > 0)
-                .max_by_key(|(_, s)| s.retry_ms)?;
-            Some((d, meter, status))
-        });
-        let Some((d, meter, status)) = denying else {
-            return;
-        };
-        let need = crate::meter::counted(reserve, meter.money()).max(1);
+        let denial = planned
+            .iter()
+            .zip(statuses)
+            .filter(|((_, plan), _)| !plan.shadow)
+            .find_map(|((d, plan), st)| self.denial(d, plan, st, reserve));
+        if let Some(denial) = denial {
+            self.insights.record(ConsoleEvent::Denied(denial));
+        }
+    }
+
+    /// How counter `plan` denied a check for `reserve`, in words; `None` when it did not.
+    fn denial(
+        &self,
+        d: &Descriptor,
+        plan: &Plan,
+        statuses: &[Status],
+        reserve: Amount,
+    ) -> Option<Denial> {
+        let (meter, status) = plan
+            .meters
+            .iter()
+            .zip(statuses)
+            // A shadow limit's counter was charged all the same: its most pressing meter.
+            .filter(|(_, s)| plan.shadow || s.retry_ms > 0)
+            .max_by_key(|(_, s)| s.retry_ms)?;
+        let need = counted(reserve, meter.money()).max(1);
         let amount = |n: i64| match meter.money() {
             Some(c) => format!(
                 "{} {}",
@@ -561,7 +625,7 @@ impl Limiter {
             ),
             None => format!("{n} tokens"),
         };
-        let denial = Denial {
+        Some(Denial {
             at_ms: self.clock.now_ms(),
             limit: d.limit.clone(),
             value: board::bounded(&d.value).to_string(),
@@ -572,8 +636,8 @@ impl Limiter {
                 amount(need),
                 (status.retry_ms.max(0) + 999) / 1000
             ),
-        };
-        self.insights.record(ConsoleEvent::Denied(denial));
+            shadow: false,
+        })
     }
 
     /// The admin API: `amount` more for the counter's current windows, or (`None`) a reset.
@@ -592,6 +656,7 @@ impl Limiter {
                 shared,
             },
             meters: Vec::new(),
+            shadow: false,
         };
         let grant = grant.map(|g| g.min(MAX_AMOUNT) as i64);
         self.store

@@ -50,6 +50,9 @@ pub struct Metrics {
     /// Money charged and refunded per limit that counts it, in micro units, by (limit,
     /// currency); at most [`MAX_SPEND_SERIES`] series (limit names come from plugin configs).
     spend: Mutex<BTreeMap<(String, String), (u64, u64)>>,
+    /// Checks a shadow limit would have denied, per limit; at most [`MAX_SPEND_SERIES`]
+    /// series, more summed under `limit=""`.
+    shadow_denied: Mutex<BTreeMap<String, u64>>,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -97,6 +100,16 @@ impl Metrics {
         } else {
             *refunded += micros.unsigned_abs();
         }
+    }
+
+    /// A shadow limit would have denied a check.
+    pub fn shadow_denied(&self, limit: &str) {
+        let mut denied = self.shadow_denied.lock().unwrap_or_else(|p| p.into_inner());
+        let mut key = limit.to_string();
+        if !denied.contains_key(&key) && denied.len() >= MAX_SPEND_SERIES {
+            key = String::new();
+        }
+        *denied.entry(key).or_default() += 1;
     }
 
     /// The Prometheus text; `memory`: the memory store's (counters, evictions, sources).
@@ -229,6 +242,23 @@ impl Metrics {
             family(
                 "ratelimit_spend_refunded_micros_total",
                 "Money given back to limits that count it (unused reservations), in millionths.",
+                "counter",
+                &lines,
+            );
+        }
+        {
+            let denied = self.shadow_denied.lock().unwrap_or_else(|p| p.into_inner());
+            let labels: Vec<(String, u64)> = denied
+                .iter()
+                .map(|(limit, n)| {
+                    let limit = limit.replace('\\', "\\\\").replace('"', "\\\"");
+                    (format!("{{limit=\"{limit}\"}}"), *n)
+                })
+                .collect();
+            let lines: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+            family(
+                "ratelimit_shadow_denied_total",
+                "Checks a shadow limit (\"mode\": \"shadow\") would have denied, per limit; they were not denied.",
                 "counter",
                 &lines,
             );

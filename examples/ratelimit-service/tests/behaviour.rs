@@ -754,6 +754,49 @@ async fn money_and_tokens_are_counted_apart(ctx: &Ctx) {
     assert_eq!(q[0].remaining, 20_000_000 - 1_234_567);
 }
 
+/// `"mode": "shadow"`: a shadow limit is checked and charged exactly, never denies nor trims,
+/// and is named in `shadow_denied` (not in `limits`) when it would have denied.
+async fn shadow_limits_count_and_never_deny(ctx: &Ctx) {
+    let enforced = ctx.d("sh-enforced", "alice", &[(1000, 60)]);
+    let shadow = Descriptor {
+        shadow: true,
+        ..ctx.d("sh-shadow", "alice", &[(100, 60)])
+    };
+    let plain = Descriptor {
+        shadow: false,
+        ..shadow.clone()
+    };
+    let both = vec![enforced.clone(), shadow.clone()];
+    let r = ctx.check(&both, 60).await;
+    assert!(r.allowed && r.shadow_denied.is_empty(), "{r:?}");
+    let r = ctx.check(&both, 60).await;
+    assert!(r.allowed, "{r:?}");
+    assert_eq!(r.shadow_denied, vec![shadow.limit.clone()]);
+    assert!(r.limits.iter().all(|l| l.limit == enforced.limit), "{r:?}");
+    assert_eq!(r.denied_by, None);
+    // Both counters were charged: the shadow one is in debt.
+    assert_eq!(ctx.remaining(&plain).await, vec![0]);
+    assert_eq!(ctx.remaining(&enforced).await, vec![880]);
+    // An enforced limit still denies, and nothing is charged.
+    let r = ctx.check(&both, 900).await;
+    assert!(!r.allowed);
+    assert_eq!(r.denied_by.as_deref(), Some(enforced.limit.as_str()));
+    assert_eq!(ctx.remaining(&enforced).await, vec![880]);
+    // A trimmed check is granted what the enforced limits can pay, whatever the shadow one has.
+    let req = CheckRequest {
+        descriptors: both.clone(),
+        reserve: Amount::tokens(1000),
+        id: None,
+        trim: Some(Trim {
+            min: 10,
+            fixed: Amount::ZERO,
+        }),
+    };
+    let r = ctx.limiter.check(&req).await.ok().unwrap();
+    assert_eq!((r.allowed, r.granted), (true, Some(Amount::tokens(880))));
+    assert_eq!(r.shadow_denied, vec![shadow.limit.clone()]);
+}
+
 /// `trim`: a reserve that does not fit gives way to the largest grant every limit can pay for,
 /// tokens and money alike, taken atomically (concurrent grants never add up past a budget).
 async fn trimmed_checks_serve_within_the_budget(ctx: &Ctx) {
@@ -1084,6 +1127,7 @@ async fn editing_a_budget_keeps_what_was_spent(ctx: &Ctx) {
 
 suite!(
     trimmed_checks_serve_within_the_budget,
+    shadow_limits_count_and_never_deny,
     editing_a_budget_keeps_what_was_spent,
     a_release_refunds_the_window_of_its_reservation,
     calendar_months_reset_at_their_start_in_their_zone,

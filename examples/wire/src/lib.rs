@@ -166,6 +166,10 @@ pub struct Descriptor {
     /// units (millionths) of this currency (an ISO 4217 code such as `USD`), not tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub currency: Option<String>,
+    /// A shadow limit (`"mode": "shadow"`): checked and counted exactly, but it never denies;
+    /// a check it would have denied names it in [`CheckResponse::shadow_denied`].
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shadow: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -329,6 +333,10 @@ pub struct CheckResponse {
     /// A trimmed check ([`Trim`]): what was taken instead of the whole reserve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub granted: Option<Amount>,
+    /// The shadow limits that would have denied this check had they been enforced. Shadow
+    /// limits are left out of `limits`, `retry_after_ms` and `denied_by`: they never decide.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadow_denied: Vec<String>,
 }
 
 /// The provider's usage, normalised; carried for logs and audits.

@@ -80,6 +80,7 @@ impl Asm {
                     currency: None,
                     deny_status: None,
                     engine_window_s: None,
+                    shadow: false,
                 })
             },
         )?;

@@ -388,6 +388,7 @@ impl RuleItem {
             currency: None,
             deny_status: None,
             engine_window_s: None,
+            shadow: false,
         };
         Ok((limit, ip))
     }
@@ -526,6 +527,7 @@ impl Rule {
                 currency: None,
                 deny_status: None,
                 engine_window_s: None,
+                shadow: false,
             });
         }
         let mut ip_source: Option<(Path, ClientIpSource)> = None;

@@ -563,6 +563,22 @@ pub struct LimitSpec {
     /// The status of a request this limit denies (default: `deny.status`, 429), e.g. 403 as
     /// Azure API Management answers a spent quota.
     deny_status: Option<Status>,
+    /// `"enforce"` (default) or `"shadow"`: checked and counted exactly, but never denies; a
+    /// request it would have denied is counted, logged and marked
+    /// `x-ratelimit-shadow-denied`. For rolling out a new budget safely.
+    #[serde(default)]
+    mode: ModeSpec,
+}
+
+/// Whether a limit denies.
+#[derive(Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ModeSpec {
+    #[default]
+    Enforce,
+    /// Checked and counted, never denies.
+    Shadow,
 }
 
 impl LimitSpec {
@@ -626,6 +642,7 @@ impl LimitSpec {
             currency: counting.cost.then(String::new),
             deny_status: self.deny_status.map(|s| s.0),
             engine_window_s,
+            shadow: self.mode == ModeSpec::Shadow,
         })
     }
 }

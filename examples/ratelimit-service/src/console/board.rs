@@ -143,6 +143,9 @@ pub struct Denial {
     pub limit: String,
     pub value: String,
     pub reason: String,
+    /// A shadow limit would have denied: the check was admitted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
 /// Tokens used and money spent in one minute.
@@ -313,6 +316,7 @@ mod tests {
                 limit: "l".into(),
                 value: format!("v{i}"),
                 reason: "r".into(),
+                shadow: false,
             });
             insights.per_minute(i * 30_000, 10, &BTreeMap::from([("USD".to_string(), 5)]));
         }

@@ -11,11 +11,12 @@
 --       refund_at_ms (-1: now), report seq (-1: none), ring slots, ring ttl_ms, then the
 --       amount and refund in money (micro units), then a check's trim: min tokens (-1: no
 --       trim), the fixed tokens and micro units (wire::Trim), then per counter: meter count,
---       and per meter: field, kind (w|f|c|b), p1, p2, p3, ttl_ms, unit (0 tokens, 1 money).
+--       shadow (1: a shadow limit, which never denies nor trims), and per meter: field, kind (w|f|c|b), p1, p2, p3, ttl_ms, unit (0 tokens, 1 money).
 --       A calendar meter (c): p1 tokens, p2 the period's start, p3 its end; state
 --       {start, used, end}.
 -- Returns: check: {allowed, now, granted tokens (-1: not trimmed), granted micro units, then
---          remaining, reset, retry per meter};
+--          remaining, reset, retry per meter, then per counter 1 when it is a shadow limit
+--          that could not have taken what was asked};
 --          settle: {1 applied | 0 duplicate | 2 stale id, now};
 --          either: {-1, now} when a calendar meter's period does not hold at Redis's time.
 
@@ -44,7 +45,7 @@ if seq >= 0 then ncounters = ncounters - 2 end
 do
   local a = FIRST
   for _ = 1, ncounters do
-    local n = tonumber(ARGV[a]); a = a + 1
+    local n = tonumber(ARGV[a]); a = a + 2
     for _ = 1, n do
       if ARGV[a + 1] == "c" and (now < tonumber(ARGV[a + 3]) or now >= tonumber(ARGV[a + 4])) then
         return {-1, now}
@@ -206,9 +207,10 @@ end
 
 -- Load every meter's state.
 local counters = {}
+local shadows = {}
 local arg = FIRST
 for c = 1, ncounters do
-  local n = tonumber(ARGV[arg]); arg = arg + 1
+  local n = tonumber(ARGV[arg]); shadows[c] = ARGV[arg + 1] == "1"; arg = arg + 2
   local meters = {}
   for i = 1, n do
     local m = {field = ARGV[arg], kind = ARGV[arg + 1], p1 = tonumber(ARGV[arg + 2]),
@@ -239,13 +241,19 @@ for c = 1, ncounters do
   counters[c] = meters
 end
 
--- Whether every meter can take `amount` ({tokens, micros}).
+-- Whether every meter of counter `c` can take `amount` ({tokens, micros}).
+local function takes(c, amount)
+  for _, m in ipairs(counters[c]) do
+    local _, _, retry = status(m, m.state, math.max(amount[m.unit], 1))
+    if retry > 0 then return false end
+  end
+  return true
+end
+
+-- Whether every counter that decides (shadow limits never do) can take `amount`.
 local function fits(amount)
   for c = 1, ncounters do
-    for _, m in ipairs(counters[c]) do
-      local _, _, retry = status(m, m.state, math.max(amount[m.unit], 1))
-      if retry > 0 then return false end
-    end
+    if not shadows[c] and not takes(c, amount) then return false end
   end
   return true
 end
@@ -262,7 +270,7 @@ local function grant()
   end
   local t = amounts[1]
   for c = 1, ncounters do
-    for _, m in ipairs(counters[c]) do
+    for _, m in ipairs(shadows[c] and {} or counters[c]) do
       local remaining = status(m, m.state, 1)
       if m.unit == 1 then
         t = math.min(t, remaining)
@@ -297,6 +305,11 @@ if mode == "check" then
     allowed = 0
   end
   out = {allowed, now, granted[1], granted[2]}
+  local shadow_denied = {}
+  for c = 1, ncounters do
+    shadow_denied[c] = 0
+    if shadows[c] and not takes(c, amounts) then shadow_denied[c] = 1 end
+  end
   for c = 1, ncounters do
     for _, m in ipairs(counters[c]) do
       local amount = amounts[m.unit]
@@ -305,6 +318,7 @@ if mode == "check" then
       out[#out + 1] = remaining; out[#out + 1] = reset; out[#out + 1] = retry
     end
   end
+  for c = 1, ncounters do out[#out + 1] = shadow_denied[c] end
 else
   for c = 1, ncounters do
     for _, m in ipairs(counters[c]) do

@@ -334,6 +334,7 @@ mod tests {
 
     fn plan(value: &str) -> Plan {
         Plan {
+            shadow: false,
             id: CounterId {
                 limit: "l".into(),
                 value: value.into(),

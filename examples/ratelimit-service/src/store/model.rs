@@ -39,6 +39,9 @@ pub struct CheckOutcome {
     pub at_ms: i64,
     /// A trimmed check: what was taken instead of the whole reserve.
     pub granted: Option<Amount>,
+    /// Per plan: a shadow limit that could not have taken what was asked (the reserve, or
+    /// the grant), and would have denied had it been enforced.
+    pub shadow_denied: Vec<bool>,
 }
 
 /// What a report does to its counters once its usage is known.
@@ -87,13 +90,18 @@ pub fn check_states(
             meter.advance(state, now);
         }
     }
-    let fits = |states: &[Vec<State>], amount: Amount| {
-        plans.iter().zip(states).all(|(plan, states)| {
-            plan.meters.iter().zip(states).all(|(meter, state)| {
-                let need = counted(amount, meter.money()).max(1);
-                meter.status(state, now, need).retry_ms == 0
-            })
+    let takes = |plan: &Plan, states: &[State], amount: Amount| {
+        plan.meters.iter().zip(states).all(|(meter, state)| {
+            let need = counted(amount, meter.money()).max(1);
+            meter.status(state, now, need).retry_ms == 0
         })
+    };
+    // Shadow limits never decide.
+    let fits = |states: &[Vec<State>], amount: Amount| {
+        plans
+            .iter()
+            .zip(states)
+            .all(|(plan, states)| plan.shadow || takes(plan, states, amount))
     };
     // Under `trim` the whole reserve must fit what is left (a reserve beyond a budget is not
     // admitted on a whole budget, as an untrimmed one is): else the largest grant that does.
@@ -107,6 +115,11 @@ pub fn check_states(
     };
     let granted = granted.filter(|_| allowed);
     let reserve = granted.unwrap_or(reserve);
+    let shadow_denied = plans
+        .iter()
+        .zip(states.iter())
+        .map(|(plan, states)| plan.shadow && !takes(plan, states, reserve))
+        .collect();
     let need = |m: &Meter| counted(reserve, m.money()).max(1);
     let statuses = plans
         .iter()
@@ -130,6 +143,7 @@ pub fn check_states(
         statuses,
         at_ms: now,
         granted,
+        shadow_denied,
     }
 }
 
@@ -143,7 +157,7 @@ fn grant(
     now: i64,
 ) -> Option<Amount> {
     let mut tokens = reserve.tokens;
-    for (plan, states) in plans.iter().zip(states) {
+    for (plan, states) in plans.iter().zip(states).filter(|(p, _)| !p.shadow) {
         for (meter, state) in plan.meters.iter().zip(states) {
             let remaining = meter.status(state, now, 1).remaining.max(0) as u64;
             let most = match meter.money() {

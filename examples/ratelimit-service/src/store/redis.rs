@@ -193,6 +193,7 @@ impl RedisStore {
         ];
         for plan in plans {
             args.push(plan.meters.len().to_string());
+            args.push(u8::from(plan.shadow).to_string());
             for m in &plan.meters {
                 let (kind, p1, p2, p3) = match *m {
                     Meter::Window {
@@ -268,12 +269,14 @@ impl RedisStore {
         // What each group took: the reserve, its own grant, or nothing.
         let mut taken = Vec::with_capacity(groups.len());
         let mut statuses = Vec::with_capacity(plans.len());
+        let mut shadow_denied = Vec::with_capacity(plans.len());
         // Where each group's statuses start.
         let mut starts = Vec::with_capacity(groups.len());
         for (group, answer) in groups.iter().zip(&answers) {
             starts.push(statuses.len());
             let Ok(answer) = answer else {
                 taken.push(Amount::ZERO);
+                shadow_denied.extend(group.iter().map(|_| false));
                 continue;
             };
             let admitted = answer.first() == Some(&1);
@@ -305,6 +308,7 @@ impl RedisStore {
                     .collect();
                 statuses.push(per_meter);
             }
+            shadow_denied.extend(group.iter().map(|_| figures.next() == Some(&1)));
         }
         let at_ms = at_ms.or(now).unwrap_or_else(system_ms);
         if let Some(redis_now) = replan(&answers) {
@@ -348,6 +352,7 @@ impl RedisStore {
             statuses,
             at_ms,
             granted,
+            shadow_denied,
         })
     }
 
