@@ -87,39 +87,43 @@ impl Cutoff {
         matches!(self.phase, Phase::Ended { .. })
     }
 
-    /// A slice the usage scanner has just seen; `over`: the stream's charge so far passes
-    /// the allowance. On [`Cut::End`], the stream is ended at `now_ms`.
-    pub fn slice(&mut self, slice: &[u8], over: bool, now_ms: u64) -> Cut {
-        let (mut first, mut last) = (None, None);
+    /// A slice of the stream, handed to `feed` an event at a time (the bytes up to each
+    /// event boundary, then the rest); `feed` counts them and answers whether the stream's
+    /// charge now passes the allowance. The stream ends at the first boundary where it does
+    /// (bytes after it are never fed, so never charged), or, when it passes within an event,
+    /// at that event's end. On [`Cut::End`], the stream is ended at `now_ms`.
+    pub fn slice(&mut self, slice: &[u8], now_ms: u64, mut feed: impl FnMut(&[u8]) -> bool) -> Cut {
+        if self.ended() {
+            return Cut::Pass;
+        }
+        let mut from = 0;
         for (i, &b) in slice.iter().enumerate() {
-            if self.ends.ends_event(b) {
-                first = first.or(Some(i + 1));
-                last = Some(i + 1);
+            if !self.ends.ends_event(b) {
+                continue;
+            }
+            let over = feed(slice.get(from..=i).unwrap_or_default());
+            from = i + 1;
+            if over || self.phase == Phase::Crossed {
+                return self.end(slice, i + 1, now_ms);
             }
         }
-        let at = match self.phase {
-            Phase::Watching if over => {
-                self.phase = Phase::Crossed;
-                last
-            }
-            Phase::Crossed => first,
-            Phase::Watching | Phase::Ended { .. } => None,
-        };
-        match at {
-            Some(mut keep) => {
-                self.phase = Phase::Ended { at_ms: now_ms };
-                // An event ended by CR LF CR LF ends at its second CR: its LF goes too.
-                if keep.checked_sub(1).and_then(|i| slice.get(i)) == Some(&b'\r') {
-                    match slice.get(keep) {
-                        Some(b'\n') => keep += 1,
-                        Some(_) => {}
-                        None => self.lf_owed = true,
-                    }
-                }
-                Cut::End { keep }
-            }
-            None => Cut::Pass,
+        if feed(slice.get(from..).unwrap_or_default()) {
+            self.phase = Phase::Crossed;
         }
+        Cut::Pass
+    }
+
+    fn end(&mut self, slice: &[u8], mut keep: usize, now_ms: u64) -> Cut {
+        self.phase = Phase::Ended { at_ms: now_ms };
+        // An event ended by CR LF CR LF ends at its second CR: its LF goes too.
+        if keep.checked_sub(1).and_then(|i| slice.get(i)) == Some(&b'\r') {
+            match slice.get(keep) {
+                Some(b'\n') => keep += 1,
+                Some(_) => {}
+                None => self.lf_owed = true,
+            }
+        }
+        Cut::End { keep }
     }
 
     /// The stream was ended and the upstream still sends at `now_ms`: whether its drain is
@@ -245,6 +249,15 @@ fn ending(api: Api, f: &Ending) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// Feeds `slice` with a charge that passes from the `n`-th event fed on (`None`: never).
+    fn feed(c: &mut Cutoff, slice: &[u8], over_from: Option<usize>, now: u64) -> Cut {
+        let mut n = 0;
+        c.slice(slice, now, |_| {
+            n += 1;
+            over_from.is_some_and(|k| n >= k)
+        })
+    }
+
     fn watch() -> Cutoff {
         let allowance = Allowance {
             tokens: 100,
@@ -270,26 +283,44 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_ends_at_the_last_boundary_of_the_slice_that_passed() {
+    fn a_stream_ends_at_the_boundary_of_the_event_that_passed() {
         let mut c = watch();
-        assert_eq!(c.slice(b"data: 1\n\ndata: 2\n\n", false, 1), Cut::Pass);
+        assert_eq!(feed(&mut c, b"data: 1\n\ndata: 2\n\n", None, 1), Cut::Pass);
         assert!(!c.ended());
-        let cut = c.slice(b"data: 3\n\ndata: 4\n\ndata: 5", true, 2);
+        let cut = feed(&mut c, b"data: 3\n\ndata: 4\n\ndata: 5", Some(2), 2);
         assert_eq!(cut, Cut::End { keep: 18 });
         assert!(c.ended());
         assert!(!c.reset_due(1001) && c.reset_due(1002));
+        let cut = feed(&mut c, b"data: 6\n\n", Some(1), 3);
+        assert_eq!(cut, Cut::Pass, "an ended stream is not cut again");
+    }
+
+    #[test]
+    fn only_the_bytes_up_to_the_end_are_fed() {
+        let mut c = watch();
+        let mut fed = Vec::new();
+        let cut = c.slice(b"data: 1\n\ndata: 2\n\ndata: 3\n\n", 0, |bytes| {
+            fed.extend_from_slice(bytes);
+            fed.len() > 9
+        });
+        assert_eq!(cut, Cut::End { keep: 18 });
+        assert_eq!(fed, b"data: 1\n\ndata: 2\n\n");
     }
 
     #[test]
     fn an_event_across_slices_ends_at_the_next_boundary() {
         for nl in ["\n\n", "\r\n\r\n", "\r\r"] {
             let mut c = watch();
-            assert_eq!(c.slice(b"data: {\"a\":", true, 0), Cut::Pass, "{nl:?}");
+            assert_eq!(
+                feed(&mut c, b"data: {\"a\":", Some(1), 0),
+                Cut::Pass,
+                "{nl:?}"
+            );
             let rest = format!("1}}{nl}data: 2{nl}");
             // The first boundary: after its last byte.
             let keep = 2 + nl.len();
             assert_eq!(
-                c.slice(rest.as_bytes(), false, 0),
+                feed(&mut c, rest.as_bytes(), None, 0),
                 Cut::End { keep },
                 "{nl:?}"
             );
@@ -299,7 +330,10 @@ mod tests {
     #[test]
     fn a_cut_between_cr_and_lf_owes_the_lf() {
         let mut c = watch();
-        assert_eq!(c.slice(b"data: 1\r\n\r", true, 0), Cut::End { keep: 10 });
+        assert_eq!(
+            feed(&mut c, b"data: 1\r\n\r", Some(1), 0),
+            Cut::End { keep: 10 }
+        );
         let end = c.ending(&facts(false));
         assert!(end.starts_with(b"\ndata: {"));
     }
@@ -307,8 +341,11 @@ mod tests {
     #[test]
     fn boundaries_split_across_slices_are_found() {
         let mut c = watch();
-        assert_eq!(c.slice(b"data: 1\n", false, 0), Cut::Pass);
-        assert_eq!(c.slice(b"\ndata: 2\r\n", true, 0), Cut::End { keep: 1 });
+        assert_eq!(feed(&mut c, b"data: 1\n", None, 0), Cut::Pass);
+        assert_eq!(
+            feed(&mut c, b"\ndata: 2\r\n", Some(1), 0),
+            Cut::End { keep: 1 }
+        );
     }
 
     fn facts(usage_chunk: bool) -> Ending {

@@ -86,12 +86,12 @@ impl Response {
     }
 
     /// Sees a slice; `over` says whether what the stream would be charged now passes its
-    /// allowance (asked only of a watched event stream).
+    /// allowance (asked of a watched event stream at each event's end).
     pub fn see(
         &mut self,
         slice: &[u8],
         now_ms: u64,
-        over: impl FnOnce(&UsageScanner) -> bool,
+        mut over: impl FnMut(&UsageScanner) -> bool,
     ) -> Slice {
         if self.ended() {
             return Slice::Dropped;
@@ -99,12 +99,15 @@ impl Response {
         let Some(scanner) = self.scanner.as_mut() else {
             return Slice::Pass;
         };
-        scanner.feed(slice);
         let Some(cutoff) = self.cutoff.as_mut() else {
+            scanner.feed(slice);
             return Slice::Pass;
         };
-        let over = scanner.format() == BodyFormat::Sse && over(scanner);
-        match cutoff.slice(slice, over, now_ms) {
+        let cut = cutoff.slice(slice, now_ms, |bytes| {
+            scanner.feed(bytes);
+            scanner.format() == BodyFormat::Sse && over(scanner)
+        });
+        match cut {
             Cut::Pass => Slice::Pass,
             Cut::End { keep } => Slice::End { keep },
         }

@@ -28,6 +28,7 @@ fn the_bench_harness_runs_and_reports() {
         "## The rate-limit service alone",
         "| redis | report | 32 |",
         "## Accuracy under concurrency",
+        "## Serving within the budget",
     ] {
         assert!(md.contains(section), "{section} missing:\n{md}");
     }
@@ -36,6 +37,19 @@ fn the_bench_harness_runs_and_reports() {
         md.contains("| \"max_tokens\" | 10 of 50 | 1000 | 0 | 0 |"),
         "{md}"
     );
+    // Trimmed grants never add up past the budget; an ended stream passes it by one event.
+    for (case, most) in [
+        ("| `reserve.trim`: 50 concurrent", 0),
+        ("| `stream_cutoff`: 1 stream", 10),
+        ("| `reserve.trim`, upstream ignoring caps", 10 * 10),
+    ] {
+        let row = md
+            .lines()
+            .find(|l| l.starts_with(case))
+            .unwrap_or_else(|| panic!("{case} missing:\n{md}"));
+        let overshoot: u64 = row.trim_end_matches(" |").rsplit("| ").next().unwrap().parse().unwrap();
+        assert!(overshoot <= most, "{row}");
+    }
     // A refund that lands after its window does not enlarge the next one.
     let boundary = md
         .lines()

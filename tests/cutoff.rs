@@ -14,8 +14,9 @@ use testkit::http;
 use testkit::service::{mock_llm, Service};
 
 const BUDGET: u64 = 200;
-/// The most one body slice can add past the budget: 64 KiB of text at 4 bytes a token.
-const SLICE_TOKENS: u64 = 64 * 1024 / 4;
+/// The most a stream is charged past its budget: the event that passed it (40 bytes of text
+/// at 4 bytes a token).
+const EVENT_TOKENS: u64 = 10;
 
 fn config(extra: Value) -> Value {
     let mut c = json!({
@@ -106,7 +107,7 @@ fn events(body: &str) -> Vec<(Option<String>, String)> {
 }
 
 /// Each API's stream ends at the budget in its own shape, once; the upstream's own end never
-/// reaches the client; the charge is what the client received, the budget plus at most a slice.
+/// reaches the client; the charge is what the client received, the budget plus at most the event that passed it.
 #[test]
 fn every_shape_ends_in_its_own_words_and_is_charged_what_it_delivered() {
     let g = gateway(json!({}));
@@ -203,7 +204,7 @@ fn every_shape_ends_in_its_own_words_and_is_charged_what_it_delivered() {
         let charged = g.charged(user, BUDGET);
         assert_eq!(charged, stated, "{user}: the end states the charge");
         assert!(
-            charged > BUDGET && charged <= BUDGET + SLICE_TOKENS,
+            charged > BUDGET && charged <= BUDGET + EVENT_TOKENS,
             "{user}: {charged}"
         );
         assert!(
@@ -265,13 +266,13 @@ fn an_upstream_that_goes_on_past_the_drain_is_reset() {
     );
     let charged = g.charged("ann", BUDGET);
     assert!(
-        charged > BUDGET && charged <= BUDGET + SLICE_TOKENS,
+        charged > BUDGET && charged <= BUDGET + EVENT_TOKENS,
         "{charged}"
     );
 }
 
 /// Under `reserve.trim` the watch is on without `stream_cutoff`: an upstream that ignores the
-/// granted cap is ended at what was granted, and the budget is spent, not overdrawn past a slice.
+/// granted cap is ended at what was granted, and the budget is spent, not overdrawn past that event.
 #[test]
 fn an_upstream_that_ignores_a_trimmed_cap_is_ended_at_the_grant() {
     let g = gateway(json!({
@@ -302,7 +303,7 @@ fn an_upstream_that_ignores_a_trimmed_cap_is_ended_at_the_grant() {
     assert!(r.text().contains("\"finish_reason\":\"length\""));
     let charged = g.charged("bob", BUDGET);
     assert!(
-        charged > BUDGET && charged <= BUDGET + SLICE_TOKENS,
+        charged > BUDGET && charged <= BUDGET + EVENT_TOKENS,
         "{charged}"
     );
     assert_eq!(g.envoy.metric("streams_cut"), 1);

@@ -429,6 +429,91 @@ fn accuracy_section() -> Section {
     section
 }
 
+/// Serving within the budget: trimmed grants under concurrency and streams the plugin ends,
+/// each on a 1,000-token budget; what they were charged in all is read from a second limit the
+/// same requests never reach.
+fn within_budget_section() -> Section {
+    let mut section = Section::new(
+        "Serving within the budget: budget 1,000 tokens",
+        &["case", "admitted", "charged", "overshoot"],
+    );
+    let llm = mock_llm();
+    let trim = json!({"reserve": {"tokens": "max_tokens", "trim": true, "min": 20}});
+    let runaway = [
+        ("x-mock-ignore-cap", "1"),
+        ("x-mock-prompt-tokens", "0"),
+        ("x-mock-completion-tokens", "5000"),
+        ("x-mock-piece-bytes", "40"),
+    ];
+    let asks = [
+        ("x-mock-prompt-tokens", "0"),
+        ("x-mock-completion-tokens", "100"),
+        ("x-mock-latency-ms", "300"),
+    ];
+    let stream = json!({"model": "bench", "stream": true, "max_tokens": 4000});
+    let cases: [(&str, Value, &[(&str, &str)], Value, usize); 3] = [
+        (
+            "`reserve.trim`: 50 concurrent requests asking 100 output tokens",
+            trim.clone(),
+            &asks,
+            json!({"model": "bench", "max_tokens": 100}),
+            50,
+        ),
+        (
+            "`stream_cutoff`: 1 stream running 5,000 tokens past its cap",
+            json!({"stream_cutoff": true}),
+            &runaway,
+            stream.clone(),
+            1,
+        ),
+        (
+            "`reserve.trim`, upstream ignoring caps: 10 concurrent streams of 5,000 tokens",
+            trim,
+            &runaway,
+            stream,
+            10,
+        ),
+    ];
+    for (label, extra, headers, body, n) in cases {
+        let svc = Service::start(&[], &[]);
+        let mut config = json!({
+            "service": {"cluster": "ratelimit", "timeout_ms": 2000},
+            "limits": [
+                {"name": "budget", "key": "", "tokens": 1000, "window": "1h"},
+                {"name": "meter", "key": "", "tokens": 1_000_000_000u64, "window": "1h"}
+            ]
+        });
+        if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        let envoy = Envoy::start(
+            &config,
+            &[
+                cluster("ratelimit", svc.port),
+                cluster("upstream", llm.port),
+            ],
+        );
+        let o = run(Plan {
+            addr: addr(envoy.port),
+            connections: n,
+            duration: None,
+            total: Some(n as u64),
+            warmup: Duration::ZERO,
+            calls: vec![Call::post_json("/v1/chat/completions", headers, &body)],
+        });
+        settled(&envoy);
+        let charged = 1_000_000_000 - svc.remaining("meter", "").unwrap_or(1_000_000_000);
+        section.push(Row::new(vec![
+            label.into(),
+            format!("{} of {n}", o.statuses.get(&200).copied().unwrap_or(0)),
+            charged.to_string(),
+            charged.saturating_sub(1000).to_string(),
+        ]));
+    }
+    section.note("Trimmed requests are granted what is left (at least 20 output tokens), atomically: together they are never charged past the budget. A stream whose charge passes what its budget had for it is ended in its provider's shape at the next event boundary: it is charged what it delivered: at most the event that passed the budget (10 tokens here).".into());
+    section
+}
+
 /// The boundary row of the accuracy table (see its note).
 fn after_a_window_boundary(llm: &Service) -> Row {
     const WINDOW_MS: u64 = 4000;
@@ -568,6 +653,7 @@ fn main() {
     if !cli.proxy_only {
         sections.push(service_section(&s));
         sections.push(accuracy_section());
+        sections.push(within_budget_section());
         let (sustained, _) = soak::section(&soak::Soak {
             requests: if cli.smoke { 2_000 } else { 300_000 },
             users: 100,
