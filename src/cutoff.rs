@@ -40,6 +40,8 @@ enum Phase {
     Ended {
         at_ms: u64,
     },
+    /// The provider ended its answer itself: nothing more is watched.
+    Answered,
 }
 
 /// What becomes of one slice of the response body.
@@ -59,6 +61,11 @@ pub struct Cutoff {
     drain_ms: u64,
     ends: EventEnds,
     phase: Phase,
+    /// When the charge passed within an event that has not ended yet.
+    crossed_at_ms: u64,
+    /// Choices whose end the provider sent (`finish_reason`), of `choices`.
+    finished: u32,
+    choices: u32,
     /// The stream was ended between the CR and the LF of a CR LF: the end starts with the LF.
     lf_owed: bool,
 }
@@ -74,8 +81,19 @@ impl Cutoff {
             drain_ms,
             ends: EventEnds::default(),
             phase: Phase::Watching,
+            crossed_at_ms: 0,
+            finished: 0,
+            choices: 1,
             lf_owed: false,
         })
+    }
+
+    /// The choices a stream carries (`n`): a chat stream is answered when each has finished.
+    pub fn with_choices(self, choices: u32) -> Cutoff {
+        Cutoff {
+            choices: choices.max(1),
+            ..self
+        }
     }
 
     pub fn allowance(&self) -> Allowance {
@@ -93,24 +111,65 @@ impl Cutoff {
     /// (bytes after it are never fed, so never charged), or, when it passes within an event,
     /// at that event's end. On [`Cut::End`], the stream is ended at `now_ms`.
     pub fn slice(&mut self, slice: &[u8], now_ms: u64, mut feed: impl FnMut(&[u8]) -> bool) -> Cut {
-        if self.ended() {
-            return Cut::Pass;
-        }
         let mut from = 0;
         for (i, &b) in slice.iter().enumerate() {
-            if !self.ends.ends_event(b) {
+            if !self.ends.ends_event(b) || !self.watching() {
                 continue;
             }
-            let over = feed(slice.get(from..=i).unwrap_or_default());
+            let event = slice.get(from..=i).unwrap_or_default();
             from = i + 1;
-            if over || self.phase == Phase::Crossed {
+            let over = feed(event);
+            // The provider's own end (and the usage after it) is never cut: the answer is
+            // whole, and charged as it reports.
+            if self.answered(event) {
+                self.phase = Phase::Answered;
+            } else if over || self.phase == Phase::Crossed {
                 return self.end(slice, i + 1, now_ms);
             }
         }
-        if feed(slice.get(from..).unwrap_or_default()) {
+        let rest = slice.get(from..).unwrap_or_default();
+        if feed(rest) && self.phase == Phase::Watching && !self.answered(rest) {
             self.phase = Phase::Crossed;
+            self.crossed_at_ms = now_ms;
         }
         Cut::Pass
+    }
+
+    fn watching(&self) -> bool {
+        matches!(self.phase, Phase::Watching | Phase::Crossed)
+    }
+
+    /// Whether `event` (or part of one) is the provider ending its answer: a finish reason on
+    /// every choice (OpenAI), a stop reason or `message_stop` (Anthropic), the Responses API's
+    /// last event, Gemini's `finishReason`. Only unescaped JSON keys count: generated text
+    /// cannot spell them.
+    fn answered(&mut self, event: &[u8]) -> bool {
+        match self.api {
+            Api::Chat | Api::Completions => {
+                let n = string_values(event, b"\"finish_reason\"");
+                self.finished = self.finished.saturating_add(n);
+                self.finished >= self.choices
+            }
+            Api::Messages => {
+                string_values(event, b"\"stop_reason\"") > 0
+                    || find(event, b"\"type\":\"message_stop\"")
+            }
+            Api::Responses => [
+                b"\"type\":\"response.completed\"".as_slice(),
+                b"\"type\":\"response.incomplete\"",
+                b"\"type\":\"response.failed\"",
+            ]
+            .iter()
+            .any(|p| find(event, p)),
+            Api::Gemini => string_values(event, b"\"finishReason\"") > 0,
+            Api::Other => false,
+        }
+    }
+
+    /// The charge passed within one event that has not ended for `drain_ms`: an event the
+    /// plugin cannot end, so the stream is reset.
+    pub fn stuck(&self, now_ms: u64) -> bool {
+        self.phase == Phase::Crossed && now_ms.saturating_sub(self.crossed_at_ms) >= self.drain_ms
     }
 
     fn end(&mut self, slice: &[u8], mut keep: usize, now_ms: u64) -> Cut {
@@ -146,11 +205,32 @@ impl Cutoff {
     }
 }
 
+fn find(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// How many times `key` has a string value (`"key": "…"`, spaces allowed) in `event`.
+fn string_values(event: &[u8], key: &[u8]) -> u32 {
+    let blank = |b: &&u8| **b == b' ' || **b == b'\t';
+    let mut n = 0u32;
+    let mut rest = event;
+    while let Some(at) = rest.windows(key.len()).position(|w| w == key) {
+        rest = rest.get(at + key.len()..).unwrap_or_default();
+        let mut after = rest.iter().skip_while(blank);
+        if after.next() == Some(&b':') && after.find(|b| !blank(b)) == Some(&b'"') {
+            n = n.saturating_add(1);
+        }
+    }
+    n
+}
+
 /// What the end of a cut stream says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ending {
     /// The model the stream named (else the request's), as it is echoed in each chunk.
     pub model: String,
+    /// The id the stream named (SDKs check that a Responses stream keeps its id).
+    pub id: Option<String>,
     /// What the stream is charged, as the provider's usage would say it.
     pub usage: Usage,
     /// Choices the request asked for (`n`): each gets its end.
@@ -186,6 +266,7 @@ fn ending(api: Api, f: &Ending) -> Vec<u8> {
                 Api::Chat => ("chat.completion.chunk", "chatcmpl-cutoff"),
                 _ => ("text_completion", "cmpl-cutoff"),
             };
+            let id = f.id.as_deref().unwrap_or(id);
             let choices: Vec<Value> = (0..f.choices.max(1))
                 .map(|index| match api {
                     Api::Chat => json!({"index": index, "delta": {}, "logprobs": null,
@@ -207,10 +288,12 @@ fn ending(api: Api, f: &Ending) -> Vec<u8> {
             out.extend_from_slice(b"data: [DONE]\n\n");
         }
         Api::Responses => {
+            // No `output`: an SDK keeps what it gathered from the stream.
             let response = json!({
-                "id": "resp_cutoff", "object": "response", "created_at": f.created_s,
+                "id": f.id.as_deref().unwrap_or("resp_cutoff"), "object": "response",
+                "created_at": f.created_s,
                 "status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"},
-                "model": f.model, "output": [],
+                "model": f.model,
                 "usage": {"input_tokens": u.prompt, "output_tokens": u.completion,
                     "total_tokens": u.total, "input_tokens_details": {"cached_tokens": u.cached},
                     "output_tokens_details": {"reasoning_tokens": u.reasoning}},
@@ -328,6 +411,79 @@ mod tests {
     }
 
     #[test]
+    fn the_providers_own_end_is_never_cut() {
+        let ends: [(Api, &[u8]); 5] = [
+            (
+                Api::Chat,
+                b"data: {\"choices\":[{\"delta\":{},\"finish_reason\": \"stop\"}]}\n\n",
+            ),
+            (
+                Api::Messages,
+                b"event: message_delta\ndata: {\"delta\":{\"stop_reason\":\"end_turn\"}}\n\n",
+            ),
+            (
+                Api::Messages,
+                b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            ),
+            (
+                Api::Responses,
+                b"data: {\"type\":\"response.completed\",\"response\":{}}\n\n",
+            ),
+            (
+                Api::Gemini,
+                b"data: {\"candidates\":[{\"finishReason\":\"STOP\"}]}\r\n\r\n",
+            ),
+        ];
+        let allowance = Allowance {
+            tokens: 1,
+            micros: u64::MAX,
+        };
+        for (api, end) in ends {
+            let mut c = Cutoff::new(api, allowance, 0).unwrap();
+            // The end's usage passes the allowance; the usage chunk after it too.
+            assert_eq!(feed(&mut c, end, Some(1), 0), Cut::Pass, "{api:?}");
+            assert_eq!(
+                feed(&mut c, b"data: {\"usage\":{}}\n\n", Some(1), 0),
+                Cut::Pass
+            );
+            assert!(!c.ended());
+        }
+    }
+
+    #[test]
+    fn generated_text_and_a_null_reason_do_not_end_the_answer() {
+        let allowance = Allowance {
+            tokens: 1,
+            micros: u64::MAX,
+        };
+        let mut c = Cutoff::new(Api::Chat, allowance, 0)
+            .unwrap()
+            .with_choices(2);
+        let text = br#"data: {"choices":[{"delta":{"content":"\"finish_reason\":\"stop\" message_stop"},"finish_reason":null}]}"#;
+        assert_eq!(
+            feed(&mut c, &[text.as_slice(), b"\n\n"].concat(), None, 0),
+            Cut::Pass
+        );
+        let one = b"data: {\"choices\":[{\"index\":0,\"finish_reason\":\"stop\"}]}\n\n";
+        assert_eq!(feed(&mut c, one, None, 0), Cut::Pass);
+        // One of two choices finished: the other is still watched.
+        assert_eq!(
+            feed(&mut c, b"data: {}\n\n", Some(1), 0),
+            Cut::End { keep: 10 }
+        );
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_stuck_after_the_drain() {
+        let mut c = watch();
+        assert_eq!(
+            feed(&mut c, b"data: {\"a\":\"xxxx", Some(1), 100),
+            Cut::Pass
+        );
+        assert!(!c.stuck(1099) && c.stuck(1100));
+    }
+
+    #[test]
     fn a_cut_between_cr_and_lf_owes_the_lf() {
         let mut c = watch();
         assert_eq!(
@@ -351,6 +507,7 @@ mod tests {
     fn facts(usage_chunk: bool) -> Ending {
         Ending {
             model: "m-1".into(),
+            id: Some("resp_1".into()),
             usage: Usage {
                 prompt: 10,
                 completion: 90,
@@ -416,6 +573,8 @@ mod tests {
         assert_eq!(r[0].0.as_deref(), Some("response.incomplete"));
         let v = json(&r[0].1);
         assert_eq!(v["sequence_number"], 7);
+        assert_eq!(v["response"]["id"], "resp_1", "the stream's own id");
+        assert!(v["response"].get("output").is_none());
         assert_eq!(v["response"]["status"], "incomplete");
         assert_eq!(
             v["response"]["incomplete_details"]["reason"],

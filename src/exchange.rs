@@ -802,6 +802,7 @@ impl Exchange {
                 }),
             };
             Cutoff::new(spend.api, allowance, config.stream_drain_ms)
+                .map(|c| c.with_choices(self.asked.choices))
         });
         plan.drop_content_length =
             stripper.is_some() || cutoff.as_ref().is_some_and(Option::is_some);
@@ -854,13 +855,16 @@ impl Exchange {
         let allowance = r.cutoff.as_ref().map(Cutoff::allowance);
         let (status, tier) = (r.status, r.tier_header.clone());
         let seen = r.see(slice, now_ms, |scanner| {
+            // Priced as the stream would be charged if it ended here (the prompt as reported,
+            // else estimated from the body's size), so a cut stream's charge is bounded.
+            let held = request_bytes;
             let (charge, cost) = charge_now(
                 config,
                 spend,
                 scanner,
                 status,
                 tier.as_deref(),
-                request_bytes,
+                held,
                 unreadable,
             );
             allowance.is_some_and(|a| a.passed_by(charge.tokens, cost))
@@ -892,6 +896,7 @@ impl Exchange {
                         .or(request_model)
                         .unwrap_or_default()
                         .to_string(),
+                    id: scanner.response_id().map(str::to_string),
                     usage: charge.usage,
                     choices: asked.choices,
                     usage_chunk: asked.usage,

@@ -73,10 +73,16 @@ impl Response {
 
     /// How the next chunk, arriving at `now_ms`, is handled.
     pub fn on_chunk(&mut self, now_ms: u64) -> OnChunk {
-        if let Some(cutoff) = self.cutoff.as_ref().filter(|c| c.ended()) {
+        if let Some(cutoff) = self.cutoff.as_ref().filter(|c| c.ended() || self.reset) {
             let reset = !self.reset && cutoff.reset_due(now_ms);
             self.reset |= reset;
             return OnChunk::Drop { reset };
+        }
+        // Past its budget inside one event that has not ended within the drain: an event the
+        // plugin cannot end cleanly, so the stream is reset.
+        if self.cutoff.as_ref().is_some_and(|c| c.stuck(now_ms)) {
+            self.reset = true;
+            return OnChunk::Drop { reset: true };
         }
         match (&self.scanner, &self.stripper) {
             (None, _) => OnChunk::Pass,

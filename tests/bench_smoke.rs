@@ -47,7 +47,13 @@ fn the_bench_harness_runs_and_reports() {
             .lines()
             .find(|l| l.starts_with(case))
             .unwrap_or_else(|| panic!("{case} missing:\n{md}"));
-        let overshoot: u64 = row.trim_end_matches(" |").rsplit("| ").next().unwrap().parse().unwrap();
+        let overshoot: u64 = row
+            .trim_end_matches(" |")
+            .rsplit("| ")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(overshoot <= most, "{row}");
     }
     // A refund that lands after its window does not enlarge the next one.

@@ -202,6 +202,7 @@ fn every_shape_ends_in_its_own_words_and_is_charged_what_it_delivered() {
             }
         };
         let charged = g.charged(user, BUDGET);
+        std::fs::write(format!("/tmp/cut-{user}.txt"), &text).unwrap();
         assert_eq!(charged, stated, "{user}: the end states the charge");
         assert!(
             charged > BUDGET && charged <= BUDGET + EVENT_TOKENS,

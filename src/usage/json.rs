@@ -59,6 +59,9 @@ enum Holder {
 /// Longest service tier kept (Vertex's `PROVISIONED_THROUGHPUT` is 22; longer ones are none).
 const TIER: usize = 24;
 
+/// Longest response id kept (OpenAI's `resp_…` ids are about 50 bytes).
+const ID: usize = 96;
+
 /// Longest model name kept (Bedrock's `anthropic.claude-3-5-sonnet-20240620-v1:0` is 41).
 const MODEL: usize = 80;
 
@@ -134,6 +137,11 @@ pub struct JsonScanner {
     /// The last model the response named; `model_read` once its string ended within bounds.
     model_text: Short<MODEL>,
     model_read: bool,
+    /// The response's `id` (top level, or in `response` / `message`), read as the model is: a
+    /// stream the plugin ends echoes it.
+    reading_id: bool,
+    id_text: Short<ID>,
+    id_read: bool,
     /// The service tier the answer was billed at (OpenAI's `service_tier`, Anthropic's
     /// `usage.service_tier`, Vertex AI's `usageMetadata.trafficType`), read as the model is.
     reading_tier: bool,
@@ -163,6 +171,9 @@ impl Default for JsonScanner {
             reading_model: false,
             model_text: Short::EMPTY,
             model_read: false,
+            reading_id: false,
+            id_text: Short::EMPTY,
+            id_read: false,
             reading_tier: false,
             tier_text: Short::EMPTY,
             tier_read: false,
@@ -187,6 +198,8 @@ impl JsonScanner {
             text_bytes: self.text_bytes,
             model_text: self.model_text,
             model_read: self.model_read,
+            id_text: self.id_text,
+            id_read: self.id_read,
             tier_text: self.tier_text,
             tier_read: self.tier_read,
             ..JsonScanner::default()
@@ -199,6 +212,15 @@ impl JsonScanner {
         self.model_text
             .get()
             .filter(|_| self.model_read)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .filter(|m| !m.is_empty())
+    }
+
+    /// The response's id, if it fits in 96 bytes.
+    pub fn response_id(&self) -> Option<&str> {
+        self.id_text
+            .get()
+            .filter(|_| self.id_read)
             .and_then(|b| std::str::from_utf8(b).ok())
             .filter(|m| !m.is_empty())
     }
@@ -233,6 +255,9 @@ impl JsonScanner {
                     if std::mem::take(&mut self.reading_model) {
                         self.model_read = true;
                     }
+                    if std::mem::take(&mut self.reading_id) {
+                        self.id_read = true;
+                    }
                     if std::mem::take(&mut self.reading_tier) {
                         self.tier_read = true;
                     }
@@ -262,6 +287,8 @@ impl JsonScanner {
             self.text_bytes += 1;
         } else if self.reading_model {
             self.model_text.push(b);
+        } else if self.reading_id {
+            self.id_text.push(b);
         } else if self.reading_tier {
             self.tier_text.push(b);
         }
@@ -298,6 +325,18 @@ impl JsonScanner {
                     if self.reading_model {
                         self.model_text = Short::EMPTY;
                         self.model_read = false;
+                    }
+                    self.reading_id = self.usage_depth == 0
+                        && self.in_object()
+                        && match self.depth {
+                            1 => true,
+                            2 => matches!(self.holder, Holder::Response | Holder::Message),
+                            _ => false,
+                        }
+                        && self.key.get() == Some(b"id".as_slice());
+                    if self.reading_id {
+                        self.id_text = Short::EMPTY;
+                        self.id_read = false;
                     }
                     // Vertex AI names the tier in `usageMetadata.trafficType`.
                     self.reading_tier = self.in_object()

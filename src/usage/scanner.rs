@@ -105,6 +105,11 @@ impl UsageScanner {
         self.json().and_then(JsonScanner::model)
     }
 
+    /// The response's id, if it names one.
+    pub fn response_id(&self) -> Option<&str> {
+        self.json().and_then(JsonScanner::response_id)
+    }
+
     /// The service tier the response names, if it names one.
     pub fn service_tier(&self) -> Option<&str> {
         self.json().and_then(JsonScanner::service_tier)

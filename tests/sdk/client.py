@@ -24,9 +24,11 @@ def openai_call(kind, port, headers):
     messages = [{"role": "user", "content": "Say hello."}]
     if kind == "responses":
         usage, text, last, reason = None, "", None, None
-        for event in client.responses.create(
-            model="gpt-4o-mini", input="Say hello.", stream=True
-        ):
+        # The SDK's stream helper: it checks that the response keeps its id, and gathers the
+        # output from the stream.
+        with client.responses.stream(model="gpt-4o-mini", input="Say hello.") as stream:
+            events = list(stream)
+        for event in events:
             last = event.type
             if event.type == "response.output_text.delta":
                 text += event.delta

@@ -451,7 +451,9 @@ fn within_budget_section() -> Section {
         ("x-mock-latency-ms", "300"),
     ];
     let stream = json!({"model": "bench", "stream": true, "max_tokens": 4000});
-    let cases: [(&str, Value, &[(&str, &str)], Value, usize); 3] = [
+    // (what, plugin options, request headers, body, concurrent requests)
+    type Case<'a> = (&'a str, Value, &'a [(&'a str, &'a str)], Value, usize);
+    let cases: [Case; 3] = [
         (
             "`reserve.trim`: 50 concurrent requests asking 100 output tokens",
             trim.clone(),

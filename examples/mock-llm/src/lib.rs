@@ -271,8 +271,18 @@ impl Ask {
                 if !usage {
                     strip_usage(&mut done);
                 }
+                // The output item and its text part open before the deltas, as OpenAI sends
+                // them (the SDK's stream helper needs both).
+                let item = json!({"type": "response.output_item.added", "output_index": 0,
+                    "item": {"id": "msg_mock", "type": "message", "role": "assistant", "status": "in_progress", "content": []}});
+                let part = json!({"type": "response.content_part.added", "item_id": "msg_mock", "output_index": 0,
+                    "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}});
                 (
-                    vec![sse(Some("response.created"), &created.to_string())],
+                    vec![
+                        sse(Some("response.created"), &created.to_string()),
+                        sse(Some("response.output_item.added"), &item.to_string()),
+                        sse(Some("response.content_part.added"), &part.to_string()),
+                    ],
                     vec![sse(Some(end), &done.to_string())],
                 )
             }
@@ -342,7 +352,7 @@ impl Ask {
             ),
             Provider::Responses => sse(
                 Some("response.output_text.delta"),
-                &json!({"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": piece}).to_string(),
+                &json!({"type": "response.output_text.delta", "item_id": "msg_mock", "output_index": 0, "content_index": 0, "delta": piece}).to_string(),
             ),
             Provider::Anthropic => sse(
                 Some("content_block_delta"),
