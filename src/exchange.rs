@@ -22,7 +22,7 @@ use crate::reserve::{Rule, TrimPlan};
 use crate::response::{OnChunk, Response, Slice};
 use crate::strip::Stripper;
 use crate::usage::Count;
-use crate::usage::{abandoned, settle, Basis, Charge, Observed, UsageScanner};
+use crate::usage::{abandoned, is_encoded, settle, Basis, Charge, Observed, UsageScanner};
 use wire::Amount;
 
 /// What happened, for the shell's metrics.
@@ -783,15 +783,15 @@ impl Exchange {
         }
         let ok = (200..300).contains(&head.status);
         let scanner = ok.then(|| UsageScanner::new(head.encoding.as_deref()));
-        let stripper = (ok && self.injected && head.event_stream && head.encoding.is_none())
-            .then(Stripper::new);
+        let plain = !is_encoded(head.encoding.as_deref());
+        let stripper = (ok && self.injected && head.event_stream && plain).then(Stripper::new);
         // What the stream may cost: what the check took for it plus what it reported left.
         // Only a stream labelled as one is cut (its length then changes).
         let watched = (config.stream_cutoff || spend.trim.is_some())
             && config.count != Count::Prompt
             && ok
             && head.event_stream
-            && head.encoding.is_none();
+            && plain;
         let cutoff = watched.then(|| {
             let allowance = Allowance {
                 tokens: quota.as_ref().map_or(u64::MAX, |q| {
@@ -1241,11 +1241,13 @@ mod tests {
         x.edited(&edit);
         x.dispatched(1);
         x.answered(&c, Some(200), &allowed(), 0, 0);
+        // `identity` is no encoding: the stream is read and stripped as a plain one.
         let plan = x.response_headers(
             &c,
             ResponseHead {
                 status: 200,
                 event_stream: true,
+                encoding: Some(" Identity ".into()),
                 ..ResponseHead::default()
             },
         );

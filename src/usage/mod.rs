@@ -8,7 +8,7 @@ mod sse;
 
 pub use fields::{Iterations, Observed, Usage, UsageFields};
 pub use json::{parse_count, JsonScanner};
-pub use scanner::{BodyFormat, UsageScanner};
+pub use scanner::{is_encoded, BodyFormat, UsageScanner};
 pub use sse::SseParser;
 
 /// Which tokens a request is charged.

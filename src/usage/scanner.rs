@@ -26,6 +26,15 @@ enum Mode {
     Opaque,
 }
 
+/// Whether a body with this `content-encoding` is compressed (`identity` and an empty value
+/// are not).
+pub fn is_encoded(content_encoding: Option<&str>) -> bool {
+    content_encoding.is_some_and(|e| {
+        let e = e.trim();
+        !e.is_empty() && !e.eq_ignore_ascii_case("identity")
+    })
+}
+
 /// See the module documentation.
 pub struct UsageScanner {
     mode: Mode,
@@ -35,11 +44,7 @@ pub struct UsageScanner {
 impl UsageScanner {
     /// A scanner for a response with this `content-encoding`.
     pub fn new(content_encoding: Option<&str>) -> UsageScanner {
-        let encoded = content_encoding.is_some_and(|e| {
-            let e = e.trim();
-            !e.is_empty() && !e.eq_ignore_ascii_case("identity")
-        });
-        let mode = if encoded {
+        let mode = if is_encoded(content_encoding) {
             Mode::Opaque
         } else {
             Mode::Undecided
