@@ -409,9 +409,26 @@ impl Exchange {
             consumer_header: &config.consumer_header,
             properties,
         };
-        let descriptors = descriptors(&config.limits, &view);
+        let mut descriptors = descriptors(&config.limits, &view);
         let path = request_path(&headers);
         let api = Api::of(&path);
+        let request_model = || {
+            path_model(&path)
+                .map(str::to_string)
+                .or_else(|| facts.as_ref().and_then(|f| f.model.clone()))
+        };
+        // Only shadow limits count money and the model has no price: they cannot count this
+        // request, and never refuse it.
+        let money = descriptors.iter().filter(|d| d.currency.is_some());
+        if let Some(prices) = &config.prices {
+            if money.clone().count() > 0
+                && money.clone().all(|d| d.shadow)
+                && prices.price(None, request_model().as_deref()).is_none()
+            {
+                self.events.push(Event::Unpriced);
+                descriptors.retain(|d| d.currency.is_none());
+            }
+        }
         let held = body.map(|(bytes, size)| (bytes, size, inject));
         self.held = body.map(|(_, size)| size);
         if descriptors.is_empty() {
@@ -444,9 +461,7 @@ impl Exchange {
             .as_ref()
             .filter(|_| descriptors.iter().any(|d| d.currency.is_some()))
         {
-            let request_model = path_model(&path)
-                .map(str::to_string)
-                .or_else(|| facts.as_ref().and_then(|f| f.model.clone()));
+            let request_model = request_model();
             let Some(price) = prices.price(None, request_model.as_deref()) else {
                 self.events.push(Event::Unpriced);
                 return (
@@ -596,11 +611,23 @@ impl Exchange {
         now_ms: u64,
         offset_ms: i64,
     ) -> Resolution {
-        let State::Checking { spend, .. } = std::mem::replace(&mut self.state, State::Passthrough)
+        let State::Checking { mut spend, .. } =
+            std::mem::replace(&mut self.state, State::Passthrough)
         else {
             return Resolution::default();
         };
-        let verdict = config.service.protocol.wire().read_check(status, body);
+        let mut verdict = config.service.protocol.wire().read_check(status, body);
+        // A service that does not know shadow limits (an older one) may deny by one: the
+        // request is admitted, nothing was taken, and its figures are not this request's.
+        if let Ok(v) = verdict.as_mut() {
+            let shadow = |n: &String| config.limits.iter().any(|l| l.shadow && &l.name == n);
+            if let Some(name) = v.denied_by.clone().filter(|n| !v.allowed && shadow(n)) {
+                v.allowed = true;
+                v.shadow_denied.push(name);
+                (v.quota, v.spend, v.reserved_at_ms, v.granted) = (None, None, None, None);
+                spend.reserved = Amount::ZERO;
+            }
+        }
         let service_time_ms = verdict.as_ref().ok().and_then(|v| v.reserved_at_ms);
         let mut resolution = match verdict {
             Ok(verdict) if verdict.allowed => {
@@ -717,9 +744,14 @@ impl Exchange {
                 ..spend
             }
         };
-        let mode = match kind {
-            CheckFailure::Rejected => None,
-            _ => Some(config.service.failure_mode),
+        // Shadow limits alone never refuse a request, the service's failure included.
+        let mode = if spend.descriptors.iter().all(|d| d.shadow) {
+            Some(FailureMode::Allow)
+        } else {
+            match kind {
+                CheckFailure::Rejected => None,
+                _ => Some(config.service.failure_mode),
+            }
         };
         match mode {
             Some(FailureMode::Allow) => {
@@ -1345,5 +1377,71 @@ mod tests {
             "{check:?}"
         );
         assert!(x.take_events().contains(&Event::Unpriced));
+    }
+
+    fn shadow_config(extra: serde_json::Value) -> Config {
+        let mut c = json!({
+            "service": {"cluster": "rl", "failure_mode": "deny"},
+            "limits": [{"name": "next", "key": "{{request.headers.x-user}}", "tokens": 10, "window": "1h", "mode": "shadow"}]
+        });
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        Config::parse(c.to_string().as_bytes()).unwrap()
+    }
+
+    /// Shadow limits alone never refuse a request: not when the service fails, not when it
+    /// refuses the check, not when it (an older one) denies by one of them.
+    #[test]
+    fn shadow_limits_alone_never_refuse() {
+        let c = shadow_config(json!({}));
+        for failure in [CheckFailure::Timeout, CheckFailure::Rejected] {
+            let mut x = checking(&c, "ann");
+            let r = x.failed(&c, failure, 0);
+            assert!(r.resume && r.reply.is_none(), "{failure:?}");
+        }
+        let mut x = checking(&c, "ann");
+        let denied = json!({"allowed": false, "denied_by": "next", "retry_after_ms": 5,
+            "limits": [{"limit": "next", "value": "ann", "tokens": 10, "window_s": 3600, "remaining": 0, "reset_ms": 5}]});
+        let r = x.answered(&c, Some(200), denied.to_string().as_bytes(), 0, 0);
+        assert!(r.resume && r.reply.is_none());
+        let plan = respond(&mut x, &c, b"{}");
+        assert!(plan
+            .set_headers
+            .contains(&("x-ratelimit-shadow-denied", "next".to_string())));
+        assert!(
+            !plan
+                .set_headers
+                .iter()
+                .any(|(k, _)| k.starts_with("x-ratelimit-remaining")),
+            "a shadow limit's figures are not the request's"
+        );
+    }
+
+    /// A shadow limit in money cannot price an unpriced model: it does not count the request,
+    /// and never refuses it.
+    #[test]
+    fn a_shadow_limit_in_money_never_refuses_an_unpriced_model() {
+        let c = shadow_config(json!({
+            "prices": {"currency": "USD", "models": [{"model": "gpt-4o", "input": "1", "output": "1"}]},
+            "limits": [
+                {"name": "user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"},
+                {"name": "spend", "key": "{{request.headers.x-user}}", "unit": "cost", "budget": "1", "window": "1h", "mode": "shadow"}
+            ]
+        }));
+        let mut x = Exchange::default();
+        x.request_headers(&c, headers("ann"), true);
+        let (check, _) = x.check(&c, &NoProperties, None, || None, 0);
+        let Check::Dispatch(call) = check else {
+            panic!("refused: {check:?}");
+        };
+        let body = match call {
+            Outbound::Http(call) => String::from_utf8(call.body.unwrap()).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            body.contains("\"user\"") && !body.contains("\"spend\""),
+            "{body}"
+        );
     }
 }

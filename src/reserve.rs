@@ -78,12 +78,12 @@ fn output_cap(rule: Rule, body: Option<(&BodyFacts, Api)>) -> u64 {
 
 /// The largest budget among the descriptors in money (`money`) or in tokens, when every one
 /// of them carries its rates (a larger reserve could not be admitted any sooner, and would
-/// only deepen the debt).
+/// only deepen the debt). Shadow limits never decide, so they bound nothing.
 fn largest_budget(descriptors: &[Descriptor], money: bool) -> Option<u64> {
     let of_unit = || {
         descriptors
             .iter()
-            .filter(move |d| d.currency.is_some() == money)
+            .filter(move |d| !d.shadow && d.currency.is_some() == money)
     };
     if of_unit().any(|d| d.rates.is_empty()) {
         return None;
@@ -403,6 +403,25 @@ mod tests {
         );
         assert_eq!(
             tokens(Reserve::Tokens(50_000), u64::MAX, None, &plugin_owned),
+            1000
+        );
+        // A shadow limit bounds nothing: the enforced limit's budget is the bound.
+        let shadow = Descriptor {
+            shadow: true,
+            ..d(&[1_000_000])
+        };
+        assert_eq!(r(u64::MAX, &[d(&[1000]), shadow.clone()]), 1000);
+        assert_eq!(
+            r(
+                u64::MAX,
+                &[
+                    d(&[1000]),
+                    Descriptor {
+                        rates: vec![],
+                        ..shadow
+                    }
+                ]
+            ),
             1000
         );
         // The output each choice may produce within the reservation.

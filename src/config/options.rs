@@ -138,6 +138,11 @@ impl Options {
                     "\"shadow\" needs protocol \"v1\": the asm answer names no limit, and under envoy-rls the engine decides (envoyproxy/ratelimit has `shadow_mode: true` on a descriptor in its own configuration; Limitador has none)",
                 ));
             }
+            if limit.shadow && matches!(limit.rates, crate::limits::LimitRates::ServiceOwned) {
+                return Err(path.field("limits").index(i).field("mode").error(
+                    "\"shadow\" needs the limit's own rates (`tokens` and `window`, `rates` or `values`): the service's rules decide a limit without them",
+                ));
+            }
             if limit.currency.is_none() {
                 continue;
             }

@@ -160,7 +160,8 @@ impl Limiter {
                 shared: d.shared,
             },
             meters,
-            shadow: d.shadow,
+            // Only a limit with its own rates may be a shadow one: the rules' limits decide.
+            shadow: d.shadow && !d.rates.is_empty(),
         }))
     }
 
@@ -257,18 +258,21 @@ impl Limiter {
                 }
             }
         }
+        // Shadow denials are of admitted checks only (a denied one was refused anyway).
         let mut shadow_denied: Vec<String> = Vec::new();
-        for ((d, _), _) in planned
-            .iter()
-            .zip(&outcome.shadow_denied)
-            .filter(|(_, denied)| **denied)
-        {
-            if !shadow_denied.contains(&d.limit) {
-                shadow_denied.push(d.limit.clone());
+        if outcome.allowed {
+            for ((d, _), _) in planned
+                .iter()
+                .zip(&outcome.shadow_denied)
+                .filter(|(_, denied)| **denied)
+            {
+                if !shadow_denied.contains(&d.limit) {
+                    shadow_denied.push(d.limit.clone());
+                }
             }
         }
         if !shadow_denied.is_empty() {
-            self.record_shadow_denials(&planned, &outcome, reserve);
+            self.record_shadow_denials(&planned, &outcome, taken, &shadow_denied);
         }
         if outcome.allowed {
             inc(&self.metrics.checks_allowed);
@@ -309,7 +313,12 @@ impl Limiter {
         planned: &[(&Descriptor, Plan)],
         outcome: &CheckOutcome,
         reserve: Amount,
+        limits: &[String],
     ) {
+        // Counted once per limit and check, as the plugin counts it.
+        for limit in limits {
+            self.metrics.shadow_denied(limit);
+        }
         let denied = planned
             .iter()
             .zip(&outcome.statuses)
@@ -317,10 +326,10 @@ impl Limiter {
             .filter(|(_, denied)| **denied)
             .map(|(pair, _)| pair);
         for ((d, plan), statuses) in denied {
-            self.metrics.shadow_denied(&d.limit);
+            // Debug formatting: a key value cannot forge a log line.
             tracing::info!(
-                limit = %d.limit,
-                value = %board::bounded(&d.value),
+                limit = ?d.limit,
+                value = ?board::bounded(&d.value),
                 "shadow limit would have denied"
             );
             if let Some(denial) = self.denial(d, plan, statuses, reserve) {

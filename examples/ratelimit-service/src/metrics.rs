@@ -61,6 +61,15 @@ pub struct Metrics {
 /// The most (limit, currency) series of the spend counters; more are summed under `limit=""`.
 pub const MAX_SPEND_SERIES: usize = 1000;
 
+/// A label value as the Prometheus text format writes it: a backslash, a quote or a line feed
+/// in a limit name sent by any caller cannot end the label or the line.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 pub fn inc(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
 }
@@ -221,7 +230,7 @@ impl Metrics {
                 spend
                     .iter()
                     .map(|((limit, currency), v)| {
-                        let limit = limit.replace('\\', "\\\\").replace('"', "\\\"");
+                        let (limit, currency) = (label(limit), label(currency));
                         (
                             format!("{{limit=\"{limit}\",currency=\"{currency}\"}}"),
                             pick(v),
@@ -250,10 +259,7 @@ impl Metrics {
             let denied = self.shadow_denied.lock().unwrap_or_else(|p| p.into_inner());
             let labels: Vec<(String, u64)> = denied
                 .iter()
-                .map(|(limit, n)| {
-                    let limit = limit.replace('\\', "\\\\").replace('"', "\\\"");
-                    (format!("{{limit=\"{limit}\"}}"), *n)
-                })
+                .map(|(limit, n)| (format!("{{limit=\"{}\"}}", label(limit)), *n))
                 .collect();
             let lines: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
             family(
@@ -304,5 +310,25 @@ impl Metrics {
         );
         let _ = writeln!(out, "ratelimit_check_duration_seconds_count {count}");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A limit name is any caller's: it cannot end a label or a line of the exposition.
+    #[test]
+    fn label_values_cannot_break_the_text_format() {
+        let m = Metrics::default();
+        m.shadow_denied("a\"}\nratelimit_fake 1\\");
+        m.spent("b\nc", "USD", 5);
+        let text = m.render("memory", None);
+        assert!(!text.lines().any(|l| l.starts_with("ratelimit_fake")), "{text}");
+        assert!(
+            text.contains(r#"ratelimit_shadow_denied_total{limit="a\"}\nratelimit_fake 1\\"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"{limit="b\nc",currency="USD"} 5"#), "{text}");
     }
 }
