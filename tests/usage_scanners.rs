@@ -190,7 +190,9 @@ fn a_multi_megabyte_event_is_scanned_in_constant_memory() {
     s.finish();
     assert_eq!(s.fields().total, Some(3));
     assert_eq!(s.text_bytes(), 64 * 64 * 1024);
-    assert!(std::mem::size_of::<UsageScanner>() < 512);
+    // Fixed, whatever the input: the key, model, tier and response id it keeps, a few hundred
+    // bytes.
+    assert!(std::mem::size_of::<UsageScanner>() < 640);
 }
 
 /// Each provider's real response shape, priced: by the model the response names (the dated

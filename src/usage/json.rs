@@ -60,7 +60,7 @@ enum Holder {
 const TIER: usize = 24;
 
 /// Longest response id kept (OpenAI's `resp_…` ids are about 50 bytes).
-const ID: usize = 96;
+const ID: usize = 64;
 
 /// Longest model name kept (Bedrock's `anthropic.claude-3-5-sonnet-20240620-v1:0` is 41).
 const MODEL: usize = 80;
@@ -216,7 +216,7 @@ impl JsonScanner {
             .filter(|m| !m.is_empty())
     }
 
-    /// The response's id, if it fits in 96 bytes.
+    /// The response's id, if it fits in 64 bytes.
     pub fn response_id(&self) -> Option<&str> {
         self.id_text
             .get()

@@ -324,11 +324,17 @@ mod tests {
         m.shadow_denied("a\"}\nratelimit_fake 1\\");
         m.spent("b\nc", "USD", 5);
         let text = m.render("memory", None);
-        assert!(!text.lines().any(|l| l.starts_with("ratelimit_fake")), "{text}");
+        assert!(
+            !text.lines().any(|l| l.starts_with("ratelimit_fake")),
+            "{text}"
+        );
         assert!(
             text.contains(r#"ratelimit_shadow_denied_total{limit="a\"}\nratelimit_fake 1\\"} 1"#),
             "{text}"
         );
-        assert!(text.contains(r#"{limit="b\nc",currency="USD"} 5"#), "{text}");
+        assert!(
+            text.contains(r#"{limit="b\nc",currency="USD"} 5"#),
+            "{text}"
+        );
     }
 }
