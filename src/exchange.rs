@@ -885,12 +885,13 @@ impl Exchange {
             return None;
         };
         let allowance = r.cutoff.as_ref().map(Cutoff::allowance);
-        let (status, tier) = (r.status, r.tier_header.clone());
+        // The tier is read only to price a watched stream.
+        let (status, tier) = (r.status, r.cutoff.as_ref().and(r.tier_header.clone()));
         let seen = r.see(slice, now_ms, |scanner| {
             // Priced as the stream would be charged if it ended here (the prompt as reported,
             // else estimated from the body's size), so a cut stream's charge is bounded.
             let held = request_bytes;
-            let (charge, cost) = charge_now(
+            let (charge, cost) = charge(
                 config,
                 spend,
                 scanner,
@@ -898,6 +899,7 @@ impl Exchange {
                 tier.as_deref(),
                 held,
                 unreadable,
+                false,
             );
             allowance.is_some_and(|a| a.passed_by(charge.tokens, cost))
         });
@@ -909,7 +911,7 @@ impl Exchange {
         let ending = match (seen, r.scanner.as_ref()) {
             (Slice::End { .. }, Some(scanner)) => {
                 self.events.push(Event::StreamCut);
-                let (charge, _) = charge_now(
+                let (charge, _) = charge(
                     config,
                     spend,
                     scanner,
@@ -917,6 +919,7 @@ impl Exchange {
                     tier.as_deref(),
                     request_bytes,
                     unreadable,
+                    false,
                 );
                 let request_model = spend
                     .priced
@@ -1044,28 +1047,6 @@ fn charge(
     let charge = settle(config.count, on_missing, &seen);
     let cost = price(config, spend, Some(scanner), tier, &charge);
     (charge, cost)
-}
-
-/// What a stream would be charged if it ended now.
-fn charge_now(
-    config: &Config,
-    spend: &Spend,
-    scanner: &UsageScanner,
-    status: u32,
-    tier: Option<&str>,
-    request_bytes: Option<u64>,
-    unreadable_body: bool,
-) -> (Charge, u64) {
-    charge(
-        config,
-        spend,
-        scanner,
-        status,
-        tier,
-        request_bytes,
-        unreadable_body,
-        false,
-    )
 }
 
 /// What `charge` costs, in micro units: priced by the model the response names when the table
