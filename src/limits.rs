@@ -78,6 +78,8 @@ pub struct Limit {
     pub engine_window_s: Option<u64>,
     /// `"mode": "shadow"`: checked and counted exactly, never denies.
     pub shadow: bool,
+    /// Fractions of the budget at which the service raises alerts.
+    pub alerts: Vec<wire::Threshold>,
 }
 
 impl Limit {
@@ -130,6 +132,7 @@ impl Limit {
             shared,
             currency: self.currency.clone(),
             shadow: self.shadow,
+            alerts: self.alerts.clone(),
         })
     }
 }
@@ -247,6 +250,7 @@ mod tests {
             deny_status: None,
             engine_window_s: None,
             shadow: false,
+            alerts: Vec::new(),
         }
     }
 
@@ -343,6 +347,7 @@ mod tests {
             deny_status: None,
             engine_window_s: None,
             shadow: false,
+            alerts: Vec::new(),
         };
         let long_a: &'static str = Box::leak(format!("é{}", "a".repeat(5000)).into_boxed_str());
         let long_b: &'static str = Box::leak(format!("é{}b", "a".repeat(4999)).into_boxed_str());
@@ -369,6 +374,7 @@ mod tests {
             deny_status: None,
             engine_window_s: None,
             shadow: false,
+            alerts: Vec::new(),
         };
         struct Headers;
         impl AttributeSource for Headers {
@@ -408,6 +414,7 @@ mod tests {
             deny_status: None,
             engine_window_s: None,
             shadow: false,
+            alerts: Vec::new(),
         };
         let d = one(&l, &Key(Some("regular-user"))).unwrap();
         assert_eq!(

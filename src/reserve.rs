@@ -247,6 +247,7 @@ mod tests {
             shared: false,
             currency: None,
             shadow: false,
+            alerts: Vec::new(),
         }
     }
 

@@ -143,6 +143,18 @@ impl Options {
                     "\"shadow\" needs the limit's own rates (`tokens` and `window`, `rates` or `values`): the service's rules decide a limit without them",
                 ));
             }
+            if !limit.alerts.is_empty() && protocol != Protocol::V1 {
+                return Err(path.field("limits").index(i).field("alerts").error(
+                    "needs protocol \"v1\": alerts are raised by the llm-token-ratelimit service, which the asm and envoy-rls protocols do not reach with a limit's thresholds",
+                ));
+            }
+            if !limit.alerts.is_empty()
+                && matches!(limit.rates, crate::limits::LimitRates::ServiceOwned)
+            {
+                return Err(path.field("limits").index(i).field("alerts").error(
+                    "needs the limit's own rates (`tokens` and `window`, `rates` or `values`): alerts are fractions of a budget the limit states",
+                ));
+            }
             if limit.currency.is_none() {
                 continue;
             }

@@ -59,6 +59,8 @@ pub struct Plan {
     pub meters: Vec<Meter>,
     /// A shadow limit's counter: charged as every other, but it never denies nor trims.
     pub shadow: bool,
+    /// Fractions of the budget at which a report raises an alert, ascending, no two alike.
+    pub alerts: Vec<wire::Threshold>,
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! `server` speaks HTTP, `limiter` decides, `store` keeps counters using the algorithms of
 //! `meter`; `settings` turns flags and environment into a running configuration.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod calendar;
@@ -37,7 +38,8 @@ pub fn app(settings: &Settings, clock: Clock) -> AppState {
         )),
     };
     AppState::new(
-        Limiter::new(store, settings.rules.clone(), clock, settings.sliding),
+        Limiter::new(store, settings.rules.clone(), clock, settings.sliding)
+            .alerting(settings.alert_webhook.clone()),
         auth::Access::new(&settings.api_keys, settings.admin_token.as_deref()),
     )
 }

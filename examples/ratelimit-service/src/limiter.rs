@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use crate::alerts::{Alerts, Raised, Webhook};
 use crate::api::*;
 use crate::calendar;
 use crate::clock::Clock;
@@ -13,7 +14,7 @@ use crate::meter::{counted, Meter, Money, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
 use crate::store::sources::Mark;
-use crate::store::{Applied, CheckOutcome, Settlement, Store, StoreError};
+use crate::store::{Applied, CheckOutcome, Crossing, Settlement, Store, StoreError};
 
 /// Why a request got no decision.
 #[derive(Debug)]
@@ -42,6 +43,8 @@ pub struct Limiter {
     /// Redis's clock less this limiter's, as the last script answer showed it: calendar periods
     /// are planned at Redis's time, the one the store counts on.
     redis_offset_ms: std::sync::atomic::AtomicI64,
+    /// Where alerts raised by reports go (besides the metrics, the log and the console).
+    alerts: Alerts,
 }
 
 impl Limiter {
@@ -54,7 +57,15 @@ impl Limiter {
             metrics: Metrics::default(),
             sliding,
             redis_offset_ms: std::sync::atomic::AtomicI64::new(0),
+            alerts: Alerts::new(None, Default::default()),
         }
+    }
+
+    /// Posts the alerts reports raise to `webhook` (without one they are counted, logged and
+    /// shown on the console only).
+    pub fn alerting(mut self, webhook: Option<Webhook>) -> Limiter {
+        self.alerts = Alerts::new(webhook, self.metrics.alert_deliveries.clone());
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -162,6 +173,15 @@ impl Limiter {
             meters,
             // Only a limit with its own rates may be a shadow one: the rules' limits decide.
             shadow: d.shadow && !d.rates.is_empty(),
+            // Alerts are fractions of a budget the descriptor states.
+            alerts: if d.rates.is_empty() {
+                Vec::new()
+            } else {
+                let mut alerts = d.alerts.clone();
+                alerts.sort();
+                alerts.dedup();
+                alerts
+            },
         }))
     }
 
@@ -379,7 +399,8 @@ impl Limiter {
                 Err(e) => Err(e),
             };
             let result = match applied {
-                Ok((Applied::Yes, settlement)) => {
+                Ok(((Applied::Yes, crossings), settlement)) => {
+                    self.raise(&planned, &crossings);
                     inc(&self.metrics.reports_accepted);
                     let (tokens, micros) = settlement.net();
                     self.metrics.charged(tokens);
@@ -388,12 +409,12 @@ impl Limiter {
                     answer.accepted += 1;
                     ReportResult::of(Outcome::Applied)
                 }
-                Ok((Applied::Duplicate, _)) => {
+                Ok(((Applied::Duplicate, _), _)) => {
                     inc(&self.metrics.reports_duplicate);
                     answer.duplicates += 1;
                     ReportResult::of(Outcome::Duplicate)
                 }
-                Ok((Applied::Stale, _)) => {
+                Ok(((Applied::Stale, _), _)) => {
                     inc(&self.metrics.reports_rejected);
                     let why = format!(
                         "reports[{i}].id is older than the last {} ids of its source",
@@ -432,10 +453,14 @@ impl Limiter {
         planned: &[(&Descriptor, Plan)],
         settlement: &Settlement,
         planned_at: i64,
-    ) -> Result<Applied, StoreError> {
+    ) -> Result<(Applied, Vec<Crossing>), StoreError> {
         let plans: Vec<Plan> = planned.iter().map(|(_, p)| p.clone()).collect();
         let now = self.store_now(planned_at);
-        match self.store.settle(id, &plans, settlement, now).await {
+        match self
+            .store
+            .settle_report(id, &plans, settlement, now, true)
+            .await
+        {
             // Only a report with an id is settled again: the groups that settled the first
             // time know it and count the retry as a duplicate.
             Err(StoreError::Replan(at)) if id.is_some() => {
@@ -444,7 +469,9 @@ impl Limiter {
                     .plans(ds, at)
                     .map_err(|BadRequest(why)| StoreError::Unavailable(why))?;
                 let plans: Vec<Plan> = again.into_iter().map(|(_, p)| p).collect();
-                self.store.settle(id, &plans, settlement, now).await
+                self.store
+                    .settle_report(id, &plans, settlement, now, true)
+                    .await
             }
             other => other,
         }
@@ -486,6 +513,7 @@ impl Limiter {
                     },
                     meters: vec![meter],
                     shadow: false,
+                    alerts: Vec::new(),
                 })
             })
             .collect()
@@ -574,6 +602,7 @@ impl Limiter {
             id: id.clone(),
             meters: Vec::new(),
             shadow: false,
+            alerts: Vec::new(),
         };
         let meters = self
             .store
@@ -584,6 +613,50 @@ impl Limiter {
             .iter()
             .map(|(m, st)| limit_status(&id, m, st, None))
             .collect())
+    }
+
+    /// Raises the alerts a report's settlement reached: counted, logged, on the console, and
+    /// queued for the webhook; never waits.
+    fn raise(&self, planned: &[(&Descriptor, Plan)], crossings: &[Crossing]) {
+        let now_ms = self.clock.now_ms();
+        for c in crossings {
+            let Some(((d, plan), meter)) = planned
+                .get(c.plan)
+                .and_then(|p| Some((p, p.1.meters.get(c.meter)?)))
+            else {
+                continue;
+            };
+            let field = meter.field();
+            for threshold in &c.thresholds {
+                let raised = Raised {
+                    limit: &d.limit,
+                    key: &d.value,
+                    shared: plan.id.shared,
+                    meter: &field,
+                    threshold: *threshold,
+                    used: c.used,
+                    budget: c.budget,
+                    currency: d.currency.as_deref().filter(|_| meter.money().is_some()),
+                    window: c.window,
+                    now_ms,
+                };
+                let alert = raised.alert();
+                self.metrics
+                    .alerted(&d.limit, &threshold.fraction().to_string());
+                // Debug formatting: a key value cannot forge a log line.
+                tracing::info!(
+                    limit = ?d.limit,
+                    value = ?board::bounded(&d.value),
+                    threshold = threshold.fraction(),
+                    used = c.used,
+                    budget = c.budget,
+                    "alert threshold reached"
+                );
+                self.insights
+                    .record(ConsoleEvent::Alerted(board::AlertNote::of(&alert)));
+                self.alerts.send(alert);
+            }
+        }
     }
 
     /// Hands the console what a check or a batch of reports did; never waits on it.
@@ -666,6 +739,7 @@ impl Limiter {
             },
             meters: Vec::new(),
             shadow: false,
+            alerts: Vec::new(),
         };
         let grant = grant.map(|g| g.min(MAX_AMOUNT) as i64);
         self.store

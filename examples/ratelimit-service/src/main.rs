@@ -42,6 +42,14 @@ async fn main() -> std::process::ExitCode {
     };
     let state = Arc::new(app(&settings, clock));
     spawn_sweeper(&state);
+    if let Some(hook) = &settings.alert_webhook {
+        tracing::info!(
+            "posting alerts to {} ({} attempts, {})",
+            hook.origin(),
+            hook.attempts,
+            if hook.secret.is_some() { "signed" } else { "unsigned" }
+        );
+    }
     tracing::info!(
         "listening on {} (store: {}, {} service-owned rule(s), {} windows)",
         listener

@@ -341,6 +341,36 @@ impl Meter {
         }
     }
 
+    /// What the meter has spent at `now` (state advanced), not clamped to its budget: a report
+    /// beyond its reservation may carry it past. `None` for a bucket, which holds no spend.
+    pub fn used(&self, s: &State, now: i64) -> Option<i64> {
+        match *self {
+            Meter::Window {
+                window_ms: w,
+                sliding,
+                ..
+            } => Some(window_used(s, (now - s[0]).clamp(0, w), w, sliding)),
+            Meter::Calendar { .. } => Some(if now >= s[2] { 0 } else { s[1].max(0) }),
+            Meter::Bucket { .. } => None,
+        }
+    }
+
+    /// The window an alert is raised once in, `[start, end)` at `now`: a calendar period, or
+    /// the fixed window of the rate's length that holds `now` (for a sliding window too, so an
+    /// alert comes at most once per window length). `None` for a bucket.
+    pub fn alert_window(&self, now: i64) -> Option<(i64, i64)> {
+        match *self {
+            Meter::Window { window_ms, .. } => {
+                let start = now - now.rem_euclid(window_ms);
+                Some((start, start + window_ms))
+            }
+            Meter::Calendar {
+                start_ms, end_ms, ..
+            } => Some((start_ms, end_ms)),
+            Meter::Bucket { .. } => None,
+        }
+    }
+
     /// Spends `delta` tokens now (negative refunds, for a reservation taken in this window).
     pub fn charge(&self, s: &mut State, delta: i64) {
         match self {

@@ -53,6 +53,10 @@ pub struct Metrics {
     /// Checks a shadow limit would have denied, per limit; at most [`MAX_SPEND_SERIES`]
     /// series, more summed under `limit=""`.
     shadow_denied: Mutex<BTreeMap<String, u64>>,
+    /// Alerts raised, per (limit, threshold); at most [`MAX_SPEND_SERIES`] series.
+    alerts: Mutex<BTreeMap<(String, String), u64>>,
+    /// What the webhook sender did with them (shared with it).
+    pub alert_deliveries: std::sync::Arc<crate::alerts::Deliveries>,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -119,6 +123,16 @@ impl Metrics {
             key = String::new();
         }
         *denied.entry(key).or_default() += 1;
+    }
+
+    /// A report brought a limit to an alert threshold (`threshold`: the fraction, e.g. `0.8`).
+    pub fn alerted(&self, limit: &str, threshold: &str) {
+        let mut alerts = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut key = (limit.to_string(), threshold.to_string());
+        if !alerts.contains_key(&key) && alerts.len() >= MAX_SPEND_SERIES {
+            key.0 = String::new();
+        }
+        *alerts.entry(key).or_default() += 1;
     }
 
     /// The Prometheus text; `memory`: the memory store's (counters, evictions, sources).
@@ -267,6 +281,44 @@ impl Metrics {
                 "Checks a shadow limit (\"mode\": \"shadow\") would have denied, per limit; they were not denied.",
                 "counter",
                 &lines,
+            );
+        }
+        {
+            let alerts = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+            let labels: Vec<(String, u64)> = alerts
+                .iter()
+                .map(|((limit, threshold), n)| {
+                    let labels = format!(
+                        "{{limit=\"{}\",threshold=\"{}\"}}",
+                        label(limit),
+                        label(threshold)
+                    );
+                    (labels, *n)
+                })
+                .collect();
+            let lines: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+            family(
+                "ratelimit_alerts_total",
+                "Alert thresholds reached, per limit and threshold: each once per key and window, on the replica whose report reached it.",
+                "counter",
+                &lines,
+            );
+            let d = &self.alert_deliveries;
+            family(
+                "ratelimit_alert_deliveries_total",
+                "Alerts posted to --alert-webhook: sent (2xx), failed (every attempt failed, or refused with a 4xx), dropped (the sender's queue was full).",
+                "counter",
+                &[
+                    ("{outcome=\"sent\"}", d.sent.load(Relaxed)),
+                    ("{outcome=\"failed\"}", d.failed.load(Relaxed)),
+                    ("{outcome=\"dropped\"}", d.dropped.load(Relaxed)),
+                ],
+            );
+            family(
+                "ratelimit_alert_retries_total",
+                "Posts of an alert retried after a failure (no answer, a timeout, 5xx, 408 or 429).",
+                "counter",
+                &[("", d.retries.load(Relaxed))],
             );
         }
         if let Some((counters, evicted, sources)) = memory {

@@ -275,6 +275,7 @@ enum Endpoint {
     Overview,
     Top,
     Denials,
+    Alerts,
     Search,
     Admin,
     Clock,
@@ -310,6 +311,7 @@ const ROUTES: &[(&str, Method, Need, Endpoint)] = &[
         Need::Read,
         Endpoint::Denials,
     ),
+    ("/v1/console/alerts", Method::GET, Need::Read, Endpoint::Alerts),
     (
         "/v1/console/search",
         Method::GET,
@@ -460,6 +462,7 @@ async fn route(state: &AppState, body_timeout: Duration, req: Request<Incoming>)
             answer(crate::console::top(state, k.as_deref()).await)
         }
         Endpoint::Denials => answer(crate::console::denials(state).await),
+        Endpoint::Alerts => answer(crate::console::alerts(state).await),
         Endpoint::Search => {
             let value = query_param(&req, "value");
             answer(crate::console::search(state, value.as_deref()).await)

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::alerts::Webhook;
 use crate::rules::Rules;
 use crate::store::redis::RedisTarget;
 
@@ -147,6 +148,49 @@ pub struct Cli {
         default_value_t = 4096
     )]
     pub max_connections: usize,
+
+    /// Posts budget alerts (limits with `alerts` in the plugin's config) to this http:// or
+    /// https:// URL as JSON, e.g. a Slack incoming webhook. Without it, alerts are counted,
+    /// logged and shown on the console only.
+    #[arg(
+        long = "alert-webhook",
+        env = "RATELIMIT_ALERT_WEBHOOK",
+        hide_env_values = true
+    )]
+    pub alert_webhook: Option<String>,
+
+    /// Signs every alert: `x-ltr-signature: v1=<hex HMAC-SHA256 of "<x-ltr-timestamp>.<body>">`.
+    #[arg(
+        long = "alert-secret",
+        env = "RATELIMIT_ALERT_SECRET",
+        hide_env_values = true
+    )]
+    pub alert_secret: Option<String>,
+
+    /// Tries per alert, the first included; then it is counted as failed and dropped.
+    #[arg(
+        long = "alert-attempts",
+        env = "RATELIMIT_ALERT_ATTEMPTS",
+        default_value_t = 6
+    )]
+    pub alert_attempts: u32,
+
+    /// Milliseconds before the first retry of an alert; doubled for each further one, up to a
+    /// minute.
+    #[arg(
+        long = "alert-backoff-ms",
+        env = "RATELIMIT_ALERT_BACKOFF_MS",
+        default_value_t = 1000
+    )]
+    pub alert_backoff_ms: u64,
+
+    /// Milliseconds one post of an alert may take.
+    #[arg(
+        long = "alert-timeout-ms",
+        env = "RATELIMIT_ALERT_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub alert_timeout_ms: u64,
 }
 
 /// How connections are bounded: none can hold the service's file descriptors for long
@@ -183,6 +227,8 @@ pub struct Settings {
     pub admin_token: Option<String>,
     pub api_keys: Vec<String>,
     pub connections: ConnectionLimits,
+    /// `--alert-webhook` and how to post to it.
+    pub alert_webhook: Option<Webhook>,
 }
 
 #[derive(Debug)]
@@ -271,7 +317,9 @@ impl Cli {
                     .as_millisecond(),
             ),
         };
+        let alert_webhook = self.webhook()?;
         Ok(Settings {
+            alert_webhook,
             listen: self.listen,
             store,
             rules,
@@ -315,6 +363,40 @@ impl Cli {
                 }
             },
         })
+    }
+}
+
+impl Cli {
+    /// `--alert-webhook` and the flags that shape it, checked.
+    fn webhook(&self) -> Result<Option<Webhook>, String> {
+        let Some(url) = &self.alert_webhook else {
+            if self.alert_secret.is_some() {
+                return Err("--alert-secret signs what --alert-webhook posts: give both".into());
+            }
+            return Ok(None);
+        };
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| format!("--alert-webhook: not a URL ({e})"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err("--alert-webhook must be an http:// or https:// URL with a host".into());
+        }
+        if !(1..=20).contains(&self.alert_attempts) {
+            return Err("--alert-attempts must be between 1 and 20".into());
+        }
+        if self.alert_backoff_ms == 0 || self.alert_timeout_ms == 0 {
+            return Err("--alert-backoff-ms and --alert-timeout-ms must be at least 1".into());
+        }
+        if self.alert_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return Err("--alert-secret must be at least 16 characters".into());
+        }
+        Ok(Some(Webhook {
+            url: uri,
+            secret: self.alert_secret.clone(),
+            attempts: self.alert_attempts,
+            backoff: Duration::from_millis(self.alert_backoff_ms),
+            timeout: Duration::from_millis(self.alert_timeout_ms),
+        }))
     }
 }
 

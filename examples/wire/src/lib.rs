@@ -170,6 +170,63 @@ pub struct Descriptor {
     /// a check it would have denied names it in [`CheckResponse::shadow_denied`].
     #[serde(default, skip_serializing_if = "is_false")]
     pub shadow: bool,
+    /// Fractions of the budget (`[0.5, 0.8, 1.0]`) at which the service raises an alert, once
+    /// per threshold, key and window, when a report brings the counter's use to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<Threshold>,
+}
+
+/// At most this many alert thresholds per limit.
+pub const MAX_ALERTS: usize = 8;
+/// The largest alert threshold, as a fraction of the budget: a soft (shadow) budget may run
+/// far past its budget, and an operator may want to hear of it at 2× or 5×.
+pub const MAX_THRESHOLD: f64 = 10.0;
+
+/// An alert threshold: a fraction of the budget, held in thousandths so that it compares,
+/// hashes and keys exactly (`0.8` is 800). On the wire it is the fraction, a JSON number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Threshold(u32);
+
+impl Threshold {
+    /// The threshold of a fraction in `(0, MAX_THRESHOLD]`, to the nearest thousandth (at
+    /// least 0.001); `None` for anything else.
+    pub fn of(fraction: f64) -> Option<Threshold> {
+        if !(fraction > 0.0 && fraction <= MAX_THRESHOLD) {
+            return None;
+        }
+        Some(Threshold(((fraction * 1000.0).round() as u32).max(1)))
+    }
+
+    /// Thousandths of the budget.
+    pub fn permille(self) -> u32 {
+        self.0
+    }
+
+    pub fn fraction(self) -> f64 {
+        f64::from(self.0) / 1000.0
+    }
+
+    /// Whether `used` of `budget` has reached it (exactly, in integers).
+    pub fn reached(self, used: i64, budget: i64) -> bool {
+        budget > 0 && i128::from(used) * 1000 >= i128::from(budget) * i128::from(self.0)
+    }
+}
+
+impl Serialize for Threshold {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(self.fraction())
+    }
+}
+
+impl<'de> Deserialize<'de> for Threshold {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Threshold, D::Error> {
+        let fraction = f64::deserialize(d)?;
+        Threshold::of(fraction).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "an alert threshold is a fraction of the budget above 0 and at most {MAX_THRESHOLD}, not {fraction}"
+            ))
+        })
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -619,6 +676,9 @@ pub fn validate_descriptors(ds: &[Descriptor], at: &str) -> Result<(), BadReques
         }
         if d.rates.len() > MAX_RATES {
             return Err(BadRequest(format!("{here}.rates: more than {MAX_RATES}")));
+        }
+        if d.alerts.len() > MAX_ALERTS {
+            return Err(BadRequest(format!("{here}.alerts: more than {MAX_ALERTS}")));
         }
         if let Some(c) = &d.currency {
             if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {

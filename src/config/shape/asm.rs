@@ -81,6 +81,7 @@ impl Asm {
                     deny_status: None,
                     engine_window_s: None,
                     shadow: false,
+                    alerts: Vec::new(),
                 })
             },
         )?;

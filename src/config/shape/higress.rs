@@ -389,6 +389,7 @@ impl RuleItem {
             deny_status: None,
             engine_window_s: None,
             shadow: false,
+            alerts: Vec::new(),
         };
         Ok((limit, ip))
     }
@@ -528,6 +529,7 @@ impl Rule {
                 deny_status: None,
                 engine_window_s: None,
                 shadow: false,
+                alerts: Vec::new(),
             });
         }
         let mut ip_source: Option<(Path, ClientIpSource)> = None;

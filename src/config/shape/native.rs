@@ -568,6 +568,10 @@ pub struct LimitSpec {
     /// `x-ratelimit-shadow-denied`. For rolling out a new budget safely.
     #[serde(default)]
     mode: ModeSpec,
+    /// Fractions of the budget (e.g. `[0.5, 0.8, 1.0]`, each above 0 and at most 10) at which
+    /// the service raises an alert (a webhook, a metric, the console), once per threshold, key
+    /// and window. With `"mode": "shadow"`: a soft budget that only alerts.
+    alerts: Option<Vec<f64>>,
 }
 
 /// Whether a limit denies.
@@ -643,8 +647,38 @@ impl LimitSpec {
             deny_status: self.deny_status.map(|s| s.0),
             engine_window_s,
             shadow: self.mode == ModeSpec::Shadow,
+            alerts: match self.alerts {
+                Some(fractions) => thresholds(&fractions, &path.field("alerts"))?,
+                None => Vec::new(),
+            },
         })
     }
+}
+
+/// A limit's alert thresholds, checked: each above 0 and at most [`wire::MAX_THRESHOLD`], no
+/// two alike, at most [`wire::MAX_ALERTS`]; kept in ascending order.
+fn thresholds(fractions: &[f64], path: &Path) -> Result<Vec<wire::Threshold>, ConfigError> {
+    if fractions.is_empty() || fractions.len() > wire::MAX_ALERTS {
+        return Err(path.error(format!(
+            "lists 1 to {} thresholds (fractions of the budget, e.g. [0.5, 0.8, 1.0])",
+            wire::MAX_ALERTS
+        )));
+    }
+    let mut out: Vec<wire::Threshold> = Vec::with_capacity(fractions.len());
+    for (i, f) in fractions.iter().enumerate() {
+        let t = wire::Threshold::of(*f).ok_or_else(|| {
+            path.index(i).error(format!(
+                "is a fraction of the budget above 0 and at most {}",
+                wire::MAX_THRESHOLD
+            ))
+        })?;
+        if out.contains(&t) {
+            return Err(path.index(i).error("repeats a threshold"));
+        }
+        out.push(t);
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Budgets for the key values that match `match`.

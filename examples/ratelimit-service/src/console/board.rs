@@ -14,6 +14,8 @@ pub const TOP_K: usize = 64;
 pub const MAX_LIMITS: usize = 256;
 /// Denials kept, newest first.
 pub const DENIALS: usize = 100;
+/// Alerts the console keeps, newest first.
+pub const ALERTS: usize = 100;
 /// Minutes of history.
 pub const MINUTES: usize = 15;
 /// The longest key value kept in the console's data (longer ones are cut, as the plugin cuts
@@ -134,6 +136,40 @@ pub enum ConsoleEvent {
         used: BTreeMap<(String, String), i64>,
     },
     Denied(Denial),
+    Alerted(AlertNote),
+}
+
+/// An alert raised, as the console lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct AlertNote {
+    pub at_ms: i64,
+    pub limit: String,
+    pub value: String,
+    /// The fraction reached, e.g. `"0.8"`.
+    pub threshold: String,
+    /// Spent and budget, worded (`"8,123 tokens"`, `"412.50 USD"`).
+    pub used: String,
+    pub budget: String,
+    /// The end of the window it was raised in (RFC 3339, UTC).
+    pub window_end: String,
+}
+
+impl AlertNote {
+    pub fn of(a: &crate::alerts::Alert) -> AlertNote {
+        let amount = |n: f64| match &a.currency {
+            Some(c) => format!("{} {c}", wire::format_micros((n * 1e6).round() as u64)),
+            None => format!("{n} tokens"),
+        };
+        AlertNote {
+            at_ms: a.at_ms,
+            limit: a.limit.clone(),
+            value: bounded(&a.key).to_string(),
+            threshold: a.threshold.to_string(),
+            used: amount(a.used),
+            budget: amount(a.budget),
+            window_end: a.window_end.clone(),
+        }
+    }
 }
 
 /// One denied check.
@@ -164,6 +200,7 @@ pub struct Minute {
 pub struct Board {
     top: Mutex<BTreeMap<String, SpaceSaving>>,
     denials: Mutex<VecDeque<Denial>>,
+    alerts: Mutex<VecDeque<AlertNote>>,
     minutes: Mutex<VecDeque<Minute>>,
 }
 
@@ -225,6 +262,17 @@ impl Board {
         d.truncate(DENIALS);
     }
 
+    pub fn alerted(&self, note: AlertNote) {
+        let mut a = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+        a.push_front(note);
+        a.truncate(ALERTS);
+    }
+
+    pub fn alerts(&self) -> Vec<AlertNote> {
+        let a = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+        a.iter().cloned().collect()
+    }
+
     /// The limits seen, and the `n` heaviest keys of each.
     pub fn top(&self, n: usize) -> Ranking {
         let top = self.top.lock().unwrap_or_else(|p| p.into_inner());
@@ -247,6 +295,7 @@ impl Board {
         let top = self.top.lock().unwrap_or_else(|p| p.into_inner());
         top.values().map(SpaceSaving::len).sum::<usize>()
             + self.denials.lock().map_or(0, |d| d.len())
+            + self.alerts.lock().map_or(0, |a| a.len())
             + self.minutes.lock().map_or(0, |m| m.len())
     }
 }

@@ -43,6 +43,7 @@ impl Insights {
                     }
                 }
                 ConsoleEvent::Denied(d) => b.denied(d),
+                ConsoleEvent::Alerted(a) => b.alerted(a),
             },
             Insights::Redis(r) => r.record(event),
         }
@@ -53,6 +54,14 @@ impl Insights {
         match self {
             Insights::Memory(b) => Ok(b.denials()),
             Insights::Redis(r) => r.denials().await,
+        }
+    }
+
+    /// The last alerts raised, newest first.
+    pub async fn alerts(&self) -> Result<Vec<board::AlertNote>, StoreError> {
+        match self {
+            Insights::Memory(b) => Ok(b.alerts()),
+            Insights::Redis(r) => r.alerts().await,
         }
     }
 

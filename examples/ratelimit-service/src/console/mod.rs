@@ -74,6 +74,14 @@ pub async fn denials(state: &AppState) -> Answer {
     }
 }
 
+/// `GET /v1/console/alerts`: the last alerts raised, newest first.
+pub async fn alerts(state: &AppState) -> Answer {
+    match state.limiter().insights().alerts().await {
+        Ok(a) => (StatusCode::OK, serde_json::json!({ "alerts": a })),
+        Err(e) => unavailable(e),
+    }
+}
+
 /// `GET /v1/console/search?value=V`: every meter of V under every limit seen.
 pub async fn search(state: &AppState, value: Option<&str>) -> Answer {
     let Some(value) = value.filter(|v| !v.is_empty()) else {

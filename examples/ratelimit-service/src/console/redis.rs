@@ -14,6 +14,7 @@ use crate::store::{RedisStore, StoreError};
 /// The console's keys: the limits it has seen, the recent denials (shared by every replica).
 const CONSOLE_LIMITS: &str = "ltr:console:limits";
 const CONSOLE_DENIALS: &str = "ltr:console:denials";
+const CONSOLE_ALERTS: &str = "ltr:console:alerts";
 /// Console events waiting for the writer; past it, new ones are dropped (the console is never
 /// worth slowing a check).
 pub const CONSOLE_QUEUE: usize = 4096;
@@ -51,7 +52,8 @@ impl RedisBoard {
         }
     }
 
-    /// Writes one batch: a pipeline per minute, a script per key, the denials oldest first.
+    /// Writes one batch: a pipeline per minute, a script per key, the denials and alerts oldest
+    /// first.
     async fn write(&self, batch: ConsoleBatch) -> Result<(), StoreError> {
         for (minute_ms, (tokens, spend)) in &batch.minutes {
             self.per_minute(*minute_ms, *tokens, spend).await?;
@@ -61,8 +63,13 @@ impl RedisBoard {
                 self.used(limit, value, *amount).await?;
             }
         }
-        for denial in &batch.denials {
-            self.denied(denial).await?;
+        if !batch.denials.is_empty() {
+            self.push(CONSOLE_DENIALS, batch.denials.iter(), board::DENIALS)
+                .await?;
+        }
+        if !batch.alerts.is_empty() {
+            self.push(CONSOLE_ALERTS, batch.alerts.iter(), board::ALERTS)
+                .await?;
         }
         Ok(())
     }
@@ -117,35 +124,43 @@ impl RedisBoard {
         self.store.query_pipe(pipe).await
     }
 
-    pub async fn denied(&self, denial: &board::Denial) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("LPUSH")
-            .arg(CONSOLE_DENIALS)
-            .arg(serde_json::to_string(denial).unwrap_or_default())
-            .ignore();
-        pipe.cmd("LTRIM")
-            .arg(CONSOLE_DENIALS)
-            .arg(0)
-            .arg(board::DENIALS - 1)
-            .ignore();
-        self.store.query_pipe(pipe).await
+    pub async fn denials(&self) -> Result<Vec<board::Denial>, StoreError> {
+        self.list(CONSOLE_DENIALS).await
     }
 
-    pub async fn denials(&self) -> Result<Vec<board::Denial>, StoreError> {
+    pub async fn alerts(&self) -> Result<Vec<board::AlertNote>, StoreError> {
+        self.list(CONSOLE_ALERTS).await
+    }
+
+    /// A ring of JSON entries, newest first.
+    async fn list<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Vec<T>, StoreError> {
         let raw: Vec<String> = self
             .store
-            .query(
-                redis::cmd("LRANGE")
-                    .arg(CONSOLE_DENIALS)
-                    .arg(0)
-                    .arg(-1)
-                    .clone(),
-            )
+            .query(redis::cmd("LRANGE").arg(key).arg(0).arg(-1).clone())
             .await?;
         Ok(raw
             .iter()
             .filter_map(|r| serde_json::from_str(r).ok())
             .collect())
+    }
+
+    /// Pushes `entries` (oldest first) onto the ring `key`, kept to `keep` and a day.
+    async fn push<T: serde::Serialize>(
+        &self,
+        key: &str,
+        entries: impl Iterator<Item = T>,
+        keep: usize,
+    ) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        for e in entries {
+            pipe.cmd("LPUSH")
+                .arg(key)
+                .arg(serde_json::to_string(&e).unwrap_or_default())
+                .ignore();
+        }
+        pipe.cmd("LTRIM").arg(key).arg(0).arg(keep - 1).ignore();
+        pipe.cmd("PEXPIRE").arg(key).arg(CONSOLE_TTL_MS).ignore();
+        self.store.query_pipe(pipe).await
     }
 
     pub async fn top(&self, n: usize) -> Result<board::Ranking, StoreError> {
@@ -220,6 +235,7 @@ struct ConsoleBatch {
     minutes: std::collections::BTreeMap<i64, (i64, std::collections::BTreeMap<String, i64>)>,
     used: std::collections::BTreeMap<(String, String), i64>,
     denials: std::collections::VecDeque<board::Denial>,
+    alerts: Vec<board::AlertNote>,
     events: usize,
 }
 
@@ -240,6 +256,11 @@ impl ConsoleBatch {
                 }
                 for (key, amount) in used {
                     *self.used.entry(key).or_default() += amount;
+                }
+            }
+            ConsoleEvent::Alerted(a) => {
+                if self.alerts.len() < board::ALERTS {
+                    self.alerts.push(a);
                 }
             }
             ConsoleEvent::Denied(d) => {

@@ -11,13 +11,20 @@
 --       refund_at_ms (-1: now), report seq (-1: none), ring slots, ring ttl_ms, then the
 --       amount and refund in money (micro units), then a check's trim: min tokens (-1: no
 --       trim), the fixed tokens and micro units (wire::Trim), then per counter: meter count,
---       shadow (1: a shadow limit, which never denies nor trims), and per meter: field, kind (w|f|c|b), p1, p2, p3, ttl_ms, unit (0 tokens, 1 money).
+--       shadow (1: a shadow limit, which never denies nor trims), k alert thresholds (0 but in
+--       a report's settlement) and the k thresholds in thousandths, ascending; and per meter:
+--       field, kind (w|f|c|b), p1, p2, p3, ttl_ms, unit (0 tokens, 1 money), then the spend
+--       each of the k thresholds is reached at.
 --       A calendar meter (c): p1 tokens, p2 the period's start, p3 its end; state
 --       {start, used, end}.
 -- Returns: check: {allowed, now, granted tokens (-1: not trimmed), granted micro units, then
 --          remaining, reset, retry per meter, then per counter 1 when it is a shadow limit
 --          that could not have taken what was asked};
---          settle: {1 applied | 0 duplicate | 2 stale id, now};
+--          settle: {1 applied | 0 duplicate | 2 stale id, now, then per meter that reached
+--          thresholds not yet raised in its alert window: counter, meter, the highest
+--          threshold raised before (thousandths), the highest now, its spend}; what was raised
+--          is kept in the counter's hash as "a:<field>" = "window start,thousandths"
+--          (crossed() in src/store/model.rs mirrors it);
 --          either: {-1, now} when a calendar meter's period does not hold at Redis's time.
 
 local mode = ARGV[1]
@@ -45,12 +52,12 @@ if seq >= 0 then ncounters = ncounters - 2 end
 do
   local a = FIRST
   for _ = 1, ncounters do
-    local n = tonumber(ARGV[a]); a = a + 2
+    local n = tonumber(ARGV[a]); local k = tonumber(ARGV[a + 2]); a = a + 3 + k
     for _ = 1, n do
       if ARGV[a + 1] == "c" and (now < tonumber(ARGV[a + 3]) or now >= tonumber(ARGV[a + 4])) then
         return {-1, now}
       end
-      a = a + 7
+      a = a + 7 + k
     end
   end
 end
@@ -172,6 +179,20 @@ local function status(m, s, need)
   return remaining, reset, retry
 end
 
+-- What a window or calendar meter has spent now, unclamped (mirrors Meter::used), and the
+-- start of its alert window (Meter::alert_window).
+local function spent(m, s)
+  if m.kind == "c" then
+    if now >= s[3] then return 0, m.p2 end
+    return math.max(s[2], 0), m.p2
+  end
+  local w = m.p2
+  local elapsed = math.max(0, math.min(w, now - s[1]))
+  local weighted = 0
+  if m.kind == "w" and s[3] ~= 0 then weighted = math.ceil(s[3] * (w - elapsed) / w) end
+  return math.max(s[2] + weighted, 0), now - (now % w)
+end
+
 local function charge(m, s, delta)
   if m.kind == "b" then s[1] = math.min(m.p1, s[1] - delta) else s[2] = s[2] + delta end
 end
@@ -208,15 +229,22 @@ end
 -- Load every meter's state.
 local counters = {}
 local shadows = {}
+local thresholds = {}
 local arg = FIRST
 for c = 1, ncounters do
-  local n = tonumber(ARGV[arg]); shadows[c] = ARGV[arg + 1] == "1"; arg = arg + 2
+  local n = tonumber(ARGV[arg]); shadows[c] = ARGV[arg + 1] == "1"
+  local k = tonumber(ARGV[arg + 2])
+  local alerts = {}
+  for j = 1, k do alerts[j] = tonumber(ARGV[arg + 2 + j]) end
+  thresholds[c] = alerts
+  arg = arg + 3 + k
   local meters = {}
   for i = 1, n do
     local m = {field = ARGV[arg], kind = ARGV[arg + 1], p1 = tonumber(ARGV[arg + 2]),
                p2 = tonumber(ARGV[arg + 3]), p3 = tonumber(ARGV[arg + 4]), ttl = tonumber(ARGV[arg + 5]),
-               unit = tonumber(ARGV[arg + 6]) + 1}
-    arg = arg + 7
+               unit = tonumber(ARGV[arg + 6]) + 1, reached_at = {}}
+    for j = 1, k do m.reached_at[j] = tonumber(ARGV[arg + 6 + j]) end
+    arg = arg + 7 + k
     local raw = redis.call("HGET", KEYS[c], m.field)
     if not raw and m.kind ~= "b" then
       -- A state stored under an older name of this meter carries on under the new one.
@@ -327,6 +355,30 @@ else
     end
   end
   out = {1, now}
+  for c = 1, ncounters do
+    local alerts = thresholds[c]
+    for i, m in ipairs(counters[c]) do
+      if #alerts > 0 and m.kind ~= "b" then
+        local used, start = spent(m, m.state)
+        local mark = "a:" .. m.field
+        local at, raised = string.match(redis.call("HGET", KEYS[c], mark) or "", "^(-?%d+),(-?%d+)")
+        at = tonumber(at or "-1"); raised = tonumber(raised or "0")
+        -- A mark from a later window (a replica whose clock is ahead wrote it) stands.
+        if at <= start then
+          if at < start then raised = 0 end
+          local highest = raised
+          for j = 1, #alerts do
+            if alerts[j] > raised and used >= m.reached_at[j] then highest = alerts[j] end
+          end
+          if highest > raised then
+            redis.call("HSET", KEYS[c], mark, string.format("%.0f,%.0f", start, highest))
+            out[#out + 1] = c; out[#out + 1] = i; out[#out + 1] = raised
+            out[#out + 1] = highest; out[#out + 1] = used
+          end
+        end
+      end
+    end
+  end
 end
 
 -- Store states back; a counter lives as long as its longest-lived meter needs.

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
-use super::model::{check_states, settle_states, Applied, CheckOutcome, Settlement};
+use super::model::{
+    check_states, settle_states, Applied, CheckOutcome, Crossing, AlertMark, Settlement,
+};
 use super::sources::{self, Dedup, Mark, SourceLog};
 use crate::clock::system_ms;
 use crate::counter::Plan;
@@ -15,6 +17,9 @@ use crate::meter::{Meter, State, Status};
 use wire::SeqId;
 
 const SHARDS: usize = 64;
+
+/// A meter whose alerts raised nothing yet.
+const NO_MARK: AlertMark = [i64::MIN, 0];
 
 /// Sources (plugin VMs) remembered; past it the least recently heard of is forgotten (its
 /// releases then give nothing back, its retries may be charged again). About 17 KiB each.
@@ -25,6 +30,8 @@ struct Entry {
     /// Meter field name → state, and the budget last applied to it (for read-only lookups);
     /// a counter rarely has more than two meters.
     meters: Vec<(String, State, i64)>,
+    /// Meter field name → what its alerts have raised in their window.
+    alerted: Vec<(String, AlertMark)>,
     expires_at: i64,
     /// When the counter was last used, for eviction.
     used_at: i64,
@@ -145,7 +152,7 @@ impl MemoryStore {
         &self,
         plans: &[Plan],
         now: i64,
-        f: impl FnOnce(&mut [Vec<State>]) -> (T, bool),
+        f: impl FnOnce(&mut [Vec<State>], &mut [Vec<AlertMark>]) -> (T, bool),
     ) -> T {
         let keys: Vec<String> = plans.iter().map(|p| p.id.storage_key()).collect();
         let all: Vec<&str> = keys.iter().map(String::as_str).collect();
@@ -160,6 +167,7 @@ impl MemoryStore {
 
         // Load: a missing or expired counter starts empty.
         let mut states = Vec::with_capacity(plans.len());
+        let mut marks = Vec::with_capacity(plans.len());
         for ((plan, key), pos) in plans.iter().zip(&keys).zip(&positions) {
             let entry = guards[*pos]
                 .1
@@ -177,13 +185,28 @@ impl MemoryStore {
                     })
                     .collect::<Vec<State>>(),
             );
+            // Only a plan with alerts has marks.
+            marks.push(if plan.alerts.is_empty() {
+                Vec::new()
+            } else {
+                plan.meters
+                    .iter()
+                    .map(|m| {
+                        let field = m.field();
+                        entry
+                            .and_then(|e| e.alerted.iter().find(|(f, _)| *f == field))
+                            .map_or(NO_MARK, |(_, mark)| *mark)
+                    })
+                    .collect()
+            });
         }
 
-        let (out, store) = f(&mut states);
+        let (out, store) = f(&mut states, &mut marks);
         if !store {
             return out;
         }
-        for (((plan, key), pos), states) in plans.iter().zip(&keys).zip(&positions).zip(states) {
+        let stored = plans.iter().zip(&keys).zip(&positions).zip(states).zip(marks);
+        for ((((plan, key), pos), states), marks) in stored {
             let guard = &mut guards[*pos].1;
             if !guard.counters.contains_key(key) && guard.counters.len() >= self.per_shard {
                 let n = guard.make_room(self.per_shard, now);
@@ -204,6 +227,13 @@ impl MemoryStore {
                 }
                 entry.expires_at = entry.expires_at.max(now + meter.ttl_ms());
             }
+            for (meter, mark) in plan.meters.iter().zip(marks).filter(|(_, m)| *m != NO_MARK) {
+                let field = meter.field();
+                match entry.alerted.iter_mut().find(|(f, _)| *f == field) {
+                    Some((_, m)) => *m = mark,
+                    None => entry.alerted.push((field, mark)),
+                }
+            }
         }
         out
     }
@@ -216,32 +246,35 @@ impl MemoryStore {
         now: Option<i64>,
     ) -> CheckOutcome {
         let now = now.unwrap_or_else(system_ms);
-        self.with_states(plans, now, |states| {
+        self.with_states(plans, now, |states, _| {
             (check_states(plans, states, reserve, trim, now), true)
         })
     }
 
-    /// Applies a settlement; with an `id`, only the first time that id is seen.
+    /// Applies a settlement; with an `id`, only the first time that id is seen. `alerting`: a
+    /// report's settlement, which raises alerts (a refund never does).
     pub fn settle(
         &self,
         id: Option<SeqId>,
         plans: &[Plan],
         settlement: &Settlement,
         now: Option<i64>,
-    ) -> Applied {
+        alerting: bool,
+    ) -> (Applied, Vec<Crossing>) {
         let now = now.unwrap_or_else(system_ms);
-        self.with_states(plans, now, |states| {
+        self.with_states(plans, now, |states, marks| {
             let seen = match id {
                 Some(id) => self.with_source(id.source, |s| s.reports.first_time(id.seq)),
                 None => Dedup::First,
             };
             match seen {
                 Dedup::First => {
-                    settle_states(plans, states, settlement, now);
-                    (Applied::Yes, true)
+                    let marks = alerting.then_some(marks);
+                    let crossings = settle_states(plans, states, marks, settlement, now);
+                    ((Applied::Yes, crossings), true)
                 }
-                Dedup::Duplicate => (Applied::Duplicate, false),
-                Dedup::Stale => (Applied::Stale, false),
+                Dedup::Duplicate => ((Applied::Duplicate, Vec::new()), false),
+                Dedup::Stale => ((Applied::Stale, Vec::new()), false),
             }
         })
     }
@@ -335,6 +368,7 @@ mod tests {
     fn plan(value: &str) -> Plan {
         Plan {
             shadow: false,
+            alerts: Vec::new(),
             id: CounterId {
                 limit: "l".into(),
                 value: value.into(),
@@ -354,7 +388,7 @@ mod tests {
             excess: wire::Amount::tokens(4),
             ..Settlement::default()
         };
-        store.settle(None, &[plan(value)], &charge, Some(now));
+        store.settle(None, &[plan(value)], &charge, Some(now), false);
     }
 
     fn left(store: &MemoryStore, value: &str, now: i64) -> i64 {
@@ -393,7 +427,7 @@ mod tests {
         for seq in 1..=50_000 {
             let id = SeqId { source: 7, seq };
             assert_eq!(
-                store.settle(Some(id), &[plan("x")], &charge, Some(0)),
+                store.settle(Some(id), &[plan("x")], &charge, Some(0), false).0,
                 Applied::Yes
             );
         }
@@ -402,7 +436,7 @@ mod tests {
             seq: 50_000,
         };
         assert_eq!(
-            store.settle(Some(last), &[plan("x")], &charge, Some(0)),
+            store.settle(Some(last), &[plan("x")], &charge, Some(0), false).0,
             Applied::Duplicate
         );
         assert_eq!(store.len(), 1);
@@ -412,9 +446,56 @@ mod tests {
                 Some(SeqId { source: 7, seq: 1 }),
                 &[plan("x")],
                 &charge,
-                Some(0)
-            ),
+                Some(0),
+                false
+            )
+            .0,
             Applied::Stale
         );
+    }
+
+    #[test]
+    fn alerts_are_raised_once_per_threshold_and_window_and_never_by_a_refund() {
+        let store = MemoryStore::new(SHARDS);
+        let mut p = plan("team");
+        p.alerts = [0.5, 0.8, 1.0]
+            .iter()
+            .filter_map(|f| wire::Threshold::of(*f))
+            .collect();
+        p.meters = vec![Meter::Window {
+            budget: 100,
+            window_ms: 1_000,
+            sliding: false,
+            money: None,
+        }];
+        let plans = [p];
+        let charge = |n: u64, alerting: bool, now: i64| {
+            let s = Settlement {
+                excess: wire::Amount::tokens(n),
+                ..Settlement::default()
+            };
+            store.settle(None, &plans, &s, Some(now), alerting).1
+        };
+        let reached = |c: &[Crossing]| -> Vec<u32> {
+            c.iter()
+                .flat_map(|c| c.thresholds.iter().map(|t| t.permille()))
+                .collect()
+        };
+        assert!(charge(49, true, 0).is_empty());
+        // A refund (or undo) never raises, and does not spend the alert either.
+        assert!(charge(1, false, 1).is_empty());
+        let c = charge(0, true, 2);
+        assert_eq!(reached(&c), [500]);
+        assert_eq!((c[0].used, c[0].budget, c[0].window), (50, 100, (0, 1_000)));
+        assert!(charge(10, true, 3).is_empty(), "0.5 was raised in this window");
+        // One report past two thresholds raises both.
+        assert_eq!(reached(&charge(50, true, 4)), [800, 1000]);
+        assert!(charge(500, true, 5).is_empty());
+        // The marks are no meters: a read and an admin grant see only the meter.
+        assert_eq!(store.peek(&plans[0], Some(6), false).len(), 1);
+        store.adjust(&plans[0], Some(1_000), Some(6));
+        assert!(charge(1, true, 7).is_empty(), "still raised in this window");
+        // The next window raises again.
+        assert_eq!(reached(&charge(60, true, 1_000)), [500]);
     }
 }

@@ -15,7 +15,9 @@ use wire::SeqId;
 
 pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
-pub use model::{check_states, settle_states, Applied, CheckOutcome, Settlement, StoreError};
+pub use model::{
+    check_states, settle_states, Applied, CheckOutcome, Crossing, Settlement, StoreError,
+};
 
 /// The memory or Redis store; an enum rather than a trait object keeps async calls plain.
 pub enum Store {
@@ -43,7 +45,7 @@ impl Store {
     }
 
     /// Applies a settlement to every meter. With an `id`, only the first time the id is seen
-    /// (ids are remembered per source, see [`sources`]).
+    /// (ids are remembered per source, see [`sources`]). Raises no alerts (a refund, an undo).
     pub async fn settle(
         &self,
         id: Option<SeqId>,
@@ -51,13 +53,28 @@ impl Store {
         settlement: &Settlement,
         now: Option<i64>,
     ) -> Result<Applied, StoreError> {
+        Ok(self.settle_report(id, plans, settlement, now, false).await?.0)
+    }
+
+    /// [`Store::settle`] for a report: with `alerting`, also the alert thresholds it brought
+    /// meters to, each raised once per window across replicas (the mark is written in the same
+    /// atomic step as the charge).
+    pub async fn settle_report(
+        &self,
+        id: Option<SeqId>,
+        plans: &[Plan],
+        settlement: &Settlement,
+        now: Option<i64>,
+        alerting: bool,
+    ) -> Result<(Applied, Vec<Crossing>), StoreError> {
         if plans.is_empty() && id.is_none() {
             // Nothing is limited (service-owned limits no rule matches): nothing to charge.
-            return Ok(Applied::Yes);
+            return Ok((Applied::Yes, Vec::new()));
         }
+        let alerting = alerting && plans.iter().any(|p| !p.alerts.is_empty());
         match self {
-            Store::Memory(m) => Ok(m.settle(id, plans, settlement, now)),
-            Store::Redis(r) => r.settle(id, plans, settlement, now).await,
+            Store::Memory(m) => Ok(m.settle(id, plans, settlement, now, alerting)),
+            Store::Redis(r) => r.settle(id, plans, settlement, now, alerting).await,
         }
     }
 

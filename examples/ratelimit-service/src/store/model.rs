@@ -5,7 +5,7 @@
 use thiserror::Error;
 
 use crate::counter::Plan;
-use wire::{Amount, Trim};
+use wire::{Amount, Threshold, Trim};
 
 use crate::meter::{counted, Meter, State, Status};
 
@@ -170,8 +170,62 @@ fn grant(
     (tokens >= trim.min).then(|| Amount::new(tokens, trim.cost(reserve, tokens)))
 }
 
-/// Applies a settlement to loaded states.
-pub fn settle_states(plans: &[Plan], states: &mut [Vec<State>], s: &Settlement, now: i64) {
+/// A report that brought one meter's spend to alert thresholds not yet raised in its window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crossing {
+    /// The plan and its meter, in the request's order.
+    pub plan: usize,
+    pub meter: usize,
+    /// The thresholds newly reached, ascending.
+    pub thresholds: Vec<Threshold>,
+    /// The meter's spend after the report (it may pass the budget), and its budget.
+    pub used: i64,
+    pub budget: i64,
+    /// The window the alerts are raised once in: `[start, end)`, ms since the epoch.
+    pub window: (i64, i64),
+}
+
+/// What one meter's alerts have raised: `[window start, highest threshold raised (‰)]`. Kept
+/// beside the meter's state, so every replica sees it and it expires with the counter.
+pub type AlertMark = [i64; 2];
+
+/// The thresholds of `alerts` that meter `m` (state advanced to `now`) has newly reached, if
+/// any, with its spend and alert window; `mark` then records them. A threshold is raised once
+/// per window, however the spend falls and rises again in it (`limiter.lua` mirrors this).
+pub fn crossed(
+    alerts: &[Threshold],
+    m: &Meter,
+    state: &State,
+    mark: &mut AlertMark,
+    now: i64,
+) -> Option<(Vec<Threshold>, i64, (i64, i64))> {
+    let used = m.used(state, now)?;
+    let window = m.alert_window(now)?;
+    // A mark from a later window (a replica whose clock is ahead wrote it) stands.
+    if mark[0] > window.0 {
+        return None;
+    }
+    let raised = if mark[0] == window.0 { mark[1] } else { 0 };
+    let budget = m.limit();
+    let new: Vec<Threshold> = alerts
+        .iter()
+        .copied()
+        .filter(|t| i64::from(t.permille()) > raised && t.reached(used, budget))
+        .collect();
+    let highest = new.last()?;
+    *mark = [window.0, i64::from(highest.permille())];
+    Some((new, used, window))
+}
+
+/// Applies a settlement to loaded states; with `marks` (a report's settlement: per plan, one
+/// per meter of a plan with alerts, else none), the alert thresholds it brought meters to.
+pub fn settle_states(
+    plans: &[Plan],
+    states: &mut [Vec<State>],
+    marks: Option<&mut [Vec<AlertMark>]>,
+    s: &Settlement,
+    now: i64,
+) -> Vec<Crossing> {
     for (plan, states) in plans.iter().zip(states.iter_mut()) {
         for (meter, state) in plan.meters.iter().zip(states.iter_mut()) {
             meter.advance(state, now);
@@ -183,4 +237,24 @@ pub fn settle_states(plans: &[Plan], states: &mut [Vec<State>], s: &Settlement, 
             );
         }
     }
+    let Some(marks) = marks else {
+        return Vec::new();
+    };
+    let mut crossings = Vec::new();
+    for (p, ((plan, states), marks)) in plans.iter().zip(states.iter()).zip(marks).enumerate() {
+        for (i, ((meter, state), mark)) in plan.meters.iter().zip(states).zip(marks).enumerate() {
+            if let Some((thresholds, used, window)) = crossed(&plan.alerts, meter, state, mark, now)
+            {
+                crossings.push(Crossing {
+                    plan: p,
+                    meter: i,
+                    thresholds,
+                    used,
+                    budget: meter.limit(),
+                    window,
+                });
+            }
+        }
+    }
+    crossings
 }

@@ -15,7 +15,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 use tokio::sync::OnceCell;
 
-use super::model::{Applied, CheckOutcome, Settlement, StoreError};
+use super::model::{Applied, CheckOutcome, Crossing, Settlement, StoreError};
 use super::sources::{self, Dedup, Mark};
 use crate::clock::system_ms;
 use crate::counter::Plan;
@@ -166,7 +166,9 @@ impl RedisStore {
 
     /// The script's arguments: `amount` is the reserve (check) or the excess (settle); a
     /// `now` of -1 makes the script read Redis's clock; `dedup`: the report's sequence number,
-    /// looked up in the ring whose keys follow the counters'; `trim`: a check's.
+    /// looked up in the ring whose keys follow the counters'; `trim`: a check's; `alerting`: a
+    /// report's settlement, which raises the plans' alerts.
+    #[allow(clippy::too_many_arguments)]
     fn args(
         mode: &str,
         now: Option<i64>,
@@ -175,6 +177,7 @@ impl RedisStore {
         dedup: Option<u64>,
         trim: Option<&Trim>,
         plans: &[Plan],
+        alerting: bool,
     ) -> Vec<String> {
         let mut args = vec![
             mode.to_string(),
@@ -194,6 +197,9 @@ impl RedisStore {
         for plan in plans {
             args.push(plan.meters.len().to_string());
             args.push(u8::from(plan.shadow).to_string());
+            let alerts: &[wire::Threshold] = if alerting { &plan.alerts } else { &[] };
+            args.push(alerts.len().to_string());
+            args.extend(alerts.iter().map(|t| t.permille().to_string()));
             for m in &plan.meters {
                 let (kind, p1, p2, p3) = match *m {
                     Meter::Window {
@@ -225,6 +231,13 @@ impl RedisStore {
                     // Which of the amounts it counts: 0 tokens, 1 money.
                     u8::from(m.money().is_some()).to_string(),
                 ]);
+                // The spend each threshold is reached at, in integers (the script's numbers
+                // are doubles, exact to 2^53, beyond any amount).
+                let budget = i128::from(m.limit());
+                args.extend(alerts.iter().map(|t| {
+                    let at = (budget * i128::from(t.permille()) + 999) / 1000;
+                    at.min(i128::from(i64::MAX)).to_string()
+                }));
             }
         }
         args
@@ -260,6 +273,7 @@ impl RedisStore {
                     None,
                     trim.as_ref(),
                     group,
+                    false,
                 ),
             )
         });
@@ -372,6 +386,7 @@ impl RedisStore {
                 None,
                 None,
                 group,
+                false,
             );
             if let Err(e) = self.run(keys, args).await {
                 tracing::warn!("could not refund a reservation: {e}");
@@ -379,13 +394,15 @@ impl RedisStore {
         }
     }
 
+    /// Applies a settlement (see [`super::Store::settle_report`]).
     pub async fn settle(
         &self,
         id: Option<SeqId>,
         plans: &[Plan],
         settlement: &Settlement,
         now: Option<i64>,
-    ) -> Result<Applied, StoreError> {
+        alerting: bool,
+    ) -> Result<(Applied, Vec<Crossing>), StoreError> {
         let groups = self.groups(plans);
         let calls = groups.iter().map(|group| {
             let mut keys: Vec<String> = group.iter().map(|p| p.id.storage_key()).collect();
@@ -402,6 +419,7 @@ impl RedisStore {
                 id.map(|id| id.seq),
                 None,
                 group,
+                alerting,
             );
             self.run(keys, args)
         });
@@ -411,14 +429,49 @@ impl RedisStore {
             return Err(StoreError::Replan(redis_now));
         }
         let mut outcome = Applied::Stale;
-        for answer in answers {
-            match Dedup::from_code(answer?.first().copied().unwrap_or(-1)) {
+        let mut crossings = Vec::new();
+        let mut first_plan = 0;
+        for (group, answer) in groups.iter().zip(answers) {
+            let answer = answer?;
+            match Dedup::from_code(answer.first().copied().unwrap_or(-1)) {
                 Dedup::First => outcome = Applied::Yes,
                 Dedup::Duplicate if outcome == Applied::Stale => outcome = Applied::Duplicate,
                 _ => {}
             }
+            let at = answer.get(1).copied().unwrap_or(0);
+            for raised in answer.get(2..).unwrap_or_default().chunks_exact(5) {
+                let &[c, i, before, highest, used] = raised else {
+                    continue;
+                };
+                let plan_at = usize::try_from(c - 1).ok();
+                let meter_at = usize::try_from(i - 1).ok();
+                let (Some(p), Some(i)) = (plan_at, meter_at) else {
+                    continue;
+                };
+                let Some((plan, meter)) = group.get(p).and_then(|pl| Some((pl, pl.meters.get(i)?)))
+                else {
+                    continue;
+                };
+                let thresholds: Vec<wire::Threshold> = plan
+                    .alerts
+                    .iter()
+                    .copied()
+                    .filter(|t| (before + 1..=highest).contains(&i64::from(t.permille())))
+                    .collect();
+                if let (false, Some(window)) = (thresholds.is_empty(), meter.alert_window(at)) {
+                    crossings.push(Crossing {
+                        plan: first_plan + p,
+                        meter: i,
+                        thresholds,
+                        used,
+                        budget: meter.limit(),
+                        window,
+                    });
+                }
+            }
+            first_plan += group.len();
         }
-        Ok(outcome)
+        Ok((outcome, crossings))
     }
 
     /// The keys of a source's report ring: one per source on a single server; in a cluster one
