@@ -181,7 +181,7 @@ fn grouped(n: i64) -> String {
         out.push('-');
     }
     for (i, d) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(d);
@@ -347,7 +347,10 @@ async fn post(client: &Client, webhook: &Webhook, alert: &Alert, body: Bytes) ->
     if let Some(secret) = &webhook.secret {
         let timestamp = (crate::clock::system_ms() / 1000).to_string();
         req = req
-            .header("x-ltr-signature", signature(secret.as_bytes(), &timestamp, &body))
+            .header(
+                "x-ltr-signature",
+                signature(secret.as_bytes(), &timestamp, &body),
+            )
             .header("x-ltr-timestamp", timestamp);
     }
     let req = match req.body(Full::new(body)) {
@@ -423,14 +426,19 @@ mod tests {
             now_ms: 1_000,
         };
         let a = raised.alert();
-        assert!(!a.text.contains('<') && !a.text.contains('\n'), "{}", a.text);
-        assert!(a.text.contains("&lt;!channel&gt;"), "{}", a.text);
-        assert!(a.text.contains("80% of its budget: 8,123 of 10,000 tokens"), "{}", a.text);
-        assert_eq!(a.key, raised.key, "the JSON keeps the key whole");
-        assert_eq!(
-            (a.threshold, a.used, a.budget),
-            (0.8, 8123.0, 10000.0)
+        assert!(
+            !a.text.contains('<') && !a.text.contains('\n'),
+            "{}",
+            a.text
         );
+        assert!(a.text.contains("&lt;!channel&gt;"), "{}", a.text);
+        assert!(
+            a.text.contains("80% of its budget: 8,123 of 10,000 tokens"),
+            "{}",
+            a.text
+        );
+        assert_eq!(a.key, raised.key, "the JSON keeps the key whole");
+        assert_eq!((a.threshold, a.used, a.budget), (0.8, 8123.0, 10000.0));
         assert_eq!(a.window_end, "1970-01-01T01:00:00Z");
         let money = Raised {
             currency: Some("USD"),
@@ -441,7 +449,13 @@ mod tests {
         }
         .alert();
         assert_eq!((money.used, money.budget), (412.5, 500.0));
-        assert!(money.text.contains("50% of its budget: 412.50 of 500.00 USD"), "{}", money.text);
+        assert!(
+            money
+                .text
+                .contains("50% of its budget: 412.50 of 500.00 USD"),
+            "{}",
+            money.text
+        );
         assert_ne!(money.id, a.id, "each threshold has its own id");
     }
 
@@ -460,12 +474,33 @@ mod tests {
             now_ms: 5,
         };
         let id = base.alert().id;
-        assert_eq!(Raised { now_ms: 9, used: 11, ..base.clone() }.alert().id, id);
+        assert_eq!(
+            Raised {
+                now_ms: 9,
+                used: 11,
+                ..base.clone()
+            }
+            .alert()
+            .id,
+            id
+        );
         for other in [
-            Raised { window: (60_000, 120_000), ..base.clone() },
-            Raised { key: "k2", ..base.clone() },
-            Raised { meter: "t:120000", ..base.clone() },
-            Raised { shared: true, ..base.clone() },
+            Raised {
+                window: (60_000, 120_000),
+                ..base.clone()
+            },
+            Raised {
+                key: "k2",
+                ..base.clone()
+            },
+            Raised {
+                meter: "t:120000",
+                ..base.clone()
+            },
+            Raised {
+                shared: true,
+                ..base.clone()
+            },
         ] {
             assert_ne!(other.alert().id, id);
         }

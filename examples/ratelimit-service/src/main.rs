@@ -47,7 +47,11 @@ async fn main() -> std::process::ExitCode {
             "posting alerts to {} ({} attempts, {})",
             hook.origin(),
             hook.attempts,
-            if hook.secret.is_some() { "signed" } else { "unsigned" }
+            if hook.secret.is_some() {
+                "signed"
+            } else {
+                "unsigned"
+            }
         );
     }
     tracing::info!(

@@ -311,7 +311,12 @@ const ROUTES: &[(&str, Method, Need, Endpoint)] = &[
         Need::Read,
         Endpoint::Denials,
     ),
-    ("/v1/console/alerts", Method::GET, Need::Read, Endpoint::Alerts),
+    (
+        "/v1/console/alerts",
+        Method::GET,
+        Need::Read,
+        Endpoint::Alerts,
+    ),
     (
         "/v1/console/search",
         Method::GET,

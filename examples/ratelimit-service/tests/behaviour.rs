@@ -797,6 +797,72 @@ async fn shadow_limits_count_and_never_deny(ctx: &Ctx) {
     assert_eq!(r.shadow_denied, vec![shadow.limit.clone()]);
 }
 
+/// `alerts`: a report that brings a counter's spend to a threshold raises it once per window
+/// (a check's reservation alone never does, nor a duplicate report); one report past several
+/// raises each; a later window raises again; money counts in micro units.
+async fn alerts_are_raised_once_per_threshold_and_window(ctx: &Ctx) {
+    let thresholds = |fs: &[f64]| fs.iter().filter_map(|f| wire::Threshold::of(*f)).collect();
+    let d = Descriptor {
+        alerts: thresholds(&[0.5, 0.8, 1.0]),
+        ..ctx.d("al-tokens", "team", &[(100, 60)])
+    };
+    let money = Descriptor {
+        alerts: thresholds(&[0.5]),
+        currency: Some("USD".into()),
+        ..ctx.d("al-money", "team", &[(1_000_000, 3600)])
+    };
+    let raised = |limit: &str, t: &str| -> u64 {
+        let text = ctx.limiter.metrics().render("test", None);
+        let line = format!("ratelimit_alerts_total{{limit=\"{limit}\",threshold=\"{t}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    let all = |ctx_d: &Descriptor| ["0.5", "0.8", "1"].map(|t| raised(&ctx_d.limit, t));
+    let ds = [d.clone()];
+    let r = ctx.check(&ds, 60).await;
+    assert!(r.allowed);
+    assert_eq!(all(&d), [0, 0, 0], "a reservation alone raises nothing");
+    ctx.report("al1", &ds, 30, 60).await;
+    assert_eq!(all(&d), [0, 0, 0], "30 of 100");
+    ctx.report("al2", &ds, 25, 0).await;
+    assert_eq!(all(&d), [1, 0, 0], "55 of 100");
+    ctx.report("al3", &ds, 1, 0).await;
+    let again = ctx.report("al2", &ds, 25, 0).await;
+    assert_eq!(again.duplicates, 1);
+    assert_eq!(all(&d), [1, 0, 0], "raised once");
+    ctx.report("al4", &ds, 50, 0).await;
+    assert_eq!(all(&d), [1, 1, 1], "106 of 100: both thresholds at once");
+    ctx.report("al5", &ds, 50, 0).await;
+    assert_eq!(all(&d), [1, 1, 1]);
+    // Both windows a sliding one weighs are over: the next one raises again.
+    ctx.advance(120_000);
+    ctx.report("al6", &ds, 60, 0).await;
+    assert_eq!(all(&d), [2, 1, 1]);
+    ctx.advance(-120_000);
+    // Money: 0.60 of 1.00 USD.
+    let req = ReportRequest {
+        reports: vec![Report {
+            id: ctx.report_id("al-money"),
+            descriptors: vec![money.clone()],
+            used: Amount::new(100, 600_000),
+            reserved: Amount::ZERO,
+            usage: None,
+            reserved_at_ms: None,
+            release: None,
+        }],
+    };
+    assert_eq!(ctx.limiter.report(&req).await.ok().unwrap().accepted, 1);
+    assert_eq!(raised(&money.limit, "0.5"), 1);
+    // Alerts on a limit without its own rates (the service's rules decide) are ignored.
+    let ruled = Descriptor {
+        alerts: thresholds(&[0.001]),
+        ..ctx.d("al-ruled", "bucket-x", &[])
+    };
+    ctx.report("al-ruled", std::slice::from_ref(&ruled), 90, 0).await;
+    assert_eq!(raised(&ruled.limit, "0.001"), 0);
+}
+
 /// `trim`: a reserve that does not fit gives way to the largest grant every limit can pay for,
 /// tokens and money alike, taken atomically (concurrent grants never add up past a budget).
 async fn trimmed_checks_serve_within_the_budget(ctx: &Ctx) {
@@ -1126,6 +1192,7 @@ async fn editing_a_budget_keeps_what_was_spent(ctx: &Ctx) {
 }
 
 suite!(
+    alerts_are_raised_once_per_threshold_and_window,
     trimmed_checks_serve_within_the_budget,
     shadow_limits_count_and_never_deny,
     editing_a_budget_keeps_what_was_spent,

@@ -8,7 +8,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
 use super::model::{
-    check_states, settle_states, Applied, CheckOutcome, Crossing, AlertMark, Settlement,
+    check_states, settle_states, AlertMark, Applied, CheckOutcome, Crossing, Settlement,
 };
 use super::sources::{self, Dedup, Mark, SourceLog};
 use crate::clock::system_ms;
@@ -205,7 +205,12 @@ impl MemoryStore {
         if !store {
             return out;
         }
-        let stored = plans.iter().zip(&keys).zip(&positions).zip(states).zip(marks);
+        let stored = plans
+            .iter()
+            .zip(&keys)
+            .zip(&positions)
+            .zip(states)
+            .zip(marks);
         for ((((plan, key), pos), states), marks) in stored {
             let guard = &mut guards[*pos].1;
             if !guard.counters.contains_key(key) && guard.counters.len() >= self.per_shard {
@@ -427,7 +432,9 @@ mod tests {
         for seq in 1..=50_000 {
             let id = SeqId { source: 7, seq };
             assert_eq!(
-                store.settle(Some(id), &[plan("x")], &charge, Some(0), false).0,
+                store
+                    .settle(Some(id), &[plan("x")], &charge, Some(0), false)
+                    .0,
                 Applied::Yes
             );
         }
@@ -436,20 +443,23 @@ mod tests {
             seq: 50_000,
         };
         assert_eq!(
-            store.settle(Some(last), &[plan("x")], &charge, Some(0), false).0,
+            store
+                .settle(Some(last), &[plan("x")], &charge, Some(0), false)
+                .0,
             Applied::Duplicate
         );
         assert_eq!(store.len(), 1);
         assert_eq!(store.sources(), 1);
         assert_eq!(
-            store.settle(
-                Some(SeqId { source: 7, seq: 1 }),
-                &[plan("x")],
-                &charge,
-                Some(0),
-                false
-            )
-            .0,
+            store
+                .settle(
+                    Some(SeqId { source: 7, seq: 1 }),
+                    &[plan("x")],
+                    &charge,
+                    Some(0),
+                    false
+                )
+                .0,
             Applied::Stale
         );
     }
@@ -487,7 +497,10 @@ mod tests {
         let c = charge(0, true, 2);
         assert_eq!(reached(&c), [500]);
         assert_eq!((c[0].used, c[0].budget, c[0].window), (50, 100, (0, 1_000)));
-        assert!(charge(10, true, 3).is_empty(), "0.5 was raised in this window");
+        assert!(
+            charge(10, true, 3).is_empty(),
+            "0.5 was raised in this window"
+        );
         // One report past two thresholds raises both.
         assert_eq!(reached(&charge(50, true, 4)), [800, 1000]);
         assert!(charge(500, true, 5).is_empty());

@@ -53,7 +53,10 @@ impl Store {
         settlement: &Settlement,
         now: Option<i64>,
     ) -> Result<Applied, StoreError> {
-        Ok(self.settle_report(id, plans, settlement, now, false).await?.0)
+        Ok(self
+            .settle_report(id, plans, settlement, now, false)
+            .await?
+            .0)
     }
 
     /// [`Store::settle`] for a report: with `alerting`, also the alert thresholds it brought
