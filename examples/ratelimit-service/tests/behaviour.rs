@@ -859,7 +859,8 @@ async fn alerts_are_raised_once_per_threshold_and_window(ctx: &Ctx) {
         alerts: thresholds(&[0.001]),
         ..ctx.d("al-ruled", "bucket-x", &[])
     };
-    ctx.report("al-ruled", std::slice::from_ref(&ruled), 90, 0).await;
+    ctx.report("al-ruled", std::slice::from_ref(&ruled), 90, 0)
+        .await;
     assert_eq!(raised(&ruled.limit, "0.001"), 0);
 }
 
