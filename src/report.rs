@@ -248,6 +248,12 @@ impl ReportQueue {
                 let second = reserved_at_ms.map(|t| t / 1000);
                 parts.push((Kind::Refund(second), Amount::ZERO, refund, reserved_at_ms));
             }
+            // It used exactly what its check took: nothing to settle, but a limit with alerts
+            // hears of it all the same (the service raises alerts on reports, never on a
+            // check's reservation alone).
+            if parts.is_empty() && descriptors.iter().any(|d| !d.alerts.is_empty()) {
+                parts.push((Kind::Charge, Amount::ZERO, Amount::ZERO, None));
+            }
         }
         let mut dropped = 0;
         let mut usage = Some(usage);
@@ -636,6 +642,23 @@ mod tests {
             parts,
             [(200, 0, None), (0, 90, Some(61_500)), (0, 50, Some(62_000))]
         );
+    }
+
+    #[test]
+    fn an_exact_reservation_is_reported_only_to_a_limit_with_alerts() {
+        let mut q = queue(10);
+        q.push(spent("ann", 100, 100, Some(1_000)));
+        assert!(q.is_empty(), "nothing to settle");
+        let mut exact = spent("ann", 100, 100, Some(1_000));
+        exact.descriptors[0].alerts = wire::Threshold::of(0.5).into_iter().collect();
+        q.push(exact);
+        let batch = q.start_batch(0, 1).unwrap();
+        assert_eq!(batch.len(), 1, "the service raises alerts on reports");
+        assert_eq!(
+            (batch[0].used, batch[0].reserved),
+            (Amount::ZERO, Amount::ZERO)
+        );
+        assert_eq!(batch[0].usage.unwrap().completion_tokens, 100);
     }
 
     #[test]

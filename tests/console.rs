@@ -1,7 +1,7 @@
 //! The operator console as an operator sees it: known traffic through Envoy, the plugin and the
 //! service, then the page rendered by a headless Chromium (Debian's `chromium`, which `make
-//! test` installs), and the rendered DOM read back: the top consumer, its numbers and its
-//! denial are on the page. A screenshot is kept in `target/console/console.png`.
+//! test` installs), and the rendered DOM read back: the top consumer, its numbers, its
+//! denial and its budget alerts are on the page. A screenshot is kept in `target/console/console.png`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
@@ -82,7 +82,8 @@ fn the_console_shows_the_top_consumer_and_its_denial() {
     let up = http::uses_max_tokens();
     let config = json!({
         "service": {"cluster": "ratelimit"},
-        "limits": [{"name": "per-user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h"}],
+        "limits": [{"name": "per-user", "key": "{{request.headers.x-user}}", "tokens": 1000, "window": "1h",
+                    "alerts": [0.5, 0.8]}],
         "reserve": {"tokens": "max_tokens"}
     });
     let e = Envoy::start(
@@ -139,6 +140,24 @@ fn the_console_shows_the_top_consumer_and_its_denial() {
     assert!(
         denials[0][3].contains("100 tokens left of 1000 tokens, 500 tokens needed"),
         "{denials:?}"
+    );
+    // alice's reports reached 600 (0.5) and then 900 (0.8): newest first.
+    let alerts = rows(&dom, "alerts");
+    assert_eq!(
+        alerts.len(),
+        2,
+        "{alerts:?}\n{}",
+        http::send(svc.port, "GET", "/metrics", &[], b"").text()
+    );
+    assert_eq!(
+        alerts[0][1..6],
+        ["per-user", "alice", "80%", "900 tokens", "1000 tokens"],
+        "{alerts:?}"
+    );
+    assert_eq!(alerts[1][3..5], ["50%", "600 tokens"], "{alerts:?}");
+    assert!(
+        alerts[0][6].ends_with(":00:00Z"),
+        "the window's end: {alerts:?}"
     );
     assert!(
         std::fs::metadata(&png).unwrap().len() > 10_000,
