@@ -112,24 +112,28 @@ pub struct Raised<'a> {
 impl Raised<'_> {
     /// The alert as it is posted.
     pub fn alert(&self) -> Alert {
-        let id = crate::counter::fnv(
-            format!(
-                "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
-                self.limit.len(),
-                self.limit,
-                u8::from(self.shared),
-                self.key,
-                self.meter,
-                self.window.0
-            )
-            .as_bytes(),
-        );
+        // A digest no client can aim at another key's alert (receivers drop repeats by it).
+        let id = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            for part in [self.limit, self.key, self.meter] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part.as_bytes());
+            }
+            h.update([u8::from(self.shared)]);
+            h.update(self.window.0.to_le_bytes());
+            h.finalize()
+                .iter()
+                .take(16)
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
         let (used, budget) = match self.currency {
             Some(_) => (self.used as f64 / 1e6, self.budget as f64 / 1e6),
             None => (self.used as f64, self.budget as f64),
         };
         Alert {
-            id: format!("{id:016x}-{}", self.threshold.permille()),
+            id: format!("{id}-{}", self.threshold.permille()),
             limit: self.limit.to_string(),
             key: self.key.to_string(),
             shared: self.shared,
@@ -154,7 +158,7 @@ impl Raised<'_> {
         };
         format!(
             "Budget alert: limit `{}`, key `{}` has used {}% of its budget: {} of {} {unit} in the window ending {}.",
-            chat_safe(self.limit),
+            chat_safe(cut(self.limit, TEXT_KEY)),
             chat_safe(cut(self.key, TEXT_KEY)),
             f64::from(self.threshold.permille()) / 10.0,
             amount(self.used),
@@ -190,7 +194,8 @@ fn grouped(n: i64) -> String {
 }
 
 /// Text safe inside a Slack code span: `&`, `<`, `>` escaped as Slack asks (no mention, no
-/// link), a backtick cannot end the span, control characters cannot break the line.
+/// link), a backtick cannot end the span, control characters cannot break the line, and
+/// invisible formatting (bidirectional overrides, zero-width characters) cannot disguise a key.
 fn chat_safe(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -199,11 +204,18 @@ fn chat_safe(s: &str) -> String {
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
             '`' => out.push('\''),
-            c if c.is_control() => out.push('\u{fffd}'),
+            c if c.is_control() || invisible(c) => out.push('\u{fffd}'),
             c => out.push(c),
         }
     }
     out
+}
+
+/// Format characters that change how text around them shows without showing themselves.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{2069}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -268,8 +280,13 @@ impl Alerts {
             tx
         });
         if tx.try_send(alert).is_err() {
-            self.deliveries.dropped.fetch_add(1, Relaxed);
-            tracing::warn!("alert dropped: the webhook sender is {ALERT_QUEUE} behind");
+            let dropped = self.deliveries.dropped.fetch_add(1, Relaxed) + 1;
+            // A burst logs a line per power of two, not one per alert.
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    "{dropped} alerts dropped so far: the webhook sender was {ALERT_QUEUE} behind"
+                );
+            }
         }
     }
 }
@@ -432,6 +449,11 @@ mod tests {
             a.text
         );
         assert!(a.text.contains("&lt;!channel&gt;"), "{}", a.text);
+        let spoof = Raised {
+            key: "admin\u{202e}nimda\u{200b}",
+            ..raised.clone()
+        };
+        assert!(spoof.alert().text.contains("admin\u{fffd}nimda\u{fffd}"));
         assert!(
             a.text.contains("80% of its budget: 8,123 of 10,000 tokens"),
             "{}",

@@ -369,6 +369,7 @@ impl Limiter {
         let mut answer = ReportResponse::default();
         let mut store_down = None;
         let mut tally = Tally::default();
+        let mut raising = Raising::default();
         for (i, r) in req.reports.iter().enumerate() {
             if store_down.is_some() {
                 answer.results.push(ReportResult::of(Outcome::Retry));
@@ -391,16 +392,25 @@ impl Limiter {
                 }
             };
             let id = SeqId::parse(&r.id);
+            let mut crossings = Vec::new();
             let applied = match self.reserved(r).await {
                 Ok(settlement) => self
-                    .settle_planned(id, &r.descriptors, &planned, &settlement, planned_at)
+                    .settle_planned(
+                        id,
+                        &r.descriptors,
+                        &planned,
+                        &settlement,
+                        planned_at,
+                        &mut crossings,
+                    )
                     .await
                     .map(|a| (a, settlement)),
                 Err(e) => Err(e),
             };
+            // Raised whatever became of the report: a counter that settled keeps its marks.
+            self.raise(&planned, &crossings, &mut raising);
             let result = match applied {
-                Ok(((Applied::Yes, crossings), settlement)) => {
-                    self.raise(&planned, &crossings);
+                Ok((Applied::Yes, settlement)) => {
                     inc(&self.metrics.reports_accepted);
                     let (tokens, micros) = settlement.net();
                     self.metrics.charged(tokens);
@@ -409,12 +419,12 @@ impl Limiter {
                     answer.accepted += 1;
                     ReportResult::of(Outcome::Applied)
                 }
-                Ok(((Applied::Duplicate, _), _)) => {
+                Ok((Applied::Duplicate, _)) => {
                     inc(&self.metrics.reports_duplicate);
                     answer.duplicates += 1;
                     ReportResult::of(Outcome::Duplicate)
                 }
-                Ok(((Applied::Stale, _), _)) => {
+                Ok((Applied::Stale, _)) => {
                     inc(&self.metrics.reports_rejected);
                     let why = format!(
                         "reports[{i}].id is older than the last {} ids of its source",
@@ -432,6 +442,12 @@ impl Limiter {
             answer.results.push(result);
         }
         self.record(tally);
+        if raising.suppressed > 0 {
+            tracing::warn!(
+                "{} alerts of one report batch not raised: past {MAX_ALERTS_PER_BATCH} a batch",
+                raising.suppressed
+            );
+        }
         match store_down {
             Some(e) if answer.results.first() == Some(&ReportResult::of(Outcome::Retry)) => {
                 Err(self.store_failed(e))
@@ -453,12 +469,13 @@ impl Limiter {
         planned: &[(&Descriptor, Plan)],
         settlement: &Settlement,
         planned_at: i64,
-    ) -> Result<(Applied, Vec<Crossing>), StoreError> {
+        raised: &mut Vec<Crossing>,
+    ) -> Result<Applied, StoreError> {
         let plans: Vec<Plan> = planned.iter().map(|(_, p)| p.clone()).collect();
         let now = self.store_now(planned_at);
         match self
             .store
-            .settle_report(id, &plans, settlement, now, true)
+            .settle_report(id, &plans, settlement, now, Some(&mut *raised))
             .await
         {
             // Only a report with an id is settled again: the groups that settled the first
@@ -470,7 +487,7 @@ impl Limiter {
                     .map_err(|BadRequest(why)| StoreError::Unavailable(why))?;
                 let plans: Vec<Plan> = again.into_iter().map(|(_, p)| p).collect();
                 self.store
-                    .settle_report(id, &plans, settlement, now, true)
+                    .settle_report(id, &plans, settlement, now, Some(raised))
                     .await
             }
             other => other,
@@ -617,7 +634,12 @@ impl Limiter {
 
     /// Raises the alerts a report's settlement reached: counted, logged, on the console, and
     /// queued for the webhook; never waits.
-    fn raise(&self, planned: &[(&Descriptor, Plan)], crossings: &[Crossing]) {
+    fn raise(
+        &self,
+        planned: &[(&Descriptor, Plan)],
+        crossings: &[Crossing],
+        raising: &mut Raising,
+    ) {
         let now_ms = self.clock.now_ms();
         for c in crossings {
             let Some(((d, plan), meter)) = planned
@@ -628,6 +650,16 @@ impl Limiter {
             };
             let field = meter.field();
             for threshold in &c.thresholds {
+                // One descriptor named twice in a request is one counter: one alert.
+                let once = (plan.id.clone(), field.clone(), c.window.0, *threshold);
+                if !raising.seen.insert(once) {
+                    continue;
+                }
+                if raising.seen.len() > MAX_ALERTS_PER_BATCH {
+                    raising.suppressed += 1;
+                    inc(&self.metrics.alerts_suppressed);
+                    continue;
+                }
                 let raised = Raised {
                     limit: &d.limit,
                     key: &d.value,
@@ -759,6 +791,17 @@ impl Limiter {
             }
         }
     }
+}
+
+/// The most alerts one report batch raises: any caller that may report chooses its
+/// descriptors' thresholds, and one batch could otherwise raise thousands.
+pub const MAX_ALERTS_PER_BATCH: usize = 256;
+
+/// The alerts one report batch has raised so far.
+#[derive(Default)]
+struct Raising {
+    seen: std::collections::HashSet<(crate::counter::CounterId, String, i64, wire::Threshold)>,
+    suppressed: u64,
 }
 
 /// One meter's state as the wire states it; a calendar rate also says when its period ends, in

@@ -53,6 +53,8 @@ pub struct Metrics {
     /// Checks a shadow limit would have denied, per limit; at most [`MAX_SPEND_SERIES`]
     /// series, more summed under `limit=""`.
     shadow_denied: Mutex<BTreeMap<String, u64>>,
+    /// Alerts not raised: past the most one report batch may raise.
+    pub alerts_suppressed: AtomicU64,
     /// Alerts raised, per (limit, threshold); at most [`MAX_SPEND_SERIES`] series.
     alerts: Mutex<BTreeMap<(String, String), u64>>,
     /// What the webhook sender did with them (shared with it).
@@ -313,6 +315,12 @@ impl Metrics {
                     ("{outcome=\"failed\"}", d.failed.load(Relaxed)),
                     ("{outcome=\"dropped\"}", d.dropped.load(Relaxed)),
                 ],
+            );
+            family(
+                "ratelimit_alerts_suppressed_total",
+                "Alert thresholds reached but not raised: past the 256 one report batch may raise.",
+                "counter",
+                &[("", self.alerts_suppressed.load(Relaxed))],
             );
             family(
                 "ratelimit_alert_retries_total",

@@ -381,11 +381,22 @@ impl Cli {
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
             return Err("--alert-webhook must be an http:// or https:// URL with a host".into());
         }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            // It would be logged with the host, and never sent as credentials.
+            return Err(
+                "--alert-webhook must not hold credentials (user:password@): put a token in its path or query, or sign with --alert-secret".into(),
+            );
+        }
         if !(1..=20).contains(&self.alert_attempts) {
             return Err("--alert-attempts must be between 1 and 20".into());
         }
-        if self.alert_backoff_ms == 0 || self.alert_timeout_ms == 0 {
-            return Err("--alert-backoff-ms and --alert-timeout-ms must be at least 1".into());
+        for (flag, ms) in [
+            ("alert-backoff-ms", self.alert_backoff_ms),
+            ("alert-timeout-ms", self.alert_timeout_ms),
+        ] {
+            if !(1..=60_000).contains(&ms) {
+                return Err(format!("--{flag} must be between 1 and 60000"));
+            }
         }
         if self.alert_secret.as_deref().is_some_and(|s| s.len() < 16) {
             return Err("--alert-secret must be at least 16 characters".into());
@@ -417,6 +428,47 @@ mod tests {
         Cli::try_parse_from(argv)
             .map_err(|e| e.to_string())?
             .settings()
+    }
+
+    #[test]
+    fn alert_webhooks_are_checked() {
+        let hook = |extra: &[&str]| {
+            let mut args = vec![
+                "--alert-webhook",
+                "https://hooks.example.com/services/T/B/X",
+            ];
+            args.extend_from_slice(extra);
+            settings(&args).map(|s| s.alert_webhook)
+        };
+        let w = hook(&["--alert-secret", "0123456789abcdef"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (w.attempts, w.origin().as_str()),
+            (6, "https://hooks.example.com")
+        );
+        assert!(
+            settings(&["--alert-webhook", "https://u:p@hooks.example.com/x"])
+                .unwrap_err()
+                .contains("credentials")
+        );
+        for bad in [
+            vec!["--alert-webhook", "ftp://hooks.example.com/x"],
+            vec!["--alert-webhook", "/relative"],
+            vec!["--alert-secret", "0123456789abcdef"],
+        ] {
+            assert!(settings(&bad).is_err(), "{bad:?}");
+        }
+        for bad in [
+            ["--alert-secret", "short"],
+            ["--alert-attempts", "0"],
+            ["--alert-attempts", "21"],
+            ["--alert-backoff-ms", "0"],
+            ["--alert-backoff-ms", "60001"],
+            ["--alert-timeout-ms", "600000"],
+        ] {
+            assert!(hook(&bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

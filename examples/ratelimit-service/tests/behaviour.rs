@@ -854,14 +854,35 @@ async fn alerts_are_raised_once_per_threshold_and_window(ctx: &Ctx) {
     };
     assert_eq!(ctx.limiter.report(&req).await.ok().unwrap().accepted, 1);
     assert_eq!(raised(&money.limit, "0.5"), 1);
-    // Alerts on a limit without its own rates (the service's rules decide) are ignored.
-    let ruled = Descriptor {
-        alerts: thresholds(&[0.001]),
-        ..ctx.d("al-ruled", "bucket-x", &[])
+    // One counter named twice in a report is one counter: one alert.
+    let twice = Descriptor {
+        alerts: thresholds(&[0.5]),
+        ..ctx.d("al-twice", "team", &[(100, 60)])
     };
-    ctx.report("al-ruled", std::slice::from_ref(&ruled), 90, 0)
+    ctx.report("al-twice", &[twice.clone(), twice.clone()], 60, 0)
         .await;
-    assert_eq!(raised(&ruled.limit, "0.001"), 0);
+    assert_eq!(raised(&twice.limit, "0.5"), 1);
+    // Whoever may report chooses the thresholds: one batch raises at most 256 alerts.
+    let many: Vec<Descriptor> = (0..64)
+        .map(|i| Descriptor {
+            alerts: thresholds(&[0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008]),
+            ..ctx.d("al-flood", &format!("k{i}"), &[(100, 60)])
+        })
+        .collect();
+    ctx.report("al-flood", &many, 1, 0).await;
+    let text = ctx.limiter.metrics().render("test", None);
+    let flood = format!("ratelimit_alerts_total{{limit=\"{}\"", many[0].limit);
+    let total: u64 = text
+        .lines()
+        .filter(|l| l.starts_with(&flood))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(total, 256);
+    assert!(
+        text.lines()
+            .any(|l| l == "ratelimit_alerts_suppressed_total 256"),
+        "{text}"
+    );
 }
 
 /// `trim`: a reserve that does not fit gives way to the largest grant every limit can pay for,

@@ -188,13 +188,14 @@ pub const MAX_THRESHOLD: f64 = 10.0;
 pub struct Threshold(u32);
 
 impl Threshold {
-    /// The threshold of a fraction in `(0, MAX_THRESHOLD]`, to the nearest thousandth (at
-    /// least 0.001); `None` for anything else.
+    /// The threshold of a fraction in `[0.001, MAX_THRESHOLD]`, to the nearest thousandth;
+    /// `None` for anything else.
     pub fn of(fraction: f64) -> Option<Threshold> {
         if !(fraction > 0.0 && fraction <= MAX_THRESHOLD) {
             return None;
         }
-        Some(Threshold(((fraction * 1000.0).round() as u32).max(1)))
+        let permille = (fraction * 1000.0).round() as u32;
+        (permille >= 1).then_some(Threshold(permille))
     }
 
     /// Thousandths of the budget.
@@ -223,7 +224,7 @@ impl<'de> Deserialize<'de> for Threshold {
         let fraction = f64::deserialize(d)?;
         Threshold::of(fraction).ok_or_else(|| {
             serde::de::Error::custom(format!(
-                "an alert threshold is a fraction of the budget above 0 and at most {MAX_THRESHOLD}, not {fraction}"
+                "an alert threshold is a fraction of the budget from 0.001 to {MAX_THRESHOLD}, not {fraction}"
             ))
         })
     }

@@ -668,7 +668,7 @@ fn thresholds(fractions: &[f64], path: &Path) -> Result<Vec<wire::Threshold>, Co
     for (i, f) in fractions.iter().enumerate() {
         let t = wire::Threshold::of(*f).ok_or_else(|| {
             path.index(i).error(format!(
-                "is a fraction of the budget above 0 and at most {}",
+                "is a fraction of the budget from 0.001 to {}",
                 wire::MAX_THRESHOLD
             ))
         })?;

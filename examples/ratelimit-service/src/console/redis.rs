@@ -235,7 +235,7 @@ struct ConsoleBatch {
     minutes: std::collections::BTreeMap<i64, (i64, std::collections::BTreeMap<String, i64>)>,
     used: std::collections::BTreeMap<(String, String), i64>,
     denials: std::collections::VecDeque<board::Denial>,
-    alerts: Vec<board::AlertNote>,
+    alerts: std::collections::VecDeque<board::AlertNote>,
     events: usize,
 }
 
@@ -259,8 +259,9 @@ impl ConsoleBatch {
                 }
             }
             ConsoleEvent::Alerted(a) => {
-                if self.alerts.len() < board::ALERTS {
-                    self.alerts.push(a);
+                self.alerts.push_back(a);
+                if self.alerts.len() > board::ALERTS {
+                    self.alerts.pop_front();
                 }
             }
             ConsoleEvent::Denied(d) => {

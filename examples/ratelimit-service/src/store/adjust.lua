@@ -3,7 +3,11 @@
 -- ARGV: "reset" | "grant", amount (grant): taken off what every window has used (a bucket
 -- gains it), so this window admits that much more. Returns the meters changed.
 if ARGV[1] == "reset" then
-  local n = redis.call("HLEN", KEYS[1])
+  -- The meters, not the alert marks ("a:<field>") kept beside them.
+  local n = 0
+  for _, field in ipairs(redis.call("HKEYS", KEYS[1])) do
+    if string.sub(field, 1, 2) ~= "a:" then n = n + 1 end
+  end
   redis.call("DEL", KEYS[1])
   return {n}
 end

@@ -358,8 +358,10 @@ else
   for c = 1, ncounters do
     local alerts = thresholds[c]
     for i, m in ipairs(counters[c]) do
-      if #alerts > 0 and m.kind ~= "b" then
-        local used, start = spent(m, m.state)
+      local used, start = 0, 0
+      if #alerts > 0 and m.kind ~= "b" then used, start = spent(m, m.state) end
+      -- Below the lowest threshold nothing can be raised: no need to read the mark.
+      if #alerts > 0 and m.kind ~= "b" and used >= m.reached_at[1] then
         local mark = "a:" .. m.field
         local at, raised = string.match(redis.call("HGET", KEYS[c], mark) or "", "^(-?%d+),(-?%d+)")
         at = tonumber(at or "-1"); raised = tonumber(raised or "0")

@@ -492,7 +492,8 @@ mod tests {
                 .collect()
         };
         assert!(charge(49, true, 0).is_empty());
-        // A refund (or undo) never raises, and does not spend the alert either.
+        // A settlement that is not a report's (a trimmed grant's refund, an undo) never raises,
+        // and does not spend the alert either.
         assert!(charge(1, false, 1).is_empty());
         let c = charge(0, true, 2);
         assert_eq!(reached(&c), [500]);

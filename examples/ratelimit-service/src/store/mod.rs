@@ -53,31 +53,36 @@ impl Store {
         settlement: &Settlement,
         now: Option<i64>,
     ) -> Result<Applied, StoreError> {
-        Ok(self
-            .settle_report(id, plans, settlement, now, false)
-            .await?
-            .0)
+        self.settle_report(id, plans, settlement, now, None).await
     }
 
-    /// [`Store::settle`] for a report: with `alerting`, also the alert thresholds it brought
+    /// [`Store::settle`] for a report: with `raised`, also the alert thresholds it brought
     /// meters to, each raised once per window across replicas (the mark is written in the same
-    /// atomic step as the charge).
+    /// atomic step as the charge). They are added to `raised` even when the settlement fails
+    /// as a whole (a Redis Cluster counter that settled keeps its marks, and a retry would be a
+    /// duplicate there).
     pub async fn settle_report(
         &self,
         id: Option<SeqId>,
         plans: &[Plan],
         settlement: &Settlement,
         now: Option<i64>,
-        alerting: bool,
-    ) -> Result<(Applied, Vec<Crossing>), StoreError> {
+        raised: Option<&mut Vec<Crossing>>,
+    ) -> Result<Applied, StoreError> {
         if plans.is_empty() && id.is_none() {
             // Nothing is limited (service-owned limits no rule matches): nothing to charge.
-            return Ok((Applied::Yes, Vec::new()));
+            return Ok(Applied::Yes);
         }
-        let alerting = alerting && plans.iter().any(|p| !p.alerts.is_empty());
+        let raised = raised.filter(|_| plans.iter().any(|p| !p.alerts.is_empty()));
         match self {
-            Store::Memory(m) => Ok(m.settle(id, plans, settlement, now, alerting)),
-            Store::Redis(r) => r.settle(id, plans, settlement, now, alerting).await,
+            Store::Memory(m) => {
+                let (applied, crossings) = m.settle(id, plans, settlement, now, raised.is_some());
+                if let Some(raised) = raised {
+                    raised.extend(crossings);
+                }
+                Ok(applied)
+            }
+            Store::Redis(r) => r.settle(id, plans, settlement, now, raised).await,
         }
     }
 

@@ -401,8 +401,9 @@ impl RedisStore {
         plans: &[Plan],
         settlement: &Settlement,
         now: Option<i64>,
-        alerting: bool,
-    ) -> Result<(Applied, Vec<Crossing>), StoreError> {
+        mut raised: Option<&mut Vec<Crossing>>,
+    ) -> Result<Applied, StoreError> {
+        let alerting = raised.is_some();
         let groups = self.groups(plans);
         let calls = groups.iter().map(|group| {
             let mut keys: Vec<String> = group.iter().map(|p| p.id.storage_key()).collect();
@@ -424,54 +425,66 @@ impl RedisStore {
             self.run(keys, args)
         });
         let answers = join_all(calls).await;
-        // Groups that settled stay settled (their ids are marked): a retry is a duplicate there.
-        if let Some(redis_now) = replan(&answers) {
-            return Err(StoreError::Replan(redis_now));
-        }
-        let mut outcome = Applied::Stale;
-        let mut crossings = Vec::new();
+        // The alerts of every group that settled, whatever the others did: a group that settled
+        // stays settled (its id is marked, its alert marks written), so a retry is a duplicate
+        // there and would never raise them.
         let mut first_plan = 0;
-        for (group, answer) in groups.iter().zip(answers) {
-            let answer = answer?;
-            match Dedup::from_code(answer.first().copied().unwrap_or(-1)) {
-                Dedup::First => outcome = Applied::Yes,
-                Dedup::Duplicate if outcome == Applied::Stale => outcome = Applied::Duplicate,
-                _ => {}
-            }
-            let at = answer.get(1).copied().unwrap_or(0);
-            for raised in answer.get(2..).unwrap_or_default().chunks_exact(5) {
-                let &[c, i, before, highest, used] = raised else {
-                    continue;
-                };
-                let plan_at = usize::try_from(c - 1).ok();
-                let meter_at = usize::try_from(i - 1).ok();
-                let (Some(p), Some(i)) = (plan_at, meter_at) else {
-                    continue;
-                };
-                let Some((plan, meter)) = group.get(p).and_then(|pl| Some((pl, pl.meters.get(i)?)))
-                else {
-                    continue;
-                };
-                let thresholds: Vec<wire::Threshold> = plan
-                    .alerts
-                    .iter()
-                    .copied()
-                    .filter(|t| (before + 1..=highest).contains(&i64::from(t.permille())))
-                    .collect();
-                if let (false, Some(window)) = (thresholds.is_empty(), meter.alert_window(at)) {
-                    crossings.push(Crossing {
-                        plan: first_plan + p,
-                        meter: i,
-                        thresholds,
-                        used,
-                        budget: meter.limit(),
-                        window,
-                    });
+        for (group, answer) in groups.iter().zip(&answers) {
+            if let (Some(raised), Ok(answer)) = (raised.as_deref_mut(), answer) {
+                if answer.first() == Some(&1) {
+                    raised.extend(Self::crossings(group, answer, first_plan));
                 }
             }
             first_plan += group.len();
         }
-        Ok((outcome, crossings))
+        if let Some(redis_now) = replan(&answers) {
+            return Err(StoreError::Replan(redis_now));
+        }
+        let mut outcome = Applied::Stale;
+        for answer in answers {
+            match Dedup::from_code(answer?.first().copied().unwrap_or(-1)) {
+                Dedup::First => outcome = Applied::Yes,
+                Dedup::Duplicate if outcome == Applied::Stale => outcome = Applied::Duplicate,
+                _ => {}
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The thresholds a settle answer says its group's meters reached: per meter that raised,
+    /// `counter, meter, highest raised before, highest now, spend` (1-based indices).
+    fn crossings(group: &[Plan], answer: &[i64], first_plan: usize) -> Vec<Crossing> {
+        let at = answer.get(1).copied().unwrap_or(0);
+        let mut out = Vec::new();
+        for raised in answer.get(2..).unwrap_or_default().chunks_exact(5) {
+            let &[c, i, before, highest, used] = raised else {
+                continue;
+            };
+            let (Ok(p), Ok(i)) = (usize::try_from(c - 1), usize::try_from(i - 1)) else {
+                continue;
+            };
+            let Some((plan, meter)) = group.get(p).and_then(|pl| Some((pl, pl.meters.get(i)?)))
+            else {
+                continue;
+            };
+            let thresholds: Vec<wire::Threshold> = plan
+                .alerts
+                .iter()
+                .copied()
+                .filter(|t| (before + 1..=highest).contains(&i64::from(t.permille())))
+                .collect();
+            if let (false, Some(window)) = (thresholds.is_empty(), meter.alert_window(at)) {
+                out.push(Crossing {
+                    plan: first_plan + p,
+                    meter: i,
+                    thresholds,
+                    used,
+                    budget: meter.limit(),
+                    window,
+                });
+            }
+        }
+        out
     }
 
     /// The keys of a source's report ring: one per source on a single server; in a cluster one
