@@ -652,14 +652,16 @@ impl Limiter {
             for threshold in &c.thresholds {
                 // One descriptor named twice in a request is one counter: one alert.
                 let once = (plan.id.clone(), field.clone(), c.window.0, *threshold);
-                if !raising.seen.insert(once) {
+                if raising.seen.contains(&once) {
                     continue;
                 }
-                if raising.seen.len() > MAX_ALERTS_PER_BATCH {
+                // Past the cap nothing more is kept: the set stays bounded too.
+                if raising.seen.len() >= MAX_ALERTS_PER_BATCH {
                     raising.suppressed += 1;
                     inc(&self.metrics.alerts_suppressed);
                     continue;
                 }
+                raising.seen.insert(once);
                 let raised = Raised {
                     limit: &d.limit,
                     key: &d.value,

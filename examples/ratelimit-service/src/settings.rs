@@ -378,7 +378,9 @@ impl Cli {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|e| format!("--alert-webhook: not a URL ({e})"))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        if !matches!(uri.scheme_str(), Some("http" | "https"))
+            || uri.host().is_none_or(str::is_empty)
+        {
             return Err("--alert-webhook must be an http:// or https:// URL with a host".into());
         }
         if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
@@ -386,6 +388,15 @@ impl Cli {
             return Err(
                 "--alert-webhook must not hold credentials (user:password@): put a token in its path or query, or sign with --alert-secret".into(),
             );
+        }
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        let after_host = authority
+            .rsplit_once(']')
+            .map_or(authority, |(_, rest)| rest);
+        if let Some((_, port)) = after_host.rsplit_once(':') {
+            if port.parse::<u16>().map_or(true, |p| p == 0) {
+                return Err("--alert-webhook: its port is not a number from 1 to 65535".into());
+            }
         }
         if !(1..=20).contains(&self.alert_attempts) {
             return Err("--alert-attempts must be between 1 and 20".into());
@@ -455,6 +466,8 @@ mod tests {
         for bad in [
             vec!["--alert-webhook", "ftp://hooks.example.com/x"],
             vec!["--alert-webhook", "/relative"],
+            vec!["--alert-webhook", "http://hooks.example.com:99999/x"],
+            vec!["--alert-webhook", "http://:80/x"],
             vec!["--alert-secret", "0123456789abcdef"],
         ] {
             assert!(settings(&bad).is_err(), "{bad:?}");
