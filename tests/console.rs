@@ -141,7 +141,7 @@ fn the_console_shows_the_top_consumer_and_its_denial() {
         denials[0][3].contains("100 tokens left of 1000 tokens, 500 tokens needed"),
         "{denials:?}"
     );
-    // alice's reports reached 600 (0.5) and then 900 (0.8): newest first.
+    // alice's reports reached 600 (0.5) and 900 (0.8): newest first.
     let alerts = rows(&dom, "alerts");
     assert_eq!(
         alerts.len(),
@@ -154,7 +154,12 @@ fn the_console_shows_the_top_consumer_and_its_denial() {
         ["per-user", "alice", "80%", "900 tokens", "1000 tokens"],
         "{alerts:?}"
     );
-    assert_eq!(alerts[1][3..5], ["50%", "600 tokens"], "{alerts:?}");
+    // Her two reports may arrive merged in one batch: then both are raised at 900.
+    assert_eq!(alerts[1][1..4], ["per-user", "alice", "50%"], "{alerts:?}");
+    assert!(
+        ["600 tokens", "900 tokens"].contains(&alerts[1][4].as_str()),
+        "{alerts:?}"
+    );
     assert!(
         alerts[0][6].ends_with(":00:00Z"),
         "the window's end: {alerts:?}"
