@@ -17,6 +17,8 @@ use hyper::Uri;
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::console::board;
+
 /// Alerts waiting for the sender; past it, new ones are dropped (and counted).
 pub const ALERT_QUEUE: usize = 1024;
 /// Posts in flight at once: a slow receiver holds at most this many.
@@ -92,6 +94,25 @@ pub struct Alert {
     pub text: String,
 }
 
+impl Alert {
+    /// The alert as the console lists it.
+    pub fn note(&self) -> board::AlertNote {
+        let amount = |n: f64| match &self.currency {
+            Some(c) => format!("{} {c}", wire::format_micros((n * 1e6).round() as u64)),
+            None => format!("{n} tokens"),
+        };
+        board::AlertNote {
+            at_ms: self.at_ms,
+            limit: self.limit.clone(),
+            value: board::bounded(&self.key).to_string(),
+            threshold: self.threshold.to_string(),
+            used: amount(self.used),
+            budget: amount(self.budget),
+            window_end: self.window_end.clone(),
+        }
+    }
+}
+
 /// A threshold crossing, before it is worded.
 #[derive(Debug, Clone)]
 pub struct Raised<'a> {
@@ -158,23 +179,14 @@ impl Raised<'_> {
         };
         format!(
             "Budget alert: limit `{}`, key `{}` has used {}% of its budget: {} of {} {unit} in the window ending {}.",
-            chat_safe(cut(self.limit, TEXT_KEY)),
-            chat_safe(cut(self.key, TEXT_KEY)),
+            chat_safe(board::cut(self.limit, TEXT_KEY)),
+            chat_safe(board::cut(self.key, TEXT_KEY)),
             f64::from(self.threshold.permille()) / 10.0,
             amount(self.used),
             amount(self.budget),
             rfc3339(self.window.1)
         )
     }
-}
-
-/// `s` cut to at most `n` bytes at a character boundary.
-fn cut(s: &str, n: usize) -> &str {
-    let mut end = s.len().min(n);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.get(..end).unwrap_or_default()
 }
 
 /// `n` with thousands separated by commas.

@@ -686,8 +686,7 @@ impl Limiter {
                     budget = c.budget,
                     "alert threshold reached"
                 );
-                self.insights
-                    .record(ConsoleEvent::Alerted(board::AlertNote::of(&alert)));
+                self.insights.record(ConsoleEvent::Alerted(alert.note()));
                 self.alerts.send(alert);
             }
         }

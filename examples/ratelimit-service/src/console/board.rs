@@ -154,24 +154,6 @@ pub struct AlertNote {
     pub window_end: String,
 }
 
-impl AlertNote {
-    pub fn of(a: &crate::alerts::Alert) -> AlertNote {
-        let amount = |n: f64| match &a.currency {
-            Some(c) => format!("{} {c}", wire::format_micros((n * 1e6).round() as u64)),
-            None => format!("{n} tokens"),
-        };
-        AlertNote {
-            at_ms: a.at_ms,
-            limit: a.limit.clone(),
-            value: bounded(&a.key).to_string(),
-            threshold: a.threshold.to_string(),
-            used: amount(a.used),
-            budget: amount(a.budget),
-            window_end: a.window_end.clone(),
-        }
-    }
-}
-
 /// One denied check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Denial {
@@ -211,11 +193,16 @@ pub fn minute_of(now_ms: i64) -> i64 {
 
 /// `value` cut to [`MAX_VALUE`] bytes at a character boundary.
 pub fn bounded(value: &str) -> &str {
-    let mut cut = value.len().min(MAX_VALUE);
-    while !value.is_char_boundary(cut) {
-        cut -= 1;
+    cut(value, MAX_VALUE)
+}
+
+/// `s` cut to at most `n` bytes at a character boundary.
+pub fn cut(s: &str, n: usize) -> &str {
+    let mut end = s.len().min(n);
+    while !s.is_char_boundary(end) {
+        end -= 1;
     }
-    value.get(..cut).unwrap_or_default()
+    s.get(..end).unwrap_or_default()
 }
 
 impl Board {
