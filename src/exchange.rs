@@ -11,6 +11,7 @@
 use crate::body::{self, path_model, Api, BodyFacts, Edits};
 use crate::config::{Config, FailureMode, OnMissing};
 use crate::cutoff::{Allowance, Cutoff, Ending};
+use crate::lease::Local;
 use crate::limits::{descriptors, Descriptor};
 use crate::matcher::normalize_path;
 use crate::protocol::{self, CheckFailure, MoneyQuota, Outbound, Quota};
@@ -48,6 +49,8 @@ pub enum Event {
     Charged(Basis),
     /// Admitted, though shadow limits would have denied it.
     ShadowDenied,
+    /// Admitted under a quota lease the VM holds, with no check.
+    Leased,
     /// A stream was ended in its provider's shape: its budget was spent.
     StreamCut,
     /// An ended stream's upstream went on past its drain, and the stream was reset.
@@ -183,6 +186,8 @@ struct Spend {
     /// The check may be trimmed (`reserve.trim`): how a grant becomes a cap, and the least
     /// the service takes (what an unseen answer's release gives back).
     trim: Option<(TrimPlan, Amount)>,
+    /// Admitted under this quota lease (its id), not by a check.
+    lease: Option<String>,
 }
 
 struct Priced {
@@ -205,6 +210,7 @@ impl Spend {
             reserved_at_ms: self.reserved_at_ms,
             release: if self.release { self.id } else { None },
             usage: charge.usage.into(),
+            lease: self.lease,
         })
     }
 
@@ -234,6 +240,28 @@ impl Spend {
             basis: Basis::UpstreamError,
         };
         self.spent(&nothing, 0)
+    }
+}
+
+/// What a check asks of the VM: an id for a reservation a report may have to release, and
+/// admission under the VM's quota leases. A closure that makes ids admits under no lease.
+pub trait Admission {
+    fn next_id(&mut self) -> Option<String>;
+
+    /// Admits a request under a lease of its descriptors that covers `reserve`; `None`: check.
+    fn lease(
+        &mut self,
+        _descriptors: &[Descriptor],
+        _reserve: Amount,
+        _now_ms: u64,
+    ) -> Option<Local> {
+        None
+    }
+}
+
+impl<F: FnMut() -> Option<String>> Admission for F {
+    fn next_id(&mut self) -> Option<String> {
+        self()
     }
 }
 
@@ -365,13 +393,14 @@ impl Exchange {
 
     /// Decides the check of a request whose body (if awaited) arrived: `body` is what was
     /// read (`None`: none, too large, or ended by trailers), `size` its size as buffered.
-    /// `next_id` gives a check id (for a reservation a report may have to release).
+    /// `vm` gives check ids (for a reservation a report may have to release) and, under
+    /// `service.admission: lease`, admits under the VM's leases.
     pub fn check(
         &mut self,
         config: &Config,
         properties: &impl Properties,
         body: Option<(&[u8], usize)>,
-        next_id: impl FnOnce() -> Option<String>,
+        mut vm: impl Admission,
         now_ms: u64,
     ) -> (Check, Option<BodyEdit>) {
         let (headers, inject, awaited) =
@@ -489,10 +518,38 @@ impl Exchange {
                 fixed: Amount::new(t.plan.fixed, prompt_micros),
             }
         });
+        // Under a quota lease that covers it: admitted here, its reservation taken from the
+        // lease (a trimmed request is checked: the service decides its grant).
+        let leased = (config.service.leases && trim.is_none())
+            .then(|| vm.lease(&descriptors, reserve, now_ms))
+            .flatten();
+        if let Some(local) = leased {
+            self.events.push(Event::Leased);
+            self.state = State::Admitted {
+                spend: Spend {
+                    descriptors,
+                    reserved: reserve,
+                    reserved_at_ms: Some(local.reserved_at_ms),
+                    id: None,
+                    release: false,
+                    dispatched_ms: now_ms,
+                    api,
+                    priced,
+                    trim: None,
+                    lease: Some(local.lease),
+                },
+                quota: local.quota,
+                money: None,
+                response: None,
+                cap: None,
+                shadow: None,
+            };
+            return (Check::Continue, edit);
+        }
         // A reservation may need releasing later: its check carries the id its report will.
         let wire = config.service.protocol.wire();
         let id = (!reserve.is_zero() && wire.releases())
-            .then(next_id)
+            .then(|| vm.next_id())
             .flatten();
         let call = wire.check_call(
             &config.service,
@@ -514,6 +571,7 @@ impl Exchange {
                 trim: trimmed
                     .zip(trim)
                     .map(|(t, w)| (t.plan, Amount::new(w.min, w.cost(reserve, w.min)))),
+                lease: None,
             },
         };
         (Check::Dispatch(call), edit)

@@ -292,6 +292,7 @@ mod tests {
             reserved_at_ms: None,
             granted: None,
             shadow_denied: Vec::new(),
+            lease: None,
         }
     }
 

@@ -43,6 +43,9 @@ pub struct Spent {
     /// The id of the check whose reservation this releases (its answer was never seen).
     pub release: Option<String>,
     pub usage: UsageFigures,
+    /// The quota lease the request was admitted under, if any: what it used beyond its
+    /// reservation shrinks that lease (the queue itself ignores it).
+    pub lease: Option<String>,
 }
 
 /// How a waiting entry settles its descriptors; only entries of one kind merge.
@@ -233,6 +236,7 @@ impl ReportQueue {
             reserved_at_ms,
             release,
             usage,
+            lease: _,
         } = spent;
         // (kind, to charge, to give back, when reserved)
         let mut parts = Vec::with_capacity(2);
@@ -595,6 +599,7 @@ mod tests {
                 total_tokens: tokens,
                 ..Default::default()
             },
+            lease: None,
         }
     }
 

@@ -176,6 +176,7 @@ pub fn read_check(grpc_status: u32, body: &[u8]) -> Result<Verdict, CheckFailure
         reserved_at_ms: None,
         granted: None,
         shadow_denied: Vec::new(),
+        lease: None,
     })
 }
 

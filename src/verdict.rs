@@ -46,6 +46,8 @@ pub struct Verdict {
     pub granted: Option<wire::Amount>,
     /// The shadow limits that would have denied (protocol v1).
     pub shadow_denied: Vec<String>,
+    /// The answer to a quota lease ask (protocol v1).
+    pub lease: Option<wire::LeaseAnswer>,
 }
 
 /// Why a check produced no decision; each kind has its own metric.

@@ -311,6 +311,14 @@ mod tests {
                 "`service.failure_mode`",
             ),
             (
+                r#"{"service": {"cluster": "a", "admission": "lease", "protocol": "asm"}, "limits": [{"name": "g", "key": ""}]}"#,
+                "`service.admission`: \"lease\" needs protocol \"v1\"",
+            ),
+            (
+                r#"{"service": {"cluster": "a", "admission": "leases"}, "limits": []}"#,
+                "`service.admission`",
+            ),
+            (
                 r#"{"service": {"cluster": "a", "failure_status": 42}, "limits": []}"#,
                 "`service.failure_status`: 42 is not an HTTP status",
             ),

@@ -52,6 +52,9 @@ pub struct ServiceConfig {
     pub descriptor_entries: Vec<(String, String)>,
     /// Sent on every call as `authorization: Bearer <key>` (gRPC metadata under envoy-rls).
     pub api_key: Option<String>,
+    /// `admission: "lease"`: requests for a key far from its limits are admitted under quota
+    /// leases the VM holds, without a check each (protocol v1).
+    pub leases: bool,
 }
 
 /// Tokens taken from every budget when a request is admitted, before its usage is known.

@@ -9,7 +9,7 @@ use proxy_wasm::types::Action;
 
 use super::host::{pass_response, read_headers, response_head, selected};
 use super::host::{Host, HostProperties, HostScope};
-use super::shared::Shared;
+use super::shared::{Shared, VmAdmission};
 use crate::config::Config;
 use crate::exchange::{BodyEdit, Check, Exchange, OnBody, OnHeaders, Resolution};
 use crate::protocol::CheckFailure;
@@ -55,8 +55,8 @@ impl Http {
     fn check(&mut self, body: Option<(&[u8], usize)>) -> Action {
         self.with_config(Action::Continue, |this, shared, config| {
             let (props, now) = (HostProperties(this.host.as_ref()), this.host.now_ms());
-            let next_id = || shared.next_check_id();
-            let (check, edit) = this.exchange.check(config, &props, body, next_id, now);
+            let vm = VmAdmission(shared);
+            let (check, edit) = this.exchange.check(config, &props, body, vm, now);
             if let Some(edit) = edit {
                 this.edit(&edit);
             }

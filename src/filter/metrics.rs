@@ -106,6 +106,13 @@ pub struct Metrics {
     pub reports_retried: Counter,
     pub reports_failed: Counter,
     pub reports_dropped: Counter,
+    /// Requests admitted under a quota lease (no check); lease asks granted, declined by the
+    /// service, and failed (no answer: the ask is released); leases held now.
+    pub leases_admitted: Counter,
+    pub leases_granted: Counter,
+    pub leases_declined: Counter,
+    pub leases_failed: Counter,
+    pub leases_held: Gauge,
     /// Reports waiting in this VM's queue.
     pub report_queue: Gauge,
     /// This VM's linear memory, in bytes.
@@ -145,6 +152,11 @@ impl Metrics {
             reports_retried: counter("reports.retried"),
             reports_failed: counter("reports.failed"),
             reports_dropped: counter("reports.dropped"),
+            leases_admitted: counter("leases.admitted"),
+            leases_granted: counter("leases.granted"),
+            leases_declined: counter("leases.declined"),
+            leases_failed: counter("leases.failed"),
+            leases_held: gauge("leases.held"),
             report_queue: gauge("report_queue"),
             vm_memory_bytes: gauge("vm_memory_bytes"),
         }
@@ -168,6 +180,7 @@ impl Metrics {
             Event::FailureDenied => m.failure_mode_denied.inc(),
             Event::CalloutUnknown => m.callouts_unknown.inc(),
             Event::Charged(basis) => m.charged(basis),
+            Event::Leased => m.leases_admitted.inc(),
             Event::StreamCut => m.streams_cut.inc(),
             Event::ShadowDenied => m.shadow_denied.inc(),
             Event::StreamReset => m.streams_reset.inc(),

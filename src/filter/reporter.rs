@@ -1,4 +1,5 @@
-//! The root contexts' side of reporting: the VM's one report queue and the calls that empty it.
+//! The root contexts' side of reporting: the VM's one report queue and the calls that empty it,
+//! and the asks for the VM's quota leases (sent in the background, like reports).
 //!
 //! HTTP streams hand over what their request spent in `on_log` and wake a root context through
 //! its timer; a root context dispatches calls (several may be in flight) and settles each from
@@ -7,11 +8,13 @@
 //! root context, so a new configuration (a new root context) takes it over; a call whose root
 //! context is gone is settled as failed after its deadline and sent again with its ids.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use super::host::Host;
 use super::metrics::Metrics;
 use crate::config::ServiceConfig;
+use crate::lease::Leases;
 use crate::report::{Delivery, ReportIds, ReportQueue, Settled, Spent};
 
 /// A report call may carry a hundred reports: give it more time than a check.
@@ -21,9 +24,11 @@ const MIN_REPORT_TIMEOUT_MS: u64 = 2000;
 /// (a root context replaced by a new configuration may leave reports behind).
 pub const HEARTBEAT_MS: u64 = 1000;
 
-/// A call in flight: the queue's number for it, the root context that made it, its token.
+/// A call in flight: the queue's number for it (or the lease ask it is: its id and when it
+/// left), the root context that made it, its token.
 struct Flight {
     call: u64,
+    lease: Option<(String, u64)>,
     root: u32,
     token: u32,
 }
@@ -35,6 +40,7 @@ pub struct Reporter {
     checks: ReportIds,
     service: ServiceConfig,
     flights: Vec<Flight>,
+    leases: Rc<RefCell<Leases>>,
     next_call: u64,
     /// The root context whose timer is armed, if any.
     ticking: Option<u32>,
@@ -45,7 +51,12 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(host: Rc<dyn Host>, service: ServiceConfig, capacity: usize) -> Reporter {
+    pub fn new(
+        host: Rc<dyn Host>,
+        service: ServiceConfig,
+        capacity: usize,
+        leases: Rc<RefCell<Leases>>,
+    ) -> Reporter {
         let seed = host.random_seed();
         let (batch, in_flight) = service.protocol.wire().batching();
         Reporter {
@@ -54,6 +65,7 @@ impl Reporter {
             checks: ReportIds::new(seed),
             service,
             flights: Vec::new(),
+            leases,
             next_call: 0,
             ticking: None,
             service_offset_ms: None,
@@ -91,6 +103,12 @@ impl Reporter {
         }
     }
 
+    /// A lease ask is due: root context `root` sends it on its next tick.
+    pub fn wake(&mut self, root: u32) {
+        self.ticking = Some(root);
+        self.host.set_tick_ms(1);
+    }
+
     /// A root context is gone: its timer no longer runs, and its calls will not be answered.
     pub fn forget_root(&mut self, root: u32) {
         if self.ticking == Some(root) {
@@ -103,11 +121,13 @@ impl Reporter {
     pub fn pump(&mut self, root: u32, metrics: &Metrics) {
         let timeout = self.service.timeout_ms.max(MIN_REPORT_TIMEOUT_MS);
         let now = self.host.now_ms();
-        for call in self.queue.overdue(now.saturating_sub(2 * timeout + 1000)) {
+        let given_up = now.saturating_sub(2 * timeout + 1000);
+        for call in self.queue.overdue(given_up) {
             log::warn!("a usage report call was never answered; it will be sent again");
             self.flights.retain(|f| f.call != call);
             self.settle(call, Delivery::Retry, metrics);
         }
+        self.lease(root, now, given_up, metrics);
         loop {
             self.next_call += 1;
             let call_number = self.next_call;
@@ -127,6 +147,7 @@ impl Reporter {
             match self.host.dispatch(&self.service, &outbound, timeout) {
                 Ok(token) => self.flights.push(Flight {
                     call: call_number,
+                    lease: None,
                     root,
                     token,
                 }),
@@ -154,6 +175,96 @@ impl Reporter {
         }
     }
 
+    /// Ends leases whose time is up (giving back what they did not use), gives up asks never
+    /// answered (releasing them), and sends the asks that are due.
+    fn lease(&mut self, root: u32, now: u64, given_up: u64, metrics: &Metrics) {
+        let Ok(mut leases) = self.leases.try_borrow_mut() else {
+            return;
+        };
+        let mut reports = leases.expire(now, false);
+        let lost = |f: &Flight| f.lease.as_ref().is_some_and(|(_, sent)| *sent < given_up);
+        for flight in self.flights.iter().filter(|f| lost(f)) {
+            log::warn!("a quota lease ask was never answered; it is released");
+            metrics.leases_failed.inc();
+            let id = flight.lease.as_ref().map_or("", |(id, _)| id.as_str());
+            reports.extend(leases.failed(id, now, self.service_offset_ms.unwrap_or(0)));
+        }
+        self.flights.retain(|f| !lost(f));
+        let checks = &mut self.checks;
+        for ask in leases.asks(now, || checks.next_id()) {
+            let Some(call) = self.service.protocol.wire().lease_call(&ask) else {
+                continue;
+            };
+            match self
+                .host
+                .dispatch(&self.service, &call, self.service.timeout_ms)
+            {
+                Ok(token) => self.flights.push(Flight {
+                    call: 0,
+                    lease: Some((ask.id, now)),
+                    root,
+                    token,
+                }),
+                // It never left: nothing to release; the key is checked for a while.
+                Err(status) => {
+                    log::warn!("a quota lease ask could not be dispatched: {status:?}");
+                    metrics.leases_failed.inc();
+                    leases.failed(&ask.id, now, 0);
+                }
+            }
+        }
+        metrics.leases_held.set(leases.held() as u64);
+        drop(leases);
+        for spent in reports {
+            self.queue.push(spent);
+        }
+    }
+
+    /// The answer to a lease ask: the lease is installed (the one it replaces ends), or the
+    /// key is checked for a while; an ask without a readable answer is released.
+    fn lease_answered(&mut self, id: &str, status: Option<u32>, body: &[u8], metrics: &Metrics) {
+        let now = self.host.now_ms();
+        let Ok(mut leases) = self.leases.try_borrow_mut() else {
+            return;
+        };
+        let report = match self.service.protocol.wire().read_check(status, body) {
+            Ok(v) => {
+                let granted = v.allowed && v.lease.is_some_and(|l| l.granted.is_some());
+                if granted {
+                    metrics.leases_granted.inc();
+                } else {
+                    metrics.leases_declined.inc();
+                }
+                leases.answered(id, v.allowed, v.lease, v.quota, now)
+            }
+            Err(kind) => {
+                log::warn!(
+                    "quota lease ask failed ({}): status {status:?}",
+                    kind.name()
+                );
+                metrics.leases_failed.inc();
+                leases.failed(id, now, self.service_offset_ms.unwrap_or(0))
+            }
+        };
+        metrics.leases_held.set(leases.held() as u64);
+        drop(leases);
+        if let Some(spent) = report {
+            self.queue.push(spent);
+        }
+    }
+
+    /// The VM is stopping: every lease ends now, and what they did not use is queued to be
+    /// given back.
+    pub fn end_leases(&mut self) {
+        let ends = match self.leases.try_borrow_mut() {
+            Ok(mut leases) => leases.expire(self.host.now_ms(), true),
+            Err(_) => Vec::new(),
+        };
+        for spent in ends {
+            self.queue.push(spent);
+        }
+    }
+
     /// The VM is stopping: sends everything that may leave now, backoff or not.
     pub fn flush(&mut self, root: u32, metrics: &Metrics) {
         self.queue.skip_backoff();
@@ -177,7 +288,13 @@ impl Reporter {
         else {
             return false;
         };
-        let call = self.flights.swap_remove(i).call;
+        let flight = self.flights.swap_remove(i);
+        if let Some((id, _)) = flight.lease {
+            self.lease_answered(&id, status, body, metrics);
+            self.pump(root, metrics);
+            return true;
+        }
+        let call = flight.call;
         let outcome = self.service.protocol.wire().read_delivery(status, body);
         if matches!(outcome, Delivery::Retry | Delivery::Refused) {
             log::warn!("usage report failed: status {status:?}");

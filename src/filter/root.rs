@@ -19,6 +19,7 @@ use super::metrics::Metrics;
 use super::reporter::{Reporter, HEARTBEAT_MS};
 use super::shared::Shared;
 use crate::config::Plugin;
+use crate::lease::Leases;
 
 /// How long the last root context of a VM may take to send what is queued.
 pub const DRAIN_MS: u64 = 5000;
@@ -27,6 +28,7 @@ pub const DRAIN_MS: u64 = 5000;
 struct Vm {
     metrics: Rc<Metrics>,
     reporter: Rc<RefCell<Reporter>>,
+    leases: Rc<RefCell<Leases>>,
 }
 
 thread_local! {
@@ -107,10 +109,15 @@ impl Context for Root {
             n.set(n.get().saturating_sub(1));
             n.get()
         });
+        if others > 0 {
+            return true;
+        }
+        // The VM stops: its leases end, and what they did not use is given back with the rest.
+        self.with_reporter(|reporter, _| reporter.end_leases());
         let empty = self.shared.as_ref().map_or(true, |s| {
             s.reporter.try_borrow().map_or(true, |r| r.is_empty())
         });
-        if others > 0 || empty {
+        if empty {
             return true;
         }
         log::info!("sending the queued usage reports before the VM stops");
@@ -147,20 +154,30 @@ impl RootContext for Root {
         );
         let capacity = plugin.max_pending_reports();
         // The VM's queue and metrics outlive any one configuration.
-        let (metrics, reporter) = VM.with(|vm| {
+        let (metrics, reporter, leases) = VM.with(|vm| {
             let mut vm = vm.borrow_mut();
-            let vm = vm.get_or_insert_with(|| Vm {
-                metrics: Rc::new(Metrics::define(&self.host)),
-                reporter: Rc::new(RefCell::new(Reporter::new(
-                    Rc::clone(&self.host),
-                    service.clone(),
-                    capacity,
-                ))),
+            let vm = vm.get_or_insert_with(|| {
+                let leases = Rc::new(RefCell::new(Leases::default()));
+                Vm {
+                    metrics: Rc::new(Metrics::define(&self.host)),
+                    reporter: Rc::new(RefCell::new(Reporter::new(
+                        Rc::clone(&self.host),
+                        service.clone(),
+                        capacity,
+                        Rc::clone(&leases),
+                    ))),
+                    leases,
+                }
             });
             if let Ok(mut r) = vm.reporter.try_borrow_mut() {
                 r.reconfigure(service, capacity);
             }
-            (Rc::clone(&vm.metrics), Rc::clone(&vm.reporter))
+            let shared = (&vm.metrics, &vm.reporter, &vm.leases);
+            (
+                Rc::clone(shared.0),
+                Rc::clone(shared.1),
+                Rc::clone(shared.2),
+            )
         });
         if self.shared.is_none() {
             LIVE_ROOTS.with(|n| n.set(n.get() + 1));
@@ -170,6 +187,7 @@ impl RootContext for Root {
             plugin,
             metrics,
             reporter,
+            leases,
             root: self.id,
         }));
         true

@@ -5,10 +5,14 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use wire::Amount;
+
 use super::metrics::Metrics;
 use super::reporter::Reporter;
 use crate::config::Plugin;
-use crate::exchange::Event;
+use crate::exchange::{Admission, Event};
+use crate::lease::{Leases, Local};
+use crate::limits::Descriptor;
 use crate::report::Spent;
 
 /// What every stream of a root context shares with it.
@@ -16,13 +20,45 @@ pub struct Shared {
     pub plugin: Plugin,
     pub metrics: Rc<Metrics>,
     pub reporter: Rc<RefCell<Reporter>>,
+    /// The VM's quota leases (the reporter sends their asks).
+    pub leases: Rc<RefCell<Leases>>,
     /// The root context's id (its timer is the one a stream arms).
     pub root: u32,
+}
+
+/// What a stream's check asks of the VM: ids, and admission under its leases.
+pub struct VmAdmission<'s>(pub &'s Shared);
+
+impl Admission for VmAdmission<'_> {
+    fn next_id(&mut self) -> Option<String> {
+        self.0.next_check_id()
+    }
+
+    /// Admits under a lease; when the key's next lease is due, wakes the root context to ask
+    /// for it.
+    fn lease(&mut self, descriptors: &[Descriptor], reserve: Amount, now_ms: u64) -> Option<Local> {
+        let mut leases = self.0.leases.try_borrow_mut().ok()?;
+        let local = leases.admit(descriptors, reserve, now_ms);
+        let due = leases.due_for(descriptors, now_ms);
+        drop(leases);
+        if due {
+            if let Ok(mut reporter) = self.0.reporter.try_borrow_mut() {
+                reporter.wake(self.0.root);
+            }
+        }
+        local
+    }
 }
 
 impl Shared {
     /// Hands what a request spent to the VM's report queue.
     pub fn submit(&self, spent: Option<Spent>) {
+        // Used beyond its reservation under a lease: that lease admits so much less.
+        if let (Some(s), Ok(mut leases)) = (&spent, self.leases.try_borrow_mut()) {
+            if let Some(lease) = &s.lease {
+                leases.exceeded(&s.descriptors, lease, s.used.less(s.reserved));
+            }
+        }
         if let (Some(spent), Ok(mut reporter)) = (spent, self.reporter.try_borrow_mut()) {
             reporter.submit(spent, self.root, &self.metrics);
         }

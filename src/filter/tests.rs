@@ -584,3 +584,111 @@ fn without_a_cutoff_a_stream_is_never_ended() {
     }
     assert_eq!(host.metric("streams_cut"), 0);
 }
+
+fn leasing(reserve: u64) -> Value {
+    let mut c = config(reserve, "deny");
+    c["service"]["admission"] = json!("lease");
+    c
+}
+
+fn lease_granted(tokens: u64, ttl_ms: u64) -> Value {
+    json!({"allowed": true, "limits": [], "lease": {"granted": {"tokens": tokens}, "reserved_at_ms": 5000, "ttl_ms": ttl_ms, "room": {"tokens": 100_000}}})
+}
+
+/// A request checked as usual wakes the root context, which asks for a lease in the
+/// background; later requests for the key are admitted with no call, report against the
+/// lease's window, and the lease's end gives back what they did not take.
+#[test]
+fn a_lease_admits_without_a_check_and_its_end_gives_back_what_was_not_taken() {
+    let host = Rc::new(FakeHost::default());
+    let mut root = root(&host, 1, &leasing(100));
+    host.state().now_ms = 1_000;
+    let mut first = request(&host, &root, "ann");
+    answer(&host, &mut first, host.token(0), 200, &allowed());
+    assert_eq!(
+        host.state().tick_ms,
+        1,
+        "the ask is due: the root context is woken"
+    );
+    root.on_tick();
+    let ask = host.call_json(1);
+    assert_eq!(host.call_path(1), "/v1/check");
+    assert_eq!(
+        (ask["reserve"].clone(), ask["lease"]["tokens"].clone()),
+        (json!(0), json!(6_400))
+    );
+    assert_eq!(ask["descriptors"][0]["value"], "ann");
+    answer(
+        &host,
+        &mut root,
+        host.token(1),
+        200,
+        &lease_granted(6_400, 2_000),
+    );
+    assert_eq!(
+        (host.metric("leases.granted"), host.metric("leases.held")),
+        (1, 1)
+    );
+    // Admitted with no call, charged its usage against its reservation, in the lease's window.
+    host.state().request_headers = pairs(&[
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        ("x-user", "ann"),
+    ]);
+    let mut second = root.http();
+    assert_eq!(second.on_http_request_headers(3, true), Action::Continue);
+    assert_eq!((host.calls(), host.metric("leases.admitted")), (2, 1));
+    respond_and_end(&host, &mut second, 30);
+    respond_and_end(&host, &mut first, 20);
+    // Another key has no lease: checked.
+    let _bob = request(&host, &root, "bob");
+    assert_eq!(host.call_json(2)["descriptors"][0]["value"], "bob");
+    // The lease expires (counted from when its ask left, at 1,000): no more local admission,
+    // and its unused part is given back in its window.
+    host.state().now_ms = 3_000;
+    let _third = request(&host, &root, "ann");
+    assert_eq!(host.call_json(3)["reserve"], 100, "checked again");
+    root.on_tick();
+    let reports: Vec<Value> = (4..host.calls())
+        .filter(|&i| host.call_path(i) == "/v1/report")
+        .flat_map(|i| host.call_json(i)["reports"].as_array().cloned().unwrap())
+        .collect();
+    // In the lease's window: ann's requests gave back 70 (30 of 100, under the lease) and 80
+    // (20 of 100, checked), and the lease's end 6,300 (6,400 less the 100 taken): merged.
+    let given_back: u64 = reports
+        .iter()
+        .filter(|r| r["reserved_at_ms"] == 5_000 && r["tokens"] == 0)
+        .map(|r| r["reserved"].as_u64().unwrap())
+        .sum();
+    assert_eq!(given_back, 70 + 80 + 6_300, "{reports:?}");
+    assert_eq!(host.metric("leases.held"), 0);
+}
+
+/// An ask whose answer never comes (or cannot be read) is released by a report naming it: the
+/// service gives the lease back only if it took it.
+#[test]
+fn a_lease_ask_without_an_answer_is_released() {
+    let host = Rc::new(FakeHost::default());
+    let mut root = root(&host, 1, &leasing(10));
+    host.state().now_ms = 1_000;
+    let mut first = request(&host, &root, "ann");
+    answer(&host, &mut first, host.token(0), 200, &allowed());
+    root.on_tick();
+    let id = host.call_json(1)["lease"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    answer(&host, &mut root, host.token(1), 504, &json!({}));
+    assert_eq!(host.metric("leases.failed"), 1);
+    root.on_tick();
+    let report = &host.call_json(2)["reports"][0];
+    assert_eq!(report["release"], json!(id));
+    assert_eq!(
+        (report["tokens"].clone(), report["reserved"].clone()),
+        (json!(0), json!(640))
+    );
+    // Checked again for a while, then asked again.
+    let _again = request(&host, &root, "ann");
+    root.on_tick();
+    assert!((3..host.calls()).all(|i| host.call_json(i).get("lease").is_none()));
+}

@@ -83,5 +83,6 @@ fn read_asm(body: &[u8]) -> Result<Verdict, CheckFailure> {
         reserved_at_ms: None,
         granted: None,
         shadow_denied: Vec::new(),
+        lease: None,
     })
 }

@@ -1,6 +1,7 @@
 //! What every wire protocol answers ([`Wire`]), and the calls it makes for the adapter to send.
 
 use crate::config::ServiceConfig;
+use crate::lease::Ask;
 use crate::limits::Descriptor;
 use crate::report::{Delivery, Report};
 use crate::verdict::{CheckFailure, Verdict};
@@ -36,6 +37,11 @@ pub trait Wire {
         trim: Option<&wire::Trim>,
         id: Option<&str>,
     ) -> Outbound;
+
+    /// The check that asks for a quota lease ([`Ask`]); `None` for a protocol without leases.
+    fn lease_call(&self, _ask: &Ask) -> Option<Outbound> {
+        None
+    }
 
     /// Reads the answer to a check: `status` is the HTTP status (`None` when the call ended
     /// without headers), or the gRPC status.

@@ -90,6 +90,7 @@ mod tests {
             domain: "llm".into(),
             descriptor_entries: vec![],
             api_key: None,
+            leases: false,
         }
     }
 

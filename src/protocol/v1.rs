@@ -3,6 +3,7 @@
 use super::contract::{Call, Outbound, Wire};
 use super::http::{http_decision, http_delivery, outcomes};
 use crate::config::ServiceConfig;
+use crate::lease::Ask;
 use crate::limits::Descriptor;
 use crate::report::{Delivery, Report, BATCH};
 use crate::verdict::{CheckFailure, MoneyQuota, Quota, Verdict};
@@ -29,9 +30,28 @@ impl Wire for V1 {
                 reserve,
                 id: id.map(str::to_owned),
                 trim: trim.copied(),
+                lease: None,
             })
             .ok(),
         })
+    }
+
+    fn lease_call(&self, ask: &Ask) -> Option<Outbound> {
+        Some(Outbound::Http(Call {
+            method: "POST",
+            path: "/v1/check".into(),
+            body: serde_json::to_vec(&wire::CheckRequest {
+                descriptors: ask.descriptors.as_slice(),
+                reserve: wire::Amount::ZERO,
+                id: None,
+                trim: None,
+                lease: Some(wire::LeaseAsk {
+                    id: ask.id.clone(),
+                    amount: ask.amount,
+                }),
+            })
+            .ok(),
+        }))
     }
 
     fn read_check(&self, status: Option<u32>, body: &[u8]) -> Result<Verdict, CheckFailure> {
@@ -106,5 +126,6 @@ fn read_v1(body: &[u8]) -> Result<Verdict, CheckFailure> {
         reserved_at_ms: a.reserved_at_ms,
         granted: a.granted,
         shadow_denied: a.shadow_denied,
+        lease: a.lease,
     })
 }

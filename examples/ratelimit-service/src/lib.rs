@@ -11,6 +11,7 @@ pub mod calendar;
 pub mod clock;
 pub mod console;
 pub mod counter;
+pub mod lease;
 pub mod limiter;
 pub mod meter;
 pub mod metrics;
@@ -39,7 +40,8 @@ pub fn app(settings: &Settings, clock: Clock) -> AppState {
     };
     AppState::new(
         Limiter::new(store, settings.rules.clone(), clock, settings.sliding)
-            .alerting(settings.alert_webhook.clone()),
+            .alerting(settings.alert_webhook.clone())
+            .leasing(settings.leasing),
         auth::Access::new(&settings.api_keys, settings.admin_token.as_deref()),
     )
 }

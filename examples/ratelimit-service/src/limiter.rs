@@ -10,6 +10,7 @@ use crate::clock::Clock;
 use crate::console::board::{self, Denial};
 use crate::console::insights::{ConsoleEvent, Insights, Tally};
 use crate::counter::{CounterId, Plan};
+use crate::lease::Leasing;
 use crate::meter::{counted, Meter, Money, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
@@ -45,6 +46,8 @@ pub struct Limiter {
     redis_offset_ms: std::sync::atomic::AtomicI64,
     /// Where alerts raised by reports go (besides the metrics, the log and the console).
     alerts: Alerts,
+    /// Whether and how much a check's [`wire::LeaseAsk`] may take.
+    leasing: Leasing,
 }
 
 impl Limiter {
@@ -58,7 +61,14 @@ impl Limiter {
             sliding,
             redis_offset_ms: std::sync::atomic::AtomicI64::new(0),
             alerts: Alerts::new(None, Default::default()),
+            leasing: Leasing::default(),
         }
+    }
+
+    /// How quota leases are granted ([`Leasing`]; a fraction of 0 grants none).
+    pub fn leasing(mut self, leasing: Leasing) -> Limiter {
+        self.leasing = leasing;
+        self
     }
 
     /// Posts the alerts reports raise to `webhook` (without one they are counted, logged and
@@ -314,8 +324,15 @@ impl Limiter {
             inc(&self.metrics.checks_denied);
             self.record_denial(&planned, &outcome.statuses, reserve);
         }
+        let lease = match &req.lease {
+            Some(ask) if outcome.allowed => {
+                Some(self.lease(ask, &planned, &plans, &outcome, now).await)
+            }
+            _ => None,
+        };
         self.metrics.observe_check(started.elapsed());
         Ok(CheckResponse {
+            lease,
             allowed: outcome.allowed,
             limits,
             retry_after_ms: worst.map_or(0, |w| w.0 as u64),
@@ -324,6 +341,78 @@ impl Limiter {
             granted: outcome.granted.filter(|_| reserved_at_ms.is_some()),
             shadow_denied,
         })
+    }
+
+    /// Takes the lease an admitted check asked for, whole, if the counters are far enough
+    /// from their limits ([`Leasing::offer`]); the answer says how much there was room for
+    /// either way. Taken like a reservation (atomically on every counter) and recorded under
+    /// the ask's id, so a release of a lease whose answer was lost gives it back.
+    async fn lease(
+        &self,
+        ask: &LeaseAsk,
+        planned: &[(&Descriptor, Plan)],
+        plans: &[Plan],
+        outcome: &CheckOutcome,
+        now: Option<i64>,
+    ) -> LeaseAnswer {
+        let declined = |answer: LeaseAnswer| {
+            inc(&self.metrics.leases_declined);
+            answer
+        };
+        let Some(offer) = self.leasing.offer(plans, &outcome.statuses, outcome.at_ms) else {
+            return declined(LeaseAnswer::default());
+        };
+        let mut answer = LeaseAnswer {
+            room: offer.room,
+            ttl_ms: offer.ttl_ms as u64,
+            ..LeaseAnswer::default()
+        };
+        if !offer.covers(ask.amount) {
+            return declined(answer);
+        }
+        let taken = match self.store.check(plans, ask.amount, None, now).await {
+            Ok(taken) if taken.allowed => taken,
+            Ok(_) => return declined(answer),
+            Err(e) => {
+                tracing::warn!("could not take a lease: {e}");
+                return declined(answer);
+            }
+        };
+        if let Some(id) = SeqId::parse(&ask.id) {
+            match self.store.mark_reserved(id).await {
+                Ok(Mark::Recorded) => {}
+                Ok(Mark::Unknown) => inc(&self.metrics.reservations_unrecorded),
+                Ok(Mark::Released) => {
+                    // Its release came first: nobody will use nor settle this lease.
+                    let undo = Settlement {
+                        excess: Amount::ZERO,
+                        refund: ask.amount,
+                        refund_at: Some(taken.at_ms),
+                    };
+                    if let Err(e) = self.store.settle(None, plans, &undo, now).await {
+                        tracing::warn!("could not undo a released lease: {e}");
+                    }
+                    return declined(answer);
+                }
+                Err(e) => {
+                    inc(&self.metrics.reservations_unrecorded);
+                    tracing::warn!("could not record a lease: {e}");
+                }
+            }
+        }
+        inc(&self.metrics.leases_granted);
+        // Charged as a check's reservation is: reports settle it net.
+        let (tokens, micros) = (ask.amount.tokens as i64, ask.amount.micros as i64);
+        self.metrics.charged(tokens);
+        self.spent(planned, micros);
+        let mut tally = Tally::default();
+        tally.charge(planned.iter().map(|(d, _)| *d), tokens, micros);
+        self.record(tally);
+        answer.granted = Some(ask.amount);
+        answer.reserved_at_ms = taken.at_ms.max(0) as u64;
+        // Counted from the ask's arrival: the plugin counts from when it sent it, earlier.
+        answer.ttl_ms = (offer.ttl_ms - (taken.at_ms - outcome.at_ms).max(0)).max(0) as u64;
+        answer
     }
 
     /// Shadow limits that would have denied: counted per limit, logged, and shown apart on

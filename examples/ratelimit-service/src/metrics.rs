@@ -19,6 +19,10 @@ pub struct Metrics {
     pub checks_failed: AtomicU64,
     /// Allowed checks that took less than their reserve (`trim`).
     pub checks_trimmed: AtomicU64,
+    /// Lease asks granted, and those declined (too near a limit, leasing off, a bucket, too
+    /// little of the window left, or a release that came first).
+    pub leases_granted: AtomicU64,
+    pub leases_declined: AtomicU64,
     pub reports_accepted: AtomicU64,
     pub reports_duplicate: AtomicU64,
     pub reports_failed: AtomicU64,
@@ -162,6 +166,15 @@ impl Metrics {
             "Allowed checks that took less than their reserve, to serve within the budget.",
             "counter",
             &[("", g(&self.checks_trimmed))],
+        );
+        family(
+            "ratelimit_leases_total",
+            "Quota lease asks, by outcome (a lease lets a plugin VM admit by itself).",
+            "counter",
+            &[
+                ("{outcome=\"granted\"}", g(&self.leases_granted)),
+                ("{outcome=\"declined\"}", g(&self.leases_declined)),
+            ],
         );
         family(
             "ratelimit_reports_total",

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::alerts::Webhook;
+use crate::lease::{self, Leasing};
 use crate::rules::Rules;
 use crate::store::redis::RedisTarget;
 
@@ -191,6 +192,24 @@ pub struct Cli {
         default_value_t = 5000
     )]
     pub alert_timeout_ms: u64,
+
+    /// The most one quota lease may take of what remains on each of its counters (plugins
+    /// with `service.admission: lease`); 0 grants none. From 0 to 0.5.
+    #[arg(
+        long = "lease-fraction",
+        env = "RATELIMIT_LEASE_FRACTION",
+        default_value_t = 0.1
+    )]
+    pub lease_fraction: f64,
+
+    /// The longest a quota lease lasts, in milliseconds (never past the end of the window it
+    /// was taken in). From 100 to 60000.
+    #[arg(
+        long = "lease-ttl-ms",
+        env = "RATELIMIT_LEASE_TTL_MS",
+        default_value_t = 2000
+    )]
+    pub lease_ttl_ms: u64,
 }
 
 /// How connections are bounded: none can hold the service's file descriptors for long
@@ -229,6 +248,8 @@ pub struct Settings {
     pub connections: ConnectionLimits,
     /// `--alert-webhook` and how to post to it.
     pub alert_webhook: Option<Webhook>,
+    /// `--lease-fraction`, `--lease-ttl-ms`.
+    pub leasing: Leasing,
 }
 
 #[derive(Debug)]
@@ -318,8 +339,18 @@ impl Cli {
             ),
         };
         let alert_webhook = self.webhook()?;
+        if !(0.0..=0.5).contains(&self.lease_fraction) {
+            return Err("--lease-fraction must be between 0 and 0.5".into());
+        }
+        if !(lease::MIN_TTL_MS as u64..=60_000).contains(&self.lease_ttl_ms) {
+            return Err("--lease-ttl-ms must be between 100 and 60000".into());
+        }
         Ok(Settings {
             alert_webhook,
+            leasing: Leasing {
+                fraction: self.lease_fraction,
+                max_ttl_ms: self.lease_ttl_ms as i64,
+            },
             listen: self.listen,
             store,
             rules,

@@ -101,6 +101,7 @@ impl Ctx {
             reserve: Amount::tokens(reserve),
             id: Some(id.to_string()),
             trim: None,
+            lease: None,
         };
         match self.limiter.check(&req).await {
             Ok(r) => r,
@@ -141,6 +142,7 @@ impl Ctx {
             reserve: Amount::tokens(reserve),
             id: None,
             trim: None,
+            lease: None,
         };
         match self.limiter.check(&req).await {
             Ok(r) => r,
@@ -451,6 +453,7 @@ async fn concurrent_reservations_never_overshoot(ctx: &Ctx) {
                     reserve: Amount::tokens(100),
                     id: None,
                     trim: None,
+                    lease: None,
                 })
                 .await;
             matches!(r, Ok(r) if r.allowed)
@@ -543,6 +546,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
             reserve: Amount::tokens(0),
             id: None,
             trim: None,
+            lease: None,
         })
         .await;
     assert!(
@@ -560,6 +564,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
             reserve: Amount::tokens(0),
             id: None,
             trim: None,
+            lease: None,
         })
         .await;
     assert!(matches!(r, Err(Failure::Bad(BadRequest(m))) if m.contains("window_s")));
@@ -570,6 +575,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
             reserve: Amount::tokens(0),
             id: None,
             trim: None,
+            lease: None,
         })
         .await;
     assert!(matches!(r, Err(Failure::Bad(_))));
@@ -791,6 +797,7 @@ async fn shadow_limits_count_and_never_deny(ctx: &Ctx) {
             min: 10,
             fixed: Amount::ZERO,
         }),
+        lease: None,
     };
     let r = ctx.limiter.check(&req).await.ok().unwrap();
     assert_eq!((r.allowed, r.granted), (true, Some(Amount::tokens(880))));
@@ -893,6 +900,7 @@ async fn trimmed_checks_serve_within_the_budget(ctx: &Ctx) {
         reserve,
         id: None,
         trim: Some(Trim { min, fixed }),
+        lease: None,
     };
     let check = |req: CheckRequest| async move { ctx.limiter.check(&req).await.ok().unwrap() };
     // 300 of 1,000 tokens left, a request for 1,000 (40 of them the prompt's).
@@ -986,6 +994,143 @@ async fn trimmed_checks_serve_within_the_budget(ctx: &Ctx) {
         r.limits.iter().map(|l| l.remaining).collect::<Vec<_>>(),
         [9_700, 0]
     );
+}
+
+/// Quota leases: a lease is a reservation taken whole or not at all, only while the counters
+/// are far from their limits (a tenth of what remains, by default), never past its window,
+/// settled by the reports of the requests admitted under it and the plugin's give-back, and
+/// released by id when the plugin never saw its answer.
+async fn leases_are_reservations_taken_whole_or_not_at_all(ctx: &Ctx) {
+    let d = ctx.d("lease", "alice", &[(100_000, 3600)]);
+    let ds = std::slice::from_ref(&d);
+    let ask = |seq: u64, tokens: u64| CheckRequest {
+        descriptors: vec![d.clone()],
+        lease: Some(LeaseAsk {
+            id: ctx.id(seq),
+            amount: Amount::tokens(tokens),
+        }),
+        ..Default::default()
+    };
+    let lease = |r: CheckResponse| r.lease.expect("a lease answer");
+    let granted = lease(ctx.limiter.check(&ask(10, 5_000)).await.ok().unwrap());
+    assert_eq!(granted.granted, Some(Amount::tokens(5_000)));
+    assert_eq!((granted.room.tokens, granted.ttl_ms), (10_000, 2_000));
+    assert_eq!(ctx.remaining(&d).await, vec![95_000]);
+    // More than a tenth of what remains: declined, nothing taken, the room told.
+    let declined = lease(ctx.limiter.check(&ask(11, 9_501)).await.ok().unwrap());
+    assert_eq!((declined.granted, declined.room.tokens), (None, 9_500));
+    assert_eq!(ctx.remaining(&d).await, vec![95_000]);
+    // A request admitted under the lease reports against its share, in the lease's window;
+    // the plugin gives back what was left when the lease ends.
+    let at = Some(granted.reserved_at_ms);
+    ctx.settle(Report {
+        id: ctx.report_id("lease-request"),
+        descriptors: vec![d.clone()],
+        used: Amount::tokens(300),
+        reserved: Amount::tokens(400),
+        reserved_at_ms: at,
+        ..Default::default()
+    })
+    .await;
+    ctx.settle(Report {
+        id: ctx.report_id("lease-end"),
+        descriptors: vec![d.clone()],
+        reserved: Amount::tokens(4_600),
+        reserved_at_ms: at,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(ctx.remaining(&d).await, vec![99_700]);
+    // An answer the plugin never saw: its release gives the lease back, once.
+    assert!(
+        lease(ctx.limiter.check(&ask(12, 3_000)).await.ok().unwrap())
+            .granted
+            .is_some()
+    );
+    assert_eq!(ctx.remaining(&d).await, vec![96_700]);
+    let release = Report {
+        id: ctx.report_id("lease-release"),
+        descriptors: vec![d.clone()],
+        reserved: Amount::tokens(3_000),
+        release: Some(ctx.id(12)),
+        ..Default::default()
+    };
+    ctx.settle(release.clone()).await;
+    ctx.settle(Report {
+        id: ctx.report_id("lease-release-again"),
+        ..release
+    })
+    .await;
+    assert_eq!(ctx.remaining(&d).await, vec![99_700]);
+    // Released before the ask arrives: nothing is taken.
+    ctx.settle(Report {
+        id: ctx.report_id("lease-early-release"),
+        descriptors: vec![d.clone()],
+        reserved: Amount::tokens(2_000),
+        release: Some(ctx.id(13)),
+        ..Default::default()
+    })
+    .await;
+    let late = lease(ctx.limiter.check(&ask(13, 2_000)).await.ok().unwrap());
+    assert_eq!(late.granted, None);
+    assert_eq!(ctx.remaining(&d).await, vec![99_700]);
+    // Near the limit no lease is worth its ask: checks are what admits.
+    ctx.report("lease-spent", ds, 95_000, 0).await;
+    let near = lease(ctx.limiter.check(&ask(14, 1_000)).await.ok().unwrap());
+    assert_eq!((near.granted, near.room.tokens), (None, 470));
+    // A shadow limit's counter bounds the room too; a service rule's bucket allows none.
+    let shadow = Descriptor {
+        shadow: true,
+        ..ctx.d("lease-shadow", "alice", &[(1_000, 3600)])
+    };
+    let fresh = ctx.d("lease", "bob", &[(100_000, 3600)]);
+    let r = ctx
+        .limiter
+        .check(&CheckRequest {
+            descriptors: vec![fresh.clone(), shadow],
+            ..ask(15, 500)
+        })
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!(
+        (lease(r).granted, ctx.remaining(&fresh).await),
+        (None, vec![100_000])
+    );
+    let r = ctx
+        .limiter
+        .check(&CheckRequest {
+            descriptors: vec![ctx.d("rules", "bucket-lease", &[])],
+            ..ask(16, 5)
+        })
+        .await
+        .ok()
+        .unwrap();
+    assert_eq!(lease(r), LeaseAnswer::default());
+    // A lease ends with the window it was taken in.
+    ctx.advance(3_599_000);
+    let end = lease(
+        ctx.limiter
+            .check(&CheckRequest {
+                descriptors: vec![fresh.clone()],
+                ..ask(17, 1_000)
+            })
+            .await
+            .ok()
+            .unwrap(),
+    );
+    assert!(end.granted.is_some() && end.ttl_ms <= 1_000, "{end:?}");
+    // A denied check gets no lease answer.
+    let denied = ctx
+        .limiter
+        .check(&CheckRequest {
+            reserve: Amount::tokens(200_000),
+            ..ask(18, 1_000)
+        })
+        .await
+        .ok()
+        .unwrap();
+    assert!(!denied.allowed && denied.lease.is_none());
 }
 
 macro_rules! suite {
@@ -1214,6 +1359,7 @@ async fn editing_a_budget_keeps_what_was_spent(ctx: &Ctx) {
 }
 
 suite!(
+    leases_are_reservations_taken_whole_or_not_at_all,
     alerts_are_raised_once_per_threshold_and_window,
     trimmed_checks_serve_within_the_budget,
     shadow_limits_count_and_never_deny,
@@ -1327,6 +1473,7 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
             reserve: Amount::tokens(0),
             id: None,
             trim: None,
+            lease: None,
         })
         .await;
     assert!(
@@ -1344,6 +1491,7 @@ async fn redis_outage_fails_checks_and_recovers_by_itself() {
                 reserve: Amount::tokens(0),
                 id: None,
                 trim: None,
+                lease: None,
             })
             .await
             .is_ok()

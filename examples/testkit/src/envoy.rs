@@ -298,7 +298,23 @@ impl Envoy {
         Envoy::start_in(TempDir::new("envoy"), config)
     }
 
+    /// Starts Envoy with `workers` worker threads: one plugin VM each.
+    pub fn start_with_workers(plugin_config: &Value, clusters: &[Value], workers: u32) -> Envoy {
+        let config = bootstrap(
+            &plugin_config.to_string(),
+            clusters,
+            &plugin_wasm(),
+            "127.0.0.1",
+        );
+        Envoy::start_in_with(TempDir::new("envoy"), &config, workers)
+            .unwrap_or_else(|log| panic!("Envoy did not start:\n{log}"))
+    }
+
     fn start_in(dir: TempDir, config: &Value) -> Result<Envoy, String> {
+        Envoy::start_in_with(dir, config, 1)
+    }
+
+    fn start_in_with(dir: TempDir, config: &Value, workers: u32) -> Result<Envoy, String> {
         let config_path = dir.0.join("envoy.json");
         std::fs::write(&config_path, config.to_string()).unwrap();
         let log_path = dir.0.join("envoy.log");
@@ -309,7 +325,7 @@ impl Envoy {
             .args([
                 "--disable-hot-restart",
                 "--concurrency",
-                "1",
+                &workers.to_string(),
                 "--log-level",
                 "warn",
             ])

@@ -248,6 +248,40 @@ pub struct CheckRequest<D = Vec<Descriptor>> {
     pub id: Option<String>,
     /// Serve within the budget: take less than `reserve` rather than refuse.
     pub trim: Option<Trim>,
+    /// Admission without a round trip: the plugin asks for a quota lease on these
+    /// descriptors ([`LeaseAsk`]).
+    pub lease: Option<LeaseAsk>,
+}
+
+/// A plugin VM asks to admit later requests for the same descriptors itself, out of `amount`
+/// taken now from every descriptor as one reservation. The service grants the whole amount or
+/// nothing, so the plugin always knows what a lease it never heard back about may have taken:
+/// its release (a report naming `id`) gives back exactly that.
+/// JSON: `{"id": "<source>-<sequence>", "tokens": n, "cost": micros}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAsk {
+    pub id: String,
+    #[serde(flatten)]
+    pub amount: Amount,
+}
+
+/// The service's answer to a [`LeaseAsk`], in [`CheckResponse::lease`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAnswer {
+    /// The amount taken, when the lease was granted (always the whole ask).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<Amount>,
+    /// When the lease was taken, by the service's clock: requests admitted under it settle in
+    /// that window, as any reservation does.
+    #[serde(default)]
+    pub reserved_at_ms: u64,
+    /// How long local admission may last, counted from when the plugin sent the ask. Never
+    /// past the end of the window (or calendar period) the lease was taken in.
+    #[serde(default)]
+    pub ttl_ms: u64,
+    /// The most the service would lease now, per unit: what the next ask should not exceed.
+    #[serde(default)]
+    pub room: Amount,
 }
 
 /// Serve within the budget instead of refusing: when `reserve` does not fit, the service takes
@@ -320,6 +354,8 @@ struct CheckJson<I, D> {
     id: Option<I>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     trim: Option<Trim>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lease: Option<LeaseAsk>,
 }
 
 impl<D: Serialize> Serialize for CheckRequest<D> {
@@ -330,6 +366,7 @@ impl<D: Serialize> Serialize for CheckRequest<D> {
             reserve_cost: self.reserve.micros,
             id: self.id.as_deref(),
             trim: self.trim,
+            lease: self.lease.clone(),
         }
         .serialize(s)
     }
@@ -346,6 +383,7 @@ impl<'de, D: Deserialize<'de>> Deserialize<'de> for CheckRequest<D> {
             },
             id: j.id,
             trim: j.trim,
+            lease: j.lease,
         })
     }
 }
@@ -395,6 +433,9 @@ pub struct CheckResponse {
     /// limits are left out of `limits`, `retry_after_ms` and `denied_by`: they never decide.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shadow_denied: Vec<String>,
+    /// The answer to the check's [`LeaseAsk`], if it made one and was admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseAnswer>,
 }
 
 /// The provider's usage, normalised; carried for logs and audits.
@@ -745,6 +786,14 @@ pub fn validate_check(req: &CheckRequest) -> Result<(), BadRequest> {
     if let Some(id) = &req.id {
         validate_id(id, "")?;
     }
+    if let Some(lease) = &req.lease {
+        validate_id(&lease.id, "lease.")?;
+        if lease.amount.is_zero() || lease.amount.too_large() {
+            return Err(BadRequest(format!(
+                "lease.tokens and lease.cost must be at most {MAX_AMOUNT}, and not both 0"
+            )));
+        }
+    }
     validate_descriptors(&req.descriptors, "")
 }
 
@@ -811,15 +860,38 @@ mod tests {
             reserve: Amount::new(7, 3),
             id: Some("00000000000000ab-9".into()),
             trim: None,
+            lease: Some(LeaseAsk {
+                id: "00000000000000ab-10".into(),
+                amount: Amount::new(700, 300),
+            }),
         };
-        let read: CheckRequest =
-            serde_json::from_slice(&serde_json::to_vec(&sent).unwrap()).unwrap();
+        let json = serde_json::to_value(&sent).unwrap();
+        assert_eq!(
+            json["lease"],
+            serde_json::json!({"id": "00000000000000ab-10", "tokens": 700, "cost": 300})
+        );
+        let read: CheckRequest = serde_json::from_value(json).unwrap();
         assert_eq!(read.descriptors, ds);
         assert_eq!(
-            (read.reserve, read.id.as_deref()),
-            (Amount::new(7, 3), Some("00000000000000ab-9"))
+            (read.reserve, read.id.as_deref(), read.lease.clone()),
+            (Amount::new(7, 3), Some("00000000000000ab-9"), sent.lease)
         );
         assert!(validate_check(&read).is_ok());
+        // A lease of nothing, or past the bound, is refused.
+        let past = Amount {
+            tokens: MAX_AMOUNT + 1,
+            micros: 0,
+        };
+        for amount in [Amount::ZERO, past] {
+            let ask = CheckRequest {
+                lease: Some(LeaseAsk {
+                    id: "00000000000000ab-11".into(),
+                    amount,
+                }),
+                ..read.clone()
+            };
+            assert!(validate_check(&ask).is_err());
+        }
     }
 
     /// The amounts keep the names every released plugin and service speak.
@@ -931,6 +1003,7 @@ mod tests {
             },
             id: None,
             trim: None,
+            lease: None,
         };
         assert!(validate_check(&big).is_err());
     }

@@ -113,6 +113,7 @@ impl Asm {
             domain: String::new(),
             descriptor_entries: Vec::new(),
             api_key: service.api_key.map(|k| k.0),
+            leases: false,
         };
         Ok(Builder::new(service, matches, limits))
     }

@@ -177,6 +177,20 @@ pub struct ServiceSpec {
     /// The service's API key (`--api-key`), sent on every call as
     /// `authorization: Bearer <key>`.
     api_key: Option<ApiKey>,
+    #[serde(default)]
+    admission: AdmissionSpec,
+}
+
+#[derive(Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum AdmissionSpec {
+    /// Every limited request waits for a check.
+    #[default]
+    Check,
+    /// Requests for keys far from their limits are admitted under quota leases the plugin
+    /// holds, with no check each (protocol v1 only).
+    Lease,
 }
 
 impl ServiceSpec {
@@ -232,7 +246,13 @@ impl ServiceSpec {
                 entries.into_iter().collect()
             }
         };
+        if self.admission == AdmissionSpec::Lease && protocol != Protocol::V1 {
+            return Err(path.field("admission").error(
+                "\"lease\" needs protocol \"v1\": only this project's service grants leases",
+            ));
+        }
         Ok(ServiceConfig {
+            leases: self.admission == AdmissionSpec::Lease,
             cluster,
             authority,
             protocol,
