@@ -148,7 +148,10 @@ fn fifty_concurrent_clients_over_two_vms_get_no_more_than_the_budget() {
     let budget = 200_000;
     let e = gateway(&svc, &up, budget);
     let admitted = load(&e, "team", 50, 10_000, 100, true);
-    eprintln!("{admitted} of {budget} admitted, {} under leases", e.metric("leases.admitted"));
+    eprintln!(
+        "{admitted} of {budget} admitted, {} under leases",
+        e.metric("leases.admitted")
+    );
     assert!(admitted <= budget, "{admitted} admitted of {budget}");
     assert!(e.metric("leases.admitted") > 0, "{:?}", e.metrics());
     // Refused only when what is left (leases given back) cannot hold one more request.

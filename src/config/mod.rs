@@ -315,6 +315,10 @@ mod tests {
                 "`service.admission`: \"lease\" needs protocol \"v1\"",
             ),
             (
+                r#"{"service": {"cluster": "a", "admission": "lease"}, "limits": [{"name": "g", "key": ""}]}"#,
+                "`service.admission`: \"lease\" needs a reservation",
+            ),
+            (
                 r#"{"service": {"cluster": "a", "admission": "leases"}, "limits": []}"#,
                 "`service.admission`",
             ),

@@ -94,6 +94,12 @@ impl Options {
                 config.trim_min = Some(r.min.map_or(DEFAULT_TRIM_MIN, |m| m.0));
             }
         }
+        // A lease admits requests by what they reserve: without a reservation it bounds none.
+        if config.service.leases && config.reserve == Reserve::Tokens(0) {
+            return Err(path.field("service").field("admission").error(
+                "\"lease\" needs a reservation (`reserve.tokens`: a number or \"max_tokens\"): a lease admits requests by what they reserve",
+            ));
+        }
         if let Some(inject) = self.inject_stream_usage {
             config.inject_stream_usage = inject;
         }

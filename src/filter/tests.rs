@@ -586,6 +586,7 @@ fn without_a_cutoff_a_stream_is_never_ended() {
 }
 
 fn leasing(reserve: u64) -> Value {
+    assert!(reserve > 0, "a lease needs a reservation");
     let mut c = config(reserve, "deny");
     c["service"]["admission"] = json!("lease");
     c

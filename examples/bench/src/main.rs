@@ -6,7 +6,10 @@
 //! 3. The `.wasm` size; Envoy's resident memory and the plugin VM's memory after the load.
 //! 4. A 100 MB SSE response through the plugin: the VM's memory before and after.
 //! 5. Accuracy: 50 concurrent requests of 100 tokens on a budget of 1,000, with and without
-//!    reservations.
+//!    reservations; and under quota leases over two Envoy workers.
+//!
+//! Quota leases: a hot key (one user) limited with `admission: lease`, against Envoy alone,
+//! and the checks that reached the service for the requests served.
 //!
 //! A/B runs alternate, several rounds, and medians are reported (the machine is shared and
 //! noisy). Results: a table on stdout, `target/bench/results.md` and `target/bench/chart.svg`.
@@ -148,6 +151,26 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
             cluster("upstream", llm.port),
         ],
     );
+    // Quota leases on a hot key, with a service of its own to count the checks that reach it.
+    let lease_svc = Service::start(&[], &[]);
+    let leasing = Envoy::start(
+        &plugin_config(json!({
+            "service": {"cluster": "ratelimit", "timeout_ms": 1000, "admission": "lease"},
+            "reserve": {"tokens": "max_tokens"}
+        })),
+        &[
+            cluster_h2("ratelimit", lease_svc.port),
+            cluster("upstream", llm.port),
+        ],
+    );
+    let hot_key = {
+        let body = json!({"model": "bench", "messages": [{"role": "user", "content": "hello"}]});
+        vec![Call::post_json(
+            "/v1/chat/completions",
+            &[("x-user", "hot")],
+            &body,
+        )]
+    };
     let rss_idle = (alone.rss_bytes(), plugin.rss_bytes());
     let scenarios: Vec<(&str, &Envoy, Vec<Call>)> = vec![
         (
@@ -180,6 +203,11 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
             &plugin,
             chat_calls("/v1/chat/completions", true),
         ),
+        (
+            "Envoy + plugin, limited, leases, hot key",
+            &leasing,
+            hot_key,
+        ),
     ];
     let mut results: Vec<Vec<Outcome>> = scenarios.iter().map(|_| Vec::new()).collect();
     for round in 0..s.rounds {
@@ -209,7 +237,7 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
         .iter()
         .map(|r| median(r.iter().map(Outcome::rps)))
         .collect();
-    let baseline = |i: usize| if i >= 4 { rps[4] } else { rps[0] };
+    let baseline = |i: usize| if i == 4 || i == 5 { rps[4] } else { rps[0] };
     let mut proxy = Section::new(
         "Proxy overhead (Envoy --concurrency 1, mock LLM upstream)",
         &[
@@ -254,6 +282,17 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
         verdict(rps[3] / rps[0] >= 0.95),
         rps[2] / rps[1],
         rps[3] / rps[1]
+    ));
+    // Every request the leasing Envoy served, warm-ups included, against the checks that
+    // reached its service (leases' asks included).
+    let served = leasing.metric("leases.admitted") + leasing.metric("checks_allowed");
+    let checks = lease_svc_checks(&lease_svc);
+    proxy.note(format!(
+        "Quota leases on a hot key: {:.2}× Envoy alone (target ≥ 0.70×: {}); {checks} checks reached the service for {served} requests served ({:.1} %), {} of them admitted under a lease.",
+        rps[6] / rps[0],
+        verdict(rps[6] / rps[0] >= 0.70),
+        100.0 * checks as f64 / served.max(1) as f64,
+        leasing.metric("leases.admitted"),
     ));
 
     let rss_loaded = (alone.rss_bytes(), plugin.rss_bytes());
@@ -424,6 +463,8 @@ fn accuracy_section() -> Section {
         section.push(fifty_requests(&envoy, &svc, label, "300"));
     }
     section.push(after_a_window_boundary(&llm));
+    section.push(leased_requests(&llm));
+    section.note("Quota leases: 1,500 requests of 100 tokens from 50 connections over two Envoy workers against a 100,000-token budget. A lease is a reservation taken from the budget, and each request holds its own reservation out of it, so the stated overshoot bound is the same as without leases: 0 when usage stays within the reserved cap.".into());
     section.note("Without a reservation every request that finds budget left is admitted before any usage is known; with `reserve: max_tokens` the budget is taken at admission.".into());
     section.note("After a window boundary: a request reserves the whole budget 2.8 s into a 4-second window and is answered (10 tokens) in the next one; 2.9 s into that window the 50 requests arrive. Its refund goes back to the window that held the reservation, so the new window admits no more than its budget.".into());
     section
@@ -593,6 +634,73 @@ fn fifty_requests(envoy: &Envoy, svc: &Service, label: &str, latency_ms: &str) -
         (admitted * 100).to_string(),
         remaining.to_string(),
         format!("{}", (admitted * 100).saturating_sub(1000)),
+    ])
+}
+
+/// The checks a service answered (allowed or denied), from its `/metrics`.
+fn lease_svc_checks(svc: &Service) -> u64 {
+    let text = testkit::http::send(svc.port, "GET", "/metrics", &[], b"").text();
+    [
+        "ratelimit_checks_total{outcome=\"allowed\"}",
+        "ratelimit_checks_total{outcome=\"denied\"}",
+    ]
+    .iter()
+    .filter_map(|series| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<u64>().ok())
+    })
+    .sum()
+}
+
+/// Quota leases over two Envoy workers (two plugin VMs): 50 connections send requests of 100
+/// tokens at a 100,000-token budget until well past it. The stated bound: leases add no
+/// overshoot (every request holds its reservation out of a lease taken from the budget).
+fn leased_requests(llm: &Service) -> Row {
+    let svc = Service::start(&[], &[]);
+    let config = json!({
+        "service": {"cluster": "ratelimit", "timeout_ms": 2000, "admission": "lease"},
+        "limits": [{"name": "budget", "key": "", "tokens": 100_000, "window": "1h"}],
+        "reserve": {"tokens": "max_tokens"}
+    });
+    let envoy = Envoy::start_with_workers(
+        &config,
+        &[
+            cluster("ratelimit", svc.port),
+            cluster("upstream", llm.port),
+        ],
+        2,
+    );
+    let call = Call::post_json(
+        "/v1/chat/completions",
+        &[
+            ("x-mock-prompt-tokens", "0"),
+            ("x-mock-completion-tokens", "100"),
+            ("x-mock-latency-ms", "20"),
+        ],
+        &json!({"model": "bench", "max_tokens": 100}),
+    );
+    let o = run(Plan {
+        addr: addr(envoy.port),
+        connections: 50,
+        duration: None,
+        total: Some(1_500),
+        warmup: Duration::ZERO,
+        calls: vec![call],
+    });
+    let admitted = o.statuses.get(&200).copied().unwrap_or(0);
+    // Leases end within their time (2 s) and give back what they did not use.
+    std::thread::sleep(Duration::from_millis(3_500));
+    settled(&envoy);
+    let remaining = svc.remaining("budget", "").unwrap_or(0);
+    Row::new(vec![
+        format!(
+            "\"max_tokens\", leases, 2 workers, budget 100,000 ({} under leases)",
+            envoy.metric("leases.admitted")
+        ),
+        format!("{admitted} of 1,500"),
+        (admitted * 100).to_string(),
+        remaining.to_string(),
+        format!("{} (bound: 0)", (admitted * 100).saturating_sub(100_000)),
     ])
 }
 
