@@ -19,10 +19,13 @@ use wire::{Amount, LeaseAnswer, UsageFigures};
 
 use crate::limits::Descriptor;
 use crate::report::Spent;
-use crate::verdict::Quota;
+use crate::verdict::{MoneyQuota, Quota};
 
-/// A lease asks for this many reservations of the largest request seen for its key.
+/// A first lease asks for this many reservations of the largest request seen for its key; a
+/// key whose leases run out before half their life asks for twice as many the next time (up
+/// to [`MAX_REQUESTS_PER_LEASE`]), one whose lease ends three quarters unused for half.
 pub const REQUESTS_PER_LEASE: u64 = 64;
+pub const MAX_REQUESTS_PER_LEASE: u64 = 4096;
 /// The most descriptor sets a VM keeps leases for; requests for others are checked.
 pub const MAX_KEYS: usize = 256;
 /// After a declined or failed ask, the key is checked for this long before the next ask.
@@ -46,8 +49,29 @@ struct Held {
     /// When it was granted and when local admission stops (this VM's clock).
     granted_ms: u64,
     expires_ms: u64,
-    /// The quota figures of the check that granted it, for the quota headers.
-    quota: Option<Quota>,
+    /// The figures of the check that granted it, the lease counted as spent: the quota
+    /// headers of the requests admitted under it, and what bounds their streams.
+    figures: Figures,
+}
+
+/// The budget figures of a check, for the requests admitted under the lease it granted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Figures {
+    pub quota: Option<Quota>,
+    pub money: Option<MoneyQuota>,
+}
+
+impl Figures {
+    /// The figures once `amount` is taken.
+    fn less(mut self, amount: Amount) -> Figures {
+        if let Some(q) = self.quota.as_mut() {
+            q.remaining = q.remaining.saturating_sub(amount.tokens);
+        }
+        if let Some(m) = self.money.as_mut() {
+            m.remaining = m.remaining.saturating_sub(amount.micros);
+        }
+        self
+    }
 }
 
 impl Held {
@@ -56,18 +80,27 @@ impl Held {
         self.amount.less(self.taken).less(self.excess)
     }
 
+    /// Whether it admits `reserve` now: in its time (a clock that went back before the grant
+    /// is past it) and within what is left.
     fn covers(&self, reserve: Amount, now_ms: u64) -> bool {
         let left = self.left();
-        now_ms < self.expires_ms && reserve.tokens <= left.tokens && reserve.micros <= left.micros
+        (self.granted_ms..self.expires_ms).contains(&now_ms)
+            && reserve.tokens <= left.tokens
+            && reserve.micros <= left.micros
     }
 
     /// Time for the next lease: half of it spent, or half of its life gone.
     fn running_out(&self, now_ms: u64) -> bool {
+        self.half_spent() || now_ms >= self.half_life()
+    }
+
+    fn half_spent(&self) -> bool {
         let left = self.left();
-        let half_life = self.granted_ms + self.expires_ms.saturating_sub(self.granted_ms) / 2;
-        left.tokens < self.amount.tokens / 2
-            || left.micros < self.amount.micros / 2
-            || now_ms >= half_life
+        left.tokens < self.amount.tokens / 2 || left.micros < self.amount.micros / 2
+    }
+
+    fn half_life(&self) -> u64 {
+        self.granted_ms + self.expires_ms.saturating_sub(self.granted_ms) / 2
     }
 
     /// The report that gives back what no request took.
@@ -108,6 +141,8 @@ struct Entry {
     /// No ask before this time (after a declined or failed one).
     not_before_ms: u64,
     last_demand_ms: u64,
+    /// Reservations the next lease asks for ([`REQUESTS_PER_LEASE`]; 0 before the first).
+    size: u64,
 }
 
 /// Admitted under a lease.
@@ -116,7 +151,7 @@ pub struct Local {
     /// The lease's id (its requests' reports say which lease they drew on).
     pub lease: String,
     pub reserved_at_ms: u64,
-    pub quota: Option<Quota>,
+    pub figures: Figures,
 }
 
 /// An ask to send: a check of `descriptors` with no reservation of its own, asking for
@@ -132,6 +167,8 @@ pub struct Ask {
 #[derive(Debug, Default)]
 pub struct Leases {
     entries: HashMap<Vec<Descriptor>, Entry>,
+    /// The VM is stopping: no more asks, no more leases.
+    stopped: bool,
 }
 
 impl Leases {
@@ -167,7 +204,7 @@ impl Leases {
         let local = Local {
             lease: held.id.clone(),
             reserved_at_ms: held.reserved_at_ms,
-            quota: held.quota,
+            figures: held.figures.clone(),
         };
         if held.running_out(now_ms) {
             entry.wanted = true;
@@ -208,14 +245,27 @@ impl Leases {
     /// not asked for until [`RETRY_MS`] has passed.
     pub fn asks(&mut self, now_ms: u64, mut next_id: impl FnMut() -> String) -> Vec<Ask> {
         let mut asks = Vec::new();
+        if self.stopped {
+            return asks;
+        }
         for (descriptors, e) in self.entries.iter_mut() {
             if !Self::due(e, now_ms) {
                 continue;
             }
             e.wanted = false;
+            // Half spent before half its life: the key runs hot, the next lease is larger.
+            let hot = e
+                .held
+                .as_ref()
+                .is_some_and(|h| h.half_spent() && now_ms < h.half_life());
+            e.size = match e.size {
+                0 => REQUESTS_PER_LEASE,
+                n if hot => (n * 2).min(MAX_REQUESTS_PER_LEASE),
+                n => n,
+            };
             let wanted = Amount::new(
-                e.unit.tokens.saturating_mul(REQUESTS_PER_LEASE),
-                e.unit.micros.saturating_mul(REQUESTS_PER_LEASE),
+                e.unit.tokens.saturating_mul(e.size),
+                e.unit.micros.saturating_mul(e.size),
             );
             let amount = match e.room {
                 Some(room) => Amount::new(
@@ -226,7 +276,10 @@ impl Leases {
             };
             let worth = |figure: u64, unit: u64| figure >= unit.saturating_mul(2);
             if !worth(amount.tokens, e.unit.tokens) || !worth(amount.micros, e.unit.micros) {
+                // The unit starts again from the requests that follow (one huge one must not
+                // hold the key on checks).
                 e.room = None;
+                e.unit = Amount::ZERO;
                 e.not_before_ms = now_ms + RETRY_MS;
                 continue;
             }
@@ -255,14 +308,28 @@ impl Leases {
         id: &str,
         allowed: bool,
         answer: Option<LeaseAnswer>,
-        quota: Option<Quota>,
+        figures: Figures,
         now_ms: u64,
     ) -> Option<Spent> {
         let (descriptors, e) = self.asked(id)?;
         let asking = e.asking.take()?;
         let answer = answer.filter(|_| allowed).unwrap_or_default();
         e.room = Some(answer.room);
-        match answer.granted.filter(|g| *g == asking.amount) {
+        // A grant of another amount than asked (no service of this project's makes one) is
+        // not used: what it took is given back.
+        if let Some(other) = answer.granted.filter(|g| *g != asking.amount) {
+            e.not_before_ms = now_ms + RETRY_MS;
+            return Some(Spent {
+                descriptors,
+                used: Amount::ZERO,
+                reserved: other,
+                reserved_at_ms: Some(answer.reserved_at_ms),
+                release: None,
+                usage: UsageFigures::default(),
+                lease: None,
+            });
+        }
+        match answer.granted {
             Some(amount) => {
                 let held = Held {
                     id: asking.id,
@@ -273,7 +340,7 @@ impl Leases {
                     granted_ms: now_ms,
                     // Counted from when the ask left: the service counted from later.
                     expires_ms: asking.sent_ms.saturating_add(answer.ttl_ms),
-                    quota,
+                    figures: figures.less(amount),
                 };
                 e.held.replace(held).and_then(|old| old.end(descriptors))
             }
@@ -327,7 +394,14 @@ impl Leases {
                 .as_ref()
                 .is_some_and(|h| all || now_ms >= h.expires_ms)
             {
-                ends.extend(e.held.take().and_then(|h| h.end(descriptors.clone())));
+                let Some(held) = e.held.take() else {
+                    continue;
+                };
+                // Three quarters unused: the next lease is smaller.
+                if held.taken.tokens < held.amount.tokens / 4 {
+                    e.size = (e.size / 2).max(REQUESTS_PER_LEASE);
+                }
+                ends.extend(held.end(descriptors.clone()));
             }
         }
         self.entries.retain(|_, e| {
@@ -336,6 +410,30 @@ impl Leases {
                 || now_ms.saturating_sub(e.last_demand_ms) < IDLE_MS
         });
         ends
+    }
+
+    /// The VM stops: every lease ends (what it did not use is given back), every ask in
+    /// flight is released by id (`offset_ms`: the service's clock less this VM's), and no
+    /// lease is asked for or installed again.
+    pub fn stop(&mut self, now_ms: u64, offset_ms: i64) -> Vec<Spent> {
+        self.stopped = true;
+        let mut reports = self.expire(now_ms, true);
+        let asked: Vec<String> = self
+            .entries
+            .values()
+            .filter_map(|e| e.asking.as_ref().map(|a| a.id.clone()))
+            .collect();
+        for id in asked {
+            reports.extend(self.failed(&id, now_ms, offset_ms));
+        }
+        reports
+    }
+
+    /// The service changed: leases it did not grant must not admit for it, and reports of
+    /// them must not go to it. They are forgotten; the old service keeps what they took
+    /// until their window ends (budget lost there, never overspent).
+    pub fn forget(&mut self) {
+        self.entries.clear();
     }
 
     /// Leases held now (for the metrics).
@@ -393,7 +491,13 @@ mod tests {
         assert_eq!(asks[0].amount, Amount::tokens(150 * 64));
         assert!(!leases.ask_due(0), "one ask in flight per key");
         assert_eq!(
-            leases.answered("vm-1", true, granted(asks[0].amount, 2_000), None, 10),
+            leases.answered(
+                "vm-1",
+                true,
+                granted(asks[0].amount, 2_000),
+                Figures::default(),
+                10
+            ),
             None
         );
         // 9,600 tokens: 96 requests of 100.
@@ -419,7 +523,13 @@ mod tests {
         let bob = key("bob");
         leases.admit(&bob, Amount::tokens(10), 1_000);
         let ask = leases.asks(1_000, ids()).remove(0);
-        leases.answered(&ask.id, true, granted(ask.amount, 500), None, 1_200);
+        leases.answered(
+            &ask.id,
+            true,
+            granted(ask.amount, 500),
+            Figures::default(),
+            1_200,
+        );
         assert!(leases.admit(&bob, Amount::tokens(10), 1_499).is_some());
         // Expiry is counted from when the ask left (1,000), not from the answer.
         assert_eq!(leases.admit(&bob, Amount::tokens(10), 1_500), None);
@@ -439,7 +549,13 @@ mod tests {
         let carol = key("carol");
         leases.admit(&carol, Amount::tokens(100), 0);
         let ask = leases.asks(0, ids()).remove(0);
-        leases.answered(&ask.id, true, granted(ask.amount, 60_000), None, 0);
+        leases.answered(
+            &ask.id,
+            true,
+            granted(ask.amount, 60_000),
+            Figures::default(),
+            0,
+        );
         let local = leases.admit(&carol, Amount::tokens(100), 1).unwrap();
         leases.exceeded(&carol, &local.lease, Amount::tokens(6_250));
         // 6,400 - 100 taken - 6,250 used beyond: 50 left, not enough for one more.
@@ -457,14 +573,26 @@ mod tests {
         let dave = key("dave");
         leases.admit(&dave, Amount::tokens(100), 0);
         let first = leases.asks(0, ids()).remove(0);
-        leases.answered(&first.id, true, granted(first.amount, 2_000), None, 0);
+        leases.answered(
+            &first.id,
+            true,
+            granted(first.amount, 2_000),
+            Figures::default(),
+            0,
+        );
         // Half its life gone: still admits, and wants the next one.
         assert!(leases.admit(&dave, Amount::tokens(100), 1_000).is_some());
         assert!(leases.ask_due(1_000));
         let second = leases.asks(1_000, || "vm-2".into()).remove(0);
         assert!(leases.admit(&dave, Amount::tokens(100), 1_001).is_some());
         let end = leases
-            .answered(&second.id, true, granted(second.amount, 2_000), None, 1_002)
+            .answered(
+                &second.id,
+                true,
+                granted(second.amount, 2_000),
+                Figures::default(),
+                1_002,
+            )
             .unwrap();
         assert_eq!(end.reserved, Amount::tokens(6_400 - 200));
         assert_eq!(
@@ -488,7 +616,7 @@ mod tests {
             ..LeaseAnswer::default()
         };
         assert_eq!(
-            leases.answered(&ask.id, true, Some(declined), None, 10),
+            leases.answered(&ask.id, true, Some(declined), Figures::default(), 10),
             None
         );
         // The room holds ten of its requests: asked for at once, at the next demand.
@@ -502,7 +630,7 @@ mod tests {
             room: Amount::tokens(150),
             ..declined
         };
-        leases.answered(&next.id, true, Some(tight), None, 2_000);
+        leases.answered(&next.id, true, Some(tight), Figures::default(), 2_000);
         leases.admit(&erin, Amount::tokens(100), 2_001);
         assert!(
             !leases.ask_due(2_001),
@@ -514,7 +642,13 @@ mod tests {
         // A denied check's lease answer, or a grant of another amount, is no lease.
         leases.admit(&erin, Amount::tokens(100), 4_000);
         let ask = leases.asks(4_000, ids()).remove(0);
-        leases.answered(&ask.id, false, granted(ask.amount, 2_000), None, 4_001);
+        leases.answered(
+            &ask.id,
+            false,
+            granted(ask.amount, 2_000),
+            Figures::default(),
+            4_001,
+        );
         assert_eq!(leases.held(), 0);
     }
 
@@ -530,10 +664,55 @@ mod tests {
         assert_eq!(release.reserved_at_ms, Some(1_250));
         assert_eq!(leases.failed(&ask.id, 1_500, 250), None, "once");
         assert_eq!(
-            leases.answered(&ask.id, true, granted(ask.amount, 2_000), None, 1_600),
+            leases.answered(
+                &ask.id,
+                true,
+                granted(ask.amount, 2_000),
+                Figures::default(),
+                1_600
+            ),
             None
         );
         assert_eq!(leases.held(), 0);
+    }
+
+    /// A key that spends half its lease before half its life asks for twice as many
+    /// reservations the next time, up to the most; one that leaves three quarters unused, half.
+    #[test]
+    fn a_hot_key_s_leases_grow_and_an_idle_one_s_shrink() {
+        let mut leases = Leases::default();
+        let hot = key("hot");
+        let mut now = 0;
+        let mut sizes = Vec::new();
+        leases.admit(&hot, Amount::tokens(10), now);
+        for _ in 0..9 {
+            let ask = leases.asks(now, ids()).remove(0);
+            sizes.push(ask.amount.tokens / 10);
+            leases.answered(
+                &ask.id,
+                true,
+                granted(ask.amount, 2_000),
+                Figures::default(),
+                now,
+            );
+            now += 1;
+            while leases.admit(&hot, Amount::tokens(10), now).is_some() && !leases.ask_due(now) {}
+        }
+        assert_eq!(sizes, [64, 128, 256, 512, 1024, 2048, 4096, 4096, 4096]);
+        // Unused: it ends at its expiry three quarters untaken, and the next is half as large.
+        let unused = leases.asks(now, ids()).remove(0);
+        assert_eq!(unused.amount.tokens / 10, 4096);
+        leases.answered(
+            &unused.id,
+            true,
+            granted(unused.amount, 2_000),
+            Figures::default(),
+            now,
+        );
+        leases.expire(now + 2_000, false);
+        leases.admit(&hot, Amount::tokens(10), now + 2_001);
+        let ask = leases.asks(now + 2_001, ids()).remove(0);
+        assert_eq!(ask.amount.tokens / 10, 2048);
     }
 
     #[test]

@@ -233,14 +233,10 @@ impl HttpContext for Http {
 
     /// The stream is over, normally or not: settle what it cost and queue the report.
     fn on_log(&mut self) {
+        // (`vm_memory_bytes` is set by the root context's timer, which the report wakes.)
         self.with_config((), |this, shared, config| {
-            let admitted = this.exchange.admitted();
             let spent = this.exchange.finish(config, shared.service_offset_ms());
             shared.record(this.exchange.take_events());
-            if admitted {
-                let memory = this.host.vm_memory_bytes();
-                shared.metrics.vm_memory_bytes.set(memory);
-            }
             shared.submit(spent);
         })
     }

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use super::host::Host;
 use super::metrics::Metrics;
 use crate::config::ServiceConfig;
-use crate::lease::Leases;
+use crate::lease::{Figures, Leases};
 use crate::report::{Delivery, ReportIds, ReportQueue, Settled, Spent};
 
 /// A report call may carry a hundred reports: give it more time than a check.
@@ -75,6 +75,15 @@ impl Reporter {
     /// A new configuration: later reports go to the new service; queued ones follow them.
     pub fn reconfigure(&mut self, service: ServiceConfig, capacity: usize) {
         let (batch, in_flight) = service.protocol.wire().batching();
+        // Another service: the leases of the old one must not admit for the new one.
+        let (old, new) = (&self.service, &service);
+        if (&old.cluster, &old.authority, old.protocol)
+            != (&new.cluster, &new.authority, new.protocol)
+        {
+            if let Ok(mut leases) = self.leases.try_borrow_mut() {
+                leases.forget();
+            }
+        }
         self.queue.resize(batch, in_flight, capacity);
         self.service = service;
     }
@@ -191,8 +200,13 @@ impl Reporter {
         }
         self.flights.retain(|f| !lost(f));
         let checks = &mut self.checks;
-        for ask in leases.asks(now, || checks.next_id()) {
+        let asks = match self.service.leases {
+            true => leases.asks(now, || checks.next_id()),
+            false => Vec::new(),
+        };
+        for ask in asks {
             let Some(call) = self.service.protocol.wire().lease_call(&ask) else {
+                leases.failed(&ask.id, now, 0);
                 continue;
             };
             match self
@@ -235,7 +249,11 @@ impl Reporter {
                 } else {
                     metrics.leases_declined.inc();
                 }
-                leases.answered(id, v.allowed, v.lease, v.quota, now)
+                let figures = Figures {
+                    quota: v.quota,
+                    money: v.spend,
+                };
+                leases.answered(id, v.allowed, v.lease, figures, now)
             }
             Err(kind) => {
                 log::warn!(
@@ -256,8 +274,9 @@ impl Reporter {
     /// The VM is stopping: every lease ends now, and what they did not use is queued to be
     /// given back.
     pub fn end_leases(&mut self) {
+        let offset = self.service_offset_ms.unwrap_or(0);
         let ends = match self.leases.try_borrow_mut() {
-            Ok(mut leases) => leases.expire(self.host.now_ms(), true),
+            Ok(mut leases) => leases.stop(self.host.now_ms(), offset),
             Err(_) => Vec::new(),
         };
         for spent in ends {

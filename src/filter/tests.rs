@@ -693,3 +693,80 @@ fn a_lease_ask_without_an_answer_is_released() {
     root.on_tick();
     assert!((3..host.calls()).all(|i| host.call_json(i).get("lease").is_none()));
 }
+
+/// A lease granted by one service never admits for another: a new configuration naming
+/// another cluster forgets the VM's leases (the old service keeps what they took).
+#[test]
+fn leases_of_one_service_never_admit_for_another() {
+    let host = Rc::new(FakeHost::default());
+    let mut root1 = root(&host, 1, &leasing(100));
+    let mut first = request(&host, &root1, "ann");
+    answer(&host, &mut first, host.token(0), 200, &allowed());
+    root1.on_tick();
+    answer(
+        &host,
+        &mut root1,
+        host.token(1),
+        200,
+        &lease_granted(6_400, 60_000),
+    );
+    assert_eq!(host.metric("leases.held"), 1);
+    let mut other = leasing(100);
+    other["service"]["cluster"] = json!("rl-2");
+    let root2 = root(&host, 2, &other);
+    let _second = request(&host, &root2, "ann");
+    assert_eq!(
+        host.call_json(2)["reserve"],
+        100,
+        "checked by the new service"
+    );
+}
+
+/// The VM stops with an ask in flight and a lease held: the ask is released by id and the
+/// lease's unused part given back, before the VM goes.
+#[test]
+fn a_stopping_vm_gives_back_its_leases_and_releases_its_asks() {
+    let host = Rc::new(FakeHost::default());
+    let mut root = root(&host, 1, &leasing(100));
+    let mut first = request(&host, &root, "ann");
+    answer(&host, &mut first, host.token(0), 200, &allowed());
+    root.on_tick();
+    answer(
+        &host,
+        &mut root,
+        host.token(1),
+        200,
+        &lease_granted(6_400, 60_000),
+    );
+    let mut bob = request(&host, &root, "bob");
+    answer(&host, &mut bob, host.token(2), 200, &allowed());
+    root.on_tick();
+    let ask = host.call_json(3);
+    let bob_ask = ask["lease"]["id"].as_str().unwrap().to_string();
+    assert!(!root.on_done(), "reports to send first");
+    let reports: Vec<Value> = (4..host.calls())
+        .filter(|&i| host.call_path(i) == "/v1/report")
+        .flat_map(|i| host.call_json(i)["reports"].as_array().cloned().unwrap())
+        .collect();
+    assert!(
+        reports
+            .iter()
+            .any(|r| r["release"] == json!(bob_ask) && r["reserved"] == 6_400),
+        "{reports:?}"
+    );
+    assert!(
+        reports
+            .iter()
+            .any(|r| r["descriptors"][0]["value"] == "ann" && r["reserved"] == 6_400),
+        "{reports:?}"
+    );
+    // The late answer installs nothing.
+    answer(
+        &host,
+        &mut root,
+        host.token(3),
+        200,
+        &lease_granted(6_400, 60_000),
+    );
+    assert_eq!(host.metric("leases.held"), 0);
+}

@@ -10,7 +10,7 @@ use crate::clock::Clock;
 use crate::console::board::{self, Denial};
 use crate::console::insights::{ConsoleEvent, Insights, Tally};
 use crate::counter::{CounterId, Plan};
-use crate::lease::Leasing;
+use crate::lease::{Leasing, Ledger};
 use crate::meter::{counted, Meter, Money, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
@@ -48,6 +48,8 @@ pub struct Limiter {
     alerts: Alerts,
     /// Whether and how much a check's [`wire::LeaseAsk`] may take.
     leasing: Leasing,
+    /// What this replica leased on each counter lately.
+    leased: Ledger,
 }
 
 impl Limiter {
@@ -62,6 +64,7 @@ impl Limiter {
             redis_offset_ms: std::sync::atomic::AtomicI64::new(0),
             alerts: Alerts::new(None, Default::default()),
             leasing: Leasing::default(),
+            leased: Ledger::default(),
         }
     }
 
@@ -359,7 +362,11 @@ impl Limiter {
             inc(&self.metrics.leases_declined);
             answer
         };
-        let Some(offer) = self.leasing.offer(plans, &outcome.statuses, outcome.at_ms) else {
+        let (leasing, at) = (&self.leasing, outcome.at_ms);
+        let (offer, booked) = self
+            .leased
+            .book(leasing, plans, &outcome.statuses, at, ask.amount);
+        let Some(offer) = offer else {
             return declined(LeaseAnswer::default());
         };
         let mut answer = LeaseAnswer {
@@ -367,14 +374,16 @@ impl Limiter {
             ttl_ms: offer.ttl_ms as u64,
             ..LeaseAnswer::default()
         };
-        if !offer.covers(ask.amount) {
+        if !booked {
             return declined(answer);
         }
         let taken = match self.store.check(plans, ask.amount, None, now).await {
             Ok(taken) if taken.allowed => taken,
-            Ok(_) => return declined(answer),
-            Err(e) => {
-                tracing::warn!("could not take a lease: {e}");
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!("could not take a lease: {e}");
+                }
+                self.leased.unbook(leasing, plans, at, ask.amount);
                 return declined(answer);
             }
         };
@@ -392,6 +401,7 @@ impl Limiter {
                     if let Err(e) = self.store.settle(None, plans, &undo, now).await {
                         tracing::warn!("could not undo a released lease: {e}");
                     }
+                    self.leased.unbook(leasing, plans, at, ask.amount);
                     return declined(answer);
                 }
                 Err(e) => {

@@ -1016,9 +1016,9 @@ async fn leases_are_reservations_taken_whole_or_not_at_all(ctx: &Ctx) {
     assert_eq!(granted.granted, Some(Amount::tokens(5_000)));
     assert_eq!((granted.room.tokens, granted.ttl_ms), (10_000, 2_000));
     assert_eq!(ctx.remaining(&d).await, vec![95_000]);
-    // More than a tenth of what remains: declined, nothing taken, the room told.
-    let declined = lease(ctx.limiter.check(&ask(11, 9_501)).await.ok().unwrap());
-    assert_eq!((declined.granted, declined.room.tokens), (None, 9_500));
+    // Leases hold at most a tenth of what remains, leases included: 5,000 more, no further.
+    let declined = lease(ctx.limiter.check(&ask(11, 5_001)).await.ok().unwrap());
+    assert_eq!((declined.granted, declined.room.tokens), (None, 5_000));
     assert_eq!(ctx.remaining(&d).await, vec![95_000]);
     // A request admitted under the lease reports against its share, in the lease's window;
     // the plugin gives back what was left when the lease ends.
@@ -1074,8 +1074,10 @@ async fn leases_are_reservations_taken_whole_or_not_at_all(ctx: &Ctx) {
     let late = lease(ctx.limiter.check(&ask(13, 2_000)).await.ok().unwrap());
     assert_eq!(late.granted, None);
     assert_eq!(ctx.remaining(&d).await, vec![99_700]);
-    // Near the limit no lease is worth its ask: checks are what admits.
+    // Near the limit no lease is worth its ask: checks are what admits. (Past two leases'
+    // lives the leases granted above no longer count as held.)
     ctx.report("lease-spent", ds, 95_000, 0).await;
+    ctx.advance(4_001);
     let near = lease(ctx.limiter.check(&ask(14, 1_000)).await.ok().unwrap());
     assert_eq!((near.granted, near.room.tokens), (None, 470));
     // A shadow limit's counter bounds the room too; a service rule's bucket allows none.
@@ -1107,8 +1109,8 @@ async fn leases_are_reservations_taken_whole_or_not_at_all(ctx: &Ctx) {
         .ok()
         .unwrap();
     assert_eq!(lease(r), LeaseAnswer::default());
-    // A lease ends with the window it was taken in.
-    ctx.advance(3_599_000);
+    // A lease ends with the window it was taken in (one second left of it).
+    ctx.advance(3_599_000 - 4_001);
     let end = lease(
         ctx.limiter
             .check(&CheckRequest {
@@ -1120,6 +1122,25 @@ async fn leases_are_reservations_taken_whole_or_not_at_all(ctx: &Ctx) {
             .unwrap(),
     );
     assert!(end.granted.is_some() && end.ttl_ms <= 1_000, "{end:?}");
+    // Many users share one global counter: their leases together hold at most a tenth of
+    // what remains on it, leases included.
+    let global = ctx.d("lease-global", "all", &[(1_000_000, 3600)]);
+    let mut granted = 0;
+    for user in 0..40 {
+        let mine = ctx.d("lease-user", &format!("u{user}"), &[(1_000_000, 3600)]);
+        let r = ctx
+            .limiter
+            .check(&CheckRequest {
+                descriptors: vec![mine, global.clone()],
+                ..ask(100 + user, 20_000)
+            })
+            .await
+            .ok()
+            .unwrap();
+        granted += lease(r).granted.map_or(0, |g| g.tokens);
+    }
+    assert_eq!(granted, 100_000, "five of forty");
+    assert_eq!(ctx.remaining(&global).await, vec![900_000]);
     // A denied check gets no lease answer.
     let denied = ctx
         .limiter
