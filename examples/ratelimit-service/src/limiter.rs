@@ -253,27 +253,11 @@ impl Limiter {
         let reserves = !taken.is_zero();
         let mut reserved_at_ms = (outcome.allowed && reserves).then_some(outcome.at_ms as u64);
         if let (Some(_), Some(id)) = (reserved_at_ms, req.id.as_deref().and_then(SeqId::parse)) {
-            match self.store.mark_reserved(id).await {
-                Ok(Mark::Recorded) => {}
-                Ok(Mark::Unknown) => inc(&self.metrics.reservations_unrecorded),
-                Ok(Mark::Released) => {
-                    // The plugin gave this check up and released it before it arrived: the
-                    // reservation must not stand (nobody will settle it).
-                    let undo = Settlement {
-                        excess: Amount::ZERO,
-                        refund: taken,
-                        refund_at: Some(outcome.at_ms),
-                    };
-                    if let Err(e) = self.store.settle(None, &plans, &undo, now).await {
-                        tracing::warn!("could not undo a released reservation: {e}");
-                    }
-                    reserved_at_ms = None;
-                }
-                Err(e) => {
-                    // The reservation stands unrecorded: a release would not give it back.
-                    inc(&self.metrics.reservations_unrecorded);
-                    tracing::warn!("could not record a reservation: {e}");
-                }
+            if !self
+                .record_reservation(id, &plans, taken, outcome.at_ms, now)
+                .await
+            {
+                reserved_at_ms = None;
             }
         }
         let mut limits = Vec::new();
@@ -387,28 +371,16 @@ impl Limiter {
                 return declined(answer);
             }
         };
-        if let Some(id) = SeqId::parse(&ask.id) {
-            match self.store.mark_reserved(id).await {
-                Ok(Mark::Recorded) => {}
-                Ok(Mark::Unknown) => inc(&self.metrics.reservations_unrecorded),
-                Ok(Mark::Released) => {
-                    // Its release came first: nobody will use nor settle this lease.
-                    let undo = Settlement {
-                        excess: Amount::ZERO,
-                        refund: ask.amount,
-                        refund_at: Some(taken.at_ms),
-                    };
-                    if let Err(e) = self.store.settle(None, plans, &undo, now).await {
-                        tracing::warn!("could not undo a released lease: {e}");
-                    }
-                    self.leased.unbook(leasing, plans, at, ask.amount);
-                    return declined(answer);
-                }
-                Err(e) => {
-                    inc(&self.metrics.reservations_unrecorded);
-                    tracing::warn!("could not record a lease: {e}");
-                }
+        let recorded = match SeqId::parse(&ask.id) {
+            Some(id) => {
+                self.record_reservation(id, plans, ask.amount, taken.at_ms, now)
+                    .await
             }
+            None => true,
+        };
+        if !recorded {
+            self.leased.unbook(leasing, plans, at, ask.amount);
+            return declined(answer);
         }
         inc(&self.metrics.leases_granted);
         // Charged as a check's reservation is: reports settle it net.
@@ -423,6 +395,42 @@ impl Limiter {
         // Counted from the ask's arrival: the plugin counts from when it sent it, earlier.
         answer.ttl_ms = (offer.ttl_ms - (taken.at_ms - outcome.at_ms).max(0)).max(0) as u64;
         answer
+    }
+
+    /// Records that check `id` took `taken` (at `at_ms`), so that a release finds it. `false`
+    /// when its release came first: nobody will use nor settle it, so it is given back now.
+    /// A reservation the store could not record stands (a release would not give it back).
+    async fn record_reservation(
+        &self,
+        id: SeqId,
+        plans: &[Plan],
+        taken: Amount,
+        at_ms: i64,
+        now: Option<i64>,
+    ) -> bool {
+        match self.store.mark_reserved(id).await {
+            Ok(Mark::Recorded) => true,
+            Ok(Mark::Unknown) => {
+                inc(&self.metrics.reservations_unrecorded);
+                true
+            }
+            Ok(Mark::Released) => {
+                let undo = Settlement {
+                    excess: Amount::ZERO,
+                    refund: taken,
+                    refund_at: Some(at_ms),
+                };
+                if let Err(e) = self.store.settle(None, plans, &undo, now).await {
+                    tracing::warn!("could not undo a released reservation: {e}");
+                }
+                false
+            }
+            Err(e) => {
+                inc(&self.metrics.reservations_unrecorded);
+                tracing::warn!("could not record a reservation: {e}");
+                true
+            }
+        }
     }
 
     /// Shadow limits that would have denied: counted per limit, logged, and shown apart on
