@@ -94,6 +94,13 @@ impl Held {
         self.half_spent() || now_ms >= self.half_life()
     }
 
+    /// Three quarters of it untaken, in either unit it counts.
+    fn mostly_unused(&self) -> bool {
+        let (taken, amount) = (self.taken, self.amount);
+        (amount.tokens > 0 && taken.tokens < amount.tokens / 4)
+            || (amount.micros > 0 && taken.micros < amount.micros / 4)
+    }
+
     fn half_spent(&self) -> bool {
         let left = self.left();
         left.tokens < self.amount.tokens / 2 || left.micros < self.amount.micros / 2
@@ -196,8 +203,10 @@ impl Leases {
             entry.unit.tokens.max(reserve.tokens),
             entry.unit.micros.max(reserve.micros),
         );
+        // (An ask in flight is the next lease already.)
+        let asking = entry.asking.is_some();
         let Some(held) = entry.held.as_mut().filter(|h| h.covers(reserve, now_ms)) else {
-            entry.wanted = true;
+            entry.wanted |= !asking;
             return None;
         };
         held.taken = held.taken.plus(reserve);
@@ -206,7 +215,7 @@ impl Leases {
             reserved_at_ms: held.reserved_at_ms,
             figures: held.figures.clone(),
         };
-        if held.running_out(now_ms) {
+        if held.running_out(now_ms) && !asking {
             entry.wanted = true;
         }
         Some(local)
@@ -331,18 +340,25 @@ impl Leases {
         }
         match answer.granted {
             Some(amount) => {
+                // Its time counts from when the ask left (the service counted from later), or
+                // from now if the clock stepped back since.
+                let start = asking.sent_ms.min(now_ms);
                 let held = Held {
                     id: asking.id,
                     amount,
                     taken: Amount::ZERO,
                     excess: Amount::ZERO,
                     reserved_at_ms: answer.reserved_at_ms,
-                    granted_ms: now_ms,
-                    // Counted from when the ask left: the service counted from later.
-                    expires_ms: asking.sent_ms.saturating_add(answer.ttl_ms),
+                    granted_ms: start,
+                    expires_ms: start.saturating_add(answer.ttl_ms),
                     figures: figures.less(amount),
                 };
-                e.held.replace(held).and_then(|old| old.end(descriptors))
+                e.wanted = false;
+                let old = e.held.replace(held)?;
+                if old.mostly_unused() {
+                    e.size = (e.size / 2).max(REQUESTS_PER_LEASE);
+                }
+                old.end(descriptors)
             }
             // Declined: asked again at the next demand if the room the service named holds two
             // of the key's requests, else later.
@@ -398,7 +414,7 @@ impl Leases {
                     continue;
                 };
                 // Three quarters unused: the next lease is smaller.
-                if held.taken.tokens < held.amount.tokens / 4 {
+                if held.mostly_unused() {
                     e.size = (e.size / 2).max(REQUESTS_PER_LEASE);
                 }
                 ends.extend(held.end(descriptors.clone()));
@@ -434,6 +450,11 @@ impl Leases {
     /// until their window ends (budget lost there, never overspent).
     pub fn forget(&mut self) {
         self.entries.clear();
+    }
+
+    /// A root context configured again after the VM's last one stopped: leasing resumes.
+    pub fn resume(&mut self) {
+        self.stopped = false;
     }
 
     /// Leases held now (for the metrics).
@@ -713,6 +734,119 @@ mod tests {
         leases.admit(&hot, Amount::tokens(10), now + 2_001);
         let ask = leases.asks(now + 2_001, ids()).remove(0);
         assert_eq!(ask.amount.tokens / 10, 2048);
+    }
+
+    /// Requests admitted while a renewal is in flight do not ask again: once it is granted,
+    /// no ask is due until the new lease runs out.
+    #[test]
+    fn a_renewal_in_flight_is_the_only_ask() {
+        let mut leases = Leases::default();
+        let k = key("k");
+        leases.admit(&k, Amount::tokens(100), 0);
+        let first = leases.asks(0, ids()).remove(0);
+        leases.answered(
+            &first.id,
+            true,
+            granted(first.amount, 2_000),
+            Figures::default(),
+            0,
+        );
+        while leases.admit(&k, Amount::tokens(100), 1).is_some() && !leases.ask_due(1) {}
+        let second = leases.asks(1, || "vm-2".into()).remove(0);
+        for _ in 0..10 {
+            assert!(leases.admit(&k, Amount::tokens(100), 2).is_some());
+        }
+        assert!(!leases.ask_due(2));
+        leases.answered(
+            &second.id,
+            true,
+            granted(second.amount, 2_000),
+            Figures::default(),
+            3,
+        );
+        assert!(!leases.ask_due(3), "the new lease is fresh");
+    }
+
+    /// A clock that steps back between an ask and its answer cannot lengthen the lease: its
+    /// time counts from the earlier of the two.
+    #[test]
+    fn a_clock_stepping_back_never_lengthens_a_lease() {
+        let mut leases = Leases::default();
+        let k = key("k");
+        leases.admit(&k, Amount::tokens(10), 10_000);
+        let ask = leases.asks(10_000, ids()).remove(0);
+        leases.answered(
+            &ask.id,
+            true,
+            granted(ask.amount, 2_000),
+            Figures::default(),
+            8_500,
+        );
+        assert!(leases.admit(&k, Amount::tokens(10), 10_499).is_some());
+        assert_eq!(leases.admit(&k, Amount::tokens(10), 10_500), None);
+        // And one that steps back before the grant ends it.
+        assert_eq!(leases.admit(&k, Amount::tokens(10), 8_000), None);
+    }
+
+    /// A renewal that replaces a lease three quarters unused halves the next one.
+    #[test]
+    fn a_lease_replaced_mostly_unused_halves_the_next() {
+        let mut leases = Leases::default();
+        let k = key("k");
+        leases.admit(&k, Amount::tokens(10), 0);
+        let mut now = 0;
+        let mut last = 0;
+        for _ in 0..4 {
+            let ask = leases.asks(now, ids()).remove(0);
+            last = ask.amount.tokens / 10;
+            leases.answered(
+                &ask.id,
+                true,
+                granted(ask.amount, 2_000),
+                Figures::default(),
+                now,
+            );
+            now += 1;
+            while leases.admit(&k, Amount::tokens(10), now).is_some() && !leases.ask_due(now) {}
+        }
+        assert_eq!(last, 512);
+        // A trickle: one request at half its life asks for the next, which replaces it unused.
+        let ask = leases.asks(now, ids()).remove(0);
+        leases.answered(
+            &ask.id,
+            true,
+            granted(ask.amount, 2_000),
+            Figures::default(),
+            now,
+        );
+        leases.admit(&k, Amount::tokens(10), now + 1_000);
+        let next = leases.asks(now + 1_000, ids()).remove(0);
+        leases.answered(
+            &next.id,
+            true,
+            granted(next.amount, 2_000),
+            Figures::default(),
+            now + 1_000,
+        );
+        leases.admit(&k, Amount::tokens(10), now + 2_000);
+        let after = leases.asks(now + 2_000, ids()).remove(0);
+        assert!(
+            after.amount.tokens / 10 < next.amount.tokens / 10,
+            "{after:?} after {next:?}"
+        );
+    }
+
+    /// A VM whose last root context stopped and which is configured again leases again.
+    #[test]
+    fn leasing_resumes_after_a_stop() {
+        let mut leases = Leases::default();
+        let k = key("k");
+        leases.stop(0, 0);
+        leases.admit(&k, Amount::tokens(10), 0);
+        assert!(leases.asks(0, ids()).is_empty());
+        leases.resume();
+        leases.admit(&k, Amount::tokens(10), 1);
+        assert_eq!(leases.asks(1, ids()).len(), 1);
     }
 
     #[test]

@@ -24,6 +24,11 @@ const MIN_REPORT_TIMEOUT_MS: u64 = 2000;
 /// (a root context replaced by a new configuration may leave reports behind).
 pub const HEARTBEAT_MS: u64 = 1000;
 
+/// Whether two configurations name the same service.
+fn same_service(a: &ServiceConfig, b: &ServiceConfig) -> bool {
+    (&a.cluster, &a.authority, a.protocol) == (&b.cluster, &b.authority, b.protocol)
+}
+
 /// A call in flight: the queue's number for it (or the lease ask it is: its id and when it
 /// left), the root context that made it, its token.
 struct Flight {
@@ -76,10 +81,7 @@ impl Reporter {
     pub fn reconfigure(&mut self, service: ServiceConfig, capacity: usize) {
         let (batch, in_flight) = service.protocol.wire().batching();
         // Another service: the leases of the old one must not admit for the new one.
-        let (old, new) = (&self.service, &service);
-        if (&old.cluster, &old.authority, old.protocol)
-            != (&new.cluster, &new.authority, new.protocol)
-        {
+        if !same_service(&self.service, &service) {
             if let Ok(mut leases) = self.leases.try_borrow_mut() {
                 leases.forget();
             }
@@ -110,6 +112,12 @@ impl Reporter {
             self.ticking = Some(root);
             self.host.set_tick_ms(1);
         }
+    }
+
+    /// Whether calls go to `service` (leases are asked of the service reports go to; a
+    /// configuration of the VM that names another is checked, never leased).
+    pub fn serves(&self, service: &ServiceConfig) -> bool {
+        same_service(&self.service, service)
     }
 
     /// A lease ask is due: root context `root` sends it on its next tick.

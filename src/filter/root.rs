@@ -180,7 +180,12 @@ impl RootContext for Root {
             )
         });
         if self.shared.is_none() {
-            LIVE_ROOTS.with(|n| n.set(n.get() + 1));
+            // The first root context alive again after the VM's last one stopped: it leases.
+            if LIVE_ROOTS.with(|n| n.replace(n.get() + 1)) == 0 {
+                if let Ok(mut leases) = leases.try_borrow_mut() {
+                    leases.resume();
+                }
+            }
             self.host.set_tick_ms(HEARTBEAT_MS);
         }
         self.shared = Some(Rc::new(Shared {

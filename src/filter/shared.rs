@@ -37,6 +37,11 @@ impl Admission for VmAdmission<'_> {
     /// Admits under a lease; when the key's next lease is due, wakes the root context to ask
     /// for it.
     fn lease(&mut self, descriptors: &[Descriptor], reserve: Amount, now_ms: u64) -> Option<Local> {
+        // Two configurations of one VM naming other services: only the one reports go to leases.
+        let service = self.0.plugin.service()?;
+        if !self.0.reporter.try_borrow().ok()?.serves(service) {
+            return None;
+        }
         let mut leases = self.0.leases.try_borrow_mut().ok()?;
         let local = leases.admit(descriptors, reserve, now_ms);
         let due = leases.due_for(descriptors, now_ms);

@@ -154,7 +154,11 @@ impl Ledger {
                 .map_or(0, |s| s.at(slot).held())
         };
         let offer = leasing.offer(plans, statuses, at_ms, held);
-        let fits = offer.is_some_and(|o| o.covers(ask)) && counters.len() < MAX_LEDGER;
+        let known = plans
+            .iter()
+            .all(|p| counters.contains_key(&p.id.storage_key()));
+        let room = known || counters.len() + plans.len() <= MAX_LEDGER;
+        let fits = offer.is_some_and(|o| o.covers(ask)) && room;
         if fits {
             for plan in plans {
                 let s = counters.entry(plan.id.storage_key()).or_default();
@@ -324,6 +328,13 @@ mod tests {
         assert!(
             !ledger
                 .book(&leasing, &plans, &statuses, 1_500, Amount::tokens(20_000))
+                .1
+        );
+        // One stretch later the leases of the last one still count as held; two later, not.
+        let next = 1_000 + leasing.max_ttl_ms;
+        assert!(
+            !ledger
+                .book(&leasing, &plans, &statuses, next, Amount::tokens(20_000))
                 .1
         );
         let later = 1_000 + 2 * leasing.max_ttl_ms;

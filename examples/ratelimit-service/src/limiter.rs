@@ -10,7 +10,7 @@ use crate::clock::Clock;
 use crate::console::board::{self, Denial};
 use crate::console::insights::{ConsoleEvent, Insights, Tally};
 use crate::counter::{CounterId, Plan};
-use crate::lease::{Leasing, Ledger};
+use crate::lease::{self, Leasing, Ledger};
 use crate::meter::{counted, Meter, Money, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
@@ -371,6 +371,21 @@ impl Limiter {
                 return declined(answer);
             }
         };
+        // Counted from the ask's arrival: the plugin counts from when it sent it, earlier. Too
+        // little left of the window once taken (the store's clock moved on): given back.
+        let ttl_ms = offer.ttl_ms - (taken.at_ms - outcome.at_ms).max(0);
+        if ttl_ms < lease::MIN_TTL_MS {
+            let undo = Settlement {
+                excess: Amount::ZERO,
+                refund: ask.amount,
+                refund_at: Some(taken.at_ms),
+            };
+            if let Err(e) = self.store.settle(None, plans, &undo, now).await {
+                tracing::warn!("could not give back a lease taken too late: {e}");
+            }
+            self.leased.unbook(leasing, plans, at, ask.amount);
+            return declined(answer);
+        }
         let recorded = match SeqId::parse(&ask.id) {
             Some(id) => {
                 self.record_reservation(id, plans, ask.amount, taken.at_ms, now)
@@ -392,8 +407,7 @@ impl Limiter {
         self.record(tally);
         answer.granted = Some(ask.amount);
         answer.reserved_at_ms = taken.at_ms.max(0) as u64;
-        // Counted from the ask's arrival: the plugin counts from when it sent it, earlier.
-        answer.ttl_ms = (offer.ttl_ms - (taken.at_ms - outcome.at_ms).max(0)).max(0) as u64;
+        answer.ttl_ms = ttl_ms as u64;
         answer
     }
 
