@@ -498,6 +498,28 @@ mod tests {
         })
     }
 
+    /// Demand for `k` at `asked_at`, its ask, and the grant of the whole ask for `ttl_ms`
+    /// answered at `answered_at`.
+    fn lease_for(
+        leases: &mut Leases,
+        k: &[Descriptor],
+        reserve: Amount,
+        asked_at: u64,
+        ttl_ms: u64,
+        answered_at: u64,
+    ) -> Ask {
+        leases.admit(k, reserve, asked_at);
+        let ask = leases.asks(asked_at, ids()).remove(0);
+        leases.answered(
+            &ask.id,
+            true,
+            granted(ask.amount, ttl_ms),
+            Figures::default(),
+            answered_at,
+        );
+        ask
+    }
+
     #[test]
     fn a_granted_lease_admits_until_its_reservations_run_out_and_gives_back_the_rest() {
         let mut leases = Leases::default();
@@ -542,15 +564,7 @@ mod tests {
     fn a_lease_never_admits_past_its_expiry_and_its_end_gives_back_what_was_not_taken() {
         let mut leases = Leases::default();
         let bob = key("bob");
-        leases.admit(&bob, Amount::tokens(10), 1_000);
-        let ask = leases.asks(1_000, ids()).remove(0);
-        leases.answered(
-            &ask.id,
-            true,
-            granted(ask.amount, 500),
-            Figures::default(),
-            1_200,
-        );
+        lease_for(&mut leases, &bob, Amount::tokens(10), 1_000, 500, 1_200);
         assert!(leases.admit(&bob, Amount::tokens(10), 1_499).is_some());
         // Expiry is counted from when the ask left (1,000), not from the answer.
         assert_eq!(leases.admit(&bob, Amount::tokens(10), 1_500), None);
@@ -568,15 +582,7 @@ mod tests {
     fn excess_shrinks_what_a_lease_admits_but_not_what_it_gives_back() {
         let mut leases = Leases::default();
         let carol = key("carol");
-        leases.admit(&carol, Amount::tokens(100), 0);
-        let ask = leases.asks(0, ids()).remove(0);
-        leases.answered(
-            &ask.id,
-            true,
-            granted(ask.amount, 60_000),
-            Figures::default(),
-            0,
-        );
+        lease_for(&mut leases, &carol, Amount::tokens(100), 0, 60_000, 0);
         let local = leases.admit(&carol, Amount::tokens(100), 1).unwrap();
         leases.exceeded(&carol, &local.lease, Amount::tokens(6_250));
         // 6,400 - 100 taken - 6,250 used beyond: 50 left, not enough for one more.
@@ -592,15 +598,7 @@ mod tests {
     fn a_renewal_replaces_the_lease_and_gives_back_the_old_one_s_rest() {
         let mut leases = Leases::default();
         let dave = key("dave");
-        leases.admit(&dave, Amount::tokens(100), 0);
-        let first = leases.asks(0, ids()).remove(0);
-        leases.answered(
-            &first.id,
-            true,
-            granted(first.amount, 2_000),
-            Figures::default(),
-            0,
-        );
+        lease_for(&mut leases, &dave, Amount::tokens(100), 0, 2_000, 0);
         // Half its life gone: still admits, and wants the next one.
         assert!(leases.admit(&dave, Amount::tokens(100), 1_000).is_some());
         assert!(leases.ask_due(1_000));
@@ -742,15 +740,7 @@ mod tests {
     fn a_renewal_in_flight_is_the_only_ask() {
         let mut leases = Leases::default();
         let k = key("k");
-        leases.admit(&k, Amount::tokens(100), 0);
-        let first = leases.asks(0, ids()).remove(0);
-        leases.answered(
-            &first.id,
-            true,
-            granted(first.amount, 2_000),
-            Figures::default(),
-            0,
-        );
+        lease_for(&mut leases, &k, Amount::tokens(100), 0, 2_000, 0);
         while leases.admit(&k, Amount::tokens(100), 1).is_some() && !leases.ask_due(1) {}
         let second = leases.asks(1, || "vm-2".into()).remove(0);
         for _ in 0..10 {
@@ -773,15 +763,7 @@ mod tests {
     fn a_clock_stepping_back_never_lengthens_a_lease() {
         let mut leases = Leases::default();
         let k = key("k");
-        leases.admit(&k, Amount::tokens(10), 10_000);
-        let ask = leases.asks(10_000, ids()).remove(0);
-        leases.answered(
-            &ask.id,
-            true,
-            granted(ask.amount, 2_000),
-            Figures::default(),
-            8_500,
-        );
+        lease_for(&mut leases, &k, Amount::tokens(10), 10_000, 2_000, 8_500);
         assert!(leases.admit(&k, Amount::tokens(10), 10_499).is_some());
         assert_eq!(leases.admit(&k, Amount::tokens(10), 10_500), None);
         // And one that steps back before the grant ends it.
