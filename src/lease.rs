@@ -176,6 +176,8 @@ pub struct Leases {
     entries: HashMap<Vec<Descriptor>, Entry>,
     /// The VM is stopping: no more asks, no more leases.
     stopped: bool,
+    /// An admission made an ask due: the root context's timer should run ([`Leases::woken`]).
+    wake: bool,
 }
 
 impl Leases {
@@ -207,6 +209,7 @@ impl Leases {
         let asking = entry.asking.is_some();
         let Some(held) = entry.held.as_mut().filter(|h| h.covers(reserve, now_ms)) else {
             entry.wanted |= !asking;
+            self.wake |= Self::due(entry, now_ms);
             return None;
         };
         held.taken = held.taken.plus(reserve);
@@ -217,6 +220,7 @@ impl Leases {
         };
         if held.running_out(now_ms) && !asking {
             entry.wanted = true;
+            self.wake |= Self::due(entry, now_ms);
         }
         Some(local)
     }
@@ -238,11 +242,9 @@ impl Leases {
         self.entries.values().any(|e| Self::due(e, now_ms))
     }
 
-    /// Whether an ask for `descriptors` is due now.
-    pub fn due_for(&self, descriptors: &[Descriptor], now_ms: u64) -> bool {
-        self.entries
-            .get(descriptors)
-            .is_some_and(|e| Self::due(e, now_ms))
+    /// Whether an admission made an ask due since the last call.
+    pub fn woken(&mut self) -> bool {
+        std::mem::take(&mut self.wake)
     }
 
     fn due(e: &Entry, now_ms: u64) -> bool {

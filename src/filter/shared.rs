@@ -44,7 +44,7 @@ impl Admission for VmAdmission<'_> {
         }
         let mut leases = self.0.leases.try_borrow_mut().ok()?;
         let local = leases.admit(descriptors, reserve, now_ms);
-        let due = leases.due_for(descriptors, now_ms);
+        let due = leases.woken();
         drop(leases);
         if due {
             if let Ok(mut reporter) = self.0.reporter.try_borrow_mut() {
@@ -60,8 +60,9 @@ impl Shared {
     pub fn submit(&self, spent: Option<Spent>) {
         // Used beyond its reservation under a lease: that lease admits so much less.
         if let (Some(s), Ok(mut leases)) = (&spent, self.leases.try_borrow_mut()) {
-            if let Some(lease) = &s.lease {
-                leases.exceeded(&s.descriptors, lease, s.used.less(s.reserved));
+            let excess = s.used.less(s.reserved);
+            if let (Some(lease), false) = (&s.lease, excess.is_zero()) {
+                leases.exceeded(&s.descriptors, lease, excess);
             }
         }
         if let (Some(spent), Ok(mut reporter)) = (spent, self.reporter.try_borrow_mut()) {
