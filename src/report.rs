@@ -348,6 +348,11 @@ impl ReportQueue {
         retry.chain(flying).min()
     }
 
+    /// Whether as many calls are in flight as may be: the next leaves when one is answered.
+    pub fn flights_full(&self) -> bool {
+        self.in_flight.len() >= self.max_in_flight
+    }
+
     /// Starts the next call when one may leave now: its number and the reports to send.
     pub fn start_batch(&mut self, now_ms: u64, call: u64) -> Option<Vec<&Report>> {
         if self.in_flight.len() >= self.max_in_flight || now_ms < self.retry_at_ms {

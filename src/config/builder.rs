@@ -48,6 +48,7 @@ impl Builder {
             needs_request_body: false,
             match_headers: Vec::new(),
             request_headers: Vec::new(),
+            headers_after_match: Vec::new(),
         };
         Builder { config }
     }
@@ -103,6 +104,11 @@ fn derive(config: &mut Config) {
             }
         }
     }
+    config.headers_after_match = read
+        .iter()
+        .filter(|n| !config.match_headers.contains(n))
+        .cloned()
+        .collect();
     config.request_headers = read;
     config.needs_request_body = config.reserve == Reserve::MaxTokens
         || config.limits.iter().any(|l| {

@@ -138,6 +138,9 @@ pub struct Config {
     /// Derived once at load: every request header a limited request's keys, conditions and
     /// accounting read, asked for by name (a header map is never read whole).
     pub(super) request_headers: Vec<String>,
+    /// Derived once at load: `request_headers` less those `matches` read (a matched request
+    /// has them already).
+    pub(super) headers_after_match: Vec<String>,
 }
 
 /// Which dialect a configuration is written in.
@@ -229,6 +232,17 @@ impl Config {
     /// The request headers a limited request's keys, conditions and accounting read.
     pub fn request_headers(&self) -> &[String] {
         &self.request_headers
+    }
+
+    /// The request headers a limited request reads beyond those its `matches` read.
+    pub fn headers_after_match(&self) -> &[String] {
+        &self.headers_after_match
+    }
+
+    /// Whether a response's `x-gemini-service-tier` can change what it costs (a price table
+    /// with `service_tiers`).
+    pub fn reads_tier(&self) -> bool {
+        self.prices.as_ref().is_some_and(|p| !p.tiers.is_empty())
     }
 
     /// Whether the JSON request body must be read before the check can be made.

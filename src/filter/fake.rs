@@ -37,6 +37,8 @@ pub struct State {
     pub done: bool,
     metric_names: Vec<String>,
     metric_values: Vec<i64>,
+    /// How many times each host function was called.
+    pub host_calls: HashMap<&'static str, usize>,
 }
 
 #[derive(Default)]
@@ -78,6 +80,15 @@ impl FakeHost {
         self.0.borrow().calls[i].0
     }
 
+    fn tally(&self, function: &'static str) {
+        *self.state().host_calls.entry(function).or_default() += 1;
+    }
+
+    /// Host calls made since the last time this was asked, by function.
+    pub fn take_host_calls(&self) -> HashMap<&'static str, usize> {
+        std::mem::take(&mut self.state().host_calls)
+    }
+
     pub fn calls(&self) -> usize {
         self.0.borrow().calls.len()
     }
@@ -99,31 +110,37 @@ fn find(map: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
 
 impl Host for FakeHost {
     fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.tally("request_header");
         self.state().headers_read.push(name.to_string());
         find(&self.0.borrow().request_headers, name)
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        self.tally("request_body");
         let s = self.0.borrow();
         Some(s.request_body[..size.min(s.request_body.len())].to_vec())
     }
 
     fn remove_request_header(&self, name: &str) {
+        self.tally("remove_request_header");
         self.state()
             .request_headers
             .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
 
     fn set_request_body(&self, _size: usize, body: &[u8]) -> bool {
+        self.tally("set_request_body");
         self.state().request_body = body.to_vec();
         true
     }
 
     fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.tally("response_header");
         find(&self.0.borrow().response_headers, name)
     }
 
     fn set_response_header(&self, name: &str, value: &str) {
+        self.tally("set_response_header");
         let mut s = self.state();
         s.response_headers.retain(|(k, _)| k != name);
         s.response_headers
@@ -131,12 +148,14 @@ impl Host for FakeHost {
     }
 
     fn response_body(&self, offset: usize, len: usize) -> Option<Vec<u8>> {
+        self.tally("response_body");
         let s = self.0.borrow();
         let end = (offset + len).min(s.response_body.len());
         s.response_body.get(offset..end).map(<[u8]>::to_vec)
     }
 
     fn edit_response_body(&self, start: usize, drain: usize, data: &[u8]) -> bool {
+        self.tally("edit_response_body");
         let mut s = self.state();
         let len = s.response_body.len();
         if start >= len {
@@ -152,36 +171,44 @@ impl Host for FakeHost {
     }
 
     fn remove_response_header(&self, name: &str) {
+        self.tally("remove_response_header");
         self.state()
             .response_headers
             .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
 
     fn reset_stream(&self) {
+        self.tally("reset_stream");
         self.state().resets += 1;
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.tally("property");
         self.0.borrow().properties.get(&path.join(".")).cloned()
     }
 
     fn plugin_configuration(&self, _size: usize) -> Option<Vec<u8>> {
+        self.tally("plugin_configuration");
         Some(self.0.borrow().config.clone())
     }
 
     fn now_ms(&self) -> u64 {
+        self.tally("now_ms");
         self.0.borrow().now_ms
     }
 
     fn set_tick_ms(&self, ms: u64) {
+        self.tally("set_tick_ms");
         self.state().tick_ms = ms;
     }
 
     fn random_seed(&self) -> u64 {
+        self.tally("random_seed");
         0xfeed
     }
 
     fn vm_memory_bytes(&self) -> u64 {
+        self.tally("vm_memory_bytes");
         0
     }
 
@@ -191,6 +218,7 @@ impl Host for FakeHost {
         outbound: &Outbound,
         _timeout_ms: u64,
     ) -> Result<u32, Status> {
+        self.tally("dispatch");
         let mut s = self.state();
         if s.refuse_dispatch {
             return Err(Status::BadArgument);
@@ -202,30 +230,37 @@ impl Host for FakeHost {
     }
 
     fn call_status(&self, num_headers: usize) -> Option<u32> {
+        self.tally("call_status");
         (num_headers > 0).then(|| self.0.borrow().answer.0)
     }
 
     fn call_body(&self, _size: usize) -> Vec<u8> {
+        self.tally("call_body");
         self.0.borrow().answer.1.clone()
     }
 
     fn grpc_body(&self, _size: usize) -> Vec<u8> {
+        self.tally("grpc_body");
         self.0.borrow().answer.1.clone()
     }
 
     fn send_reply(&self, reply: &Reply) {
+        self.tally("send_reply");
         self.state().replies.push(reply.clone());
     }
 
     fn resume_request(&self) {
+        self.tally("resume_request");
         self.state().resumed += 1;
     }
 
     fn done(&self) {
+        self.tally("done");
         self.state().done = true;
     }
 
     fn define_metric(&self, _kind: MetricType, name: &str) -> Option<u32> {
+        self.tally("define_metric");
         let mut s = self.state();
         if let Some(i) = s.metric_names.iter().position(|n| n == name) {
             return Some(i as u32);
@@ -236,12 +271,14 @@ impl Host for FakeHost {
     }
 
     fn add_to_metric(&self, id: u32, n: i64) {
+        self.tally("add_to_metric");
         if let Some(v) = self.state().metric_values.get_mut(id as usize) {
             *v += n;
         }
     }
 
     fn set_metric(&self, id: u32, value: u64) {
+        self.tally("set_metric");
         if let Some(v) = self.state().metric_values.get_mut(id as usize) {
             *v = value as i64;
         }

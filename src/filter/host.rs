@@ -368,8 +368,8 @@ pub fn read_headers(host: &dyn Host, names: &[String]) -> Vec<(String, String)> 
     names.iter().filter_map(read).collect()
 }
 
-/// The response's head as the exchange reads it.
-pub fn response_head(host: &dyn Host, end_of_stream: bool) -> ResponseHead {
+/// The response's head as the exchange reads it (Gemini's tier only when it can change a price).
+pub fn response_head(host: &dyn Host, end_of_stream: bool, tier: bool) -> ResponseHead {
     let status = host.response_header(":status");
     let content_type = host.response_header("content-type");
     ResponseHead {
@@ -382,8 +382,9 @@ pub fn response_head(host: &dyn Host, end_of_stream: bool) -> ResponseHead {
             t.get(..17)
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
         }),
-        tier: host
-            .response_header("x-gemini-service-tier")
+        tier: tier
+            .then(|| host.response_header("x-gemini-service-tier"))
+            .flatten()
             .and_then(|t| String::from_utf8(t).ok()),
         end_of_stream,
     }
@@ -452,11 +453,14 @@ pub fn pass_response(
     }
 }
 
-/// Whether the request is selected by `matches`, reading only the headers they need.
-pub fn selected(host: &dyn Host, config: &crate::config::Config) -> bool {
-    if config.matches.is_empty() {
-        return true;
+/// The request headers a limited request reads, when `matches` select it: those the matches
+/// read first (all a request that matches nothing costs), then the rest, each read once.
+pub fn selected(host: &dyn Host, config: &crate::config::Config) -> Option<Vec<(String, String)>> {
+    let mut headers = read_headers(host, config.match_headers());
+    let list = crate::matcher::HeaderList(&headers);
+    if !config.matches.is_empty() && !crate::matcher::any_matches(&config.matches, &list) {
+        return None;
     }
-    let probe = read_headers(host, config.match_headers());
-    crate::matcher::any_matches(&config.matches, &crate::matcher::HeaderList(&probe))
+    headers.extend(read_headers(host, config.headers_after_match()));
+    Some(headers)
 }

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use super::host::{pass_response, read_headers, response_head, selected};
+use super::host::{pass_response, response_head, selected};
 use super::host::{Host, HostProperties, HostScope};
 use super::shared::{Shared, VmAdmission};
 use crate::config::Config;
@@ -153,10 +153,9 @@ impl HttpContext for Http {
         let Some(config) = shared.plugin.config(policy) else {
             return Action::Continue;
         };
-        if !selected(self.host.as_ref(), config) {
+        let Some(headers) = selected(self.host.as_ref(), config) else {
             return Action::Continue;
-        }
-        let headers = read_headers(self.host.as_ref(), config.request_headers());
+        };
         // Usage must be readable in the response.
         self.host.remove_request_header("accept-encoding");
         let on_headers = self
@@ -204,7 +203,7 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         self.with_config(Action::Continue, |this, _, config| {
-            let head = response_head(this.host.as_ref(), end_of_stream);
+            let head = response_head(this.host.as_ref(), end_of_stream, config.reads_tier());
             let plan = this.exchange.response_headers(config, head);
             for (name, value) in &plan.set_headers {
                 this.host.set_response_header(name, value);

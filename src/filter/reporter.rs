@@ -107,8 +107,8 @@ impl Reporter {
             metrics.reports_dropped.add(dropped);
             log::warn!("report queue full of distinct keys: {dropped} waiting report(s) dropped");
         }
-        metrics.report_queue.set(self.queue.len() as u64);
-        if self.ticking.is_none() {
+        // A call in flight pumps the queue when it is answered (the gauge is set there too).
+        if self.ticking.is_none() && !self.queue.flights_full() {
             self.ticking = Some(root);
             self.host.set_tick_ms(1);
         }
@@ -145,6 +145,7 @@ impl Reporter {
             self.settle(call, Delivery::Retry, metrics);
         }
         self.lease(root, now, given_up, metrics);
+        metrics.report_queue.set(self.queue.len() as u64);
         loop {
             self.next_call += 1;
             let call_number = self.next_call;
@@ -350,6 +351,5 @@ impl Reporter {
                 s.over_limit
             );
         }
-        metrics.report_queue.set(self.queue.len() as u64);
     }
 }

@@ -770,3 +770,66 @@ fn a_stopping_vm_gives_back_its_leases_and_releases_its_asks() {
     );
     assert_eq!(host.metric("leases.held"), 0);
 }
+
+/// A request admitted under a lease, as a hot key's requests are: what it asks of the host.
+/// Every host call crosses from Wasm into Envoy; this counts them so that the path stays lean.
+#[test]
+fn a_leased_request_makes_few_host_calls() {
+    let host = Rc::new(FakeHost::default());
+    let mut c = leasing(100);
+    c["matches"] = json!([{"path": {"prefix": "/v1/"}}]);
+    c["reserve"] = json!({"tokens": "max_tokens"});
+    let mut root = root(&host, 1, &c);
+    host.state().now_ms = 1_000;
+    let mut first = request(&host, &root, "ann");
+    answer(&host, &mut first, host.token(0), 200, &allowed());
+    root.on_tick();
+    let asked = host.call_json(1)["lease"]["tokens"].as_u64().unwrap();
+    answer(
+        &host,
+        &mut root,
+        host.token(1),
+        200,
+        &lease_granted(asked, 2_000),
+    );
+    respond_and_end(&host, &mut first, 20);
+    root.on_tick();
+    let body = br#"{"model":"m","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
+    host.state().request_headers = pairs(&[
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        (":authority", "llm.test"),
+        ("content-type", "application/json"),
+        ("x-user", "ann"),
+    ]);
+    host.state().request_body = body.to_vec();
+    host.take_host_calls();
+    let mut leased = root.http();
+    assert_eq!(leased.on_http_request_headers(5, false), Action::Continue);
+    assert_eq!(
+        leased.on_http_request_body(body.len(), true),
+        Action::Continue
+    );
+    respond_and_end(&host, &mut leased, 30);
+    let calls = host.take_host_calls();
+    assert_eq!(host.metric("leases.admitted"), 1);
+    // Headers: `:path` (the match), `:method`, `content-length`, `x-user`, each read once;
+    // accept-encoding and content-length removed; the body read; the response's status, type
+    // and encoding (no tier: no tier prices); the body chunk; three counters; two clock reads;
+    // the report timer.
+    let expected = [
+        ("request_header", 4),
+        ("remove_request_header", 2),
+        ("request_body", 1),
+        ("response_header", 3),
+        ("response_body", 1),
+        ("add_to_metric", 3),
+        ("now_ms", 2),
+        ("set_tick_ms", 1),
+    ];
+    let mut made: Vec<(&str, usize)> = calls.into_iter().collect();
+    made.sort();
+    let mut expected = expected.to_vec();
+    expected.sort();
+    assert_eq!(made, expected);
+}
