@@ -188,6 +188,8 @@ struct Spend {
     trim: Option<(TrimPlan, Amount)>,
     /// Admitted under this quota lease (its id), not by a check.
     lease: Option<String>,
+    /// The model the request named, when the plugin read it (the spend ledger's breakdown).
+    model: Option<String>,
 }
 
 struct Priced {
@@ -197,7 +199,8 @@ struct Priced {
 impl Spend {
     /// What this request cost, for the report queue (`cost`: in micro units, for the limits
     /// in money); `None` when there is nothing to settle.
-    fn spent(self, charge: &Charge, cost: u64) -> Option<Spent> {
+    /// `answered`: the model the response named, which the ledger prefers to the request's.
+    fn spent(self, charge: &Charge, cost: u64, answered: Option<&str>) -> Option<Spent> {
         // Held to the wire's bound: a lying upstream cannot make a report the service refuses.
         let used = Amount::new(charge.tokens, cost);
         if used.is_zero() && self.reserved.is_zero() {
@@ -211,6 +214,12 @@ impl Spend {
             release: if self.release { self.id } else { None },
             usage: charge.usage.into(),
             lease: self.lease,
+            request: true,
+            // A name the wire would refuse (a report with it would be lost) is left out.
+            model: answered
+                .map(str::to_string)
+                .or(self.model)
+                .filter(|m| m.len() <= wire::MAX_ID),
         })
     }
 
@@ -239,7 +248,9 @@ impl Spend {
             usage: Default::default(),
             basis: Basis::UpstreamError,
         };
-        self.spent(&nothing, 0)
+        let mut spent = self.spent(&nothing, 0, None)?;
+        spent.request = false;
+        Some(spent)
     }
 }
 
@@ -520,6 +531,7 @@ impl Exchange {
         });
         // Under a quota lease that covers it: admitted here, its reservation taken from the
         // lease (a trimmed request is checked: the service decides its grant).
+        let model = request_model();
         let leased = (config.service.leases && trim.is_none())
             .then(|| vm.lease(&descriptors, reserve, now_ms))
             .flatten();
@@ -537,6 +549,7 @@ impl Exchange {
                     priced,
                     trim: None,
                     lease: Some(local.lease),
+                    model,
                 },
                 quota: local.figures.quota,
                 money: local.figures.money.map(Box::new),
@@ -572,6 +585,7 @@ impl Exchange {
                     .zip(trim)
                     .map(|(t, w)| (t.plan, Amount::new(w.min, w.cost(reserve, w.min)))),
                 lease: None,
+                model,
             },
         };
         (Check::Dispatch(call), edit)
@@ -1078,7 +1092,11 @@ impl Exchange {
             }
         };
         self.events.push(Event::Charged(charge.basis));
-        spend.spent(&charge, cost)
+        let answered = response
+            .as_deref()
+            .and_then(|r| r.scanner.as_ref())
+            .and_then(|s| s.model());
+        spend.spent(&charge, cost, answered)
     }
 }
 

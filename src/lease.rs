@@ -121,6 +121,8 @@ impl Held {
             release: None,
             usage: UsageFigures::default(),
             lease: None,
+            request: false,
+            model: None,
         })
     }
 }
@@ -338,6 +340,8 @@ impl Leases {
                 release: None,
                 usage: UsageFigures::default(),
                 lease: None,
+                request: false,
+                model: None,
             });
         }
         match answer.granted {
@@ -393,6 +397,8 @@ impl Leases {
             release: Some(asking.id),
             usage: UsageFigures::default(),
             lease: None,
+            request: false,
+            model: None,
         })
     }
 

@@ -46,6 +46,11 @@ pub struct Spent {
     /// The quota lease the request was admitted under, if any: what it used beyond its
     /// reservation shrinks that lease (the queue itself ignores it).
     pub lease: Option<String>,
+    /// A served request's own spending (`used` is what it used, whole), as the service's
+    /// spend ledger counts it; not a lease's give-back nor a release.
+    pub request: bool,
+    /// The model the response (else the request) named, if the plugin read one.
+    pub model: Option<String>,
 }
 
 /// How a waiting entry settles its descriptors; only entries of one kind merge.
@@ -73,13 +78,19 @@ struct Pending {
     /// count requests and their usage whatever the entry's share of it).
     requests: u64,
     tokens_used: u64,
+    /// What the served requests merged here used, whole (the service's spend ledger), and
+    /// the model they named: entries of other models never merge.
+    served: u64,
+    spent: Amount,
+    model: Option<String>,
 }
 
 impl Pending {
-    fn key_hash(descriptors: &[Descriptor], kind: &Kind) -> u64 {
+    fn key_hash(descriptors: &[Descriptor], kind: &Kind, model: &Option<String>) -> u64 {
         let mut h = DefaultHasher::new();
         descriptors.hash(&mut h);
         kind.hash(&mut h);
+        model.hash(&mut h);
         h.finish()
     }
 
@@ -89,6 +100,8 @@ impl Pending {
         self.usage = self.usage.plus(other.usage);
         self.requests += other.requests;
         self.tokens_used = self.tokens_used.saturating_add(other.tokens_used);
+        self.served += other.served;
+        self.spent = self.spent.plus(other.spent);
     }
 }
 
@@ -237,6 +250,8 @@ impl ReportQueue {
             release,
             usage,
             lease: _,
+            request,
+            model,
         } = spent;
         // (kind, to charge, to give back, when reserved)
         let mut parts = Vec::with_capacity(2);
@@ -255,7 +270,9 @@ impl ReportQueue {
             // It used exactly what its check took: nothing to settle, but a limit with alerts
             // hears of it all the same (the service raises alerts on reports, never on a
             // check's reservation alone).
-            if parts.is_empty() && descriptors.iter().any(|d| !d.alerts.is_empty()) {
+            // So does the spend ledger, for a served request that used something.
+            let heard = descriptors.iter().any(|d| !d.alerts.is_empty());
+            if parts.is_empty() && (heard || (request && !used.is_zero())) {
                 parts.push((Kind::Charge, Amount::ZERO, Amount::ZERO, None));
             }
         }
@@ -278,6 +295,13 @@ impl ReportQueue {
                 // The usage, and the request itself, travel with the first part.
                 requests: u64::from(i == 0),
                 tokens_used: if i == 0 { used.tokens } else { 0 },
+                served: u64::from(i == 0 && request),
+                spent: if i == 0 && request {
+                    used
+                } else {
+                    Amount::ZERO
+                },
+                model: model.clone(),
                 usage: usage.take().unwrap_or_default(),
             });
         }
@@ -285,14 +309,17 @@ impl ReportQueue {
     }
 
     fn add(&mut self, entry: Pending) -> u64 {
-        let hash = Pending::key_hash(&entry.descriptors, &entry.kind);
+        let hash = Pending::key_hash(&entry.descriptors, &entry.kind, &entry.model);
         if !matches!(entry.kind, Kind::Release(_)) {
             if let Some(&pos) = self.index.get(&hash) {
                 if let Some(existing) = pos
                     .checked_sub(self.popped)
                     .and_then(|i| self.waiting.get_mut(i as usize))
                 {
-                    if existing.kind == entry.kind && existing.descriptors == entry.descriptors {
+                    if existing.kind == entry.kind
+                        && existing.model == entry.model
+                        && existing.descriptors == entry.descriptors
+                    {
                         existing.absorb(&entry);
                         return 0;
                     }
@@ -311,7 +338,7 @@ impl ReportQueue {
 
     fn pop_waiting(&mut self) -> Option<Pending> {
         let entry = self.waiting.pop_front()?;
-        let hash = Pending::key_hash(&entry.descriptors, &entry.kind);
+        let hash = Pending::key_hash(&entry.descriptors, &entry.kind, &entry.model);
         if self.index.get(&hash) == Some(&self.popped) {
             self.index.remove(&hash);
         }
@@ -401,6 +428,11 @@ impl ReportQueue {
                             Kind::Charge | Kind::Refund(_) => None,
                         },
                         usage: Some(p.usage),
+                        spend: (p.served > 0).then_some(wire::Spend {
+                            model: p.model,
+                            requests: p.served,
+                            used: p.spent,
+                        }),
                     },
                     seq,
                     requests: p.requests,
@@ -551,11 +583,12 @@ impl ReportQueue {
 
 /// At most what a report takes on the wire (text counted as if every byte were escaped).
 fn encoded_size(r: &Report) -> usize {
-    descriptors_size(&r.descriptors)
+    let model = r.spend.as_ref().and_then(|s| s.model.as_ref());
+    descriptors_size(&r.descriptors) + model.map_or(0, |m| 6 * m.len() + 120)
 }
 
 fn pending_size(p: &Pending) -> usize {
-    descriptors_size(&p.descriptors)
+    descriptors_size(&p.descriptors) + p.model.as_ref().map_or(0, |m| 6 * m.len() + 120)
 }
 
 fn descriptors_size(ds: &[Descriptor]) -> usize {
@@ -605,6 +638,8 @@ mod tests {
                 ..Default::default()
             },
             lease: None,
+            request: true,
+            model: None,
         }
     }
 
@@ -655,10 +690,27 @@ mod tests {
     }
 
     #[test]
-    fn an_exact_reservation_is_reported_only_to_a_limit_with_alerts() {
+    fn an_exact_reservation_is_reported_only_for_the_ledger_and_alerts() {
         let mut q = queue(10);
-        q.push(spent("ann", 100, 100, Some(1_000)));
-        assert!(q.is_empty(), "nothing to settle");
+        let mut lease_end = spent("ann", 100, 100, Some(1_000));
+        lease_end.request = false;
+        q.push(lease_end);
+        assert!(q.is_empty(), "nothing to settle, no request served");
+        let mut exact = spent("ann", 100, 100, Some(1_000));
+        exact.model = Some("gpt-4o".into());
+        q.push(exact);
+        let batch = q.start_batch(0, 1).unwrap();
+        assert_eq!(
+            (batch[0].used, batch[0].reserved),
+            (Amount::ZERO, Amount::ZERO)
+        );
+        let spend = batch[0].spend.clone().unwrap();
+        assert_eq!(
+            (spend.model.as_deref(), spend.requests, spend.used),
+            (Some("gpt-4o"), 1, Amount::tokens(100)),
+            "the ledger hears of the whole use"
+        );
+        q.finish_batch(1, Delivery::Answered(Vec::new()), 0);
         let mut exact = spent("ann", 100, 100, Some(1_000));
         exact.descriptors[0].alerts = wire::Threshold::of(0.5).into_iter().collect();
         q.push(exact);

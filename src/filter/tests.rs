@@ -455,8 +455,15 @@ fn a_client_gone_before_the_response_is_charged_its_reservation() {
     answer(&host, &mut http, host.token(0), 200, &allowed());
     http.on_log();
     root.on_tick();
-    // Charged exactly what was reserved: the reservation stands, nothing is refunded.
-    assert_eq!(host.calls(), 1, "no refund report");
+    // Charged exactly what was reserved: the reservation stands, nothing is refunded; the
+    // report only tells the spend ledger what the request used.
+    assert_eq!(host.calls(), 2);
+    let report = &host.call_json(1)["reports"][0];
+    assert_eq!(
+        (report["tokens"].clone(), report["reserved"].clone()),
+        (json!(0), json!(0))
+    );
+    assert_eq!(report["spend"], json!({"requests": 1, "tokens": 50}));
     assert_eq!(host.metric("usage.abandoned"), 1);
     assert_eq!(host.metric("usage.upstream_error"), 0);
 }

@@ -472,6 +472,20 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// What the requests a report carries used, whole, for the service's spend ledger: the
+/// amounts a report settles are only what differs from reservations. JSON:
+/// `{"model": "gpt-4o", "requests": 2, "tokens": 300, "cost": 4500}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Spend {
+    /// The model the requests named; absent when the plugin did not read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub requests: u64,
+    #[serde(flatten)]
+    pub used: Amount,
+}
+
 /// What one request (or, merged, several) spent. The service charges `used − reserved`:
 /// an excess now, a refund in the window of `reserved_at_ms`, never below zero. JSON: `used`
 /// is `tokens` and `cost`, `reserved` is `reserved` and `reserved_cost` (micro units, charged
@@ -489,11 +503,13 @@ pub struct Report<D = Vec<Descriptor>> {
     /// reservation, and is released at most once.
     pub release: Option<String>,
     pub usage: Option<UsageFigures>,
+    /// What the requests carried used, whole (the ledger's figures).
+    pub spend: Option<Spend>,
 }
 
 /// [`Report`] as JSON spells it.
 #[derive(Serialize, Deserialize)]
-struct ReportJson<I, D> {
+struct ReportJson<I, D, S> {
     id: I,
     descriptors: D,
     tokens: u64,
@@ -509,6 +525,8 @@ struct ReportJson<I, D> {
     release: Option<I>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     usage: Option<UsageFigures>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    spend: Option<S>,
 }
 
 impl<D: Serialize> Serialize for Report<D> {
@@ -523,6 +541,7 @@ impl<D: Serialize> Serialize for Report<D> {
             reserved_at_ms: self.reserved_at_ms,
             release: self.release.as_deref(),
             usage: self.usage,
+            spend: self.spend.as_ref(),
         }
         .serialize(s)
     }
@@ -530,7 +549,7 @@ impl<D: Serialize> Serialize for Report<D> {
 
 impl<'de, D: Deserialize<'de>> Deserialize<'de> for Report<D> {
     fn deserialize<De: Deserializer<'de>>(d: De) -> Result<Self, De::Error> {
-        let j = ReportJson::<String, D>::deserialize(d)?;
+        let j = ReportJson::<String, D, Spend>::deserialize(d)?;
         Ok(Report {
             id: j.id,
             descriptors: j.descriptors,
@@ -545,6 +564,7 @@ impl<'de, D: Deserialize<'de>> Deserialize<'de> for Report<D> {
             reserved_at_ms: j.reserved_at_ms,
             release: j.release,
             usage: j.usage,
+            spend: j.spend,
         })
     }
 }
@@ -820,6 +840,18 @@ pub fn validate_report(r: &Report, at: &str) -> Result<(), BadRequest> {
             "{at}tokens, reserved, cost and reserved_cost must be at most {MAX_AMOUNT}"
         )));
     }
+    if let Some(s) = &r.spend {
+        if s.used.too_large() || s.requests > MAX_AMOUNT {
+            return Err(BadRequest(format!(
+                "{at}spend: requests, tokens and cost must be at most {MAX_AMOUNT}"
+            )));
+        }
+        if s.model.as_ref().is_some_and(|m| m.len() > MAX_ID) {
+            return Err(BadRequest(format!(
+                "{at}spend.model must be at most {MAX_ID} bytes"
+            )));
+        }
+    }
     validate_descriptors(&r.descriptors, at)
 }
 
@@ -1006,5 +1038,30 @@ mod tests {
             lease: None,
         };
         assert!(validate_check(&big).is_err());
+    }
+
+    /// A report's `spend` (the ledger's figures) reads back as written, and the service
+    /// refuses figures past the bounds and a model name longer than an id.
+    #[test]
+    fn a_reports_spend_round_trips_and_is_bounded() {
+        let json = r#"{"id":"00000000000000ab-1","descriptors":[{"limit":"l","value":"v"}],"tokens":0,"spend":{"model":"gpt-4o","requests":2,"tokens":300,"cost":4500}}"#;
+        let r: Report = serde_json::from_str(json).unwrap();
+        let spend = r.spend.clone().unwrap();
+        assert_eq!(
+            (spend.model.as_deref(), spend.requests, spend.used),
+            (Some("gpt-4o"), 2, Amount::new(300, 4500))
+        );
+        let back: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            back["spend"],
+            serde_json::json!({"model": "gpt-4o", "requests": 2, "tokens": 300, "cost": 4500})
+        );
+        assert!(validate_report(&r, "").is_ok());
+        let mut long = r.clone();
+        long.spend.as_mut().unwrap().model = Some("m".repeat(MAX_ID + 1));
+        assert!(validate_report(&long, "").is_err());
+        let mut huge = r;
+        huge.spend.as_mut().unwrap().used.tokens = MAX_AMOUNT + 1;
+        assert!(validate_report(&huge, "").is_err());
     }
 }
