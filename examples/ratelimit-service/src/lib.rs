@@ -12,6 +12,7 @@ pub mod clock;
 pub mod console;
 pub mod counter;
 pub mod lease;
+pub mod ledger;
 pub mod limiter;
 pub mod meter;
 pub mod metrics;
@@ -30,8 +31,14 @@ use settings::{Settings, StoreChoice};
 use state::AppState;
 use store::{MemoryStore, RedisStore, Store};
 
-/// Builds the service the settings describe (connecting to Redis lazily).
+/// Builds the service the settings describe (connecting to Redis and the ledger's database
+/// lazily).
 pub fn app(settings: &Settings, clock: Clock) -> AppState {
+    let ledger = settings.ledger.as_ref().and_then(|url| {
+        ledger::SpendLedger::new(&url.0, clock.now_ms())
+            .inspect_err(|e| tracing::error!("{e}"))
+            .ok()
+    });
     let store = match &settings.store {
         StoreChoice::Memory { max_counters } => Store::Memory(MemoryStore::new(*max_counters)),
         StoreChoice::Redis { target, timeout } => Store::Redis(std::sync::Arc::new(
@@ -41,7 +48,8 @@ pub fn app(settings: &Settings, clock: Clock) -> AppState {
     AppState::new(
         Limiter::new(store, settings.rules.clone(), clock, settings.sliding)
             .alerting(settings.alert_webhook.clone())
-            .leasing(settings.leasing),
+            .leasing(settings.leasing)
+            .with_ledger(ledger),
         auth::Access::new(&settings.api_keys, settings.admin_token.as_deref()),
     )
 }

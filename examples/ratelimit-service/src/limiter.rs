@@ -1,6 +1,7 @@
 //! The service's decisions: requests in, descriptors turned into counters, the store asked,
 //! answers out. Transport-free, so the behavioural suite drives it directly.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::alerts::{Alerts, Raised, Webhook};
@@ -11,6 +12,7 @@ use crate::console::board::{self, Denial};
 use crate::console::insights::{ConsoleEvent, Insights, Tally};
 use crate::counter::{CounterId, Plan};
 use crate::lease::{self, Leasing, Ledger};
+use crate::ledger::{Entry, RowKey, SpendLedger, Sums};
 use crate::meter::{counted, Meter, Money, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
@@ -50,6 +52,8 @@ pub struct Limiter {
     leasing: Leasing,
     /// What this replica leased on each counter lately.
     leased: Ledger,
+    /// Where what reports' requests spent is kept for good (`--ledger`).
+    spend_ledger: Option<Arc<SpendLedger>>,
 }
 
 impl Limiter {
@@ -65,7 +69,18 @@ impl Limiter {
             alerts: Alerts::new(None, Default::default()),
             leasing: Leasing::default(),
             leased: Ledger::default(),
+            spend_ledger: None,
         }
+    }
+
+    /// Keeps what applied reports' requests spent in `ledger`.
+    pub fn with_ledger(mut self, ledger: Option<Arc<SpendLedger>>) -> Limiter {
+        self.spend_ledger = ledger;
+        self
+    }
+
+    pub fn spend_ledger(&self) -> Option<&Arc<SpendLedger>> {
+        self.spend_ledger.as_ref()
     }
 
     /// How quota leases are granted ([`Leasing`]; a fraction of 0 grants none).
@@ -537,6 +552,7 @@ impl Limiter {
                     self.metrics.charged(tokens);
                     self.spent(&planned, micros);
                     tally.charge(planned.iter().map(|(d, _)| *d), tokens, micros);
+                    self.ledger_entry(r, &planned);
                     answer.accepted += 1;
                     ReportResult::of(Outcome::Applied)
                 }
@@ -903,6 +919,44 @@ impl Limiter {
     }
 
     /// Counts money spent (or, negative, given back) per limit that counts it.
+    /// Hands what an applied report's requests spent to the ledger: a row per counter it
+    /// charged, in the quarter hour it was applied (the service's clock). Cost goes only to
+    /// limits in money (their currency's micro units).
+    fn ledger_entry(&self, r: &Report, planned: &[(&Descriptor, Plan)]) {
+        let (Some(ledger), Some(spend)) = (&self.spend_ledger, &r.spend) else {
+            return;
+        };
+        let bucket_ms = crate::ledger::bucket(self.clock.now_ms());
+        let amount = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let rows = planned
+            .iter()
+            .map(|(d, plan)| {
+                let key = RowKey {
+                    limit: plan.id.limit.clone(),
+                    value: plan.id.value.clone(),
+                    shared: plan.id.shared,
+                    model: spend.model.clone().unwrap_or_default(),
+                    currency: d.currency.clone().unwrap_or_default(),
+                    bucket_ms,
+                };
+                let sums = Sums {
+                    requests: amount(spend.requests),
+                    tokens: amount(spend.used.tokens),
+                    cost_micros: if d.currency.is_some() {
+                        amount(spend.used.micros)
+                    } else {
+                        0
+                    },
+                };
+                (key, sums)
+            })
+            .collect();
+        ledger.record(Entry {
+            id: r.id.clone(),
+            rows,
+        });
+    }
+
     fn spent(&self, planned: &[(&Descriptor, Plan)], micros: i64) {
         if micros == 0 {
             return;

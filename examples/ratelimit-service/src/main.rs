@@ -42,6 +42,10 @@ async fn main() -> std::process::ExitCode {
     };
     let state = Arc::new(app(&settings, clock));
     spawn_sweeper(&state);
+    if let Some(ledger) = state.limiter().spend_ledger() {
+        ledger.spawn();
+        tracing::info!("keeping spend in the ledger (--ledger)");
+    }
     if let Some(hook) = &settings.alert_webhook {
         tracing::info!(
             "posting alerts to {} ({} attempts, {})",
@@ -63,7 +67,19 @@ async fn main() -> std::process::ExitCode {
         state.limiter().rules().len(),
         if settings.sliding { "sliding" } else { "fixed" }
     );
-    server::serve(listener, state, settings.connections, shutdown_signal()).await;
+    server::serve(
+        listener,
+        state.clone(),
+        settings.connections,
+        shutdown_signal(),
+    )
+    .await;
+    // What waits for the ledger is written before the process ends (bounded by its timeout).
+    if let Some(ledger) = state.limiter().spend_ledger() {
+        if let Err(e) = ledger.flush().await {
+            tracing::error!("{e}: spend not yet written is lost");
+        }
+    }
     tracing::info!("stopped");
     std::process::ExitCode::SUCCESS
 }

@@ -202,6 +202,55 @@ fn answer((status, body): crate::console::Answer) -> Reply {
     json(status, &body)
 }
 
+/// `GET /v1/spend`: the ledger's sums, as JSON or (`Accept: text/csv`) CSV.
+async fn spend(state: &AppState, req: &Request<Incoming>) -> Reply {
+    let limiter = state.limiter();
+    let Some(ledger) = limiter.spend_ledger() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "this service keeps no spend ledger: start it with --ledger postgres://…",
+        );
+    };
+    let query = crate::ledger::SpendQuery::parse(
+        query_param(req, "from").as_deref(),
+        query_param(req, "to").as_deref(),
+        query_param(req, "group_by").as_deref(),
+        limiter.clock().now_ms(),
+    );
+    let query = match query {
+        Ok(q) => q,
+        Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+    };
+    let rows = match ledger.spend(&query).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!("{e}");
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            r.headers_mut()
+                .insert(RETRY_AFTER, hyper::header::HeaderValue::from_static("5"));
+            return r;
+        }
+    };
+    let wants_csv = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.to_ascii_lowercase().contains("text/csv"));
+    if wants_csv {
+        let mut r = text(
+            StatusCode::OK,
+            "text/csv; charset=utf-8",
+            crate::ledger::report::csv(&query, &rows),
+        );
+        r.headers_mut().insert(
+            hyper::header::CONTENT_DISPOSITION,
+            hyper::header::HeaderValue::from_static("attachment; filename=\"spend.csv\""),
+        );
+        return r;
+    }
+    json(StatusCode::OK, &crate::ledger::report::json(&query, &rows))
+}
+
 fn failure(f: Failure) -> Reply {
     match f {
         Failure::Bad(BadRequest(m)) => error(StatusCode::BAD_REQUEST, &m),
@@ -271,6 +320,7 @@ enum Endpoint {
     AsmCheck,
     AsmUpdate,
     Quota,
+    Spend,
     Console,
     Overview,
     Top,
@@ -297,6 +347,7 @@ const ROUTES: &[(&str, Method, Need, Endpoint)] = &[
         Endpoint::AsmUpdate,
     ),
     ("/v1/quota", Method::GET, Need::Read, Endpoint::Quota),
+    ("/v1/spend", Method::GET, Need::Read, Endpoint::Spend),
     ("/console", Method::GET, Need::Open, Endpoint::Console),
     (
         "/v1/console/overview",
@@ -447,6 +498,7 @@ async fn route(state: &AppState, body_timeout: Duration, req: Request<Incoming>)
                 Err(f) => failure(f),
             }
         }
+        Endpoint::Spend => spend(state, &req).await,
         Endpoint::Console => {
             let mut r = text(
                 StatusCode::OK,
@@ -507,11 +559,11 @@ async fn route(state: &AppState, body_timeout: Duration, req: Request<Incoming>)
                 Store::Memory(m) => Some((m.len(), m.evicted(), m.sources())),
                 Store::Redis(_) => None,
             };
-            text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                limiter.metrics().render(limiter.store().name(), live),
-            )
+            let mut body = limiter.metrics().render(limiter.store().name(), live);
+            if let Some(ledger) = limiter.spend_ledger() {
+                ledger.render_metrics(&mut body);
+            }
+            text(StatusCode::OK, "text/plain; version=0.0.4", body)
         }
     }
 }

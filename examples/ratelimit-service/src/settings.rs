@@ -210,6 +210,21 @@ pub struct Cli {
         default_value_t = 2000
     )]
     pub lease_ttl_ms: u64,
+
+    /// Keeps what every report's requests spent in PostgreSQL (`postgres://user:pass@host/db`),
+    /// for `GET /v1/spend` and for calendar budgets that outlive their store. The schema is
+    /// created and migrated at first connection.
+    #[arg(long = "ledger", env = "RATELIMIT_LEDGER")]
+    pub ledger: Option<String>,
+}
+
+/// The ledger's database URL; its `Debug` hides the URL (it may hold a password).
+pub struct LedgerUrl(pub String);
+
+impl std::fmt::Debug for LedgerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LedgerUrl(…)")
+    }
 }
 
 /// How connections are bounded: none can hold the service's file descriptors for long
@@ -250,6 +265,8 @@ pub struct Settings {
     pub alert_webhook: Option<Webhook>,
     /// `--lease-fraction`, `--lease-ttl-ms`.
     pub leasing: Leasing,
+    /// `--ledger`.
+    pub ledger: Option<LedgerUrl>,
 }
 
 #[derive(Debug)]
@@ -345,7 +362,12 @@ impl Cli {
         if !(lease::MIN_TTL_MS as u64..=60_000).contains(&self.lease_ttl_ms) {
             return Err("--lease-ttl-ms must be between 100 and 60000".into());
         }
+        if let Some(url) = &self.ledger {
+            url.parse::<tokio_postgres::Config>()
+                .map_err(|e| format!("--ledger: not a PostgreSQL URL: {e}"))?;
+        }
         Ok(Settings {
+            ledger: self.ledger.map(LedgerUrl),
             alert_webhook,
             leasing: Leasing {
                 fraction: self.lease_fraction,

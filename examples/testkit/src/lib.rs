@@ -4,6 +4,7 @@
 
 pub mod envoy;
 pub mod http;
+pub mod postgres;
 pub mod redis;
 pub mod rls;
 pub mod service;
