@@ -12,6 +12,7 @@ use crate::console::board::{self, Denial};
 use crate::console::insights::{ConsoleEvent, Insights, Tally};
 use crate::counter::{CounterId, Plan};
 use crate::lease::{self, Leasing, Ledger};
+use crate::ledger::restore::Restored;
 use crate::ledger::{Entry, RowKey, SpendLedger, Sums};
 use crate::meter::{counted, Meter, Money, Status};
 use crate::metrics::{inc, Metrics};
@@ -54,6 +55,8 @@ pub struct Limiter {
     leased: Ledger,
     /// Where what reports' requests spent is kept for good (`--ledger`).
     spend_ledger: Option<Arc<SpendLedger>>,
+    /// Which calendar counters were looked at for restoring from the ledger.
+    restored: Restored,
 }
 
 impl Limiter {
@@ -70,6 +73,7 @@ impl Limiter {
             leasing: Leasing::default(),
             leased: Ledger::default(),
             spend_ledger: None,
+            restored: Restored::default(),
         }
     }
 
@@ -246,6 +250,7 @@ impl Limiter {
                 .inspect_err(|_| inc(&self.metrics.bad_requests))?;
             let plans: Vec<Plan> = planned.iter().map(|(_, p)| p.clone()).collect();
             let now = self.store_now(planned_at);
+            self.restore_calendars(&plans, planned_at).await;
             match self.store.check(&plans, reserve, req.trim, now).await {
                 Ok(o) => {
                     self.saw_store_time(o.at_ms);
@@ -919,6 +924,127 @@ impl Limiter {
     }
 
     /// Counts money spent (or, negative, given back) per limit that counts it.
+    /// Gives calendar counters that show nothing spent in their period what the ledger says
+    /// was (see [`crate::ledger::restore`]); a failure leaves the counter as it is, to be
+    /// looked at again by the next check.
+    async fn restore_calendars(&self, plans: &[Plan], now_ms: i64) {
+        let Some(ledger) = &self.spend_ledger else {
+            return;
+        };
+        let calendar = |m: &Meter| matches!(m, Meter::Calendar { .. });
+        if !plans.iter().any(|p| p.meters.iter().any(calendar)) {
+            return;
+        }
+        // How often to look is wall time (a test's manual clock may stand still).
+        let wall = crate::clock::system_ms();
+        if self.restored.epoch_due(wall) {
+            match self.store.epoch().await {
+                Ok(epoch) => self.restored.saw_epoch(epoch, wall),
+                Err(_) => return,
+            }
+        }
+        for plan in plans {
+            for meter in plan.meters.iter().filter(|m| calendar(m)) {
+                let Meter::Calendar { start_ms, .. } = *meter else {
+                    continue;
+                };
+                let (key, field) = (plan.id.storage_key(), meter.field());
+                if !self.restored.due(&key, &field, start_ms, wall) {
+                    continue;
+                }
+                match self.restore(ledger, plan, meter, now_ms).await {
+                    Ok(()) => self.restored.looked_at(&key, &field, start_ms, wall),
+                    Err(e) => tracing::warn!("calendar counter not restored from the ledger: {e}"),
+                }
+            }
+        }
+    }
+
+    async fn restore(
+        &self,
+        ledger: &SpendLedger,
+        plan: &Plan,
+        meter: &Meter,
+        now_ms: i64,
+    ) -> Result<(), String> {
+        let Meter::Calendar {
+            start_ms, end_ms, ..
+        } = *meter
+        else {
+            return Ok(());
+        };
+        let id = &plan.id;
+        let (key, field) = (id.storage_key(), meter.field());
+        // The marker lives beside the counter and is lost with it: present, this store's life
+        // knows the counter's period already.
+        if self
+            .store
+            .restore_marked(&key, &field, start_ms)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(());
+        }
+        let spent = ledger
+            .spent_since(&id.limit, &id.value, id.shared, start_ms)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !self
+            .store
+            .claim_restore(&key, &field, start_ms, end_ms.saturating_sub(now_ms))
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(());
+        }
+        let alone = Plan {
+            id: id.clone(),
+            meters: vec![*meter],
+            shadow: plan.shadow,
+            alerts: Vec::new(),
+        };
+        let store_now = self.store_now(now_ms);
+        // What the store counts already (reports applied since it lost the counter are in
+        // both): only the rest is added.
+        let stored = self
+            .store
+            .peek(&alone, store_now, self.sliding)
+            .await
+            .map_err(|e| e.to_string())?
+            .iter()
+            .find(|(m, _)| m.field() == field)
+            .map_or(0, |(_, st)| st.limit - st.remaining);
+        let ledger_says = match meter.money() {
+            Some(_) => spent.cost_micros,
+            None => spent.tokens,
+        };
+        let missing = ledger_says.saturating_sub(stored).max(0) as u64;
+        if missing == 0 {
+            return Ok(());
+        }
+        let excess = match meter.money() {
+            Some(_) => Amount::new(0, missing),
+            None => Amount::new(missing, 0),
+        };
+        let settlement = Settlement {
+            excess,
+            refund: Amount::ZERO,
+            refund_at: None,
+        };
+        self.store
+            .settle(None, &[alone], &settlement, store_now)
+            .await
+            .map_err(|e| e.to_string())?;
+        inc(&self.metrics.ledger_restored);
+        tracing::warn!(
+            limit = ?id.limit,
+            value = ?board::bounded(&id.value),
+            missing,
+            "calendar counter restored from the ledger (its store had lost it)"
+        );
+        Ok(())
+    }
+
     /// Hands what an applied report's requests spent to the ledger: a row per counter it
     /// charged, in the quarter hour it was applied (the service's clock). Cost goes only to
     /// limits in money (their currency's micro units).

@@ -59,6 +59,8 @@ pub struct Metrics {
     shadow_denied: Mutex<BTreeMap<String, u64>>,
     /// Alerts not raised: past the most one report batch may raise.
     pub alerts_suppressed: AtomicU64,
+    /// Calendar counters restored from the spend ledger after their store lost them.
+    pub ledger_restored: AtomicU64,
     /// Alerts raised, per (limit, threshold); at most [`MAX_SPEND_SERIES`] series.
     alerts: Mutex<BTreeMap<(String, String), u64>>,
     /// What the webhook sender did with them (shared with it).
@@ -240,6 +242,12 @@ impl Metrics {
                 ("{event=\"timed_out\"}", g(&self.connections_timed_out)),
                 ("{event=\"body_timed_out\"}", g(&self.bodies_timed_out)),
             ],
+        );
+        family(
+            "ratelimit_ledger_restored_total",
+            "Calendar counters given their period's spend from the ledger after their store lost it.",
+            "counter",
+            &[("", g(&self.ledger_restored))],
         );
         family(
             "ratelimit_store_errors_total",

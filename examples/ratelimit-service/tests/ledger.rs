@@ -264,3 +264,104 @@ fn without_a_ledger_spend_is_not_found() {
     assert_eq!(r.status, 404);
     assert!(r.text().contains("--ledger"), "{}", r.text());
 }
+
+/// A check of team `red`'s monthly budget (nothing reserved): whether it is admitted.
+fn admitted(s: &Service, team_name: &str) -> bool {
+    let auth = format!("Bearer {KEY}");
+    let r = http::post_json(
+        s.port,
+        "/v1/check",
+        &[("authorization", &auth)],
+        &json!({"descriptors": [team(team_name)], "reserve": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["allowed"].as_bool().unwrap()
+}
+
+/// `count` reports of 10.00 each for team `red`, ids from `first`.
+fn spend_tens(s: &Service, first: u64, count: u64) {
+    let reports: Vec<Value> = (first..first + count)
+        .map(|i| report(i, "red", "ann", "gpt-4o", 1_000, 10_000_000))
+        .collect();
+    let r = post_reports(s, Some(KEY), &reports);
+    assert_eq!(r["accepted"], count, "{r}");
+}
+
+/// A team has spent 480.00 of its 500.00 this month when Redis (no persistence) restarts
+/// empty. With the ledger, the month's counter is given its spend back before it is checked
+/// again: 20.00 more (reported after the restart) and the team is refused. Without the
+/// ledger, the month starts over, as the README warns.
+#[test]
+fn a_monthly_budget_outlives_a_redis_restart_only_with_the_ledger() {
+    for with_ledger in [true, false] {
+        let pg = PostgresServer::start();
+        let mut redis = testkit::redis::RedisServer::start();
+        let url = redis.url();
+        let ledger_url = pg.url();
+        let mut args = vec![
+            "--store",
+            "redis",
+            "--redis-url",
+            &url,
+            "--api-key",
+            KEY,
+            "--manual-clock",
+            "2026-12-15T12:00:00Z",
+        ];
+        if with_ledger {
+            args.extend(["--ledger", &ledger_url]);
+        }
+        let s = Service::start_binary(bin(), &args, &[]);
+        assert!(admitted(&s, "red"));
+        spend_tens(&s, 1, 48);
+        assert!(admitted(&s, "red"), "20.00 left");
+
+        redis.start_again();
+        // The service reads Redis's epoch at most once a second.
+        std::thread::sleep(Duration::from_millis(1_100));
+        spend_tens(&s, 49, 2);
+        if with_ledger {
+            assert!(!admitted(&s, "red"), "500.00 of 500.00 spent this month");
+            let metrics = send(s.port, "GET", "/metrics", &[], b"").text();
+            assert!(
+                metrics.contains("ratelimit_ledger_restored_total 1"),
+                "{metrics}"
+            );
+            // Another team, new this month: nothing to restore, admitted.
+            assert!(admitted(&s, "blue"));
+        } else {
+            assert!(
+                admitted(&s, "red"),
+                "without the ledger the month starts over"
+            );
+            spend_tens(&s, 51, 40);
+            assert!(
+                admitted(&s, "red"),
+                "900.00 spent on a 500.00 budget: the restart handed it out again"
+            );
+        }
+    }
+}
+
+/// The memory store loses every counter when the service restarts; with the ledger the month's
+/// spend comes back before the first check.
+#[test]
+fn a_monthly_budget_outlives_a_memory_store_restart_with_the_ledger() {
+    let pg = PostgresServer::start();
+    let ledger_url = pg.url();
+    let args = [
+        "--api-key",
+        KEY,
+        "--manual-clock",
+        "2026-12-15T12:00:00Z",
+        "--ledger",
+        &ledger_url,
+    ];
+    let mut s = Service::start_binary(bin(), &args, &[]);
+    spend_tens(&s, 1, 48);
+    s.terminate();
+    let s = Service::start_binary(bin(), &args, &[]);
+    assert!(admitted(&s, "red"), "20.00 left after the restart");
+    spend_tens(&s, 49, 2);
+    assert!(!admitted(&s, "red"), "500.00 of 500.00 spent this month");
+}

@@ -13,6 +13,7 @@
 
 mod postgres;
 pub mod report;
+pub mod restore;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -130,6 +130,44 @@ impl Store {
         }
     }
 
+    /// The store's epoch: a value Redis keeps until it loses its data (then a new one is
+    /// made). `None` for the memory store, whose data lives as long as the process.
+    pub async fn epoch(&self) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(None),
+            Store::Redis(r) => r.epoch().await.map(Some),
+        }
+    }
+
+    /// Whether this store's life has marked counter `key`'s meter `field` for the period
+    /// starting at `start_ms` (the memory store's life is the process's: never).
+    pub async fn restore_marked(
+        &self,
+        key: &str,
+        field: &str,
+        start_ms: i64,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(false),
+            Store::Redis(r) => r.restore_marked(key, field, start_ms).await,
+        }
+    }
+
+    /// Claims the restoring of counter `key`'s meter `field` for the period starting at
+    /// `start_ms` (lasting `ttl_ms` more): `true` for one caller per period and store life.
+    pub async fn claim_restore(
+        &self,
+        key: &str,
+        field: &str,
+        start_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(true),
+            Store::Redis(r) => r.claim_restore(key, field, start_ms, ttl_ms).await,
+        }
+    }
+
     /// Whether the store can serve (`/readyz`).
     pub async fn ready(&self) -> Result<(), StoreError> {
         match self {

@@ -23,6 +23,9 @@ use crate::meter::{Meter, State, Status};
 use wire::SeqId;
 use wire::{Amount, Trim};
 
+/// The store's epoch (see [`RedisStore::epoch`]).
+const EPOCH_KEY: &str = "ltr:epoch";
+
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
@@ -606,6 +609,68 @@ impl RedisStore {
         Ok(n.first().copied().unwrap_or(0).max(0) as usize)
     }
 
+    /// One plain command, within the store's deadline.
+    async fn command<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
+        let conn = self.conn().await?;
+        let call = async {
+            match conn {
+                Conn::Single(mut c) => cmd.query_async::<T>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<T>(&mut c).await,
+            }
+        };
+        tokio::time::timeout(self.timeout * 2, call)
+            .await
+            .map_err(|_| unavailable("Redis did not answer in time"))?
+            .map_err(unavailable)
+    }
+
+    /// `ltr:epoch`, made (a random value) when Redis does not hold it: at first use, and after
+    /// Redis lost its data.
+    pub async fn epoch(&self) -> Result<String, StoreError> {
+        let fresh = format!(
+            "{:016x}",
+            crate::counter::fnv(&system_ms().to_le_bytes()) ^ std::process::id() as u64
+        );
+        let mut set = redis::cmd("SET");
+        set.arg(EPOCH_KEY).arg(&fresh).arg("NX");
+        let _: Option<String> = self.command(set).await?;
+        let mut get = redis::cmd("GET");
+        get.arg(EPOCH_KEY);
+        let epoch: Option<String> = self.command(get).await?;
+        Ok(epoch.unwrap_or(fresh))
+    }
+
+    /// Whether the marker [`RedisStore::claim_restore`] sets is there.
+    pub async fn restore_marked(
+        &self,
+        key: &str,
+        field: &str,
+        start_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(restore_marker(key, field, start_ms));
+        let n: i64 = self.command(exists).await?;
+        Ok(n > 0)
+    }
+
+    /// A marker beside the counter (its slot: lost with it), set once per period.
+    pub async fn claim_restore(
+        &self,
+        key: &str,
+        field: &str,
+        start_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut set = redis::cmd("SET");
+        set.arg(restore_marker(key, field, start_ms))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms.max(1));
+        let claimed: Option<String> = self.command(set).await?;
+        Ok(claimed.is_some())
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         let conn = self.conn().await?;
         let call = async {
@@ -620,6 +685,12 @@ impl RedisStore {
             .map(|_| ())
             .map_err(unavailable)
     }
+}
+
+/// The key marking that a counter's period is known to this Redis's life: beside the counter,
+/// in its hash tag's slot.
+fn restore_marker(key: &str, field: &str, start_ms: i64) -> String {
+    format!("{key}:restored:{field}:{start_ms}")
 }
 
 /// Redis's time, when a script answered that a calendar meter must be planned again at it.
