@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use testkit::envoy::{cluster, cluster_h2, Envoy};
+use testkit::postgres::PostgresServer;
 use testkit::redis::RedisServer;
 use testkit::service::{mock_llm, Service};
 
@@ -21,6 +22,8 @@ use crate::{addr, run};
 /// Tokens every request uses, and what it reserves.
 const USED: u64 = 10;
 const RESERVED: u64 = 20;
+/// Models the requests rotate over (the spend ledger's per-model totals are checked).
+const MODELS: usize = 10;
 /// A budget no soak can spend, in a window no soak crosses.
 const BUDGET: u64 = 1_000_000_000_000;
 const WINDOW_S: u64 = 365 * 86_400;
@@ -62,14 +65,21 @@ fn metric(service: u16, name: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// `store`: `memory`, `redis`, or `redis + ledger` (the spend ledger in a real PostgreSQL,
+/// whose per-user and per-model totals must equal what was served, exactly).
 pub fn run_store(store: &'static str, soak: &Soak) -> Result {
-    let redis = (store == "redis").then(RedisServer::start);
+    let redis = store.starts_with("redis").then(RedisServer::start);
+    let postgres = store.ends_with("ledger").then(PostgresServer::start);
+    let ledger_url = postgres.as_ref().map(PostgresServer::url);
     let max = soak.max_counters.to_string();
     let mut args = vec!["--max-counters", max.as_str()];
     let url;
     if let Some(r) = &redis {
         url = r.url();
         args.extend(["--store", "redis", "--redis-url", url.as_str()]);
+    }
+    if let Some(url) = &ledger_url {
+        args.extend(["--ledger", url.as_str()]);
     }
     let svc = Service::start(&args, &[]);
     let llm = mock_llm();
@@ -86,9 +96,11 @@ pub fn run_store(store: &'static str, soak: &Soak) -> Result {
         ],
     );
     let users: Vec<String> = (0..soak.users).map(|i| format!("soak-{i}")).collect();
+    // Call `u * MODELS + m`: user `u` on model `m`.
     let calls: Vec<Call> = users
         .iter()
-        .map(|u| {
+        .flat_map(|u| (0..MODELS).map(move |m| (u, format!("soak-model-{m}"))))
+        .map(|(u, model)| {
             Call::post_json(
                 "/v1/chat/completions",
                 &[
@@ -96,7 +108,7 @@ pub fn run_store(store: &'static str, soak: &Soak) -> Result {
                     ("x-mock-prompt-tokens", "0"),
                     ("x-mock-completion-tokens", "10"),
                 ],
-                &json!({"model": "soak", "max_tokens": RESERVED, "messages": [{"role": "user", "content": "hi"}]}),
+                &json!({"model": model, "max_tokens": RESERVED, "messages": [{"role": "user", "content": "hi"}]}),
             )
         })
         .collect();
@@ -108,12 +120,13 @@ pub fn run_store(store: &'static str, soak: &Soak) -> Result {
         warmup: Duration::ZERO,
         calls,
     });
+    let served_by_user: Vec<u64> = o.served.chunks(MODELS).map(|c| c.iter().sum()).collect();
     // Reports are asynchronous: wait until every balance is what was served, or give up.
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mismatched = loop {
+    let mut mismatched = loop {
         let wrong = users
             .iter()
-            .zip(&o.served)
+            .zip(&served_by_user)
             .filter(|(u, served)| {
                 let left = svc.remaining("user", u).unwrap_or(BUDGET);
                 BUDGET - left != **served * USED
@@ -124,6 +137,9 @@ pub fn run_store(store: &'static str, soak: &Soak) -> Result {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
+    if postgres.is_some() {
+        mismatched += ledger_mismatches(&svc, &users, &served_by_user, &o.served);
+    }
     let keys = match &redis {
         Some(r) => testkit::redis::command(r.port, &["DBSIZE"])
             .ok()
@@ -155,6 +171,48 @@ pub fn run_store(store: &'static str, soak: &Soak) -> Result {
     }
 }
 
+/// Users and models whose spend in the ledger (`GET /v1/spend`) differs from what was served.
+fn ledger_mismatches(svc: &Service, users: &[String], by_user: &[u64], by_call: &[u64]) -> usize {
+    let get = |group: &str| {
+        testkit::http::send(
+            svc.port,
+            "GET",
+            &format!("/v1/spend?group_by={group}&from=0"),
+            &[],
+            b"",
+        )
+        .json()["rows"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let rows = get("value");
+    let users_off = users
+        .iter()
+        .zip(by_user)
+        .filter(|(u, served)| {
+            let row = rows.iter().find(|r| r["value"] == u.as_str());
+            let (tokens, requests) = row.map_or((0, 0), |r| {
+                (
+                    r["tokens"].as_u64().unwrap_or(0),
+                    r["requests"].as_u64().unwrap_or(0),
+                )
+            });
+            (tokens, requests) != (**served * USED, **served)
+        })
+        .count();
+    let rows = get("model");
+    let models_off = (0..MODELS)
+        .filter(|m| {
+            let served: u64 = by_call.iter().skip(*m).step_by(MODELS).sum();
+            let name = format!("soak-model-{m}");
+            let row = rows.iter().find(|r| r["model"] == name.as_str());
+            row.map_or(0, |r| r["tokens"].as_u64().unwrap_or(0)) != served * USED
+        })
+        .count();
+    users_off + models_off
+}
+
 /// The soak as a table section.
 pub fn section(soak: &Soak) -> (Section, bool) {
     let mut section = Section::new(
@@ -175,7 +233,7 @@ pub fn section(soak: &Soak) -> (Section, bool) {
         ],
     );
     let mut ok = true;
-    for store in ["memory", "redis"] {
+    for store in ["memory", "redis", "redis + ledger"] {
         let r = run_store(store, soak);
         ok &= r.ok(soak.users);
         section.push(Row::new(vec![
@@ -195,7 +253,7 @@ pub fn section(soak: &Soak) -> (Section, bool) {
         ]));
     }
     section.note(format!(
-        "Each request uses {USED} tokens after reserving {RESERVED}; a balance is exact when the service charged {USED} × the requests it served to that user. The memory store ran with --max-counters {}: report ids are remembered per plugin VM, not as counters, so the store's size is the users', whatever the request count.",
+        "Each request uses {USED} tokens after reserving {RESERVED}, on one of {MODELS} models; a balance is exact when the service charged {USED} × the requests it served to that user, and, with the spend ledger in PostgreSQL, when `/v1/spend` also says so for every user and every model. The memory store ran with --max-counters {}: report ids are remembered per plugin VM, not as counters, so the store's size is the users', whatever the request count.",
         soak.max_counters
     ));
     (section, ok)
