@@ -169,3 +169,60 @@ fn the_console_shows_the_top_consumer_and_its_denial() {
         "a screenshot was kept"
     );
 }
+
+/// "This month": the spend ledger's sums per limit and key, with the models inside, read from
+/// a real PostgreSQL; key values are text on the page, never HTML.
+#[test]
+fn the_console_shows_this_months_spend_per_key_and_model() {
+    let pg = testkit::postgres::PostgresServer::start();
+    let svc = Service::start(&["--ledger", &pg.url()], &[]);
+    let team = |v: &str| {
+        json!({"limit": "team", "value": v, "currency": "USD",
+               "rates": [{"tokens": 500_000_000u64, "window_s": 2_678_400,
+                          "calendar": {"period": "month", "timezone": "UTC"}}]})
+    };
+    let reports: Vec<serde_json::Value> = [
+        ("red", "gpt-4o", 1_000, 2_500_000u64),
+        ("red", "gpt-4o", 1_000, 2_500_000),
+        ("red", "claude-sonnet", 500, 1_000_000),
+        ("<b>blue</b>", "gpt-4o", 100, 250_000),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (team_name, model, tokens, micros))| {
+        json!({"id": format!("00000000000000cc-{}", i + 1), "descriptors": [team(team_name)],
+               "tokens": tokens, "cost": micros,
+               "spend": {"model": model, "requests": 1, "tokens": tokens, "cost": micros}})
+    })
+    .collect();
+    let r = http::post_json(svc.port, "/v1/report", &[], &json!({"reports": reports}));
+    assert_eq!(r.json()["accepted"], 4);
+
+    let dir = testkit::repo().join("target/console");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dom = render(
+        &format!("http://127.0.0.1:{}/console", svc.port),
+        &dir.join("console-month.png"),
+    );
+    let month = rows(&dom, "month");
+    assert_eq!(
+        month[0],
+        [
+            "team",
+            "red",
+            "3",
+            "2,500",
+            "6.00 USD",
+            "gpt-4o: 5.00 USD · claude-sonnet: 1.00 USD"
+        ],
+        "{month:?}"
+    );
+    assert_eq!(
+        month[1][..5],
+        ["team", "<b>blue</b>", "1", "100", "0.25 USD"]
+    );
+    assert!(
+        !dom.contains("<b>blue</b>"),
+        "a key value is text, not HTML"
+    );
+}
