@@ -14,18 +14,20 @@
 mod postgres;
 pub mod report;
 pub mod restore;
+mod rows;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use postgres::Database;
 pub use report::{SpendQuery, SpendRow};
+use rows::now_ms;
+#[cfg(test)]
+use rows::{aggregate, distinct};
+pub use rows::{bucket, Entry, LedgerError, RowKey, Sums, BUCKET_MS};
 
-/// The ledger's time resolution: quarter hours, so that a calendar period starting on any
-/// zone's midnight (offsets of 30 or 45 minutes included) is a whole number of buckets.
-pub const BUCKET_MS: i64 = 15 * 60 * 1000;
 /// Entries that may wait for the database before the oldest are folded into sums.
 pub const MAX_WAITING: usize = 200_000;
 /// Entries per write transaction.
@@ -36,50 +38,6 @@ const FLUSH_EVERY: Duration = Duration::from_millis(500);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Report ids are kept this long: a resend comes within minutes, never days.
 const KEEP_IDS_MS: i64 = 7 * 24 * 3_600_000;
-
-/// One row's identity: whose spend, on what, when.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RowKey {
-    pub limit: String,
-    /// The counter's value (a `shared` pool's pattern for its members).
-    pub value: String,
-    pub shared: bool,
-    /// `""` when the plugin did not read the model.
-    pub model: String,
-    /// `""` for a limit in tokens (its rows carry no cost).
-    pub currency: String,
-    /// The quarter hour's start, ms since the epoch.
-    pub bucket_ms: i64,
-}
-
-/// What a row adds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Sums {
-    pub requests: i64,
-    pub tokens: i64,
-    pub cost_micros: i64,
-}
-
-impl Sums {
-    fn add(&mut self, o: Sums) {
-        self.requests = self.requests.saturating_add(o.requests);
-        self.tokens = self.tokens.saturating_add(o.tokens);
-        self.cost_micros = self.cost_micros.saturating_add(o.cost_micros);
-    }
-}
-
-/// What one applied report adds: a row per counter it charged.
-#[derive(Debug, Clone)]
-pub struct Entry {
-    /// The report's id: the ledger counts an id once.
-    pub id: String,
-    pub rows: Vec<(RowKey, Sums)>,
-}
-
-/// The quarter hour holding `ms`.
-pub fn bucket(ms: i64) -> i64 {
-    ms - ms.rem_euclid(BUCKET_MS)
-}
 
 /// Counters for `/metrics`.
 #[derive(Default)]
@@ -109,15 +67,6 @@ pub struct SpendLedger {
     stats: LedgerStats,
     /// Tells folded batches of one process from another's.
     started_ms: i64,
-}
-
-/// Why the ledger could not answer.
-#[derive(Debug, thiserror::Error)]
-pub enum LedgerError {
-    #[error("the spend ledger's database is unreachable: {0}")]
-    Unreachable(String),
-    #[error("{0}")]
-    BadQuery(String),
 }
 
 impl SpendLedger {
@@ -327,32 +276,6 @@ impl SpendLedger {
             g(&s.waiting),
         );
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Sums entries' rows by key, keeping each id's first entry only.
-fn aggregate<'e>(entries: impl Iterator<Item = &'e Entry>) -> BTreeMap<RowKey, Sums> {
-    let mut sums: BTreeMap<RowKey, Sums> = BTreeMap::new();
-    for e in entries {
-        for (key, s) in &e.rows {
-            sums.entry(key.clone()).or_default().add(*s);
-        }
-    }
-    sums
-}
-
-/// Entries with distinct ids, the first of each (a batch never holds an id twice).
-fn distinct(batch: &[Entry]) -> Vec<&Entry> {
-    let mut seen: HashMap<&str, ()> = HashMap::with_capacity(batch.len());
-    batch
-        .iter()
-        .filter(|e| seen.insert(e.id.as_str(), ()).is_none())
-        .collect()
 }
 
 #[cfg(test)]

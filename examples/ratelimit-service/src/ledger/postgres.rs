@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use tokio_postgres::{Client, Config, NoTls};
 
 use super::report::{SpendQuery, SpendRow};
-use super::{aggregate, distinct, Entry, LedgerError, RowKey, Sums};
+use super::rows::{aggregate, distinct, now_ms, Entry, LedgerError, RowKey, Sums};
 
 /// The schema, one step per version, applied in order and recorded in
 /// `ltr_schema_migrations`; a step never changes once shipped.
@@ -93,7 +93,7 @@ impl Database {
         if let Some((id, _)) = folded {
             ids.push(id);
         }
-        let now = super::now_ms();
+        let now = now_ms();
         let fresh: HashSet<String> = tx
             .query(
                 "INSERT INTO ltr_ledger_ids (id, added_ms)
@@ -267,7 +267,7 @@ async fn migrate(client: &mut Client) -> Result<(), LedgerError> {
         tx.batch_execute(sql).await.map_err(unreachable)?;
         tx.execute(
             "INSERT INTO ltr_schema_migrations (version, applied_ms) VALUES ($1, $2)",
-            &[version, &super::now_ms()],
+            &[version, &now_ms()],
         )
         .await
         .map_err(unreachable)?;

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::BUCKET_MS;
+use super::rows::{bucket, BUCKET_MS};
 
 /// What a spend report can be grouped by.
 const GROUPS: &[(&str, &str)] = &[
@@ -41,8 +41,8 @@ impl SpendQuery {
             None => now_ms.saturating_add(1),
         };
         // Rounded out to whole buckets: `from` down, `to` up.
-        let from_ms = super::bucket(from_ms);
-        let to_ms = super::bucket(to_ms.saturating_add(BUCKET_MS - 1));
+        let from_ms = bucket(from_ms);
+        let to_ms = bucket(to_ms.saturating_add(BUCKET_MS - 1));
         if to_ms <= from_ms {
             return Err("to must be later than from".into());
         }
