@@ -35,7 +35,7 @@ use store::{MemoryStore, RedisStore, Store};
 /// lazily).
 pub fn app(settings: &Settings, clock: Clock) -> AppState {
     let ledger = settings.ledger.as_ref().and_then(|url| {
-        ledger::SpendLedger::new(&url.0, clock.now_ms())
+        ledger::SpendLedger::new(&url.0)
             .inspect_err(|e| tracing::error!("{e}"))
             .ok()
     });

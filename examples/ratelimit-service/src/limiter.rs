@@ -13,7 +13,7 @@ use crate::console::insights::{ConsoleEvent, Insights, Tally};
 use crate::counter::{CounterId, Plan};
 use crate::lease::{self, Leasing, Ledger};
 use crate::ledger::restore::Restored;
-use crate::ledger::{Entry, RowKey, SpendLedger, Sums};
+use crate::ledger::{storable, Entry, RowKey, SpendLedger, Sums};
 use crate::meter::{counted, Meter, Money, Status};
 use crate::metrics::{inc, Metrics};
 use crate::rules::Rules;
@@ -563,6 +563,9 @@ impl Limiter {
                 }
                 Ok((Applied::Duplicate, _)) => {
                     inc(&self.metrics.reports_duplicate);
+                    // The store may have applied it on a try whose answer was lost: the
+                    // ledger, which counts each id once, hears of it now.
+                    self.ledger_entry(r, &planned);
                     answer.duplicates += 1;
                     ReportResult::of(Outcome::Duplicate)
                 }
@@ -937,6 +940,9 @@ impl Limiter {
         }
         // How often to look is wall time (a test's manual clock may stand still).
         let wall = crate::clock::system_ms();
+        if self.restored.paused(wall) {
+            return;
+        }
         if self.restored.epoch_due(wall) {
             match self.store.epoch().await {
                 Ok(epoch) => self.restored.saw_epoch(epoch, wall),
@@ -954,7 +960,12 @@ impl Limiter {
                 }
                 match self.restore(ledger, plan, meter, now_ms).await {
                     Ok(()) => self.restored.looked_at(&key, &field, start_ms, wall),
-                    Err(e) => tracing::warn!("calendar counter not restored from the ledger: {e}"),
+                    Err(e) => {
+                        // Checks go on without restoring for a while rather than each waiting.
+                        self.restored.pause(wall);
+                        tracing::warn!("calendar counter not restored from the ledger: {e}; restoring pauses for {} s", crate::ledger::restore::PAUSE_MS / 1000);
+                        return;
+                    }
                 }
             }
         }
@@ -1031,10 +1042,15 @@ impl Limiter {
             refund: Amount::ZERO,
             refund_at: None,
         };
-        self.store
+        if let Err(e) = self
+            .store
             .settle(None, &[alone], &settlement, store_now)
             .await
-            .map_err(|e| e.to_string())?;
+        {
+            // Not restored: the marker goes, so that the next look restores it.
+            let _ = self.store.unclaim_restore(&key, &field, start_ms).await;
+            return Err(e.to_string());
+        }
         inc(&self.metrics.ledger_restored);
         tracing::warn!(
             limit = ?id.limit,
@@ -1058,11 +1074,11 @@ impl Limiter {
             .iter()
             .map(|(d, plan)| {
                 let key = RowKey {
-                    limit: plan.id.limit.clone(),
-                    value: plan.id.value.clone(),
+                    limit: storable(&plan.id.limit),
+                    value: storable(&plan.id.value),
                     shared: plan.id.shared,
-                    model: spend.model.clone().unwrap_or_default(),
-                    currency: d.currency.clone().unwrap_or_default(),
+                    model: storable(spend.model.as_deref().unwrap_or_default()),
+                    currency: storable(d.currency.as_deref().unwrap_or_default()),
                     bucket_ms,
                 };
                 let sums = Sums {

@@ -223,6 +223,9 @@ async fn spend(state: &AppState, req: &Request<Incoming>) -> Reply {
     };
     let rows = match ledger.spend(&query).await {
         Ok(rows) => rows,
+        Err(crate::ledger::LedgerError::BadQuery(why)) => {
+            return error(StatusCode::BAD_REQUEST, &why)
+        }
         Err(e) => {
             tracing::warn!("{e}");
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());

@@ -365,3 +365,23 @@ fn a_monthly_budget_outlives_a_memory_store_restart_with_the_ledger() {
     spend_tens(&s, 49, 2);
     assert!(!admitted(&s, "red"), "500.00 of 500.00 spent this month");
 }
+
+/// Text PostgreSQL cannot store (a NUL byte in a model name a client chose) is stored with
+/// the byte replaced, and the ledger goes on writing what follows.
+#[test]
+fn a_value_postgres_refuses_does_not_stop_the_ledger() {
+    let pg = PostgresServer::start();
+    let s = Service::start_binary(bin(), &["--ledger", &pg.url(), "--api-key", KEY], &[]);
+    let hostile = report(1, "red\u{0}x", "ann\u{0}", "gpt\u{0}4o", 10, 100);
+    assert_eq!(post_reports(&s, Some(KEY), &[hostile])["accepted"], 1);
+    post_reports(&s, Some(KEY), &[report(2, "red", "ann", "gpt-4o", 10, 100)]);
+    let body = spend(&s, "group_by=model", KEY).json();
+    assert_eq!(total(&body, "USD")["requests"], 2, "{body}");
+    let models: Vec<&str> = body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["model"].as_str().unwrap())
+        .collect();
+    assert!(models.contains(&"gpt\u{fffd}4o"), "{models:?}");
+}

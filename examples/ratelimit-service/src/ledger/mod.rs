@@ -26,18 +26,22 @@ pub use report::{SpendQuery, SpendRow};
 use rows::now_ms;
 #[cfg(test)]
 use rows::{aggregate, distinct};
-pub use rows::{bucket, Entry, LedgerError, RowKey, Sums, BUCKET_MS};
+pub use rows::{bucket, storable, Entry, LedgerError, RowKey, Sums, BUCKET_MS};
 
 /// Entries that may wait for the database before the oldest are folded into sums.
 pub const MAX_WAITING: usize = 200_000;
-/// Entries per write transaction.
+/// Entries per write transaction, and the most text one carries (PostgreSQL takes at most
+/// 1 GiB per parameter).
 const BATCH: usize = 5_000;
+const BATCH_BYTES: usize = 16 << 20;
 /// Written at least this often while entries wait.
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// A write waits at most this long for the database.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A check waits at most this long for the ledger's figure of a counter to restore.
+pub const RESTORE_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Report ids are kept this long: a resend comes within minutes, never days.
-const KEEP_IDS_MS: i64 = 7 * 24 * 3_600_000;
+const KEEP_IDS_MS: i64 = 2 * 24 * 3_600_000;
 
 /// Counters for `/metrics`.
 #[derive(Default)]
@@ -45,6 +49,7 @@ pub struct LedgerStats {
     pub entries_written: AtomicU64,
     pub entries_duplicate: AtomicU64,
     pub entries_folded: AtomicU64,
+    pub entries_refused: AtomicU64,
     pub write_errors: AtomicU64,
     pub waiting: AtomicU64,
 }
@@ -54,8 +59,11 @@ pub struct LedgerStats {
 struct Waiting {
     entries: VecDeque<Entry>,
     folded: BTreeMap<RowKey, Sums>,
-    /// Distinguishes the ids of folded batches (written as `folded-<start>-<n>`).
+    /// Distinguishes the ids of folded batches (written as `folded-<process>-<n>`).
     folds: u64,
+    /// A fold being written, or whose write failed: retried under the same id (its commit
+    /// may have happened), never merged into a new one.
+    unsettled_fold: Option<(String, BTreeMap<RowKey, Sums>)>,
 }
 
 /// The ledger: a queue in front of the database, and the connection that drains it.
@@ -65,20 +73,27 @@ pub struct SpendLedger {
     db: tokio::sync::Mutex<Database>,
     wake: tokio::sync::Notify,
     stats: LedgerStats,
-    /// Tells folded batches of one process from another's.
-    started_ms: i64,
+    /// Tells folded batches of one process from another's (random).
+    process: u64,
 }
 
 impl SpendLedger {
     /// A ledger writing to the PostgreSQL database at `url` (connected, and its schema
     /// migrated, on first use).
-    pub fn new(url: &str, started_ms: i64) -> Result<Arc<SpendLedger>, LedgerError> {
+    pub fn new(url: &str) -> Result<Arc<SpendLedger>, LedgerError> {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
         Ok(Arc::new(SpendLedger {
             waiting: Mutex::default(),
             db: tokio::sync::Mutex::new(Database::new(url)?),
             wake: tokio::sync::Notify::new(),
             stats: LedgerStats::default(),
-            started_ms,
+            process: h.finish(),
         }))
     }
 
@@ -115,30 +130,48 @@ impl SpendLedger {
         }
     }
 
-    /// Writes everything waiting now; `Ok(entries written)`. A batch that fails goes back to
-    /// the front of the queue, whole, and is written again later.
+    /// Writes what was waiting when it was called (entries queued meanwhile are left to the
+    /// next call, so a reader never waits on a stream of new reports); `Ok(entries written)`.
+    /// The database is held one batch at a time. A batch that fails to reach the database
+    /// goes back to the front of the queue, whole; one the database refuses (a value it
+    /// cannot store) is written entry by entry, and an entry refused alone is dropped and
+    /// counted.
     pub async fn flush(&self) -> Result<usize, LedgerError> {
-        let mut db = self.db.lock().await;
+        let mut left = self.waiting.lock().map_or(0, |w| w.entries.len()) + 1;
         let mut written = 0;
-        loop {
-            let (batch, folded) = self.take();
+        while left > 0 {
+            let (batch, folded) = self.take(left);
             if batch.is_empty() && folded.is_none() {
-                return Ok(written);
+                break;
             }
-            let n = batch.len();
-            let result =
-                tokio::time::timeout(WRITE_TIMEOUT, db.write(&batch, folded.as_ref())).await;
-            let result = result
-                .unwrap_or_else(|_| Err(LedgerError::Unreachable("the write timed out".into())));
-            match result {
+            left = left.saturating_sub(batch.len().max(1));
+            let mut db = self.db.lock().await;
+            match write(&mut db, &batch, folded.as_ref()).await {
                 Ok(duplicates) => {
-                    written += n;
-                    self.stats
-                        .entries_written
-                        .fetch_add((n - duplicates) as u64, Relaxed);
-                    self.stats
-                        .entries_duplicate
-                        .fetch_add(duplicates as u64, Relaxed);
+                    written += batch.len();
+                    self.counted(batch.len(), duplicates);
+                    if let Ok(mut w) = self.waiting.lock() {
+                        w.unsettled_fold = None;
+                    }
+                }
+                Err(LedgerError::Refused(why)) if batch.len() > 1 || folded.is_some() => {
+                    tracing::warn!(
+                        "spend ledger: a batch was refused ({why}); writing it entry by entry"
+                    );
+                    self.stats.write_errors.fetch_add(1, Relaxed);
+                    if let Some(folded) = &folded {
+                        self.one_by_one(&mut db, &[], Some(folded)).await?;
+                    }
+                    for entry in &batch {
+                        self.one_by_one(&mut db, std::slice::from_ref(entry), None)
+                            .await
+                            .inspect_err(|_| {
+                                // The rest waits (the database went away meanwhile).
+                                let at = batch.iter().position(|e| std::ptr::eq(e, entry));
+                                self.give_back(batch[at.unwrap_or(0)..].to_vec(), None);
+                            })?;
+                    }
+                    written += batch.len();
                 }
                 Err(e) => {
                     self.stats.write_errors.fetch_add(1, Relaxed);
@@ -148,38 +181,80 @@ impl SpendLedger {
                 }
             }
         }
+        Ok(written)
     }
 
-    /// The next batch: entries, and the folded sums with the id they are written under.
+    /// Writes one entry (or the folded sums) alone: refused, it is dropped and counted;
+    /// `Err` only when the database cannot be reached.
+    async fn one_by_one(
+        &self,
+        db: &mut Database,
+        entry: &[Entry],
+        folded: Option<&(String, BTreeMap<RowKey, Sums>)>,
+    ) -> Result<(), LedgerError> {
+        match write(db, entry, folded).await {
+            Ok(duplicates) => {
+                self.counted(entry.len(), duplicates);
+                Ok(())
+            }
+            Err(LedgerError::Refused(why)) => {
+                tracing::error!("spend ledger: an entry the database refuses was dropped: {why}");
+                self.stats.entries_refused.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                db.reset();
+                Err(e)
+            }
+        }
+    }
+
+    fn counted(&self, n: usize, duplicates: usize) {
+        let s = &self.stats;
+        s.entries_written
+            .fetch_add(n.saturating_sub(duplicates) as u64, Relaxed);
+        s.entries_duplicate.fetch_add(duplicates as u64, Relaxed);
+    }
+
+    /// The next batch (at most `most` entries, [`BATCH`], and [`BATCH_BYTES`] of text), and
+    /// the folded sums with the id they are written under: a fold whose write may or may not
+    /// have committed keeps its id until it is known to have.
     #[allow(clippy::type_complexity)]
-    fn take(&self) -> (Vec<Entry>, Option<(String, BTreeMap<RowKey, Sums>)>) {
+    fn take(&self, most: usize) -> (Vec<Entry>, Option<(String, BTreeMap<RowKey, Sums>)>) {
         let Ok(mut w) = self.waiting.lock() else {
             return (Vec::new(), None);
         };
-        let n = w.entries.len().min(BATCH);
+        let (mut n, mut bytes) = (0, 0);
+        for e in w.entries.iter().take(most.min(BATCH)) {
+            bytes += e.text_bytes();
+            if n > 0 && bytes > BATCH_BYTES {
+                break;
+            }
+            n += 1;
+        }
         let batch: Vec<Entry> = w.entries.drain(..n).collect();
-        let folded = (!w.folded.is_empty()).then(|| {
-            w.folds += 1;
-            let id = format!("folded-{}-{}", self.started_ms, w.folds);
-            (id, std::mem::take(&mut w.folded))
-        });
+        let folded = match w.unsettled_fold.clone() {
+            Some(f) => Some(f),
+            None if !w.folded.is_empty() => {
+                w.folds += 1;
+                let id = format!("folded-{:016x}-{}", self.process, w.folds);
+                let f = (id, std::mem::take(&mut w.folded));
+                w.unsettled_fold = Some(f.clone());
+                Some(f)
+            }
+            None => None,
+        };
         self.stats.waiting.store(w.entries.len() as u64, Relaxed);
         (batch, folded)
     }
 
-    fn give_back(&self, batch: Vec<Entry>, folded: Option<(String, BTreeMap<RowKey, Sums>)>) {
+    fn give_back(&self, batch: Vec<Entry>, _folded: Option<(String, BTreeMap<RowKey, Sums>)>) {
         let Ok(mut w) = self.waiting.lock() else {
             return;
         };
+        // (The fold stays as `unsettled_fold`, under its id, until a write commits it.)
         for e in batch.into_iter().rev() {
             w.entries.push_front(e);
-        }
-        if let Some((_, sums)) = folded {
-            // Its id was never committed (the transaction failed): folded again under a new
-            // one, with whatever was folded since.
-            for (key, s) in sums {
-                w.folded.entry(key).or_default().add(s);
-            }
         }
         self.stats.waiting.store(w.entries.len() as u64, Relaxed);
     }
@@ -198,7 +273,8 @@ impl SpendLedger {
     }
 
     /// What a counter spent since `since_ms` (its calendar period's start): tokens and micro
-    /// units, after writing what waits.
+    /// units, after writing what waited when it was asked (the reports the store holds are
+    /// then in it too). Within [`RESTORE_TIMEOUT`]: a check waits no longer.
     pub async fn spent_since(
         &self,
         limit: &str,
@@ -206,13 +282,22 @@ impl SpendLedger {
         shared: bool,
         since_ms: i64,
     ) -> Result<Sums, LedgerError> {
-        self.flush().await?;
-        let mut db = self.db.lock().await;
-        let sums = db.spent_since(limit, value, shared, since_ms).await;
-        if sums.is_err() {
-            db.reset();
-        }
-        sums
+        let query = async {
+            self.flush().await?;
+            let mut db = self.db.lock().await;
+            let sums = db.spent_since(limit, value, shared, since_ms).await;
+            if sums.is_err() {
+                db.reset();
+            }
+            sums
+        };
+        tokio::time::timeout(RESTORE_TIMEOUT, query)
+            .await
+            .unwrap_or_else(|_| {
+                Err(LedgerError::Unreachable(
+                    "the ledger did not answer in time".into(),
+                ))
+            })
     }
 
     /// Writes in the background until the ledger is dropped: every [`FLUSH_EVERY`], or at
@@ -278,6 +363,17 @@ impl SpendLedger {
     }
 }
 
+/// One batch written within [`WRITE_TIMEOUT`].
+async fn write(
+    db: &mut Database,
+    batch: &[Entry],
+    folded: Option<&(String, BTreeMap<RowKey, Sums>)>,
+) -> Result<usize, LedgerError> {
+    tokio::time::timeout(WRITE_TIMEOUT, db.write(batch, folded))
+        .await
+        .unwrap_or_else(|_| Err(LedgerError::Unreachable("the write timed out".into())))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -332,11 +428,11 @@ mod tests {
 
     #[test]
     fn entries_past_the_bound_are_folded_not_lost() {
-        let ledger = SpendLedger::new("postgres://nobody@127.0.0.1:1/none", 1).unwrap();
+        let ledger = SpendLedger::new("postgres://nobody@127.0.0.1:1/none").unwrap();
         for i in 0..=MAX_WAITING {
             ledger.record(entry(&format!("r{i}"), "x", 1));
         }
-        let (batch, folded) = ledger.take();
+        let (batch, folded) = ledger.take(usize::MAX);
         let (_, folded) = folded.unwrap();
         let folded_tokens = folded.get(&key("x", 0)).unwrap().tokens;
         let waiting = ledger.waiting.lock().unwrap().entries.len();

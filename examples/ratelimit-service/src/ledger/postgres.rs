@@ -32,6 +32,14 @@ const MIGRATIONS: &[(i32, &str)] = &[(
      CREATE INDEX ltr_ledger_ids_added ON ltr_ledger_ids (added_ms);",
 )];
 
+/// Sums as bigints, held at the largest (a sum past it would fail the query).
+const SUMS: &str = "LEAST(coalesce(sum(requests), 0), 9223372036854775807)::bigint,
+     LEAST(coalesce(sum(tokens), 0), 9223372036854775807)::bigint,
+     LEAST(coalesce(sum(cost_micros), 0), 9223372036854775807)::bigint";
+
+/// The most rows one spend report answers (narrow the range or the grouping for more).
+pub const MAX_ROWS: usize = 100_000;
+
 /// Serialises migrations across replicas starting at once (`pg_advisory_xact_lock`).
 const MIGRATION_LOCK: i64 = 0x6c74_725f_6c65_6467;
 
@@ -44,11 +52,27 @@ fn unreachable(e: impl std::fmt::Display) -> LedgerError {
     LedgerError::Unreachable(e.to_string())
 }
 
+/// A database error: refused (SQL states of class 22, data exceptions, and 23, constraint
+/// violations: the same write would fail again) or the database unreachable.
+fn failed(e: tokio_postgres::Error) -> LedgerError {
+    let refused = e
+        .as_db_error()
+        .is_some_and(|d| matches!(&d.code().code()[..2], "22" | "23"));
+    if refused {
+        LedgerError::Refused(e.to_string())
+    } else {
+        unreachable(e)
+    }
+}
+
 impl Database {
     pub fn new(url: &str) -> Result<Database, LedgerError> {
-        let config: Config = url
+        let mut config: Config = url
             .parse()
             .map_err(|e| LedgerError::BadQuery(format!("--ledger: not a PostgreSQL URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(5));
+        }
         Ok(Database {
             config,
             client: None,
@@ -93,6 +117,8 @@ impl Database {
         if let Some((id, _)) = folded {
             ids.push(id);
         }
+        // In one order everywhere: two replicas adding overlapping ids never deadlock.
+        ids.sort_unstable();
         let now = now_ms();
         let fresh: HashSet<String> = tx
             .query(
@@ -102,7 +128,7 @@ impl Database {
                 &[&ids, &now],
             )
             .await
-            .map_err(unreachable)?
+            .map_err(failed)?
             .iter()
             .map(|r| r.get::<_, String>(0))
             .collect();
@@ -127,14 +153,20 @@ impl Database {
             format!("{}, ", columns.join(", "))
         };
         let sql = format!(
-            "SELECT {select}currency, sum(requests)::bigint, sum(tokens)::bigint, sum(cost_micros)::bigint
-             FROM ltr_spend WHERE bucket_ms >= $1 AND bucket_ms < $2
-             GROUP BY {select}currency ORDER BY {select}currency"
+            "SELECT {select}currency, {} FROM ltr_spend WHERE bucket_ms >= $1 AND bucket_ms < $2
+             GROUP BY {select}currency ORDER BY {select}currency LIMIT {}",
+            SUMS,
+            MAX_ROWS + 1
         );
         let rows = client
             .query(&sql, &[&q.from_ms, &q.to_ms])
             .await
             .map_err(unreachable)?;
+        if rows.len() > MAX_ROWS {
+            return Err(LedgerError::BadQuery(format!(
+                "more than {MAX_ROWS} rows: narrow the range (from, to) or group_by"
+            )));
+        }
         Ok(rows
             .iter()
             .map(|r| {
@@ -168,10 +200,10 @@ impl Database {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT coalesce(sum(requests), 0)::bigint, coalesce(sum(tokens), 0)::bigint,
-                        coalesce(sum(cost_micros), 0)::bigint
-                 FROM ltr_spend
-                 WHERE limit_name = $1 AND key_value = $2 AND shared = $3 AND bucket_ms >= $4",
+                &format!(
+                    "SELECT {SUMS} FROM ltr_spend
+                 WHERE limit_name = $1 AND key_value = $2 AND shared = $3 AND bucket_ms >= $4"
+                ),
                 &[&limit, &value, &shared, &since_ms],
             )
             .await
@@ -183,12 +215,14 @@ impl Database {
         })
     }
 
-    /// Forgets report ids added before `before_ms` (their reports are long settled).
+    /// Forgets report ids added before `before_ms` (their reports are long settled), at most
+    /// 50,000 per call (the writer waits for it).
     pub async fn prune(&mut self, before_ms: i64) -> Result<(), LedgerError> {
         let client = self.client().await?;
         client
             .execute(
-                "DELETE FROM ltr_ledger_ids WHERE added_ms < $1",
+                "DELETE FROM ltr_ledger_ids WHERE id IN
+                     (SELECT id FROM ltr_ledger_ids WHERE added_ms < $1 LIMIT 50000)",
                 &[&before_ms],
             )
             .await
@@ -222,9 +256,9 @@ async fn upsert(
          SELECT * FROM unnest($1::text[], $2::text[], $3::bool[], $4::bigint[], $5::text[],
                               $6::text[], $7::bigint[], $8::bigint[], $9::bigint[])
          ON CONFLICT (limit_name, key_value, shared, bucket_ms, model, currency) DO UPDATE SET
-             requests = s.requests + EXCLUDED.requests,
-             tokens = s.tokens + EXCLUDED.tokens,
-             cost_micros = s.cost_micros + EXCLUDED.cost_micros",
+             requests = LEAST(s.requests::numeric + EXCLUDED.requests, 9223372036854775807)::bigint,
+             tokens = LEAST(s.tokens::numeric + EXCLUDED.tokens, 9223372036854775807)::bigint,
+             cost_micros = LEAST(s.cost_micros::numeric + EXCLUDED.cost_micros, 9223372036854775807)::bigint",
         &[
             &limits,
             &values,
@@ -238,7 +272,7 @@ async fn upsert(
         ],
     )
     .await
-    .map_err(unreachable)?;
+    .map_err(failed)?;
     Ok(())
 }
 

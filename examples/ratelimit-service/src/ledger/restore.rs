@@ -15,6 +15,9 @@ use std::sync::Mutex;
 /// A counter's period is looked at again after this long, whatever the epoch says (a Redis
 /// Cluster node that lost its slots does not hold the epoch key).
 pub const RECHECK_MS: i64 = 60_000;
+/// After a restore failed (the ledger or the store unreachable), checks go on without
+/// restoring for this long.
+pub const PAUSE_MS: i64 = 10_000;
 /// The store's epoch is read at most this often.
 const EPOCH_EVERY_MS: i64 = 1_000;
 /// Counters remembered as looked at; past this the memory is cleared (each is looked at again).
@@ -32,9 +35,21 @@ struct Inner {
     seen: HashMap<(String, String, i64), i64>,
     epoch: Option<String>,
     epoch_read_ms: Option<i64>,
+    paused_until: i64,
 }
 
 impl Restored {
+    /// Whether restoring is paused at `now_ms` (after a failure).
+    pub fn paused(&self, now_ms: i64) -> bool {
+        self.inner.lock().is_ok_and(|i| now_ms < i.paused_until)
+    }
+
+    pub fn pause(&self, now_ms: i64) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.paused_until = now_ms + PAUSE_MS;
+        }
+    }
+
     /// Whether the store's epoch should be read again at `now_ms`.
     pub fn epoch_due(&self, now_ms: i64) -> bool {
         self.inner

@@ -46,9 +46,26 @@ pub struct Entry {
     pub rows: Vec<(RowKey, Sums)>,
 }
 
+impl Entry {
+    /// The text it carries, roughly (a batch is bounded by it).
+    pub fn text_bytes(&self) -> usize {
+        self.id.len()
+            + self
+                .rows
+                .iter()
+                .map(|(k, _)| 64 + k.limit.len() + k.value.len() + k.model.len() + k.currency.len())
+                .sum::<usize>()
+    }
+}
+
+/// Text as PostgreSQL stores it: a NUL byte (which it refuses) becomes U+FFFD.
+pub fn storable(text: &str) -> String {
+    text.replace('\0', "\u{fffd}")
+}
+
 /// The quarter hour holding `ms`.
 pub fn bucket(ms: i64) -> i64 {
-    ms - ms.rem_euclid(BUCKET_MS)
+    ms.saturating_sub(ms.rem_euclid(BUCKET_MS))
 }
 
 /// Why the ledger could not answer.
@@ -56,6 +73,10 @@ pub fn bucket(ms: i64) -> i64 {
 pub enum LedgerError {
     #[error("the spend ledger's database is unreachable: {0}")]
     Unreachable(String),
+    /// The database refused what it was given (a value it cannot store): retrying the same
+    /// write cannot help.
+    #[error("the spend ledger's database refused a write: {0}")]
+    Refused(String),
     #[error("{0}")]
     BadQuery(String),
 }

@@ -168,6 +168,19 @@ impl Store {
         }
     }
 
+    /// Takes back a claim whose restore failed.
+    pub async fn unclaim_restore(
+        &self,
+        key: &str,
+        field: &str,
+        start_ms: i64,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(r) => r.unclaim_restore(key, field, start_ms).await,
+        }
+    }
+
     /// Whether the store can serve (`/readyz`).
     pub async fn ready(&self) -> Result<(), StoreError> {
         match self {

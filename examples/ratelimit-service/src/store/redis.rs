@@ -653,6 +653,18 @@ impl RedisStore {
         Ok(n > 0)
     }
 
+    pub async fn unclaim_restore(
+        &self,
+        key: &str,
+        field: &str,
+        start_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut del = redis::cmd("DEL");
+        del.arg(restore_marker(key, field, start_ms));
+        let _: i64 = self.command(del).await?;
+        Ok(())
+    }
+
     /// A marker beside the counter (its slot: lost with it), set once per period.
     pub async fn claim_restore(
         &self,
