@@ -78,19 +78,16 @@ struct Pending {
     /// count requests and their usage whatever the entry's share of it).
     requests: u64,
     tokens_used: u64,
-    /// What the served requests merged here used, whole (the service's spend ledger), and
-    /// the model they named: entries of other models never merge.
-    served: u64,
-    spent: Amount,
-    model: Option<String>,
+    /// What the served requests merged here used, whole, per model (the service's spend
+    /// ledger): a short list, so models never keep entries apart.
+    spend: Vec<wire::Spend>,
 }
 
 impl Pending {
-    fn key_hash(descriptors: &[Descriptor], kind: &Kind, model: &Option<String>) -> u64 {
+    fn key_hash(descriptors: &[Descriptor], kind: &Kind) -> u64 {
         let mut h = DefaultHasher::new();
         descriptors.hash(&mut h);
         kind.hash(&mut h);
-        model.hash(&mut h);
         h.finish()
     }
 
@@ -100,8 +97,9 @@ impl Pending {
         self.usage = self.usage.plus(other.usage);
         self.requests += other.requests;
         self.tokens_used = self.tokens_used.saturating_add(other.tokens_used);
-        self.served += other.served;
-        self.spent = self.spent.plus(other.spent);
+        for s in &other.spend {
+            wire::Spend::merge(&mut self.spend, s.clone());
+        }
     }
 }
 
@@ -295,13 +293,15 @@ impl ReportQueue {
                 // The usage, and the request itself, travel with the first part.
                 requests: u64::from(i == 0),
                 tokens_used: if i == 0 { used.tokens } else { 0 },
-                served: u64::from(i == 0 && request),
-                spent: if i == 0 && request {
-                    used
+                spend: if i == 0 && request {
+                    vec![wire::Spend {
+                        model: model.clone(),
+                        requests: 1,
+                        used,
+                    }]
                 } else {
-                    Amount::ZERO
+                    Vec::new()
                 },
-                model: model.clone(),
                 usage: usage.take().unwrap_or_default(),
             });
         }
@@ -309,17 +309,14 @@ impl ReportQueue {
     }
 
     fn add(&mut self, entry: Pending) -> u64 {
-        let hash = Pending::key_hash(&entry.descriptors, &entry.kind, &entry.model);
+        let hash = Pending::key_hash(&entry.descriptors, &entry.kind);
         if !matches!(entry.kind, Kind::Release(_)) {
             if let Some(&pos) = self.index.get(&hash) {
                 if let Some(existing) = pos
                     .checked_sub(self.popped)
                     .and_then(|i| self.waiting.get_mut(i as usize))
                 {
-                    if existing.kind == entry.kind
-                        && existing.model == entry.model
-                        && existing.descriptors == entry.descriptors
-                    {
+                    if existing.kind == entry.kind && existing.descriptors == entry.descriptors {
                         existing.absorb(&entry);
                         return 0;
                     }
@@ -338,7 +335,7 @@ impl ReportQueue {
 
     fn pop_waiting(&mut self) -> Option<Pending> {
         let entry = self.waiting.pop_front()?;
-        let hash = Pending::key_hash(&entry.descriptors, &entry.kind, &entry.model);
+        let hash = Pending::key_hash(&entry.descriptors, &entry.kind);
         if self.index.get(&hash) == Some(&self.popped) {
             self.index.remove(&hash);
         }
@@ -428,11 +425,7 @@ impl ReportQueue {
                             Kind::Charge | Kind::Refund(_) => None,
                         },
                         usage: Some(p.usage),
-                        spend: (p.served > 0).then_some(wire::Spend {
-                            model: p.model,
-                            requests: p.served,
-                            used: p.spent,
-                        }),
+                        spend: p.spend,
                     },
                     seq,
                     requests: p.requests,
@@ -583,12 +576,18 @@ impl ReportQueue {
 
 /// At most what a report takes on the wire (text counted as if every byte were escaped).
 fn encoded_size(r: &Report) -> usize {
-    let model = r.spend.as_ref().and_then(|s| s.model.as_ref());
-    descriptors_size(&r.descriptors) + model.map_or(0, |m| 6 * m.len() + 120)
+    descriptors_size(&r.descriptors) + spend_size(&r.spend)
 }
 
 fn pending_size(p: &Pending) -> usize {
-    descriptors_size(&p.descriptors) + p.model.as_ref().map_or(0, |m| 6 * m.len() + 120)
+    descriptors_size(&p.descriptors) + spend_size(&p.spend)
+}
+
+fn spend_size(spend: &[wire::Spend]) -> usize {
+    spend
+        .iter()
+        .map(|s| 120 + s.model.as_ref().map_or(0, |m| 6 * m.len()))
+        .sum()
 }
 
 fn descriptors_size(ds: &[Descriptor]) -> usize {
@@ -704,7 +703,7 @@ mod tests {
             (batch[0].used, batch[0].reserved),
             (Amount::ZERO, Amount::ZERO)
         );
-        let spend = batch[0].spend.clone().unwrap();
+        let spend = batch[0].spend[0].clone();
         assert_eq!(
             (spend.model.as_deref(), spend.requests, spend.used),
             (Some("gpt-4o"), 1, Amount::tokens(100)),

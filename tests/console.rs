@@ -192,7 +192,7 @@ fn the_console_shows_this_months_spend_per_key_and_model() {
     .map(|(i, (team_name, model, tokens, micros))| {
         json!({"id": format!("00000000000000cc-{}", i + 1), "descriptors": [team(team_name)],
                "tokens": tokens, "cost": micros,
-               "spend": {"model": model, "requests": 1, "tokens": tokens, "cost": micros}})
+               "spend": [{"model": model, "requests": 1, "tokens": tokens, "cost": micros}]})
     })
     .collect();
     let r = http::post_json(svc.port, "/v1/report", &[], &json!({"reports": reports}));

@@ -121,7 +121,7 @@ fn the_most_extreme_requests_the_plugin_builds_are_answered_200() {
         );
         assert_eq!(r.status, 200, "check (rates: {with_rates}): {}", r.text());
         let report = Report {
-            spend: None,
+            spend: Vec::new(),
             id: id.clone(),
             descriptors: ds.clone(),
             used: wire::Amount::new(MAX_AMOUNT, MAX_AMOUNT),

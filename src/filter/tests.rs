@@ -463,7 +463,7 @@ fn a_client_gone_before_the_response_is_charged_its_reservation() {
         (report["tokens"].clone(), report["reserved"].clone()),
         (json!(0), json!(0))
     );
-    assert_eq!(report["spend"], json!({"requests": 1, "tokens": 50}));
+    assert_eq!(report["spend"], json!([{"requests": 1, "tokens": 50}]));
     assert_eq!(host.metric("usage.abandoned"), 1);
     assert_eq!(host.metric("usage.upstream_error"), 0);
 }

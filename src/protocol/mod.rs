@@ -129,7 +129,7 @@ mod tests {
     #[test]
     fn report_bodies() {
         let report = Report {
-            spend: None,
+            spend: Vec::new(),
             id: "ab-1".into(),
             descriptors: descriptors(),
             used: wire::Amount::tokens(105),

@@ -1065,14 +1065,16 @@ impl Limiter {
     /// charged, in the quarter hour it was applied (the service's clock). Cost goes only to
     /// limits in money (their currency's micro units).
     fn ledger_entry(&self, r: &Report, planned: &[(&Descriptor, Plan)]) {
-        let (Some(ledger), Some(spend)) = (&self.spend_ledger, &r.spend) else {
+        let Some(ledger) = &self.spend_ledger else {
             return;
         };
         let bucket_ms = crate::ledger::bucket(self.clock.now_ms());
         let amount = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        let rows = planned
+        let rows = r
+            .spend
             .iter()
-            .map(|(d, plan)| {
+            .flat_map(|spend| planned.iter().map(move |p| (spend, p)))
+            .map(|(spend, (d, plan))| {
                 let key = RowKey {
                     limit: storable(&plan.id.limit),
                     value: storable(&plan.id.value),

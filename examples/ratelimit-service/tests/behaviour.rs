@@ -160,7 +160,7 @@ impl Ctx {
     ) -> ReportResponse {
         let req = ReportRequest {
             reports: vec![Report {
-                spend: None,
+                spend: Vec::new(),
                 id: self.report_id(id),
                 descriptors: ds.to_vec(),
                 used: Amount::tokens(tokens),
@@ -297,7 +297,7 @@ async fn retried_reports_are_charged_once(ctx: &Ctx) {
     let req = ReportRequest {
         reports: vec![
             Report {
-                spend: None,
+                spend: Vec::new(),
                 id: ctx.report_id("same-id"),
                 descriptors: vec![d.clone()],
                 used: Amount::tokens(100),
@@ -307,7 +307,7 @@ async fn retried_reports_are_charged_once(ctx: &Ctx) {
                 release: None,
             },
             Report {
-                spend: None,
+                spend: Vec::new(),
                 id: ctx.report_id("other"),
                 descriptors: vec![d.clone()],
                 used: Amount::tokens(50),
@@ -423,7 +423,7 @@ async fn concurrent_reports_balance_exactly(ctx: &Ctx) {
         tasks.push(tokio::spawn(async move {
             let req = ReportRequest {
                 reports: vec![Report {
-                    spend: None,
+                    spend: Vec::new(),
                     id,
                     descriptors: vec![d],
                     used: Amount::tokens(i + 1),
@@ -585,7 +585,7 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
     assert!(matches!(r, Err(Failure::Bad(_))));
     let req = ReportRequest {
         reports: vec![Report {
-            spend: None,
+            spend: Vec::new(),
             id: String::new(),
             descriptors: vec![],
             used: Amount::tokens(1),
@@ -598,13 +598,13 @@ async fn bad_requests_are_refused(ctx: &Ctx) {
     // A bad report is refused on its own; the rest of its batch is applied.
     let mut req = req;
     req.reports.push(Report {
-        spend: None,
+        spend: Vec::new(),
         id: ctx.report_id("good-after-bad"),
         descriptors: vec![ctx.d("bad", "z", &[(10, 60)])],
         ..req.reports[0].clone()
     });
     req.reports.push(Report {
-        spend: None,
+        spend: Vec::new(),
         id: "not-an-id".into(),
         ..req.reports[1].clone()
     });
@@ -677,7 +677,7 @@ async fn calendar_months_reset_at_their_start_in_their_zone(ctx: &Ctx) {
     // A refund of a reservation taken in October does not enlarge November.
     ctx.report("m2", std::slice::from_ref(&d), 30, 0).await;
     let late = Report {
-        spend: None,
+        spend: Vec::new(),
         id: ctx.report_id("m3"),
         descriptors: vec![d.clone()],
         used: Amount::tokens(0),
@@ -731,7 +731,7 @@ async fn money_and_tokens_are_counted_apart(ctx: &Ctx) {
     );
     // Used 40 tokens costing 1.234567 USD: each unit gets its own refund.
     ctx.settle(Report {
-        spend: None,
+        spend: Vec::new(),
         id: ctx.report_id("spend-1"),
         descriptors: both.to_vec(),
         used: Amount::new(40, 1_234_567),
@@ -859,7 +859,7 @@ async fn alerts_are_raised_once_per_threshold_and_window(ctx: &Ctx) {
     // Money: 0.60 of 1.00 USD.
     let req = ReportRequest {
         reports: vec![Report {
-            spend: None,
+            spend: Vec::new(),
             id: ctx.report_id("al-money"),
             descriptors: vec![money.clone()],
             used: Amount::new(100, 600_000),
@@ -985,7 +985,7 @@ async fn trimmed_checks_serve_within_the_budget(ctx: &Ctx) {
         Some("USD"),
     );
     ctx.settle(Report {
-        spend: None,
+        spend: Vec::new(),
         id: ctx.report_id("trim-spent"),
         descriptors: vec![money.clone()],
         used: Amount::new(0, 18_500_000),
@@ -1035,7 +1035,7 @@ async fn leases_are_reservations_taken_whole_or_not_at_all(ctx: &Ctx) {
     // the plugin gives back what was left when the lease ends.
     let at = Some(granted.reserved_at_ms);
     ctx.settle(Report {
-        spend: None,
+        spend: Vec::new(),
         id: ctx.report_id("lease-request"),
         descriptors: vec![d.clone()],
         used: Amount::tokens(300),
@@ -1045,7 +1045,7 @@ async fn leases_are_reservations_taken_whole_or_not_at_all(ctx: &Ctx) {
     })
     .await;
     ctx.settle(Report {
-        spend: None,
+        spend: Vec::new(),
         id: ctx.report_id("lease-end"),
         descriptors: vec![d.clone()],
         reserved: Amount::tokens(4_600),
@@ -1062,7 +1062,7 @@ async fn leases_are_reservations_taken_whole_or_not_at_all(ctx: &Ctx) {
     );
     assert_eq!(ctx.remaining(&d).await, vec![96_700]);
     let release = Report {
-        spend: None,
+        spend: Vec::new(),
         id: ctx.report_id("lease-release"),
         descriptors: vec![d.clone()],
         reserved: Amount::tokens(3_000),
@@ -1071,7 +1071,7 @@ async fn leases_are_reservations_taken_whole_or_not_at_all(ctx: &Ctx) {
     };
     ctx.settle(release.clone()).await;
     ctx.settle(Report {
-        spend: None,
+        spend: Vec::new(),
         id: ctx.report_id("lease-release-again"),
         ..release
     })
@@ -1079,7 +1079,7 @@ async fn leases_are_reservations_taken_whole_or_not_at_all(ctx: &Ctx) {
     assert_eq!(ctx.remaining(&d).await, vec![99_700]);
     // Released before the ask arrives: nothing is taken.
     ctx.settle(Report {
-        spend: None,
+        spend: Vec::new(),
         id: ctx.report_id("lease-early-release"),
         descriptors: vec![d.clone()],
         reserved: Amount::tokens(2_000),
@@ -1226,7 +1226,7 @@ async fn late_refunds_never_enlarge_the_next_window(ctx: &Ctx) {
         assert_eq!(at as i64, T0 + 57_000);
         ctx.advance(4_000);
         ctx.settle(Report {
-            spend: None,
+            spend: Vec::new(),
             id: ctx.report_id(&id),
             descriptors: vec![d.clone()],
             used: Amount::tokens(10),
@@ -1274,7 +1274,7 @@ async fn releases_give_back_only_reservations_taken(ctx: &Ctx) {
     let d = ctx.d("release", "x", &[(1000, 3600)]);
     let ds = std::slice::from_ref(&d);
     let release = |seq: u64, tokens: u64, reserved: u64| Report {
-        spend: None,
+        spend: Vec::new(),
         id: ctx.report_id(&format!("release-{seq}")),
         descriptors: vec![d.clone()],
         used: Amount::tokens(tokens),
@@ -1307,7 +1307,7 @@ async fn releases_give_back_only_reservations_taken(ctx: &Ctx) {
     assert_eq!(ctx.remaining(&d).await, vec![830]);
     // Ids in another form cannot be looked up: nothing is given back.
     ctx.settle(Report {
-        spend: None,
+        spend: Vec::new(),
         release: Some("foreign".into()),
         ..release(0, 30, 500)
     })
@@ -1336,7 +1336,7 @@ async fn a_release_refunds_the_window_of_its_reservation(ctx: &Ctx) {
     ctx.report("december-spend", ds, 900, 0).await;
     assert_eq!(ctx.remaining(&d).await, [100]);
     ctx.settle(Report {
-        spend: None,
+        spend: Vec::new(),
         id: ctx.report_id("release-7"),
         descriptors: vec![d.clone()],
         used: Amount::tokens(0),
@@ -1380,7 +1380,7 @@ async fn editing_a_budget_keeps_what_was_spent(ctx: &Ctx) {
         )
     };
     ctx.settle(Report {
-        spend: None,
+        spend: Vec::new(),
         id: ctx.report_id("edit-2"),
         descriptors: vec![month(20_000_000)],
         used: Amount::new(0, 15_000_000),
@@ -1479,7 +1479,7 @@ async fn memory_and_redis_agree_on_a_random_history() {
                 4..=7 => {
                     let r = ctx
                         .settle(Report {
-                            spend: None,
+                            spend: Vec::new(),
                             id: ctx.id(report_id),
                             descriptors: vec![d.clone()],
                             used: Amount::tokens(tokens),
@@ -1626,7 +1626,7 @@ async fn a_service_clock_behind_redis_plans_redis_periods() {
     assert_eq!(again.limits[0].remaining, 0);
     // Reports land in Redis's hour too.
     let report = Report {
-        spend: None,
+        spend: Vec::new(),
         id: SeqId { source: 77, seq: 1 }.format(),
         descriptors: vec![d.clone()],
         used: Amount::tokens(0),

@@ -30,7 +30,7 @@ fn user(value: &str) -> Value {
 fn report(id: u64, team_name: &str, who: &str, model: &str, tokens: u64, micros: u64) -> Value {
     json!({"id": format!("00000000000000aa-{id}"), "descriptors": [team(team_name), user(who)],
            "tokens": tokens, "cost": micros,
-           "spend": {"model": model, "requests": 1, "tokens": tokens, "cost": micros}})
+           "spend": [{"model": model, "requests": 1, "tokens": tokens, "cost": micros}]})
 }
 
 fn post_reports(s: &Service, key: Option<&str>, reports: &[Value]) -> Value {

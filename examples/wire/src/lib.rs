@@ -472,9 +472,10 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// What the requests a report carries used, whole, for the service's spend ledger: the
-/// amounts a report settles are only what differs from reservations. JSON:
-/// `{"model": "gpt-4o", "requests": 2, "tokens": 300, "cost": 4500}`.
+/// What the requests a report carries used on one model, whole, for the service's spend
+/// ledger: the amounts a report settles are only what differs from reservations. JSON:
+/// `{"model": "gpt-4o", "requests": 2, "tokens": 300, "cost": 4500}`; a report carries a list,
+/// one per model (at most [`MAX_SPEND_MODELS`]; the rest under no model).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Spend {
     /// The model the requests named; absent when the plugin did not read it.
@@ -503,8 +504,35 @@ pub struct Report<D = Vec<Descriptor>> {
     /// reservation, and is released at most once.
     pub release: Option<String>,
     pub usage: Option<UsageFigures>,
-    /// What the requests carried used, whole (the ledger's figures).
-    pub spend: Option<Spend>,
+    /// What the requests carried used, whole, per model (the ledger's figures).
+    pub spend: Vec<Spend>,
+}
+
+/// The most models one report's `spend` names.
+pub const MAX_SPEND_MODELS: usize = 8;
+
+impl Spend {
+    /// Adds `add` to `list`, under its model while the list names fewer than
+    /// [`MAX_SPEND_MODELS`] models, else under no model: however many models requests name,
+    /// a report stays small.
+    pub fn merge(list: &mut Vec<Spend>, add: Spend) {
+        let named = list.iter().filter(|s| s.model.is_some()).count();
+        // A model already listed stays under its name.
+        let listed = add.model.is_some() && list.iter().any(|s| s.model == add.model);
+        let model = add.model.filter(|_| listed || named < MAX_SPEND_MODELS);
+        let found = list.iter_mut().find(|s| s.model == model);
+        match found {
+            Some(s) => {
+                s.requests = s.requests.saturating_add(add.requests);
+                s.used = s.used.plus(add.used);
+            }
+            None => list.push(Spend {
+                model,
+                requests: add.requests,
+                used: add.used,
+            }),
+        }
+    }
 }
 
 /// [`Report`] as JSON spells it.
@@ -525,8 +553,8 @@ struct ReportJson<I, D, S> {
     release: Option<I>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     usage: Option<UsageFigures>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    spend: Option<S>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    spend: Vec<S>,
 }
 
 impl<D: Serialize> Serialize for Report<D> {
@@ -541,7 +569,7 @@ impl<D: Serialize> Serialize for Report<D> {
             reserved_at_ms: self.reserved_at_ms,
             release: self.release.as_deref(),
             usage: self.usage,
-            spend: self.spend.as_ref(),
+            spend: self.spend.iter().collect(),
         }
         .serialize(s)
     }
@@ -840,7 +868,13 @@ pub fn validate_report(r: &Report, at: &str) -> Result<(), BadRequest> {
             "{at}tokens, reserved, cost and reserved_cost must be at most {MAX_AMOUNT}"
         )));
     }
-    if let Some(s) = &r.spend {
+    if r.spend.len() > MAX_SPEND_MODELS + 1 {
+        return Err(BadRequest(format!(
+            "{at}spend: more than {} entries",
+            MAX_SPEND_MODELS + 1
+        )));
+    }
+    for s in &r.spend {
         if s.used.too_large() || s.requests > MAX_AMOUNT {
             return Err(BadRequest(format!(
                 "{at}spend: requests, tokens and cost must be at most {MAX_AMOUNT}"
@@ -1044,9 +1078,9 @@ mod tests {
     /// refuses figures past the bounds and a model name longer than an id.
     #[test]
     fn a_reports_spend_round_trips_and_is_bounded() {
-        let json = r#"{"id":"00000000000000ab-1","descriptors":[{"limit":"l","value":"v"}],"tokens":0,"spend":{"model":"gpt-4o","requests":2,"tokens":300,"cost":4500}}"#;
+        let json = r#"{"id":"00000000000000ab-1","descriptors":[{"limit":"l","value":"v"}],"tokens":0,"spend":[{"model":"gpt-4o","requests":2,"tokens":300,"cost":4500}]}"#;
         let r: Report = serde_json::from_str(json).unwrap();
-        let spend = r.spend.clone().unwrap();
+        let spend = r.spend[0].clone();
         assert_eq!(
             (spend.model.as_deref(), spend.requests, spend.used),
             (Some("gpt-4o"), 2, Amount::new(300, 4500))
@@ -1054,14 +1088,32 @@ mod tests {
         let back: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert_eq!(
             back["spend"],
-            serde_json::json!({"model": "gpt-4o", "requests": 2, "tokens": 300, "cost": 4500})
+            serde_json::json!([{"model": "gpt-4o", "requests": 2, "tokens": 300, "cost": 4500}])
         );
         assert!(validate_report(&r, "").is_ok());
         let mut long = r.clone();
-        long.spend.as_mut().unwrap().model = Some("m".repeat(MAX_ID + 1));
+        long.spend[0].model = Some("m".repeat(MAX_ID + 1));
         assert!(validate_report(&long, "").is_err());
         let mut huge = r;
-        huge.spend.as_mut().unwrap().used.tokens = MAX_AMOUNT + 1;
+        huge.spend[0].used.tokens = MAX_AMOUNT + 1;
         assert!(validate_report(&huge, "").is_err());
+    }
+
+    /// However many models requests name, one report's spend lists at most eight of them and
+    /// the rest under no model, every token kept.
+    #[test]
+    fn spend_lists_stay_small() {
+        let mut list = Vec::new();
+        for i in 0..20u64 {
+            let add = Spend {
+                model: Some(format!("m{}", i % 10)),
+                requests: 1,
+                used: Amount::tokens(10),
+            };
+            Spend::merge(&mut list, add);
+        }
+        assert_eq!(list.len(), MAX_SPEND_MODELS + 1);
+        assert_eq!(list.iter().map(|s| s.requests).sum::<u64>(), 20);
+        assert_eq!(list.iter().find(|s| s.model.is_none()).unwrap().requests, 4);
     }
 }
