@@ -48,6 +48,9 @@ struct Cli {
     /// Only the proxy and memory sections (for iterating on the plugin).
     #[arg(long)]
     proxy_only: bool,
+    /// Only the service section (checks and reports straight to the service, per store).
+    #[arg(long)]
+    service_only: bool,
     /// Where the Markdown and the chart go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -372,10 +375,22 @@ fn service_section(s: &Settings) -> Section {
     // two memory rows tell what checking it costs.
     const KEY: &str = "bench-api-key-0123456789";
     let bearer = format!("Bearer {KEY}");
-    for store in ["memory", "memory, API key", "redis"] {
+    // "redis, ledger": the spend ledger in a real PostgreSQL, beside the same Redis, so the two
+    // Redis rows tell what keeping spend costs checks and reports.
+    let postgres = testkit::postgres::PostgresServer::start();
+    let ledger = postgres.url();
+    for store in ["memory", "memory, API key", "redis", "redis, ledger"] {
         let url = redis.url();
         let args: Vec<&str> = match store {
             "redis" => vec!["--store", "redis", "--redis-url", url.as_str()],
+            "redis, ledger" => vec![
+                "--store",
+                "redis",
+                "--redis-url",
+                url.as_str(),
+                "--ledger",
+                ledger.as_str(),
+            ],
             "memory, API key" => vec!["--api-key", KEY],
             _ => vec![],
         };
@@ -400,7 +415,8 @@ fn service_section(s: &Settings) -> Section {
                 Call::post_json(
                     "/v1/report",
                     &headers,
-                    &json!({"reports": [{"id": format!("{:016x}-{}", i % 16, i / 16 + 1), "descriptors": [{"limit": "bench", "value": format!("user-{}", i % 1000), "rates": [{"tokens": 1_000_000_000_000u64, "window_s": 3600}]}], "tokens": 26, "reserved": 0}]}),
+                    &json!({"reports": [{"id": format!("{:016x}-{}", i % 16, i / 16 + 1), "descriptors": [{"limit": "bench", "value": format!("user-{}", i % 1000), "rates": [{"tokens": 1_000_000_000_000u64, "window_s": 3600}]}], "tokens": 26, "reserved": 0,
+                                        "spend": [{"model": format!("model-{}", i % 10), "requests": 1, "tokens": 26}]}]}),
                 )
             })
             .collect();
@@ -428,7 +444,7 @@ fn service_section(s: &Settings) -> Section {
         }
     }
     section.note(
-        "Reports carry unique ids (20,000 per store from 16 plugin VMs, then they repeat and count as duplicates)."
+        "Reports carry unique ids (20,000 per store from 16 plugin VMs, then they repeat and count as duplicates), and what their request spent on one of 10 models (the spend ledger's input; a service without `--ledger` ignores it). \"redis, ledger\" keeps that spend in a real PostgreSQL: against \"redis\", what the ledger costs checks (nothing: it is off their path) and reports (a push onto an in-memory queue; the writes are batched in the background)."
             .into(),
     );
     section
@@ -757,6 +773,12 @@ fn main() {
             stream_bytes: 100_000_000,
         }
     };
+    if cli.service_only {
+        let sections = vec![service_section(&s)];
+        let markdown = report::markdown(&sections, cli.smoke);
+        println!("{markdown}");
+        return;
+    }
     let wasm_kib = std::fs::metadata(plugin_wasm()).map_or(0, |m| m.len() / 1024);
     let (proxy, memory) = proxy_section(&s, wasm_kib);
     let mut sections = vec![proxy, memory];
