@@ -1,8 +1,9 @@
 //! Calendar budgets that outlive their store: before a calendar counter (day, week, month) is
-//! checked, a counter the store shows nothing spent on in its current period is given the
-//! period's spend so far from the ledger. That is the state a store restarted empty (a Redis
+//! checked, a counter whose period this store's life has not marked is given the period's
+//! spend so far from the ledger, less what the store holds already. That is the state a store restarted empty (a Redis
 //! without persistence, a failover to a replica that had not synced, a memory store's restart)
-//! or an eviction leaves behind.
+//! leaves behind (an eviction may take the counter and its marker apart: Redis runs with
+//! `noeviction`).
 //!
 //! Each counter and period is looked at once per process, again after the store's epoch
 //! changes (a key Redis loses with everything else, read at most once a second), and at least
