@@ -609,21 +609,6 @@ impl RedisStore {
         Ok(n.first().copied().unwrap_or(0).max(0) as usize)
     }
 
-    /// One plain command, within the store's deadline.
-    async fn command<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
-        let conn = self.conn().await?;
-        let call = async {
-            match conn {
-                Conn::Single(mut c) => cmd.query_async::<T>(&mut c).await,
-                Conn::Cluster(mut c) => cmd.query_async::<T>(&mut c).await,
-            }
-        };
-        tokio::time::timeout(self.timeout * 2, call)
-            .await
-            .map_err(|_| unavailable("Redis did not answer in time"))?
-            .map_err(unavailable)
-    }
-
     /// `ltr:epoch`, made (a random value) when Redis does not hold it: at first use, and after
     /// Redis lost its data.
     pub async fn epoch(&self) -> Result<String, StoreError> {
@@ -633,10 +618,10 @@ impl RedisStore {
         );
         let mut set = redis::cmd("SET");
         set.arg(EPOCH_KEY).arg(&fresh).arg("NX");
-        let _: Option<String> = self.command(set).await?;
+        let _: Option<String> = self.query(set).await?;
         let mut get = redis::cmd("GET");
         get.arg(EPOCH_KEY);
-        let epoch: Option<String> = self.command(get).await?;
+        let epoch: Option<String> = self.query(get).await?;
         Ok(epoch.unwrap_or(fresh))
     }
 
@@ -649,7 +634,7 @@ impl RedisStore {
     ) -> Result<bool, StoreError> {
         let mut exists = redis::cmd("EXISTS");
         exists.arg(restore_marker(key, field, start_ms));
-        let n: i64 = self.command(exists).await?;
+        let n: i64 = self.query(exists).await?;
         Ok(n > 0)
     }
 
@@ -661,7 +646,7 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let mut del = redis::cmd("DEL");
         del.arg(restore_marker(key, field, start_ms));
-        let _: i64 = self.command(del).await?;
+        let _: i64 = self.query(del).await?;
         Ok(())
     }
 
@@ -679,7 +664,7 @@ impl RedisStore {
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms.max(1));
-        let claimed: Option<String> = self.command(set).await?;
+        let claimed: Option<String> = self.query(set).await?;
         Ok(claimed.is_some())
     }
 
