@@ -30,6 +30,8 @@ pub use rows::{bucket, storable, Entry, LedgerError, RowKey, Sums, BUCKET_MS};
 
 /// Entries that may wait for the database before the oldest are folded into sums.
 pub const MAX_WAITING: usize = 200_000;
+/// …or before the text they carry passes this.
+pub const MAX_WAITING_BYTES: usize = 128 << 20;
 /// Entries per write transaction, and the most text one carries (PostgreSQL takes at most
 /// 1 GiB per parameter).
 const BATCH: usize = 5_000;
@@ -58,6 +60,8 @@ pub struct LedgerStats {
 #[derive(Default)]
 struct Waiting {
     entries: VecDeque<Entry>,
+    /// The text the waiting entries carry ([`Entry::text_bytes`]).
+    bytes: usize,
     folded: BTreeMap<RowKey, Sums>,
     /// Distinguishes the ids of folded batches (written as `folded-<process>-<n>`).
     folds: u64,
@@ -109,12 +113,14 @@ impl SpendLedger {
         let Ok(mut w) = self.waiting.lock() else {
             return;
         };
+        w.bytes += entry.text_bytes();
         w.entries.push_back(entry);
-        if w.entries.len() > MAX_WAITING {
+        if w.entries.len() > MAX_WAITING || w.bytes > MAX_WAITING_BYTES {
             // The database has been away long: the oldest half is kept as sums.
             let fold = w.entries.len() / 2;
             let old: Vec<Entry> = w.entries.drain(..fold).collect();
             for e in old {
+                w.bytes = w.bytes.saturating_sub(e.text_bytes());
                 for (key, sums) in e.rows {
                     w.folded.entry(key).or_default().add(sums);
                 }
@@ -233,6 +239,7 @@ impl SpendLedger {
             n += 1;
         }
         let batch: Vec<Entry> = w.entries.drain(..n).collect();
+        w.bytes = w.bytes.saturating_sub(bytes_of(&batch));
         let folded = match w.unsettled_fold.clone() {
             Some(f) => Some(f),
             None if !w.folded.is_empty() => {
@@ -253,6 +260,7 @@ impl SpendLedger {
             return;
         };
         // (The fold stays as `unsettled_fold`, under its id, until a write commits it.)
+        w.bytes += bytes_of(&batch);
         for e in batch.into_iter().rev() {
             w.entries.push_front(e);
         }
@@ -363,6 +371,10 @@ impl SpendLedger {
     }
 }
 
+fn bytes_of(batch: &[Entry]) -> usize {
+    batch.iter().map(Entry::text_bytes).sum()
+}
+
 /// One batch written within [`WRITE_TIMEOUT`].
 async fn write(
     db: &mut Database,
@@ -424,6 +436,20 @@ mod tests {
                 cost_micros: 120
             }
         );
+    }
+
+    #[test]
+    fn large_entries_are_folded_by_the_text_they_carry() {
+        let ledger = SpendLedger::new("postgres://nobody@127.0.0.1:1/none").unwrap();
+        let big = "v".repeat(64 * 1024);
+        for i in 0..3_000 {
+            ledger.record(entry(&format!("r{i}"), &big, 1));
+        }
+        let w = ledger.waiting.lock().unwrap();
+        assert!(w.bytes <= MAX_WAITING_BYTES, "{}", w.bytes);
+        assert!(ledger.stats().entries_folded.load(Relaxed) > 0);
+        let kept: i64 = w.folded.values().map(|s| s.tokens).sum::<i64>() + w.entries.len() as i64;
+        assert_eq!(kept, 3_000, "every token kept");
     }
 
     #[test]
