@@ -167,6 +167,10 @@ impl SpendLedger {
                     self.stats.write_errors.fetch_add(1, Relaxed);
                     if let Some(folded) = &folded {
                         self.one_by_one(&mut db, &[], Some(folded)).await?;
+                        // Written or dropped as refused: either way it is settled.
+                        if let Ok(mut w) = self.waiting.lock() {
+                            w.unsettled_fold = None;
+                        }
                     }
                     for entry in &batch {
                         self.one_by_one(&mut db, std::slice::from_ref(entry), None)
