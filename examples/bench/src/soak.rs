@@ -198,7 +198,11 @@ fn ledger_mismatches(svc: &Service, users: &[String], by_user: &[u64], by_call: 
                     r["requests"].as_u64().unwrap_or(0),
                 )
             });
-            (tokens, requests) != (**served * USED, **served)
+            let off = (tokens, requests) != (**served * USED, **served);
+            if off {
+                eprintln!("ledger: {u}: {tokens} tokens, {requests} requests; served {served}");
+            }
+            off
         })
         .count();
     let rows = get("model");
@@ -207,7 +211,11 @@ fn ledger_mismatches(svc: &Service, users: &[String], by_user: &[u64], by_call: 
             let served: u64 = by_call.iter().skip(*m).step_by(MODELS).sum();
             let name = format!("soak-model-{m}");
             let row = rows.iter().find(|r| r["model"] == name.as_str());
-            row.map_or(0, |r| r["tokens"].as_u64().unwrap_or(0)) != served * USED
+            let tokens = row.map_or(0, |r| r["tokens"].as_u64().unwrap_or(0));
+            if tokens != served * USED {
+                eprintln!("ledger: {name}: {tokens} tokens; served {served}");
+            }
+            tokens != served * USED
         })
         .count();
     users_off + models_off

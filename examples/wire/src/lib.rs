@@ -509,7 +509,7 @@ pub struct Report<D = Vec<Descriptor>> {
 }
 
 /// The most models one report's `spend` names.
-pub const MAX_SPEND_MODELS: usize = 8;
+pub const MAX_SPEND_MODELS: usize = 16;
 
 impl Spend {
     /// Adds `add` to `list`, under its model while the list names fewer than
@@ -1099,21 +1099,21 @@ mod tests {
         assert!(validate_report(&huge, "").is_err());
     }
 
-    /// However many models requests name, one report's spend lists at most eight of them and
+    /// However many models requests name, one report's spend lists at most sixteen of them and
     /// the rest under no model, every token kept.
     #[test]
     fn spend_lists_stay_small() {
         let mut list = Vec::new();
-        for i in 0..20u64 {
+        for i in 0..40u64 {
             let add = Spend {
-                model: Some(format!("m{}", i % 10)),
+                model: Some(format!("m{}", i % 20)),
                 requests: 1,
                 used: Amount::tokens(10),
             };
             Spend::merge(&mut list, add);
         }
         assert_eq!(list.len(), MAX_SPEND_MODELS + 1);
-        assert_eq!(list.iter().map(|s| s.requests).sum::<u64>(), 20);
-        assert_eq!(list.iter().find(|s| s.model.is_none()).unwrap().requests, 4);
+        assert_eq!(list.iter().map(|s| s.requests).sum::<u64>(), 40);
+        assert_eq!(list.iter().find(|s| s.model.is_none()).unwrap().requests, 8);
     }
 }
