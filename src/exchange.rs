@@ -181,8 +181,9 @@ struct Spend {
     dispatched_ms: u64,
     /// The request's API (from its path): the shape of a denial.
     api: Api,
-    /// A limit in money applies: the model the request named (for its price).
-    priced: Option<Priced>,
+    /// A limit in money applies: the request is priced (by `model`, unless the response
+    /// names another).
+    priced: bool,
     /// The check may be trimmed (`reserve.trim`): how a grant becomes a cap, and the least
     /// the service takes (what an unseen answer's release gives back).
     trim: Option<(TrimPlan, Amount)>,
@@ -190,10 +191,6 @@ struct Spend {
     lease: Option<String>,
     /// The model the request named, when the plugin read it (the spend ledger's breakdown).
     model: Option<String>,
-}
-
-struct Priced {
-    request_model: Option<String>,
 }
 
 impl Spend {
@@ -452,18 +449,17 @@ impl Exchange {
         let mut descriptors = descriptors(&config.limits, &view);
         let path = request_path(&headers);
         let api = Api::of(&path);
-        let request_model = || {
-            path_model(&path)
-                .map(str::to_string)
-                .or_else(|| facts.as_ref().and_then(|f| f.model.clone()))
-        };
+        // Read once: prices, denials and the spend ledger all name it.
+        let model = path_model(&path)
+            .map(str::to_string)
+            .or_else(|| facts.as_ref().and_then(|f| f.model.clone()));
         // Only shadow limits count money and the model has no price: they cannot count this
         // request, and never refuse it.
         let money = descriptors.iter().filter(|d| d.currency.is_some());
         if let Some(prices) = &config.prices {
             if money.clone().count() > 0
                 && money.clone().all(|d| d.shadow)
-                && prices.price(None, request_model().as_deref()).is_none()
+                && prices.price(None, model.as_deref()).is_none()
             {
                 self.events.push(Event::Unpriced);
                 descriptors.retain(|d| d.currency.is_none());
@@ -495,19 +491,15 @@ impl Exchange {
             trim(rule, asked, config.count, prompt, min)
         });
         // A limit in money: the request's model must have a price (or `unknown_model` one).
-        let (mut priced, mut prompt_micros) = (None, 0);
+        let (mut priced, mut prompt_micros) = (false, 0);
         if let Some(prices) = config
             .prices
             .as_ref()
             .filter(|_| descriptors.iter().any(|d| d.currency.is_some()))
         {
-            let request_model = request_model();
-            let Some(price) = prices.price(None, request_model.as_deref()) else {
+            let Some(price) = prices.price(None, model.as_deref()) else {
                 self.events.push(Event::Unpriced);
-                return (
-                    Check::Reply(reply::unpriced(request_model.as_deref())),
-                    edit,
-                );
+                return (Check::Reply(reply::unpriced(model.as_deref())), edit);
             };
             // Trimmed: the whole cost, unless so large it no longer prices a grant in
             // proportion (then the request reserves as untrimmed ones do).
@@ -520,7 +512,7 @@ impl Exchange {
                 None => reserve_cost(&price, rule, asked, self.request_bytes, &descriptors),
             };
             prompt_micros = prompt_cost(&price, self.request_bytes).min(reserve.micros);
-            priced = Some(Priced { request_model });
+            priced = true;
         }
         let trim = trimmed.map(|t| {
             reserve.tokens = t.tokens;
@@ -531,7 +523,6 @@ impl Exchange {
         });
         // Under a quota lease that covers it: admitted here, its reservation taken from the
         // lease (a trimmed request is checked: the service decides its grant).
-        let model = request_model();
         let leased = (config.service.leases && trim.is_none())
             .then(|| vm.lease(&descriptors, reserve, now_ms))
             .flatten();
@@ -993,10 +984,7 @@ impl Exchange {
                     unreadable,
                     false,
                 );
-                let request_model = spend
-                    .priced
-                    .as_ref()
-                    .and_then(|p| p.request_model.as_deref());
+                let request_model = spend.model.as_deref().filter(|_| spend.priced);
                 let ending = Ending {
                     model: scanner
                         .model()
@@ -1134,13 +1122,13 @@ fn price(
     tier_header: Option<&str>,
     charge: &Charge,
 ) -> u64 {
-    let (Some(p), Some(prices)) = (&spend.priced, &config.prices) else {
+    let Some(prices) = config.prices.as_ref().filter(|_| spend.priced) else {
         return 0;
     };
     let answered = scanner.and_then(UsageScanner::model);
     let tier = scanner.and_then(UsageScanner::service_tier).or(tier_header);
     prices
-        .price(answered, p.request_model.as_deref())
+        .price(answered, spend.model.as_deref())
         .map_or(0, |price| prices.at_tier(price.cost(&charge.usage), tier))
 }
 

@@ -143,6 +143,7 @@ impl SpendLedger {
     /// cannot store) is written entry by entry, and an entry refused alone is dropped and
     /// counted.
     pub async fn flush(&self) -> Result<usize, LedgerError> {
+        // (+1: a fold waiting with no entries is one batch too.)
         let mut left = self.waiting.lock().map_or(0, |w| w.entries.len()) + 1;
         let mut written = 0;
         while left > 0 {
