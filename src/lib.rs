@@ -10,6 +10,7 @@ pub mod config;
 pub mod cutoff;
 pub mod exchange;
 pub mod filter;
+pub mod header_map;
 pub mod lease;
 pub mod limits;
 pub mod matcher;

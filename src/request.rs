@@ -219,7 +219,7 @@ impl<P: Properties> AttributeSource for RequestView<'_, P> {
 }
 
 /// The request headers [`RequestView::attribute`] reads for `attr` (it reads no other): the
-/// shell asks the proxy for these alone, never for the whole header map. Keep the two in step.
+/// shell takes these alone out of the request's header map. Keep the two in step.
 pub fn headers_read<'a>(
     attr: &'a Attribute,
     client_ip: &'a ClientIpSource,

@@ -132,11 +132,11 @@ pub struct Config {
     pub prices: Option<crate::pricing::Prices>,
     /// Derived once at load: the hot path asks it on every matched request.
     pub(super) needs_request_body: bool,
-    /// Derived once at load: the headers `matches` read, fetched alone so that a request that
-    /// matches nothing costs a few header lookups.
+    /// Derived once at load: the headers `matches` read, taken out of the request's header map
+    /// first, so that a request that matches nothing turns no other header into text.
     pub(super) match_headers: Vec<String>,
     /// Derived once at load: every request header a limited request's keys, conditions and
-    /// accounting read, asked for by name (a header map is never read whole).
+    /// accounting read (the only ones taken out of the request's header map).
     pub(super) request_headers: Vec<String>,
     /// Derived once at load: `request_headers` less those `matches` read (a matched request
     /// has them already).

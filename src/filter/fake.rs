@@ -9,6 +9,7 @@ use proxy_wasm::types::{MetricType, Status};
 
 use super::host::Host;
 use crate::config::ServiceConfig;
+use crate::header_map::HeaderMap;
 use crate::protocol::Outbound;
 use crate::reply::Reply;
 
@@ -20,8 +21,6 @@ pub struct State {
     pub response_headers: Vec<(String, Vec<u8>)>,
     pub response_body: Vec<u8>,
     pub properties: HashMap<String, Vec<u8>>,
-    /// Every request header the shell asked for, in order.
-    pub headers_read: Vec<String>,
     pub config: Vec<u8>,
     pub now_ms: u64,
     pub tick_ms: u64,
@@ -111,8 +110,13 @@ fn find(map: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
 impl Host for FakeHost {
     fn request_header(&self, name: &str) -> Option<Vec<u8>> {
         self.tally("request_header");
-        self.state().headers_read.push(name.to_string());
         find(&self.0.borrow().request_headers, name)
+    }
+
+    fn request_headers(&self) -> HeaderMap {
+        self.tally("request_headers");
+        let s = self.0.borrow();
+        HeaderMap::parse(HeaderMap::encode(&s.request_headers))
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
@@ -134,9 +138,9 @@ impl Host for FakeHost {
         true
     }
 
-    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-        self.tally("response_header");
-        find(&self.0.borrow().response_headers, name)
+    fn response_headers(&self) -> HeaderMap {
+        self.tally("response_headers");
+        HeaderMap::parse(HeaderMap::encode(&self.0.borrow().response_headers))
     }
 
     fn set_response_header(&self, name: &str, value: &str) {

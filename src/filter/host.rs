@@ -11,6 +11,7 @@ use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 use crate::config::Config;
 use crate::config::{ScopeFacts, ServiceConfig};
 use crate::exchange::{Exchange, ResponseHead};
+use crate::header_map::HeaderMap;
 use crate::protocol::{Call, Outbound};
 use crate::reply::Reply;
 use crate::request::Properties;
@@ -27,15 +28,16 @@ pub const BODY_SLICE: usize = 64 * 1024;
 
 /// Everything the shell asks of the proxy. Headers and properties come as bytes, exactly as
 /// the client or upstream sent them ([`crate::text::from_wire`] makes them text): no value can
-/// make a host call fail, and a request's header map is never read whole (only the headers the
-/// configuration names are asked for, by name).
+/// make a host call fail. A request's and a response's headers are read as one map each
+/// (one host call, where a read by name is one per header).
 pub trait Host {
     fn request_header(&self, name: &str) -> Option<Vec<u8>>;
+    fn request_headers(&self) -> HeaderMap;
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
     fn remove_request_header(&self, name: &str);
     /// Replaces the buffered request body (`size` bytes) with `body`.
     fn set_request_body(&self, size: usize, body: &[u8]) -> bool;
-    fn response_header(&self, name: &str) -> Option<Vec<u8>>;
+    fn response_headers(&self) -> HeaderMap;
     fn set_response_header(&self, name: &str, value: &str);
     /// Bytes `offset..offset + len` of the current response body chunk.
     fn response_body(&self, offset: usize, len: usize) -> Option<Vec<u8>>;
@@ -149,6 +151,26 @@ fn dispatch_http(service: &ServiceConfig, call: &Call, timeout_ms: u64) -> Resul
     )
 }
 
+/// A whole header map. proxy-wasm 0.2.5's `get_map_bytes` would panic on a name that is not
+/// UTF-8 or on a status it does not expect, so the host function is called here directly.
+fn header_map(map: MapType) -> HeaderMap {
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+    }
+    let (mut data, mut size): (*mut u8, usize) = (std::ptr::null_mut(), 0);
+    // SAFETY: the host writes a pointer and a length to the two places given, nothing else.
+    let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
+    if status != Status::Ok as u32 || data.is_null() {
+        return HeaderMap::default();
+    }
+    // SAFETY: the host put `size` bytes at `data`, in memory it asked of this VM through the
+    // SDK's `proxy_on_memory_allocate`, which leaks a boxed slice of exactly `size` bytes:
+    // taking it back as a `Vec` of that length and capacity frees it when the map is dropped.
+    let raw = unsafe { Vec::from_raw_parts(data, size, size) };
+    HeaderMap::parse(raw)
+}
+
 fn buffer(kind: BufferType, offset: usize, size: usize) -> Option<Vec<u8>> {
     hostcalls::get_buffer(kind, offset, size).ok().flatten()
 }
@@ -164,6 +186,10 @@ impl Host for Envoy {
         header_bytes(MapType::HttpRequestHeaders, name)
     }
 
+    fn request_headers(&self) -> HeaderMap {
+        header_map(MapType::HttpRequestHeaders)
+    }
+
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
         buffer(BufferType::HttpRequestBody, 0, size)
     }
@@ -176,8 +202,8 @@ impl Host for Envoy {
         hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body).is_ok()
     }
 
-    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-        header_bytes(MapType::HttpResponseHeaders, name)
+    fn response_headers(&self) -> HeaderMap {
+        header_map(MapType::HttpResponseHeaders)
     }
 
     fn set_response_header(&self, name: &str, value: &str) {
@@ -359,33 +385,31 @@ impl ScopeFacts for HostScope<'_> {
     }
 }
 
-/// The request headers `names`, each asked for by name, as text ([`from_wire`]).
-pub fn read_headers(host: &dyn Host, names: &[String]) -> Vec<(String, String)> {
-    let read = |name: &String| {
-        host.request_header(name)
-            .map(|v| (name.clone(), from_wire(v)))
-    };
+/// The request headers `names` (each its first value, as text: [`from_wire`]).
+pub fn read_headers(map: &HeaderMap, names: &[String]) -> Vec<(String, String)> {
+    let read = |name: &String| Some((name.clone(), from_wire(map.get(name)?.to_vec())));
     names.iter().filter_map(read).collect()
 }
 
 /// The response's head as the exchange reads it (Gemini's tier only when it can change a price).
 pub fn response_head(host: &dyn Host, end_of_stream: bool, tier: bool) -> ResponseHead {
-    let status = host.response_header(":status");
-    let content_type = host.response_header("content-type");
+    let map = host.response_headers();
+    let content_type = map.get("content-type");
     ResponseHead {
-        status: status
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok())
+        status: map
+            .get(":status")
+            .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
             .unwrap_or(0),
         // Upstream bytes: an encoding that is not UTF-8 is one the scanner cannot read.
-        encoding: host.response_header("content-encoding").map(from_wire),
+        encoding: map.get("content-encoding").map(|e| from_wire(e.to_vec())),
         event_stream: content_type.is_some_and(|t| {
             t.get(..17)
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
         }),
         tier: tier
-            .then(|| host.response_header("x-gemini-service-tier"))
+            .then(|| map.get("x-gemini-service-tier"))
             .flatten()
-            .and_then(|t| String::from_utf8(t).ok()),
+            .and_then(|t| String::from_utf8(t.to_vec()).ok()),
         end_of_stream,
     }
 }
@@ -453,14 +477,15 @@ pub fn pass_response(
     }
 }
 
-/// The request headers a limited request reads, when `matches` select it: those the matches
-/// read first (all a request that matches nothing costs), then the rest, each read once.
-pub fn selected(host: &dyn Host, config: &crate::config::Config) -> Option<Vec<(String, String)>> {
-    let mut headers = read_headers(host, config.match_headers());
+/// The request headers a limited request reads, out of the request's `map`, when `matches`
+/// select it: those the matches read first (all a request that matches nothing turns into
+/// text), then the rest.
+pub fn selected(map: &HeaderMap, config: &crate::config::Config) -> Option<Vec<(String, String)>> {
+    let mut headers = read_headers(map, config.match_headers());
     let list = crate::matcher::HeaderList(&headers);
     if !config.matches.is_empty() && !crate::matcher::any_matches(&config.matches, &list) {
         return None;
     }
-    headers.extend(read_headers(host, config.headers_after_match()));
+    headers.extend(read_headers(map, config.headers_after_match()));
     Some(headers)
 }

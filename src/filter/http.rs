@@ -153,11 +153,14 @@ impl HttpContext for Http {
         let Some(config) = shared.plugin.config(policy) else {
             return Action::Continue;
         };
-        let Some(headers) = selected(self.host.as_ref(), config) else {
+        let map = self.host.request_headers();
+        let Some(headers) = selected(&map, config) else {
             return Action::Continue;
         };
         // Usage must be readable in the response.
-        self.host.remove_request_header("accept-encoding");
+        if map.get("accept-encoding").is_some() {
+            self.host.remove_request_header("accept-encoding");
+        }
         let on_headers = self
             .exchange
             .request_headers(config, headers, end_of_stream);
@@ -167,7 +170,7 @@ impl HttpContext for Http {
         else {
             return self.check(None);
         };
-        if drop_content_length {
+        if drop_content_length && map.get("content-length").is_some() {
             // The body may change size; the upstream then gets it chunked.
             self.host.remove_request_header("content-length");
         }

@@ -213,18 +213,26 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
         ),
     ];
     let mut results: Vec<Vec<Outcome>> = scenarios.iter().map(|_| Vec::new()).collect();
+    // Envoy's CPU time (all its threads) per measured request: steadier than req/s on a
+    // machine whose two cores the load generator, the upstream and the service share too.
+    let mut cpu_us: Vec<Vec<f64>> = scenarios.iter().map(|_| Vec::new()).collect();
     for round in 0..s.rounds {
         for (i, (name, envoy, calls)) in scenarios.iter().enumerate() {
-            let o = run(Plan {
+            let plan = |duration| Plan {
                 addr: addr(envoy.port),
                 connections: s.connections,
-                duration: Some(s.proxy),
+                duration: Some(duration),
                 total: None,
-                warmup: s.warmup,
+                warmup: Duration::ZERO,
                 calls: calls.clone(),
-            });
+            };
+            run(plan(s.warmup));
+            let before = testkit::cpu_time(envoy.pid());
+            let o = run(plan(s.proxy));
+            let cpu = testkit::cpu_time(envoy.pid()).saturating_sub(before);
+            let per_request = cpu.as_secs_f64() * 1e6 / o.requests.max(1) as f64;
             eprintln!(
-                "round {}/{}: {name}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}, statuses {:?}",
+                "round {}/{}: {name}: {:.0} req/s, Envoy CPU {per_request:.1} µs/request, p50 {:.2} ms, p99 {:.2} ms, errors {}, statuses {:?}",
                 round + 1,
                 s.rounds,
                 o.rps(),
@@ -234,8 +242,10 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
                 o.statuses
             );
             results[i].push(o);
+            cpu_us[i].push(per_request);
         }
     }
+    let cpu: Vec<f64> = cpu_us.iter().map(|c| median(c.iter().copied())).collect();
     let rps: Vec<f64> = results
         .iter()
         .map(|r| median(r.iter().map(Outcome::rps)))
@@ -249,6 +259,8 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
             "p50 ms",
             "p99 ms",
             "vs Envoy alone",
+            "Envoy CPU µs/req",
+            "CPU vs Envoy alone",
             "errors",
             "non-200",
         ],
@@ -268,6 +280,11 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
             format!("{:.2}", median(r.iter().map(Outcome::p50_ms))),
             format!("{:.2}", median(r.iter().map(Outcome::p99_ms))),
             format!("{:.2}×", rps[i] / baseline(i)),
+            format!("{:.1}", cpu[i]),
+            format!(
+                "{:.2}×",
+                cpu[i] / cpu[if i == 4 || i == 5 { 4 } else { 0 }].max(1e-9)
+            ),
             errors.to_string(),
             non_200.to_string(),
         ]));
@@ -290,12 +307,18 @@ fn proxy_section(s: &Settings, wasm_kib: u64) -> (Section, Section) {
     // reached its service (leases' asks included).
     let served = leasing.metric("leases.admitted") + leasing.metric("checks_allowed");
     let checks = lease_svc_checks(&lease_svc);
+    // Every call the plugin made to its service: checks, lease asks and report batches.
+    let calls = testkit::http::stats(leasing.admin, "cluster.ratelimit.upstream_rq_total")
+        .get("cluster.ratelimit.upstream_rq_total")
+        .copied()
+        .unwrap_or(0);
     proxy.note(format!(
-        "Quota leases on a hot key: {:.2}× Envoy alone (target ≥ 0.70×: {}); {checks} checks reached the service for {served} requests served ({:.1} %), {} of them admitted under a lease.",
+        "Quota leases on a hot key: {:.2}× Envoy alone (target ≥ 0.70×: {}); {checks} checks reached the service for {served} requests served ({:.1} %), {} of them admitted under a lease; {calls} calls in all (report batches included, {:.1} requests per call).",
         rps[6] / rps[0],
         verdict(rps[6] / rps[0] >= 0.70),
         100.0 * checks as f64 / served.max(1) as f64,
         leasing.metric("leases.admitted"),
+        served as f64 / calls.max(1) as f64,
     ));
 
     let rss_loaded = (alone.rss_bytes(), plugin.rss_bytes());

@@ -67,6 +67,20 @@ pub fn free_port() -> u16 {
 }
 
 /// A process's resident memory in bytes (`VmRSS` in `/proc/<pid>/status`), 0 if unknown.
+/// CPU time all of a process's live threads have run (from each thread's `schedstat`, in
+/// nanoseconds: finer than the 10 ms ticks of `/proc/<pid>/stat`).
+pub fn cpu_time(pid: u32) -> std::time::Duration {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    let nanos: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    std::time::Duration::from_nanos(nanos)
+}
+
 pub fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

@@ -1,0 +1,153 @@
+//! A header map in the form proxy-wasm hands it over whole (`proxy_get_header_map_pairs`).
+//!
+//! Every host call crosses from the Wasm VM into Envoy, and one that returns bytes crosses
+//! back as well (Envoy asks the VM for memory to put them in): in Envoy 1.40's V8 runtime
+//! that pair costs about as much as a whole callback. Reading the headers a request needs one
+//! by one cost two such pairs or more per request; the whole map is one. This module reads
+//! that form with bounds checks only: names and values stay bytes (a client may send any),
+//! and a map that does not parse is empty, never a panic.
+//!
+//! The form: a little-endian `u32` count; then, per entry, the `u32` lengths of its name and
+//! value; then, per entry, the name, a NUL, the value, a NUL.
+
+use std::ops::Range;
+
+/// The entries of one header map, in the proxy's order (repeated names kept, in order).
+#[derive(Debug, Default)]
+pub struct HeaderMap {
+    raw: Vec<u8>,
+    entries: Vec<(Range<usize>, Range<usize>)>,
+}
+
+fn u32_at(raw: &[u8], at: usize) -> Option<usize> {
+    let bytes: [u8; 4] = raw.get(at..at.checked_add(4)?)?.try_into().ok()?;
+    Some(u32::from_le_bytes(bytes) as usize)
+}
+
+impl HeaderMap {
+    /// Reads `raw` in the form above; empty when it is not in that form.
+    pub fn parse(raw: Vec<u8>) -> HeaderMap {
+        match Self::entries(&raw) {
+            Some(entries) => HeaderMap { raw, entries },
+            None => HeaderMap::default(),
+        }
+    }
+
+    fn entries(raw: &[u8]) -> Option<Vec<(Range<usize>, Range<usize>)>> {
+        if raw.is_empty() {
+            return Some(Vec::new());
+        }
+        let count = u32_at(raw, 0)?;
+        // Each entry takes 10 bytes at least: never trust the count for an allocation.
+        let mut entries = Vec::with_capacity(count.min(raw.len() / 10));
+        let mut data = count.checked_mul(8)?.checked_add(4)?;
+        for i in 0..count {
+            let sizes = 4 + i * 8;
+            let (name_len, value_len) = (u32_at(raw, sizes)?, u32_at(raw, sizes + 4)?);
+            let name = data..data.checked_add(name_len)?;
+            let value_start = name.end.checked_add(1)?;
+            let value = value_start..value_start.checked_add(value_len)?;
+            // Both ends must be inside, each followed by its NUL.
+            if raw.get(name.end) != Some(&0) || raw.get(value.end) != Some(&0) {
+                return None;
+            }
+            data = value.end + 1;
+            entries.push((name, value));
+        }
+        Some(entries)
+    }
+
+    /// The first value of header `name` (compared without regard to ASCII case), as Envoy's
+    /// single-header read gives it.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.entries.iter().find_map(|(n, v)| {
+            let found = self
+                .raw
+                .get(n.clone())?
+                .eq_ignore_ascii_case(name.as_bytes());
+            found.then(|| self.raw.get(v.clone())).flatten()
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// `pairs` in the form above (what a proxy would hand over), for fakes and tests.
+    pub fn encode<N: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(N, V)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+        for (n, v) in pairs {
+            out.extend_from_slice(&(n.as_ref().len() as u32).to_le_bytes());
+            out.extend_from_slice(&(v.as_ref().len() as u32).to_le_bytes());
+        }
+        for (n, v) in pairs {
+            for part in [n.as_ref(), v.as_ref()] {
+                out.extend_from_slice(part);
+                out.push(0);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::HeaderMap;
+
+    #[test]
+    fn finds_the_first_of_a_name_in_any_case_with_any_bytes() {
+        let raw = HeaderMap::encode(&[
+            (&b":path"[..], &b"/v1/chat"[..]),
+            (b"X-User", b"ann"),
+            (b"x-user", b"bob"),
+            (b"x-bytes", b"\xff\x00\xfe"),
+            (b"\xc3\x28", b"name not UTF-8"),
+            (b"empty", b""),
+        ]);
+        let map = HeaderMap::parse(raw);
+        assert_eq!(map.len(), 6);
+        assert_eq!(map.get(":path"), Some(&b"/v1/chat"[..]));
+        assert_eq!(map.get("x-user"), Some(&b"ann"[..]));
+        assert_eq!(map.get("X-USER"), Some(&b"ann"[..]));
+        assert_eq!(map.get("x-bytes"), Some(&b"\xff\x00\xfe"[..]));
+        assert_eq!(map.get("empty"), Some(&b""[..]));
+        assert_eq!(map.get("absent"), None);
+    }
+
+    #[test]
+    fn an_empty_map_and_no_map_are_empty() {
+        assert!(HeaderMap::parse(Vec::new()).is_empty());
+        let none: [(&str, &str); 0] = [];
+        assert!(HeaderMap::parse(HeaderMap::encode(&none)).is_empty());
+    }
+
+    /// Every truncation of a valid map is empty; no corrupted byte panics.
+    #[test]
+    fn a_map_out_of_form_is_empty_never_a_panic() {
+        let raw = HeaderMap::encode(&[("a", "1"), ("bb", "22"), ("ccc", "")]);
+        for cut in 0..raw.len() {
+            let map = HeaderMap::parse(raw[..cut].to_vec());
+            assert!(map.is_empty(), "cut at {cut}");
+        }
+        for at in 0..raw.len() {
+            for byte in [0u8, 1, 0x7f, 0xff] {
+                let mut bad = raw.clone();
+                bad[at] = byte;
+                let map = HeaderMap::parse(bad);
+                // Whatever it made of the bytes, every entry lies inside them.
+                assert!(map.len() <= 0xff);
+                let _ = (map.get("bb"), map.get("zz"));
+            }
+        }
+        // A count no buffer could hold.
+        let mut huge = raw.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(HeaderMap::parse(huge).is_empty());
+    }
+}
