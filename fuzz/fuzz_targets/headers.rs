@@ -1,12 +1,17 @@
 //! The shell through the fake host: any bytes (UTF-8 or not) in every request and response
-//! header the plugin reads. No input may panic, and a request that names a user is always
-//! checked against that user's limit (a value is data, never dropped).
+//! header the plugin reads, and the same bytes read as a serialised header map. No input may
+//! panic, and a request that names a user is always checked against that user's limit (a
+//! value is data, never dropped).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use llm_token_ratelimit::filter::fuzzing::{request, HEADERS};
+use llm_token_ratelimit::header_map::HeaderMap;
 
 fuzz_target!(|data: &[u8]| {
+    // The same bytes as a header map as the proxy hands it over: read within bounds or empty.
+    let map = HeaderMap::parse(data.to_vec());
+    let _ = (map.get("x-user"), map.get(":path"), map.len());
     // Values separated by 0xff 0x00 (a pair no value below needs); an empty one is absent.
     let mut parts = Vec::new();
     let mut rest = data;
