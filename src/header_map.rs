@@ -5,7 +5,9 @@
 //! that pair costs about as much as a whole callback. Reading the headers a request needs one
 //! by one cost two such pairs or more per request; the whole map is one. This module reads
 //! that form with bounds checks only: names and values stay bytes (a client may send any),
-//! and a map that does not parse is empty, never a panic.
+//! and a map that does not parse is empty, never a panic. The whole map, credentials
+//! included, is in the VM's memory while a callback runs (bounded by Envoy's header size
+//! limits), so the type has no `Debug`: it is never logged.
 //!
 //! The form: a little-endian `u32` count; then, per entry, the `u32` lengths of its name and
 //! value; then, per entry, the name, a NUL, the value, a NUL.
@@ -13,7 +15,7 @@
 use std::ops::Range;
 
 /// The entries of one header map, in the proxy's order (repeated names kept, in order).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct HeaderMap {
     raw: Vec<u8>,
     entries: Vec<(Range<usize>, Range<usize>)>,
@@ -25,7 +27,8 @@ fn u32_at(raw: &[u8], at: usize) -> Option<usize> {
 }
 
 impl HeaderMap {
-    /// Reads `raw` in the form above; empty when it is not in that form.
+    /// Reads `raw` in the form above; empty when it is not in that form (bytes past the last
+    /// entry included, as the proxy's own reader refuses them).
     pub fn parse(raw: Vec<u8>) -> HeaderMap {
         match Self::entries(&raw) {
             Some(entries) => HeaderMap { raw, entries },
@@ -54,7 +57,7 @@ impl HeaderMap {
             data = value.end + 1;
             entries.push((name, value));
         }
-        Some(entries)
+        (data == raw.len()).then_some(entries)
     }
 
     /// The first value of header `name` (compared without regard to ASCII case), as Envoy's
@@ -100,6 +103,40 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::HeaderMap;
 
+    /// The proxy-wasm SDK's own serialised map (its `hostcalls` tests), byte for byte.
+    #[test]
+    fn reads_the_map_the_sdk_reads() {
+        #[rustfmt::skip]
+        let raw: Vec<u8> = vec![
+            4, 0, 0, 0,
+            7, 0, 0, 0, 3, 0, 0, 0,
+            5, 0, 0, 0, 8, 0, 0, 0,
+            10, 0, 0, 0, 11, 0, 0, 0,
+            10, 0, 0, 0, 10, 0, 0, 0,
+            58, 109, 101, 116, 104, 111, 100, 0,
+            71, 69, 84, 0,
+            58, 112, 97, 116, 104, 0,
+            47, 98, 121, 116, 101, 115, 47, 49, 0,
+            58, 97, 117, 116, 104, 111, 114, 105, 116, 121, 0,
+            104, 116, 116, 112, 98, 105, 110, 46, 111, 114, 103, 0,
+            80, 111, 119, 101, 114, 101, 100, 45, 66, 121, 0,
+            112, 114, 111, 120, 121, 45, 119, 97, 115, 109, 0,
+        ];
+        let map = HeaderMap::parse(raw.clone());
+        assert_eq!(map.len(), 4);
+        assert_eq!(map.get(":method"), Some(&b"GET"[..]));
+        assert_eq!(map.get(":path"), Some(&b"/bytes/1"[..]));
+        assert_eq!(map.get(":authority"), Some(&b"httpbin.org"[..]));
+        assert_eq!(map.get("powered-by"), Some(&b"proxy-wasm"[..]));
+        let pairs = [
+            (":method", "GET"),
+            (":path", "/bytes/1"),
+            (":authority", "httpbin.org"),
+            ("Powered-By", "proxy-wasm"),
+        ];
+        assert_eq!(HeaderMap::encode(&pairs), raw);
+    }
+
     #[test]
     fn finds_the_first_of_a_name_in_any_case_with_any_bytes() {
         let raw = HeaderMap::encode(&[
@@ -127,7 +164,8 @@ mod tests {
         assert!(HeaderMap::parse(HeaderMap::encode(&none)).is_empty());
     }
 
-    /// Every truncation of a valid map is empty; no corrupted byte panics.
+    /// Every truncation of a valid map, and the map with a byte more, is empty; a corrupted
+    /// byte either leaves a map whose every entry lies inside the bytes, or none.
     #[test]
     fn a_map_out_of_form_is_empty_never_a_panic() {
         let raw = HeaderMap::encode(&[("a", "1"), ("bb", "22"), ("ccc", "")]);
@@ -135,13 +173,22 @@ mod tests {
             let map = HeaderMap::parse(raw[..cut].to_vec());
             assert!(map.is_empty(), "cut at {cut}");
         }
+        let mut longer = raw.clone();
+        longer.push(0);
+        assert!(HeaderMap::parse(longer).is_empty());
         for at in 0..raw.len() {
-            for byte in [0u8, 1, 0x7f, 0xff] {
+            for byte in [0u8, 1, 2, 0x7f, 0xff] {
                 let mut bad = raw.clone();
                 bad[at] = byte;
+                let len = bad.len();
                 let map = HeaderMap::parse(bad);
-                // Whatever it made of the bytes, every entry lies inside them.
-                assert!(map.len() <= 0xff);
+                for (name, value) in &map.entries {
+                    assert!(
+                        name.start <= name.end && value.start <= value.end,
+                        "at {at}"
+                    );
+                    assert!(name.end < len && value.end < len, "at {at}");
+                }
                 let _ = (map.get("bb"), map.get("zz"));
             }
         }

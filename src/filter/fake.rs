@@ -101,18 +101,7 @@ pub fn pairs(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn find(map: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
-    map.iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.clone())
-}
-
 impl Host for FakeHost {
-    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        self.tally("request_header");
-        find(&self.0.borrow().request_headers, name)
-    }
-
     fn request_headers(&self) -> HeaderMap {
         self.tally("request_headers");
         let s = self.0.borrow();

@@ -31,7 +31,6 @@ pub const BODY_SLICE: usize = 64 * 1024;
 /// make a host call fail. A request's and a response's headers are read as one map each
 /// (one host call, where a read by name is one per header).
 pub trait Host {
-    fn request_header(&self, name: &str) -> Option<Vec<u8>>;
     fn request_headers(&self) -> HeaderMap;
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
     fn remove_request_header(&self, name: &str);
@@ -161,6 +160,10 @@ fn header_map(map: MapType) -> HeaderMap {
     let (mut data, mut size): (*mut u8, usize) = (std::ptr::null_mut(), 0);
     // SAFETY: the host writes a pointer and a length to the two places given, nothing else.
     let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
+    if status != Status::Ok as u32 {
+        // Never seen from Envoy; were it to happen, the request is read as one without headers.
+        log::warn!("the proxy did not hand over a header map: status {status}");
+    }
     if status != Status::Ok as u32 || data.is_null() {
         return HeaderMap::default();
     }
@@ -168,7 +171,11 @@ fn header_map(map: MapType) -> HeaderMap {
     // SDK's `proxy_on_memory_allocate`, which leaks a boxed slice of exactly `size` bytes:
     // taking it back as a `Vec` of that length and capacity frees it when the map is dropped.
     let raw = unsafe { Vec::from_raw_parts(data, size, size) };
-    HeaderMap::parse(raw)
+    let map = HeaderMap::parse(raw);
+    if map.is_empty() && size > 0 {
+        log::warn!("a header map of {size} bytes from the proxy was not in proxy-wasm's form");
+    }
+    map
 }
 
 fn buffer(kind: BufferType, offset: usize, size: usize) -> Option<Vec<u8>> {
@@ -182,10 +189,6 @@ fn header_bytes(map: MapType, name: &str) -> Option<Vec<u8>> {
 }
 
 impl Host for Envoy {
-    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        header_bytes(MapType::HttpRequestHeaders, name)
-    }
-
     fn request_headers(&self) -> HeaderMap {
         header_map(MapType::HttpRequestHeaders)
     }
@@ -365,8 +368,9 @@ impl Properties for HostProperties<'_> {
     }
 }
 
-/// What a Higress-style scope looks at, read only when a scope asks.
-pub struct HostScope<'h>(pub &'h dyn Host);
+/// What a Higress-style scope looks at, read only when a scope asks (the host from the
+/// request's header map).
+pub struct HostScope<'h>(pub &'h dyn Host, pub &'h HeaderMap);
 
 impl ScopeFacts for HostScope<'_> {
     fn route(&mut self) -> Option<String> {
@@ -375,8 +379,8 @@ impl ScopeFacts for HostScope<'_> {
     }
 
     fn host(&mut self) -> Option<String> {
-        let authority = self.0.request_header(":authority");
-        authority.map(|a| crate::matcher::normalize_host(&from_wire(a)))
+        let authority = self.1.get(":authority");
+        authority.map(|a| crate::matcher::normalize_host(&from_wire(a.to_vec())))
     }
 
     fn cluster(&mut self) -> Option<String> {

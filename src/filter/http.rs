@@ -146,14 +146,17 @@ impl HttpContext for Http {
         let Some(shared) = self.shared.clone() else {
             return Action::Continue;
         };
-        let Some(policy) = shared.plugin.select(&mut HostScope(self.host.as_ref())) else {
+        let map = self.host.request_headers();
+        let Some(policy) = shared
+            .plugin
+            .select(&mut HostScope(self.host.as_ref(), &map))
+        else {
             return Action::Continue;
         };
         self.policy = policy;
         let Some(config) = shared.plugin.config(policy) else {
             return Action::Continue;
         };
-        let map = self.host.request_headers();
         let Some(headers) = selected(&map, config) else {
             return Action::Continue;
         };

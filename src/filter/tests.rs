@@ -839,4 +839,31 @@ fn a_leased_request_makes_few_host_calls() {
     let mut expected = expected.to_vec();
     expected.sort();
     assert_eq!(made, expected);
+    let left: Vec<String> = host
+        .state()
+        .request_headers
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(
+        !left
+            .iter()
+            .any(|k| k == "accept-encoding" || k == "content-length"),
+        "{left:?}"
+    );
+    // A request without them removes nothing.
+    host.state().request_headers = pairs(&[
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        ("x-user", "ann"),
+    ]);
+    host.take_host_calls();
+    let mut bare = root.http();
+    assert_eq!(bare.on_http_request_headers(3, false), Action::Continue);
+    assert_eq!(
+        bare.on_http_request_body(body.len(), true),
+        Action::Continue
+    );
+    assert_eq!(host.metric("leases.admitted"), 2);
+    assert_eq!(host.take_host_calls().get("remove_request_header"), None);
 }

@@ -66,9 +66,9 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// A process's resident memory in bytes (`VmRSS` in `/proc/<pid>/status`), 0 if unknown.
 /// CPU time all of a process's live threads have run (from each thread's `schedstat`, in
-/// nanoseconds: finer than the 10 ms ticks of `/proc/<pid>/stat`).
+/// nanoseconds: finer than the 10 ms ticks of `/proc/<pid>/stat`); zero where the kernel
+/// keeps no schedstat.
 pub fn cpu_time(pid: u32) -> std::time::Duration {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
@@ -81,6 +81,7 @@ pub fn cpu_time(pid: u32) -> std::time::Duration {
     std::time::Duration::from_nanos(nanos)
 }
 
+/// A process's resident memory in bytes (`VmRSS` in `/proc/<pid>/status`), 0 if unknown.
 pub fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
