@@ -1,9 +1,8 @@
 //! A header map in the form proxy-wasm hands it over whole (`proxy_get_header_map_pairs`).
 //!
 //! Every host call crosses from the Wasm VM into Envoy, and one that returns bytes crosses
-//! back as well (Envoy asks the VM for memory to put them in): in Envoy 1.40's V8 runtime
-//! that pair costs about as much as a whole callback. Reading the headers a request needs one
-//! by one cost two such pairs or more per request; the whole map is one. This module reads
+//! back as well (Envoy asks the VM for memory to put them in). Reading the headers a request
+//! needs one by one made such a pair per header; the whole map is one pair. This module reads
 //! that form with bounds checks only: names and values stay bytes (a client may send any),
 //! and a map that does not parse is empty, never a panic. The whole map, credentials
 //! included, is in the VM's memory while a callback runs (bounded by Envoy's header size
