@@ -12,7 +12,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 
 use wire::{Amount, Outcome, SeqId, UsageFigures};
 
@@ -193,8 +193,11 @@ pub struct Settled {
 pub struct ReportQueue {
     /// Oldest first; a merge keeps the entry where it was.
     waiting: VecDeque<Pending>,
-    /// Key hash → absolute position in `waiting` (position − `popped` is the index).
-    index: HashMap<u64, u64, BuildHasherDefault<DefaultHasher>>,
+    /// Key hash → absolute position in `waiting` (position − `popped` is the index). The key
+    /// hash is keyed the same everywhere (anyone can compute it for the key values they send),
+    /// so the map hashes it again with this VM's random keys: crafted values cannot pile into
+    /// one bucket.
+    index: HashMap<u64, u64>,
     popped: u64,
     /// Sealed reports to send again, in id order.
     retry: VecDeque<Sealed>,
