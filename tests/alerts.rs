@@ -248,21 +248,23 @@ fn several_replicas_on_redis_raise_each_crossing_once() {
     let args = ["--redis-url", &redis.url(), "--alert-webhook", &url];
     let replicas = [Service::start(&args, &[]), Service::start(&args, &[])];
     let llm = mock_llm();
-    let mut both = cluster("ratelimit", replicas[0].port);
-    both["load_assignment"]["endpoints"][0]["lb_endpoints"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"endpoint": {"address": {"socket_address":
-            {"address": "127.0.0.1", "port_value": replicas[1].port}}}}));
-    let e = Envoy::start(
-        &plugin_config("{{request.headers.x-team}}"),
-        &[both, cluster("upstream", llm.port)],
-    );
+    // One gateway per replica (a load balancer may send every report call to one replica),
+    // the same teams through both.
+    let gateways: Vec<Envoy> = replicas
+        .iter()
+        .map(|r| {
+            Envoy::start(
+                &plugin_config("{{request.headers.x-team}}"),
+                &[cluster("ratelimit", r.port), cluster("upstream", llm.port)],
+            )
+        })
+        .collect();
     let teams: Vec<String> = (0..6).map(|i| format!("team-{i}")).collect();
     let served = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..4)
-        .map(|_| {
-            let (teams, served, port) = (teams.clone(), served.clone(), e.port);
+        .map(|i| {
+            let port = gateways[i % 2].port;
+            let (teams, served) = (teams.clone(), served.clone());
             std::thread::spawn(move || {
                 for _ in 0..5 {
                     for team in &teams {
